@@ -1,0 +1,966 @@
+"""Spec files: parse and validate one file's bytes into a frozen value, or a SpecError.
+
+This module is pure (no I/O, no trio, no httpx; import-linter enforces it). It owns:
+
+* the EDN → JSON conversion of the `:spec` map, the Docker create-container body;
+* every validation rule for a service spec (`<service>.edn`) and for condo's own `self.edn`;
+* spec identity: `ServiceSpec` equality is semantic (comments, whitespace and key order do not
+  matter) and `ServiceSpec.container_hash` is the one fingerprint that decides a redeploy.
+
+Invariants:
+
+* `parse_spec` / `parse_self_spec` raise nothing but `SpecError`, whatever the bytes. edn_format
+  (a PLY lexer and parser) throws many foreign exception types on junk; they are caught and
+  mapped here, once, with the 1-based line where the problem can be found when there is one.
+* A `container` body is plain JSON (dict/list/str/int/float/bool/None, str keys, finite floats,
+  at most `MAX_DEPTH` levels deep) without `Name`: Docker's create takes the name as a query
+  parameter, so a fixed name lives in `fixed_name`. Treat `container` as read-only.
+* EDN sets become lists sorted by their elements' canonical JSON, so a spec's JSON (and its hash)
+  does not depend on Python's per-process hash seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import decimal
+import difflib
+import fractions
+import functools
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from typing import Any, Final, Literal, get_args
+
+import attrs
+import edn_format
+from edn_format import EDNDecodeError, Keyword, MetadataValue, Symbol, edn_lex
+
+from condo.errors import SpecError
+
+MAX_SPEC_BYTES: int = 1 << 20
+MAX_DEPTH: Final = 64
+"""Deepest nesting of collections a spec file may use (a real spec needs about 6)."""
+
+DEFAULT_HEALTH_TIMEOUT = 10.0
+DEFAULT_STOP_TIMEOUT = 10.0
+MAX_SERVICE_NAME = 200
+RESERVED_LABEL_PREFIX: Final = "condo."
+
+PullPolicy = Literal["always", "missing", "never"]
+PULL_POLICIES: Final[tuple[PullPolicy, ...]] = get_args(PullPolicy)
+
+JsonObject = dict[str, Any]
+"""Plain JSON, what Docker gets."""
+
+STORED_SPEC_FILE: Final = "<stored spec>"
+"""The `file` of a SpecError raised by `ServiceSpec.from_json`."""
+
+_SERVICE_NAME_RE: Final = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+# Docker's own rule (moby daemon/names): at least two characters.
+_CONTAINER_NAME_RE: Final = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+
+# Top-level keys of a service spec; anything else is a typo worth an error.
+_SERVICE_KEYS: Final = ("spec", "deploy", "health-timeout", "stop-timeout", "stable-after", "pull")
+# Keys of the create body that condo itself reads. Docker matches JSON keys case-insensitively,
+# so `:labels` would reach Docker as Labels while escaping condo's checks: demand the exact case.
+_READ_KEYS: Final = {"image": "Image", "name": "Name", "labels": "Labels", "env": "Env"}
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text of a plain JSON value: sorted keys, compact, ASCII, no NaN."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def _sha256(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode("ascii")).hexdigest()
+
+
+def _non_negative(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
+
+
+@attrs.frozen
+class Deploy:
+    """How a new container replaces the stable one.
+
+    `Before`: stop the old container, then start the new one. `After`: start the new one, wait
+    until it is healthy, wait `delay` more seconds, then stop the old one.
+    """
+
+    strategy: Literal["Before", "After"]
+    delay: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
+
+    def to_json(self) -> list[Any]:
+        return ["Before"] if self.strategy == "Before" else ["After", self.delay]
+
+
+def _body(container: JsonObject, fixed_name: str | None) -> JsonObject:
+    return container if fixed_name is None else {**container, "Name": fixed_name}
+
+
+def _is_floating(image: str) -> bool:
+    """True when `image` names no tag or `latest`: what it means can change under condo."""
+    if "@" in image:  # a digest pins the content, whatever the tag says
+        return False
+    last = image.rsplit("/", 1)[-1]  # a registry host:port colon comes before a slash
+    return ":" not in last or last.split(":", 1)[1] == "latest"
+
+
+@attrs.frozen(kw_only=True)
+class ServiceSpec:
+    """One valid `<service>.edn`: the create body plus condo's own options.
+
+    Equality (and hashing) looks at `container` through its canonical JSON, so it is semantic.
+    """
+
+    container: JsonObject = attrs.field(eq=canonical_json)
+    fixed_name: str | None = None
+    deploy: Deploy = Deploy("Before")
+    health_timeout: float = attrs.field(
+        default=DEFAULT_HEALTH_TIMEOUT, converter=float, validator=_non_negative
+    )
+    stop_timeout: float = attrs.field(
+        default=DEFAULT_STOP_TIMEOUT, converter=float, validator=_non_negative
+    )
+    stable_after: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
+    pull: PullPolicy | None = None
+
+    @property
+    def image(self) -> str:
+        image = self.container["Image"]
+        assert isinstance(image, str)  # parse_spec and from_json guarantee it
+        return image
+
+    @property
+    def container_hash(self) -> str:
+        """Hex sha256 of the canonical create body (with `Name`): what decides a redeploy.
+
+        `deploy` and the timeouts do not enter it: changing them never replaces a container.
+        """
+        return _sha256(_body(self.container, self.fixed_name))
+
+    def effective_pull(self) -> PullPolicy:
+        """`pull` if set, else `always` for a floating tag (none or `latest`), else `missing`."""
+        if self.pull is not None:
+            return self.pull
+        return "always" if _is_floating(self.image) else "missing"
+
+    def to_json(self) -> JsonObject:
+        """The spec as JSON (state file, API); `from_json` reads it back.
+
+        The shape extends the original condo's (`spec`, `deploy`, `health_timeout`,
+        `stop_timeout`), so `from_json` also reads the original's state files.
+        """
+        return {
+            "spec": copy.deepcopy(_body(self.container, self.fixed_name)),
+            "deploy": self.deploy.to_json(),
+            "health_timeout": self.health_timeout,
+            "stop_timeout": self.stop_timeout,
+            "stable_after": self.stable_after,
+            "pull": self.pull,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, *, file: str = STORED_SPEC_FILE) -> ServiceSpec:
+        """The inverse of `to_json`; raises SpecError (without a line) on anything else.
+
+        Missing optional keys take their defaults and unknown keys are ignored, so state files
+        written by older or newer versions still load.
+        """
+        return _service_from_json(data, file)
+
+
+@attrs.frozen
+class SelfSpec:
+    """A valid `self.edn`: the bare create body of condo's own container.
+
+    `hash` (16 hex chars of the canonical body's sha256) is what `CONDO_SELF` carries.
+    """
+
+    container: JsonObject = attrs.field(eq=canonical_json)
+    hash: str
+    fixed_name: str | None = None
+
+
+def check_service_name(name: str) -> str | None:
+    """None when `name` can prefix container names (`<service>_<suffix>`), else why not."""
+    if not name:
+        return "the service name is empty"
+    if len(name) > MAX_SERVICE_NAME:
+        return f"the service name is {len(name)} characters long, more than {MAX_SERVICE_NAME}"
+    if not _SERVICE_NAME_RE.fullmatch(name):
+        return (
+            f"the service name {name!r} cannot prefix a Docker container name: use letters,"
+            " digits, '_', '.' and '-', starting with a letter or a digit"
+        )
+    return None
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def parse_spec(data: bytes, file: str) -> ServiceSpec:
+    """Parse and validate a service spec file's bytes. Raises SpecError only."""
+    src = _Source(file, _decode(data, file))
+    form = src.read_one_form()
+    if not isinstance(form, Mapping):
+        raise src.error(
+            f"the top level must be a map like {{:spec {{:Image ...}}}}, found {_describe(form)}"
+        )
+    options: dict[str, Any] = {}
+    for raw_key, value in form.items():
+        key = _unwrap(raw_key)
+        if not (isinstance(key, Keyword) and key.name in _SERVICE_KEYS):
+            raise src.error(_unknown_key_message(key), (_key_text(key),))
+        options[key.name] = _unwrap(value)
+
+    if "spec" not in options:
+        raise src.error("missing :spec, the map with the Docker create-container body")
+    if not isinstance(options["spec"], Mapping):
+        raise src.error(
+            ":spec must be a map (the Docker create-container body),"
+            f" found {_describe(options['spec'])}",
+            ("spec",),
+        )
+    body = src.to_plain(options["spec"], ("spec",))
+    fixed_name, container = _check_container(body, ("spec",), src.error)
+    return ServiceSpec(
+        container=container,
+        fixed_name=fixed_name,
+        deploy=_check_deploy(options.get("deploy"), src.option_error("deploy")),
+        health_timeout=_check_seconds(
+            options.get("health-timeout"),
+            DEFAULT_HEALTH_TIMEOUT,
+            src.option_error("health-timeout"),
+        ),
+        stop_timeout=_check_seconds(
+            options.get("stop-timeout"), DEFAULT_STOP_TIMEOUT, src.option_error("stop-timeout")
+        ),
+        stable_after=_check_seconds(
+            options.get("stable-after"), 0.0, src.option_error("stable-after")
+        ),
+        pull=_check_pull(options.get("pull"), src.option_error("pull")),
+    )
+
+
+def parse_self_spec(data: bytes, file: str) -> SelfSpec:
+    """Parse and validate `self.edn`, a bare create body (no `:spec` wrapper). SpecError only."""
+    src = _Source(file, _decode(data, file))
+    form = src.read_one_form()
+    if not isinstance(form, Mapping):
+        raise src.error(
+            f"self.edn must be a map, the bare create-container body like {{:Image ...}},"
+            f" found {_describe(form)}"
+        )
+    body = src.to_plain(form, ())
+    if "spec" in body and "Image" not in body:
+        raise src.error(
+            "self.edn is a bare create-container body: put :Image and the rest at the top"
+            " level, without the :spec wrapper (and without :deploy or timeouts)",
+            ("spec",),
+        )
+    fixed_name, container = _check_container(body, (), src.error)
+    return SelfSpec(container, _sha256(_body(container, fixed_name))[:16], fixed_name)
+
+
+# --- validation shared by EDN files and stored JSON ----------------------------------------------
+
+KeyPath = tuple[str | int, ...]
+Fail = Callable[[str, KeyPath], SpecError]
+
+
+def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | None, JsonObject]:
+    """Check what condo reads of a plain create body; return (fixed name, body without Name)."""
+    where = _show_path(at) + " " if at else ""
+    for key in body:
+        exact = _READ_KEYS.get(key.lower())
+        if exact is not None and key != exact:
+            raise fail(
+                f"write {where}:{exact}, not {_show_key(key)} (condo reads these keys with this"
+                " exact case)",
+                (*at, key),
+            )
+    if "Image" not in body:
+        close = difflib.get_close_matches("Image", list(body), n=1, cutoff=0.6)
+        hint = f" (is {_show_key(close[0])} a typo?)" if close else ""
+        raise fail(
+            f'missing {where}:Image, the image to run (e.g. "registry/app:1.2"){hint}',
+            (*at, close[0]) if close else at,
+        )
+    image = body["Image"]
+    if not isinstance(image, str):
+        raise fail(f"{where}:Image must be a string, found {_describe(image)}", (*at, "Image"))
+    if not image.strip():
+        raise fail(f"{where}:Image is empty", (*at, "Image"))
+    if any(c.isspace() for c in image):
+        raise fail(f"{where}:Image {image!r} contains whitespace", (*at, "Image"))
+
+    container = dict(body)
+    name = container.pop("Name", None)
+    if name is not None:
+        if not isinstance(name, str):
+            raise fail(f"{where}:Name must be a string, found {_describe(name)}", (*at, "Name"))
+        if not _CONTAINER_NAME_RE.fullmatch(name):
+            raise fail(
+                f"{where}:Name {name!r} is not a valid Docker container name: at least two of"
+                " letters, digits, '_', '.' and '-', starting with a letter or a digit",
+                (*at, "Name"),
+            )
+
+    labels = container.get("Labels")
+    if labels is not None:
+        if not isinstance(labels, dict):
+            raise fail(
+                f"{where}:Labels must be a map of strings to strings, found {_describe(labels)}",
+                (*at, "Labels"),
+            )
+        for label, value in labels.items():
+            if label.lower().startswith(RESERVED_LABEL_PREFIX):
+                raise fail(
+                    f"{where}:Labels {_show_key(label)} uses the reserved prefix"
+                    f" {RESERVED_LABEL_PREFIX!r}: condo sets its own condo.* labels"
+                    " (condo.service, condo.host, ...)",
+                    (*at, "Labels", label),
+                )
+            if not isinstance(value, str):
+                raise fail(
+                    f"{where}:Labels {_show_key(label)} must have a string value, found"
+                    f" {_describe(value)}",
+                    (*at, "Labels", label),
+                )
+
+    env = container.get("Env")
+    if env is not None:
+        if not isinstance(env, list):
+            raise fail(
+                f'{where}:Env must be a vector of "KEY=value" strings, found {_describe(env)}',
+                (*at, "Env"),
+            )
+        for index, item in enumerate(env):
+            if not isinstance(item, str):
+                raise fail(
+                    f'{where}:Env must hold "KEY=value" strings, found {_describe(item)}',
+                    (*at, "Env", index),
+                )
+    return name, container
+
+
+OptionFail = Callable[[str], SpecError]
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass, but `:stop-timeout true` is a mistake, not a 1.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_deploy(value: Any, fail: OptionFail) -> Deploy:
+    if value is None:
+        return Deploy("Before")
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        items = [_unwrap(item) for item in value]
+        if items == [Keyword("Before")]:
+            return Deploy("Before")
+        if len(items) == 2 and items[0] == Keyword("After"):
+            delay = items[1]
+            if _is_number(delay) and math.isfinite(delay) and delay >= 0:
+                return Deploy("After", float(delay))
+    raise fail(
+        f"must be [:Before] or [:After n] with n seconds >= 0 to wait once the new container"
+        f" is healthy, found {_show(value)}"
+    )
+
+
+def _check_seconds(value: Any, default: float, fail: OptionFail) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise fail(f"must be a number of seconds, found {_show(value)} (a boolean)")
+    if not _is_number(value):
+        raise fail(f"must be a number of seconds, found {_describe(value)}")
+    if not (math.isfinite(value) and value >= 0):
+        raise fail(f"must be a finite number of seconds >= 0, found {_show(value)}")
+    return float(value)
+
+
+def _check_pull(value: Any, fail: OptionFail) -> PullPolicy | None:
+    if value is None:
+        return None
+    for policy in PULL_POLICIES:
+        if value == Keyword(policy):
+            return policy
+    raise fail(f"must be one of :always, :missing or :never, found {_show(value)}")
+
+
+def _service_from_json(data: object, file: str) -> ServiceSpec:
+    def fail(message: str, _at: KeyPath = ()) -> SpecError:
+        return SpecError(file, message)
+
+    def option_fail(key: str) -> OptionFail:
+        return lambda message: SpecError(file, f"{key} {message}")
+
+    if not isinstance(data, dict):
+        raise fail(f"a stored spec must be a JSON object, found {_describe(data)}")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise fail(f'a stored spec needs a "spec" object, found {_describe(spec)}')
+    _check_plain(spec, ("spec",), fail)
+    fixed_name, container = _check_container(spec, ("spec",), fail)
+
+    deploy_value = data.get("deploy")
+    if isinstance(deploy_value, list) and deploy_value and isinstance(deploy_value[0], str):
+        deploy_value = [Keyword(deploy_value[0]), *deploy_value[1:]]
+    pull = data.get("pull")
+    return ServiceSpec(
+        container=container,
+        fixed_name=fixed_name,
+        deploy=_check_deploy(deploy_value, option_fail("deploy")),
+        health_timeout=_check_seconds(
+            data.get("health_timeout"), DEFAULT_HEALTH_TIMEOUT, option_fail("health_timeout")
+        ),
+        stop_timeout=_check_seconds(
+            data.get("stop_timeout"), DEFAULT_STOP_TIMEOUT, option_fail("stop_timeout")
+        ),
+        stable_after=_check_seconds(data.get("stable_after"), 0.0, option_fail("stable_after")),
+        pull=_check_pull(Keyword(pull) if isinstance(pull, str) else pull, option_fail("pull")),
+    )
+
+
+def _check_plain(value: object, at: KeyPath, fail: Fail) -> None:
+    """Raise unless `value` is plain JSON no deeper than MAX_DEPTH (stored specs are input too)."""
+    stack: list[tuple[object, KeyPath]] = [(value, at)]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise fail(f"{_show_path(path)} is nested deeper than {MAX_DEPTH} levels", path)
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise fail(f"{_show_path(path)} has a non-string key {key!r}", path)
+                stack.append((child, (*path, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*path, index)) for index, child in enumerate(item))
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise fail(f"{_show_path(path)} is not a finite number", path)
+        elif item is not None and not isinstance(item, (str, int, bool)):
+            raise fail(f"{_show_path(path)} is not JSON ({type(item).__name__})", path)
+
+
+# --- reading EDN ----------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, file: str) -> str:
+    """The file's text, or SpecError for what is not a small UTF-8 text file."""
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(file, f"the file is larger than {MAX_SPEC_BYTES} bytes; not a spec")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise SpecError(
+            file,
+            "the file contains a NUL byte: binary data, not a spec",
+            data.count(b"\n", 0, nul) + 1,
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # the position of the first bad byte gives the line
+        raise SpecError(
+            file,
+            f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} cannot be decoded)",
+            data.count(b"\n", 0, exc.start) + 1,
+        ) from None
+    return text
+
+
+# Everything the bracket scanner must see or skip, in the order the EDN lexer reads it: strings
+# (possibly unterminated), comments, character literals (`\{` is not a bracket), brackets, CR.
+_SCAN_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|;[^\n]*|\\.|[\[\](){}]|\r', re.DOTALL)
+_PAIRS: Final = {"[": "]", "(": ")", "{": "}"}
+_STRING_RE: Final = re.compile(r'"([^"\\]*(\\.[^"\\]*)*)"')  # edn_lex's t_STRING
+_ILLEGAL_RE: Final = re.compile(r"Illegal character '(.)' with lexpos (\d+)", re.DOTALL)
+_UNKNOWN_TAG_RE: Final = re.compile(r"handle tag ImmutableDict\((.*)\)$", re.DOTALL)
+_START_TOKENS: Final = frozenset({"VECTOR_START", "LIST_START", "MAP_START", "SET_START"})
+_END_TOKENS: Final = frozenset({"VECTOR_END", "LIST_END", "MAP_OR_SET_END"})
+_PREFIX_TOKENS: Final = frozenset({"TAG", "MAP_NAMESPACE_TAG"})
+_MAX_ODD_MAP_PROBES: Final = 200
+
+
+@attrs.frozen
+class _Token:
+    type: str
+    value: Any
+    pos: int
+
+
+@attrs.frozen
+class _Scan:
+    text: str  # CRs outside strings and a leading BOM blanked out: offsets unchanged
+    unclosed: tuple[tuple[str, int], ...]  # (bracket, offset), outermost first
+    maps: tuple[tuple[int, int], ...]  # (open, close) offsets of `{...}` maps, by close offset
+
+
+def _scan(text: str) -> _Scan:
+    """One pass over the raw text that the PLY parser cannot do for us.
+
+    edn_format's lexer rejects CR (Windows line ends) and a BOM; it recurses nowhere, but deep
+    nesting would recurse in conversion and hashing; and its errors carry no lines. The scanner
+    blanks CR/BOM, enforces MAX_DEPTH before parsing, and keeps bracket positions for messages.
+    """
+    blank: list[int] = [0] if text.startswith("\ufeff") else []
+    stack: list[tuple[str, int]] = []
+    maps: list[tuple[int, int]] = []
+    for match in _SCAN_RE.finditer(text):
+        char = match.group()
+        pos = match.start()
+        if char in _PAIRS:
+            stack.append((char, pos))
+            if len(stack) > MAX_DEPTH:
+                raise _LineError(f"collections are nested deeper than {MAX_DEPTH} levels", pos)
+        elif char in ")]}":
+            if stack:
+                opener, start = stack.pop()
+                if opener == "{" and char == "}" and text[start - 1 : start] != "#":
+                    maps.append((start, pos))
+        elif char == "\r":
+            blank.append(pos)
+    if blank:
+        chars = list(text)
+        for pos in blank:
+            chars[pos] = " "
+        text = "".join(chars)
+    return _Scan(text, tuple(stack), tuple(maps))
+
+
+class _LineError(Exception):
+    """Internal: a problem at a character offset, turned into SpecError by _Source."""
+
+    def __init__(self, message: str, pos: int | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.pos = pos
+
+
+def _lex(text: str) -> list[_Token]:
+    """edn_format's own tokens (with offsets) of text that is known to lex."""
+    lexer = edn_lex.lex(text)
+    tokens = []
+    while (token := lexer.token()) is not None:
+        tokens.append(_Token(token.type, token.value, token.lexpos))
+    return tokens
+
+
+class _Source:
+    """One file's text while it is being read: turns offsets and key paths into lines."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.raw = text
+        self.text = text
+
+    def line_at(self, pos: int) -> int:
+        return self.text.count("\n", 0, max(pos, 0)) + 1
+
+    def error(self, message: str, at: KeyPath = ()) -> SpecError:
+        """A SpecError at the deepest part of key path `at` that can be found in the text."""
+        return SpecError(self.file, message, self._locate(at))
+
+    def option_error(self, key: str) -> OptionFail:
+        return lambda message: self.error(f":{key} {message}", (key,))
+
+    # -- parsing --
+
+    def read_one_form(self) -> Any:
+        try:
+            scan = _scan(self.raw)
+        except _LineError as exc:
+            raise SpecError(self.file, exc.message, self.line_at(exc.pos or 0)) from None
+        self.text = scan.text
+        if not self.text.strip(" \t\n,"):
+            raise SpecError(self.file, "the file is empty")
+        try:
+            forms = edn_format.loads_all(self.text)
+        except Exception as exc:  # noqa: BLE001 - PLY and edn_format's actions raise anything on junk
+            raise self._syntax_error(exc, scan) from None
+        if not forms:
+            raise SpecError(self.file, "the file holds only comments or discarded forms (#_)")
+        if len(forms) > 1:
+            spans = self._top_level_spans()
+            pos = self.tokens[spans[1][0]].pos if len(spans) > 1 else None
+            raise SpecError(
+                self.file,
+                f"the file holds {len(forms)} top-level forms; a spec is exactly one map",
+                None if pos is None else self.line_at(pos),
+            )
+        self._check_duplicate_keys()
+        return _unwrap(forms[0])
+
+    def _check_duplicate_keys(self) -> None:
+        """Reject `{:a 1 :a 2}`: edn_format keeps the last silently, so a doubled :deploy or
+        :Image would hide one of the two. Only literal keys (keywords, strings, ...) compare."""
+        for index, token in enumerate(self.tokens):
+            if token.type != "MAP_START" or index not in self._matches:
+                continue
+            if index and self.tokens[index - 1].type == "MAP_NAMESPACE_TAG":
+                continue  # #:ns{...} rewrites its keys; rare enough to leave alone
+            seen: set[tuple[str, str]] = set()
+            for key_span in self._spans(index + 1, self._matches[index])[::2]:
+                key = self.tokens[self._core(key_span[0])]
+                if key.type in _START_TOKENS:
+                    continue
+                identity = (key.type, _token_text(key))
+                if identity in seen:
+                    raise SpecError(
+                        self.file,
+                        f"the map has the key {_token_text(key)} twice",
+                        self.line_at(key.pos),
+                    )
+                seen.add(identity)
+
+    def _syntax_error(self, exc: Exception, scan: _Scan) -> SpecError:
+        message, pos = self._explain(exc, scan)
+        return SpecError(self.file, message, None if pos is None else self.line_at(pos))
+
+    def _explain(self, exc: Exception, scan: _Scan) -> tuple[str, int | None]:
+        """What went wrong, in words, and the offset where it can be seen."""
+        token = exc.args[0] if exc.args else None
+        lexpos = getattr(token, "lexpos", None)
+        if isinstance(exc, EDNDecodeError) and isinstance(lexpos, int):  # the parser's bad token
+            return f"EDN syntax error: unexpected {str(getattr(token, 'value', ''))!r}", lexpos
+        text = str(exc)
+        if isinstance(exc, EDNDecodeError):
+            if illegal := _ILLEGAL_RE.search(text):
+                char, pos = illegal.group(1), int(illegal.group(2))
+                if char == '"':
+                    return "EDN syntax error: unterminated string (no closing '\"')", pos
+                return f"EDN syntax error: illegal character {char!r}", pos
+            if text == "EOF Reached":
+                if scan.unclosed:
+                    opener, pos = scan.unclosed[-1]
+                    return (
+                        f"EDN syntax error: unclosed {opener!r} (no matching {_PAIRS[opener]!r})",
+                        pos,
+                    )
+                end = len(self.text.rstrip(" \t\n,"))
+                return (
+                    "EDN syntax error: unexpected end of file (a tag, #_ or ^ without its value?)",
+                    end - 1,
+                )
+            if text.startswith("Even number"):
+                return (
+                    "EDN syntax error: a map has an odd number of forms (a key without its value?)",
+                    self._odd_map(scan),
+                )
+        if isinstance(exc, NotImplementedError) and (tag := _UNKNOWN_TAG_RE.search(text)):
+            name = tag.group(1)
+            found = self._tag_token(lambda token: token.value == name)
+            return (
+                f"unknown tag #{name} (EDN tags condo understands: #inst, #uuid)",
+                None if found is None else found.pos,
+            )
+        bad_literal = self._bad_literal(exc)
+        if bad_literal is not None:
+            literal, pos = bad_literal
+            return f"EDN syntax error: invalid literal {literal!r}: {_short(exc)}", pos
+        bad_tag = self._tag_token(self._tagged_value_fails)
+        if bad_tag is not None:
+            return f"invalid #{bad_tag.value} value: {_short(exc)}", bad_tag.pos
+        return f"EDN syntax error: {_short(exc)}", None
+
+    def _bad_literal(self, failure: Exception) -> tuple[str, int] | None:
+        """The token whose lexer action raised `failure` (1/0, a 5000-digit integer, ...).
+
+        Lexing again must fail the same way; a different failure belongs to a later token
+        that the parser never reached, so it says nothing about this one.
+        """
+        lexer = edn_lex.lex(self.text)
+        try:
+            while lexer.token() is not None:
+                pass
+        except Exception as exc:  # noqa: BLE001 - same foreign errors as the parse that just failed
+            match = getattr(lexer, "lexmatch", None)
+            if type(exc) is type(failure) and str(exc) == str(failure) and match is not None:
+                return str(match.group())[:40], int(match.start())
+        return None
+
+    def _tag_token(self, accept: Callable[[_Token], bool]) -> _Token | None:
+        try:
+            tokens = self.tokens
+        except Exception:  # noqa: BLE001 - the text may not even lex; then there is no answer
+            return None
+        return next((t for t in tokens if t.type == "TAG" and accept(t)), None)
+
+    def _tagged_value_fails(self, tag: _Token) -> bool:
+        index = self.tokens.index(tag)
+        if index + 1 >= len(self.tokens):
+            return True
+        following = self.tokens[index + 1]
+        string = _STRING_RE.match(self.text, following.pos)
+        if following.type != "STRING" or string is None:
+            return True
+        try:
+            edn_format.loads_all(self.text[tag.pos : string.end()])
+        except Exception:  # noqa: BLE001 - this is the probe: any failure marks the culprit
+            return True
+        return False
+
+    def _odd_map(self, scan: _Scan) -> int | None:
+        """The offset of the first map that fails on its own with an odd number of forms.
+
+        The parser reduces maps in closing order, so the first by close offset that fails is
+        itself odd (the maps inside it closed earlier and passed).
+        """
+        for start, end in scan.maps[:_MAX_ODD_MAP_PROBES]:
+            try:
+                edn_format.loads_all(self.text[start : end + 1])
+            except EDNDecodeError as exc:
+                if str(exc).startswith("Even number"):
+                    return start
+            except Exception:  # noqa: BLE001 - a different problem inside; keep looking
+                continue
+        return None
+
+    # -- converting --
+
+    def to_plain(self, value: Any, at: KeyPath) -> Any:
+        """EDN → plain JSON, as Docker wants it.
+
+        Keywords and symbols become their names (`:ns/name` → "ns/name") as keys and values;
+        vectors, lists and sets become lists (sets sorted by canonical JSON); chars, #inst,
+        #uuid, decimals (1.5M) and ratios become strings; ^metadata is dropped.
+        """
+        value = _unwrap(value)
+        if len(at) > MAX_DEPTH + 1:
+            raise self.error(f"{_show_path(at)} is nested deeper than {MAX_DEPTH} levels", at)
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape is not text
+                raise self.error(
+                    f"{_show_path(at)} holds an invalid \\u escape (a lone surrogate)", at
+                ) from None
+            return str(value)  # Char is a str subclass; JSON wants the plain type
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise self.error(
+                    f"{_show_path(at)} is {value}, not a finite number: JSON cannot carry it", at
+                )
+            return value
+        if isinstance(value, (Keyword, Symbol)):
+            return str(value.name)
+        if isinstance(value, (decimal.Decimal, fractions.Fraction, uuid.UUID)):
+            return str(value)
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()
+        if isinstance(value, Mapping):
+            return self._map_to_plain(value, at)
+        if isinstance(value, Set):
+            items = [self.to_plain(item, (*at, 0)) for item in value]
+            return sorted(items, key=canonical_json)
+        if isinstance(value, Sequence):
+            return [self.to_plain(item, (*at, index)) for index, item in enumerate(value)]
+        raise self.error(f"{_show_path(at)} holds {_describe(value)}, which JSON cannot carry", at)
+
+    def _map_to_plain(self, value: Mapping[Any, Any], at: KeyPath) -> JsonObject:
+        plain: JsonObject = {}
+        for raw_key, item in value.items():
+            key = _unwrap(raw_key)
+            if isinstance(key, (Keyword, Symbol)):
+                name = str(key.name)
+            elif isinstance(key, str):
+                name = str(key)
+            else:
+                raise self.error(
+                    f"{_show_path(at) or 'the map'} has the key {_show(key)}: keys must be"
+                    " keywords or strings",
+                    at,
+                )
+            if name in plain:
+                raise self.error(
+                    f"{_show_path(at) or 'the map'} has the key {_show_key(name)} twice (e.g."
+                    " as a keyword and as a string)",
+                    (*at, name),
+                )
+            plain[name] = self.to_plain(item, (*at, name))
+        return plain
+
+    # -- locating --
+
+    @functools.cached_property
+    def tokens(self) -> list[_Token]:
+        return _lex(self.text)
+
+    @functools.cached_property
+    def _matches(self) -> dict[int, int]:
+        """Token index of each collection start → token index of its end."""
+        matches: dict[int, int] = {}
+        stack: list[int] = []
+        for index, token in enumerate(self.tokens):
+            if token.type in _START_TOKENS:
+                stack.append(index)
+            elif token.type in _END_TOKENS and stack:
+                matches[stack.pop()] = index
+        return matches
+
+    def _form_end(self, index: int) -> int:
+        """Token index just past the form that starts at `index` (iterative: no recursion)."""
+        tokens, needed = self.tokens, 1
+        while needed and index < len(tokens):
+            kind = tokens[index].type
+            if kind in ("DISCARD_TAG", "CARET"):  # `#_ x` and `^meta` each need one more form
+                needed += 1
+            elif kind in _START_TOKENS:
+                index = self._matches.get(index, len(tokens) - 1)
+                needed -= 1
+            elif kind not in _PREFIX_TOKENS:
+                needed -= 1
+            index += 1
+        return index
+
+    def _spans(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(first, past-last) token indexes of the forms in [start, stop), discards skipped."""
+        spans, index = [], start
+        while index < stop:
+            if self.tokens[index].type == "DISCARD_TAG":
+                index = self._form_end(index + 1)
+                continue
+            end = self._form_end(index)
+            spans.append((index, end))
+            index = end
+        return spans
+
+    def _core(self, index: int) -> int:
+        """The index of a form's own token, past tags and ^metadata."""
+        while index < len(self.tokens) and self.tokens[index].type in (*_PREFIX_TOKENS, "CARET"):
+            index = self._form_end(index + 1) if self.tokens[index].type == "CARET" else index + 1
+        return index
+
+    def _top_level_spans(self) -> list[tuple[int, int]]:
+        return self._spans(0, len(self.tokens))
+
+    def _locate(self, at: KeyPath) -> int | None:
+        """Best effort: the line of the deepest key (or element) of `at` in the top-level map."""
+        try:
+            spans = self._top_level_spans()
+            if not spans:
+                return None
+            core = self._core(spans[0][0])
+            line = self.line_at(self.tokens[core].pos)
+            for step in at:
+                if self.tokens[core].type not in _START_TOKENS:
+                    break
+                children = self._spans(core + 1, self._matches[core])
+                if isinstance(step, int):
+                    if self.tokens[core].type == "SET_START" or step >= len(children):
+                        break  # a set's converted order differs from the text's
+                    found = self._core(children[step][0])
+                    line, core = self.line_at(self.tokens[found].pos), found
+                    continue
+                if self.tokens[core].type != "MAP_START":
+                    break
+                value_core = None
+                for key_span, value_span in zip(children[::2], children[1::2], strict=False):
+                    key = self.tokens[self._core(key_span[0])]
+                    if _token_names(key, step):  # last match wins, as in edn_format's maps
+                        line = self.line_at(key.pos)
+                        value_core = self._core(value_span[0])
+                if value_core is None:
+                    break
+                core = value_core
+            return line
+        except Exception:  # noqa: BLE001 - locating is best effort; a wrong guess must not mask the error
+            return None
+
+
+def _token_text(token: _Token) -> str:
+    value = token.value
+    if isinstance(value, str):
+        return json.dumps(value) if token.type == "STRING" else str(value)
+    return str(value) if isinstance(value, (Keyword, Symbol)) else repr(value)
+
+
+def _token_names(token: _Token, key: str) -> bool:
+    if token.type in ("KEYWORD", "SYMBOL"):
+        return bool(token.value.name == key)
+    return token.type == "STRING" and token.value == key
+
+
+# --- words ----------------------------------------------------------------------------------------
+
+
+def _unwrap(value: Any) -> Any:
+    while isinstance(value, MetadataValue):  # ^meta chains can be long: no recursion
+        value = value.value
+    return value
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _show(value: Any) -> str:
+    """A short EDN rendering of a value for messages."""
+    try:
+        text = str(edn_format.dumps(value))
+    except Exception:  # noqa: BLE001 - dumps fails on some parsed values; repr is good enough
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(value: Any) -> str:
+    value = _unwrap(value)
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "a boolean"),
+        (str, "a string"),
+        ((int, float, decimal.Decimal, fractions.Fraction), "a number"),
+        (Keyword, "a keyword"),
+        (Symbol, "a symbol"),
+        (Mapping, "a map"),
+        (Set, "a set"),
+        (tuple, "a list"),
+        (Sequence, "a vector"),
+    ]
+    if value is None:
+        return "nil"
+    for kind, words in kinds:
+        if isinstance(value, kind):
+            return f"{words} {_show(value)}"
+    return type(value).__name__
+
+
+def _show_key(key: str) -> str:
+    return f":{key}" if re.fullmatch(r"[A-Za-z_][\w.\-/]*", key) else json.dumps(key)
+
+
+def _show_path(at: Iterable[str | int]) -> str:
+    return " ".join(f"[{step}]" if isinstance(step, int) else _show_key(step) for step in at)
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, (Keyword, Symbol)):
+        return str(key.name)
+    return key if isinstance(key, str) else _show(key)
+
+
+def _unknown_key_message(key: Any) -> str:
+    known = ", ".join(f":{name}" for name in _SERVICE_KEYS)
+    if isinstance(key, Keyword):
+        close = difflib.get_close_matches(key.name, _SERVICE_KEYS, n=1)
+        hint = f" (did you mean :{close[0]}?)" if close else ""
+        return f"unknown key {_show(key)}{hint}; the keys are {known}"
+    if isinstance(key, str) and key in _SERVICE_KEYS:
+        return f"the key {_show(key)} must be the keyword :{key}"
+    return f"unknown key {_show(key)}: top-level keys are keywords, one of {known}"
