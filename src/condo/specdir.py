@@ -1,0 +1,503 @@
+"""Watching the spec directories (the PREFIXes): full, level-triggered snapshots of every spec.
+
+This module owns the translation "what is on disk" → `SpecSnapshot`, and the task that keeps
+publishing it. `SpecScanner.scan` is synchronous file I/O (run it in `trio.to_thread`);
+`run_spec_watcher` is the long-lived task.
+
+Invariants (each one is a bug of the original condo we must not repeat):
+
+- A snapshot always covers *every* PREFIX at once: consumers diff whole snapshots, so one
+  directory never removes another one's services (original bug: several PREFIXes thrashed).
+- A file that cannot be read or parsed is an entry with `error`, never a removal: a partial
+  write, binary junk, a folder named `x.edn`, a symlink loop or an unreadable file must not stop
+  what runs. Only a file that is really gone from an existing directory is a removal.
+- A PREFIX that cannot be listed (missing, unmounted, unreadable) keeps the entries of its last
+  good scan and adds a problem: an unmounted volume must not stop everything. An existing empty
+  directory is a real "everything removed".
+- First PREFIX wins a name clash; the loser is reported in `problems`, never silently merged.
+- Parsing is cached on the file's stat key and its bytes: an unchanged file gives the very same
+  entry, so an unchanged directory gives an equal snapshot and nothing is re-published.
+- inotify (watchfiles) is only a wake-up hint; the periodic rescan is the source of truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import NoReturn
+
+import attrs
+import structlog
+import trio
+import watchfiles
+
+from condo.errors import SpecError
+from condo.spec import (
+    MAX_SPEC_BYTES,
+    SelfSpec,
+    ServiceSpec,
+    check_service_name,
+    parse_self_spec,
+    parse_spec,
+)
+
+log = structlog.get_logger(__name__)
+
+SPEC_SUFFIX = ".edn"
+SELF_SERVICE = "self"
+
+# A file whose mtime/ctime was this close to "now" when we read it may be rewritten later with
+# the same stat key (coarse file-system clocks, same size): such a cache entry is not trusted and
+# the file is re-read on the next scan (git's "racy" rule). 2 s also covers 2 s-granular file
+# systems.
+_RACY_WINDOW_NS = 2_000_000_000
+
+# watchfiles tuning: a write wakes us ~10-20 ms after it lands (step); a burst of writes is
+# grouped for at most `_HINT_DEBOUNCE_MS`. `_HINT_RUST_TIMEOUT_MS` bounds how long the watcher
+# thread can ignore a cancellation (stack-notes §8); we also set its stop event on cancel.
+_HINT_DEBOUNCE_MS = 100
+_HINT_STEP_MS = 10
+_HINT_RUST_TIMEOUT_MS = 200
+
+
+def _error_key(error: SpecError | None) -> tuple[str, str, int | None, str] | None:
+    """Value identity of a SpecError (exceptions compare by identity, snapshots by value)."""
+    if error is None:
+        return None
+    return (type(error).__name__, error.file, error.line, error.message)
+
+
+def _errors_key(errors: tuple[SpecError, ...]) -> tuple[object, ...]:
+    return tuple(_error_key(e) for e in errors)
+
+
+def _self_key(value: SelfSpec | SpecError | None) -> object:
+    return _error_key(value) if isinstance(value, SpecError) else value
+
+
+@attrs.frozen(kw_only=True)
+class SpecEntry:
+    """One `*.edn` file that names a service: its parsed spec, or why it is unusable.
+
+    Exactly one of `spec` / `error` is set. Equality is by value (errors by file, line and
+    message), so a re-scan of an unchanged file gives an equal entry.
+    """
+
+    service: str
+    path: Path
+    spec: ServiceSpec | None
+    error: SpecError | None = attrs.field(eq=_error_key)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.spec is None) == (self.error is None):
+            raise ValueError("SpecEntry needs exactly one of spec / error")
+
+
+@attrs.frozen(kw_only=True)
+class SpecSnapshot:
+    """A full picture of every PREFIX at one scan.
+
+    Attributes:
+        entries: every service by name, valid and invalid ones (read-only mapping, sorted).
+        self_spec: condo's own container spec from `self.edn`, its error, or None when absent.
+        problems: what is wrong beyond single services: name clashes between PREFIXes and
+            PREFIXes that cannot be listed (their last good entries are kept in `entries`).
+    """
+
+    entries: Mapping[str, SpecEntry]
+    self_spec: SelfSpec | SpecError | None = attrs.field(eq=_self_key)
+    problems: tuple[SpecError, ...] = attrs.field(eq=_errors_key)
+
+
+def spec_service_name(filename: str) -> str | None:
+    """The service a directory entry names, or None when the entry is not a spec file.
+
+    Only `NAME.edn` counts. Dot-files (`.web.edn.swp`, `.#web.edn`, `.edn`) and anything not
+    ending in `.edn` (`web.edn~`, `#web.edn#`, `4913`, `web.ctmpl`) are ignored: editors and
+    templating tools leave those next to real specs.
+    """
+    if filename.startswith(".") or not filename.endswith(SPEC_SUFFIX):
+        return None
+    return filename[: -len(SPEC_SUFFIX)]
+
+
+@attrs.frozen
+class _StatKey:
+    """What must stay equal for a cached parse to be reused without re-reading the file."""
+
+    dev: int
+    ino: int
+    mtime_ns: int
+    size: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _StatKey:
+        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+
+
+_Parsed = ServiceSpec | SelfSpec | SpecError
+
+
+@attrs.frozen
+class _Cached:
+    key: _StatKey
+    data: bytes
+    result: _Parsed
+    trusted: bool  # False: the file was fresh when read, re-read it next time (see _RACY_WINDOW_NS)
+
+
+@attrs.frozen
+class _PrefixScan:
+    """What one PREFIX held at its last good listing."""
+
+    services: Mapping[str, SpecEntry]
+    self_spec: tuple[Path, SelfSpec | SpecError] | None
+
+
+class _Gone(Exception):
+    """The file vanished between listing and reading: a removal, seen consistently next scan."""
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class SpecScanner:
+    """Synchronous scanner of the PREFIXes; keeps the parse cache and the last good listings.
+
+    Not thread-safe: call `scan` from one thread at a time (the watcher runs it in
+    `trio.to_thread.run_sync`, one scan after the other).
+    """
+
+    def __init__(self, prefixes: Sequence[Path]) -> None:
+        # The same directory given twice would clash with itself on every name: keep the first.
+        unique: dict[Path, None] = {}
+        for prefix in prefixes:
+            unique.setdefault(Path(os.path.abspath(prefix)), None)
+        self._prefixes = tuple(unique)
+        self._cache: dict[Path, _Cached] = {}
+        self._last_good: dict[Path, _PrefixScan] = {}
+        self._listed: dict[Path, tuple[int, int]] = {}
+
+    @property
+    def prefixes(self) -> tuple[Path, ...]:
+        """The watched directories, absolute, in priority order (duplicates dropped)."""
+        return self._prefixes
+
+    @property
+    def listed_prefixes(self) -> Mapping[Path, tuple[int, int]]:
+        """(st_dev, st_ino) of each PREFIX the last scan could list: what inotify can watch."""
+        return MappingProxyType(self._listed)
+
+    def scan(self) -> SpecSnapshot:
+        """Read every PREFIX and return the full snapshot (blocking file I/O)."""
+        problems: list[SpecError] = []
+        seen_paths: set[Path] = set()
+        listed: dict[Path, tuple[int, int]] = {}
+        per_prefix: list[tuple[Path, _PrefixScan]] = []
+        for prefix in self._prefixes:
+            try:
+                scanned, identity = self._scan_prefix(prefix, seen_paths)
+            except OSError as exc:
+                # Unlistable PREFIX: keep what it held at its last good scan (an unmounted volume
+                # must not stop its services) and say so.
+                problems.append(
+                    SpecError(
+                        str(prefix),
+                        f"cannot list the spec directory ({_strerror(exc)}); "
+                        "its services are kept as last seen",
+                    )
+                )
+                scanned = self._last_good.get(prefix, _PrefixScan(MappingProxyType({}), None))
+            else:
+                self._last_good[prefix] = scanned
+                listed[prefix] = identity
+            per_prefix.append((prefix, scanned))
+        # Forget parses of files that are gone (kept entries of unlistable PREFIXes live on in
+        # `_last_good`; they are re-read when their directory comes back).
+        for path in self._cache.keys() - seen_paths:
+            del self._cache[path]
+        self._listed = listed
+
+        entries: dict[str, SpecEntry] = {}
+        self_spec: tuple[Path, SelfSpec | SpecError] | None = None
+        for _prefix, scanned in per_prefix:
+            for name, entry in scanned.services.items():
+                winner = entries.get(name)
+                if winner is None:
+                    entries[name] = entry
+                else:
+                    problems.append(_clash(name, entry.path, winner.path))
+            if scanned.self_spec is not None:
+                if self_spec is None:
+                    self_spec = scanned.self_spec
+                else:
+                    problems.append(_clash(SELF_SERVICE, scanned.self_spec[0], self_spec[0]))
+        return SpecSnapshot(
+            entries=MappingProxyType(dict(sorted(entries.items()))),
+            self_spec=None if self_spec is None else self_spec[1],
+            problems=tuple(problems),
+        )
+
+    def _scan_prefix(
+        self, prefix: Path, seen_paths: set[Path]
+    ) -> tuple[_PrefixScan, tuple[int, int]]:
+        """List one PREFIX and load its spec files; OSError means "cannot list it"."""
+        with os.scandir(prefix) as listing:
+            names = sorted(entry.name for entry in listing)
+        st = os.stat(prefix)
+        services: dict[str, SpecEntry] = {}
+        self_spec: tuple[Path, SelfSpec | SpecError] | None = None
+        for filename in names:
+            name = spec_service_name(filename)
+            if name is None:
+                continue
+            path = prefix / filename
+            if name == SELF_SERVICE:
+                try:
+                    self_result = self._load(path, parse_self_spec)
+                except _Gone:
+                    continue
+                seen_paths.add(path)
+                assert not isinstance(self_result, ServiceSpec)
+                self_spec = (path, self_result)
+                continue
+            problem = check_service_name(name)
+            if problem is not None:
+                services[name] = SpecEntry(
+                    service=name, path=path, spec=None, error=SpecError(str(path), problem)
+                )
+                continue
+            try:
+                result = self._load(path, parse_spec)
+            except _Gone:
+                continue
+            seen_paths.add(path)
+            if isinstance(result, SpecError):
+                services[name] = SpecEntry(service=name, path=path, spec=None, error=result)
+            else:
+                assert isinstance(result, ServiceSpec)
+                services[name] = SpecEntry(service=name, path=path, spec=result, error=None)
+        return _PrefixScan(MappingProxyType(services), self_spec), (st.st_dev, st.st_ino)
+
+    def _load(self, path: Path, parse: Callable[[bytes, str], _Parsed]) -> _Parsed:
+        """Parse one file, through the cache. Raises `_Gone` when it vanished meanwhile."""
+        file = str(path)
+        try:
+            st = os.stat(path)  # follows symlinks: a symlinked spec is the file it points to
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                raise _Gone from None
+            return SpecError(file, "is a symbolic link to nothing")
+        except OSError as exc:
+            # ELOOP (symlink loop), EACCES on the path, EIO...: an error state, not a removal.
+            return SpecError(file, f"cannot read the spec file ({_strerror(exc)})")
+        if not stat.S_ISREG(st.st_mode):
+            return SpecError(file, _not_regular(st.st_mode))
+        cached = self._cache.get(path)
+        if cached is not None and cached.trusted and cached.key == _StatKey.of(st):
+            return cached.result
+        try:
+            key, data = _read_spec_bytes(path)
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                raise _Gone from None
+            return SpecError(file, "cannot read the spec file (No such file or directory)")
+        except _NotRegular as exc:
+            return SpecError(file, _not_regular(exc.mode))
+        except OSError as exc:
+            return SpecError(file, f"cannot read the spec file ({_strerror(exc)})")
+        read_at_ns = time.time_ns()
+        if len(data) > MAX_SPEC_BYTES:
+            result: _Parsed = SpecError(file, f"is larger than {MAX_SPEC_BYTES} bytes")
+        elif cached is not None and cached.data == data:
+            result = cached.result  # same bytes (e.g. touched, or racy re-read): same entry
+        else:
+            try:
+                result = parse(data, file)
+            except SpecError as exc:
+                result = exc
+        trusted = read_at_ns - max(key.mtime_ns, key.ctime_ns) > _RACY_WINDOW_NS
+        self._cache[path] = _Cached(key, data, result, trusted)
+        return result
+
+
+class _NotRegular(Exception):
+    def __init__(self, mode: int) -> None:
+        super().__init__(mode)
+        self.mode = mode
+
+
+def _read_spec_bytes(path: Path) -> tuple[_StatKey, bytes]:
+    """Read at most MAX_SPEC_BYTES + 1 bytes; the key is taken before reading, so the bytes are
+    never older than the key (a write in between only costs one extra re-read next scan)."""
+    # O_NONBLOCK: a FIFO swapped in after our stat must not block the scan waiting for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(st.st_mode)
+        chunks: list[bytes] = []
+        remaining = MAX_SPEC_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return _StatKey.of(st), b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _not_regular(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a spec file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe, not a spec file"
+    return "is not a regular file"
+
+
+def _clash(name: str, loser: Path, winner: Path) -> SpecError:
+    return SpecError(
+        str(loser), f"service {name!r} is already defined by {winner}; this file is ignored"
+    )
+
+
+# --- the watcher task ---------------------------------------------------------------------------
+
+
+async def run_spec_watcher(
+    prefixes: Sequence[Path],
+    publish: Callable[[SpecSnapshot], None],
+    *,
+    rescan_interval: float = 1.0,
+    task_status: trio.TaskStatus[SpecSnapshot] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Keep publishing the snapshot of `prefixes` whenever it changes.
+
+    Scans once, publishes, then reports `started(first_snapshot)`. Afterwards it rescans on an
+    inotify hint or every `rescan_interval` seconds, whichever comes first, and calls `publish`
+    (sync, must not block) only with a snapshot that differs from the last one published. New
+    spec errors and problems are logged once each, when they first appear.
+    """
+    scanner = SpecScanner(prefixes)
+    snapshot = await trio.to_thread.run_sync(scanner.scan)
+    _log_news(None, snapshot)
+    publish(snapshot)
+    # Capacity 1: a pending wake-up covers every change that happens before the next scan.
+    hint_send, hint_receive = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        watched = dict(scanner.listed_prefixes)
+        hints: trio.CancelScope = await nursery.start(_run_change_hints, tuple(watched), hint_send)
+        task_status.started(snapshot)
+        while True:
+            with trio.move_on_after(rescan_interval):
+                await hint_receive.receive()
+            latest = await trio.to_thread.run_sync(scanner.scan)
+            if scanner.listed_prefixes != watched:
+                # A PREFIX appeared, vanished or was replaced (new inode): inotify watches inodes,
+                # so re-arm it on what can be listed now.
+                watched = dict(scanner.listed_prefixes)
+                hints.cancel()
+                hints = await nursery.start(_run_change_hints, tuple(watched), hint_send)
+            if latest != snapshot:
+                _log_news(snapshot, latest)
+                publish(latest)
+                snapshot = latest
+
+
+async def _run_change_hints(
+    paths: tuple[Path, ...],
+    hints: trio.MemorySendChannel[None],
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send a wake-up on `hints` whenever inotify sees a spec-looking change under `paths`.
+
+    Returns quietly when there is nothing to watch or watching fails (logged): the periodic
+    rescan still covers everything. Reports the cancel scope that stops it.
+    """
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        if not paths:
+            return
+        watched = {str(p) for p in paths}
+
+        def wanted(_change: watchfiles.Change, path: str) -> bool:
+            return path in watched or spec_service_name(os.path.basename(path)) is not None
+
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_set_when_cancelled, stop)
+            try:
+                async with contextlib.aclosing(
+                    watchfiles.awatch(
+                        *paths,
+                        watch_filter=wanted,
+                        debounce=_HINT_DEBOUNCE_MS,
+                        step=_HINT_STEP_MS,
+                        rust_timeout=_HINT_RUST_TIMEOUT_MS,
+                        stop_event=stop,
+                        recursive=False,
+                        ignore_permission_denied=True,
+                    )
+                ) as changes:
+                    async for _batch in changes:
+                        with contextlib.suppress(trio.WouldBlock):
+                            # Full means a wake-up is already pending; it covers this change too.
+                            hints.send_nowait(None)
+            except* (OSError, RuntimeError) as group:
+                # watchfiles raises FileNotFoundError for a vanished path and a RuntimeError
+                # subclass for its own failures. inotify is only a hint: carry on by timer alone.
+                log.warning(
+                    "specdir.inotify_unavailable",
+                    paths=sorted(watched),
+                    error="; ".join(str(e) for e in group.exceptions),
+                )
+            nursery.cancel_scope.cancel()
+
+
+async def _set_when_cancelled(event: trio.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        # The watchfiles thread polls this event every step; without it a cancellation would wait
+        # for the thread's rust_timeout (stack-notes §8).
+        event.set()
+
+
+def _log_news(before: SpecSnapshot | None, after: SpecSnapshot) -> None:
+    """Log each spec error and problem once, when it first appears (never once per scan)."""
+    old_errors: set[object] = set()
+    if before is not None:
+        old_errors = {_error_key(e.error) for e in before.entries.values()}
+        old_errors |= {_error_key(p) for p in before.problems}
+        if isinstance(before.self_spec, SpecError):
+            old_errors.add(_error_key(before.self_spec))
+    for entry in after.entries.values():
+        if entry.error is not None and _error_key(entry.error) not in old_errors:
+            log.warning(
+                "spec.invalid",
+                service=entry.service,
+                file=entry.error.file,
+                line=entry.error.line,
+                error=entry.error.message,
+            )
+    if isinstance(after.self_spec, SpecError) and _error_key(after.self_spec) not in old_errors:
+        log.warning(
+            "spec.invalid",
+            service=SELF_SERVICE,
+            file=after.self_spec.file,
+            line=after.self_spec.line,
+            error=after.self_spec.message,
+        )
+    for problem in after.problems:
+        if _error_key(problem) not in old_errors:
+            log.warning("specdir.problem", file=problem.file, error=problem.message)
