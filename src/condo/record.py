@@ -1,0 +1,144 @@
+"""The outside JSON shape of a service's state: the state file record and the API view.
+
+One module owns both directions so that what condo writes it can always read back:
+
+- `to_record(state, now)` / `from_record(data, now)`: the state file. Trio-clock deadlines are
+  stored as wall-clock unix seconds and turned back into Trio times on load (a past retry time
+  fires at once). Everything else round-trips exactly.
+- `to_view(state, now, spec_error)`: a SERVICE object of the HTTP API (CONTRACT.md): `state`,
+  `current`, `next`, `retry_at`, `error`, `spec_error`, plus condo's extensions.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from condo.errors import SpecError
+from condo.fsm import Box, Failure, Instant, Phase, ServiceState
+from condo.spec import ServiceSpec
+
+RECORD_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A stored record cannot be read back (written by another version, or damaged)."""
+
+
+def to_record(state: ServiceState, now: Instant) -> dict[str, Any]:
+    """The state file record of one service."""
+    return {
+        "phase": state.phase.value,
+        "desired": _spec_out(state.desired),
+        "removed": state.removed,
+        "current": _box_out(state.current),
+        "next": _box_out(state.next),
+        "starting": _spec_out(state.starting),
+        "replacing": _box_out(state.replacing),
+        "draining": state.draining,
+        "deadline_at": None if state.deadline is None else now.wall_at(state.deadline),
+        "attempt": state.attempt,
+        "error": None if state.error is None else attrs.asdict(state.error),
+        "failed": _box_out(state.failed),
+    }
+
+
+def from_record(data: Any, now: Instant) -> ServiceState:
+    """Read a record back; raises RecordError when it is not one."""
+    try:
+        deadline_at = data["deadline_at"]
+        error = data["error"]
+        return ServiceState(
+            phase=Phase(data["phase"]),
+            desired=_spec_in(data["desired"]),
+            removed=bool(data["removed"]),
+            current=_box_in(data["current"]),
+            next=_box_in(data["next"]),
+            starting=_spec_in(data["starting"]),
+            replacing=_box_in(data["replacing"]),
+            draining=bool(data["draining"]),
+            deadline=None if deadline_at is None else now.mono + (float(deadline_at) - now.wall),
+            attempt=int(data["attempt"]),
+            error=None
+            if error is None
+            else Failure(message=str(error["message"]), at=float(error["at"])),
+            failed=_box_in(data["failed"]),
+        )
+    except (KeyError, TypeError, ValueError, SpecError) as exc:
+        # Every way a foreign or damaged record can fail to read ends here, as one error.
+        raise RecordError(f"unreadable service record: {exc!r}") from exc
+
+
+def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> dict[str, Any]:
+    """The API's SERVICE object (CONTRACT.md), with condo's extensions."""
+    next_box = state.next
+    return {
+        "state": state.phase.value,
+        "current": _box_view(state.current),
+        "next": _box_view(next_box),
+        "retry_at": None if state.retry_at is None else now.wall_at(state.retry_at),
+        "error": None if state.error is None else attrs.asdict(state.error),
+        "spec_error": None
+        if spec_error is None
+        else {"file": spec_error.file, "line": spec_error.line, "message": spec_error.message},
+        # extensions
+        "image": None if state.desired is None else state.desired.image,
+        "deploy": None if state.desired is None else state.desired.deploy.to_json(),
+        "deploying": None if state.starting is None else state.starting.image,
+        "draining": state.draining,
+        "attempt": state.attempt,
+        "failed": _box_view(state.failed),
+        "removed": state.removed,
+    }
+
+
+def _spec_out(spec: ServiceSpec | None) -> dict[str, Any] | None:
+    return None if spec is None else spec.to_json()
+
+
+def _spec_in(data: Any) -> ServiceSpec | None:
+    return None if data is None else ServiceSpec.from_json(data)
+
+
+def _box_out(box: Box | None) -> dict[str, Any] | None:
+    if box is None:
+        return None
+    return {
+        "id": box.id,
+        "name": box.name,
+        "spec": box.spec.to_json(),
+        "created_at": box.created_at,
+        "healthcheck": box.healthcheck,
+        "restart_policy": box.restart_policy,
+        "stable_at": box.stable_at,
+    }
+
+
+def _box_in(data: Any) -> Box | None:
+    if data is None:
+        return None
+    stable_at = data["stable_at"]
+    return Box(
+        id=str(data["id"]),
+        name=str(data["name"]),
+        spec=ServiceSpec.from_json(data["spec"]),
+        created_at=float(data["created_at"]),
+        healthcheck=bool(data["healthcheck"]),
+        restart_policy=str(data["restart_policy"]),
+        stable_at=None if stable_at is None else float(stable_at),
+    )
+
+
+def _box_view(box: Box | None) -> dict[str, Any] | None:
+    if box is None:
+        return None
+    return {
+        "id": box.id,
+        "name": box.name,
+        "image": box.spec.image,
+        "created_at": box.created_at,
+        "stable_at": box.stable_at,
+    }

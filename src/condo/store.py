@@ -1,0 +1,104 @@
+"""The observable state of every service this condo runs: one writer, many readers.
+
+Service drivers write their `ServiceState`, the supervisor writes spec errors; the state file
+writer, the API, the dashboard feed and Consul read. Readers never get a backlog: they wait for
+the version to move past the one they saw, then read the latest value (level-triggered, so a slow
+reader can never block a driver). Each change swaps in a fresh `trio.Event` (Trio events cannot be
+cleared, by design).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from condo.errors import SpecError
+from condo.fsm import Instant, ServiceState
+from condo.record import to_record, to_view
+
+
+@attrs.frozen(kw_only=True)
+class ServiceEntry:
+    """What the outside sees of one service."""
+
+    state: ServiceState
+    spec_error: SpecError | None = None
+    spec_file: str | None = None
+
+
+def now() -> Instant:
+    """This moment on both clocks (Trio's for deadlines, the wall's for display)."""
+    return Instant(mono=trio.current_time(), wall=time.time())
+
+
+class Store:
+    """Latest-value store of service entries with change notification."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._entries: dict[str, ServiceEntry] = {}
+        self._version = 0
+        self._changed = trio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def entries(self) -> Mapping[str, ServiceEntry]:
+        return self._entries
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (synchronously, it must not block) after every change."""
+        self._listeners.append(listener)
+
+    def set_state(self, service: str, state: ServiceState) -> None:
+        entry = self._entries.get(service) or ServiceEntry(state=state)
+        self._put(service, attrs.evolve(entry, state=state))
+
+    def set_spec_error(self, service: str, error: SpecError | None, file: str | None) -> None:
+        entry = self._entries.get(service) or ServiceEntry(state=ServiceState())
+        if entry.spec_error == error and entry.spec_file == file:
+            return
+        self._put(service, attrs.evolve(entry, spec_error=error, spec_file=file))
+
+    def drop(self, service: str) -> None:
+        if self._entries.pop(service, None) is not None:
+            self._bump()
+
+    async def wait_changed(self, seen_version: int) -> int:
+        """Wait until the version is past `seen_version`; return the new version."""
+        while self._version <= seen_version:
+            await self._changed.wait()
+        return self._version
+
+    def records(self, at: Instant | None = None) -> dict[str, Any]:
+        """Every service's state file record."""
+        at = at or now()
+        return {name: to_record(e.state, at) for name, e in sorted(self._entries.items())}
+
+    def view(self, at: Instant | None = None) -> dict[str, Any]:
+        """The `/v1/state` body."""
+        at = at or now()
+        services = {
+            name: to_view(e.state, at, e.spec_error) for name, e in sorted(self._entries.items())
+        }
+        return {"host": self.host, "services": services}
+
+    def _put(self, service: str, entry: ServiceEntry) -> None:
+        if self._entries.get(service) == entry:
+            return
+        self._entries[service] = entry
+        self._bump()
+
+    def _bump(self) -> None:
+        self._version += 1
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        for listener in self._listeners:
+            listener()

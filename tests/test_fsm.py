@@ -1,0 +1,424 @@
+"""The state machine: invariants over every reachable step, scenarios, and the drawing."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import attrs
+import pytest
+
+from condo import fsm
+from condo.fsm import Phase
+from condo.spec import Deploy, ServiceSpec
+from tests.fsm_explore import SPEC_A, SPEC_B, SPEC_C, Step, boxes, explore
+
+DOT = Path(__file__).parent.parent / "doc" / "fsm.dot"
+
+
+@cache
+def reachable() -> tuple[Step, ...]:
+    return tuple(explore(5))
+
+
+def at(mono: float) -> fsm.Instant:
+    return fsm.Instant(mono=mono, wall=mono + 1_000_000.0)
+
+
+def run(state: fsm.ServiceState, *events: fsm.Event, mono: float = 0.0) -> fsm.Step:
+    effects: list[fsm.Effect] = []
+    for event in events:
+        state, more = fsm.step(state, event, at(mono))
+        effects += more
+    return state, effects
+
+
+def box(
+    cid: str,
+    spec: ServiceSpec,
+    *,
+    healthcheck: bool = True,
+    name: str | None = None,
+    restart_policy: str = "",
+) -> fsm.Box:
+    return fsm.Box(
+        id=cid,
+        name=name or f"web_{cid}",
+        spec=spec,
+        created_at=1.0,
+        healthcheck=healthcheck,
+        restart_policy=restart_policy,
+    )
+
+
+def stable(
+    cid: str, spec: ServiceSpec, *, name: str | None = None, restart_policy: str = ""
+) -> fsm.ServiceState:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(spec))
+    started = box(cid, spec, name=name, restart_policy=restart_policy)
+    state, _ = run(state, fsm.ContainerStarted(box=started, running=True, health="healthy"))
+    assert state.phase is Phase.Stable
+    return state
+
+
+# --- invariants over everything reachable ------------------------------------------------------
+
+
+def test_exploration_is_big_enough_to_mean_something() -> None:
+    phases = {s.after.phase for s in reachable()}
+    assert phases == set(Phase)
+    assert len(reachable()) > 10_000
+
+
+def test_every_phase_has_its_shape() -> None:
+    for s in reachable():
+        st = s.after
+        match st.phase:
+            case Phase.Init:
+                assert st.current is None and st.next is None
+            case Phase.Wait:
+                assert (st.current is None) != (st.starting is None), s
+                assert st.next is None
+            case Phase.TryAgain:
+                assert st.current is None and st.next is None and st.starting is None
+                assert st.deadline is not None and st.error is not None
+            case Phase.Stable:
+                assert st.current is not None and st.next is None and st.starting is None
+            case Phase.WaitNext:
+                assert st.current is not None
+                assert (st.next is None) != (st.starting is None), s
+            case Phase.TryAgainNext:
+                assert st.current is not None and st.next is None and st.starting is None
+                assert st.deadline is not None
+        if st.draining:
+            assert st.phase is Phase.WaitNext and st.next is not None and st.deadline is not None
+
+
+def test_nothing_leaks_every_dropped_container_is_retired() -> None:
+    for s in reachable():
+        kept = {b.id for b in boxes(s.after)}
+        handled = {e.box.id for e in s.effects if isinstance(e, fsm.Retire)}
+        handled |= {e.id for e in s.effects if isinstance(e, fsm.RemoveStray)}
+        handled |= {e.replace.id for e in s.effects if isinstance(e, fsm.Deploy) and e.replace}
+        if isinstance(s.event, fsm.ContainerDestroyed):
+            handled.add(s.event.id)
+        if isinstance(s.event, fsm.Observed):  # the engine no longer has these
+            present = {c.id for c in s.event.containers}
+            handled |= {b.id for b in boxes(s.before) if b.id not in present}
+        replaced = isinstance(s.event, fsm.ContainerStarted) or (
+            isinstance(s.event, fsm.DeployFailed) and s.event.replaced
+        )
+        if replaced and s.before.replacing:
+            handled.add(s.before.replacing.id)  # the Deploy retired it before creating
+        before = {b.id for b in boxes(s.before)}
+        if isinstance(s.event, fsm.ContainerStarted):
+            before.add(s.event.box.id)
+        if isinstance(s.event, fsm.DeployFailed) and s.event.leftover:
+            before.add(s.event.leftover.id)
+        assert before - kept <= handled, s
+
+
+def test_one_deploy_in_flight_at_most() -> None:
+    for s in reachable():
+        deploys = [e for e in s.effects if isinstance(e, fsm.Deploy)]
+        assert len(deploys) <= 1, s
+        resolved = isinstance(s.event, (fsm.ContainerStarted, fsm.DeployFailed, fsm.Observed))
+        if s.before.starting is not None and not resolved:
+            assert not deploys, s
+        if deploys:
+            assert s.after.starting == deploys[0].spec
+        elif s.after.starting is not None:
+            assert s.before.starting == s.after.starting
+
+
+def test_only_the_failed_candidate_is_kept() -> None:
+    for s in reachable():
+        for e in s.effects:
+            if isinstance(e, fsm.Retire) and e.keep:
+                assert s.after.failed == e.box, s
+
+
+def test_a_stable_container_is_never_stopped_before_its_successor_is_ready_with_after() -> None:
+    # [:After n]: while the candidate is not Stable, nothing retires the serving container.
+    for s in reachable():
+        cur = s.before.current
+        if s.before.phase is not Phase.WaitNext or cur is None or s.before.draining:
+            continue
+        if isinstance(
+            s.event, (fsm.ContainerDied, fsm.ContainerDestroyed, fsm.SpecChanged, fsm.Observed)
+        ):
+            continue  # it died by itself, or the operator changed or removed the spec
+        if s.after.phase is Phase.Stable or s.after.removed:
+            continue  # the candidate became ready (healthy with n = 0), or nobody wants either
+        retired = {e.box.id for e in s.effects if isinstance(e, fsm.Retire)}
+        assert cur.id not in retired, s
+
+
+# --- the drawing -----------------------------------------------------------------------------
+
+
+def drawn_edges() -> set[tuple[str, str, str]]:
+    edges = set()
+    for line in DOT.read_text().splitlines():
+        m = re.match(r'\s*(\w+)\s*->\s*(\w+)\s*\[label="([^"]*)"', line)
+        if m:
+            for label in m.group(3).split("\\n"):
+                edges.add((m.group(1), m.group(2), label.strip()))
+    return edges
+
+
+def test_every_transition_in_the_code_is_in_the_drawing() -> None:
+    taken = {
+        (s.before.phase.value, s.after.phase.value, type(s.event).__name__)
+        for s in reachable()
+        if s.before.phase is not s.after.phase
+    }
+    missing = taken - drawn_edges()
+    assert not missing, "doc/fsm.dot lacks:\n" + "\n".join(
+        f'    {a} -> {b} [label="{e}"];' for a, b, e in sorted(missing)
+    )
+
+
+def test_every_transition_in_the_drawing_is_in_the_code() -> None:
+    taken = {
+        (s.before.phase.value, s.after.phase.value, type(s.event).__name__) for s in reachable()
+    }
+    assert drawn_edges() - taken == set()
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+def test_first_spec_deploys_and_healthy_makes_it_stable() -> None:
+    state, effects = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A))
+    assert state.phase is Phase.Wait and state.starting == SPEC_A
+    assert effects == [fsm.Deploy(spec=SPEC_A, name=None)]
+    started = box("c1", SPEC_A)
+    state, effects = run(
+        state, fsm.ContainerStarted(box=started, running=True, health="starting"), mono=5.0
+    )
+    assert state.phase is Phase.Wait and state.current == started
+    assert state.deadline == 5.0 + SPEC_A.health_timeout
+    state, effects = run(state, fsm.ContainerHealthy("c1"), mono=6.0)
+    assert state.phase is Phase.Stable and effects == []
+    assert state.current is not None and state.current.stable_at == 6.0 + 1_000_000.0
+
+
+def test_no_healthcheck_is_stable_when_running_or_after_stable_after() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A))
+    now_stable, _ = run(
+        state,
+        fsm.ContainerStarted(box=box("c1", SPEC_A, healthcheck=False), running=True, health=None),
+    )
+    assert now_stable.phase is Phase.Stable
+    slow = attrs.evolve(SPEC_A, stable_after=3.0)
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(slow))
+    state, _ = run(
+        state,
+        fsm.ContainerStarted(box=box("c1", slow, healthcheck=False), running=True, health=None),
+        mono=10.0,
+    )
+    assert state.phase is Phase.Wait and state.deadline == 13.0
+    state, _ = run(state, fsm.DeadlineReached(), mono=13.0)
+    assert state.phase is Phase.Stable
+
+
+def test_health_timeout_fails_and_retries_with_doubling_backoff() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A))
+    candidate = box("c1", SPEC_A)
+    state, _ = run(state, fsm.ContainerStarted(box=candidate, running=True, health="starting"))
+    state, effects = run(state, fsm.DeadlineReached(), mono=10.0)
+    assert state.phase is Phase.TryAgain and state.deadline == 20.0 and state.attempt == 1
+    assert effects == [fsm.Retire(box=candidate, keep=True)]
+    assert state.failed == candidate
+    assert state.error is not None and "not healthy after 10 s" in state.error.message
+    delays = [fsm.backoff(n) for n in range(1, 8)]
+    assert delays == [10, 20, 40, 80, 160, 300, 300]
+
+
+def test_unhealthy_fails_fast_and_a_second_failure_removes_the_first() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A))
+    first = box("c1", SPEC_A)
+    state, _ = run(
+        state,
+        fsm.ContainerStarted(box=first, running=True, health="starting"),
+        fsm.ContainerUnhealthy("c1"),
+        mono=1.0,
+    )
+    assert state.phase is Phase.TryAgain and state.deadline == 11.0
+    state, effects = run(state, fsm.DeadlineReached(), mono=11.0)
+    assert effects == [fsm.Deploy(spec=SPEC_A, name=None)]
+    second = box("c2", SPEC_A)
+    state, effects = run(
+        state, fsm.ContainerStarted(box=second, running=True, health="unhealthy"), mono=12.0
+    )
+    assert effects == [fsm.Retire(box=first), fsm.Retire(box=second, keep=True)]
+    assert state.attempt == 2 and state.deadline == 32.0
+
+
+def test_a_new_spec_retries_at_once() -> None:
+    state, _ = run(
+        fsm.ServiceState(),
+        fsm.SpecChanged(SPEC_A),
+        fsm.DeployFailed(message="pull: not found", replaced=False),
+    )
+    assert state.phase is Phase.TryAgain
+    fixed = ServiceSpec(container={"Image": "app:1b"})
+    state, effects = run(state, fsm.SpecChanged(fixed))
+    assert state.phase is Phase.Wait and effects == [fsm.Deploy(spec=fixed, name=None)]
+    assert state.attempt == 0
+
+
+def test_after_deploy_waits_for_healthy_then_drains_then_retires_old() -> None:
+    state = stable("old", SPEC_A)
+    state, effects = run(state, fsm.SpecChanged(SPEC_B))
+    assert state.phase is Phase.WaitNext and effects == [fsm.Deploy(spec=SPEC_B, name=None)]
+    nxt = box("new", SPEC_B)
+    state, effects = run(
+        state,
+        fsm.ContainerStarted(box=nxt, running=True, health="starting"),
+        fsm.ContainerHealthy("new"),
+        mono=2.0,
+    )
+    assert state.phase is Phase.WaitNext and state.draining and state.deadline == 7.0
+    assert effects == []
+    state, effects = run(state, fsm.DeadlineReached(), mono=7.0)
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.id == "new" and state.current.stable_at == 2.0 + 1_000_000.0
+    assert [type(e) for e in effects] == [fsm.Retire]
+
+
+def test_after_deploy_failure_keeps_old_serving() -> None:
+    state = stable("old", SPEC_A)
+    state, _ = run(
+        state,
+        fsm.SpecChanged(SPEC_B),
+        fsm.ContainerStarted(box=box("new", SPEC_B), running=True, health="unhealthy"),
+    )
+    assert state.phase is Phase.TryAgainNext and state.current is not None
+    assert state.current.id == "old"
+
+
+def test_before_deploy_replaces_and_pull_failure_leaves_old_untouched() -> None:
+    state = stable("old", SPEC_A)
+    spec = ServiceSpec(container={"Image": "app:9"})
+    state, effects = run(state, fsm.SpecChanged(spec))
+    assert effects == [fsm.Deploy(spec=spec, name=None, replace=state.replacing)]
+    assert state.replacing is not None and state.replacing.id == "old"
+    failed, _ = run(state, fsm.DeployFailed(message="pull", replaced=False))
+    assert failed.phase is Phase.TryAgainNext and failed.current is not None
+    assert failed.current.id == "old"
+    failed, _ = run(state, fsm.DeployFailed(message="create", replaced=True))
+    assert failed.phase is Phase.TryAgain and failed.current is None
+
+
+def test_fixed_name_with_after_uses_a_temporary_name_and_renames() -> None:
+    spec1 = attrs.evolve(SPEC_C, container={"Image": "app:1"})
+    state = stable("old", spec1, name="web")
+    state, effects = run(state, fsm.SpecChanged(SPEC_C))
+    assert effects == [fsm.Deploy(spec=SPEC_C, name="web-next")]
+    nxt = box("new", SPEC_C, name="web-next")
+    state, effects = run(state, fsm.ContainerStarted(box=nxt, running=True, health="healthy"))
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.name == "web"
+    assert [type(e) for e in effects] == [fsm.Retire, fsm.Rename]
+    rename = effects[1]
+    assert isinstance(rename, fsm.Rename) and rename.box.id == "new" and rename.name == "web"
+
+
+def test_spec_changes_that_do_not_touch_the_container_do_not_redeploy() -> None:
+    state = stable("c1", SPEC_A)
+    calmer = attrs.evolve(SPEC_A, stop_timeout=30.0, deploy=Deploy("After", 3))
+    state, effects = run(state, fsm.SpecChanged(calmer))
+    assert effects == [] and state.phase is Phase.Stable
+    assert state.current is not None and state.current.spec == calmer
+
+
+def test_reverting_during_waitnext_keeps_the_stable_one() -> None:
+    state = stable("old", SPEC_A)
+    state, _ = run(
+        state,
+        fsm.SpecChanged(SPEC_B),
+        fsm.ContainerStarted(box=box("new", SPEC_B), running=True, health="starting"),
+    )
+    state, effects = run(state, fsm.SpecChanged(SPEC_A))
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.id == "old"
+    assert effects == [fsm.Retire(box=box("new", SPEC_B))]
+
+
+def test_removal_retires_everything_and_finishes() -> None:
+    state = stable("c1", SPEC_A)
+    state, effects = run(state, fsm.SpecChanged(None))
+    assert state.finished and effects == [fsm.Retire(box=stable("c1", SPEC_A).current)]  # type: ignore[arg-type]
+
+
+def test_removal_during_a_deploy_retires_the_result() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A), fsm.SpecChanged(None))
+    assert not state.finished and state.starting == SPEC_A
+    c1 = box("c1", SPEC_A)
+    state, effects = run(state, fsm.ContainerStarted(box=c1, running=True, health=None))
+    assert state.finished and effects == [fsm.Retire(box=c1)]
+
+
+def test_stable_container_dying_is_redeployed_unless_docker_restarts_it() -> None:
+    state = stable("c1", SPEC_A)
+    state, effects = run(state, fsm.ContainerDied(id="c1", exit_code=1))
+    assert state.phase is Phase.Wait and [type(e) for e in effects] == [fsm.Retire, fsm.Deploy]
+    policy = stable("c1", SPEC_A, restart_policy="always")
+    waiting, effects = run(policy, fsm.ContainerDied(id="c1", exit_code=0), mono=1.0)
+    assert waiting.phase is Phase.Stable and effects == []
+    assert waiting.deadline == 1.0 + fsm.RESTART_GRACE
+    back, _ = run(waiting, fsm.ContainerRestarted("c1"))
+    assert back.deadline is None
+    gave_up, effects = run(waiting, fsm.DeadlineReached(), mono=1.0 + fsm.RESTART_GRACE)
+    assert gave_up.phase is Phase.Wait and [type(e) for e in effects] == [fsm.Retire, fsm.Deploy]
+
+
+def test_stable_container_removed_by_hand_is_redeployed() -> None:
+    state, effects = run(stable("c1", SPEC_A), fsm.ContainerDestroyed("c1"))
+    assert state.phase is Phase.Wait and effects[-1] == fsm.Deploy(spec=SPEC_A, name=None)
+
+
+def test_unhealthy_stable_with_after_starts_a_replacement_beside_it() -> None:
+    spec = attrs.evolve(SPEC_A, deploy=Deploy("After", 0))
+    state, effects = run(stable("c1", spec), fsm.ContainerUnhealthy("c1"))
+    assert state.phase is Phase.WaitNext and effects == [fsm.Deploy(spec=spec, name=None)]
+
+
+def test_recovery_adopts_what_the_interrupted_deploy_created_and_removes_strays() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A))  # Deploy in flight, then kill -9
+    made = fsm.Seen(
+        id="c9",
+        name="web_c9",
+        spec_hash=SPEC_A.container_hash,
+        running=True,
+        health="healthy",
+        created_at=5.0,
+    )
+    stray = fsm.Seen(
+        id="s1", name="web_s1", spec_hash="other", running=True, health=None, created_at=4.0
+    )
+    state, effects = run(state, fsm.Observed(containers=(stray, made)))
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.id == "c9"
+    assert effects == [fsm.RemoveStray(id="s1", name="web_s1")]
+
+
+def test_recovery_without_anything_created_deploys_again() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(SPEC_A))
+    state, effects = run(state, fsm.Observed(containers=()))
+    assert state.phase is Phase.Wait and effects == [fsm.Deploy(spec=SPEC_A, name=None)]
+
+
+def test_recovery_notices_a_stable_container_that_vanished() -> None:
+    state, effects = run(stable("c1", SPEC_A), fsm.Observed(containers=()))
+    assert state.phase is Phase.Wait
+    assert effects[-1] == fsm.Deploy(spec=SPEC_A, name=None)
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_a_stale_deadline_changes_nothing(phase: Phase) -> None:
+    state = fsm.ServiceState(phase=phase, deadline=50.0)
+    assert fsm.step(state, fsm.DeadlineReached(), at(10.0)) == (state, [])
