@@ -1,0 +1,161 @@
+"""The engine's container events as one gap-free stream: `run_events`.
+
+Owns: following `GET /events` forever, reconnecting after drops and engine restarts, replaying
+what happened in the gap and de-duplicating it.
+
+Invariants:
+- Each event reaches `send` at most once, in the engine's order, and an event the engine still
+  remembers is never skipped across a reconnect: the stream resumes from a window before the
+  last event seen (`since` is inclusive, and events can be appended slightly out of time order),
+  and keys (timeNano, container, action) already forwarded in that window are dropped.
+- After every gap: the replayed events first, then one `EventsResumed`, then live events. The
+  marker is the consumer's cue to re-inspect: the engine keeps only a bounded backlog (and none
+  across its own restart), so a replay can be incomplete, never wrong.
+- Backoff between attempts: 0.1 s doubling to 2 s, back to 0.1 s once a stream opens. Time is
+  Trio's clock, except the replay bounds, which are the engine's notion of wall-clock time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import NoReturn
+
+import structlog
+import trio
+
+from condo.docker.client import DockerClient
+from condo.docker.models import ContainerEvent, EventsResumed
+from condo.errors import DockerError, DockerUnavailable
+
+log = structlog.get_logger(__name__)
+
+ACTIONS = (
+    "create",  # a container with our labels appeared (ours, another instance's, a human's)
+    "start",
+    "die",  # carries exitCode; covers crashes, stops, kills and OOM kills alike
+    "stop",  # a stop request completed (comes after die)
+    "destroy",
+    "rename",  # condo finds its containers by name too
+    "health_status",  # "health_status: healthy|unhealthy", the verdict deploys wait on
+    "pause",  # a paused container does not serve
+    "unpause",
+)
+"""The container actions condo follows. Left out on purpose: kill (a signal was sent; if it
+changed anything, die follows), oom and restart (die and start follow), exec_* (three per
+healthcheck probe), attach/commit/copy/export/resize/top/update (no lifecycle change)."""
+
+FIRST_RECONNECT_DELAY = 0.1
+MAX_RECONNECT_DELAY = 2.0
+REPLAY_WINDOW_NANOS = 1_000_000_000
+"""How far before the last event seen a replay starts, and how long keys are remembered."""
+
+
+class _Seen:
+    """The keys of recently forwarded events, and the newest event time."""
+
+    def __init__(self) -> None:
+        # Insertion-ordered: events arrive (nearly) in time order, so the oldest come first.
+        self._recent: dict[tuple[int, str, str, str | None], None] = {}
+        self.latest_nanos: int | None = None
+
+    def first_time(self, event: ContainerEvent) -> bool:
+        key = (event.time_nano, event.container_id, event.action, event.health)
+        if key in self._recent:
+            return False
+        self._recent[key] = None
+        if self.latest_nanos is None or event.time_nano > self.latest_nanos:
+            self.latest_nanos = event.time_nano
+        horizon = self.latest_nanos - REPLAY_WINDOW_NANOS
+        while self._recent:
+            oldest = next(iter(self._recent))
+            if oldest[0] >= horizon:
+                break
+            del self._recent[oldest]
+        return True
+
+    def resume_nanos(self, floor_nanos: int) -> int:
+        """Where a replay starts: a window before the newest event, or `floor_nanos` if none."""
+        if self.latest_nanos is None:
+            return floor_nanos
+        return self.latest_nanos - REPLAY_WINDOW_NANOS
+
+
+async def _forward(
+    events: AsyncIterator[ContainerEvent],
+    seen: _Seen,
+    send: trio.MemorySendChannel[ContainerEvent | EventsResumed],
+) -> None:
+    async for event in events:
+        if seen.first_time(event):
+            log.debug(
+                "docker.event",
+                action=event.action,
+                health=event.health,
+                container=event.container_id[:12],
+            )
+            await send.send(event)
+
+
+async def run_events(
+    client: DockerClient,
+    send: trio.MemorySendChannel[ContainerEvent | EventsResumed],
+    *,
+    labels: Mapping[str, str],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Stream the events of containers carrying all of `labels` into `send`, forever.
+
+    Reports `started()` once the first stream is open (start it before the first inspection, so
+    nothing falls between the two). Drops, engine restarts and a down engine are retried, never
+    raised; an error from `send` (the receiver went away) ends it.
+    """
+    seen = _Seen()
+    # Where a replay starts while no event has been seen yet. Our wall clock stands in for the
+    # engine's (the same machine for a unix socket); a skew only shortens a replay, and the
+    # EventsResumed resync covers what a replay misses.
+    floor_nanos = time.time_ns()
+    gap_started_at: float | None = None
+    had_gap = False
+    started = False
+    delay = FIRST_RECONNECT_DELAY
+    while True:
+        try:
+            if gap_started_at is not None:
+                # Replay the gap as a stream that ends by itself, so the marker can follow it.
+                since = seen.resume_nanos(floor_nanos)
+                until = max(time.time_ns(), since + REPLAY_WINDOW_NANOS)
+                async with client.open_event_stream(
+                    labels=labels, actions=ACTIONS, since_nanos=since, until_nanos=until
+                ) as events:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    delay = FIRST_RECONNECT_DELAY
+                    await _forward(events, seen, send)
+                log.info("docker.events.resumed", gap=round(time.time() - gap_started_at, 3))
+                await send.send(EventsResumed(gap_started_at))
+                gap_started_at = None
+            # Live; after a gap from a window back again, so that nothing between the end of the
+            # replay and this subscription is lost (the window's duplicates are dropped).
+            async with client.open_event_stream(
+                labels=labels,
+                actions=ACTIONS,
+                since_nanos=seen.resume_nanos(floor_nanos) if had_gap else None,
+            ) as events:
+                if not started:
+                    task_status.started()
+                    started = True
+                delay = FIRST_RECONNECT_DELAY
+                await _forward(events, seen, send)
+            # The engine closed the stream cleanly (it does when shutting down): a gap like any.
+            raise DockerUnavailable("GET /events: the engine ended the stream")
+        except DockerError as exc:  # every failure of the stream is a gap to bridge, never fatal
+            had_gap = True
+            if gap_started_at is None:
+                gap_started_at = time.time()
+                log.warning("docker.events.interrupted", error=str(exc))
+            else:
+                log.debug("docker.events.retry", error=str(exc), delay=delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)
