@@ -491,7 +491,6 @@ _UNKNOWN_TAG_RE: Final = re.compile(r"handle tag ImmutableDict\((.*)\)$", re.DOT
 _START_TOKENS: Final = frozenset({"VECTOR_START", "LIST_START", "MAP_START", "SET_START"})
 _END_TOKENS: Final = frozenset({"VECTOR_END", "LIST_END", "MAP_OR_SET_END"})
 _PREFIX_TOKENS: Final = frozenset({"TAG", "MAP_NAMESPACE_TAG"})
-_MAX_ODD_MAP_PROBES: Final = 200
 
 
 @attrs.frozen
@@ -505,7 +504,6 @@ class _Token:
 class _Scan:
     text: str  # CRs outside strings and a leading BOM blanked out: offsets unchanged
     unclosed: tuple[tuple[str, int], ...]  # (bracket, offset), outermost first
-    maps: tuple[tuple[int, int], ...]  # (open, close) offsets of `{...}` maps, by close offset
 
 
 def _scan(text: str) -> _Scan:
@@ -517,7 +515,6 @@ def _scan(text: str) -> _Scan:
     """
     blank: list[int] = [0] if text.startswith("\ufeff") else []
     stack: list[tuple[str, int]] = []
-    maps: list[tuple[int, int]] = []
     for match in _SCAN_RE.finditer(text):
         char = match.group()
         pos = match.start()
@@ -526,10 +523,8 @@ def _scan(text: str) -> _Scan:
             if len(stack) > MAX_DEPTH:
                 raise _LineError(f"collections are nested deeper than {MAX_DEPTH} levels", pos)
         elif char in ")]}":
-            if stack:
-                opener, start = stack.pop()
-                if opener == "{" and char == "}" and text[start - 1 : start] != "#":
-                    maps.append((start, pos))
+            if stack:  # a mismatched closer is the parser's to report; depth is all we track
+                stack.pop()
         elif char == "\r":
             blank.append(pos)
     if blank:
@@ -537,7 +532,7 @@ def _scan(text: str) -> _Scan:
         for pos in blank:
             chars[pos] = " "
         text = "".join(chars)
-    return _Scan(text, tuple(stack), tuple(maps))
+    return _Scan(text, tuple(stack))
 
 
 class _LineError(Exception):
@@ -657,7 +652,7 @@ class _Source:
             if text.startswith("Even number"):
                 return (
                     "EDN syntax error: a map has an odd number of forms (a key without its value?)",
-                    self._odd_map(scan),
+                    self._odd_map(),
                 )
         if isinstance(exc, NotImplementedError) and (tag := _UNKNOWN_TAG_RE.search(text)):
             name = tag.group(1)
@@ -712,20 +707,20 @@ class _Source:
             return True
         return False
 
-    def _odd_map(self, scan: _Scan) -> int | None:
-        """The offset of the first map that fails on its own with an odd number of forms.
-
-        The parser reduces maps in closing order, so the first by close offset that fails is
-        itself odd (the maps inside it closed earlier and passed).
-        """
-        for start, end in scan.maps[:_MAX_ODD_MAP_PROBES]:
-            try:
-                edn_format.loads_all(self.text[start : end + 1])
-            except EDNDecodeError as exc:
-                if str(exc).startswith("Even number"):
-                    return start
-            except Exception:  # noqa: BLE001 - a different problem inside; keep looking
-                continue
+    def _odd_map(self) -> int | None:
+        """The offset of the map the parser choked on: the first, in closing order (the order
+        in which the parser reduces maps), that holds an odd number of forms."""
+        try:
+            maps = sorted(
+                (end, start)
+                for start, end in self._matches.items()
+                if self.tokens[start].type == "MAP_START"
+            )
+            for end, start in maps:
+                if len(self._spans(start + 1, end)) % 2:
+                    return self.tokens[start].pos
+        except Exception:  # noqa: BLE001 - locating is best effort; the text may not even lex
+            return None
         return None
 
     # -- converting --
