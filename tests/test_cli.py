@@ -1,0 +1,119 @@
+"""`condo validate`, run as users run it: a real process, real files, exit codes and output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import condo
+
+GOOD = '{:spec {:Image "localhost:5000/app:1"}\n :deploy [:After 5]}\n'
+BAD = '{:spec {:Image "app:1"}\n :deplyo [:Before]}\n'
+
+
+def condo_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONDO_")}
+    return subprocess.run(
+        [sys.executable, "-m", "condo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def specs(tmp_path: Path) -> Path:
+    (tmp_path / "web.edn").write_text(GOOD)
+    (tmp_path / "typo.edn").write_text(BAD)
+    (tmp_path / "empty.edn").write_text("")
+    (tmp_path / "self.edn").write_text('{:Image "localhost:5000/condo:1" :Name "condo-1"}')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "self.edn").write_text('{:spec {:Image "localhost:5000/condo:1"}}')
+    return tmp_path
+
+
+def test_valid_file(specs: Path) -> None:
+    result = condo_command("validate", "web.edn", cwd=specs)
+    assert result.returncode == 0
+    assert result.stdout == "web.edn: ok\n"
+    assert result.stderr == ""
+
+
+def test_invalid_file(specs: Path) -> None:
+    result = condo_command("validate", "typo.edn", cwd=specs)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
+        " :health-timeout, :stop-timeout, :stable-after, :pull\n"
+    )
+
+
+def test_mixed_files_report_each_and_fail(specs: Path) -> None:
+    result = condo_command(
+        "validate", "./web.edn", "typo.edn", "empty.edn", "self.edn", "missing.edn", cwd=specs
+    )
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == ["./web.edn: ok", "self.edn: ok"]
+    assert result.stderr.splitlines() == [
+        "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
+        " :health-timeout, :stop-timeout, :stable-after, :pull",
+        "empty.edn: the file is empty",
+        "missing.edn: cannot read the file: No such file or directory",
+    ]
+
+
+def test_self_edn_is_a_bare_container_spec(specs: Path) -> None:
+    # A service spec (with the :spec wrapper) is wrong for self.edn, and says why.
+    result = condo_command("validate", "sub/self.edn", cwd=specs)
+    assert result.returncode == 1
+    assert result.stderr.startswith("sub/self.edn:1: self.edn is a bare create-container body")
+
+
+def test_directory_and_absolute_paths(specs: Path) -> None:
+    result = condo_command("validate", str(specs / "web.edn"), str(specs / "sub"), cwd=specs)
+    assert result.returncode == 1
+    assert result.stdout == f"{specs / 'web.edn'}: ok\n"
+    assert result.stderr == f"{specs / 'sub'}: is a directory, not a spec file\n"
+
+
+def test_binary_file(specs: Path) -> None:
+    (specs / "junk.edn").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
+    result = condo_command("validate", "junk.edn", cwd=specs)
+    assert result.returncode == 1
+    assert result.stderr == "junk.edn:1: the file contains a NUL byte: binary data, not a spec\n"
+
+
+def test_no_files_is_a_usage_error(specs: Path) -> None:
+    result = condo_command("validate", cwd=specs)
+    assert result.returncode == 2
+    assert "requires an argument" in result.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    result = condo_command("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == condo.__version__
+
+
+def test_console_script(specs: Path) -> None:
+    # The installed `condo` entry point (pyproject's condo.cli:main) is the same command.
+    script = Path(sys.executable).parent / "condo"
+    result = subprocess.run(
+        [str(script), "validate", "web.edn", "typo.edn"],
+        cwd=specs,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == "web.edn: ok\n"
+    assert result.stderr.startswith("typo.edn:2: unknown key :deplyo")
