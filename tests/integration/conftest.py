@@ -1,0 +1,95 @@
+"""Shared fixtures for integration tests against the real parts that scripts/test-env starts.
+
+A missing part fails a test, never skips it. Several test sessions may share one engine at the
+same time, so nothing here touches what it did not make: every container a test creates carries
+`container_labels` (`condo-test=1` plus a label unique to the test) and is removed at teardown by
+that unique label, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Protocol
+
+import pytest
+import trio
+
+from condo.docker import DockerClient, open_docker
+from condo.errors import ContainerNotFound
+
+TEST_LABEL = "condo-test"
+RUN_LABEL = "condo-test.run"
+
+
+@pytest.fixture
+async def docker() -> AsyncIterator[DockerClient]:
+    """A DockerClient on the real engine (unix:///var/run/docker.sock)."""
+    async with open_docker() as client:
+        yield client
+
+
+@pytest.fixture
+async def container_labels(docker: DockerClient) -> AsyncIterator[Mapping[str, str]]:
+    """Labels to put on every container the test creates; those containers are removed after."""
+    labels = {TEST_LABEL: "1", RUN_LABEL: uuid.uuid4().hex[:12]}
+    yield labels
+    # Shielded with a deadline: teardown must run to completion even if the test was cancelled.
+    with trio.move_on_after(30, shield=True) as scope:
+        for container in await docker.list_containers(labels={RUN_LABEL: labels[RUN_LABEL]}):
+            # ContainerNotFound: the test removed it itself in the meantime.
+            with contextlib.suppress(ContainerNotFound):
+                await docker.remove(container.id)
+    assert not scope.cancelled_caught, "could not remove the test's containers in 30 s"
+
+
+@pytest.fixture
+def container_name(container_labels: Mapping[str, str]) -> Callable[[str], str]:
+    """`container_name("web")` → a container name no other test (or session) uses."""
+    return lambda stem: f"condo-test-{container_labels[RUN_LABEL]}-{stem}"
+
+
+class DockerCli(Protocol):
+    async def __call__(
+        self, *args: str, stdin: bytes = b"", env: Mapping[str, str] | None = None
+    ) -> str: ...
+
+
+@pytest.fixture
+def docker_cli() -> DockerCli:
+    """Run the real `docker` CLI (e.g. `login`, `rmi`); returns stdout, fails the test on error."""
+
+    async def run(*args: str, stdin: bytes = b"", env: Mapping[str, str] | None = None) -> str:
+        result = await trio.run_process(
+            ["docker", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, **(env or {})},
+        )
+        assert result.returncode == 0, (
+            f"docker {' '.join(args)} failed ({result.returncode}): {result.stderr.decode()}"
+        )
+        return result.stdout.decode()
+
+    return run
+
+
+@pytest.fixture
+def remove_local_image(
+    docker: DockerClient, docker_cli: DockerCli
+) -> Callable[[str], Awaitable[None]]:
+    """`await remove_local_image("localhost:5000/...")` untags a registry copy so a pull must
+    fetch it. Only for localhost:500x/... references: condo-test/... images are shared."""
+
+    async def remove(reference: str) -> None:
+        assert reference.startswith(("localhost:5000/", "localhost:5001/")), reference
+        if await docker.image_present(reference):
+            # -f: untag even if a (stopped) container of another test was created from it.
+            await docker_cli("rmi", "-f", reference)
+        assert not await docker.image_present(reference)
+
+    return remove
