@@ -141,7 +141,7 @@ class ServiceSpec:
         assert isinstance(image, str)  # parse_spec and from_json guarantee it
         return image
 
-    @property
+    @functools.cached_property  # computed once: the value is frozen (container is read-only)
     def container_hash(self) -> str:
         """Hex sha256 of the canonical create body (with `Name`): what decides a redeploy.
 
@@ -588,12 +588,10 @@ class _Source:
         if not forms:
             raise SpecError(self.file, "the file holds only comments or discarded forms (#_)")
         if len(forms) > 1:
-            spans = self._top_level_spans()
-            pos = self.tokens[spans[1][0]].pos if len(spans) > 1 else None
             raise SpecError(
                 self.file,
                 f"the file holds {len(forms)} top-level forms; a spec is exactly one map",
-                None if pos is None else self.line_at(pos),
+                self._second_form_line(),
             )
         self._check_duplicate_keys()
         return _unwrap(forms[0])
@@ -601,6 +599,18 @@ class _Source:
     def _check_duplicate_keys(self) -> None:
         """Reject `{:a 1 :a 2}`: edn_format keeps the last silently, so a doubled :deploy or
         :Image would hide one of the two. Only literal keys (keywords, strings, ...) compare."""
+        try:
+            duplicate = self._duplicate_key()
+        except Exception:  # noqa: BLE001 - a best-effort check on parsed text must not crash
+            return
+        if duplicate is not None:
+            raise SpecError(
+                self.file,
+                f"the map has the key {_token_text(duplicate)} twice",
+                self.line_at(duplicate.pos),
+            )
+
+    def _duplicate_key(self) -> _Token | None:
         for index, token in enumerate(self.tokens):
             if token.type != "MAP_START" or index not in self._matches:
                 continue
@@ -613,12 +623,16 @@ class _Source:
                     continue
                 identity = (key.type, _token_text(key))
                 if identity in seen:
-                    raise SpecError(
-                        self.file,
-                        f"the map has the key {_token_text(key)} twice",
-                        self.line_at(key.pos),
-                    )
+                    return key
                 seen.add(identity)
+        return None
+
+    def _second_form_line(self) -> int | None:
+        try:
+            spans = self._top_level_spans()
+            return self.line_at(self.tokens[spans[1][0]].pos)
+        except Exception:  # noqa: BLE001 - locating is best effort
+            return None
 
     def _syntax_error(self, exc: Exception, scan: _Scan) -> SpecError:
         message, pos = self._explain(exc, scan)
@@ -687,11 +701,11 @@ class _Source:
         return None
 
     def _tag_token(self, accept: Callable[[_Token], bool]) -> _Token | None:
+        """The first tag token that `accept`s, if the text lexes at all (best effort)."""
         try:
-            tokens = self.tokens
+            return next((t for t in self.tokens if t.type == "TAG" and accept(t)), None)
         except Exception:  # noqa: BLE001 - the text may not even lex; then there is no answer
             return None
-        return next((t for t in tokens if t.type == "TAG" and accept(t)), None)
 
     def _tagged_value_fails(self, tag: _Token) -> bool:
         index = self.tokens.index(tag)
