@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -362,3 +364,158 @@ async def test_private_pull_with_a_credential_helper(
             await client.pull(PRIVATE)
         assert await docker.image_present(PRIVATE)
     assert asked.read_text() == PRIVATE_REGISTRY
+
+
+# --- what the real engine will not do on demand: a scripted engine on a unix socket ----------
+
+
+class ScriptedEngine:
+    """Answers each request path with a canned (status, headers, body); records what it got.
+
+    For the few answers the real engine gives only in rare conditions (an error in the middle of
+    a pull, an unreadable body) and for API versions other than this engine's.
+    """
+
+    def __init__(self, path: Path, api_version: str) -> None:
+        self.path = path
+        self.api_version = api_version
+        self.answers: dict[str, tuple[int, bytes]] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(self.path))
+        sock.listen(8)
+        await trio.serve_listeners(
+            self._answer, [trio.SocketListener(sock)], task_status=task_status
+        )
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                head += chunk
+            request_line, *header_lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+            target = request_line.split(" ")[1]
+            headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+            self.requests.append((target, headers))
+            path = target.split("?")[0]
+            status, body = self.answers.get(path, (404, b'{"message":"not scripted"}'))
+            await stream.send_all(
+                f"HTTP/1.1 {status} X\r\nApi-Version: {self.api_version}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+
+
+@asynccontextmanager
+async def scripted_engine(tmp_path: Path, api_version: str) -> AsyncIterator[ScriptedEngine]:
+    engine = ScriptedEngine(tmp_path / "scripted.sock", api_version)
+    engine.answers["/_ping"] = (200, b"OK")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.serve)
+        yield engine
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("announced", "spoken"), [("1.45", "1.41"), ("1.41", "1.41"), ("1.38", "1.38")]
+)
+async def test_api_version_is_the_engines_capped_at_ours(
+    tmp_path: Path, announced: str, spoken: str
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, announced) as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            assert not await client.image_present("x:1")  # negotiates first, lazily
+            assert client.api_version == spoken
+            assert await client.ping() == announced
+    assert [target for target, _ in engine.requests] == [
+        "/_ping",
+        f"/v{spoken}/images/x:1/json",
+        "/_ping",
+    ]
+
+
+def pull_stream(*lines: Mapping[str, Any]) -> tuple[int, bytes]:
+    return 200, b"".join(json.dumps(line).encode() + b"\r\n" for line in lines)
+
+
+async def test_pull_error_inside_a_200_stream(tmp_path: Path) -> None:
+    progress = {"status": "Pulling from condo-test/busybox", "id": "1"}
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.41") as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            engine.answers["/v1.41/images/create"] = pull_stream(
+                progress, {"errorDetail": {"message": "unknown blob"}, "error": "unknown blob"}
+            )
+            with pytest.raises(DockerApiError) as lost_blob:
+                await client.pull("localhost:5000/condo-test/busybox:1")
+            engine.answers["/v1.41/images/create"] = pull_stream(
+                progress, {"error": "manifest for x:1 not found: manifest unknown"}
+            )
+            with pytest.raises(ImageNotFound) as missing:
+                await client.pull("localhost:5000/condo-test/busybox:1")
+            engine.answers["/v1.41/images/create"] = pull_stream(
+                progress, {"status": "Status: Downloaded newer image"}
+            )
+            await client.pull("localhost:5000/condo-test/busybox:1")  # no error line: success
+    assert not isinstance(lost_blob.value, ImageNotFound)
+    assert lost_blob.value.transient
+    assert lost_blob.value.message == "unknown blob"
+    assert not missing.value.transient
+
+
+async def test_pull_sends_urlsafe_credentials(tmp_path: Path) -> None:
+    password = "??~~:with-colon"  # standard base64 of this JSON would need "+" or "/"
+    config = {"auths": {"localhost:5001": {"username": USER, "password": password}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    auth = RegistryAuth.load(tmp_path / "config.json")
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.41") as engine,
+            open_docker(f"unix://{engine.path}", auth=auth) as client,
+        ):
+            engine.answers["/v1.41/images/create"] = pull_stream({"status": "done"})
+            await client.pull(PRIVATE)
+            await client.pull("localhost:5000/condo-test/busybox")  # another registry: anonymous
+    (first, first_headers), (second, second_headers) = engine.requests[1:]
+    assert first == "/v1.41/images/create?fromImage=localhost%3A5001%2Fcondo-test%2Fprivate&tag=1"
+    assert second.endswith("fromImage=localhost%3A5000%2Fcondo-test%2Fbusybox&tag=latest")
+    header = first_headers["x-registry-auth"]
+    assert "+" not in header and "/" not in header and len(header) % 4 == 0
+    assert json.loads(base64.urlsafe_b64decode(header)) == {
+        "username": USER,
+        "password": password,
+        "serveraddress": PRIVATE_REGISTRY,
+    }
+    assert "x-registry-auth" not in second_headers
+
+
+async def test_unreadable_answer_is_an_api_error(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.41") as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            engine.answers["/v1.41/containers/c1/json"] = (200, b"<html>not json</html>")
+            engine.answers["/v1.41/containers/c2/json"] = (200, b'{"Id": "c2"}')
+            with pytest.raises(DockerApiError) as not_json:
+                await client.inspect("c1")
+            with pytest.raises(DockerApiError) as no_created:
+                await client.inspect("c2")
+    assert not_json.value.status == no_created.value.status == 502
+    assert not_json.value.transient
+    assert "timestamp" in no_created.value.message

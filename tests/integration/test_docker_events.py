@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import gc
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -256,3 +258,29 @@ async def test_engine_down_at_start_reports_started_when_it_answers(
             nursery.cancel_scope.cancel()
     assert summary(replayed) == [("create", cid), "resumed"]
     assert summary(live) == [("start", cid)]
+
+
+async def test_cancelled_while_delivering_leaves_no_stream_half_read(
+    docker: DockerClient, container_labels: Mapping[str, str], container_name: Namer
+) -> None:
+    # httpx reads a body through a chain of async generators; stopping between two events (here:
+    # cancelled while blocked delivering one) must finish that chain, or Trio warns about each
+    # link when it is garbage collected.
+    send, receive = trio.open_memory_channel[Message](0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(run_events, docker, send, labels=container_labels)
+                )
+                cid = await docker.create(sleeper(container_labels), name=container_name("x"))
+                assert is_event("create", cid)(await receive.receive())
+                await docker.start(cid)  # its event will wait for a receiver that never comes
+                await trio.sleep(0.5)
+                assert receive.statistics().tasks_waiting_send == 1
+                nursery.cancel_scope.cancel()
+            gc.collect()
+            await trio.sleep(0.1)  # where Trio would finalize leftovers
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert (await docker.ping()) == "1.41"  # the shared client is still usable

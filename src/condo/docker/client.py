@@ -156,9 +156,9 @@ def _decoded(response: httpx.Response) -> Any:
         ) from None
 
 
-async def _json_lines(response: httpx.Response) -> AsyncGenerator[Any, None]:
+async def _json_lines(raw: AsyncIterator[str]) -> AsyncGenerator[Any, None]:
     """A JSON-lines (or one-object-per-chunk) body, one decoded object at a time."""
-    async for line in response.aiter_lines():
+    async for line in raw:
         if not line.strip():
             continue
         try:
@@ -166,6 +166,25 @@ async def _json_lines(response: httpx.Response) -> AsyncGenerator[Any, None]:
         except ValueError:  # the engine's framing broke: nothing after it can be trusted
             raise MalformedAnswer("a streamed line that is not JSON") from None
         yield decoded
+
+
+async def _finish(response: httpx.Response, raw: AsyncIterator[str]) -> None:
+    """Leave no link of httpx's streaming chain suspended.
+
+    httpx 0.28 streams a body through a chain of async generators; when iteration stops early
+    (an error line in a pull, a consumer cancelled while delivering an event) the suspended links
+    are garbage collected unfinished and Trio warns (ResourceWarning) for each one
+    (encode/httpx#3686). Closing the response first makes the rest of the chain fail at once, so
+    it runs to its end without waiting for the engine. A chain that already ended stops at once.
+    """
+    # Cleanup I/O that must run even when cancelled: shielded, and bounded.
+    with trio.move_on_after(1, shield=True):
+        await response.aclose()
+        try:
+            async for _ in raw:
+                pass
+        except (httpx.HTTPError, httpx.StreamError):  # how a closed stream ends: expected
+            pass
 
 
 def _negotiate(announced: str | None) -> str:
@@ -319,8 +338,12 @@ class DockerClient:
                 if response.status_code != 200:
                     await response.aread()
                     raise _error_for(response.status_code, _message(response), subject)
-                async with aclosing(_json_lines(response)) as lines:
-                    yield lines
+                raw = response.aiter_lines()
+                try:
+                    async with aclosing(_json_lines(raw)) as lines:
+                        yield lines
+                finally:
+                    await _finish(response, raw)
 
     # --- engine -----------------------------------------------------------------------------
 
