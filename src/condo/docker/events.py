@@ -109,6 +109,11 @@ async def run_events(
     Reports `started()` once the first stream is open (start it before the first inspection, so
     nothing falls between the two). Drops, engine restarts and a down engine are retried, never
     raised; an error from `send` (the receiver went away) ends it.
+
+    Keep the receiving side moving (route, do not work, in the receiver): while `send` blocks the
+    engine buffers this subscriber's events, and moby's publisher drops what does not fit in its
+    per-subscriber buffer (1024) within 100 ms, silently. A replay reaches back only as far as
+    the engine's backlog (its last 256 events, none from before its own restart).
     """
     seen = _Seen()
     # Where a replay starts while no event has been seen yet. Our wall clock stands in for the
