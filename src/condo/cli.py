@@ -11,18 +11,22 @@ Exit codes: 0 success, 1 the command's own failure (e.g. an invalid spec), 2 usa
 
 from __future__ import annotations
 
+import socket
 import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Literal, TextIO
 
 from cyclopts import App, Parameter
 from cyclopts.config import Env
 
 import condo
-from condo.errors import SpecError
+from condo import logs
+from condo.config import DEFAULT_SERVER, Config, parse_server
+from condo.errors import ConfigError, SpecError
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
+from condo.supervisor import run_condo
 
 SELF_SPEC_NAME = "self.edn"
 
@@ -36,6 +40,7 @@ def build_app() -> App:
         backend="trio",
         config=Env(prefix="CONDO_", command=False),
     )
+    app.command(run)
     app.command(validate)
     return app
 
@@ -43,6 +48,85 @@ def build_app() -> App:
 def main() -> None:
     """Console-script entry point (`condo = "condo.cli:main"`); exits with the command's code."""
     build_app()()
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+async def run(
+    prefixes: Annotated[list[Path], Parameter(negative=())],
+    /,
+    *,
+    state: Path = Path("condo-state.json"),
+    server: str = DEFAULT_SERVER,
+    docker: str = "unix:///var/run/docker.sock",
+    docker_config: Path | None = None,
+    host: str | None = None,
+    expose: Literal["none", "consul"] = "none",
+    consul_endpoint: str = "http://127.0.0.1:8500",
+    consul_prefix: str = "condo",
+    consul_token: str | None = None,
+    api_token: str | None = None,
+    stop_on_exit: bool = False,
+    log_format: Literal["auto", "console", "json"] = "auto",
+) -> int:
+    """Keep exactly the containers the spec files in PREFIX... describe running.
+
+    SIGTERM/SIGINT persist the state and exit 0, leaving every workload running (unless
+    --stop-on-exit); SIGHUP re-reads the registry credentials.
+
+    Parameters
+    ----------
+    prefixes
+        Directories whose *.edn files are the services.
+    state
+        The state file (written atomically after every change).
+    server
+        [HOST:]PORT for the HTTP API (a bare PORT binds 127.0.0.1), or "off".
+    docker
+        The engine: unix:///path or tcp://HOST:PORT.
+    docker_config
+        Docker's config.json for registry credentials (default: $DOCKER_CONFIG/config.json,
+        then ~/.docker/config.json).
+    host
+        This condo's name (default: the machine's hostname); it labels every container.
+    expose
+        Publish the state to Consul ("consul") or not ("none").
+    consul_endpoint
+        Consul's HTTP address.
+    consul_prefix
+        The Consul KV prefix for condo's keys.
+    consul_token
+        Sent to Consul as X-Consul-Token.
+    api_token
+        When set, every API route but /healthz needs "Authorization: Bearer TOKEN".
+    stop_on_exit
+        Stop and remove every workload on SIGTERM/SIGINT (the original condo's behaviour).
+    log_format
+        "json", "console", or "auto" (JSON unless stderr is a terminal).
+    """
+    logs.configure(log_format)
+    try:
+        config = Config(
+            prefixes=tuple(prefixes),
+            state_path=state,
+            docker_url=docker,
+            docker_config=docker_config,
+            host=host or socket.gethostname(),
+            server=parse_server(server),
+            stop_on_exit=stop_on_exit,
+            expose=expose,
+            consul_endpoint=consul_endpoint,
+            consul_prefix=consul_prefix,
+            consul_token=consul_token,
+            api_token=api_token,
+        )
+        config.check()
+        await run_condo(config, handle_signals=True)
+    except ConfigError as exc:
+        print(f"condo: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # --- validate -------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""condo's benchmarks (`python -m bench NAME`): ratios against same-run baselines."""

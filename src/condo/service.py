@@ -1,0 +1,365 @@
+"""One service's driver: it runs the pure state machine (condo.fsm) against the engine.
+
+The driver owns one service: its `Mailbox` (inputs), its `ServiceState`, and at most one
+in-flight Docker operation. Its loop is:
+
+1. If effects are pending, run the next one (after the state file has caught up: the disk always
+   knows what condo is about to do before the engine does, so a `kill -9` at any moment can be
+   recovered without duplicates), and feed its result back to `fsm.step`.
+2. Otherwise wait for the next input under `trio.move_on_at(state.deadline)`: a new spec, an
+   engine event routed here, a resync request; or the deadline.
+
+Docker calls are shielded from cancellation (with a bound), so that a shutdown finishes the call
+in flight and records its result; only an image pull may be cut short: by shutdown, or by a newer
+spec that makes it pointless. Removing a service is a message (`Mailbox.set_spec(None)`), never a
+cancellation: the driver retires its containers and returns once `state.finished`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import string
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from condo import fsm, labels
+from condo.docker.models import Container, ContainerId, ContainerSummary
+from condo.errors import ContainerNotFound, DockerError, ImageNotFound
+from condo.spec import ServiceSpec
+from condo.store import Store, now
+
+log = structlog.get_logger(__name__)
+
+MAILBOX_CAPACITY = 64
+# Bounds on Docker calls that must finish even during shutdown (they are shielded).
+CALL_LIMIT = 60.0
+STOP_LIMIT_EXTRA = 30.0
+OBSERVE_RETRY_DELAY = 1.0
+SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class Engine(Protocol):
+    """The part of the Docker client a service driver uses (condo.docker.DockerClient)."""
+
+    async def image_present(self, image: str) -> bool: ...
+    async def pull(self, image: str) -> None: ...
+    async def create(self, body: Mapping[str, Any], *, name: str) -> ContainerId: ...
+    async def start(self, cid: ContainerId) -> None: ...
+    async def stop(self, cid: ContainerId, *, grace: float) -> None: ...
+    async def remove(self, cid: ContainerId) -> None: ...
+    async def inspect(self, cid_or_name: str) -> Container: ...
+    async def list_containers(self, *, labels: Mapping[str, str]) -> list[ContainerSummary]: ...
+    async def rename(self, cid: ContainerId, new_name: str) -> None: ...
+
+
+@attrs.frozen
+class ResyncRequested:
+    """Re-inspect this service's containers (start-up, events gap, mailbox overflow)."""
+
+
+Input = fsm.Event | ResyncRequested
+
+
+class Mailbox:
+    """The inputs of one driver. Never blocks a sender and never builds a backlog.
+
+    The spec is a latest-value slot (a newer spec replaces an unread one); engine events queue
+    up to MAILBOX_CAPACITY, and an overflow drops them and asks for a resync instead (the
+    resync reads the engine's truth, so nothing is lost but stale detail).
+    """
+
+    def __init__(self) -> None:
+        self._spec: ServiceSpec | None = None
+        self._spec_set = False
+        self._spec_dirty = False
+        self._events: deque[fsm.Event] = deque()
+        self._resync = False
+        self._wakeup = trio.Event()
+        self._spec_changed = trio.Event()
+
+    def set_spec(self, spec: ServiceSpec | None) -> None:
+        """The service's spec is now `spec` (None: its file is gone)."""
+        self._spec = spec
+        self._spec_set = True
+        self._spec_dirty = True
+        self._spec_changed.set()
+        self._wake()
+
+    def resend_spec(self) -> None:
+        """Deliver the latest spec again (after a driver restart), if one was ever set."""
+        if self._spec_set:
+            self.set_spec(self._spec)
+
+    def put(self, event: fsm.Event) -> None:
+        """Queue an engine event; on overflow, trade the backlog for a resync."""
+        if len(self._events) >= MAILBOX_CAPACITY:
+            self._events.clear()
+            self._resync = True
+        else:
+            self._events.append(event)
+        self._wake()
+
+    def request_resync(self) -> None:
+        self._resync = True
+        self._wake()
+
+    @property
+    def latest_spec(self) -> ServiceSpec | None:
+        return self._spec
+
+    async def wait_spec_changed(self) -> None:
+        """Return when a new spec is set after this call began."""
+        self._spec_changed = trio.Event()
+        await self._spec_changed.wait()
+
+    async def get(self) -> Input:
+        """The next input: a resync first (the engine's truth), then a new spec, then events."""
+        while True:
+            if self._resync:
+                self._resync = False
+                return ResyncRequested()
+            if self._spec_dirty:
+                self._spec_dirty = False
+                return fsm.SpecChanged(self._spec)
+            if self._events:
+                return self._events.popleft()
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+
+@attrs.frozen(kw_only=True)
+class ServiceContext:
+    """What a driver needs from the rest of condo."""
+
+    name: str
+    host: str
+    engine: Engine
+    store: Store
+    flush_state: Callable[[], Awaitable[None]]
+
+
+async def run_service(ctx: ServiceContext, mailbox: Mailbox, initial: fsm.ServiceState) -> None:
+    """Drive one service until its spec file is gone and its containers are retired.
+
+    Returns when `state.finished`; cancellation (shutdown) lets the Docker call in flight finish.
+    """
+    driver = _Driver(ctx, mailbox, initial)
+    with structlog.contextvars.bound_contextvars(service=ctx.name):
+        await driver.run()
+
+
+class _Driver:
+    def __init__(self, ctx: ServiceContext, mailbox: Mailbox, state: fsm.ServiceState) -> None:
+        self._ctx = ctx
+        self._mailbox = mailbox
+        self._state = state
+        self._pending: deque[fsm.Effect] = deque()
+        ctx.store.set_state(ctx.name, state)
+
+    async def run(self) -> None:
+        while True:
+            if self._pending:
+                # Write-ahead: the state file knows what we are about to do.
+                await self._ctx.flush_state()
+                effect = self._pending.popleft()
+                result = await self._execute(effect)
+                if result is not None:
+                    self._apply(result)
+                continue
+            if self._state.finished:
+                log.info("service.finished")
+                return
+            deadline = self._state.deadline if self._state.deadline is not None else math.inf
+            with trio.move_on_at(deadline):
+                received = await self._mailbox.get()
+                if isinstance(received, ResyncRequested):
+                    self._apply(await self._observe())
+                else:
+                    self._apply(received)
+                continue
+            self._apply(fsm.DeadlineReached())
+
+    def _apply(self, event: fsm.Event) -> None:
+        before = self._state
+        after, effects = fsm.step(before, event, now())
+        self._state = after
+        self._pending.extend(effects)
+        self._ctx.store.set_state(self._ctx.name, after)
+        if after.phase is not before.phase or after.error != before.error:
+            box = after.next or after.current
+            log.info(
+                "service.transition",
+                from_=before.phase.value,
+                to=after.phase.value,
+                container=None if box is None else box.name,
+                why=type(event).__name__,
+                error=None if after.error is None else after.error.message,
+            )
+
+    # --- effects ------------------------------------------------------------------------------
+
+    async def _execute(self, effect: fsm.Effect) -> fsm.Event | None:
+        log.debug("service.effect", effect=type(effect).__name__)
+        match effect:
+            case fsm.Deploy():
+                return await self._deploy(effect)
+            case fsm.Retire(box=box, keep=keep):
+                await self._retire(box.id, box.name, grace=box.spec.stop_timeout, keep=keep)
+                return None
+            case fsm.RemoveStray(id=cid, name=name):
+                await self._retire(cid, name, grace=0, keep=False)
+                return None
+            case fsm.Rename(box=box, name=new_name):
+                try:
+                    with trio.move_on_after(CALL_LIMIT, shield=True):
+                        await self._ctx.engine.rename(ContainerId(box.id), new_name)
+                except DockerError as exc:
+                    return fsm.RenameFailed(id=box.id, message=str(exc))
+                return None
+
+    async def _deploy(self, effect: fsm.Deploy) -> fsm.Event:
+        spec, engine = effect.spec, self._ctx.engine
+        try:
+            cancelled = await self._pull_unless_superseded(spec)
+        except DockerError as exc:
+            return fsm.DeployFailed(message=f"pull {spec.image}: {exc}", replaced=False)
+        if cancelled:
+            return fsm.DeployFailed(message="superseded", replaced=False, cancelled=True)
+
+        replaced = False
+        name = effect.name or f"{self._ctx.name}_{_suffix()}"
+        body = dict(spec.container)
+        body["Labels"] = {
+            **(spec.container.get("Labels") or {}),
+            **labels.for_container(self._ctx.host, self._ctx.name, spec.container_hash),
+        }
+        # Everything from here on must finish once begun, even during shutdown, so that what
+        # the engine has and what condo records never drift apart.
+        with trio.move_on_after(CALL_LIMIT + spec.stop_timeout + STOP_LIMIT_EXTRA, shield=True):
+            if effect.replace is not None:
+                box = effect.replace
+                if not await self._retire(box.id, box.name, grace=box.spec.stop_timeout):
+                    return fsm.DeployFailed(message=f"could not stop {box.name}", replaced=False)
+                replaced = True
+            try:
+                cid = await engine.create(body, name=name)
+            except DockerError as exc:
+                return fsm.DeployFailed(message=f"create {name}: {exc}", replaced=replaced)
+            created = fsm.Box(
+                id=cid, name=name, spec=spec, created_at=time.time(), healthcheck=False
+            )
+            try:
+                await engine.start(cid)
+                info = await engine.inspect(cid)
+            except DockerError as exc:
+                return fsm.DeployFailed(
+                    message=f"start {name}: {exc}", replaced=replaced, leftover=created
+                )
+            box = attrs.evolve(
+                created,
+                healthcheck=info.health is not None,
+                restart_policy=info.restart_policy,
+            )
+            return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
+        return fsm.DeployFailed(message=f"deploy of {name} timed out", replaced=replaced)
+
+    async def _pull_unless_superseded(self, spec: ServiceSpec) -> bool:
+        """Pull per the spec's policy; True when a newer spec made the pull pointless."""
+        policy = spec.effective_pull()
+        engine = self._ctx.engine
+        if policy == "never" or (policy == "missing" and await engine.image_present(spec.image)):
+            if policy == "never" and not await engine.image_present(spec.image):
+                raise ImageNotFound(404, f"{spec.image} is not on the engine and :pull is :never")
+            return False
+        superseded = False
+        failure: DockerError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_when_superseded() -> None:
+                nonlocal superseded
+                while True:
+                    await self._mailbox.wait_spec_changed()
+                    latest = self._mailbox.latest_spec
+                    if latest is None or latest.container_hash != spec.container_hash:
+                        superseded = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(cancel_when_superseded)
+            log.info("service.pull", image=spec.image)
+            try:
+                await engine.pull(spec.image)
+            except DockerError as exc:
+                # Caught inside the nursery so that it leaves as itself, not in a group.
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return superseded
+
+    async def _retire(self, cid: str, name: str, *, grace: float, keep: bool = False) -> bool:
+        """Stop (and unless `keep`, remove) a container; True when it is done or already gone."""
+        engine = self._ctx.engine
+        with trio.move_on_after(grace + STOP_LIMIT_EXTRA, shield=True):
+            try:
+                await engine.stop(ContainerId(cid), grace=grace)
+                if not keep:
+                    await engine.remove(ContainerId(cid))
+            except ContainerNotFound:
+                return True  # already gone: that is what we wanted
+            except DockerError as exc:
+                # Left for the next resync: it is not in the state any more, so it will be
+                # found as a stray and removed then.
+                log.warning("service.retire_failed", container=name, error=str(exc))
+                return False
+            log.info("service.retired", container=name, kept=keep)
+            return True
+        log.warning("service.retire_timed_out", container=name)
+        return False
+
+    async def _observe(self) -> fsm.Observed:
+        """Everything the engine has of this service, retrying while it cannot answer."""
+        engine = self._ctx.engine
+        while True:
+            try:
+                rows = await engine.list_containers(
+                    labels=labels.owned_by(self._ctx.host, self._ctx.name)
+                )
+                seen = []
+                for row in rows:
+                    try:
+                        info = await engine.inspect(row.id)
+                    except ContainerNotFound:
+                        continue  # removed between the list and the inspect
+                    seen.append(
+                        fsm.Seen(
+                            id=info.id,
+                            name=info.name,
+                            spec_hash=info.labels.get(labels.SPEC_HASH, ""),
+                            running=info.running,
+                            health=info.health,
+                            created_at=info.created_at,
+                            restart_policy=info.restart_policy,
+                            exit_code=info.exit_code,
+                        )
+                    )
+                return fsm.Observed(containers=tuple(seen))
+            except DockerError as exc:
+                # Never guess while the engine cannot answer: a container we cannot see is not
+                # a dead container (the original made duplicates that way).
+                log.warning("service.observe_failed", error=str(exc))
+                await trio.sleep(OBSERVE_RETRY_DELAY)
+
+
+def _suffix() -> str:
+    return "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(10))

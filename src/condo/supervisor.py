@@ -1,0 +1,338 @@
+"""The root of condo's task tree: everything `condo run` does, owned by one nursery.
+
+    root nursery (run_condo)
+    ├─ state writer    writes the newest state file, coalesced (condo.persist.StateWriter)
+    ├─ docker events   the engine's events, routed to the services' mailboxes
+    ├─ leftovers       once: services known only from the state file or the engine's labels
+    ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir)
+    ├─ web             the HTTP API (condo.web), when --server is not off
+    └─ services nursery
+       └─ one supervised driver per service (condo.service), restarted with backoff on a bug
+
+Invariants:
+- A service has exactly one driver while it has a spec, a record or a container; removing it is
+  a message (`Mailbox.set_spec(None)`), and the driver ends by itself once nothing is left.
+- Shutdown (cancel of the root) lets every Docker call in flight finish (they are shielded),
+  then writes the state file one last time; workloads keep running unless --stop-on-exit.
+- This module is condo's single supervision boundary: an unexpected exception in a driver is
+  logged with its traceback, shown in the API, and the driver restarts from the stored state.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from condo import fsm, labels, persist
+from condo.config import Config
+from condo.docker import (
+    ContainerEvent,
+    ContainerSummary,
+    DockerClient,
+    EventsResumed,
+    RegistryAuth,
+    open_docker,
+    run_events,
+)
+from condo.errors import DockerError, StateFileError
+from condo.record import RECORD_VERSION, RecordError, from_record
+from condo.service import Mailbox, ServiceContext, run_service
+from condo.specdir import SpecSnapshot, run_spec_watcher
+from condo.store import Store, now
+
+log = structlog.get_logger(__name__)
+
+EVENTS_BUFFER = 256
+CRASH_FIRST_DELAY = 1.0
+CRASH_MAX_DELAY = 60.0
+FLUSH_LIMIT = 2.0  # write-ahead waits at most this long for a struggling disk
+SHUTDOWN_WRITE_LIMIT = 10.0
+LEFTOVERS_RETRY_DELAY = 2.0
+
+
+@attrs.frozen(kw_only=True)
+class Running:
+    """What `run_condo` reports once it is up (for tests and the web app)."""
+
+    store: Store
+    docker: DockerClient
+    config: Config
+    writer: persist.StateWriter
+    shutdown: Callable[[], None]
+
+
+class Supervisor:
+    """Spawns, feeds and supervises the service drivers."""
+
+    def __init__(
+        self,
+        config: Config,
+        docker: DockerClient,
+        store: Store,
+        writer: persist.StateWriter,
+        records: dict[str, fsm.ServiceState],
+    ) -> None:
+        self._config = config
+        self._docker = docker
+        self._store = store
+        self._writer = writer
+        self._records = records
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._services: trio.Nursery | None = None
+
+    # --- tasks ----------------------------------------------------------------------------------
+
+    async def run_services(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The services nursery; lives until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._services = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def run_event_router(
+        self, receive: trio.MemoryReceiveChannel[ContainerEvent | EventsResumed]
+    ) -> None:
+        """Route the engine's events to the mailboxes of the services they are about."""
+        async for item in receive:
+            if isinstance(item, EventsResumed):
+                log.info("docker.events_resumed")
+                for mailbox in self._mailboxes.values():
+                    mailbox.request_resync()
+                continue
+            target = self._mailboxes.get(item.attributes.get(labels.SERVICE, ""))
+            event = _translate(item)
+            if target is not None and event is not None:
+                target.put(event)
+
+    async def adopt_leftovers(self) -> None:
+        """Give a driver to every service known only from the state file or the engine.
+
+        Their spec files are gone (perhaps while condo was down): the drivers retire them.
+        """
+        for name in list(self._records):
+            if name not in self._mailboxes:
+                self._spawn(name).set_spec(None)
+        for row in await self._list_own_containers():
+            service = row.labels.get(labels.SERVICE)
+            if service and service not in self._mailboxes:
+                log.info("supervisor.leftover", service=service, container=row.name)
+                self._spawn(service).set_spec(None)
+
+    async def _list_own_containers(self) -> list[ContainerSummary]:
+        """Every container of this host, waiting as long as the engine cannot answer."""
+        while True:
+            try:
+                return await self._docker.list_containers(labels=labels.owned_by(self._config.host))
+            except DockerError as exc:
+                log.warning("supervisor.leftovers_unlisted", error=str(exc))
+                await trio.sleep(LEFTOVERS_RETRY_DELAY)
+
+    # --- spec snapshots -------------------------------------------------------------------------
+
+    def on_snapshot(self, snapshot: SpecSnapshot) -> None:
+        """A new full picture of the spec directories: tell each service what it is now."""
+        for name, entry in snapshot.entries.items():
+            self._store.set_spec_error(name, entry.error, str(entry.path))
+            mailbox = self._mailboxes.get(name) or self._spawn(name)
+            if entry.spec is not None:
+                mailbox.set_spec(entry.spec)
+            # An invalid file changes nothing that runs: the driver keeps its last good spec.
+        for name, mailbox in self._mailboxes.items():
+            if name not in snapshot.entries:
+                self._store.set_spec_error(name, None, None)
+                mailbox.set_spec(None)
+
+    def stop_all(self) -> None:
+        """--stop-on-exit: retire every service (their drivers end when done)."""
+        for mailbox in self._mailboxes.values():
+            mailbox.set_spec(None)
+
+    async def wait_all_finished(self) -> None:
+        while self._mailboxes:
+            await self._store.wait_changed(self._store.version)
+
+    # --- drivers --------------------------------------------------------------------------------
+
+    def _spawn(self, name: str) -> Mailbox:
+        assert self._services is not None, "run_services must be started first"
+        mailbox = Mailbox()
+        # First thing a driver does: reconcile its record with what the engine really has.
+        mailbox.request_resync()
+        self._mailboxes[name] = mailbox
+        initial = self._records.pop(name, None) or fsm.ServiceState()
+        self._services.start_soon(self._supervise, name, mailbox, initial, name=f"service {name}")
+        return mailbox
+
+    async def _supervise(self, name: str, mailbox: Mailbox, initial: fsm.ServiceState) -> None:
+        ctx = ServiceContext(
+            name=name,
+            host=self._config.host,
+            engine=self._docker,
+            store=self._store,
+            flush_state=self._flush_state,
+        )
+        delay = CRASH_FIRST_DELAY
+        state = initial
+        while True:
+            try:
+                await run_service(ctx, mailbox, state)
+                break
+            except Exception as exc:
+                log.exception("service.crashed", service=name, restart_in=delay)
+                state = self._store.entries[name].state
+                failure = fsm.Failure(message=f"condo bug: {exc!r}", at=now().wall)
+                self._store.set_state(name, attrs.evolve(state, error=failure))
+            await trio.sleep(delay)
+            delay = min(delay * 2, CRASH_MAX_DELAY)
+            state = self._store.entries[name].state
+            mailbox.request_resync()
+            mailbox.resend_spec()
+        # Finished: the spec is gone and so is every container. (A cancelled driver, at
+        # shutdown, never gets here: its record must survive into the state file.)
+        if self._mailboxes.get(name) is mailbox:
+            del self._mailboxes[name]
+            entry = self._store.entries.get(name)
+            if entry is not None and entry.spec_error is None:
+                self._store.drop(name)
+
+    async def _flush_state(self) -> None:
+        """Write-ahead before a Docker call; bounded, so a failing disk never stops supervision."""
+        if self._writer.last_error is not None:
+            return  # reported loudly by the writer and /healthz; keep supervising
+        with trio.move_on_after(FLUSH_LIMIT):
+            await self._writer.flush()
+
+
+def _translate(event: ContainerEvent) -> fsm.Event | None:
+    cid = event.container_id
+    match event.action:
+        case "health_status" if event.health == "healthy":
+            return fsm.ContainerHealthy(cid)
+        case "health_status" if event.health == "unhealthy":
+            return fsm.ContainerUnhealthy(cid)
+        case "die":
+            code = event.attributes.get("exitCode", "0")
+            return fsm.ContainerDied(id=cid, exit_code=int(code) if code.isdigit() else -1)
+        case "start":
+            return fsm.ContainerRestarted(cid)
+        case "destroy":
+            return fsm.ContainerDestroyed(cid)
+        case _:
+            return None
+
+
+async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
+    """SIGTERM/SIGINT: shut down gracefully; SIGHUP: re-read the registry credentials."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                auth.reload()
+                log.info("condo.auth_reloaded")
+            else:
+                log.info("condo.signal", signal=signal.Signals(signum).name)
+                stopping.set()
+
+
+def load_records(config: Config) -> dict[str, fsm.ServiceState]:
+    """The services' states from the state file; unreadable parts are dropped (and logged).
+
+    Dropping a record is safe: the engine's labels still name the containers, and the driver
+    finds them as strays (removed) or the spec deploys afresh.
+    """
+    data = persist.read_state_file(config.state_path)
+    if data is None:
+        return {}
+    services = data.get("services") if isinstance(data, dict) else None
+    if not isinstance(services, dict):
+        log.warning("state.unrecognised", path=str(config.state_path))
+        return {}
+    at = now()
+    records: dict[str, fsm.ServiceState] = {}
+    for name, record in services.items():
+        try:
+            records[str(name)] = from_record(record, at)
+        except RecordError as exc:
+            log.warning("state.record_dropped", service=name, error=str(exc))
+    return records
+
+
+def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]:
+    def snapshot() -> dict[str, Any]:
+        return {"version": RECORD_VERSION, "host": config.host, "services": store.records()}
+
+    return snapshot
+
+
+WebServer = Callable[[Running, trio.Event], Awaitable[None]]
+
+
+async def run_condo(
+    config: Config,
+    *,
+    web: WebServer | None = None,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run condo until cancelled (or `Running.shutdown()`); then persist and return."""
+    auth = RegistryAuth.load(config.docker_config)
+    store = Store(config.host)
+    records = load_records(config)
+    writer = persist.StateWriter(config.state_path, state_document(config, store))
+    store.subscribe(writer.mark_dirty)
+    stopping = trio.Event()
+    async with open_docker(config.docker_url, auth=auth) as docker:
+        supervisor = Supervisor(config, docker, store, writer, records)
+        try:
+            async with trio.open_nursery() as root:
+                running = Running(
+                    store=store, docker=docker, config=config, writer=writer, shutdown=stopping.set
+                )
+                await root.start(writer.run)
+                send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
+                    EVENTS_BUFFER
+                )
+                root.start_soon(
+                    lambda: run_events(docker, send, labels=labels.owned_by(config.host))
+                )
+                if handle_signals:
+                    root.start_soon(_run_signals, stopping, auth)
+                root.start_soon(supervisor.run_event_router, receive)
+                await root.start(supervisor.run_services)
+                await root.start(
+                    lambda task_status: run_spec_watcher(
+                        config.prefixes,
+                        supervisor.on_snapshot,
+                        rescan_interval=config.rescan_interval,
+                        task_status=task_status,
+                    )
+                )
+                root.start_soon(supervisor.adopt_leftovers)
+                if web is not None:
+                    root.start_soon(web, running, stopping)
+                log.info(
+                    "condo.started", host=config.host, prefixes=[str(p) for p in config.prefixes]
+                )
+                task_status.started(running)
+                await stopping.wait()
+                if config.stop_on_exit:
+                    log.info("condo.stopping_workloads")
+                    supervisor.stop_all()
+                    await supervisor.wait_all_finished()
+                root.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(SHUTDOWN_WRITE_LIMIT, shield=True):
+                try:
+                    payload = persist.encode_state(state_document(config, store)())
+                    await trio.to_thread.run_sync(
+                        persist.write_state_bytes, config.state_path, payload
+                    )
+                except StateFileError as exc:
+                    log.error("state.final_write_failed", error=str(exc))
+            log.info("condo.stopped")

@@ -1,0 +1,188 @@
+"""A condo under test: a spec directory, a state file, a unique host name, on the real engine.
+
+Every container condo makes here carries `condo.host=<unique host>`, so the fixture's teardown
+removes exactly what this test made, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from condo import labels
+from condo.config import Config
+from condo.docker import ContainerSummary, DockerClient
+from condo.errors import ContainerNotFound
+from condo.supervisor import Running, run_condo
+
+WAIT_LIMIT = 60.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+@attrs.define
+class CondoUnderTest:
+    """One condo's files and, while it runs, its handle."""
+
+    specs: Path
+    state_path: Path
+    host: str
+    docker: DockerClient
+    running: Running | None = None
+    process: trio.Process | None = None
+
+    def write(self, service: str, text: str, *, prefix: Path | None = None) -> Path:
+        """Write a spec atomically (temp file + rename, as editors and config tools do)."""
+        folder = prefix or self.specs
+        path = folder / f"{service}.edn"
+        temp = folder / f".{service}.edn.tmp"
+        temp.write_text(text)
+        temp.replace(path)
+        return path
+
+    def remove(self, service: str) -> None:
+        (self.specs / f"{service}.edn").unlink()
+
+    def config(self, *prefixes: Path) -> Config:
+        return Config(
+            prefixes=prefixes or (self.specs,),
+            state_path=self.state_path,
+            host=self.host,
+            rescan_interval=0.5,
+        )
+
+    @property
+    def store_view(self) -> dict[str, Any]:
+        assert self.running is not None
+        return self.running.store.view()
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        services: dict[str, Any] = self.store_view["services"]
+        return services.get(name)
+
+    async def wait(
+        self, predicate: Callable[[dict[str, Any]], bool], *, limit: float = WAIT_LIMIT
+    ) -> dict[str, Any]:
+        """Wait until the /v1/state view satisfies `predicate`; returns that view."""
+        assert self.running is not None
+        store = self.running.store
+        with trio.fail_after(limit):
+            while True:
+                view = store.view()
+                if predicate(view):
+                    return view
+                await store.wait_changed(store.version)
+
+    async def wait_state(
+        self, name: str, state: str, *, image: str | None = None, limit: float = WAIT_LIMIT
+    ) -> dict[str, Any]:
+        def ok(view: dict[str, Any]) -> bool:
+            svc = view["services"].get(name)
+            if svc is None or svc["state"] != state:
+                return False
+            return image is None or (svc["current"] or {}).get("image") == image
+
+        view = await self.wait(ok, limit=limit)
+        service: dict[str, Any] = view["services"][name]
+        return service
+
+    async def containers(self, service: str | None = None) -> list[ContainerSummary]:
+        return await self.docker.list_containers(labels=labels.owned_by(self.host, service))
+
+    async def running_ids(self, service: str) -> set[str]:
+        return {c.id for c in await self.containers(service) if c.state == "running"}
+
+    # --- condo as a real process (for kill -9 and signals) -----------------------------------
+
+    async def spawn(self, nursery: trio.Nursery, *extra: str) -> trio.Process:
+        """Run `condo run` as a child process (logs as JSON into the test's folder)."""
+        argv = [
+            sys.executable, "-m", "condo", "run", str(self.specs),
+            "--state", str(self.state_path), "--host", self.host, "--server", "off",
+            "--log-format", "json", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The child keeps its own copy of the log file's descriptor; ours closes at once.
+        with (self.state_path.parent / "condo.log").open("ab") as log:
+            process: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process, argv, stdout=log, stderr=log, env=env, check=False
+                )
+            )
+        self.process = process
+        return process
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+
+    def state_file(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.state_path.read_text())
+        return data
+
+
+async def remove_host_containers(docker: DockerClient, host: str) -> None:
+    for row in await docker.list_containers(labels=labels.owned_by(host)):
+        # ContainerNotFound: condo (or the test) removed it meanwhile.
+        with contextlib.suppress(ContainerNotFound):
+            await docker.remove(row.id)
+
+
+@contextlib.asynccontextmanager
+async def condo_files(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    host = f"test-{uuid.uuid4().hex[:10]}"
+    under_test = CondoUnderTest(
+        specs=specs, state_path=tmp_path / "state.json", host=host, docker=docker
+    )
+    try:
+        yield under_test
+    finally:
+        with trio.move_on_after(60, shield=True):
+            if under_test.process is not None and under_test.process.returncode is None:
+                under_test.process.kill()
+            await remove_host_containers(docker, host)
+
+
+async def start_condo(
+    nursery: trio.Nursery, under_test: CondoUnderTest, *prefixes: Path
+) -> Running:
+    running: Running = await nursery.start(
+        functools.partial(run_condo, under_test.config(*prefixes))
+    )
+    under_test.running = running
+    return running
+
+
+async def http_get(port: int) -> str | None:
+    """GET http://127.0.0.1:port/ → body, or None when nothing answers properly."""
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            response = await client.get(f"http://127.0.0.1:{port}/")
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+async def published_port(container_id: str) -> int | None:
+    """The 127.0.0.1 port published for the container's 80/tcp, from the engine itself."""
+    transport = httpx.AsyncHTTPTransport(uds="/var/run/docker.sock")
+    async with httpx.AsyncClient(transport=transport, base_url="http://docker") as client:
+        response = await client.get(f"/containers/{container_id}/json")
+    if response.status_code != 200:
+        return None
+    ports = response.json()["NetworkSettings"]["Ports"] or {}
+    bindings = ports.get("80/tcp") or []
+    return int(bindings[0]["HostPort"]) if bindings else None
