@@ -574,7 +574,8 @@ def _on_deploy_failed(state: ServiceState, event: DeployFailed, now: Instant) ->
         leftovers: list[Effect] = [] if event.leftover is None else [Retire(box=event.leftover)]
         return state, leftovers
     if event.cancelled:
-        # Superseded by a newer spec before anything was created: just deploy the newer one.
+        # Superseded before anything was created: rest, and let the newer spec (the driver's
+        # very next input) decide what to deploy.
         serving = state.replacing if not event.replaced else None
         if state.phase is Phase.WaitNext:
             serving = state.current
@@ -586,8 +587,7 @@ def _on_deploy_failed(state: ServiceState, event: DeployFailed, now: Instant) ->
             replacing=None,
         )
         leftover: list[Effect] = [] if event.leftover is None else [Retire(box=event.leftover)]
-        after, effects = _converge(base, now)
-        return after, leftover + effects
+        return base, leftover
     if event.replaced:
         state = attrs.evolve(state, replacing=None)
     return _fail(state, event.message, event.leftover, now)

@@ -114,6 +114,12 @@ class Mailbox:
     def latest_spec(self) -> ServiceSpec | None:
         return self._spec
 
+    def supersedes(self, spec: ServiceSpec) -> bool:
+        """True when an unread spec would replace `spec`'s container (or remove the service)."""
+        if not self._spec_dirty:
+            return False
+        return self._spec is None or self._spec.container_hash != spec.container_hash
+
     async def wait_spec_changed(self) -> None:
         """Return when a new spec is set after this call began."""
         self._spec_changed = trio.Event()
@@ -287,13 +293,10 @@ class _Driver:
 
             async def cancel_when_superseded() -> None:
                 nonlocal superseded
-                while True:
+                while not self._mailbox.supersedes(spec):
                     await self._mailbox.wait_spec_changed()
-                    latest = self._mailbox.latest_spec
-                    if latest is None or latest.container_hash != spec.container_hash:
-                        superseded = True
-                        nursery.cancel_scope.cancel()
-                        return
+                superseded = True
+                nursery.cancel_scope.cancel()
 
             nursery.start_soon(cancel_when_superseded)
             log.info("service.pull", image=spec.image)

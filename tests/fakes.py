@@ -1,0 +1,135 @@
+"""A typed in-memory engine for MockClock tests of the service driver's timing logic.
+
+It implements condo.service.Engine (mypy checks it against the Protocol). It is never evidence that
+a feature works with Docker; the integration tests are. It only lets virtual time run fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from condo.docker import Container, ContainerId, ContainerSummary
+from condo.errors import ContainerNotFound, ImageNotFound, NameConflict
+from condo.service import Engine
+
+
+@attrs.define
+class FakeContainer:
+    id: str
+    name: str
+    body: dict[str, Any]
+    running: bool = False
+    health: str | None = None
+    exit_code: int = 0
+
+
+@attrs.define
+class FakeEngine:
+    """Images on the engine, images in the registry, containers; and what was called."""
+
+    local_images: set[str] = attrs.Factory(set)
+    registry_images: set[str] = attrs.Factory(set)
+    healthchecked: set[str] = attrs.Factory(set)  # images with a HEALTHCHECK
+    pull_hangs: bool = False
+    stop_delay: float = 0.0
+    containers: dict[str, FakeContainer] = attrs.Factory(dict)
+    calls: list[str] = attrs.Factory(list)
+    _serial: int = 0
+
+    async def image_present(self, image: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        return image in self.local_images
+
+    async def pull(self, image: str) -> None:
+        self.calls.append(f"pull {image}")
+        if self.pull_hangs:
+            await trio.sleep_forever()
+        await trio.sleep(0.1)
+        if image not in self.registry_images:
+            raise ImageNotFound(404, f"manifest for {image} not found")
+        self.local_images.add(image)
+
+    async def create(self, body: Mapping[str, Any], *, name: str) -> ContainerId:
+        await trio.lowlevel.checkpoint()
+        if body["Image"] not in self.local_images:
+            raise ImageNotFound(404, f"No such image: {body['Image']}")
+        if any(c.name == name for c in self.containers.values()):
+            raise NameConflict(409, f"name {name} is in use")
+        self._serial += 1
+        cid = f"c{self._serial}"
+        self.containers[cid] = FakeContainer(id=cid, name=name, body=dict(body))
+        self.calls.append(f"create {name}")
+        return ContainerId(cid)
+
+    async def start(self, cid: ContainerId) -> None:
+        await trio.lowlevel.checkpoint()
+        box = self._get(cid)
+        box.running = True
+        if box.body["Image"] in self.healthchecked:
+            box.health = "starting"
+        self.calls.append(f"start {box.name}")
+
+    async def stop(self, cid: ContainerId, *, grace: float) -> None:
+        box = self._get(cid)
+        self.calls.append(f"stop {box.name}")
+        await trio.sleep(min(self.stop_delay, grace))
+        box.running = False
+
+    async def remove(self, cid: ContainerId) -> None:
+        await trio.lowlevel.checkpoint()
+        box = self._get(cid)
+        self.calls.append(f"remove {box.name}")
+        del self.containers[cid]
+
+    async def inspect(self, cid_or_name: str) -> Container:
+        await trio.lowlevel.checkpoint()
+        box = self._get(cid_or_name)
+        return Container(
+            id=ContainerId(box.id),
+            name=box.name,
+            image=box.body["Image"],
+            labels=box.body.get("Labels") or {},
+            status="running" if box.running else "exited",
+            running=box.running,
+            health=box.health,
+            exit_code=box.exit_code,
+            created_at=0.0,
+            restart_policy="",
+        )
+
+    async def list_containers(self, *, labels: Mapping[str, str]) -> list[ContainerSummary]:
+        await trio.lowlevel.checkpoint()
+        rows = []
+        for box in self.containers.values():
+            have = box.body.get("Labels") or {}
+            if all(have.get(k) == v for k, v in labels.items()):
+                rows.append(
+                    ContainerSummary(
+                        id=ContainerId(box.id),
+                        name=box.name,
+                        image=box.body["Image"],
+                        labels=have,
+                        state="running" if box.running else "exited",
+                        created_at=0.0,
+                    )
+                )
+        return rows
+
+    async def rename(self, cid: ContainerId, new_name: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._get(cid).name = new_name
+        self.calls.append(f"rename {new_name}")
+
+    def _get(self, cid: str) -> FakeContainer:
+        for box in self.containers.values():
+            if cid in (box.id, box.name):
+                return box
+        raise ContainerNotFound(404, f"No such container: {cid}")
+
+
+def _typecheck(engine: FakeEngine) -> Engine:
+    return engine  # mypy proves the fake satisfies the driver's port

@@ -1,0 +1,177 @@
+"""The service driver's timing, on Trio's MockClock with the fake engine (exact virtual times)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from condo import fsm
+from condo.fsm import Phase
+from condo.service import MAILBOX_CAPACITY, Mailbox, ResyncRequested, ServiceContext, run_service
+from condo.spec import Deploy, ServiceSpec
+from condo.store import Store
+from tests.fakes import FakeEngine
+
+
+@attrs.define
+class Driven:
+    store: Store
+    mailbox: Mailbox
+    engine: FakeEngine
+
+    @property
+    def state(self) -> fsm.ServiceState:
+        return self.store.entries["web"].state
+
+    async def wait_phase(self, phase: Phase, *, other_than: str | None = None) -> fsm.ServiceState:
+        while True:
+            entry = self.store.entries.get("web")
+            if entry is not None and entry.state.phase is phase:
+                current = entry.state.current
+                if other_than is None or (current is not None and current.id != other_than):
+                    return entry.state
+            await self.store.wait_changed(self.store.version)
+
+
+@asynccontextmanager
+async def driving(engine: FakeEngine) -> AsyncIterator[Driven]:
+    store = Store("h")
+    mailbox = Mailbox()
+
+    async def flush() -> None:
+        engine.calls.append("flush")
+
+    ctx = ServiceContext(name="web", host="h", engine=engine, store=store, flush_state=flush)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_service, ctx, mailbox, fsm.ServiceState())
+        yield Driven(store, mailbox, engine)
+        nursery.cancel_scope.cancel()
+
+
+def spec(image: str, **kw: object) -> ServiceSpec:
+    return ServiceSpec(container={"Image": image}, **kw)  # type: ignore[arg-type]
+
+
+async def test_health_timeout_and_backoff_on_virtual_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine(local_images={"app:1"}, healthchecked={"app:1"})
+    with trio.fail_after(1000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1", health_timeout=10))
+            await d.wait_phase(Phase.TryAgain)
+            assert trio.current_time() == 10.0
+            await d.wait_phase(Phase.Wait)
+            assert trio.current_time() == 20.0  # first retry after 10 s
+            await d.wait_phase(Phase.TryAgain)
+            assert trio.current_time() == 30.0
+            await d.wait_phase(Phase.Wait)
+            assert trio.current_time() == 50.0  # then 20 s
+            assert d.state.attempt == 2
+    # Only the latest failed candidate is left (stopped), whatever the number of attempts.
+    assert [c.running for c in engine.containers.values()] == [False]
+
+
+async def test_after_n_drains_exactly_n_seconds(autojump_clock: trio.testing.MockClock) -> None:
+    engine = FakeEngine(local_images={"app:1", "app:2"}, healthchecked={"app:2"})
+    with trio.fail_after(1000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            first = await d.wait_phase(Phase.Stable)
+            assert trio.current_time() == 0.0
+            assert first.current is not None
+            d.mailbox.set_spec(spec("app:2", deploy=Deploy("After", 5)))
+            waiting = await d.wait_phase(Phase.WaitNext)
+            while waiting.next is None:
+                await d.store.wait_changed(d.store.version)
+                waiting = d.state
+            await trio.sleep(3)
+            d.mailbox.put(fsm.ContainerHealthy(waiting.next.id))
+            await d.wait_phase(Phase.Stable, other_than=first.current.id)
+            assert trio.current_time() == 8.0  # healthy at 3, then 5 s of draining
+            await trio.testing.wait_all_tasks_blocked()
+    assert [c.body["Image"] for c in engine.containers.values()] == ["app:2"]
+
+
+async def test_a_hung_pull_is_cancelled_by_a_newer_spec(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine(local_images={"app:1"}, registry_images={"app:9"}, pull_hangs=True)
+    with trio.fail_after(1000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("remote/app:9"))
+            await trio.sleep(5)
+            assert engine.calls[-1] == "pull remote/app:9"
+            d.mailbox.set_spec(spec("app:1"))
+            stable = await d.wait_phase(Phase.Stable)
+            assert trio.current_time() == 5.0
+            assert stable.current is not None and stable.current.spec.image == "app:1"
+
+
+async def test_state_is_flushed_before_every_docker_change(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine(local_images={"app:1", "app:2"})
+    with trio.fail_after(1000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            first = await d.wait_phase(Phase.Stable)
+            assert first.current is not None
+            d.mailbox.set_spec(spec("app:2"))
+            await d.wait_phase(Phase.Stable, other_than=first.current.id)
+    changes = [c for c in engine.calls if c.split()[0] in ("create", "stop", "remove")]
+    for change in changes:
+        index = engine.calls.index(change)
+        assert "flush" in engine.calls[:index], change
+    assert engine.calls[0] == "flush"
+
+
+async def test_removal_retires_and_ends_the_driver(autojump_clock: trio.testing.MockClock) -> None:
+    engine = FakeEngine(local_images={"app:1"})
+    store = Store("h")
+    mailbox = Mailbox()
+
+    async def flush() -> None:
+        await trio.lowlevel.checkpoint()
+
+    ctx = ServiceContext(name="web", host="h", engine=engine, store=store, flush_state=flush)
+    mailbox.set_spec(spec("app:1"))
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_service, ctx, mailbox, fsm.ServiceState())
+            while (
+                entry := store.entries.get("web")
+            ) is None or entry.state.phase is not Phase.Stable:
+                await store.wait_changed(store.version)
+            mailbox.set_spec(None)
+        # The nursery closed by itself: the driver returned.
+    assert engine.containers == {}
+    assert store.entries["web"].state.finished
+
+
+def test_mailbox_overflow_trades_the_backlog_for_a_resync() -> None:
+    mailbox = Mailbox()
+    for n in range(MAILBOX_CAPACITY + 1):
+        mailbox.put(fsm.ContainerHealthy(f"c{n}"))
+
+    async def first() -> object:
+        return await mailbox.get()
+
+    assert isinstance(trio.run(first), ResyncRequested)
+
+
+@pytest.mark.parametrize("newer", [True, False])
+def test_mailbox_keeps_only_the_latest_spec(newer: bool) -> None:
+    mailbox = Mailbox()
+    mailbox.set_spec(spec("app:1"))
+    mailbox.set_spec(spec("app:2") if newer else None)
+
+    async def first() -> object:
+        return await mailbox.get()
+
+    assert trio.run(first) == fsm.SpecChanged(spec("app:2") if newer else None)
