@@ -422,3 +422,24 @@ def test_recovery_notices_a_stable_container_that_vanished() -> None:
 def test_a_stale_deadline_changes_nothing(phase: Phase) -> None:
     state = fsm.ServiceState(phase=phase, deadline=50.0)
     assert fsm.step(state, fsm.DeadlineReached(), at(10.0)) == (state, [])
+
+
+def test_with_nothing_recorded_a_running_container_of_the_desired_spec_is_adopted() -> None:
+    state = fsm.ServiceState(desired=SPEC_A)  # a lost state file: only the spec is known
+    mine = fsm.Seen(
+        id="c1",
+        name="web_c1",
+        spec_hash=SPEC_A.container_hash,
+        running=True,
+        health="healthy",
+        created_at=5.0,
+    )
+    other = fsm.Seen(
+        id="c0", name="web_c0", spec_hash="old", running=True, health=None, created_at=4.0
+    )
+    state, effects = run(state, fsm.Observed(containers=(other, mine)))
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.id == "c1"
+    assert effects == [fsm.RemoveStray(id="c0", name="web_c0")]
+    state, effects = run(state, fsm.SpecChanged(SPEC_A))
+    assert state.phase is Phase.Stable and effects == []

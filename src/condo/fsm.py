@@ -742,13 +742,23 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
     """Reconcile with what the engine really has (after a restart of condo, or an events gap).
 
     Unknown labelled containers are strays (created just before a crash) and are removed, except
-    one that the interrupted `Deploy` created, which is adopted as the candidate.
+    one that the interrupted `Deploy` created (or, with nothing recorded at all, one made from
+    the desired spec), which is adopted as the candidate.
     """
     seen = {c.id: c for c in containers}
     effects: list[Effect] = []
     known = {b.id for b in (state.current, state.next, state.failed, state.replacing) if b}
     strays = sorted((c for c in containers if c.id not in known), key=lambda c: c.created_at)
     adopted: Seen | None = None
+    if (
+        state.phase is Phase.Init
+        and state.starting is None
+        and state.desired is not None
+        and not state.removed
+    ):
+        # Nothing recorded (a lost or corrupt state file): a running container made from the
+        # very spec we want is adopted rather than duplicated.
+        state = attrs.evolve(state, phase=Phase.Wait, starting=state.desired)
     if state.starting is not None:
         matching = [c for c in strays if c.running and c.spec_hash == state.starting.container_hash]
         adopted = matching[-1] if matching else None

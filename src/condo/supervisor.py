@@ -42,6 +42,7 @@ from condo.docker import (
 from condo.errors import DockerError, StateFileError
 from condo.record import RECORD_VERSION, RecordError, from_record
 from condo.service import Mailbox, ServiceContext, run_service
+from condo.spec import ServiceSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
 from condo.store import Store, now
 
@@ -140,7 +141,7 @@ class Supervisor:
         """A new full picture of the spec directories: tell each service what it is now."""
         for name, entry in snapshot.entries.items():
             self._store.set_spec_error(name, entry.error, str(entry.path))
-            mailbox = self._mailboxes.get(name) or self._spawn(name)
+            mailbox = self._mailboxes.get(name) or self._spawn(name, entry.spec)
             if entry.spec is not None:
                 mailbox.set_spec(entry.spec)
             # An invalid file changes nothing that runs: the driver keeps its last good spec.
@@ -160,13 +161,15 @@ class Supervisor:
 
     # --- drivers --------------------------------------------------------------------------------
 
-    def _spawn(self, name: str) -> Mailbox:
+    def _spawn(self, name: str, spec: ServiceSpec | None = None) -> Mailbox:
         assert self._services is not None, "run_services must be started first"
         mailbox = Mailbox()
         # First thing a driver does: reconcile its record with what the engine really has.
         mailbox.request_resync()
         self._mailboxes[name] = mailbox
-        initial = self._records.pop(name, None) or fsm.ServiceState()
+        # Without a record, the spec is known before the first reconciliation, so that a
+        # running container made from it is adopted (fsm._on_observed), never duplicated.
+        initial = self._records.pop(name, None) or fsm.ServiceState(desired=spec)
         self._services.start_soon(self._supervise, name, mailbox, initial, name=f"service {name}")
         return mailbox
 

@@ -137,3 +137,46 @@ async def test_kill9_at_random_moments_never_duplicates(
         await trio.sleep(rng.uniform(0.0, 1.5))
         await restart(condo, nursery)
     await assert_converges(condo, "web", image=f"condo-test/busybox:{tag}", limit=60)
+
+
+async def test_sigterm_leaves_workloads_running_and_exits_0(
+    condo: CondoUnderTest, nursery: trio.Nursery
+) -> None:
+    process = await condo.spawn(nursery)
+    condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+    stable = await wait_recorded(condo, "web", "Stable")
+    process.terminate()
+    with trio.fail_after(15):
+        assert await process.wait() == 0
+    assert [r.id for r in await condo.containers("web") if r.state == "running"] == [
+        stable["current"]["id"]
+    ]
+
+
+async def test_stop_on_exit_stops_and_removes_workloads(
+    condo: CondoUnderTest, nursery: trio.Nursery
+) -> None:
+    process = await condo.spawn(nursery, "--stop-on-exit")
+    condo.write("web", '{:spec {:Image "condo-test/busybox:1"} :stop-timeout 2}')
+    await wait_recorded(condo, "web", "Stable")
+    process.terminate()
+    with trio.fail_after(20):
+        assert await process.wait() == 0
+    assert await condo.containers("web") == []
+
+
+async def test_a_corrupt_state_file_is_moved_aside_and_containers_adopted(
+    condo: CondoUnderTest, nursery: trio.Nursery
+) -> None:
+    process = await condo.spawn(nursery)
+    condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+    stable = await wait_recorded(condo, "web", "Stable")
+    condo.kill9()
+    await process.wait()
+    condo.state_path.write_text('{"services": {"web": [tr')  # torn, not JSON
+    await condo.spawn(nursery)
+    final = await assert_converges(condo, "web", image="condo-test/busybox:1")
+    assert final["current"]["id"] == stable["current"]["id"]
+    aside = list(condo.state_path.parent.glob("state.json.corrupt-*"))
+    assert len(aside) == 1
+    assert aside[0].read_text() == '{"services": {"web": [tr'
