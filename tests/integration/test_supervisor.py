@@ -282,3 +282,29 @@ async def test_restart_adopts_without_duplicates_and_removes_orphans(
         assert [r.id for r in await condo.containers()] == [keep["current"]["id"]]
         await condo.wait(lambda v: "gone" not in v["services"])
         running.shutdown()
+
+
+async def test_a_stable_container_turning_unhealthy_is_replaced(
+    condo: CondoUnderTest, nursery: trio.Nursery
+) -> None:
+    await start_condo(nursery, condo)
+    # Healthy at once, unhealthy ~3 s later (its probe file disappears).
+    condo.write(
+        "web",
+        """{:spec {:Image "condo-test/busybox:1"
+         :Cmd ["sh" "-c" "echo ok > /ok; trap 'exit 0' TERM; sleep 3 & wait; rm /ok; sleep 3600 & wait"]
+         :Healthcheck {:Test ["CMD-SHELL" "cat /ok"] :Interval 300000000 :Retries 1}}
+  :deploy [:After 0]}""",
+    )
+    first = await condo.wait_state("web", "Stable")
+    replaced = await condo.wait(
+        lambda v: (
+            v["services"]["web"]["state"] in ("WaitNext", "Stable")
+            and (v["services"]["web"]["next"] or v["services"]["web"]["current"])["id"]
+            != first["current"]["id"]
+        )
+    )
+    svc = replaced["services"]["web"]
+    if svc["state"] == "WaitNext":  # (it may already be Stable again, which clears the error)
+        assert "unhealthy" in svc["error"]["message"]
+    assert await condo.running_ids("web") != {first["current"]["id"]}
