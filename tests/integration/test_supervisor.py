@@ -292,7 +292,8 @@ async def test_a_stable_container_turning_unhealthy_is_replaced(
     condo.write(
         "web",
         """{:spec {:Image "condo-test/busybox:1"
-         :Cmd ["sh" "-c" "echo ok > /ok; trap 'exit 0' TERM; sleep 3 & wait; rm /ok; sleep 3600 & wait"]
+         :Cmd ["sh" "-c"
+               "echo ok > /ok; trap 'exit 0' TERM; sleep 3 & wait; rm /ok; sleep 999 & wait"]
          :Healthcheck {:Test ["CMD-SHELL" "cat /ok"] :Interval 300000000 :Retries 1}}
   :deploy [:After 0]}""",
     )
