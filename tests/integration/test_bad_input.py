@@ -19,11 +19,11 @@ pytestmark = pytest.mark.docker
 GOOD = '{:spec {:Image "condo-test/busybox:1"}}'
 
 
-def text(content: str) -> Callable[[Path], None]:
+def text(content: str) -> Callable[[Path], object]:
     return lambda path: path.write_text(content)
 
 
-def raw(content: bytes) -> Callable[[Path], None]:
+def raw(content: bytes) -> Callable[[Path], object]:
     return lambda path: path.write_bytes(content)
 
 
@@ -46,7 +46,7 @@ def fifo(path: Path) -> None:
 
 
 # service name -> (how the file is made, a substring of the spec error)
-SPEC_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+SPEC_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
     "syntax": (text('{:spec {:Image "x"}'), ""),
     "odd-map": (text('{:spec {:Image "x" :Cmd}}'), ""),
     "illegal-char": (text('{:spec {:Image "x"}} \\'), ""),
