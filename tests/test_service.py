@@ -12,7 +12,14 @@ import trio.testing
 
 from condo import fsm
 from condo.fsm import Phase
-from condo.service import MAILBOX_CAPACITY, Mailbox, ResyncRequested, ServiceContext, run_service
+from condo.service import (
+    MAILBOX_CAPACITY,
+    PULL_LIMIT,
+    Mailbox,
+    ResyncRequested,
+    ServiceContext,
+    run_service,
+)
 from condo.spec import Deploy, ServiceSpec
 from condo.store import Store
 from tests.fakes import FakeEngine
@@ -73,8 +80,9 @@ async def test_health_timeout_and_backoff_on_virtual_time(
             await d.wait_phase(Phase.Wait)
             assert trio.current_time() == 50.0  # then 20 s
             assert d.state.attempt == 2
-    # Only the latest failed candidate is left (stopped), whatever the number of attempts.
-    assert [c.running for c in engine.containers.values()] == [False]
+            await trio.testing.wait_all_tasks_blocked()  # the third candidate is created
+            # Only the latest failed candidate is kept (stopped) beside the new one.
+            assert sorted(c.running for c in engine.containers.values()) == [False, True]
 
 
 async def test_after_n_drains_exactly_n_seconds(autojump_clock: trio.testing.MockClock) -> None:
@@ -175,3 +183,13 @@ def test_mailbox_keeps_only_the_latest_spec(newer: bool) -> None:
         return await mailbox.get()
 
     assert trio.run(first) == fsm.SpecChanged(spec("app:2") if newer else None)
+
+
+async def test_a_hung_pull_times_out_and_retries(autojump_clock: trio.testing.MockClock) -> None:
+    engine = FakeEngine(local_images={"app:1"}, registry_images={"app:9"}, pull_hangs=True)
+    with trio.fail_after(10_000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("remote/app:9"))
+            failed = await d.wait_phase(Phase.TryAgain)
+            assert trio.current_time() == PULL_LIMIT
+            assert failed.error is not None and "took more than" in failed.error.message

@@ -31,7 +31,7 @@ import trio
 
 from condo import fsm, labels
 from condo.docker.models import Container, ContainerId, ContainerSummary
-from condo.errors import ContainerNotFound, DockerError, ImageNotFound
+from condo.errors import ContainerNotFound, DockerError, DockerTimeout, ImageNotFound
 from condo.spec import ServiceSpec
 from condo.store import Store, now
 
@@ -42,6 +42,8 @@ MAILBOX_CAPACITY = 64
 CALL_LIMIT = 60.0
 STOP_LIMIT_EXTRA = 30.0
 OBSERVE_RETRY_DELAY = 1.0
+# A pull that makes no headway this long (a hung registry) fails as a transient error.
+PULL_LIMIT = 600.0
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -301,10 +303,13 @@ class _Driver:
             nursery.start_soon(cancel_when_superseded)
             log.info("service.pull", image=spec.image)
             try:
-                await engine.pull(spec.image)
+                with trio.fail_after(PULL_LIMIT):
+                    await engine.pull(spec.image)
             except DockerError as exc:
                 # Caught inside the nursery so that it leaves as itself, not in a group.
                 failure = exc
+            except trio.TooSlowError:
+                failure = DockerTimeout(f"pull of {spec.image} took more than {PULL_LIMIT:g} s")
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
