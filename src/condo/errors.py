@@ -15,6 +15,8 @@ meets them; nothing else in condo catches a foreign exception type::
     │       ├─ ContainerNotFound  (permanent) the container is gone
     │       ├─ NameConflict       (permanent) a container of that name already exists
     │       └─ BadRequest         (permanent) the engine rejected the create body or parameters
+    ├─ ConsulError                raised only by condo.consul; transient iff Consul did not answer
+    │                             or answered >= 500 (an ACL refusal or a bad request is permanent)
     └─ InvalidTransition          a bug: fsm.step met a (state, event) pair that cannot happen
 """
 
@@ -101,6 +103,21 @@ class NameConflict(DockerApiError):
 
 class BadRequest(DockerApiError):
     """The engine rejected the request's body or parameters (a bad create spec, usually)."""
+
+
+class ConsulError(CondoError):
+    """Consul could not do what condo asked (raised only by condo.consul).
+
+    Attributes:
+        status: the HTTP status Consul answered, or None when it did not answer at all.
+        transient: worth retrying soon (no answer, a timeout, a 5xx); a permanent error (403 ACL
+            refusal, 400) needs an operator, but condo keeps retrying slowly anyway.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = True) -> None:
+        self.status = status
+        self.transient = transient
+        super().__init__(message)
 
 
 class InvalidTransition(CondoError):

@@ -4,6 +4,7 @@
     ├─ state writer    writes the newest state file, coalesced (condo.persist.StateWriter)
     ├─ docker events   the engine's events, routed to the services' mailboxes
     ├─ leftovers       once: services known only from the state file or the engine's labels
+    ├─ consul          session keeper + publisher + watcher (condo.consul), when --expose consul
     ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir)
     ├─ web             the HTTP API (condo.web), when --server is not off
     └─ services nursery
@@ -30,6 +31,7 @@ import trio
 
 from condo import fsm, labels, persist
 from condo.config import Config
+from condo.consul import run_consul
 from condo.docker import (
     ContainerEvent,
     ContainerSummary,
@@ -45,6 +47,7 @@ from condo.service import Mailbox, ServiceContext, run_service
 from condo.spec import ServiceSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
 from condo.store import Store, now
+from condo.waiting import StateSource
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +68,8 @@ class Running:
     config: Config
     writer: persist.StateWriter
     shutdown: Callable[[], None]
+    # Every host's state (Consul's picture) when --expose consul; None when exposing is off.
+    global_source: StateSource | None = None
 
 
 class Supervisor:
@@ -294,10 +299,18 @@ async def run_condo(
         supervisor = Supervisor(config, docker, store, writer, records)
         try:
             async with trio.open_nursery() as root:
-                running = Running(
-                    store=store, docker=docker, config=config, writer=writer, shutdown=stopping.set
-                )
                 await root.start(writer.run)
+                global_source: StateSource | None = None
+                if config.expose == "consul":
+                    global_source = await root.start(run_consul, config, store)
+                running = Running(
+                    store=store,
+                    docker=docker,
+                    config=config,
+                    writer=writer,
+                    shutdown=stopping.set,
+                    global_source=global_source,
+                )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER
                 )

@@ -1,0 +1,303 @@
+"""The one place in condo that speaks HTTP to Consul.
+
+Owns: `open_consul_client` (endpoint URL and token → one httpx.AsyncClient), `ConsulClient` (one
+method per Consul call condo needs: sessions, acquire/delete of a key, blocking reads of a
+prefix), and the mapping of every httpx error and Consul status into `condo.errors.ConsulError`
+(`_translated` and `_error_for`, nowhere else).
+
+Invariants:
+- Every call leaves a value or a `ConsulError`; no httpx exception or JSON shape escapes. What
+  Consul says about a session or a lock (`false`, 404 on renew, 500 `invalid session`) is an
+  answer, not an error: `Acquire` and `renew_session`'s bool carry it.
+- The ACL token travels only in the `X-Consul-Token` header: never in a URL, a log line, a repr or
+  an error message.
+- Callers own deadlines (cancel scopes); the httpx timeouts here only guard against a Consul that
+  accepted a request and went silent (a stopped agent), and surface as transient errors.
+- `unreachable_since` (Trio time) is set by the first call that gets no answer and cleared by the
+  next one that does: readers use it to tell a stale picture.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, NewType
+
+import attrs
+import httpx
+import structlog
+import trio
+
+from condo.errors import ConfigError, ConsulError
+
+log = structlog.get_logger(__name__)
+
+SessionId = NewType("SessionId", str)
+
+# A local agent answers in milliseconds; five silent seconds mean it is stopped or wedged.
+DEFAULT_TIMEOUT = httpx.Timeout(5.0)
+# How long one blocking query may wait for a change (Consul's maximum is 10 min). Short enough that
+# a connection silently lost is noticed within a minute; long enough to cost nothing.
+BLOCKING_WAIT = 30.0
+# Consul adds up to wait/16 of jitter before it answers an unchanged blocking query.
+BLOCKING_TIMEOUT = httpx.Timeout(5.0, read=BLOCKING_WAIT * (1 + 1 / 16) + 5.0)
+
+
+class Acquire(enum.Enum):
+    """What Consul said to `PUT /v1/kv/<key>?acquire=<session>`."""
+
+    DONE = "done"  # written, and held by the session
+    REFUSED = "refused"  # `false`: another session holds the key (or a lock delay runs)
+    NO_SESSION = "no-session"  # 500 `invalid session`: the session is gone
+
+
+@attrs.frozen(kw_only=True)
+class Session:
+    id: SessionId
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class Entry:
+    """One key of a prefix read: its raw value and the session holding it, if any."""
+
+    key: str
+    value: bytes | None
+    session: SessionId | None
+    modify_index: int
+
+
+@attrs.frozen(kw_only=True)
+class Listing:
+    """A prefix read: its entries and the `X-Consul-Index` to block on next."""
+
+    index: int
+    entries: tuple[Entry, ...]
+
+
+def parse_endpoint(endpoint: str) -> str:
+    """`--consul-endpoint` → the base URL httpx talks to.
+
+    `http(s)://HOST:PORT` as is; the original condo's `tcp://HOST:PORT` means plain HTTP.
+    """
+    url = httpx.URL(endpoint.strip())
+    if url.scheme == "tcp":
+        url = url.copy_with(scheme="http")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            f"--consul-endpoint {endpoint!r}: expected http://HOST:PORT or https://HOST:PORT"
+        )
+    return str(url.copy_with(path="/", query=None, fragment=None)).rstrip("/")
+
+
+def _error_for(method: str, what: str, response: httpx.Response) -> ConsulError:
+    """An error status as condo's error: 5xx (and 429) are worth retrying soon, 4xx are not."""
+    status = response.status_code
+    text = response.text.strip()[:300] or response.reason_phrase
+    transient = status >= 500 or status == 429
+    if status == 403:
+        text = f"permission denied (check --consul-token and its ACL policy): {text}"
+    return ConsulError(f"{method} {what}: {status} {text}", status=status, transient=transient)
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    # Only the exception's type and text: httpx's texts never hold request headers (the token).
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _quoted(key: str) -> str:
+    # Keys are free text per segment (service file names may hold spaces, '%', '?', '#').
+    return urllib.parse.quote(key, safe="/")
+
+
+class ConsulClient:
+    """One per condo process; every method may be called concurrently from any task.
+
+    Build it with `open_consul_client` (or give it any httpx.AsyncClient whose base_url is the
+    agent, e.g. one with event hooks in tests).
+    """
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+        self.unreachable_since: float | None = None
+
+    def __repr__(self) -> str:
+        return f"ConsulClient(base_url={str(self._http.base_url)!r})"
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _translated(self, method: str, what: str) -> Iterator[None]:
+        """The one place where httpx's exceptions become condo's errors."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            self._unanswered()
+            log.debug("consul.call", method=method, path=what, error=type(exc).__name__)
+            raise ConsulError(f"{method} {what}: Consul did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            # Refused, reset, a truncated body: Consul is not (or no longer) there for this call.
+            self._unanswered()
+            log.debug("consul.call", method=method, path=what, error=type(exc).__name__)
+            raise ConsulError(f"{method} {what}: {_describe(exc)}") from exc
+        self.unreachable_since = None
+
+    def _unanswered(self) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = trio.current_time()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        json: Any = None,
+        guard: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> httpx.Response:
+        # `guard` is httpx's silence guard, not a deadline (callers own those).
+        with self._translated(method, path):
+            response = await self._http.request(
+                method, path, params=params, content=content, json=json, timeout=guard
+            )
+        log.debug("consul.call", method=method, path=path, status=response.status_code)
+        return response
+
+    def _json(self, method: str, path: str, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:  # not JSON, or a bad encoding: a proxy's page, a truncated answer
+            raise ConsulError(
+                f"{method} {path}: {response.status_code} with a body that is not JSON",
+                status=response.status_code,
+            ) from None
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    async def create_session(self, name: str, ttl: float) -> SessionId:
+        """A session that deletes its keys when it ends, with no lock delay (stack-notes §6)."""
+        path = "/v1/session/create"
+        body = {"Name": name, "TTL": f"{ttl:g}s", "Behavior": "delete", "LockDelay": "0s"}
+        response = await self._call("PUT", path, json=body)
+        if response.status_code != 200:
+            raise _error_for("PUT", path, response)
+        data = self._json("PUT", path, response)
+        if not isinstance(data, dict) or not isinstance(data.get("ID"), str):
+            raise ConsulError(f"PUT {path}: an answer without a session ID", status=200)
+        return SessionId(data["ID"])
+
+    async def renew_session(self, session: SessionId) -> bool:
+        """Renew; False when Consul no longer knows the session (it expired or was destroyed)."""
+        path = f"/v1/session/renew/{_quoted(session)}"
+        response = await self._call("PUT", path)
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise _error_for("PUT", path, response)
+        return True
+
+    async def destroy_session(self, session: SessionId) -> None:
+        """End the session; with `Behavior: delete` its keys vanish at once."""
+        path = f"/v1/session/destroy/{_quoted(session)}"
+        response = await self._call("PUT", path)
+        if response.status_code != 200:
+            raise _error_for("PUT", path, response)
+
+    async def list_sessions(self) -> list[Session]:
+        path = "/v1/session/list"
+        response = await self._call("GET", path)
+        if response.status_code != 200:
+            raise _error_for("GET", path, response)
+        data = self._json("GET", path, response)
+        if not isinstance(data, list):
+            raise ConsulError(f"GET {path}: an answer that is not a list", status=200)
+        return [
+            Session(id=SessionId(item["ID"]), name=str(item.get("Name", "")))
+            for item in data
+            if isinstance(item, dict) and isinstance(item.get("ID"), str)
+        ]
+
+    # --- keys -------------------------------------------------------------------------------
+
+    async def acquire(self, key: str, value: bytes, session: SessionId) -> Acquire:
+        """Write `value` at `key` and hold the key with `session`."""
+        path = f"/v1/kv/{_quoted(key)}"
+        response = await self._call("PUT", path, params={"acquire": session}, content=value)
+        if response.status_code == 500 and "invalid session" in response.text:
+            return Acquire.NO_SESSION
+        if response.status_code != 200:
+            raise _error_for("PUT", path, response)
+        answer = response.text.strip()
+        if answer == "true":
+            return Acquire.DONE
+        if answer == "false":
+            return Acquire.REFUSED
+        raise ConsulError(f"PUT {path}: unexpected answer {answer[:100]!r}", status=200)
+
+    async def delete(self, key: str) -> None:
+        """Delete one key (a key that is already gone is fine)."""
+        path = f"/v1/kv/{_quoted(key)}"
+        response = await self._call("DELETE", path)
+        if response.status_code != 200:
+            raise _error_for("DELETE", path, response)
+
+    async def read_prefix(self, prefix: str, *, index: int = 0) -> Listing:
+        """Every key under `prefix`; with `index` > 0 a blocking query (returns on a change or
+        after BLOCKING_WAIT). An empty prefix is an empty listing (Consul answers 404)."""
+        path = f"/v1/kv/{_quoted(prefix)}"
+        params = {"recurse": "true"}
+        if index > 0:
+            params |= {"index": str(index), "wait": f"{BLOCKING_WAIT:g}s"}
+        response = await self._call("GET", path, params=params, guard=BLOCKING_TIMEOUT)
+        try:
+            new_index = int(response.headers.get("X-Consul-Index", "0"))
+        except ValueError:
+            raise ConsulError(f"GET {path}: an X-Consul-Index that is not a number") from None
+        if response.status_code == 404:
+            return Listing(index=new_index, entries=())
+        if response.status_code != 200:
+            raise _error_for("GET", path, response)
+        data = self._json("GET", path, response)
+        if not isinstance(data, list):
+            raise ConsulError(f"GET {path}: an answer that is not a list", status=200)
+        return Listing(index=new_index, entries=tuple(_entries(data)))
+
+
+def _entries(data: list[Any]) -> Iterator[Entry]:
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("Key"), str):
+            continue  # not a KV entry at all; decode_value will never see it
+        encoded = item.get("Value")
+        try:
+            value = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
+        except (binascii.Error, ValueError):  # Consul always sends base64; be safe regardless
+            value = None
+        session = item.get("Session")
+        modify_index = item.get("ModifyIndex")
+        yield Entry(
+            key=item["Key"],
+            value=value,
+            session=SessionId(session) if isinstance(session, str) and session else None,
+            modify_index=modify_index if isinstance(modify_index, int) else 0,
+        )
+
+
+@asynccontextmanager
+async def open_consul_client(
+    endpoint: str, *, token: str | None = None
+) -> AsyncIterator[ConsulClient]:
+    """A ConsulClient on `endpoint` (see `parse_endpoint`); `token` goes in `X-Consul-Token`.
+
+    Opening never touches Consul: condo starts (and keeps supervising) while Consul is away.
+    """
+    headers = {"X-Consul-Token": token} if token else {}
+    async with httpx.AsyncClient(
+        base_url=parse_endpoint(endpoint), headers=headers, timeout=DEFAULT_TIMEOUT
+    ) as http:
+        yield ConsulClient(http)

@@ -1,0 +1,131 @@
+"""Where condo's state lives in Consul's KV store, and what the values look like. Pure: no I/O.
+
+Layout (one key per (service, host), under the `--consul-prefix`, default `condo`)::
+
+    <prefix>/<service>/<host>   →  {"host": H, "service": NAME, "state": SERVICE,
+                                    "version": condo's version, "at": unix seconds}
+
+- `<prefix>` has no leading or trailing `/` (`/condo/` is read as `condo`); it may itself hold
+  `/` (`team/condo`). Everything under `<prefix>/` that does not have exactly two more segments,
+  or whose value does not decode, or whose value names another key, is foreign: readers skip it.
+- `SERVICE` is the `/v1/state` object of that service (CONTRACT.md); `at` is when that host wrote
+  it (wall clock, display only).
+- Every key is held (`?acquire=`) by its host's session (`Behavior: delete`): when the host's condo
+  dies its keys vanish within 2 x TTL; on a clean shutdown at once.
+
+Service-first order lets `/v1/wait_for` read one service of every host with one prefix query, and
+an operator list the hosts of a service with `consul kv get -recurse <prefix>/<service>/`.
+
+Invariant: `decode_value(key, encode_value(...))` gives back exactly what was encoded, for every
+service and host name condo accepts (any name without `/`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+import condo
+from condo.errors import ConfigError
+
+
+@attrs.frozen
+class KeyLayout:
+    """The keys of one prefix. Build it with `KeyLayout.of(prefix)`, which normalises and checks."""
+
+    prefix: str
+
+    @classmethod
+    def of(cls, prefix: str) -> KeyLayout:
+        normal = prefix.strip().strip("/")
+        if not normal:
+            # An empty prefix would make the watcher read (and the takeover judge) the whole KV.
+            raise ConfigError(f"--consul-prefix {prefix!r}: must name a folder, e.g. condo")
+        if any(part in ("", ".", "..") for part in normal.split("/")):
+            raise ConfigError(f"--consul-prefix {prefix!r}: empty, . or .. path segment")
+        return cls(normal)
+
+    @property
+    def folder(self) -> str:
+        """What every key of this layout starts with (the blocking query's prefix)."""
+        return f"{self.prefix}/"
+
+    def key(self, service: str, host: str) -> str:
+        return f"{self.prefix}/{service}/{host}"
+
+    def parse(self, key: str) -> tuple[str, str] | None:
+        """`<prefix>/<service>/<host>` → (service, host); None for any other key."""
+        if not key.startswith(self.folder):
+            return None
+        parts = key[len(self.folder) :].split("/")
+        if len(parts) != 2 or not all(parts):
+            return None
+        return parts[0], parts[1]
+
+
+def check_name(what: str, name: str) -> None:
+    """A host or service name must be one key segment (no `/`, not empty)."""
+    if not name or "/" in name:
+        raise ConfigError(f"{what} {name!r} cannot be a Consul key segment (empty or has '/')")
+
+
+@attrs.frozen(kw_only=True)
+class Published:
+    """One decoded value: what `host` said about `service` at `at`."""
+
+    host: str
+    service: str
+    state: Mapping[str, Any]
+    version: str
+    at: float
+
+
+def encode_value(host: str, service: str, state: Mapping[str, Any], at: float) -> bytes:
+    """The bytes stored at `<prefix>/<service>/<host>`."""
+    document = {
+        "host": host,
+        "service": service,
+        "state": state,
+        "version": condo.__version__,
+        "at": at,
+    }
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+class ForeignValue(ValueError):
+    """A value under the prefix that condo did not write (or that another version broke)."""
+
+
+def decode_value(layout: KeyLayout, key: str, raw: bytes | None) -> Published:
+    """The value at `key`, checked against the key itself; raises ForeignValue otherwise."""
+    where = layout.parse(key)
+    if where is None:
+        raise ForeignValue("not a <prefix>/<service>/<host> key")
+    if raw is None:
+        raise ForeignValue("empty value")
+    try:
+        document = json.loads(raw)
+    except ValueError:  # JSON or UTF-8 errors alike: somebody else's bytes
+        raise ForeignValue("not JSON") from None
+    if not isinstance(document, dict):
+        raise ForeignValue("not a JSON object")
+    host, service, state = document.get("host"), document.get("service"), document.get("state")
+    if not isinstance(host, str) or not isinstance(service, str):
+        raise ForeignValue("no host or service name")
+    if (service, host) != where:
+        # A value copied to another key would count one host twice, or a host that is gone.
+        raise ForeignValue(f"names {service}/{host}, not its own key")
+    if not isinstance(state, dict) or not isinstance(state.get("state"), str):
+        raise ForeignValue("no service state")
+    at = document.get("at")
+    version = document.get("version")
+    return Published(
+        host=host,
+        service=service,
+        state=state,
+        version=version if isinstance(version, str) else "",
+        at=float(at) if isinstance(at, int | float) and not isinstance(at, bool) else 0.0,
+    )

@@ -1,0 +1,147 @@
+"""`ConsulSource`: every host's services, as Consul holds them, for the web app (a StateSource).
+
+One watcher task (`run`) reads `<prefix>/` with blocking queries and keeps the latest `Picture`
+(token: the read's `X-Consul-Index`; hosts: {host: {service: SERVICE}}); a change swaps in a
+fresh `trio.Event`, so any number of `wait_beyond` callers cost one query in flight.
+
+Invariants:
+- Blocking-query index rules (stack-notes §6): start at 0 (no blocking), then pass the last
+  `X-Consul-Index`; an index that goes backwards (a restarted agent) or any failed read resets to
+  0; never block with 0. Reads start at most every MIN_READ_INTERVAL (Consul may answer a
+  blocking query at once, again and again).
+- A foreign or broken value skips that key only (logged once per key and version), never the
+  whole read. An empty prefix (Consul's 404) is an empty picture, not an error.
+- The token only moves when the picture (or a key's holder) changes, and only forwards, even
+  across an index reset, so `wait_beyond` never waits on a picture it has already seen.
+- While Consul cannot be read the picture keeps its last value and `stale` is true; the first
+  good read clears it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+import trio
+
+from condo.consul.client import ConsulClient, Listing, SessionId
+from condo.consul.layout import ForeignValue, KeyLayout, decode_value
+from condo.errors import ConsulError
+from condo.waiting import Picture
+
+log = structlog.get_logger(__name__)
+
+MIN_READ_INTERVAL = 0.02
+FIRST_RETRY_DELAY = 0.1
+# Capped so that a read after Consul comes back happens within ~1 s (catch-up within 2 s).
+MAX_RETRY_DELAY = 1.0
+
+
+class ConsulSource:
+    """The global picture from Consul; `run` (one task) keeps it fresh."""
+
+    def __init__(self, client: ConsulClient, layout: KeyLayout) -> None:
+        self._client = client
+        self._layout = layout
+        self._picture = Picture(token=0, hosts={})
+        # (service, host) -> the session that holds its key: what the publisher checks itself by
+        self._holders: Mapping[tuple[str, str], SessionId | None] = {}
+        self._changed = trio.Event()
+        self._read_ok = False  # the last read (if any) succeeded
+        self._fresh_at: float | None = None  # Trio time of the last good read
+        self._reported: dict[str, int] = {}  # key -> ModifyIndex of a foreign value logged once
+
+    def __repr__(self) -> str:
+        return f"ConsulSource(prefix={self._layout.prefix!r}, token={self._picture.token})"
+
+    # --- StateSource ------------------------------------------------------------------------
+
+    def picture(self) -> Picture:
+        return self._picture
+
+    async def wait_beyond(self, token: int) -> None:
+        if self._picture.token != token:
+            return
+        await self._changed.wait()
+
+    # --- extras -----------------------------------------------------------------------------
+
+    @property
+    def stale(self) -> bool:
+        """True until the first good read, and while Consul does not answer."""
+        if not self._read_ok or self._fresh_at is None:
+            return True
+        since = self._client.unreachable_since
+        # Another task of this process (the publisher) already found Consul silent.
+        return since is not None and since > self._fresh_at
+
+    def holders(self, host: str) -> Mapping[str, SessionId | None]:
+        """service -> the session holding `<prefix>/<service>/<host>`, as of the latest read."""
+        return {svc: sid for (svc, h), sid in self._holders.items() if h == host}
+
+    # --- the watcher ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read and follow the prefix until cancelled; reports started at once (Consul may be
+        away: the picture is then empty and stale)."""
+        task_status.started()
+        index = 0
+        delay = FIRST_RETRY_DELAY
+        failing_since: float | None = None
+        while True:
+            started = trio.current_time()
+            try:
+                listing = await self._client.read_prefix(self._layout.folder, index=index)
+            except ConsulError as exc:
+                self._read_ok = False
+                if failing_since is None:
+                    failing_since = started
+                    # Once per outage. A transient outage is the publisher's to report (it
+                    # meets it too); a permanent refusal (ACL) may be this read's alone.
+                    report = log.debug if exc.transient else log.warning
+                    report("consul.watch_failed", error=str(exc))
+                index = 0  # the agent may come back restarted, with smaller indexes
+                await trio.sleep(delay if exc.transient else MAX_RETRY_DELAY * 10)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            if failing_since is not None:
+                outage = round(trio.current_time() - failing_since, 3)
+                log.debug("consul.watch_resumed", outage=outage)
+                failing_since = None
+            delay = FIRST_RETRY_DELAY
+            self._apply(listing)
+            # Backwards: a restarted agent. Read afresh (without blocking) at once.
+            index = 0 if listing.index < index else max(listing.index, 1)
+            await trio.sleep_until(started + MIN_READ_INTERVAL)
+
+    def _apply(self, listing: Listing) -> None:
+        hosts: dict[str, dict[str, Mapping[str, Any]]] = {}
+        holders: dict[tuple[str, str], SessionId | None] = {}
+        seen: set[str] = set()
+        for entry in listing.entries:
+            seen.add(entry.key)
+            try:
+                value = decode_value(self._layout, entry.key, entry.value)
+            except ForeignValue as exc:
+                self._report(entry.key, entry.modify_index, str(exc))
+                continue
+            hosts.setdefault(value.host, {})[value.service] = value.state
+            holders[value.service, value.host] = entry.session
+        # Forget reports of keys that are gone, so the set never grows without bound.
+        self._reported = {k: i for k, i in self._reported.items() if k in seen}
+        self._read_ok = True
+        self._fresh_at = trio.current_time()
+        if hosts == self._picture.hosts and holders == self._holders:
+            return  # a wake-up with nothing new for us (another key, a mere index bump)
+        token = listing.index if listing.index > self._picture.token else self._picture.token + 1
+        self._picture = Picture(token=token, hosts=hosts)
+        self._holders = holders
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def _report(self, key: str, modify_index: int, reason: str) -> None:
+        if self._reported.get(key) == modify_index:
+            return
+        self._reported[key] = modify_index
+        log.warning("consul.foreign_value", key=key, reason=reason)
