@@ -3,8 +3,10 @@
 # The build context is a folder that holds only `wheels/`: condo's wheel and its pinned
 # dependencies, built on the host (`pip wheel -w CONTEXT/wheels .`), because nothing inside a build
 # here reaches a package index. BASE is any Debian-like image with python3 (the wheels' minor
-# version, 3.11) and its venv module, whose config sets PATH; scripts/build-image makes
-# condo-base:bookworm with debootstrap. Written for the legacy builder: no heredocs, no --mount.
+# version, 3.11) and its venv module; scripts/build-image makes condo-base:bookworm with
+# debootstrap. Written for the legacy builder: no heredocs, no --mount.
+#
+# Registry credentials: mount a Docker config.json and point CONDO_DOCKER_CONFIG at it.
 #
 # Run it with the engine's socket and a spec directory mounted:
 #   docker run -d --name condo -e CONDO_HOST=$(hostname) \

@@ -98,6 +98,21 @@ async def test_the_image_is_small_and_says_its_version(
         assert json.loads(facts) == {"tables": True, "wheels": False, "pip": []}
 
 
+async def test_the_environment_overrides_the_images_defaults(
+    image: str, container_labels: Mapping[str, str]
+) -> None:
+    # An address condo cannot parse, given only through the environment: if CONDO_SERVER did not
+    # beat the image's own default, condo would start instead of refusing it.
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            ["docker", "run", "--rm", *docker_labels(container_labels),
+             "-e", "CONDO_SERVER=no-such-address", image],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr.decode()
+    assert "--server 'no-such-address'" in result.stderr.decode()
+
+
 @attrs.define
 class CondoContainer:
     """condo running in the image, its spec directory mounted at /var/lib/condo."""
