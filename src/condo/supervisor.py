@@ -21,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,8 +45,9 @@ from condo.docker import (
 )
 from condo.errors import DockerError, StateFileError
 from condo.record import RECORD_VERSION, RecordError, from_record
+from condo.selfdeploy import run_self_deployer
 from condo.service import Mailbox, ServiceContext, run_service
-from condo.spec import ServiceSpec
+from condo.spec import SelfSpec, ServiceSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
 from condo.store import Store, now
 from condo.waiting import StateSource
@@ -90,17 +93,68 @@ class Supervisor:
         self._records = records
         self._mailboxes: dict[str, Mailbox] = {}
         self._services: trio.Nursery | None = None
+        self._last_snapshot: SpecSnapshot | None = None
+        # Self-deploy: the latest valid self.edn goes to the deployer; suspension stops every
+        # driver (after its Docker call in flight) until resume() respawns them.
+        self._wanted_self: trio.MemorySendChannel[SelfSpec] | None = None
+        self._suspended = False
+        self._suspend_requested = trio.Event()
+        self._services_stopped = trio.Event()
+        self._resume_requested = trio.Event()
 
     # --- tasks ----------------------------------------------------------------------------------
 
     async def run_services(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """The services nursery; lives until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._services = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        """The services nursery; lives until cancelled, closed while suspended."""
+        first = True
+        while True:
+            async with trio.open_nursery() as nursery:
+                self._services = nursery
+                if first:
+                    task_status.started()
+                    first = False
+                else:
+                    self._respawn()
+                await self._suspend_requested.wait()
+                # Drivers finish the Docker call in flight (shielded) and stop; their states
+                # stay in the store.
+                nursery.cancel_scope.cancel()
+            self._services = None
+            self._mailboxes.clear()
+            self._suspend_requested = trio.Event()
+            self._services_stopped.set()
+            await self._resume_requested.wait()
+            self._resume_requested = trio.Event()
+
+    async def suspend(self) -> None:
+        """Stop every driver (no workload is touched) and write the state file."""
+        self._suspended = True
+        self._services_stopped = trio.Event()
+        self._suspend_requested.set()
+        await self._services_stopped.wait()
+        with trio.move_on_after(FLUSH_LIMIT):
+            await self._writer.flush()
+        log.info("supervisor.suspended")
+
+    def resume(self) -> None:
+        """Respawn every driver from its stored state, and catch up with the spec files."""
+        self._suspended = False
+        self._resume_requested.set()
+        log.info("supervisor.resumed")
+
+    def want_self(self, channel: trio.MemorySendChannel[SelfSpec]) -> None:
+        """Send every valid self.edn to `channel` (the self-deployer)."""
+        self._wanted_self = channel
+
+    def _respawn(self) -> None:
+        self._records = {name: entry.state for name, entry in self._store.entries.items()}
+        if self._last_snapshot is not None:
+            self.on_snapshot(self._last_snapshot)
+        for name in list(self._records):
+            if name not in self._mailboxes:
+                self._spawn(name).set_spec(None)
 
     async def run_event_router(
         self, receive: trio.MemoryReceiveChannel[ContainerEvent | EventsResumed]
@@ -144,6 +198,13 @@ class Supervisor:
 
     def on_snapshot(self, snapshot: SpecSnapshot) -> None:
         """A new full picture of the spec directories: tell each service what it is now."""
+        self._last_snapshot = snapshot
+        if isinstance(snapshot.self_spec, SelfSpec) and self._wanted_self is not None:
+            # WouldBlock: the deployer is busy; resume() offers the latest self.edn again.
+            with contextlib.suppress(trio.WouldBlock):
+                self._wanted_self.send_nowait(snapshot.self_spec)
+        if self._suspended:
+            return
         for name, entry in snapshot.entries.items():
             self._store.set_spec_error(name, entry.error, str(entry.path))
             mailbox = self._mailboxes.get(name) or self._spawn(name, entry.spec)
@@ -327,6 +388,19 @@ async def run_condo(
                         supervisor.on_snapshot,
                         rescan_interval=config.rescan_interval,
                         task_status=task_status,
+                    )
+                )
+                wanted_self, self_specs = trio.open_memory_channel[SelfSpec](1)
+                supervisor.want_self(wanted_self)
+                root.start_soon(
+                    functools.partial(
+                        run_self_deployer,
+                        docker,
+                        config.host,
+                        self_specs,
+                        suspend=supervisor.suspend,
+                        resume=supervisor.resume,
+                        exit_condo=stopping.set,
                     )
                 )
                 root.start_soon(supervisor.adopt_leftovers)
