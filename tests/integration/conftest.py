@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 import trio
 
+import condo
 from condo.docker import DockerClient, open_docker
 from condo.errors import ContainerNotFound
 
+REPO = Path(__file__).resolve().parents[2]
 TEST_LABEL = "condo-test"
 RUN_LABEL = "condo-test.run"
 
@@ -93,3 +97,27 @@ def remove_local_image(
         assert not await docker.image_present(reference)
 
     return remove
+
+
+BUILD_LIMIT = 900  # seconds; a warm build takes a few, a cold base about a minute
+
+
+@pytest.fixture(scope="session")
+def condo_image() -> Iterator[str]:
+    """A fresh build of the condo image from this tree (scripts/build-image), for this session.
+
+    Tagged `condo:test-<random>` and removed at the end with `--no-prune`, so that the layers stay
+    as the next build's cache.
+    """
+    tag = f"condo:test-{uuid.uuid4().hex[:10]}"
+    built = subprocess.run(
+        [str(REPO / "scripts" / "build-image"), tag],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_LIMIT,
+        check=False,
+    )
+    assert built.returncode == 0, f"scripts/build-image failed:\n{built.stderr[-6000:]}"
+    assert f"built {tag} (condo {condo.__version__})" in built.stderr.splitlines()[-1]
+    yield tag
+    subprocess.run(["docker", "rmi", "--no-prune", tag], capture_output=True, check=False)

@@ -16,7 +16,7 @@ import contextlib
 import json
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from condo import labels
 from condo.docker import ContainerId, DockerClient
 from condo.errors import ContainerNotFound
 from tests.integration.conftest import RUN_LABEL, DockerCli
-from tests.integration.harness import REPO, remove_host_containers
+from tests.integration.harness import remove_host_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -38,22 +38,9 @@ MAX_IMAGE_MB = 200  # measured 162 MB: the trimmed bookworm base ~124 MB, condo'
 SPEC = '{:spec {:Image "condo-test/busybox:1" :Labels {"condo-test" "1"}}}\n'
 
 
-@pytest.fixture(scope="module")
-def image() -> Iterator[str]:
-    """A fresh build of the image from this tree, tagged for this module only."""
-    tag = f"condo:test-{uuid.uuid4().hex[:10]}"
-    built = subprocess.run(
-        [str(REPO / "scripts" / "build-image"), tag],
-        capture_output=True,
-        text=True,
-        timeout=BUILD_LIMIT,
-        check=False,
-    )
-    assert built.returncode == 0, f"scripts/build-image failed:\n{built.stderr[-6000:]}"
-    assert f"built {tag} (condo {condo.__version__})" in built.stderr.splitlines()[-1]
-    yield tag
-    # --no-prune: keep the parent layers, which are the next build's cache.
-    subprocess.run(["docker", "rmi", "--no-prune", tag], capture_output=True, check=False)
+@pytest.fixture
+def image(condo_image: str) -> str:
+    return condo_image
 
 
 def docker_labels(container_labels: Mapping[str, str]) -> list[str]:
