@@ -27,6 +27,7 @@ from condo.config import DEFAULT_SERVER, Config, parse_server
 from condo.errors import ConfigError, SpecError
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
 from condo.supervisor import run_condo
+from condo.web import WebServer
 
 SELF_SPEC_NAME = "self.edn"
 
@@ -122,7 +123,13 @@ async def run(
             api_token=api_token,
         )
         config.check()
-        await run_condo(config, handle_signals=True)
+        # Bound before anything starts, so that a taken or bad --server is a usage error.
+        web = await WebServer.listen(config.server) if config.server is not None else None
+        try:
+            await run_condo(config, web=web, handle_signals=True)
+        finally:
+            if web is not None:
+                web.close()  # only frees the socket if the server never started
     except ConfigError as exc:
         print(f"condo: {exc}", file=sys.stderr)
         return 2

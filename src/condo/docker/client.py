@@ -16,6 +16,9 @@ Invariants:
   engine that accepted a request and went silent; they surface as `DockerTimeout`.
 - Credentials travel only in the X-Registry-Auth header of a pull; they are never logged and
   never part of an error message.
+- Call observers (`add_call_observer`, for the latency metric) see one `CallRecord` per request
+  that got an answer or failed (not per cancelled one); the path is a template without ids or
+  image names, so it is safe as a metric label. Observers run synchronously and must not block.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection,
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
+import attrs
 import httpx
 import structlog
 import trio
@@ -48,6 +52,7 @@ from condo.errors import (
     ConfigError,
     ContainerNotFound,
     DockerApiError,
+    DockerError,
     DockerTimeout,
     DockerUnavailable,
     ImageNotFound,
@@ -84,6 +89,30 @@ class _Subject(enum.Enum):
     CONTAINER = enum.auto()  # a 404 is ContainerNotFound
     CREATE = enum.auto()  # a 404 "No such image" is ImageNotFound; any other 404 stays generic
     ENGINE = enum.auto()  # a 404 is just an error
+
+
+@attrs.frozen(kw_only=True)
+class CallRecord:
+    """One finished engine call, as call observers see it."""
+
+    method: str
+    endpoint: str  # the path as a template: "/containers/{id}/start", "/images/{name}/json"
+    outcome: str  # the HTTP status ("204") or the error class ("DockerUnavailable")
+    took: float  # seconds on Trio's clock, until the answer's headers
+
+
+CallObserver = Callable[[CallRecord], None]
+
+
+def endpoint_template(path: str) -> str:
+    """A request path without its ids and names: a bounded set of values, fit for a label."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[1] == "containers" and parts[2] not in ("create", "json"):
+        return "/".join(["", "containers", "{id}", *parts[3:]])
+    if len(parts) >= 3 and parts[1] == "images" and parts[2] != "create":
+        # Image names contain slashes: everything between /images/ and the last part is the name.
+        return "/images/{name}/" + parts[-1] if len(parts) >= 4 else "/images/{name}"
+    return path
 
 
 def _error_for(status: int, message: str, subject: _Subject) -> DockerApiError:
@@ -254,6 +283,7 @@ class DockerClient:
         self._http = http
         self._auth = auth
         self._version: str | None = None
+        self._observers: list[CallObserver] = []
 
     @property
     def api_version(self) -> str:
@@ -269,7 +299,29 @@ class DockerClient:
             f"DockerClient(base_url={str(self._http.base_url)!r}, api_version={self.api_version!r})"
         )
 
+    def add_call_observer(self, observer: CallObserver) -> Callable[[], None]:
+        """Call `observer` after every engine call; returns a function that removes it."""
+        self._observers.append(observer)
+
+        def remove() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return remove
+
     # --- plumbing ---------------------------------------------------------------------------
+
+    def _observed(self, method: str, path: str, outcome: str, started: float) -> None:
+        if not self._observers:
+            return
+        record = CallRecord(
+            method=method,
+            endpoint=endpoint_template(path),
+            outcome=outcome,
+            took=trio.current_time() - started,
+        )
+        for observer in list(self._observers):
+            observer(record)
 
     async def _url(self, path: str) -> str:
         if self._version is None:
@@ -291,14 +343,19 @@ class DockerClient:
         """One request with its body read; a status outside `ok` raises the mapped error."""
         url = await self._url(path) if versioned else path
         started = trio.current_time()
-        with _translated(method, path):
-            response = await self._http.request(
-                method,
-                url,
-                params=params,
-                json=dict(body) if body is not None else None,
-                timeout=guard,
-            )
+        try:
+            with _translated(method, path):
+                response = await self._http.request(
+                    method,
+                    url,
+                    params=params,
+                    json=dict(body) if body is not None else None,
+                    timeout=guard,
+                )
+        except DockerError as exc:  # observed, then re-raised unchanged
+            self._observed(method, path, type(exc).__name__, started)
+            raise
+        self._observed(method, path, str(response.status_code), started)
         took = round(trio.current_time() - started, 4)
         log.debug("docker.call", method=method, path=path, status=response.status_code, took=took)
         if response.status_code not in ok:
@@ -327,23 +384,36 @@ class DockerClient:
         body of the caller's `async with` runs inside `_translated`."""
         url = await self._url(path)
         started = trio.current_time()
-        with _translated(method, path):
-            async with self._http.stream(
-                method, url, params=params, headers=headers, timeout=guard
-            ) as response:
-                took = round(trio.current_time() - started, 4)
-                log.debug(
-                    "docker.call", method=method, path=path, status=response.status_code, took=took
-                )
-                if response.status_code != 200:
-                    await response.aread()
-                    raise _error_for(response.status_code, _message(response), subject)
-                raw = response.aiter_lines()
-                try:
-                    async with aclosing(_json_lines(raw)) as lines:
-                        yield lines
-                finally:
-                    await _finish(response, raw)
+        answered = False
+        try:
+            with _translated(method, path):
+                async with self._http.stream(
+                    method, url, params=params, headers=headers, timeout=guard
+                ) as response:
+                    answered = True
+                    self._observed(method, path, str(response.status_code), started)
+                    took = round(trio.current_time() - started, 4)
+                    log.debug(
+                        "docker.call",
+                        method=method,
+                        path=path,
+                        status=response.status_code,
+                        took=took,
+                    )
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise _error_for(response.status_code, _message(response), subject)
+                    raw = response.aiter_lines()
+                    try:
+                        async with aclosing(_json_lines(raw)) as lines:
+                            yield lines
+                    finally:
+                        await _finish(response, raw)
+        except DockerError as exc:
+            # Observed only when the engine never answered: later errors belong to the body.
+            if not answered:
+                self._observed(method, path, type(exc).__name__, started)
+            raise
 
     # --- engine -----------------------------------------------------------------------------
 

@@ -1,0 +1,248 @@
+"""The HTTP API's routes (CONTRACT.md "HTTP API"), built by `build_app(context)`.
+
+Owns the Quart-Trio app: routes, the token check, and the rule that every error is JSON
+`{"error": "..."}` (404, 405, 400, 401, 413, and 500 for condo's own bugs) and never an HTML page.
+Everything the routes read comes in through `WebContext`; nothing here talks to Docker or Consul
+(the engine is a `ping` behind `EngineHealth`, the hosts a `StateSource`).
+
+Invariants:
+- With an API token, every route but `/healthz` answers 401 before doing anything else (even for
+  unknown paths, so they leak nothing); the websocket also accepts `?token=`.
+- A request that waits (`/v1/wait_for`, the feed) does so inside `context.closing.guard()`:
+  shutdown answers it at once (503, or close 1001).
+- Bad input is a 4xx: parameters are validated before use, bodies above `MAX_BODY` are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import structlog
+import trio
+from quart import Response, jsonify, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import WebsocketMismatch
+
+from condo.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from condo.metrics import Metrics
+from condo.store import Store
+from condo.waiting import StateSource, evaluate
+from condo.web.auth import bearer, token_matches
+from condo.web.feed import Snapshots, run_feed
+from condo.web.health import EngineHealth
+from condo.web.lifecycle import Closing
+from condo.web.openapi import openapi_document
+from condo.web.static import INDEX, StaticFiles
+from condo.web.waitfor import BadParams, parse_wait_params, wait_deployed
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY = 64 * 1024  # no route takes a body; anything larger is refused with 413
+SHUTTING_DOWN = "condo is shutting down"
+# The placeholder page loads its script from /ui/ and reads the API: nothing else is allowed.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+@attrs.frozen(kw_only=True)
+class WebContext:
+    """Everything the routes read."""
+
+    store: Store
+    local: StateSource  # this host only (wait_for without Consul)
+    global_source: StateSource | None  # every host, from Consul; None when exposing is off
+    health: EngineHealth
+    state_file_error: Callable[[], BaseException | None]
+    metrics: Metrics
+    closing: Closing
+    static: StaticFiles
+    api_token: str | None = attrs.field(default=None, repr=False)
+
+
+def _error(code: int, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": message, **extra}), code
+
+
+def build_app(context: WebContext) -> QuartTrio:
+    """A fresh app over `context` (no module-level app: one per server, one per test)."""
+    app = QuartTrio(__name__, static_folder=None)
+    app.config.update(
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        # Errors are ours to render (as JSON), also in debug mode.
+        PROPAGATE_EXCEPTIONS=False,
+        TRAP_HTTP_EXCEPTIONS=False,
+    )
+    # Exact paths only: no redirects for doubled or trailing slashes.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    snapshots = Snapshots(context.store)
+
+    # --- guards ---------------------------------------------------------------------------
+
+    @app.before_request
+    async def refuse_bodies_and_strangers() -> Any:
+        length = request.content_length
+        if length is not None and length > MAX_BODY:
+            return _error(413, f"request bodies are limited to {MAX_BODY} bytes")
+        if context.api_token is None or request.endpoint == "healthz":
+            return None
+        if not token_matches(context.api_token, bearer(request.headers.get("Authorization"))):
+            return _unauthorized()
+        return None
+
+    @app.before_websocket
+    async def refuse_strangers_on_websockets() -> Any:
+        if context.api_token is None:
+            return None
+        presented = bearer(websocket.headers.get("Authorization")) or websocket.args.get("token")
+        if not token_matches(context.api_token, presented):
+            return _unauthorized()
+        return None
+
+    @app.after_request
+    async def harden(response: Response) -> Response:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        if isinstance(exc, NotFound):
+            response, _ = _error(404, f"no such route: {request.path}"[:300])
+        elif isinstance(exc, MethodNotAllowed):
+            allowed = sorted(exc.valid_methods or ())
+            response, _ = _error(405, f"method {request.method} not allowed", allowed=allowed)
+            response.headers["Allow"] = ", ".join(allowed)
+        elif isinstance(exc, WebsocketMismatch):
+            response, _ = _error(400, f"{request.path} is a websocket: connect with ws://")
+        else:
+            response, _ = _error(status, exc.description or exc.name)
+        return response, status
+
+    @app.errorhandler(Exception)
+    async def condo_bug(exc: Exception) -> Any:
+        # A bug in a route: say so in JSON, log the traceback once; the server keeps serving.
+        log.error("web.route_failed", path=request.path, exc_info=exc)
+        return _error(500, "internal error (condo logged the details)")
+
+    # --- the API ----------------------------------------------------------------------------
+
+    @app.get("/v1/state")
+    async def state() -> Any:
+        return jsonify(context.store.view())
+
+    @app.get("/v1/global_state")
+    async def global_state() -> Any:
+        if context.global_source is None:
+            return _error(400, "global state needs Consul: run condo with --expose consul")
+        hosts = context.global_source.picture().hosts
+        return jsonify(
+            {"hosts": {host: {"services": dict(services)} for host, services in hosts.items()}}
+        )
+
+    @app.get("/v1/wait_for")
+    async def wait_for() -> Any:
+        try:
+            params = parse_wait_params(request.args)
+        except BadParams as exc:
+            return _error(400, str(exc))
+        source = context.global_source or context.local
+        verdict = None
+        context.metrics.web_waiters.add(1)
+        try:
+            with context.closing.guard() as guard, trio.move_on_after(params.timeout):
+                verdict = await wait_deployed(source, params.name, params.image)
+        finally:
+            context.metrics.web_waiters.add(-1)
+        if verdict is not None:
+            return jsonify({"status": "ok", "hosts": list(verdict.hosts)})
+        if guard.cancelled_caught:
+            return _error(503, SHUTTING_DOWN, status="unavailable")
+        late = evaluate(params.name, params.image, source.picture().hosts)
+        body: dict[str, Any] = {
+            "status": "timeout",
+            "hosts": list(late.hosts),
+            "pending": {host: dict(why) for host, why in late.pending.items()},
+        }
+        if not late.hosts:
+            body["error"] = f"no host runs {params.name}"
+        return jsonify(body), 500
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        engine = await context.health.status()
+        file_error = context.state_file_error()
+        body: dict[str, Any] = {
+            "host": context.store.host,
+            "engine": {"ok": engine.ok, "api_version": engine.api_version, "error": engine.error},
+            "state_file": {"ok": file_error is None, "error": _text(file_error)},
+        }
+        if not engine.ok:
+            body["status"] = "unavailable"
+            body["error"] = f"the Docker engine does not answer: {engine.error}"
+            return jsonify(body), 503
+        body["status"] = "ok" if file_error is None else "degraded"
+        return jsonify(body)
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        return Response(context.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Any:
+        return jsonify(openapi_document())
+
+    @app.websocket("/v1/feed")
+    async def feed() -> None:
+        await websocket.accept()
+        context.metrics.web_feeds.add(1)
+        try:
+            with context.closing.guard() as guard:
+                await run_feed(context.store, snapshots, websocket.send, websocket.receive)
+        finally:
+            context.metrics.web_feeds.add(-1)
+        if guard.cancelled_caught:
+            await websocket.close(1001, SHUTTING_DOWN)
+
+    # --- the dashboard ----------------------------------------------------------------------
+
+    @app.get("/")
+    async def root() -> Any:
+        return await _static(INDEX)
+
+    @app.get("/ui")
+    async def ui() -> Any:
+        return await _static(INDEX)
+
+    @app.get("/ui/<path:asset>")
+    async def ui_asset(asset: str) -> Any:
+        return await _static(asset)
+
+    async def _static(name: str) -> Any:
+        found = context.static.lookup(name)
+        if found is None:
+            return _error(404, "no such file")
+        response = Response(found.data, content_type=found.content_type)
+        if found.content_type.startswith("text/html"):
+            response.headers["Content-Security-Policy"] = PAGE_POLICY
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    return app
+
+
+def _unauthorized() -> tuple[Response, int]:
+    response, status = _error(401, "a valid API token is required (Authorization: Bearer TOKEN)")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="condo"'
+    return response, status
+
+
+def _text(error: BaseException | None) -> str | None:
+    return None if error is None else str(error)

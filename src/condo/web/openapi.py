@@ -1,0 +1,318 @@
+"""The OpenAPI 3 document of condo's HTTP API (served at `/openapi.json`).
+
+Hand-written, next to the routes it describes; tests/test_web.py compares its paths and methods
+with the app's url_map, so a route cannot be added, renamed or removed without this document
+following. The websocket `/v1/feed` is described as the GET that upgrades (OpenAPI has no
+websocket object) and marked `x-websocket: true`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import condo
+
+PHASES = ["Init", "Wait", "TryAgain", "Stable", "WaitNext", "TryAgainNext"]
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json("Error", description)
+
+
+_UNAUTHORIZED = _error("--api-token is set and the request has no valid Bearer token")
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}},
+    },
+    "Container": {
+        "type": "object",
+        "required": ["id", "name", "image", "created_at", "stable_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "image": {"type": "string"},
+            "created_at": {"type": "number", "description": "unix seconds"},
+            "stable_at": {"type": ["number", "null"], "description": "unix seconds"},
+        },
+    },
+    "Service": {
+        "type": "object",
+        "required": ["state", "current", "next", "retry_at", "error", "spec_error"],
+        "properties": {
+            "state": {"type": "string", "enum": PHASES},
+            "current": {
+                "oneOf": [{"$ref": "#/components/schemas/Container"}, {"type": "null"}],
+                "description": "the container the state is about (in WaitNext: the stable one)",
+            },
+            "next": {
+                "oneOf": [{"$ref": "#/components/schemas/Container"}, {"type": "null"}],
+                "description": "the candidate in WaitNext",
+            },
+            "retry_at": {"type": ["number", "null"], "description": "unix seconds"},
+            "error": {
+                "type": ["object", "null"],
+                "properties": {"message": {"type": "string"}, "at": {"type": "number"}},
+            },
+            "spec_error": {
+                "type": ["object", "null"],
+                "properties": {
+                    "file": {"type": "string"},
+                    "line": {"type": ["integer", "null"]},
+                    "message": {"type": "string"},
+                },
+            },
+            "image": {"type": ["string", "null"], "description": "the desired image"},
+            "deploy": {"type": ["array", "null"], "description": '["Before"] or ["After", n]'},
+            "deploying": {"type": ["string", "null"], "description": "image being deployed"},
+            "draining": {"type": "boolean"},
+            "attempt": {"type": "integer", "description": "consecutive failed attempts"},
+            "failed": {"oneOf": [{"$ref": "#/components/schemas/Container"}, {"type": "null"}]},
+            "removed": {"type": "boolean"},
+        },
+    },
+    "State": {
+        "type": "object",
+        "required": ["host", "services"],
+        "properties": {
+            "host": {"type": "string"},
+            "services": {
+                "type": "object",
+                "additionalProperties": {"$ref": "#/components/schemas/Service"},
+            },
+        },
+    },
+    "GlobalState": {
+        "type": "object",
+        "required": ["hosts"],
+        "properties": {
+            "hosts": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "services": {
+                            "type": "object",
+                            "additionalProperties": {"$ref": "#/components/schemas/Service"},
+                        }
+                    },
+                },
+            }
+        },
+    },
+    "Pending": {
+        "type": "object",
+        "description": "host -> why it is not done yet",
+        "additionalProperties": {
+            "type": "object",
+            "properties": {
+                "state": {"type": "string", "enum": PHASES},
+                "image": {"type": ["string", "null"]},
+                "deploying": {"type": ["string", "null"]},
+                "error": {"type": ["object", "null"]},
+            },
+        },
+    },
+    "WaitDone": {
+        "type": "object",
+        "required": ["status", "hosts"],
+        "properties": {
+            "status": {"const": "ok"},
+            "hosts": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "WaitTimeout": {
+        "type": "object",
+        "required": ["status", "pending"],
+        "properties": {
+            "status": {"const": "timeout"},
+            "pending": {"$ref": "#/components/schemas/Pending"},
+            "hosts": {"type": "array", "items": {"type": "string"}},
+            "error": {"type": "string"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
+            "host": {"type": "string"},
+            "engine": {"type": "object"},
+            "state_file": {"type": "object"},
+            "error": {"type": "string"},
+        },
+    },
+    "FeedMessage": {
+        "type": "object",
+        "required": ["type", "version", "state"],
+        "properties": {
+            "type": {"const": "snapshot"},
+            "version": {"type": "integer"},
+            "state": {"$ref": "#/components/schemas/State"},
+        },
+    },
+}
+
+
+def _page(summary: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {"description": "the page", "content": {"text/html": {}}},
+                "401": _UNAUTHORIZED,
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document (a fresh dict on each call)."""
+    shutting_down = _error("condo is shutting down")
+    paths: dict[str, Any] = {
+        "/v1/state": {
+            "get": {
+                "summary": "This host's services",
+                "responses": {"200": _json("State", "the state"), "401": _UNAUTHORIZED},
+            }
+        },
+        "/v1/global_state": {
+            "get": {
+                "summary": "Every host's services, from Consul",
+                "responses": {
+                    "200": _json("GlobalState", "every host's state"),
+                    "400": _error("exposing is off (run with --expose consul)"),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/v1/wait_for": {
+            "get": {
+                "summary": "Wait until every host running NAME has it Stable on IMAGE",
+                "parameters": [
+                    {"name": "name", "in": "query", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "image",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "timeout",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": 3600, "default": 60},
+                    },
+                ],
+                "responses": {
+                    "200": _json("WaitDone", "deployed everywhere it runs"),
+                    "400": _error("missing or bad parameters"),
+                    "401": _UNAUTHORIZED,
+                    "500": _json("WaitTimeout", "the timeout passed; the pending hosts"),
+                    "503": shutting_down,
+                },
+            }
+        },
+        "/v1/feed": {
+            "get": {
+                "summary": "Websocket: the state now, then after every change (latest value)",
+                "x-websocket": True,
+                "parameters": [
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "the API token, for clients that cannot set headers",
+                    }
+                ],
+                "responses": {
+                    "101": {
+                        "description": "upgraded; every message is a FeedMessage; closes with "
+                        "1001 when condo shuts down",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/FeedMessage"}
+                            }
+                        },
+                    },
+                    "400": _error("not a websocket request"),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Whether the engine answers (no token needed)",
+                "security": [],
+                "responses": {
+                    "200": _json("Health", "ok, or degraded (the state file cannot be written)"),
+                    "503": _json("Health", "the engine does not answer"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format 0.0.4)",
+                "responses": {
+                    "200": {"description": "metrics", "content": {"text/plain": {}}},
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {"description": "OpenAPI 3", "content": {"application/json": {}}},
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/": _page("The dashboard"),
+        "/ui": _page("The dashboard"),
+        "/ui/{asset}": {
+            "get": {
+                "summary": "The dashboard's static files",
+                "parameters": [
+                    {"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "the file"},
+                    "401": _UNAUTHORIZED,
+                    "404": _error("no such file"),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "condo",
+            "version": condo.__version__,
+            "description": "The HTTP API of `condo run`. Every error answer is JSON "
+            '`{"error": "..."}`. When --api-token is set, every route but /healthz needs '
+            "`Authorization: Bearer TOKEN` (the websocket also accepts `?token=`).",
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "only checked when condo runs with --api-token",
+                }
+            },
+        },
+    }

@@ -1,0 +1,234 @@
+"""Serving the API: hypercorn's Trio worker inside condo's root nursery (no threads, no asyncio).
+
+Owns: the listening socket (`WebServer.listen`, bound before serving so that a bad `--server` is a
+start-up error and port 0 reveals its real port at once), the hypercorn configuration, the wiring
+of the app to a running condo (metrics subscriptions, the engine's health, the state sources), and
+the shutdown sequence.
+
+Shutdown (the `stopping` event, which SIGTERM sets, or cancellation of the web task):
+1. `Closing.close()` wakes every long-poll (503) and websocket (close 1001) at once;
+2. hypercorn's shutdown trigger fires: it stops accepting and waits for the open connections;
+3. all of it runs shielded from the root's cancellation under a `DRAIN_LIMIT` deadline, so the
+   answers from step 1 reach their clients even though condo cancels the root right away, and
+   the web task still ends within `DRAIN_LIMIT` seconds.
+hypercorn shields its socket writes, so a client that stopped reading could hold a write (and
+shutdown) forever; accepted sockets therefore carry TCP_USER_TIMEOUT = `STALL_LIMIT`: the kernel
+drops a connection whose sent data has not moved for that long.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import hypercorn.trio
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from condo.config import DEFAULT_SERVER, Bind, Config, parse_server
+from condo.errors import ConfigError
+from condo.metrics import DockerCall, Metrics, ServiceMetrics
+from condo.store import Store
+from condo.waiting import StateSource
+from condo.web.app import WebContext, build_app
+from condo.web.health import EngineHealth
+from condo.web.lifecycle import Closing
+from condo.web.local import LocalSource
+from condo.web.static import StaticFiles
+
+log = structlog.get_logger(__name__)
+
+GRACEFUL_TIMEOUT = 0.5  # hypercorn's wait for open connections once told to stop
+DRAIN_LIMIT = 0.8  # the whole shutdown of the web task, from `stopping` to return
+STALL_LIMIT = 5.0  # TCP_USER_TIMEOUT: a peer that takes no data for this long is dropped
+MAX_HEADERS = 16 * 1024  # request line + headers; beyond it hypercorn answers 431
+MAX_WEBSOCKET_MESSAGE = 64 * 1024
+BACKLOG = 128
+
+
+class StateFileStatus(Protocol):
+    """condo.persist.StateWriter, as far as /healthz cares."""
+
+    @property
+    def last_error(self) -> BaseException | None: ...
+
+
+class Engine(Protocol):
+    """condo.docker.DockerClient, as far as the web app cares."""
+
+    async def ping(self) -> str: ...
+    def add_call_observer(self, observer: Callable[[DockerCall], None]) -> Callable[[], None]: ...
+
+
+class Condo(Protocol):
+    """What the web server needs of a running condo (condo.supervisor.Running)."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def docker(self) -> Engine: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def writer(self) -> StateFileStatus: ...
+
+
+def global_source_of(running: Condo) -> StateSource | None:
+    """Every host's state when condo exposes to Consul (`Running.global_source`), else None.
+
+    Read by name so that the web app works with or without the Consul wiring in `Running`.
+    """
+    return cast("StateSource | None", getattr(running, "global_source", None))
+
+
+class WebServer:
+    """The API server of one condo: a bound socket, then (called by run_condo) the serving task.
+
+    Usage::
+
+        web = await WebServer.listen(config.server)     # ConfigError when it cannot bind
+        try:
+            await run_condo(config, web=web)             # web(running, stopping) serves
+        finally:
+            web.close()                                  # only matters if it never served
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket: socket.socket | None = sock
+        host, port = sock.getsockname()[:2]
+        self.host: str = host
+        self.port: int = port
+
+    @classmethod
+    async def listen(cls, bind: Bind) -> WebServer:
+        """Bind (and listen on) `bind`; port 0 picks a free port (see `.port`)."""
+        try:
+            infos = await trio.socket.getaddrinfo(
+                bind.host, bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except OSError as exc:  # gaierror: an unknown host name
+            raise ConfigError(f"--server {bind}: {exc.strerror or exc}") from None
+        problems: list[str] = []
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux; inherited by accepted sockets
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(STALL_LIMIT * 1000)
+                    )
+                sock.bind(address)
+                sock.listen(BACKLOG)
+            except OSError as exc:  # in use, not permitted, no such address: try the next one
+                sock.close()
+                problems.append(exc.strerror or str(exc))
+                continue
+            return cls(sock)
+        raise ConfigError(f"--server {bind}: cannot listen: {'; '.join(problems) or 'no address'}")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        """Release the socket if it was never served (serving closes it itself)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def __call__(self, running: Condo, stopping: trio.Event) -> None:
+        """Serve the API for `running` until `stopping` is set (or the task is cancelled)."""
+        if self._socket is None:
+            raise RuntimeError("this WebServer was already served or closed")
+        # hypercorn adopts the descriptor (fd://) and closes it when it stops.
+        fd = self._socket.detach()
+        self._socket = None
+        store = running.store
+        metrics = Metrics()
+        service_metrics = ServiceMetrics(metrics, store)
+        service_metrics.sync()
+        store.subscribe(service_metrics.on_change)
+        remove_observer = running.docker.add_call_observer(metrics.observe_docker_call)
+        writer = running.writer
+        context = WebContext(
+            store=store,
+            local=LocalSource(store),
+            global_source=global_source_of(running),
+            health=EngineHealth(running.docker.ping),
+            state_file_error=lambda: writer.last_error,
+            metrics=metrics,
+            closing=Closing(),
+            static=await trio.to_thread.run_sync(StaticFiles.scan),
+            api_token=running.config.api_token,
+        )
+        try:
+            await serve_app(build_app(context), hypercorn_config(fd), context.closing, stopping)
+        finally:
+            remove_observer()
+
+
+async def serve_web(running: Condo, stopping: trio.Event) -> None:
+    """The `web` task for run_condo: serve on `running.config.server` (default 127.0.0.1:4280)."""
+    bind = running.config.server or parse_server(DEFAULT_SERVER)
+    assert bind is not None
+    server = await WebServer.listen(bind)
+    try:
+        await server(running, stopping)
+    finally:
+        server.close()
+
+
+def hypercorn_config(fd: int) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"fd://{fd}"]
+    config.accesslog = None
+    # hypercorn's own complaints go through stdlib logging, which condo.logs renders.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.h11_max_incomplete_size = MAX_HEADERS
+    config.h2_max_header_list_size = MAX_HEADERS
+    config.websocket_max_message_size = MAX_WEBSOCKET_MESSAGE
+    config.include_server_header = False
+    return config
+
+
+async def serve_app(
+    app: object,
+    config: HypercornConfig,
+    closing: Closing,
+    stopping: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run hypercorn until `stopping` (or cancellation); then drain within DRAIN_LIMIT."""
+    shutdown = trio.Event()
+    # Shielded so that the root's cancel (right after `stopping`) does not cut the answers that
+    # `closing` just produced; the deadline set below bounds it instead.
+    drain = trio.CancelScope(shield=True)
+
+    async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+        with drain:
+            await hypercorn.trio.serve(
+                app,  # type: ignore[arg-type]  # a QuartTrio app is an ASGI framework
+                config,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
+            )
+
+    async with trio.open_nursery() as nursery:
+        try:
+            urls: list[str] = await nursery.start(serve)
+            log.info("web.listening", urls=urls)
+            task_status.started(urls)
+            await stopping.wait()
+        finally:
+            # Stopping or cancelled: either way, wake the waiters, stop hypercorn, bound it all.
+            closing.close()
+            shutdown.set()
+            drain.deadline = trio.current_time() + DRAIN_LIMIT
+    log.info("web.stopped")

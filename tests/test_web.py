@@ -1,0 +1,1040 @@
+"""The HTTP API in process: quart-trio's test client against a Store filled by hand (no engine).
+
+Covers every route and error code, the token (HTTP and websocket), the feed (first message,
+updates, latest-value, a slow consumer next to a fast one), wait_for (at once, on a change, on
+timeout, bad parameters, several hosts), shutdown (every waiter answered at once), /healthz
+(caching, failures, degraded), /metrics, the OpenAPI document against the url_map, and the
+static page (including path traversal attempts). Time is Trio's MockClock: exact virtual times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from quart import typing as quart_typing
+from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
+from quart_trio import QuartTrio
+
+from condo.errors import DockerUnavailable, SpecError
+from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.metrics import Metrics, ServiceMetrics
+from condo.spec import ServiceSpec
+from condo.store import Store
+from condo.waiting import HostsView, Picture
+from condo.web import LocalSource, WebContext, build_app
+from condo.web.health import EngineHealth
+from condo.web.lifecycle import Closing
+from condo.web.openapi import openapi_document
+from condo.web.static import StaticFiles
+
+HOST = "h1"
+TOKEN = "s3cret-token"
+CAP = 30  # seconds (virtual, mostly) per test
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def spec(image: str) -> ServiceSpec:
+    return ServiceSpec(container={"Image": image})
+
+
+def box(image: str, cid: str = "c1", *, stable_at: float | None = None) -> Box:
+    return Box(
+        id=cid,
+        name=f"web_{cid}",
+        spec=spec(image),
+        created_at=1000.0,
+        healthcheck=True,
+        stable_at=stable_at,
+    )
+
+
+def stable(image: str, cid: str = "c1") -> ServiceState:
+    return ServiceState(
+        phase=Phase.Stable, desired=spec(image), current=box(image, cid, stable_at=1001.0)
+    )
+
+
+def waiting(image: str, cid: str = "c2") -> ServiceState:
+    return ServiceState(phase=Phase.Wait, desired=spec(image), current=box(image, cid))
+
+
+def service_view(services: Mapping[str, ServiceState], host_store: Store | None = None) -> Any:
+    store = host_store or Store("x")
+    for name, state in services.items():
+        store.set_state(name, state)
+    return store.view()["services"]
+
+
+# --- fakes ----------------------------------------------------------------------------------
+
+
+class FakeEngine:
+    """The engine's ping, scripted: answers, fails, or hangs; counts the pings."""
+
+    def __init__(self) -> None:
+        self.pings = 0
+        self.failure: Exception | None = None
+        self.hang = False
+
+    async def ping(self) -> str:
+        self.pings += 1
+        await trio.sleep(0.01)
+        if self.hang:
+            await trio.sleep_forever()
+        if self.failure is not None:
+            raise self.failure
+        return "1.41"
+
+
+class FakeHosts:
+    """A StateSource over a picture the test sets (what condo.consul provides for real)."""
+
+    def __init__(self, hosts: HostsView) -> None:
+        self._picture = Picture(token=1, hosts=hosts)
+        self._changed = trio.Event()
+
+    def set(self, hosts: HostsView) -> None:
+        self._picture = Picture(token=self._picture.token + 1, hosts=hosts)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def picture(self) -> Picture:
+        return self._picture
+
+    async def wait_beyond(self, token: int) -> None:
+        while self._picture.token <= token:
+            await self._changed.wait()
+
+
+@attrs.define
+class Web:
+    """One app under test, with the handles a test pokes."""
+
+    store: Store
+    context: WebContext
+    app: QuartTrio
+    client: quart_typing.TestClientProtocol
+    engine: FakeEngine
+    file_error: list[BaseException]
+
+
+MakeWeb = Callable[..., contextlib.AbstractAsyncContextManager[Web]]
+
+
+@pytest.fixture
+def make_web() -> MakeWeb:
+    """`async with make_web(token=..., global_source=...) as web:` (tests own the clock)."""
+
+    @contextlib.asynccontextmanager
+    async def make(
+        *, token: str | None = None, global_source: FakeHosts | None = None
+    ) -> AsyncIterator[Web]:
+        store = Store(HOST)
+        engine = FakeEngine()
+        file_error: list[BaseException] = []
+        metrics = Metrics()
+        service_metrics = ServiceMetrics(metrics, store)
+        service_metrics.sync()
+        store.subscribe(service_metrics.on_change)
+        context = WebContext(
+            store=store,
+            local=LocalSource(store),
+            global_source=global_source,
+            health=EngineHealth(engine.ping),
+            state_file_error=lambda: file_error[-1] if file_error else None,
+            metrics=metrics,
+            closing=Closing(),
+            static=StaticFiles.scan(),
+            api_token=token,
+        )
+        app = build_app(context)
+        async with app.test_app() as test_app:
+            yield Web(store, context, app, test_app.test_client(), engine, file_error)
+
+    return make
+
+
+@pytest.fixture
+async def web(make_web: MakeWeb) -> AsyncIterator[Web]:
+    async with make_web() as made:
+        yield made
+
+
+@pytest.fixture
+async def locked(make_web: MakeWeb) -> AsyncIterator[Web]:
+    async with make_web(token=TOKEN) as made:
+        yield made
+
+
+async def body(response: Any) -> Any:
+    return json.loads(await response.get_data())
+
+
+def assert_json_error(response: Any, status: int) -> None:
+    assert response.status_code == status
+    assert response.content_type == "application/json"
+
+
+# --- /v1/state and errors -------------------------------------------------------------------
+
+
+async def test_state_is_the_store_view(autojump_clock: trio.testing.MockClock, web: Web) -> None:
+    web.store.set_state("web", stable("img:1"))
+    web.store.set_state("db", waiting("pg:2"))
+    web.store.set_spec_error("broken", SpecError("/s/broken.edn", "no :spec", line=3), "/s/b")
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/state")
+    assert response.status_code == 200
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    data = await body(response)
+    assert data == web.store.view()
+    assert data["host"] == HOST
+    assert set(data["services"]) == {"web", "db", "broken"}
+    service = data["services"]["web"]
+    for key in ("state", "current", "next", "retry_at", "error", "spec_error"):
+        assert key in service
+    assert service["state"] == "Stable"
+    assert set(service["current"]) >= {"id", "name", "image", "created_at", "stable_at"}
+    assert data["services"]["broken"]["spec_error"] == {
+        "file": "/s/broken.edn",
+        "line": 3,
+        "message": "no :spec",
+    }
+
+
+@pytest.mark.parametrize(
+    "path", ["/nope", "/v1/state/extra", "/v1//state", "/V1/STATE", "/ui/x/", "/%00"]
+)
+async def test_unknown_routes_are_json_404(
+    autojump_clock: trio.testing.MockClock, web: Web, path: str
+) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get(path)
+    assert_json_error(response, 404)
+    assert "error" in await body(response)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_wrong_methods_are_json_405(
+    autojump_clock: trio.testing.MockClock, web: Web, method: str
+) -> None:
+    with trio.fail_after(CAP):
+        response = await getattr(web.client, method.lower())("/v1/state")
+    assert_json_error(response, 405)
+    assert "GET" in response.headers["Allow"]
+    assert (await body(response))["allowed"] == ["GET", "HEAD", "OPTIONS"]
+
+
+async def test_the_feed_over_plain_http_is_a_json_400(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/feed")
+    assert_json_error(response, 400)
+    assert "websocket" in (await body(response))["error"]
+
+
+async def test_huge_bodies_are_refused_with_413(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        big = 65 * 1024
+        response = await web.client.get(
+            "/v1/state", data=b"x" * big, headers={"Content-Length": str(big)}
+        )
+        small = await web.client.get(
+            "/v1/state", data=b"x" * 100, headers={"Content-Length": "100"}
+        )
+    assert_json_error(response, 413)
+    assert small.status_code == 200
+
+
+async def test_a_bug_in_a_route_is_a_json_500(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    # Not a DockerError: nothing expects it, so it reaches the app's last-resort handler.
+    web.engine.failure = RuntimeError("a bug")
+    with trio.fail_after(CAP):
+        response = await web.client.get("/healthz")
+    assert_json_error(response, 500)
+    assert "internal error" in (await body(response))["error"]
+    assert "a bug" not in await response.get_data(as_text=True)
+
+
+# --- token -------------------------------------------------------------------------------------
+
+PROTECTED = [
+    "/v1/state",
+    "/v1/global_state",
+    "/v1/wait_for?name=a&image=b&timeout=0",
+    "/metrics",
+    "/openapi.json",
+    "/",
+    "/ui",
+    "/ui/app.js",
+    "/no-such-route",
+]
+
+
+@pytest.mark.parametrize("path", PROTECTED)
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x", TOKEN],
+)
+async def test_every_route_but_healthz_needs_the_token(
+    autojump_clock: trio.testing.MockClock, locked: Web, path: str, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    with trio.fail_after(CAP):
+        response = await locked.client.get(path, headers=headers)
+    assert_json_error(response, 401)
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert TOKEN not in await response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path", PROTECTED[:-1])
+async def test_the_right_token_opens_every_route(
+    autojump_clock: trio.testing.MockClock, locked: Web, path: str
+) -> None:
+    with trio.fail_after(CAP):
+        response = await locked.client.get(path, headers={"Authorization": f"bearer {TOKEN}"})
+    assert response.status_code != 401
+
+
+async def test_healthz_needs_no_token(autojump_clock: trio.testing.MockClock, locked: Web) -> None:
+    with trio.fail_after(CAP):
+        response = await locked.client.get("/healthz")
+    assert response.status_code == 200
+
+
+async def test_without_a_token_configured_nothing_is_checked(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/state", headers={"Authorization": "Bearer any"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [(None, {}), ({"token": "wrong"}, {}), (None, {"Authorization": "Bearer wrong"})],
+)
+async def test_the_websocket_refuses_a_missing_or_wrong_token(
+    autojump_clock: trio.testing.MockClock,
+    locked: Web,
+    query: dict[str, str] | None,
+    headers: dict[str, str],
+) -> None:
+    errors: list[WebsocketResponseError] = []
+    with trio.fail_after(CAP):
+        try:
+            async with locked.client.websocket(
+                "/v1/feed", query_string=query, headers=headers
+            ) as ws:
+                await ws.receive()
+        except* WebsocketResponseError as group:
+            errors.extend(e for e in group.exceptions if isinstance(e, WebsocketResponseError))
+    (error,) = errors
+    assert error.response.status_code == 401
+    assert "error" in json.loads(await error.response.get_data())
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [({"token": TOKEN}, {}), (None, {"Authorization": f"Bearer {TOKEN}"})],
+)
+async def test_the_websocket_takes_the_token_as_query_or_header(
+    autojump_clock: trio.testing.MockClock,
+    locked: Web,
+    query: dict[str, str] | None,
+    headers: dict[str, str],
+) -> None:
+    with trio.fail_after(CAP):
+        async with locked.client.websocket("/v1/feed", query_string=query, headers=headers) as ws:
+            first = json.loads(await ws.receive())
+    assert first["type"] == "snapshot"
+
+
+# --- feed --------------------------------------------------------------------------------------
+
+
+async def test_feed_sends_the_snapshot_then_every_change(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", waiting("img:1"))
+    with trio.fail_after(CAP):
+        async with web.client.websocket("/v1/feed") as ws:
+            first = json.loads(await ws.receive())
+            assert first == {"type": "snapshot", "version": 1, "state": web.store.view()}
+            web.store.set_state("web", stable("img:1"))
+            second = json.loads(await ws.receive())
+            assert second["version"] == 2
+            assert second["state"]["services"]["web"]["state"] == "Stable"
+            web.store.drop("web")
+            third = json.loads(await ws.receive())
+            assert third == {"type": "snapshot", "version": 3, "state": web.store.view()}
+            assert third["state"]["services"] == {}
+
+
+async def test_feed_ignores_what_the_client_sends(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        async with web.client.websocket("/v1/feed") as ws:
+            await ws.receive()
+            for _ in range(50):  # more than the server's inbound queue holds
+                await ws.send("hello")
+            web.store.set_state("web", waiting("img:1"))
+            update = json.loads(await ws.receive())
+    assert update["version"] == 1
+
+
+async def test_a_slow_feed_consumer_blocks_neither_condo_nor_a_fast_one(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    changes = 300
+    with trio.fail_after(CAP):
+        async with (
+            web.client.websocket("/v1/feed") as slow,
+            web.client.websocket("/v1/feed") as fast,
+        ):
+            assert json.loads(await slow.receive())["version"] == 0
+            assert json.loads(await fast.receive())["version"] == 0
+            fast_versions: list[int] = []
+            for n in range(1, changes + 1):
+                # The store's writers never wait for readers: set_state is synchronous.
+                web.store.set_state("web", waiting(f"img:{n}"))
+                # The fast one reads every version as it comes (the slow one reads nothing).
+                message = json.loads(await fast.receive())
+                fast_versions.append(message["version"])
+            assert fast_versions == list(range(1, changes + 1))
+            # Now the slow one catches up: a few buffered messages, then the latest state,
+            # never a backlog of every version.
+            slow_versions: list[int] = []
+            while not slow_versions or slow_versions[-1] != changes:
+                slow_versions.append(json.loads(await slow.receive())["version"])
+            assert len(slow_versions) < 30
+            assert slow_versions == sorted(slow_versions)
+
+
+async def test_feed_skips_versions_it_was_too_slow_for(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        async with web.client.websocket("/v1/feed") as ws:
+            await ws.receive()
+            for n in range(1, 101):
+                web.store.set_state("web", waiting(f"img:{n}"))  # no checkpoint in between
+            latest = json.loads(await ws.receive())
+    assert latest["version"] == 100
+    assert latest["state"]["services"]["web"]["image"] == "img:100"
+
+
+# --- wait_for ----------------------------------------------------------------------------------
+
+
+async def test_wait_for_answers_at_once_when_done(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", stable("img:1"))
+    start = trio.current_time()
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for?name=web&image=img:1&timeout=0")
+    assert response.status_code == 200
+    assert await body(response) == {"status": "ok", "hosts": [HOST]}
+    assert trio.current_time() == start
+
+
+async def test_wait_for_answers_right_after_the_change(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", waiting("img:2"))
+    answered_at: list[float] = []
+    responses: list[Any] = []
+
+    async def ask() -> None:
+        responses.append(await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=30"))
+        answered_at.append(trio.current_time())
+
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(7)
+            assert not responses  # still waiting
+            changed_at = trio.current_time()
+            web.store.set_state("web", stable("img:2", "c2"))
+    assert responses[0].status_code == 200
+    # Woken by the change itself, not by a poll: no virtual time passes in between.
+    assert answered_at[0] - changed_at < 0.1
+    assert answered_at[0] == changed_at
+
+
+async def test_wait_for_times_out_with_the_pending_hosts(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", waiting("img:2"))
+    start = trio.current_time()
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=12.5")
+    assert trio.current_time() - start == 12.5
+    assert response.status_code == 500
+    data = await body(response)
+    assert data["status"] == "timeout"
+    assert data["hosts"] == [HOST]
+    assert data["pending"][HOST]["state"] == "Wait"
+    assert data["pending"][HOST]["image"] == "img:2"
+
+
+async def test_wait_for_a_service_that_runs_nowhere_times_out(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    start = trio.current_time()
+    with trio.fail_after(CAP + 60):
+        response = await web.client.get("/v1/wait_for?name=ghost&image=x:1")  # default 60 s
+    assert trio.current_time() - start == 60
+    assert response.status_code == 500
+    data = await body(response)
+    assert data == {
+        "status": "timeout",
+        "hosts": [],
+        "pending": {},
+        "error": "no host runs ghost",
+    }
+
+
+async def test_wait_for_stable_on_another_image_is_pending(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", stable("img:1"))
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=1")
+    assert response.status_code == 500
+    assert (await body(response))["pending"][HOST]["image"] == "img:1"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "name=web",
+        "image=img:1",
+        "name=&image=img:1",
+        "name=web&image=",
+        "name=web&image=img:1&timeout=abc",
+        "name=web&image=img:1&timeout=-1",
+        "name=web&image=img:1&timeout=3600.5",
+        "name=web&image=img:1&timeout=nan",
+        "name=web&image=img:1&timeout=inf",
+        "name=web&image=img:1&timeout=1e999",
+        "name=web&image=img:1&timeout=0x10",
+        f"name={'n' * 300}&image=img:1",
+        f"name=web&image={'i' * 2000}",
+    ],
+)
+async def test_wait_for_refuses_bad_parameters(
+    autojump_clock: trio.testing.MockClock, web: Web, query: str
+) -> None:
+    web.store.set_state("web", stable("img:1"))
+    with trio.fail_after(CAP):
+        response = await web.client.get(f"/v1/wait_for?{query}")
+    assert_json_error(response, 400)
+    assert (await body(response))["error"]
+
+
+async def test_wait_for_accepts_the_limits(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", stable("img:1"))
+    with trio.fail_after(CAP):
+        for timeout in ("0", "3600", "0.25", " 5 "):
+            response = await web.client.get(f"/v1/wait_for?name=web&image=img:1&timeout={timeout}")
+            assert response.status_code == 200, timeout
+
+
+async def test_wait_for_uses_every_host_when_there_is_a_global_source(
+    autojump_clock: trio.testing.MockClock,
+    make_web: MakeWeb,
+) -> None:
+    hosts = FakeHosts(
+        {
+            "a": service_view({"web": stable("img:2")}),
+            "b": service_view({"web": waiting("img:2")}),
+            "c": service_view({"other": stable("x:1")}),  # does not run web: does not count
+        }
+    )
+    responses: list[Any] = []
+    async with make_web(global_source=hosts) as web:
+
+        async def ask() -> None:
+            responses.append(await web.client.get("/v1/wait_for?name=web&image=img:2"))
+
+        with trio.fail_after(CAP):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await trio.sleep(1)
+                assert not responses
+                hosts.set(
+                    {
+                        "a": service_view({"web": stable("img:2")}),
+                        "b": service_view({"web": stable("img:2")}),
+                        "c": service_view({"other": stable("x:1")}),
+                    }
+                )
+        assert responses[0].status_code == 200
+        assert await body(responses[0]) == {"status": "ok", "hosts": ["a", "b"]}
+        # The local store (empty) played no part.
+        assert web.store.entries == {}
+
+
+async def test_wait_for_timeout_names_the_pending_remote_hosts(
+    autojump_clock: trio.testing.MockClock,
+    make_web: MakeWeb,
+) -> None:
+    hosts = FakeHosts(
+        {
+            "a": service_view({"web": stable("img:2")}),
+            "b": service_view({"web": waiting("img:2")}),
+        }
+    )
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=3")
+        data = await body(response)
+        assert response.status_code == 500
+        assert list(data["pending"]) == ["b"]
+        assert data["pending"]["b"]["state"] == "Wait"
+
+
+# --- shutdown ----------------------------------------------------------------------------------
+
+
+async def test_closing_answers_every_waiter_at_once(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    statuses: list[int] = []
+    closes: list[int] = []
+
+    async def long_poll() -> None:
+        response = await web.client.get("/v1/wait_for?name=web&image=img:9&timeout=600")
+        statuses.append(response.status_code)
+        assert (await body(response))["error"] == "condo is shutting down"
+
+    async def feed() -> None:
+        async with web.client.websocket("/v1/feed") as ws:
+            await ws.receive()
+            with pytest.raises(WebsocketDisconnectError) as closed:
+                await ws.receive()
+            closes.append(closed.value.args[0])
+
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(long_poll)
+            for _ in range(5):
+                nursery.start_soon(feed)
+            await trio.sleep(5)
+            assert web.context.metrics.web_waiters.value() == 20
+            assert web.context.metrics.web_feeds.value() == 5
+            closed_at = trio.current_time()
+            web.context.closing.close()
+        done_at = trio.current_time()
+    assert done_at == closed_at
+    assert statuses == [503] * 20
+    assert closes == [1001] * 5
+    assert web.context.metrics.web_waiters.value() == 0
+    assert web.context.metrics.web_feeds.value() == 0
+    # After closing, a new waiter is answered at once too.
+    with trio.fail_after(CAP):
+        late = await web.client.get("/v1/wait_for?name=web&image=img:9&timeout=600")
+    assert late.status_code == 503
+
+
+# --- global_state ------------------------------------------------------------------------------
+
+
+async def test_global_state_without_consul_is_a_json_400(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/global_state")
+    assert_json_error(response, 400)
+    assert "--expose consul" in (await body(response))["error"]
+
+
+async def test_global_state_shows_every_host(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    views = {
+        "a": service_view({"web": stable("img:1")}),
+        "b": service_view({"web": waiting("img:2")}),
+    }
+    async with make_web(global_source=FakeHosts(views)) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.get("/v1/global_state")
+        assert response.status_code == 200
+        assert await body(response) == {
+            "hosts": {"a": {"services": views["a"]}, "b": {"services": views["b"]}}
+        }
+
+
+# --- LocalSource -------------------------------------------------------------------------------
+
+
+async def test_local_source_pictures_the_store(autojump_clock: trio.testing.MockClock) -> None:
+    store = Store(HOST)
+    source = LocalSource(store)
+    empty = source.picture()
+    assert empty.token == 0
+    assert empty.hosts == {HOST: {}}
+    assert source.picture() is empty  # built once per version
+    store.set_state("web", stable("img:1"))
+    picture = source.picture()
+    assert picture.token == 1
+    assert picture.hosts == {HOST: store.view()["services"]}
+
+    woke_at: list[float] = []
+
+    async def wait() -> None:
+        await source.wait_beyond(picture.token)
+        woke_at.append(trio.current_time())
+
+    start = trio.current_time()
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.sleep(3)
+            assert not woke_at
+            store.set_state("web", waiting("img:2"))
+    assert woke_at == [start + 3]
+    assert source.picture().token == 2
+    # A token already behind returns at once.
+    with trio.fail_after(CAP):
+        await source.wait_beyond(0)
+
+
+# --- healthz -----------------------------------------------------------------------------------
+
+
+async def test_healthz_ok(autojump_clock: trio.testing.MockClock, web: Web) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get("/healthz")
+    assert response.status_code == 200
+    data = await body(response)
+    assert data["status"] == "ok"
+    assert data["engine"] == {"ok": True, "api_version": "1.41", "error": None}
+    assert data["state_file"] == {"ok": True, "error": None}
+
+
+async def test_healthz_503_when_the_engine_does_not_answer(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.engine.failure = DockerUnavailable("GET /_ping: ConnectError: no socket")
+    with trio.fail_after(CAP):
+        response = await web.client.get("/healthz")
+    assert_json_error(response, 503)
+    data = await body(response)
+    assert data["status"] == "unavailable"
+    assert "no socket" in data["error"]
+
+
+async def test_healthz_503_when_the_engine_hangs(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.engine.hang = True
+    start = trio.current_time()
+    with trio.fail_after(CAP):
+        response = await web.client.get("/healthz")
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert_json_error(response, 503)
+    assert "did not answer" in (await body(response))["error"]
+
+
+async def test_healthz_degraded_when_the_state_file_fails(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.file_error.append(OSError("disk full"))
+    with trio.fail_after(CAP):
+        response = await web.client.get("/healthz")
+    assert response.status_code == 200
+    data = await body(response)
+    assert data["status"] == "degraded"
+    assert data["state_file"] == {"ok": False, "error": "disk full"}
+
+
+async def test_healthz_pings_the_engine_at_most_once_per_second(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(web.client.get, "/healthz")
+        assert web.engine.pings == 1
+        await trio.sleep(0.5)
+        await web.client.get("/healthz")
+        assert web.engine.pings == 1
+        await trio.sleep(0.6)
+        await web.client.get("/healthz")
+        assert web.engine.pings == 2
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+SAMPLE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r"(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\n]|\\[\\\"n])*\",?)*)\})?"
+    r" (?P<value>[-+]?(?:[0-9.]+(?:e[-+]?[0-9]+)?|Inf|NaN))$"
+)
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A strict little reader of the Prometheus text format: fails on any malformed line."""
+    assert text.endswith("\n")
+    types: dict[str, str] = {}
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram"), line
+            assert name not in types, f"TYPE twice: {name}"
+            types[name] = kind
+            continue
+        match = SAMPLE.match(line)
+        assert match is not None, f"not a sample line: {line!r}"
+        name = match["name"]
+        assert name.startswith("condo_"), name
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in types or (types.get(family) == "histogram"), f"no TYPE for {name}"
+        labels = dict(LABEL.findall(match["labels"] or ""))
+        samples.setdefault(name, []).append((labels, float(match["value"])))
+    # Histograms: cumulative buckets ending in +Inf, whose count is _count.
+    for name, kind in types.items():
+        if kind != "histogram":
+            continue
+        series: dict[tuple[tuple[str, str], ...], list[float]] = {}
+        for labels, value in samples.get(f"{name}_bucket", []):
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+            series.setdefault(key, []).append(value)
+            assert "le" in labels
+        counts = {
+            tuple(sorted(labels.items())): value
+            for labels, value in samples.get(f"{name}_count", [])
+        }
+        for key, values in series.items():
+            assert values == sorted(values), f"{name} buckets not cumulative"
+            assert values[-1] == counts[key]
+    return samples
+
+
+def sample(
+    samples: Mapping[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float | None:
+    for found, value in samples.get(name, []):
+        if found == labels:
+            return value
+    return None
+
+
+async def test_metrics_follow_the_services(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", ServiceState())
+    await trio.sleep(1)
+    web.store.set_state("web", waiting("img:1"))  # deploy starts
+    await trio.sleep(4)
+    web.store.set_state("web", attrs.evolve(waiting("img:1"), phase=Phase.TryAgain, attempt=1))
+    await trio.sleep(10)
+    web.store.set_state("web", waiting("img:1"))  # a retry
+    await trio.sleep(2)
+    web.store.set_state("web", stable("img:1"))  # deployed, 16 s after it started
+    web.context.metrics.observe_docker_call(DockerCallRecord("GET", "/_ping", "200", 0.003))
+    with trio.fail_after(CAP):
+        response = await web.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain; version=0.0.4")
+    samples = parse_metrics(await response.get_data(as_text=True))
+    assert sample(samples, "condo_service_state", service="web", state="Stable") == 1
+    assert sample(samples, "condo_service_state", service="web", state="Wait") == 0
+    transitions = "condo_service_transitions_total"
+    assert sample(samples, transitions, service="web", **{"from": "Init", "to": "Wait"}) == 1
+    assert sample(samples, transitions, service="web", **{"from": "Wait", "to": "TryAgain"}) == 1
+    assert sample(samples, transitions, service="web", **{"from": "TryAgain", "to": "Wait"}) == 1
+    assert sample(samples, transitions, service="web", **{"from": "Wait", "to": "Stable"}) == 1
+    assert sample(samples, "condo_service_retries_total", service="web") == 1
+    assert sample(samples, "condo_deploy_duration_seconds_count", service="web") == 1
+    assert sample(samples, "condo_deploy_duration_seconds_sum", service="web") == 16
+    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="10") == 0
+    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="20") == 1
+    call = {"method": "GET", "endpoint": "/_ping", "outcome": "200"}
+    assert sample(samples, "condo_docker_call_duration_seconds_count", **call) == 1
+    assert sample(samples, "condo_docker_call_duration_seconds_bucket", le="0.005", **call) == 1
+    assert sample(samples, "condo_web_open_waits") == 0
+
+
+@attrs.frozen
+class DockerCallRecord:
+    method: str
+    endpoint: str
+    outcome: str
+    took: float
+
+
+# --- openapi -----------------------------------------------------------------------------------
+
+
+def routes_of(app: QuartTrio) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) for every rule of the app; HEAD/OPTIONS come with every GET."""
+    found = set()
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        for method in rule.methods or ():
+            if method not in ("HEAD", "OPTIONS"):
+                found.add((path, method.lower()))
+    return found
+
+
+def documented(document: Mapping[str, Any]) -> set[tuple[str, str]]:
+    return {(path, method) for path, item in document["paths"].items() for method in item}
+
+
+async def test_openapi_matches_the_routes(autojump_clock: trio.testing.MockClock, web: Web) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get("/openapi.json")
+    document = await body(response)
+    assert document == openapi_document()
+    assert document["openapi"].startswith("3.")
+    assert documented(document) == routes_of(web.app)
+    websockets = {rule.rule for rule in web.app.url_map.iter_rules() if rule.websocket}
+    marked = {path for path, item in document["paths"].items() if item["get"].get("x-websocket")}
+    assert websockets == marked == {"/v1/feed"}
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            assert operation["responses"], path
+            if path != "/healthz":
+                assert "401" in operation["responses"], path
+    # Every $ref resolves.
+    text = json.dumps(document)
+    for ref in re.findall(r'"\$ref": "#/components/schemas/([A-Za-z]+)"', text):
+        assert ref in document["components"]["schemas"]
+
+
+def test_openapi_check_notices_an_undocumented_route() -> None:
+    app = QuartTrio(__name__)
+
+    @app.get("/v1/secret")
+    async def secret() -> str:
+        return "x"
+
+    assert ("/v1/secret", "get") in routes_of(app) - documented(openapi_document())
+
+
+# --- static --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/ui", "/ui/"])
+async def test_the_dashboard_placeholder(
+    autojump_clock: trio.testing.MockClock, web: Web, path: str
+) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get(path)
+        script = await web.client.get("/ui/app.js")
+    assert response.status_code == 200
+    assert response.content_type == "text/html; charset=utf-8"
+    page = await response.get_data(as_text=True)
+    assert "condo dashboard" in page
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert '<script src="/ui/app.js"' in page
+    assert script.status_code == 200
+    assert script.content_type.endswith("javascript; charset=utf-8")
+    code = await script.get_data(as_text=True)
+    assert "/v1/state" in code
+    assert "textContent" in code
+    assert "innerHTML" not in code
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/../app.py",
+        "/ui/%2e%2e/app.py",
+        "/ui/..%2fapp.py",
+        "/ui/%2e%2e%2f%2e%2e%2fstore.py",
+        "/ui//etc/passwd",
+        "/ui/%2fetc%2fpasswd",
+        "/ui/static/index.html",
+        "/ui/index.html/",
+        "/ui/nope.js",
+        "/ui/%00",
+        "/ui/..",
+        "/ui/.",
+    ],
+)
+async def test_static_files_cannot_escape_their_folder(
+    autojump_clock: trio.testing.MockClock, web: Web, path: str
+) -> None:
+    with trio.fail_after(CAP):
+        response = await web.client.get(path)
+    assert_json_error(response, 404)
+
+
+def test_static_scan_lists_plain_files_only(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<p>hi</p>")
+    (tmp_path / "js").mkdir()
+    (tmp_path / "js" / "app.js").write_text("1")
+    (tmp_path / ".secret").write_text("x")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("secret")
+    (tmp_path / "link.txt").symlink_to(outside)
+    (tmp_path / "inner-link.html").symlink_to(tmp_path / "index.html")
+    files = StaticFiles.scan(tmp_path)
+    assert set(files.files) == {"index.html", "js/app.js", "inner-link.html"}
+    assert files.files["js/app.js"].content_type.endswith("javascript; charset=utf-8")
+    assert files.lookup("link.txt") is None
+    assert files.lookup("../" + outside.name) is None
+
+
+def test_static_files_are_read_at_scan_time(tmp_path: Path) -> None:
+    (tmp_path / "a.css").write_text("p {}")
+    files = StaticFiles.scan(tmp_path)
+    (tmp_path / "a.css").write_text("changed later")
+    (tmp_path / "b.css").write_text("added later")
+    found = files.lookup("a.css")
+    assert found is not None
+    assert (found.data, found.content_type) == (b"p {}", "text/css; charset=utf-8")
+    assert files.lookup("b.css") is None
+
+
+# --- a failure record for completeness ---------------------------------------------------------
+
+
+async def test_state_shows_errors_and_retries(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    state = attrs.evolve(
+        waiting("img:1"),
+        phase=Phase.TryAgain,
+        attempt=2,
+        deadline=trio.current_time() + 10,
+        error=Failure(message="pull failed", at=1234.5),
+    )
+    web.store.set_state("web", state)
+    with trio.fail_after(CAP):
+        data = await body(await web.client.get("/v1/state"))
+    service = data["services"]["web"]
+    assert service["state"] == "TryAgain"
+    assert service["error"] == {"message": "pull failed", "at": 1234.5}
+    assert service["retry_at"] is not None
+    assert service["attempt"] == 2
