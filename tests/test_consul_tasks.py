@@ -1,0 +1,517 @@
+"""The publisher's and the watcher's timing, on Trio's MockClock with a scripted Consul.
+
+`FakeConsul` answers the HTTP calls condo makes (sessions, acquire, delete, blocking reads) the
+way the 1.8.7 agent does (stack-notes §6), behind httpx.MockTransport, so retries, renewals and
+outages run in virtual time and the tests assert exact or bounded virtual durations. It is never
+evidence that condo works with Consul: tests/integration/test_consul_*.py are.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import structlog
+import trio
+import trio.testing
+
+from condo.consul import ConsulClient, ConsulSource, KeyLayout, Publisher, decode_value
+from condo.consul.publisher import MAX_RETRY_DELAY, REFUSED_RETRY_DELAY
+from condo.fsm import Box, Phase, ServiceState
+from condo.spec import ServiceSpec
+from condo.store import Store
+from condo.waiting import Picture
+
+HOST = "h1"
+LAYOUT = KeyLayout.of("condo")
+SESSION_NAME = f"condo:condo:{HOST}"
+
+
+@attrs.define
+class FakeConsul:
+    """An in-memory Consul agent: KV with sessions, and blocking reads."""
+
+    kv: dict[str, tuple[bytes, str | None]] = attrs.Factory(dict)
+    sessions: dict[str, str] = attrs.Factory(dict)  # id -> name
+    index: int = 100
+    down: bool = False  # refuse every connection
+    hung: bool = False  # accept and never answer (a SIGSTOPped agent)
+    calls: list[tuple[float, str]] = attrs.Factory(list)
+    reads: list[int | None] = attrs.Factory(list)  # the index of every KV read (None: no index)
+    modified: dict[str, int] = attrs.Factory(dict)  # key -> ModifyIndex
+    serial: int = 0
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def bump(self) -> None:
+        self.index += 1
+        self.wake()
+
+    def wake(self) -> None:
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+    def set_down(self, down: bool) -> None:
+        self.down = down
+        self.wake()  # in-flight blocking reads notice (a dropped connection)
+
+    def expire(self, session: str) -> None:
+        """Consul invalidates the session (TTL ran out): `Behavior: delete` drops its keys."""
+        self.sessions.pop(session)
+        self.kv = {k: v for k, v in self.kv.items() if v[1] != session}
+        self.bump()
+
+    def count(self, what: str, since: float = -math.inf) -> int:
+        return sum(1 for at, call in self.calls if call.startswith(what) and at >= since)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self.changed.wait()
+
+    def value(self, service: str, host: str = HOST) -> dict[str, Any] | None:
+        held = self.kv.get(LAYOUT.key(service, host))
+        if held is None:
+            return None
+        state: dict[str, Any] = dict(decode_value(LAYOUT, LAYOUT.key(service, host), held[0]).state)
+        return state
+
+    def holder(self, service: str, host: str = HOST) -> str | None:
+        held = self.kv.get(LAYOUT.key(service, host))
+        return None if held is None else held[1]
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls.append((trio.current_time(), f"{request.method} {path}"))
+        if self.hung:
+            await trio.sleep_forever()
+        if self.down:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        await trio.lowlevel.checkpoint()
+        match request.method, path.split("/")[2:]:
+            case "PUT", ["session", "create"]:
+                body = json.loads(request.content)
+                assert (body["TTL"], body["Behavior"], body["LockDelay"]) == ("10s", "delete", "0s")
+                self.serial += 1
+                sid = f"session-{self.serial}"
+                self.sessions[sid] = body["Name"]
+                self.bump()
+                return httpx.Response(200, json={"ID": sid})
+            case "PUT", ["session", "renew", sid]:
+                if sid not in self.sessions:
+                    return httpx.Response(404, text=f"Session id '{sid}' not found")
+                return httpx.Response(200, json=[{"ID": sid}])
+            case "PUT", ["session", "destroy", sid]:
+                if sid in self.sessions:
+                    self.expire(sid)
+                return httpx.Response(200, text="true")
+            case "GET", ["session", "list"]:
+                return httpx.Response(
+                    200, json=[{"ID": sid, "Name": name} for sid, name in self.sessions.items()]
+                )
+            case "PUT", ["kv", *parts]:
+                key, sid = "/".join(parts), request.url.params["acquire"]
+                if sid not in self.sessions:
+                    return httpx.Response(500, text=f'invalid session "{sid}"')
+                held = self.kv.get(key)
+                if held is not None and held[1] in self.sessions and held[1] != sid:
+                    return httpx.Response(200, text="false")
+                self.kv[key] = (request.content, sid)
+                self.bump()
+                self.modified[key] = self.index
+                return httpx.Response(200, text="true")
+            case "DELETE", ["kv", *parts]:
+                if self.kv.pop("/".join(parts), None) is not None:
+                    self.bump()
+                return httpx.Response(200, text="true")
+            case "GET", ["kv", *parts]:
+                return await self._read("/".join(parts), request.url.params)
+        raise AssertionError(f"unexpected call {request.method} {path}")
+
+    async def _read(self, prefix: str, params: httpx.QueryParams) -> httpx.Response:
+        assert params["recurse"] == "true"
+        self.reads.append(int(params["index"]) if "index" in params else None)
+        if "index" in params:
+            with trio.move_on_after(float(params["wait"].rstrip("s"))):
+                while self.index <= int(params["index"]) and not self.down:
+                    await self.changed.wait()
+            if self.down:
+                raise httpx.ReadError("connection reset")
+        headers = {"X-Consul-Index": str(self.index)}
+        body = [
+            {
+                "Key": key,
+                "Value": base64.b64encode(value).decode(),
+                "Session": session,
+                "ModifyIndex": self.modified.get(key, 1),
+            }
+            for key, (value, session) in sorted(self.kv.items())
+            if key.startswith(prefix)
+        ]
+        if not body:
+            return httpx.Response(404, headers=headers)
+        return httpx.Response(200, json=body, headers=headers)
+
+
+def stable(image: str) -> ServiceState:
+    spec = ServiceSpec(container={"Image": image})
+    box = Box(id="c-" + image, name="web_x", spec=spec, created_at=1.0, healthcheck=True)
+    return ServiceState(phase=Phase.Stable, desired=spec, current=box)
+
+
+@attrs.frozen
+class Consul:
+    fake: FakeConsul
+    client: ConsulClient
+    source: ConsulSource
+    publisher: Publisher
+
+
+@asynccontextmanager
+async def running(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
+    """The publisher and the watcher, wired as run_consul wires them, on the fake."""
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://consul")
+    client = ConsulClient(http)
+    source = ConsulSource(client, LAYOUT)
+    publisher = Publisher(client, store, LAYOUT, HOST)
+    async with http, trio.open_nursery() as nursery:
+        await nursery.start(source.run)
+        await nursery.start(publisher.run, source)
+        yield Consul(fake, client, source, publisher)
+        nursery.cancel_scope.cancel()
+
+
+async def until_pictured(source: ConsulSource, predicate: Callable[[Picture], bool]) -> Picture:
+    """Wait (without polling) for a picture that satisfies `predicate`."""
+    while not predicate(picture := source.picture()):
+        await source.wait_beyond(picture.token)
+    return picture
+
+
+def image_of(picture: Picture, service: str, host: str = HOST) -> str | None:
+    view = picture.hosts.get(host, {}).get(service)
+    return None if view is None or view["current"] is None else str(view["current"]["image"])
+
+
+@pytest.fixture
+def fake() -> FakeConsul:
+    return FakeConsul()
+
+
+@pytest.fixture
+def store() -> Store:
+    store = Store(HOST)
+    store.set_state("web", stable("web:1"))
+    store.set_state("db", ServiceState())
+    return store
+
+
+# --- publisher -----------------------------------------------------------------------------------
+
+
+async def test_start_up_publishes_everything_under_one_session(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    start = trio.current_time()
+    with trio.fail_after(10):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            assert trio.current_time() - start < 0.1  # at once, not at the next transition
+            assert fake.sessions == {"session-1": SESSION_NAME}
+            assert {fake.holder("web"), fake.holder("db")} == {"session-1"}
+            view = store.view()["services"]
+            assert fake.value("web") == json.loads(json.dumps(view["web"]))
+            assert fake.value("db") == json.loads(json.dumps(view["db"]))
+            assert consul.publisher.published == {"web", "db"}
+
+
+async def test_changes_coalesce_into_the_latest_value(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(10):
+        async with running(fake, store):
+            await fake.until(lambda: len(fake.kv) == 2)
+            before = trio.current_time()
+            # A burst of changes (the listener is synchronous: the store cannot be blocked).
+            for n in range(1000):
+                store.set_state("web", stable(f"web:{n}"))
+            await fake.until(lambda: (fake.value("web") or {})["image"] == "web:999")
+            # One write per round, never one per change.
+            assert fake.count("PUT /v1/kv/condo/web/h1", since=before) <= 2
+
+
+async def test_a_service_that_leaves_the_store_loses_its_key(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(10):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            store.drop("db")
+            await fake.until(lambda: len(fake.kv) == 1)
+            assert fake.holder("web") == "session-1"
+            assert consul.publisher.published == {"web"}
+
+
+async def test_renews_every_half_ttl(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    start = trio.current_time()
+    with trio.fail_after(60):
+        async with running(fake, store):
+            await trio.sleep(31)
+    renewals = [at - start for at, call in fake.calls if call.startswith("PUT /v1/session/renew/")]
+    assert renewals == pytest.approx([5.0, 10.0, 15.0, 20.0, 25.0, 30.0], abs=1e-6)
+
+
+async def test_outage_is_logged_once_and_caught_up_within_a_second(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+        async with running(fake, store) as consul:
+            await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:1")
+            fake.set_down(True)
+            await trio.sleep(1)
+            store.set_state("web", stable("web:2"))  # supervision goes on while Consul is away
+            await trio.sleep(59)
+            stale_during = consul.source.stale
+            assert image_of(consul.source.picture(), "web") == "web:1"  # the last known
+            fake.set_down(False)
+            back = trio.current_time()
+            await fake.until(lambda: (fake.value("web") or {})["image"] == "web:2")
+            assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
+            # The session may have expired meanwhile: renewed first thing.
+            assert fake.count("PUT /v1/session/renew/", since=back) == 1
+            await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:2")
+            assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.1
+            assert (stale_during, consul.source.stale) == (True, False)
+    events = [entry["event"] for entry in logs]
+    assert events.count("consul.unreachable") == 1
+    assert events.count("consul.reachable") == 1
+    attempts = fake.count("PUT /v1/session/renew/") + fake.count("PUT /v1/kv/")
+    assert attempts < 100  # backed off, not a hot loop (60 s at <= 1 s per attempt)
+
+
+async def test_session_expired_during_outage_is_replaced_and_everything_republished(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(120):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            fake.set_down(True)
+            await trio.sleep(30)
+            fake.expire("session-1")  # what a 30 s outage does to a 10 s TTL
+            fake.set_down(False)
+            back = trio.current_time()
+            await fake.until(lambda: len(fake.kv) == 2)
+            assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
+            assert {fake.holder("web"), fake.holder("db")} == {"session-2"}
+            assert consul.publisher.session == "session-2"
+
+
+async def test_session_lost_behind_our_back_comes_back_before_the_next_renewal(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(30), structlog.testing.capture_logs() as logs:
+        async with running(fake, store):
+            await fake.until(lambda: len(fake.kv) == 2)
+            await trio.sleep(1)
+            lost = trio.current_time()
+            fake.expire("session-1")
+            await fake.until(lambda: len(fake.kv) == 2)
+            # The watcher saw the keys go; no need to wait for the renewal at t=5.
+            assert trio.current_time() - lost < 0.1
+            assert set(fake.sessions) == {"session-2"}
+    assert [e["reason"] for e in logs if e["event"] == "consul.session_lost"] == [
+        "a write answered that the session is invalid"
+    ]
+
+
+async def test_renewal_404_replaces_the_session(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    start = trio.current_time()
+    with trio.fail_after(30):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            # Lost without the keys going (as if the watcher were blind): only the renewal can tell.
+            fake.sessions.clear()
+            await fake.until(lambda: "session-2" in fake.sessions)
+            assert trio.current_time() - start == pytest.approx(5.0)  # the first renewal
+            await fake.until(lambda: fake.holder("web") == fake.holder("db") == "session-2")
+            assert consul.publisher.published == {"web", "db"}
+
+
+async def test_a_killed_predecessors_session_is_taken_over(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.sessions["old"] = SESSION_NAME
+    fake.sessions["someone-else"] = "condo:condo:h2"
+    fake.kv[LAYOUT.key("web", HOST)] = (b"{}", "old")
+    fake.kv[LAYOUT.key("web", "h2")] = (b"{}", "someone-else")
+    start = trio.current_time()
+    with trio.fail_after(10):
+        async with running(fake, store):
+            await fake.until(lambda: fake.holder("web") == fake.holder("db") == "session-1")
+            assert trio.current_time() - start < 0.1
+            assert set(fake.sessions) == {"someone-else", "session-1"}
+            assert fake.holder("web", "h2") == "someone-else"
+
+
+async def test_a_key_held_by_another_session_is_reported_once_and_retried(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.sessions["intruder"] = "not-condo"
+    fake.kv[LAYOUT.key("web", HOST)] = (b"{}", "intruder")
+    with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+        async with running(fake, store) as consul:
+            await fake.until(lambda: fake.holder("db") == "session-1")
+            await trio.sleep(20)
+            assert fake.holder("web") == "intruder"
+            assert consul.publisher.published == {"db"}
+            fake.expire("intruder")
+            released = trio.current_time()
+            await fake.until(lambda: fake.holder("web") == "session-1")
+            assert trio.current_time() - released <= REFUSED_RETRY_DELAY + 0.01
+    held = [e for e in logs if e["event"] == "consul.key_held_elsewhere"]
+    assert [e["key"] for e in held] == ["condo/web/h1"]
+    assert sum(e["event"] == "consul.key_acquired" for e in logs) == 1
+
+
+async def test_clean_shutdown_destroys_the_session(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(10):
+        async with running(fake, store):
+            await fake.until(lambda: len(fake.kv) == 2)
+    assert fake.sessions == {}
+    assert fake.kv == {}
+
+
+async def test_shutdown_with_a_silent_consul_is_bounded(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(30), structlog.testing.capture_logs() as logs:
+        async with running(fake, store):
+            await fake.until(lambda: len(fake.kv) == 2)
+            fake.hung = True
+            stopping = trio.current_time()
+        assert trio.current_time() - stopping == pytest.approx(2.0)
+    assert [e["event"] for e in logs if e["event"].startswith("consul.session_")][-1] == (
+        "consul.session_not_destroyed"
+    )
+
+
+async def test_consul_down_at_start_does_not_delay_start_up(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.down = True
+    start = trio.current_time()
+    with trio.fail_after(30):
+        async with running(fake, store) as consul:
+            assert trio.current_time() == start
+            assert consul.source.stale
+            await trio.sleep(10)
+            fake.set_down(False)
+            back = trio.current_time()
+            await fake.until(lambda: len(fake.kv) == 2)
+            assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
+
+
+# --- watcher -------------------------------------------------------------------------------------
+
+
+async def test_picture_skips_foreign_values_and_reports_each_once(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.sessions["s-h2"] = "condo:condo:h2"
+    h2_value = json.dumps({"host": "h2", "service": "web", "state": {"state": "Wait"}}).encode()
+    fake.kv |= {
+        "condo/web/h2": (h2_value, "s-h2"),
+        "condo/junk/h3": (b"not json", None),
+        "condo/too/deep/key": (h2_value, None),
+        "condo/web/h9": (h2_value, None),  # a copy under the wrong host
+    }
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 6)
+            source = consul.source
+            while HOST not in source.picture().hosts or len(source.picture().hosts[HOST]) < 2:
+                await source.wait_beyond(source.picture().token)
+            picture = source.picture()
+            assert set(picture.hosts) == {HOST, "h2"}
+            assert picture.hosts["h2"] == {"web": {"state": "Wait"}}
+            assert picture.token == fake.index
+            store.set_state("web", stable("web:2"))  # more reads; the junk is not reported again
+            await fake.until(lambda: (fake.value("web") or {})["image"] == "web:2")
+            await trio.sleep(1)
+    foreign = sorted(e["key"] for e in logs if e["event"] == "consul.foreign_value")
+    assert foreign == ["condo/junk/h3", "condo/too/deep/key", "condo/web/h9"]
+
+
+async def test_thousands_of_waiters_cost_one_query(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    woken = 0
+    with trio.fail_after(30):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            await trio.sleep(1)
+            source = consul.source
+            token = source.picture().token
+
+            async def waiter() -> None:
+                nonlocal woken
+                await source.wait_beyond(token)
+                woken += 1
+
+            async with trio.open_nursery() as waiters:
+                for _ in range(5000):
+                    waiters.start_soon(waiter)
+                await trio.sleep(1)
+                reads_before = fake.count("GET /v1/kv/")
+                store.set_state("web", stable("web:2"))
+            assert woken == 5000
+            assert fake.count("GET /v1/kv/") - reads_before <= 2
+            assert source.picture().token > token
+
+
+async def test_an_index_that_goes_backwards_reads_afresh(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = Store(HOST)
+    h2 = {"host": "h2", "service": "web", "state": {"state": "Init"}}
+    with trio.fail_after(120):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: "session-1" in fake.sessions)
+            await trio.sleep(1)
+            source = consul.source
+            old = source.picture().token
+            blocked_on = fake.reads[-1]
+            assert blocked_on is not None and blocked_on > 3
+            # A dev agent restarted behind a proxy: no data, indexes start small again. The
+            # blocking read returns at the end of its wait with the smaller index.
+            fake.kv = {"condo/web/h2": (json.dumps(h2).encode(), None)}
+            fake.index = 3
+            while "h2" not in source.picture().hosts:
+                await source.wait_beyond(source.picture().token)
+            assert source.picture().token > old  # tokens only move forward
+            await trio.sleep(1)
+            after = fake.reads[fake.reads.index(blocked_on) + 1 :]
+            assert after[:2] == [None, 3]  # reset: one read without blocking, then block on 3
+
+
+async def test_wait_beyond_an_old_token_returns_at_once(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(10):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            await trio.sleep(1)
+            before = trio.current_time()
+            await consul.source.wait_beyond(consul.source.picture().token - 1)
+            assert trio.current_time() == before
