@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -106,16 +105,16 @@ async def test_slow_stops_are_killed_on_time_and_block_no_other_service(
     assert trio.current_time() - started < 8.0
 
 
-def _mount_tiny_tmpfs(path: Path) -> None:
+async def _mount_tiny_tmpfs(path: Path) -> None:
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "condo-test", str(path)], check=True)
+    await trio.run_process(["mount", "-t", "tmpfs", "-o", "size=256k", "condo-test", str(path)])
 
 
 async def test_a_full_disk_never_stops_supervision_nor_truncates_the_state_file(
     tmp_path: Path, docker: DockerClient, nursery: trio.Nursery
 ) -> None:
     disk = tmp_path / "disk"
-    _mount_tiny_tmpfs(disk)
+    await _mount_tiny_tmpfs(disk)
     try:
         async with condo_files(tmp_path, docker) as condo:
             condo.state_path = disk / "state.json"
@@ -135,19 +134,23 @@ async def test_a_full_disk_never_stops_supervision_nor_truncates_the_state_file(
                     pass  # ENOSPC: the disk is full, as wanted
             condo.write("more", '{:spec {:Image "condo-test/busybox:1"}}')
             await condo.wait_state("more", "Stable")  # supervision goes on
+            def write_failing() -> bool:
+                return running.writer.last_error is not None
+
             with trio.fail_after(10):
-                while running.writer.last_error is None:
+                while not write_failing():
                     await trio.sleep(0.1)
             assert condo.state_path.read_text() == good  # the last good file, untouched
             filler.unlink()
             with trio.fail_after(10):
-                while running.writer.last_error is not None:
+                while write_failing():
                     await trio.sleep(0.1)
             assert "more" in json.loads(condo.state_path.read_text())["services"]
             running.shutdown()
             await trio.sleep(0.5)
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        with trio.move_on_after(10, shield=True):
+            await trio.run_process(["umount", "-l", str(disk)], check=False)
 
 
 async def test_kill9_torture(condo: CondoUnderTest, nursery: trio.Nursery) -> None:
