@@ -134,6 +134,7 @@ async def test_a_full_disk_never_stops_supervision_nor_truncates_the_state_file(
                     pass  # ENOSPC: the disk is full, as wanted
             condo.write("more", '{:spec {:Image "condo-test/busybox:1"}}')
             await condo.wait_state("more", "Stable")  # supervision goes on
+
             def write_failing() -> bool:
                 return running.writer.last_error is not None
 
