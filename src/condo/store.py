@@ -44,6 +44,7 @@ class Store:
         self._version = 0
         self._changed = trio.Event()
         self._listeners: list[Callable[[], None]] = []
+        self._view_cache: tuple[int, dict[str, Any]] | None = None
 
     @property
     def version(self) -> int:
@@ -83,12 +84,18 @@ class Store:
         return {name: to_record(e.state, at) for name, e in sorted(self._entries.items())}
 
     def view(self, at: Instant | None = None) -> dict[str, Any]:
-        """The `/v1/state` body."""
-        at = at or now()
+        """The `/v1/state` body (built once per version: readers may share it, not change it)."""
+        if at is None and self._view_cache is not None and self._view_cache[0] == self._version:
+            return self._view_cache[1]
+        moment = at or now()
         services = {
-            name: to_view(e.state, at, e.spec_error) for name, e in sorted(self._entries.items())
+            name: to_view(e.state, moment, e.spec_error)
+            for name, e in sorted(self._entries.items())
         }
-        return {"host": self.host, "services": services}
+        view = {"host": self.host, "services": services}
+        if at is None:
+            self._view_cache = (self._version, view)
+        return view
 
     def _put(self, service: str, entry: ServiceEntry) -> None:
         if self._entries.get(service) == entry:
