@@ -118,7 +118,8 @@ async def wait(
             await trio.sleep(PROGRESS_INTERVAL)
 
     failure: ClientError | None = None
-    status, body = 0, {}
+    status: int = 0
+    body: Any = {}
     async with (
         _client(url, api_token, read_timeout=wait_seconds + 30) as client,
         trio.open_nursery() as nursery,
