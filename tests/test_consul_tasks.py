@@ -515,3 +515,20 @@ async def test_wait_beyond_an_old_token_returns_at_once(
             before = trio.current_time()
             await consul.source.wait_beyond(consul.source.picture().token - 1)
             assert trio.current_time() == before
+
+
+async def test_the_first_read_of_an_empty_prefix_wakes_waiters(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.down = True
+    with trio.fail_after(30):
+        async with running(fake, Store(HOST)) as consul:
+            source = consul.source
+            unknown = source.picture()
+            await trio.sleep(5)
+            fake.set_down(False)
+            back = trio.current_time()
+            # Same (empty) hosts, same token, but no longer stale: waiters hear of it.
+            await source.wait_beyond(unknown.token)
+            assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
+            assert (source.stale, source.picture().token, source.picture().hosts) == (False, 0, {})

@@ -10,7 +10,7 @@ Modules, each owning one thing:
 
     consul (run_consul; one httpx client)
     ├─ watcher     ConsulSource.run: blocking queries on <prefix>/, the latest Picture
-    └─ publisher   Publisher.run: session keeper + writes, re-checked against each Picture
+    └─ publisher   Publisher.run: session keeper + writes, re-checked after every read
 
 Everything here raises `condo.errors.ConsulError` (or ConfigError for a bad endpoint, prefix or
 host name); nothing outside this package sees httpx or Consul's JSON.

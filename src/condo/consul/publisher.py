@@ -12,9 +12,9 @@ with the store:
 
 Rounds run when the store changes (a synchronous listener only sets an Event: the store is never
 blocked and changes coalesce into the latest value, never a backlog), when the renewal is due
-(TTL/2), and when the latest Consul picture disagrees with what this host believes it published
-(keys deleted behind its back, a session invalidated while its renewal was in flight): the
-publisher is level-triggered against Consul itself.
+(TTL/2), and when a read of the watcher (ConsulSource) disagrees with what this host believes it
+published (keys deleted behind its back, a session invalidated while its renewal was in flight):
+the publisher is level-triggered against Consul itself.
 
 Invariants:
 - `_published` only holds services whose key Consul confirmed (`true`) under the current session;
@@ -108,12 +108,11 @@ class Publisher:
         """Publish until cancelled, then destroy the session. Reports started at once: Consul
         may be away, condo supervises regardless."""
         self._store.subscribe(self._changed)
+        if source is not None:
+            source.add_read_observer(lambda: self._check(source))
         task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                if source is not None:
-                    nursery.start_soon(self._follow, source)
-                await self._run_rounds()
+            await self._run_rounds()
         finally:
             await self._destroy()
 
@@ -184,7 +183,8 @@ class Publisher:
                     log.warning(
                         "consul.key_held_elsewhere",
                         key=key,
-                        hint="another condo with the same --host and --consul-prefix?",
+                        hint="another condo with this --host and --consul-prefix? (or the lock"
+                        " delay of a session that ended)",
                     )
                 self._retry_at = trio.current_time() + REFUSED_RETRY_DELAY
                 continue
@@ -244,15 +244,8 @@ class Publisher:
 
     # --- checking against Consul's own picture --------------------------------------------
 
-    async def _follow(self, source: ConsulSource) -> None:
-        """After each new picture, re-publish what Consul lost of ours."""
-        token = source.picture().token
-        while True:
-            await source.wait_beyond(token)
-            token = source.picture().token
-            self._check(source)
-
     def _check(self, source: ConsulSource) -> None:
+        """After each read of the watcher: re-publish what Consul lost of ours (synchronous)."""
         session = self._session
         if session is None:
             return

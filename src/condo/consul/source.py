@@ -14,12 +14,13 @@ Invariants:
 - The token only moves when the picture (or a key's holder) changes, and only forwards, even
   across an index reset, so `wait_beyond` never waits on a picture it has already seen.
 - While Consul cannot be read the picture keeps its last value and `stale` is true; the first
-  good read clears it.
+  good read clears it. Both changes of `stale` wake waiters (with the token unchanged), so a
+  reader can wait for the first read even when the prefix is empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -51,6 +52,7 @@ class ConsulSource:
         self._read_ok = False  # the last read (if any) succeeded
         self._fresh_at: float | None = None  # Trio time of the last good read
         self._reported: dict[str, int] = {}  # key -> ModifyIndex of a foreign value logged once
+        self._read_observers: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"ConsulSource(prefix={self._layout.prefix!r}, token={self._picture.token})"
@@ -76,6 +78,11 @@ class ConsulSource:
         # Another task of this process (the publisher) already found Consul silent.
         return since is not None and since > self._fresh_at
 
+    def add_read_observer(self, observer: Callable[[], None]) -> None:
+        """Call `observer` (synchronously; it must not block) after every good read, changed or
+        not: a read equal to the last picture may still contradict what a writer believes."""
+        self._read_observers.append(observer)
+
     def holders(self, host: str) -> Mapping[str, SessionId | None]:
         """service -> the session holding `<prefix>/<service>/<host>`, as of the latest read."""
         return {svc: sid for (svc, h), sid in self._holders.items() if h == host}
@@ -94,7 +101,9 @@ class ConsulSource:
             try:
                 listing = await self._client.read_prefix(self._layout.folder, index=index)
             except ConsulError as exc:
-                self._read_ok = False
+                if self._read_ok:
+                    self._read_ok = False
+                    self._wake()  # `stale` changed: a (spurious) wake-up lets readers see it
                 if failing_since is None:
                     failing_since = started
                     # Once per outage. A transient outage is the publisher's to report (it
@@ -130,13 +139,22 @@ class ConsulSource:
             holders[value.service, value.host] = entry.session
         # Forget reports of keys that are gone, so the set never grows without bound.
         self._reported = {k: i for k, i in self._reported.items() if k in seen}
-        self._read_ok = True
+        was_stale, self._read_ok = not self._read_ok, True
         self._fresh_at = trio.current_time()
-        if hosts == self._picture.hosts and holders == self._holders:
-            return  # a wake-up with nothing new for us (another key, a mere index bump)
-        token = listing.index if listing.index > self._picture.token else self._picture.token + 1
-        self._picture = Picture(token=token, hosts=hosts)
-        self._holders = holders
+        if hosts != self._picture.hosts or holders != self._holders:
+            token = (
+                listing.index if listing.index > self._picture.token else self._picture.token + 1
+            )
+            self._picture = Picture(token=token, hosts=hosts)
+            self._holders = holders
+            self._wake()
+        elif was_stale:
+            self._wake()  # the same picture, but no longer stale (or no longer unknown)
+        # else: a wake-up with nothing new for waiters (another key, a mere index bump)
+        for observer in self._read_observers:
+            observer()
+
+    def _wake(self) -> None:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
