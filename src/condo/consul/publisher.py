@@ -125,10 +125,11 @@ class Publisher:
         while True:
             self._wake = trio.Event()  # changes from here on wake the next round
             self._retry_at = math.inf
+            started = trio.current_time()
             try:
                 await self._round()
             except ConsulError as exc:
-                self._failed(exc)
+                self._failed(exc, started)
                 await trio.sleep(delay if exc.transient else PERMANENT_RETRY_DELAY)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
@@ -224,11 +225,12 @@ class Publisher:
         self._published.clear()
         self._losses += 1
 
-    def _failed(self, exc: ConsulError) -> None:
+    def _failed(self, exc: ConsulError, round_started: float) -> None:
         # The session may expire while Consul is away: renew first thing when it is back.
         self._renew_at = -math.inf
         if self._down_since is None:
-            self._down_since = trio.current_time()
+            # From the start of the round that failed: a silent Consul takes a timeout to notice.
+            self._down_since = round_started
             # Once per outage, not per retry.
             log.warning(
                 "consul.unreachable" if exc.transient else "consul.refused",
