@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import structlog
@@ -17,10 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import condo
+from condo.config import Config
 from condo.consul import Acquire, ConsulClient, KeyLayout, decode_value, encode_value
 from condo.consul.client import SessionId, open_consul_client, parse_endpoint
 from condo.consul.layout import ForeignValue, check_name
 from condo.errors import ConfigError, ConsulError
+from condo.supervisor import run_condo
 
 SECRET = "s3cr3t-consul-token"
 
@@ -352,3 +356,25 @@ async def test_open_client_sends_the_token_to_a_real_socket() -> None:
 async def test_open_client_without_token_sends_no_header() -> None:
     async with open_consul_client("http://127.0.0.1:9") as client:
         assert "X-Consul-Token" not in client._http.headers
+
+
+# --- settings checked before anything starts -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"consul_prefix": "/"}, "--consul-prefix"),
+        ({"consul_endpoint": "ftp://consul"}, "--consul-endpoint"),
+        ({"host": "rack/7"}, "--host"),
+    ],
+)
+async def test_run_condo_refuses_bad_consul_settings_as_a_plain_config_error(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    config = Config(
+        prefixes=(tmp_path,), state_path=tmp_path / "state.json", host="h1", expose="consul"
+    )
+    with trio.fail_after(10), pytest.raises(ConfigError, match=message):
+        # Not wrapped in an ExceptionGroup: the CLI turns it into exit code 2.
+        await run_condo(attrs.evolve(config, **changes))

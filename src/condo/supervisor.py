@@ -33,6 +33,7 @@ import trio
 
 from condo import fsm, labels, persist
 from condo.config import Config
+from condo.consul import check_config as check_consul_config
 from condo.consul import run_consul
 from condo.docker import (
     ContainerEvent,
@@ -350,6 +351,8 @@ async def run_condo(
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run condo until cancelled (or `Running.shutdown()`); then persist and return."""
+    if config.expose == "consul":
+        check_consul_config(config)  # a ConfigError now, not from inside the root nursery
     auth = RegistryAuth.load(config.docker_config)
     store = Store(config.host)
     records = load_records(config)

@@ -22,7 +22,13 @@ import structlog
 import trio
 
 from condo.config import Config
-from condo.consul.client import Acquire, ConsulClient, SessionId, open_consul_client
+from condo.consul.client import (
+    Acquire,
+    ConsulClient,
+    SessionId,
+    open_consul_client,
+    parse_endpoint,
+)
 from condo.consul.layout import KeyLayout, check_name, decode_value, encode_value
 from condo.consul.publisher import SESSION_TTL, Publisher
 from condo.consul.source import ConsulSource
@@ -38,11 +44,19 @@ __all__ = [
     "KeyLayout",
     "Publisher",
     "SessionId",
+    "check_config",
     "decode_value",
     "encode_value",
     "open_consul_client",
     "run_consul",
 ]
+
+
+def check_config(config: Config) -> None:
+    """Raise ConfigError for Consul settings that cannot work (call before anything starts)."""
+    parse_endpoint(config.consul_endpoint)
+    KeyLayout.of(config.consul_prefix)
+    check_name("--host", config.host)
 
 
 async def run_consul(
@@ -57,8 +71,8 @@ async def run_consul(
     away; condo supervises regardless). A bad endpoint, prefix or host name raises ConfigError
     before that. On cancellation the session is destroyed, so this host's keys vanish at once.
     """
+    check_config(config)
     layout = KeyLayout.of(config.consul_prefix)
-    check_name("--host", config.host)
     async with open_consul_client(config.consul_endpoint, token=config.consul_token) as client:
         source = ConsulSource(client, layout)
         publisher = Publisher(client, store, layout, config.host)
