@@ -1,0 +1,224 @@
+"""The HTTP API under load: `GET /v1/state` throughput, and 10,000 held `/v1/wait_for` long-polls.
+
+One `condo run` with 200 Stable busybox services (3 with --quick), API on a free loopback port.
+1. `GET /v1/state`: `CONNECTIONS` keep-alive connections from this process (a raw HTTP/1.1
+   client on Trio sockets; httpx would spend more CPU per request than condo does, on the same
+   2 cores) for `LOAD_SECONDS`: completed 200 answers per second, and their latency.
+2. Long-polls: 10,000 (100 with --quick) connections each send
+   `GET /v1/wait_for?name=<one service>&image=<its next image>`; once condo's own gauge
+   `condo_web_open_waits` counts them all, that service's spec is changed to the image. Each
+   answer's latency is its arrival here minus condo's log line of the `→ Stable` transition;
+   all must be 200 `ok`. condo's RSS is read with everything held, and after.
+Both this process and condo get the highest open-files limit allowed (condo inherits it).
+Bars: ≥ 1,000 req/s; all long-polls answered; p99 ≤ 200 ms after the transition.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+
+import trio
+
+from bench.common import (
+    BUSYBOX,
+    BUSYBOX_2,
+    Bar,
+    BenchError,
+    CondoSpec,
+    HttpConnection,
+    Report,
+    Run,
+    deadline,
+    mb,
+    ms,
+    open_condo,
+    percentile,
+    raise_open_files_limit,
+    sample_process,
+    spec_text,
+    stable,
+    wait_metric_at_least,
+    wall,
+    write_spec,
+)
+
+SERVICES, QUICK_SERVICES = 200, 3
+POLLS, QUICK_POLLS = 10_000, 100
+LOAD_SECONDS, QUICK_LOAD_SECONDS = 10.0, 2.0
+CONNECTIONS = 8
+CONNECTING = 128  # connections being opened at once (condo's listen backlog is 128)
+RATE_BAR, P99_BAR = 1000.0, 200.0
+LIMIT = 300.0
+HOLD_LIMIT = 180.0
+WAIT_TIMEOUT = 900  # the long-polls' own timeout parameter, seconds: far beyond the run
+
+
+async def main(run: Run) -> Report:
+    size = QUICK_SERVICES if run.quick else SERVICES
+    polls = QUICK_POLLS if run.quick else POLLS
+    seconds = QUICK_LOAD_SECONDS if run.quick else LOAD_SECONDS
+    files = raise_open_files_limit()
+    if files < polls + 512:
+        raise BenchError(f"the open-files limit ({files}) is too low for {polls} long-polls")
+    names = [f"a{i:03d}" for i in range(size)]
+    target = names[0]
+    async with open_condo(run, CondoSpec(name="api", host=run.host("api"), server=True)) as condo:
+        await condo.wait_ready()
+        assert condo.url is not None
+        for name in names:
+            write_spec(condo.specs, name, spec_text(run, BUSYBOX, deploy="[:After 0]"))
+        with deadline(LIMIT, f"{size} services Stable"):
+            first = await condo.wait_services(names, stable)
+        old = first[0].container
+        await trio.sleep(2.0)
+
+        with deadline(seconds + 60, "the /v1/state load"):
+            done, latencies, body_size = await _load(condo.url, seconds)
+        rate = len(latencies) / seconds
+        rss_before = sample_process(condo.pid).rss
+
+        query = urllib.parse.urlencode(
+            {"name": target, "image": BUSYBOX_2, "timeout": str(WAIT_TIMEOUT)}
+        )
+        answers: list[tuple[float, int, bytes]] = []
+        all_answered = trio.Event()
+        async with trio.open_nursery() as nursery:
+            with deadline(HOLD_LIMIT, f"{polls} long-polls held"):
+                await _hold(
+                    nursery, condo.url, f"/v1/wait_for?{query}", polls, answers, all_answered
+                )
+                # condo's own gauge is the only witness of "held"
+                await wait_metric_at_least(condo.url, "condo_web_open_waits", polls)
+            held = sample_process(condo.pid)
+            if answers:
+                raise BenchError(f"{len(answers)} long-polls were answered before the change")
+            write_spec(
+                condo.specs, target, spec_text(run, BUSYBOX_2, deploy="[:After 0]", env=["V=2"])
+            )
+            with deadline(LIMIT, "the change Stable"):
+                (changed,) = await condo.wait_services(
+                    [target], lambda t: stable(t) and t.container != old
+                )
+            with deadline(HOLD_LIMIT, f"{polls} long-polls answered"):
+                await all_answered.wait()
+        after = sample_process(condo.pid)
+
+    ok = sum(1 for _, status, body in answers if status == 200 and b'"ok"' in body)
+    delays = [at - changed.at for at, _, _ in answers]
+    p50, p99 = ms(percentile(delays, 50)), ms(percentile(delays, 99))
+    return Report(
+        bench="api",
+        title=f"HTTP API ({size} services)",
+        quick=run.quick,
+        machine=run.machine,
+        columns=("measure", "value"),
+        rows=(
+            (
+                f"GET /v1/state, {CONNECTIONS} keep-alive connections, {seconds:g} s",
+                f"{rate:.0f} req/s",
+            ),
+            (
+                "… latency p50 / p99",
+                f"{ms(percentile(latencies, 50))} / {ms(percentile(latencies, 99))} ms",
+            ),
+            ("… response size", f"{body_size / 1000:.0f} kB"),
+            ("… non-200 answers", str(done - len(latencies))),
+            ("long-polls held at once", str(polls)),
+            ("… answered 200 ok after the change", f"{ok} of {polls}"),
+            (
+                "… answer after the → Stable log line, p50 / p99 / max",
+                f"{p50} / {p99} / {ms(max(delays))} ms",
+            ),
+            (
+                "condo RSS before / held / after",
+                f"{mb(rss_before)} / {mb(held.rss)} / {mb(after.rss)} MB",
+            ),
+        ),
+        figures={
+            "services": size,
+            "state_req_per_s": round(rate, 1),
+            "state_p50_ms": ms(percentile(latencies, 50)),
+            "state_p99_ms": ms(percentile(latencies, 99)),
+            "state_body_kb": round(body_size / 1000, 1),
+            "polls": polls,
+            "polls_ok": ok,
+            "polls_p50_ms": p50,
+            "polls_p99_ms": p99,
+            "polls_max_ms": ms(max(delays)),
+            "rss_before_mb": mb(rss_before),
+            "rss_held_mb": mb(held.rss),
+            "rss_after_mb": mb(after.rss),
+        },
+        bars=(
+            Bar(
+                label="GET /v1/state",
+                value=round(rate),
+                limit=RATE_BAR,
+                unit="req/s",
+                at_most=False,
+            ),
+            Bar(label="long-polls answered ok", value=ok, limit=polls, unit="", at_most=False),
+            Bar(label="long-poll answer p99", value=p99, limit=P99_BAR, unit="ms"),
+        ),
+    )
+
+
+async def _load(url: str, seconds: float) -> tuple[int, list[float], int]:
+    """Hammer GET /v1/state; (requests done, latencies of the 200 answers, last body size)."""
+    latencies: list[float] = []
+    done = 0
+    size = 0
+
+    async def worker(stop_at: float) -> None:
+        nonlocal done, size
+        connection = await HttpConnection.open(url)
+        try:
+            while time.monotonic() < stop_at:
+                began = time.monotonic()
+                status, body = await connection.get("/v1/state")
+                done += 1
+                if status == 200:
+                    latencies.append(time.monotonic() - began)
+                    size = len(body)
+        finally:
+            await connection.aclose()
+
+    stop_at = time.monotonic() + seconds
+    async with trio.open_nursery() as nursery:
+        for _ in range(CONNECTIONS):
+            nursery.start_soon(worker, stop_at)
+    if not latencies:
+        raise BenchError("GET /v1/state never answered 200")
+    return done, latencies, size
+
+
+async def _hold(
+    nursery: trio.Nursery,
+    url: str,
+    target: str,
+    count: int,
+    answers: list[tuple[float, int, bytes]],
+    all_answered: trio.Event,
+) -> None:
+    """Start `count` long-polls in `nursery` (returns once every request was sent)."""
+    connecting = trio.CapacityLimiter(CONNECTING)
+    sent = trio.Semaphore(0)
+
+    async def poll() -> None:
+        async with connecting:
+            connection = await HttpConnection.open(url)
+        try:
+            await connection.send_get(target)
+            sent.release()
+            status, body = await connection.read_response()
+            answers.append((wall(), status, body))
+            if len(answers) == count:
+                all_answered.set()
+        finally:
+            await connection.aclose()
+
+    for _ in range(count):
+        nursery.start_soon(poll)
+    for _ in range(count):
+        await sent.acquire()

@@ -1,0 +1,303 @@
+"""Multi-host: 20 `condo run` processes (`--host h1..h20`, 20 services each, `--expose consul`)
+on one engine and the real Consul agent; one image update on every host.
+
+All the condos share one Consul prefix unique to this run, and reach Consul through a recording
+proxy (common.open_tcp_proxy), which counts the writes they cause (PUT/DELETE: KV writes,
+session create/renew/destroy). h1 serves the API. Once all 400 services are Stable and Consul
+shows it (h1's `/v1/wait_for` for the old image answers), a long-poll
+`/v1/wait_for?name=m00&image=<new image>` is held on h1, and `m00.edn` is rewritten on every host
+at once. Measured: from the rewrite to the last host's `→ Stable` log line (the rollout), and
+from that line to the long-poll's answer (the bar: ≤ 100 ms); the Consul write rate at rest
+(before the update) and during the rollout. With --quick: 3 hosts x 3 services.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
+
+import attrs
+import httpx
+import trio
+
+from bench.common import (
+    BUSYBOX,
+    BUSYBOX_2,
+    CONSUL_HOST,
+    CONSUL_PORT,
+    Bar,
+    BenchError,
+    Condo,
+    CondoSpec,
+    HttpConnection,
+    ProxiedRequest,
+    RecordingProxy,
+    Report,
+    Run,
+    Transition,
+    consul_answers,
+    deadline,
+    ms,
+    open_condos,
+    open_tcp_proxy,
+    spec_text,
+    stable,
+    wait_metric_at_least,
+    wall,
+    write_spec,
+)
+
+HOSTS, QUICK_HOSTS = 20, 3
+SERVICES, QUICK_SERVICES = 20, 3
+REST_WINDOW, QUICK_REST_WINDOW = 10.0, 3.0
+ANSWER_BAR = 100.0  # ms after the last host's → Stable
+LIMIT = 600.0
+TARGET = "m00"
+ATTEMPTS = 3
+SETTLE = 2.0  # seconds after the answer that still count as the rollout's writes
+STALL = 0.5  # a Consul probe slower than this means the agent itself was paused
+PROBE_INTERVAL = 0.2
+PROBE_LIMIT = 30.0
+
+
+async def main(run: Run) -> Report:
+    hosts = QUICK_HOSTS if run.quick else HOSTS
+    size = QUICK_SERVICES if run.quick else SERVICES
+    rest_window = QUICK_REST_WINDOW if run.quick else REST_WINDOW
+    if not await consul_answers():
+        raise BenchError(f"Consul does not answer on {CONSUL_HOST}:{CONSUL_PORT}")
+    prefix = run.consul_prefix("multihost")
+    names = [f"m{i:02d}" for i in range(size)]
+    async with open_tcp_proxy(CONSUL_HOST, CONSUL_PORT) as consul:
+        common = ("--expose", "consul", "--consul-prefix", prefix)
+        specs = [
+            CondoSpec(
+                name=f"h{i}",
+                host=run.host(f"h{i}"),
+                server=i == 1,
+                extra=(*common, "--consul-endpoint", f"http://{consul.address}"),
+            )
+            for i in range(1, hosts + 1)
+        ]
+        async with open_condos(run, specs) as condos:
+            api = condos[0]
+            with deadline(120, f"{hosts} condos ready"):
+                async with trio.open_nursery() as nursery:
+                    for one in condos:
+                        nursery.start_soon(one.wait_ready)
+            assert api.url is not None
+            began = wall()
+            text = spec_text(run, BUSYBOX, deploy="[:After 0]")
+            for one in condos:
+                for name in names:
+                    write_spec(one.specs, name, text)
+            with deadline(LIMIT, f"{hosts * size} services Stable"):
+                first = await _all_stable(condos, names, {})
+                old = {key: t.container for key, t in first.items()}
+                converged = wall() - began
+                await _wait_for(api.url, TARGET, BUSYBOX)
+
+            await trio.sleep(2.0)
+            rest_began, rest_mark = wall(), len(consul.requests.items)
+            await trio.sleep(rest_window)
+            at_rest = _writes(consul.requests.items[rest_mark:])
+            rest_rate = len(at_rest) / (wall() - rest_began)
+
+            async with _watching_consul() as stalls:
+                attempts: list[_Rollout] = []
+                for attempt in range(ATTEMPTS):
+                    image = (BUSYBOX_2, BUSYBOX)[attempt % 2]
+                    rollout = await _rollout(run, condos, api.url, image, old, consul)
+                    old = rollout.containers
+                    rollout = attrs.evolve(
+                        rollout, stall=stalls.worst(rollout.updated - 1, rollout.settled)
+                    )
+                    attempts.append(rollout)
+                    if rollout.stall < STALL:
+                        break
+                    await trio.sleep(5.0)  # someone else paused Consul: give it time
+
+    rollout = attempts[-1]
+    if rollout.stall >= STALL:
+        raise BenchError(
+            f"Consul stalled ({rollout.stall:.1f} s, not condo's doing) in all {ATTEMPTS} attempts"
+        )
+    answer_delay = ms(rollout.answered - rollout.last_stable)
+    writes = rollout.writes
+    kv = sum(1 for r in writes if "/v1/kv/" in r.target)
+    window = rollout.settled - rollout.updated
+    notes = [
+        "A write is a PUT or DELETE condo sent to Consul (KV writes, session create, renew, "
+        "destroy), counted by a proxy between the condos and the agent; the rollout's window "
+        f"runs from the rewrite to {SETTLE:g} s after the answer.",
+    ]
+    if len(attempts) > 1:
+        notes.append(
+            f"{len(attempts) - 1} attempt(s) discarded: the Consul agent itself stalled "
+            "(another test on the machine pauses it), measured by a direct probe."
+        )
+    return Report(
+        bench="multihost",
+        title=f"{hosts} hosts x {size} services, one Consul",
+        quick=run.quick,
+        machine=run.machine,
+        columns=("measure", "value"),
+        rows=(
+            (f"converge: {hosts * size} specs → all Stable", f"{converged:.1f} s"),
+            (
+                f"rollout of {TARGET}: specs rewritten → last host Stable",
+                f"{rollout.last_stable - rollout.updated:.2f} s",
+            ),
+            ("last host Stable → /v1/wait_for answered (on h1)", f"{answer_delay} ms"),
+            (f"Consul writes at rest ({rest_window:g} s)", f"{rest_rate:.1f} /s ({len(at_rest)})"),
+            (
+                f"Consul writes during the rollout ({window:.1f} s)",
+                f"{len(writes) / window:.1f} /s ({len(writes)}, {kv} KV)",
+            ),
+            ("Consul writes per host at rest", f"{rest_rate / hosts:.2f} /s"),
+        ),
+        figures={
+            "hosts": hosts,
+            "services_per_host": size,
+            "converge_s": round(converged, 2),
+            "rollout_s": round(rollout.last_stable - rollout.updated, 3),
+            "answer_after_last_stable_ms": answer_delay,
+            "consul_writes_rest_per_s": round(rest_rate, 2),
+            "consul_writes_rollout_per_s": round(len(writes) / window, 2),
+            "consul_writes_rollout": len(writes),
+            "discarded_attempts": len(attempts) - 1,
+        },
+        bars=(
+            Bar(
+                label="wait_for answer after the last host Stable",
+                value=answer_delay,
+                limit=ANSWER_BAR,
+                unit="ms",
+            ),
+        ),
+        notes=tuple(notes),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class _Rollout:
+    updated: float  # the spec files were rewritten
+    answered: float  # the long-poll's answer arrived
+    last_stable: float  # condo's log line of the last host's → Stable
+    settled: float  # end of the window in which writes are counted
+    writes: list[ProxiedRequest]
+    containers: dict[tuple[str, str], str | None]  # the new containers, per (host, service)
+    stall: float = 0.0  # the longest Consul probe overlapping the rollout, seconds
+
+
+async def _rollout(
+    run: Run,
+    condos: list[Condo],
+    url: str,
+    image: str,
+    old: Mapping[tuple[str, str], str | None],
+    consul: RecordingProxy,
+) -> _Rollout:
+    """Hold a long-poll for TARGET on `image`, rewrite TARGET on every host, time the answer."""
+    query = urllib.parse.urlencode({"name": TARGET, "image": image, "timeout": "600"})
+    connection = await HttpConnection.open(url)
+    try:
+        await connection.send_get(f"/v1/wait_for?{query}")
+        with deadline(30, "the long-poll held"):
+            # condo's own gauge is the only witness of "held"
+            await wait_metric_at_least(url, "condo_web_open_waits", 1)
+        mark = len(consul.requests.items)
+        text = spec_text(run, image, deploy="[:After 0]")
+        updated = wall()
+        for one in condos:
+            write_spec(one.specs, TARGET, text)
+        with deadline(LIMIT, "the update answered"):
+            status, body = await connection.read_response()
+        answered = wall()
+    finally:
+        await connection.aclose()
+    if status != 200 or b'"ok"' not in body:
+        raise BenchError(f"/v1/wait_for answered {status}: {body[:300]!r}")
+    with deadline(LIMIT, "every host Stable on the new image"):
+        done = await _all_stable(condos, [TARGET], old)
+    await trio.sleep(SETTLE)
+    return _Rollout(
+        updated=updated,
+        answered=answered,
+        last_stable=max(t.at for t in done.values()),
+        settled=answered + SETTLE,
+        writes=_writes([r for r in consul.requests.items[mark:] if r.at <= answered + SETTLE]),
+        containers={key: t.container for key, t in done.items()},
+    )
+
+
+class _Stalls:
+    """Direct probes of the Consul agent (not through the proxy): (sent, took) pairs."""
+
+    def __init__(self) -> None:
+        self.probes: list[tuple[float, float]] = []
+
+    def worst(self, start: float, end: float) -> float:
+        return max(
+            (took for sent, took in self.probes if sent <= end and sent + took >= start),
+            default=0.0,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with httpx.AsyncClient(
+            base_url=f"http://{CONSUL_HOST}:{CONSUL_PORT}", timeout=PROBE_LIMIT
+        ) as client:
+            task_status.started()
+            while True:
+                sent = wall()
+                with contextlib.suppress(httpx.HTTPError):  # a timeout is the stall itself
+                    await client.get("/v1/status/leader")
+                self.probes.append((sent, wall() - sent))
+                await trio.sleep(PROBE_INTERVAL)
+
+
+@contextlib.asynccontextmanager
+async def _watching_consul() -> AsyncIterator[_Stalls]:
+    stalls = _Stalls()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stalls.run)
+        try:
+            yield stalls
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def _writes(requests: list[ProxiedRequest]) -> list[ProxiedRequest]:
+    return [r for r in requests if r.method in ("PUT", "DELETE")]
+
+
+async def _all_stable(
+    condos: list[Condo], names: list[str], old: Mapping[tuple[str, str], str | None]
+) -> dict[tuple[str, str], Transition]:
+    """Wait until every condo has every service Stable on a container not in `old`."""
+    found: dict[tuple[str, str], Transition] = {}
+
+    async def one(condo: Condo) -> None:
+        done = await condo.wait_services(
+            names,
+            lambda t: stable(t) and t.container != old.get((condo.host, t.service)),
+        )
+        for transition in done:
+            found[(condo.host, transition.service)] = transition
+
+    async with trio.open_nursery() as nursery:
+        for condo in condos:
+            nursery.start_soon(one, condo)
+    return found
+
+
+async def _wait_for(url: str, name: str, image: str) -> None:
+    connection = await HttpConnection.open(url)
+    try:
+        query = urllib.parse.urlencode({"name": name, "image": image, "timeout": "300"})
+        status, body = await connection.get(f"/v1/wait_for?{query}")
+    finally:
+        await connection.aclose()
+    if status != 200:
+        raise BenchError(f"/v1/wait_for {name} {image} answered {status}: {body[:300]!r}")

@@ -1,0 +1,137 @@
+"""Rolling update: N = 20 services (3 with --quick) with `[:After 0]` and the image's 1 s-interval
+healthcheck, all updated at once (healthy:1 → healthy:2) → all Stable on the new image.
+
+condo's time: from the first rewritten spec file to condo's log line of the last `→ Stable` on a
+new container. The containers' own time-to-healthy, measured in the same run: N parallel
+`docker run -d` of the new image, from launch to the engine's last `health_status: healthy`
+event (the floor: the engine creating N containers plus their first successful probe ~1 s after
+start). Overhead = condo's time / the floor - 1. Bar: ≤ 10 %.
+The per-container start → healthy times of condo's own new containers are reported too (from
+the engine's events), to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from bench.common import (
+    CASE_LABEL,
+    HEALTHY,
+    HEALTHY_2,
+    HOST_LABEL,
+    Bar,
+    CondoSpec,
+    EngineEvent,
+    Report,
+    Run,
+    deadline,
+    docker_run_parallel,
+    ms,
+    open_condo,
+    percentile,
+    recording_events,
+    spec_text,
+    stable,
+    wall,
+    write_spec,
+)
+
+SERVICES, QUICK_SERVICES = 20, 3
+OVERHEAD_BAR = 10.0  # percent
+LIMIT = 300.0
+
+
+async def main(run: Run) -> Report:
+    size = QUICK_SERVICES if run.quick else SERVICES
+    names = [f"r{i:02d}" for i in range(size)]
+    host = run.host("rolling")
+    async with (
+        recording_events(run.engine, {HOST_LABEL: host}) as events,
+        open_condo(run, CondoSpec(name="rolling", host=host)) as condo,
+    ):
+        await condo.wait_ready()
+        for name in names:
+            write_spec(condo.specs, name, spec_text(run, HEALTHY, deploy="[:After 0]"))
+        with deadline(LIMIT, f"{size} services Stable on {HEALTHY}"):
+            first = await condo.wait_services(names, stable)
+        old = {t.service: t.container for t in first}
+        await trio.sleep(2.0)  # let the first deploy's tail (state writes, events) pass
+        mark = len(events.items)
+        text = spec_text(run, HEALTHY_2, deploy="[:After 0]")
+        began = wall()
+        for name in names:
+            write_spec(condo.specs, name, text)
+        with deadline(LIMIT, f"{size} services Stable on {HEALTHY_2}"):
+            done = await condo.wait_services(
+                names, lambda t: stable(t) and t.container != old[t.service]
+            )
+        rolled = max(t.at for t in done) - began
+        own = _start_to_healthy(events.items[mark:], {t.container or "" for t in done})
+
+    floor = await _floor(run, size)
+    overhead = (rolled / floor - 1) * 100
+    return Report(
+        bench="rolling",
+        title=f"rolling update of {size} services ([:After 0], 1 s healthcheck)",
+        quick=run.quick,
+        machine=run.machine,
+        columns=("measure", "seconds"),
+        rows=(
+            ("condo: specs rewritten → all Stable on the new image", f"{rolled:.2f}"),
+            ("floor: N x docker run -d → all healthy", f"{floor:.2f}"),
+            ("condo's containers: start → healthy, p50", f"{percentile(own, 50):.2f}"),
+            ("condo's containers: start → healthy, max", f"{max(own):.2f}"),
+            ("overhead over the floor", f"{overhead:+.1f} %"),
+        ),
+        figures={
+            "services": size,
+            "condo_s": round(rolled, 3),
+            "floor_s": round(floor, 3),
+            "own_healthy_p50_ms": ms(percentile(own, 50)),
+            "own_healthy_max_ms": ms(max(own)),
+            "overhead_pct": round(overhead, 1),
+        },
+        bars=(
+            Bar(
+                label="overhead over the floor",
+                value=round(overhead, 1),
+                limit=OVERHEAD_BAR,
+                unit="%",
+            ),
+        ),
+    )
+
+
+def _start_to_healthy(events: list[EngineEvent], containers: set[str]) -> list[float]:
+    started: dict[str, float] = {}
+    healthy: dict[str, float] = {}
+    for event in events:
+        if event.name not in containers:
+            continue
+        if event.action == "start":
+            started.setdefault(event.name, event.at)
+        elif event.action == "health_status" and event.health == "healthy":
+            healthy.setdefault(event.name, event.at)
+    return [
+        healthy[name] - started[name] for name in containers if name in healthy and name in started
+    ]
+
+
+async def _floor(run: Run, size: int) -> float:
+    case = f"rolling-floor-{run.id}"
+    async with recording_events(run.engine, {CASE_LABEL: case}) as events:
+        began = wall()
+        await docker_run_parallel(run, size, HEALTHY_2, case=case)
+        with deadline(LIMIT, f"{size} floor containers healthy"):
+            healthy = await events.wait_for(lambda: _all_healthy(events.items, size))
+    await run.engine.remove_labelled({CASE_LABEL: case})
+    return healthy - began
+
+
+def _all_healthy(events: list[EngineEvent], size: int) -> float | None:
+    at = {
+        e.container_id: e.at
+        for e in events
+        if e.action == "health_status" and e.health == "healthy"
+    }
+    return max(at.values()) if len(at) >= size else None
