@@ -62,7 +62,7 @@ async def run_all(names: list[str], options: Options) -> int:
                     traceback.print_exc(file=sys.stderr)
                     print(f"bench {name} FAILED: {describe(exc)}", file=sys.stderr, flush=True)
                 else:
-                    emit(report, options.results, BENCHMARKS)
+                    emit(report, run, BENCHMARKS)
                 finally:
                     # Whatever a benchmark left behind is gone before the next one starts.
                     await run.sweep()

@@ -1027,10 +1027,11 @@ class Report:
             parts += ["", *[f"{note}" for note in self.notes]]
         return "\n".join(parts).rstrip() + "\n"
 
-    def json_line(self) -> str:
+    def json_line(self, run_id: str) -> str:
         return json.dumps(
             {
                 "bench": self.bench,
+                "run": run_id,
                 "quick": self.quick,
                 "machine": self.machine.as_json(),
                 "figures": dict(self.figures),
@@ -1049,10 +1050,11 @@ machines are shared and noisy, absolute times drift. Bars are those of issue 7.
 """
 
 
-def emit(report: Report, results: Path | None, order: Sequence[str]) -> None:
-    """Print the table, then the one JSON line; rewrite the report's section of `results`."""
+def emit(report: Report, run: Run, order: Sequence[str]) -> None:
+    """Print the table, then the one JSON line; rewrite the report's section of the results."""
     print(report.markdown(), flush=True)
-    print(report.json_line(), flush=True)
+    print(report.json_line(run.id), flush=True)
+    results = run.options.results
     if results is not None:
         update_results(results, report, order)
 

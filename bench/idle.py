@@ -3,7 +3,7 @@
 One `condo run` (API on, as by default): 50 busybox services are deployed and left alone; after a
 settling pause condo's CPU time and RSS are read from /proc/<pid>/stat and /proc/<pid>/status over
 a 60 s window (RSS sampled every second; the figure is the window's maximum). Then 150 more are
-added and the same is measured at 200. With --quick: 3, then 6 services, 5 s windows.
+added and the same is measured at 200. With --quick: 3, then 6 services, 3 s windows.
 Bars at 200 services: ≤ 1 % CPU, ≤ 100 MB RSS. The growth per service between the two sizes is
 reported too.
 """
@@ -30,8 +30,8 @@ from bench.common import (
 )
 
 SIZES, QUICK_SIZES = (50, 200), (3, 6)
-WINDOW, QUICK_WINDOW = 60.0, 5.0
-SETTLE, QUICK_SETTLE = 10.0, 1.0
+WINDOW, QUICK_WINDOW = 60.0, 3.0
+SETTLE, QUICK_SETTLE = 10.0, 0.5
 CPU_BAR, RSS_BAR = 1.0, 100.0  # percent of one core, MB
 LIMIT = 300.0
 
