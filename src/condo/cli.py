@@ -22,7 +22,7 @@ from cyclopts import App, Parameter
 from cyclopts.config import Env
 
 import condo
-from condo import logs
+from condo import client, logs
 from condo.config import DEFAULT_SERVER, Config, parse_server
 from condo.errors import ConfigError, SpecError
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
@@ -42,6 +42,8 @@ def build_app() -> App:
         config=Env(prefix="CONDO_", command=False),
     )
     app.command(run)
+    app.command(wait)
+    app.command(state, name="state")
     app.command(validate)
     return app
 
@@ -134,6 +136,53 @@ async def run(
         print(f"condo: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+# --- wait / state -----------------------------------------------------------------------------
+
+
+async def wait(
+    *,
+    name: str,
+    image: str,
+    timeout: float = 300.0,  # noqa: ASYNC109 -- the contract's --timeout, sent to the server
+    url: str = client.DEFAULT_URL,
+    api_token: str | None = None,
+) -> int:
+    """Block until every host that runs NAME is Stable on IMAGE (for CI).
+
+    Prints progress; exit 0 when done, 1 on timeout (naming the hosts still pending), 2 on usage
+    or connection errors.
+
+    Parameters
+    ----------
+    name
+        The service (its spec file's name without .edn).
+    image
+        The image every host must run it on, exactly as in the spec.
+    timeout
+        Seconds to wait (at most 3600).
+    url
+        A condo's HTTP API.
+    api_token
+        The condo's --api-token, if it has one.
+    """
+    return await client.wait(
+        name, image, wait_seconds=timeout, url=url, api_token=api_token, out=sys.stdout
+    )
+
+
+async def state(*, url: str = client.DEFAULT_URL, api_token: str | None = None) -> int:
+    """Print every service of every host (all hosts when condo exposes to Consul).
+
+    Parameters
+    ----------
+    url
+        A condo's HTTP API.
+    api_token
+        The condo's --api-token, if it has one.
+    """
+    return await client.state(url=url, api_token=api_token, out=sys.stdout)
 
 
 # --- validate -------------------------------------------------------------------------------------

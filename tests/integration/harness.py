@@ -105,16 +105,16 @@ class CondoUnderTest:
 
     # --- condo as a real process (for kill -9 and signals) -----------------------------------
 
-    async def spawn(self, nursery: trio.Nursery, *extra: str) -> trio.Process:
+    async def spawn(self, nursery: trio.Nursery, *extra: str, server: str = "off") -> trio.Process:
         """Run `condo run` as a child process (logs as JSON into the test's folder)."""
         argv = [
             sys.executable, "-m", "condo", "run", str(self.specs),
-            "--state", str(self.state_path), "--host", self.host, "--server", "off",
+            "--state", str(self.state_path), "--host", self.host, "--server", server,
             "--log-format", "json", *extra,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # The child keeps its own copy of the log file's descriptor; ours closes at once.
-        with (self.state_path.parent / "condo.log").open("ab") as log:
+        with (self.state_path.parent / f"condo-{self.host}.log").open("ab") as log:
             process: trio.Process = await nursery.start(
                 functools.partial(
                     trio.run_process, argv, stdout=log, stderr=log, env=env, check=False
