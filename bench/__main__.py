@@ -1,4 +1,4 @@
-"""`python -m bench NAME|all [--quick] [--results PATH | --no-results] [--keep]`.
+"""`python -m bench NAME|all [--quick] [--results PATH | --no-results] [--keep] [--profile DIR]`.
 
 Runs the named benchmarks (or all, in `bench.BENCHMARKS` order) in one Trio run: each prints its
 table and one JSON line on stdout and rewrites its own section of the results file. The full run
@@ -7,6 +7,8 @@ writes bench/RESULTS.md; `--quick` (tiny N, the CI smoke mode) writes no results
 
 A benchmark that fails (cannot measure) is reported on stderr and the others still run; the exit
 code is 1 if any failed, 2 on usage errors, 0 otherwise (a missed bar is a figure, not a failure).
+`--profile DIR` samples every condo process with py-spy (folded stacks, one file per condo,
+named after the benchmark's condo); such a run writes no results unless `--results` is given.
 SIGINT/SIGTERM cancel the run; cleanup (processes, containers, Consul keys) still happens.
 """
 
@@ -37,12 +39,22 @@ def parse_args(argv: list[str]) -> tuple[list[str], Options]:
     where.add_argument("--results", type=Path, help="the results file to update")
     where.add_argument("--no-results", action="store_true", help="do not write any results")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, specs)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample every condo with py-spy into this folder (figures are then disturbed)",
+    )
     args = parser.parse_args(argv)
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     results: Path | None = args.results
     if results is None and not args.no_results and not args.quick:
         results = RESULTS_PATH
-    return names, Options(quick=args.quick, results=results, keep=args.keep)
+    profile: Path | None = args.profile
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        if results == RESULTS_PATH:
+            results = None  # a sampled condo is slower: its figures are not results
+    return names, Options(quick=args.quick, results=results, keep=args.keep, profile=profile)
 
 
 async def run_all(names: list[str], options: Options) -> int:

@@ -342,6 +342,9 @@ class Options:
     quick: bool
     results: Path | None  # None: do not touch any RESULTS.md
     keep: bool = False  # keep the work folder (logs, specs) after a successful run
+    # Sample every condo with py-spy (folded stacks into this folder); figures are then
+    # disturbed by the sampler, so a profiling run is for finding where time goes, not for bars.
+    profile: Path | None = None
 
 
 class Run:
@@ -499,8 +502,18 @@ def _parse_time(value: object) -> float:
 class Condo:
     """One `condo run` subprocess, and what its JSON log says about its services."""
 
-    def __init__(self, name: str, host: str, specs: Path, argv: Sequence[str], log: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        specs: Path,
+        argv: Sequence[str],
+        log: Path,
+        profile: Path | None = None,
+    ) -> None:
         self.name = name
+        self.profile = profile
+        self.profiler: trio.Process | None = None
         self.host = host
         self.specs = specs
         self.argv = list(argv)
@@ -529,6 +542,25 @@ class Condo:
             env=env,
             cwd=str(self.specs.parent),
         )
+        if self.profile is not None:
+            self.profiler = await trio.lowlevel.open_process(
+                [
+                    py_spy(),
+                    "record",
+                    "--pid",
+                    str(self.process.pid),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(self.profile),
+                    "--nonblocking",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     async def read_log(self) -> None:
         """Parse stderr until it closes (the process ended); keeps a copy in `log_path`."""
@@ -616,10 +648,25 @@ class Condo:
             process.kill()
             with trio.move_on_after(5, shield=True):
                 await process.wait()
+        if self.profiler is not None:
+            # py-spy writes its file once the target is gone.
+            with trio.move_on_after(STOP_LIMIT, shield=True):
+                await self.profiler.wait()
+            if self.profiler.returncode is None:
+                self.profiler.kill()
 
 
 def stable(transition: Transition) -> bool:
     return transition.to == "Stable"
+
+
+def py_spy() -> str:
+    """py-spy for --profile: $BENCH_PY_SPY, else on PATH (install it outside the project's venv,
+    e.g. `python3 -m venv /tmp/pyspy && /tmp/pyspy/bin/pip install py-spy`)."""
+    found = os.environ.get("BENCH_PY_SPY") or shutil.which("py-spy")
+    if found is None:
+        raise BenchError("--profile needs py-spy: set BENCH_PY_SPY or put py-spy on PATH")
+    return found
 
 
 def condo_python() -> str:
@@ -655,7 +702,17 @@ async def open_condos(run: Run, specs: Sequence[CondoSpec]) -> AsyncIterator[lis
             "--log-format", "json",
             *item.extra,
         ]  # fmt: skip
-        condos.append(Condo(item.name, item.host, spec_dir, argv, folder / "condo.log"))
+        profile = run.options.profile
+        condos.append(
+            Condo(
+                item.name,
+                item.host,
+                spec_dir,
+                argv,
+                folder / "condo.log",
+                profile=None if profile is None else profile / f"{item.name}.folded",
+            )
+        )
     async with trio.open_nursery() as nursery:
         try:
             for one in condos:
