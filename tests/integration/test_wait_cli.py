@@ -4,7 +4,6 @@ hosts on one engine and one Consul agent, and one host without Consul."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import sys
 import time
 import uuid
@@ -17,7 +16,7 @@ import pytest
 import trio
 
 from condo.docker import DockerClient
-from tests.integration.harness import CondoUnderTest, condo_files
+from tests.integration.harness import CondoUnderTest, condo_files, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.consul]
 
@@ -26,13 +25,6 @@ SPEC = """{{:spec {{:Image "{image}"
          :Cmd ["sh" "-c" "trap 'exit 0' TERM; sleep {delay}; echo ok > /ok; sleep 3600 & wait"]
          :Healthcheck {{:Test ["CMD-SHELL" "cat /ok"] :Interval 100000000 :Retries 1000}}}}
   :deploy [:After 0] :health-timeout 60}}"""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Host:
