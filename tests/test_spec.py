@@ -7,6 +7,7 @@ parse_self_spec raise anything but SpecError, and valid specs survive to_json/fr
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 from collections.abc import Callable
@@ -30,7 +31,12 @@ from condo.spec import (
 )
 
 FILE = "svc.edn"
-PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CONDO_FUZZ_EXAMPLES raises the count for the long run (README, "Reliability").
+PROPERTY = settings(
+    max_examples=int(os.environ.get("CONDO_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def parse(text: str) -> ServiceSpec:
