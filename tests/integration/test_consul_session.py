@@ -27,7 +27,7 @@ from condo.consul import ConsulClient, ConsulSource, KeyLayout, run_consul
 from condo.fsm import Box, Phase, ServiceState
 from condo.spec import ServiceSpec
 from condo.store import Store
-from condo.waiting import Picture
+from condo.waiting import Picture, StateSource
 
 pytestmark = pytest.mark.consul
 
@@ -102,7 +102,7 @@ async def consul_area() -> AsyncIterator[Area]:
                 await http.delete(f"/v1/kv/{area.prefix}", params={"recurse": "true"})
 
 
-async def until_pictured(source: ConsulSource, predicate: Callable[[Picture], bool]) -> Picture:
+async def until_pictured(source: StateSource, predicate: Callable[[Picture], bool]) -> Picture:
     """Wait (without polling) for a picture of `source` that satisfies `predicate`."""
     while not predicate(picture := source.picture()):
         await source.wait_beyond(picture.token)
