@@ -182,14 +182,15 @@ def answer(status: int, body: str = "", headers: dict[str, str] | None = None) -
     ],
 )
 async def test_error_statuses_map_once(status: int, body: str, transient: bool) -> None:
-    client = scripted(answer(status, body))
-    with pytest.raises(ConsulError) as caught:
-        await client.delete("condo/web/h1")
-    assert caught.value.status == status
-    assert caught.value.transient is transient
-    assert "DELETE /v1/kv/condo/web/h1" in str(caught.value)
-    if status == 403:
-        assert "--consul-token" in str(caught.value)
+    with trio.fail_after(10):
+        client = scripted(answer(status, body))
+        with pytest.raises(ConsulError) as caught:
+            await client.delete("condo/web/h1")
+        assert caught.value.status == status
+        assert caught.value.transient is transient
+        assert "DELETE /v1/kv/condo/web/h1" in str(caught.value)
+        if status == 403:
+            assert "--consul-token" in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -203,25 +204,26 @@ async def test_error_statuses_map_once(status: int, body: str, transient: bool) 
 async def test_no_answer_is_transient_and_marks_unreachable(
     failure: httpx.HTTPError, autojump_clock: trio.testing.MockClock
 ) -> None:
-    calls = 0
+    with trio.fail_after(10):
+        calls = 0
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise failure
-        return httpx.Response(200, text="true")
+        def handler(request: httpx.Request) -> httpx.Response:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise failure
+            return httpx.Response(200, text="true")
 
-    client = scripted(handler)
-    marks = [client.unreachable_since]
-    with pytest.raises(ConsulError) as caught:
-        await client.renew_session(SessionId("abc"))
-    assert caught.value.transient and caught.value.status is None
-    marks.append(client.unreachable_since)
-    assert await client.renew_session(SessionId("abc")) is True
-    marks.append(client.unreachable_since)
-    # Set by the call that got no answer, cleared by the next one that did.
-    assert marks == [None, trio.current_time(), None]
+        client = scripted(handler)
+        marks = [client.unreachable_since]
+        with pytest.raises(ConsulError) as caught:
+            await client.renew_session(SessionId("abc"))
+        assert caught.value.transient and caught.value.status is None
+        marks.append(client.unreachable_since)
+        assert await client.renew_session(SessionId("abc")) is True
+        marks.append(client.unreachable_since)
+        # Set by the call that got no answer, cleared by the next one that did.
+        assert marks == [None, trio.current_time(), None]
 
 
 @pytest.mark.parametrize(
@@ -233,129 +235,140 @@ async def test_no_answer_is_transient_and_marks_unreachable(
     ],
 )
 async def test_acquire_outcomes_are_answers(status: int, body: str, outcome: Acquire) -> None:
-    seen: list[httpx.Request] = []
+    with trio.fail_after(10):
+        seen: list[httpx.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(status, text=body)
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(status, text=body)
 
-    client = scripted(handler)
-    assert await client.acquire("condo/a b/h1", b'{"x":1}', SessionId("sid-1")) is outcome
-    (request,) = seen
-    assert request.method == "PUT"
-    assert request.url.raw_path == b"/v1/kv/condo/a%20b/h1?acquire=sid-1"
-    assert request.content == b'{"x":1}'
+        client = scripted(handler)
+        assert await client.acquire("condo/a b/h1", b'{"x":1}', SessionId("sid-1")) is outcome
+        (request,) = seen
+        assert request.method == "PUT"
+        assert request.url.raw_path == b"/v1/kv/condo/a%20b/h1?acquire=sid-1"
+        assert request.content == b'{"x":1}'
 
 
 async def test_acquire_with_another_server_error_is_an_error() -> None:
-    client = scripted(answer(500, "rpc error: leadership lost"))
-    with pytest.raises(ConsulError, match="leadership lost") as caught:
-        await client.acquire("condo/web/h1", b"{}", SessionId("s"))
-    assert caught.value.transient
+    with trio.fail_after(10):
+        client = scripted(answer(500, "rpc error: leadership lost"))
+        with pytest.raises(ConsulError, match="leadership lost") as caught:
+            await client.acquire("condo/web/h1", b"{}", SessionId("s"))
+        assert caught.value.transient
 
 
 async def test_renew_404_means_the_session_is_gone() -> None:
-    client = scripted(answer(404, "Session id 'abc' not found"))
-    assert await client.renew_session(SessionId("abc")) is False
+    with trio.fail_after(10):
+        client = scripted(answer(404, "Session id 'abc' not found"))
+        assert await client.renew_session(SessionId("abc")) is False
 
 
 async def test_session_create_sends_ttl_delete_and_no_lock_delay() -> None:
-    bodies: list[Any] = []
+    with trio.fail_after(10):
+        bodies: list[Any] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        return httpx.Response(200, json={"ID": "new-session"})
+        def handler(request: httpx.Request) -> httpx.Response:
+            bodies.append(json.loads(request.content))
+            return httpx.Response(200, json={"ID": "new-session"})
 
-    client = scripted(handler)
-    assert await client.create_session("condo:condo:h1", 10.0) == "new-session"
-    assert bodies == [
-        {"Name": "condo:condo:h1", "TTL": "10s", "Behavior": "delete", "LockDelay": "0s"}
-    ]
+        client = scripted(handler)
+        assert await client.create_session("condo:condo:h1", 10.0) == "new-session"
+        assert bodies == [
+            {"Name": "condo:condo:h1", "TTL": "10s", "Behavior": "delete", "LockDelay": "0s"}
+        ]
 
 
 async def test_an_answer_that_is_not_json_is_a_transient_error() -> None:
-    client = scripted(answer(200, "<html>proxy</html>"))
-    with pytest.raises(ConsulError, match="not JSON") as caught:
-        await client.create_session("x", 10)
-    assert caught.value.transient
+    with trio.fail_after(10):
+        client = scripted(answer(200, "<html>proxy</html>"))
+        with pytest.raises(ConsulError, match="not JSON") as caught:
+            await client.create_session("x", 10)
+        assert caught.value.transient
 
 
 async def test_empty_prefix_is_an_empty_listing_with_its_index() -> None:
-    seen: list[httpx.Request] = []
+    with trio.fail_after(10):
+        seen: list[httpx.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(404, headers={"X-Consul-Index": "109"})
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(404, headers={"X-Consul-Index": "109"})
 
-    client = scripted(handler)
-    listing = await client.read_prefix("condo/", index=7)
-    assert (listing.index, listing.entries) == (109, ())
-    assert seen[0].url.params["index"] == "7"
-    assert seen[0].url.params["wait"] == "30s"
-    assert seen[0].url.params["recurse"] == "true"
+        client = scripted(handler)
+        listing = await client.read_prefix("condo/", index=7)
+        assert (listing.index, listing.entries) == (109, ())
+        assert seen[0].url.params["index"] == "7"
+        assert seen[0].url.params["wait"] == "30s"
+        assert seen[0].url.params["recurse"] == "true"
 
 
 async def test_index_zero_never_blocks() -> None:
-    seen: list[httpx.Request] = []
+    with trio.fail_after(10):
+        seen: list[httpx.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(404, headers={"X-Consul-Index": "5"})
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(404, headers={"X-Consul-Index": "5"})
 
-    await scripted(handler).read_prefix("condo/")
-    assert "index" not in seen[0].url.params and "wait" not in seen[0].url.params
+        await scripted(handler).read_prefix("condo/")
+        assert "index" not in seen[0].url.params and "wait" not in seen[0].url.params
 
 
 async def test_listing_decodes_values_and_holders() -> None:
-    body = [
-        {"Key": "condo/web/h1", "Value": "eyJ4IjoxfQ==", "Session": "s1", "ModifyIndex": 108},
-        {"Key": "condo/empty/h1", "Value": None, "ModifyIndex": 9},
-        {"Key": "condo/bad/h1", "Value": "***", "Session": "", "ModifyIndex": 10},
-        {"NotAKey": True},
-    ]
-    client = scripted(
-        lambda request: httpx.Response(200, json=body, headers={"X-Consul-Index": "108"})
-    )
-    listing = await client.read_prefix("condo/")
-    assert listing.index == 108
-    assert [(e.key, e.value, e.session, e.modify_index) for e in listing.entries] == [
-        ("condo/web/h1", b'{"x":1}', "s1", 108),
-        ("condo/empty/h1", None, None, 9),
-        ("condo/bad/h1", None, None, 10),
-    ]
+    with trio.fail_after(10):
+        body = [
+            {"Key": "condo/web/h1", "Value": "eyJ4IjoxfQ==", "Session": "s1", "ModifyIndex": 108},
+            {"Key": "condo/empty/h1", "Value": None, "ModifyIndex": 9},
+            {"Key": "condo/bad/h1", "Value": "***", "Session": "", "ModifyIndex": 10},
+            {"NotAKey": True},
+        ]
+        client = scripted(
+            lambda request: httpx.Response(200, json=body, headers={"X-Consul-Index": "108"})
+        )
+        listing = await client.read_prefix("condo/")
+        assert listing.index == 108
+        assert [(e.key, e.value, e.session, e.modify_index) for e in listing.entries] == [
+            ("condo/web/h1", b'{"x":1}', "s1", 108),
+            ("condo/empty/h1", None, None, 9),
+            ("condo/bad/h1", None, None, 10),
+        ]
 
 
 async def test_token_goes_in_the_header_and_nowhere_else() -> None:
-    seen: list[httpx.Request] = []
+    with trio.fail_after(10):
+        seen: list[httpx.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        raise httpx.ConnectError("[Errno 111] Connection refused")
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            raise httpx.ConnectError("[Errno 111] Connection refused")
 
-    client = scripted(handler, token=SECRET)
-    with structlog.testing.capture_logs() as logs, pytest.raises(ConsulError) as caught:
-        await client.destroy_session(SessionId("s"))
-    assert seen[0].headers["X-Consul-Token"] == SECRET
-    assert SECRET not in str(seen[0].url)
-    assert SECRET not in str(caught.value)
-    assert SECRET not in repr(caught.value)
-    assert SECRET not in repr(client)
-    assert logs and SECRET not in repr(logs)
+        client = scripted(handler, token=SECRET)
+        with structlog.testing.capture_logs() as logs, pytest.raises(ConsulError) as caught:
+            await client.destroy_session(SessionId("s"))
+        assert seen[0].headers["X-Consul-Token"] == SECRET
+        assert SECRET not in str(seen[0].url)
+        assert SECRET not in str(caught.value)
+        assert SECRET not in repr(caught.value)
+        assert SECRET not in repr(client)
+        assert logs and SECRET not in repr(logs)
 
 
 async def test_open_client_sends_the_token_to_a_real_socket() -> None:
-    # Nothing listens on port 9 (discard): a real refused connection, mapped like any other.
-    async with open_consul_client("http://127.0.0.1:9", token=SECRET) as client:
-        with pytest.raises(ConsulError) as caught:
-            await client.list_sessions()
-    assert caught.value.transient and caught.value.status is None
-    assert "ConnectError" in str(caught.value)
-    assert SECRET not in str(caught.value) and SECRET not in repr(client)
+    with trio.fail_after(10):
+        # Nothing listens on port 9 (discard): a real refused connection, mapped like any other.
+        async with open_consul_client("http://127.0.0.1:9", token=SECRET) as client:
+            with pytest.raises(ConsulError) as caught:
+                await client.list_sessions()
+        assert caught.value.transient and caught.value.status is None
+        assert "ConnectError" in str(caught.value)
+        assert SECRET not in str(caught.value) and SECRET not in repr(client)
 
 
 async def test_open_client_without_token_sends_no_header() -> None:
-    async with open_consul_client("http://127.0.0.1:9") as client:
-        assert "X-Consul-Token" not in client._http.headers
+    with trio.fail_after(10):
+        async with open_consul_client("http://127.0.0.1:9") as client:
+            assert "X-Consul-Token" not in client._http.headers
 
 
 # --- settings checked before anything starts -----------------------------------------------------
@@ -372,9 +385,10 @@ async def test_open_client_without_token_sends_no_header() -> None:
 async def test_run_condo_refuses_bad_consul_settings_as_a_plain_config_error(
     tmp_path: Path, changes: dict[str, Any], message: str
 ) -> None:
-    config = Config(
-        prefixes=(tmp_path,), state_path=tmp_path / "state.json", host="h1", expose="consul"
-    )
-    with trio.fail_after(10), pytest.raises(ConfigError, match=message):
-        # Not wrapped in an ExceptionGroup: the CLI turns it into exit code 2.
-        await run_condo(attrs.evolve(config, **changes))
+    with trio.fail_after(10):
+        config = Config(
+            prefixes=(tmp_path,), state_path=tmp_path / "state.json", host="h1", expose="consul"
+        )
+        with trio.fail_after(10), pytest.raises(ConfigError, match=message):
+            # Not wrapped in an ExceptionGroup: the CLI turns it into exit code 2.
+            await run_condo(attrs.evolve(config, **changes))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from typing import Any
 import attrs
 import httpx
 import pytest
+import structlog
 import trio
 
 from condo.config import Config
@@ -310,3 +312,28 @@ async def test_thousands_of_waiters_cost_one_query(area: Area) -> None:
             assert reads - before <= 2
             assert source.picture().hosts == {"h2": {"web": {"state": "Init"}}}
             nursery.cancel_scope.cancel()
+
+
+async def test_consul_away_at_start_up_delays_nothing_and_logs_once(
+    area: Area, tmp_path: Path
+) -> None:
+    # A port nobody listens on: every call is refused at once, as with a stopped agent's host.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = attrs.evolve(config_for(area, tmp_path), consul_endpoint=f"http://127.0.0.1:{port}")
+    store = Store(HOST)
+    with trio.fail_after(20), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            asked = trio.current_time()
+            source = await start(nursery, config, store)
+            assert trio.current_time() - asked < 0.5  # started() does not wait for Consul
+            for n in range(50):  # the store (and so every driver) is never held up
+                store.set_state("web", stable(f"condo-test/busybox:{n}"))
+            await trio.sleep(3)
+            assert source.stale
+            assert source.picture().hosts == {}
+            nursery.cancel_scope.cancel()
+    unreachable = [e for e in logs if e["event"] == "consul.unreachable"]
+    assert len(unreachable) == 1  # once, not per retry
+    assert "ConnectError" in unreachable[0]["error"]
