@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 import hypercorn.trio
 import structlog
@@ -74,14 +74,10 @@ class Condo(Protocol):
     def config(self) -> Config: ...
     @property
     def writer(self) -> StateFileStatus: ...
-
-
-def global_source_of(running: Condo) -> StateSource | None:
-    """Every host's state when condo exposes to Consul (`Running.global_source`), else None.
-
-    Read by name so that the web app works with or without the Consul wiring in `Running`.
-    """
-    return cast("StateSource | None", getattr(running, "global_source", None))
+    @property
+    def global_source(self) -> StateSource | None:
+        """Every host's state (condo.consul) when exposing to Consul, else None."""
+        ...
 
 
 class WebServer:
@@ -158,7 +154,7 @@ class WebServer:
         context = WebContext(
             store=store,
             local=LocalSource(store),
-            global_source=global_source_of(running),
+            global_source=running.global_source,
             health=EngineHealth(running.docker.ping),
             state_file_error=lambda: writer.last_error,
             metrics=metrics,
