@@ -7,7 +7,9 @@ Everything the routes read comes in through `WebContext`; nothing here talks to 
 
 Invariants:
 - With an API token, every route but `/healthz` answers 401 before doing anything else (even for
-  unknown paths, so they leak nothing); the websocket also accepts `?token=`.
+  unknown paths, so they leak nothing); the websocket also accepts `?token=`. A browser that asks
+  for the dashboard page (`/`, `/ui`, Accept: text/html) gets its 401 with the page itself as the
+  body (script and styles inlined, `locked_page`): it holds no state, and asks for the token.
 - A request that waits (`/v1/wait_for`, the feed) does so inside `context.closing.guard()`:
   shutdown answers it at once (503, or close 1001).
 - Bad input is a 4xx: parameters are validated before use, bodies above `MAX_BODY` are refused.
@@ -26,23 +28,26 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import WebsocketMismatch
 
+import condo
 from condo.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from condo.metrics import Metrics
 from condo.store import Store
 from condo.waiting import StateSource, evaluate
 from condo.web.auth import bearer, token_matches
-from condo.web.feed import Snapshots, run_feed
+from condo.web.feed import GlobalSnapshots, Snapshots, run_feed
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
-from condo.web.static import INDEX, StaticFiles
+from condo.web.static import INDEX, StaticFile, StaticFiles, locked_page
 from condo.web.waitfor import BadParams, parse_wait_params, wait_deployed
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY = 64 * 1024  # no route takes a body; anything larger is refused with 413
 SHUTTING_DOWN = "condo is shutting down"
-# The placeholder page loads its script from /ui/ and reads the API: nothing else is allowed.
+PAGES = frozenset({"root", "ui"})  # the endpoints that serve the dashboard page
+# The dashboard loads its script and styles from /ui/ and reads the API (fetch and the feed's
+# websocket: 'self' covers ws:// to the same host): nothing else is allowed.
 PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -81,6 +86,10 @@ def build_app(context: WebContext) -> QuartTrio:
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     snapshots = Snapshots(context.store)
+    global_snapshots = (
+        None if context.global_source is None else GlobalSnapshots(context.global_source)
+    )
+    locked = locked_page(context.static)
 
     # --- guards ---------------------------------------------------------------------------
 
@@ -92,6 +101,8 @@ def build_app(context: WebContext) -> QuartTrio:
         if context.api_token is None or request.endpoint == "healthz":
             return None
         if not token_matches(context.api_token, bearer(request.headers.get("Authorization"))):
+            if locked is not None and request.endpoint in PAGES and _wants_html():
+                return _locked(locked)
             return _unauthorized()
         return None
 
@@ -181,6 +192,7 @@ def build_app(context: WebContext) -> QuartTrio:
         file_error = context.state_file_error()
         body: dict[str, Any] = {
             "host": context.store.host,
+            "version": condo.__version__,
             "engine": {"ok": engine.ok, "api_version": engine.api_version, "error": engine.error},
             "state_file": {"ok": file_error is None, "error": _text(file_error)},
         }
@@ -205,7 +217,13 @@ def build_app(context: WebContext) -> QuartTrio:
         context.metrics.web_feeds.add(1)
         try:
             with context.closing.guard() as guard:
-                await run_feed(context.store, snapshots, websocket.send, websocket.receive)
+                await run_feed(
+                    context.store,
+                    snapshots,
+                    websocket.send,
+                    websocket.receive,
+                    global_snapshots,
+                )
         finally:
             context.metrics.web_feeds.add(-1)
         if guard.cancelled_caught:
@@ -236,6 +254,18 @@ def build_app(context: WebContext) -> QuartTrio:
         return response
 
     return app
+
+
+def _wants_html() -> bool:
+    # Browsers navigating to a page name text/html; API clients (and `*/*`) get JSON.
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def _locked(page: StaticFile) -> tuple[Response, int]:
+    response = Response(page.data, content_type=page.content_type)
+    response.headers["Content-Security-Policy"] = page.policy or PAGE_POLICY
+    response.headers["WWW-Authenticate"] = 'Bearer realm="condo"'
+    return response, 401
 
 
 def _unauthorized() -> tuple[Response, int]:

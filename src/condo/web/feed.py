@@ -6,7 +6,13 @@ never builds a backlog. A send blocks only its own connection: the Store is neve
 writers (its listeners are synchronous), so condo and the other clients carry on. Messages are
 encoded once per version, however many clients read them.
 
-Message: `{"type": "snapshot", "version": N, "state": {"host": ..., "services": {...}}}`.
+Messages (JSON objects, told apart by `type`):
+- `{"type": "snapshot", "version": N, "state": {"host": ..., "services": {...}}}`: this host's
+  `/v1/state`; always the first message, then one per change of the Store.
+- `{"type": "global", "token": T, "stale": bool, "hosts": {H: {"services": {...}}}}`: every
+  host's services (the `/v1/global_state` body, plus the picture's token and whether Consul could
+  not be read lately). Only when condo exposes to Consul: right after the first snapshot, then one
+  per new picture (or change of `stale`). Same latest-value rule, independently of the snapshots.
 Whatever the client sends is read and dropped (so its disconnect is noticed at once).
 """
 
@@ -19,6 +25,7 @@ from typing import NoReturn
 import trio
 
 from condo.store import Store
+from condo.waiting import StateSource
 
 
 class Snapshots:
@@ -38,26 +45,74 @@ class Snapshots:
         return self._version, self._text
 
 
+class GlobalSnapshots:
+    """The feed's `global` message of a StateSource's current picture, encoded once per picture.
+
+    The key of a message is (token, stale): a source may wake its waiters for a change of
+    staleness alone (condo.consul.ConsulSource does), with the same token.
+    """
+
+    def __init__(self, source: StateSource) -> None:
+        self.source = source
+        self._key: tuple[int, bool] | None = None
+        self._text = ""
+
+    def latest(self) -> tuple[tuple[int, bool], str]:
+        picture = self.source.picture()
+        # `stale` is an extra of ConsulSource, not part of the StateSource port.
+        stale = bool(getattr(self.source, "stale", False))
+        key = (picture.token, stale)
+        if key != self._key:
+            hosts = {host: {"services": dict(services)} for host, services in picture.hosts.items()}
+            message = {"type": "global", "token": picture.token, "stale": stale, "hosts": hosts}
+            self._text = json.dumps(message, separators=(",", ":"), sort_keys=True)
+            self._key = key
+        return key, self._text
+
+
 async def run_feed(
     store: Store,
     snapshots: Snapshots,
     send: Callable[[str], Awaitable[None]],
     receive: Callable[[], Awaitable[object]],
+    global_snapshots: GlobalSnapshots | None = None,
 ) -> None:
-    """Send the snapshot now and after every change, until cancelled (or the client leaves).
+    """Send the snapshot now and after every change, until cancelled (or the client leaves);
+    with `global_snapshots`, also every host's picture, from right after the first snapshot.
 
     Never returns by itself; typed `None` (not NoReturn) because callers catch its cancellation
     in their own scope and carry on.
     """
+    # Two senders share one websocket: one message at a time, never interleaved.
+    sending = trio.Lock()
+
+    async def send_one(text: str) -> None:
+        async with sending:
+            await send(text)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drop_incoming, receive)
         sent = -1
         while True:
             version, text = snapshots.latest()
             if version != sent:
-                await send(text)
+                await send_one(text)
+                if sent == -1 and global_snapshots is not None:
+                    nursery.start_soon(_send_pictures, global_snapshots, send_one)
                 sent = version
             await store.wait_changed(sent)
+
+
+async def _send_pictures(
+    global_snapshots: GlobalSnapshots, send: Callable[[str], Awaitable[None]]
+) -> NoReturn:
+    sent: tuple[int, bool] | None = None
+    while True:
+        key, text = global_snapshots.latest()
+        if key != sent:
+            await send(text)
+            sent = key
+        await global_snapshots.source.wait_beyond(key[0])
 
 
 async def _drop_incoming(receive: Callable[[], Awaitable[object]]) -> NoReturn:

@@ -146,18 +146,39 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
             "host": {"type": "string"},
+            "version": {"type": "string", "description": "condo's version"},
             "engine": {"type": "object"},
             "state_file": {"type": "object"},
             "error": {"type": "string"},
         },
     },
     "FeedMessage": {
+        "oneOf": [
+            {"$ref": "#/components/schemas/FeedSnapshot"},
+            {"$ref": "#/components/schemas/FeedGlobal"},
+        ],
+        "discriminator": {"propertyName": "type"},
+    },
+    "FeedSnapshot": {
         "type": "object",
+        "description": "this host's state: always the first message, then one per change",
         "required": ["type", "version", "state"],
         "properties": {
             "type": {"const": "snapshot"},
             "version": {"type": "integer"},
             "state": {"$ref": "#/components/schemas/State"},
+        },
+    },
+    "FeedGlobal": {
+        "type": "object",
+        "description": "every host's state (only with --expose consul): right after the first "
+        "snapshot, then one per new picture",
+        "required": ["type", "token", "stale", "hosts"],
+        "properties": {
+            "type": {"const": "global"},
+            "token": {"type": "integer", "description": "identifies the picture"},
+            "stale": {"type": "boolean", "description": "Consul could not be read lately"},
+            "hosts": {"$ref": "#/components/schemas/GlobalState/properties/hosts"},
         },
     },
 }

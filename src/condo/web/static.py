@@ -5,11 +5,19 @@ in a thread), and a request can only name a file read then (a dictionary lookup 
 path). No path from a request is ever joined to the filesystem, so `..`, absolute paths, encoded
 slashes or symlinks that point out of the folder cannot reach anything else. Dot-files are never
 read. Serving does no I/O at all (the files are small: a page, its script and styles).
+
+`locked_page` is the same page with its own script and styles inlined, for the 401 answer to a
+browser when condo wants an API token (the page then asks for it): a 401 cannot serve the script
+as a file (browsers run no script that came with an error status). The inlined parts are allowed
+by their hashes in the page's own Content-Security-Policy, nothing else inline is.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import mimetypes
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +31,7 @@ INDEX = "index.html"
 class StaticFile:
     data: bytes = attrs.field(repr=False)
     content_type: str
+    policy: str | None = None  # the file's own Content-Security-Policy (the locked page's)
 
 
 @attrs.frozen(kw_only=True)
@@ -61,3 +70,44 @@ def _content_type(path: Path) -> str:
     ):
         content_type += "; charset=utf-8"
     return content_type
+
+
+# The page's own tags for its script and styles (exactly as index.html writes them).
+_SCRIPT_TAG = re.compile(r'<script src="/ui/([\w.-]+)"( defer)?></script>')
+_STYLE_TAG = re.compile(r'<link rel="stylesheet" href="/ui/([\w.-]+)">')
+LOCKED_POLICY = (
+    "default-src 'none'; script-src {scripts}; style-src {styles}; img-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+def locked_page(files: StaticFiles) -> StaticFile | None:
+    """The index page with its /ui/ scripts and stylesheets inlined (None without an index).
+
+    A file that would end its inline element early (`</script`, `</style`) is refused: the page
+    is ours, so that is a bug to see at start-up, not something to escape.
+    """
+    index = files.lookup(INDEX)
+    if index is None:
+        return None
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+
+    def inline(kind: str, match: re.Match[str]) -> str:
+        found = files.lookup(match.group(1))
+        if found is None:
+            raise ValueError(f"{INDEX} names /ui/{match.group(1)}, which is not a static file")
+        text = found.data.decode()
+        if f"</{kind}" in text.lower():
+            raise ValueError(f"/ui/{match.group(1)} cannot be inlined: it contains </{kind}")
+        digest = base64.b64encode(hashlib.sha256(found.data).digest()).decode()
+        hashes[kind].append(f"'sha256-{digest}'")
+        return f"<{kind}>{text}</{kind}>"
+
+    page = index.data.decode()
+    page = _SCRIPT_TAG.sub(lambda m: inline("script", m), page)
+    page = _STYLE_TAG.sub(lambda m: inline("style", m), page)
+    policy = LOCKED_POLICY.format(
+        scripts=" ".join(hashes["script"]) or "'none'",
+        styles=" ".join(hashes["style"]) or "'none'",
+    )
+    return StaticFile(data=page.encode(), content_type=index.content_type, policy=policy)
