@@ -520,6 +520,7 @@ class Condo:
         self.log_path = log
         self.lines: Feed[LogLine] = Feed()
         self.latest: dict[str, Transition] = {}
+        self.transitions: list[Transition] = []
         self.url: str | None = None
         self.process: trio.Process | None = None
 
@@ -595,6 +596,7 @@ class Condo:
                 at=at,
             )
             self.latest[transition.service] = transition
+            self.transitions.append(transition)
         elif event == "web.listening":
             urls = record.get("urls") or []
             if isinstance(urls, list) and urls:
@@ -821,7 +823,8 @@ async def delete_consul_prefix(prefix: str) -> None:
 
 
 async def consul_answers() -> bool:
-    async with httpx.AsyncClient(base_url=f"http://{CONSUL_HOST}:{CONSUL_PORT}") as client:
+    base = f"http://{CONSUL_HOST}:{CONSUL_PORT}"
+    async with httpx.AsyncClient(base_url=base, timeout=2.0) as client:
         try:
             response = await client.get("/v1/status/leader")
         except httpx.HTTPError:

@@ -3,12 +3,15 @@ on one engine and the real Consul agent; one image update on every host.
 
 All the condos share one Consul prefix unique to this run, and reach Consul through a recording
 proxy (common.open_tcp_proxy), which counts the writes they cause (PUT/DELETE: KV writes,
-session create/renew/destroy). h1 serves the API. Once all 400 services are Stable and Consul
-shows it (h1's `/v1/wait_for` for the old image answers), a long-poll
-`/v1/wait_for?name=m00&image=<new image>` is held on h1, and `m00.edn` is rewritten on every host
-at once. Measured: from the rewrite to the last host's `→ Stable` log line (the rollout), and
+session create/renew/destroy). h1 serves the API. The 400 services are deployed host by host
+(one engine stands in for 20: all at once, it times out starts, which no real fleet's engines
+would). Once all are Stable and Consul shows it (h1's `/v1/wait_for` for the old image
+answers), a long-poll `/v1/wait_for?name=m00&image=<new image>` is held on h1, and `m00.edn` is
+rewritten on every host at once. Measured: from the rewrite to the last host's `→ Stable` log line (the rollout), and
 from that line to the long-poll's answer (the bar: ≤ 100 ms); the Consul write rate at rest
-(before the update) and during the rollout. With --quick: 3 hosts x 3 services.
+(before the update) and during the rollout. A direct probe of the agent tells a rollout during
+which Consul itself was paused (another test SIGSTOPs it): such an attempt is repeated (up to 3),
+and reported VOID if all were hit. With --quick: 3 hosts x 3 services.
 """
 
 from __future__ import annotations
@@ -56,8 +59,11 @@ LIMIT = 600.0
 TARGET = "m00"
 ATTEMPTS = 3
 SETTLE = 2.0  # seconds after the answer that still count as the rollout's writes
-STALL = 0.5  # a Consul probe slower than this means the agent itself was paused
+# A direct Consul probe slower than this means the agent itself was paused (another test
+# SIGSTOPs it for 10 s), not merely slowed by a busy machine.
+STALL = 2.0
 PROBE_INTERVAL = 0.2
+CONSUL_WAIT = 40.0
 PROBE_LIMIT = 30.0
 
 
@@ -65,6 +71,10 @@ async def main(run: Run) -> Report:
     hosts = QUICK_HOSTS if run.quick else HOSTS
     size = QUICK_SERVICES if run.quick else SERVICES
     rest_window = QUICK_REST_WINDOW if run.quick else REST_WINDOW
+    with trio.move_on_after(CONSUL_WAIT):
+        # Another test may have paused the agent for a few seconds: wait it out, bounded.
+        while not await consul_answers():  # noqa: ASYNC110  # Consul is another process
+            await trio.sleep(1.0)
     if not await consul_answers():
         raise BenchError(f"Consul does not answer on {CONSUL_HOST}:{CONSUL_PORT}")
     prefix = run.consul_prefix("multihost")
@@ -92,11 +102,14 @@ async def main(run: Run) -> Report:
             assert api.url is not None
             began = wall()
             text = spec_text(run, BUSYBOX, deploy="[:After 0]")
-            for one in condos:
-                for name in names:
-                    write_spec(one.specs, name, text)
+            first: dict[tuple[str, str], Transition] = {}
             with deadline(LIMIT, f"{hosts * size} services Stable"):
-                first = await _all_stable(condos, names, {})
+                # Host by host: 20 real hosts have 20 engines; this one engine, asked for 400
+                # containers at once, times out starts (a stampede no real fleet makes).
+                for one in condos:
+                    for name in names:
+                        write_spec(one.specs, name, text)
+                    first |= await _all_stable([one], names, {})
                 old = {key: t.container for key, t in first.items()}
                 converged = wall() - began
                 await _wait_for(api.url, TARGET, BUSYBOX)
@@ -122,10 +135,6 @@ async def main(run: Run) -> Report:
                 await trio.sleep(5.0)  # someone else paused Consul: give it time
 
     rollout = attempts[-1]
-    if rollout.stall >= STALL:
-        raise BenchError(
-            f"Consul stalled ({rollout.stall:.1f} s, not condo's doing) in all {ATTEMPTS} attempts"
-        )
     answer_delay = ms(rollout.answered - rollout.last_stable)
     writes = rollout.writes
     kv = sum(1 for r in writes if "/v1/kv/" in r.target)
@@ -140,6 +149,11 @@ async def main(run: Run) -> Report:
             f"The Consul agent stalled for {converge_stall:.1f} s during the converge (another "
             "test on the machine pauses it): the converge time is not condo's alone."
         )
+    if rollout.stall >= STALL:
+        notes.append(
+            f"VOID: the Consul agent itself stalled for {rollout.stall:.1f} s during every one "
+            f"of the {ATTEMPTS} attempts (another test on the machine pauses it)."
+        )
     if len(attempts) > 1:
         notes.append(
             f"{len(attempts) - 1} attempt(s) discarded: the Consul agent itself stalled "
@@ -152,7 +166,7 @@ async def main(run: Run) -> Report:
         machine=run.machine,
         columns=("measure", "value"),
         rows=(
-            (f"converge: {hosts * size} specs → all Stable", f"{converged:.1f} s"),
+            (f"converge, host by host: {hosts * size} specs → all Stable", f"{converged:.1f} s"),
             (
                 f"rollout of {TARGET}: specs rewritten → last host Stable",
                 f"{rollout.last_stable - rollout.updated:.2f} s",
@@ -175,6 +189,7 @@ async def main(run: Run) -> Report:
             "consul_writes_rollout_per_s": round(len(writes) / window, 2),
             "consul_writes_rollout": len(writes),
             "discarded_attempts": len(attempts) - 1,
+            "consul_stall_rollout_s": round(rollout.stall, 2),
             "consul_stall_converge_s": round(converge_stall, 2),
         },
         bars=(

@@ -7,10 +7,15 @@ new container. The containers' own time-to-healthy, measured in the same run: N 
 event (the floor: the engine creating N containers plus their first successful probe ~1 s after
 start). Overhead = condo's time / the floor - 1. Bar: ≤ 10 %.
 The per-container start → healthy times of condo's own new containers are reported too (from
-the engine's events), to show where the time goes.
+the engine's events), to show where the time goes. Three rounds (1 with --quick), each a floor
+then a condo update (healthy:1 → :2 → :1 → :2), on a shared noisy machine: the bar is judged on
+the median round.
 """
 
 from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -24,6 +29,7 @@ from bench.common import (
     EngineEvent,
     Report,
     Run,
+    Transition,
     deadline,
     docker_run_parallel,
     ms,
@@ -37,14 +43,18 @@ from bench.common import (
 )
 
 SERVICES, QUICK_SERVICES = 20, 3
+ROUNDS, QUICK_ROUNDS = 3, 1
 OVERHEAD_BAR = 10.0  # percent
 LIMIT = 300.0
 
 
 async def main(run: Run) -> Report:
     size = QUICK_SERVICES if run.quick else SERVICES
+    rounds = QUICK_ROUNDS if run.quick else ROUNDS
     names = [f"r{i:02d}" for i in range(size)]
     host = run.host("rolling")
+    measured: list[tuple[float, float]] = []  # (condo, floor) per round
+    own: list[float] = []
     async with (
         recording_events(run.engine, {HOST_LABEL: host}) as events,
         open_condo(run, CondoSpec(name="rolling", host=host)) as condo,
@@ -55,51 +65,71 @@ async def main(run: Run) -> Report:
         with deadline(LIMIT, f"{size} services Stable on {HEALTHY}"):
             first = await condo.wait_services(names, stable)
         old = {t.service: t.container for t in first}
-        await trio.sleep(2.0)  # let the first deploy's tail (state writes, events) pass
-        mark = len(events.items)
-        text = spec_text(run, HEALTHY_2, deploy="[:After 0]")
-        began = wall()
-        for name in names:
-            write_spec(condo.specs, name, text)
-        with deadline(LIMIT, f"{size} services Stable on {HEALTHY_2}"):
-            done = await condo.wait_services(
-                names, lambda t: stable(t) and t.container != old[t.service]
-            )
-        rolled = max(t.at for t in done) - began
-        own = _start_to_healthy(events.items[mark:], {t.container or "" for t in done})
+        for round_ in range(rounds):
+            image = (HEALTHY_2, HEALTHY)[round_ % 2]
+            # The floor first, in the same conditions (condo's current containers run).
+            floor = await _floor(run, size, image)
+            await trio.sleep(2.0)  # let the previous step's tail (removals, events) pass
+            mark = len(events.items)
+            text = spec_text(run, image, deploy="[:After 0]")
+            began = wall()
+            for name in names:
+                write_spec(condo.specs, name, text)
+            with deadline(LIMIT, f"{size} services Stable on {image}"):
+                done = await condo.wait_services(names, _replaced(old))
+            measured.append((max(t.at for t in done) - began, floor))
+            own += _start_to_healthy(events.items[mark:], {t.container or "" for t in done})
+            old = {t.service: t.container for t in done}
+            await trio.sleep(2.0)
 
-    floor = await _floor(run, size)
-    overhead = (rolled / floor - 1) * 100
+    overheads = [(rolled / floor - 1) * 100 for rolled, floor in measured]
+    overhead = statistics.median(overheads)
+    rows = [
+        (f"round {i + 1}", f"{rolled:.2f}", f"{floor:.2f}", f"{o:+.1f} %")
+        for i, ((rolled, floor), o) in enumerate(zip(measured, overheads, strict=True))
+    ]
     return Report(
         bench="rolling",
         title=f"rolling update of {size} services ([:After 0], 1 s healthcheck)",
         quick=run.quick,
         machine=run.machine,
-        columns=("measure", "seconds"),
+        columns=(
+            "round",
+            "condo: specs rewritten → all Stable on the new image (s)",
+            "floor: N x docker run -d → all healthy (s)",
+            "overhead",
+        ),
         rows=(
-            ("condo: specs rewritten → all Stable on the new image", f"{rolled:.2f}"),
-            ("floor: N x docker run -d → all healthy", f"{floor:.2f}"),
-            ("condo's containers: start → healthy, p50", f"{percentile(own, 50):.2f}"),
-            ("condo's containers: start → healthy, max", f"{max(own):.2f}"),
-            ("overhead over the floor", f"{overhead:+.1f} %"),
+            *rows,
+            ("median", "", "", f"{overhead:+.1f} %"),
         ),
         figures={
             "services": size,
-            "condo_s": round(rolled, 3),
-            "floor_s": round(floor, 3),
+            "rounds": rounds,
+            "condo_s": round(statistics.median(r for r, _ in measured), 3),
+            "floor_s": round(statistics.median(f for _, f in measured), 3),
             "own_healthy_p50_ms": ms(percentile(own, 50)),
             "own_healthy_max_ms": ms(max(own)),
             "overhead_pct": round(overhead, 1),
         },
         bars=(
             Bar(
-                label="overhead over the floor",
+                label="median overhead over the floor",
                 value=round(overhead, 1),
                 limit=OVERHEAD_BAR,
                 unit="%",
             ),
         ),
+        notes=(
+            f"condo's new containers took {ms(percentile(own, 50)):g} ms (p50), "
+            f"{ms(max(own)):g} ms (max) from start to healthy (the engine's events).",
+        ),
     )
+
+
+def _replaced(old: Mapping[str, str | None]) -> Callable[[Transition], bool]:
+    """Stable on a container other than the one it had."""
+    return lambda t: stable(t) and t.container != old[t.service]
 
 
 def _start_to_healthy(events: list[EngineEvent], containers: set[str]) -> list[float]:
@@ -117,11 +147,11 @@ def _start_to_healthy(events: list[EngineEvent], containers: set[str]) -> list[f
     ]
 
 
-async def _floor(run: Run, size: int) -> float:
+async def _floor(run: Run, size: int, image: str) -> float:
     case = f"rolling-floor-{run.id}"
     async with recording_events(run.engine, {CASE_LABEL: case}) as events:
         began = wall()
-        await docker_run_parallel(run, size, HEALTHY_2, case=case)
+        await docker_run_parallel(run, size, image, case=case)
         with deadline(LIMIT, f"{size} floor containers healthy"):
             healthy = await events.wait_for(lambda: _all_healthy(events.items, size))
     await run.engine.remove_labelled({CASE_LABEL: case})
