@@ -7,11 +7,13 @@ session create/renew/destroy). h1 serves the API. The 400 services are deployed 
 (one engine stands in for 20: all at once, it times out starts, which no real fleet's engines
 would). Once all are Stable and Consul shows it (h1's `/v1/wait_for` for the old image
 answers), a long-poll `/v1/wait_for?name=m00&image=<new image>` is held on h1, and `m00.edn` is
-rewritten on every host at once. Measured: from the rewrite to the last host's `→ Stable` log line (the rollout), and
-from that line to the long-poll's answer (the bar: ≤ 100 ms); the Consul write rate at rest
-(before the update) and during the rollout. A direct probe of the agent tells a rollout during
-which Consul itself was paused (another test SIGSTOPs it): such an attempt is repeated (up to 3),
-and reported VOID if all were hit. With --quick: 3 hosts x 3 services.
+rewritten on every host at once.
+
+Measured: from the rewrite to the last host's `→ Stable` log line (the rollout), and from that
+line to the long-poll's answer (the bar: ≤ 100 ms); the Consul write rate at rest (before the
+update) and during the rollout. A direct probe of the agent tells a rollout during which Consul
+itself was paused (another test SIGSTOPs it): such an attempt is repeated (up to 3), and reported
+VOID if all were hit. With --quick: 3 hosts x 3 services.
 """
 
 from __future__ import annotations
