@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,23 @@ class WebContext:
 
 def _error(code: int, message: str, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": message, **extra}), code
+
+
+class EncodedState:
+    """The `/v1/state` body, encoded once per store version (it is the hot route)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._version = -1
+        self._body = b""
+
+    def body(self) -> bytes:
+        version = self._store.version
+        if version != self._version:
+            view = self._store.view()
+            self._body = json.dumps(view, separators=(",", ":")).encode()
+            self._version = version
+        return self._body
 
 
 def build_app(context: WebContext) -> QuartTrio:
@@ -145,9 +163,11 @@ def build_app(context: WebContext) -> QuartTrio:
 
     # --- the API ----------------------------------------------------------------------------
 
+    encoded_state = EncodedState(context.store)
+
     @app.get("/v1/state")
     async def state() -> Any:
-        return jsonify(context.store.view())
+        return Response(encoded_state.body(), content_type="application/json")
 
     @app.get("/v1/global_state")
     async def global_state() -> Any:
