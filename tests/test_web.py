@@ -33,6 +33,7 @@ from condo.web import LocalSource, WebContext, build_app
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
+from condo.web.serve import closing_connections
 from condo.web.static import StaticFiles
 
 HOST = "h1"
@@ -1038,3 +1039,36 @@ async def test_state_shows_errors_and_retries(
     assert service["error"] == {"message": "pull failed", "at": 1234.5}
     assert service["retry_at"] is not None
     assert service["attempt"] == 2
+
+
+# --- the serving glue ----------------------------------------------------------------------------
+
+
+async def test_answers_given_once_closing_ask_the_client_to_hang_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    closing = Closing()
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    wrapped = closing_connections(app, closing)
+    with trio.fail_after(CAP):
+        await wrapped({"type": "http"}, receive, send)  # type: ignore[arg-type]
+        closing.close()
+        await wrapped({"type": "http"}, receive, send)  # type: ignore[arg-type]
+        await wrapped({"type": "websocket"}, receive, send)  # type: ignore[arg-type]
+    starts = [m["headers"] for m in sent if m["type"] == "http.response.start"]
+    assert starts == [
+        [(b"x-a", b"1")],
+        [(b"x-a", b"1"), (b"connection", b"close")],
+        [(b"x-a", b"1")],  # not HTTP: untouched
+    ]

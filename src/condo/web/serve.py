@@ -11,6 +11,10 @@ Shutdown (the `stopping` event, which SIGTERM sets, or cancellation of the web t
 3. all of it runs shielded from the root's cancellation under a `DRAIN_LIMIT` deadline, so the
    answers from step 1 reach their clients even though condo cancels the root right away, and
    the web task still ends within `DRAIN_LIMIT` seconds.
+Every HTTP answer given once closing carries `Connection: close`: hypercorn's own close of a
+finished keep-alive connection runs in quart-trio's already-cancelled connection scope and is
+lost, so without it each such connection would hold shutdown for the whole graceful timeout;
+with it, the client hangs up at once.
 hypercorn shields its socket writes, so a client that stopped reading could hold a write (and
 shutdown) forever; accepted sockets therefore carry TCP_USER_TIMEOUT = `STALL_LIMIT`: the kernel
 drops a connection whose sent data has not moved for that long.
@@ -27,6 +31,13 @@ import hypercorn.trio
 import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 
 from condo.config import DEFAULT_SERVER, Bind, Config, parse_server
 from condo.errors import ConfigError
@@ -162,8 +173,9 @@ class WebServer:
             static=await trio.to_thread.run_sync(StaticFiles.scan),
             api_token=running.config.api_token,
         )
+        app = closing_connections(build_app(context), context.closing)
         try:
-            await serve_app(build_app(context), hypercorn_config(fd), context.closing, stopping)
+            await serve_app(app, hypercorn_config(fd), context.closing, stopping)
         finally:
             remove_observer()
 
@@ -193,8 +205,27 @@ def hypercorn_config(fd: int) -> HypercornConfig:
     return config
 
 
+def closing_connections(app: ASGIFramework, closing: Closing) -> ASGIFramework:
+    """`app`, with `Connection: close` on every HTTP answer that starts once `closing`."""
+
+    async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_closing(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start" and closing.closed:
+                headers = [*message["headers"], (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return wrapped
+
+
 async def serve_app(
-    app: object,
+    app: ASGIFramework,
     config: HypercornConfig,
     closing: Closing,
     stopping: trio.Event,
@@ -210,7 +241,7 @@ async def serve_app(
     async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
         with drain:
             await hypercorn.trio.serve(
-                app,  # type: ignore[arg-type]  # a QuartTrio app is an ASGI framework
+                app,
                 config,
                 shutdown_trigger=shutdown.wait,
                 task_status=task_status,
