@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from condo.docker import Container, ContainerId, ContainerSummary
-from condo.errors import ContainerNotFound, ImageNotFound, NameConflict
+from condo.errors import ContainerNotFound, DockerTimeout, ImageNotFound, NameConflict
 from condo.service import Engine
 
 
@@ -35,6 +35,7 @@ class FakeEngine:
     registry_images: set[str] = attrs.Factory(set)
     healthchecked: set[str] = attrs.Factory(set)  # images with a HEALTHCHECK
     pull_hangs: bool = False
+    create_answer_lost: bool = False  # create succeeds, but its answer never arrives
     stop_delay: float = 0.0
     containers: dict[str, FakeContainer] = attrs.Factory(dict)
     calls: list[str] = attrs.Factory(list)
@@ -63,6 +64,9 @@ class FakeEngine:
         cid = f"c{self._serial}"
         self.containers[cid] = FakeContainer(id=cid, name=name, body=dict(body))
         self.calls.append(f"create {name}")
+        if self.create_answer_lost:
+            self.create_answer_lost = False
+            raise DockerTimeout(f"POST /containers/create?name={name}: timed out")
         return ContainerId(cid)
 
     async def start(self, cid: ContainerId) -> None:

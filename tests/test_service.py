@@ -193,3 +193,21 @@ async def test_a_hung_pull_times_out_and_retries(autojump_clock: trio.testing.Mo
             failed = await d.wait_phase(Phase.TryAgain)
             assert trio.current_time() == PULL_LIMIT
             assert failed.error is not None and "took more than" in failed.error.message
+
+
+async def test_a_create_whose_answer_is_lost_leaks_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine(local_images={"app:1"}, create_answer_lost=True)
+    with trio.fail_after(1000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            failed = await d.wait_phase(Phase.TryAgain)
+            assert failed.error is not None and "timed out" in failed.error.message
+            lost = failed.failed
+            assert lost is not None  # found by its name, kept stopped like any failed candidate
+            stable = await d.wait_phase(Phase.Stable)
+            assert trio.current_time() == 10.0
+            await trio.testing.wait_all_tasks_blocked()
+            assert stable.current is not None
+            assert list(engine.containers) == [stable.current.id]  # the lost one is removed

@@ -31,7 +31,13 @@ import trio
 
 from condo import fsm, labels
 from condo.docker.models import Container, ContainerId, ContainerSummary
-from condo.errors import ContainerNotFound, DockerError, DockerTimeout, ImageNotFound
+from condo.errors import (
+    ContainerNotFound,
+    DockerApiError,
+    DockerError,
+    DockerTimeout,
+    ImageNotFound,
+)
 from condo.spec import ServiceSpec
 from condo.store import Store, now
 
@@ -262,7 +268,10 @@ class _Driver:
             try:
                 cid = await engine.create(body, name=name)
             except DockerError as exc:
-                return fsm.DeployFailed(message=f"create {name}: {exc}", replaced=replaced)
+                leftover = await self._created_anyway(name, exc, spec)
+                return fsm.DeployFailed(
+                    message=f"create {name}: {exc}", replaced=replaced, leftover=leftover
+                )
             created = fsm.Box(
                 id=cid, name=name, spec=spec, created_at=time.time(), healthcheck=False
             )
@@ -280,6 +289,21 @@ class _Driver:
             )
             return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
         return fsm.DeployFailed(message=f"deploy of {name} timed out", replaced=replaced)
+
+    async def _created_anyway(
+        self, name: str, error: DockerError, spec: ServiceSpec
+    ) -> fsm.Box | None:
+        """After a create whose outcome is unknown (timeout, dropped connection), the container
+        may exist all the same: find it by its name, so that it is retired, not leaked."""
+        if not error.transient or isinstance(error, DockerApiError):
+            return None  # the engine answered: nothing was created
+        try:
+            info = await self._ctx.engine.inspect(name)
+        except DockerError:
+            return None  # not there (or the engine is still away: the next resync sees it)
+        if info.labels.get(labels.SERVICE) != self._ctx.name:
+            return None  # somebody else's container of that name
+        return fsm.Box(id=info.id, name=name, spec=spec, created_at=time.time(), healthcheck=False)
 
     async def _pull_unless_superseded(self, spec: ServiceSpec) -> bool:
         """Pull per the spec's policy; True when a newer spec made the pull pointless."""
