@@ -71,6 +71,7 @@ async def run_all(names: list[str], options: Options) -> int:
                     report = await bench_main(run)
                 except Exception as exc:  # noqa: BLE001  # one benchmark's failure is reported, the others still run
                     failed.append(name)
+                    run.failed = True
                     traceback.print_exc(file=sys.stderr)
                     print(f"bench {name} FAILED: {describe(exc)}", file=sys.stderr, flush=True)
                 else:

@@ -74,7 +74,8 @@ async def main(run: Run) -> Report:
         await trio.sleep(2.0)
 
         with deadline(seconds + 60, "the /v1/state load"):
-            done, latencies, body_size = await _load(condo.url, seconds)
+            async with condo.window("state"):
+                done, latencies, body_size = await _load(condo.url, seconds)
         rate = len(latencies) / seconds
         rss_before = sample_process(condo.pid).rss
 
@@ -85,23 +86,28 @@ async def main(run: Run) -> Report:
         all_answered = trio.Event()
         async with trio.open_nursery() as nursery:
             with deadline(HOLD_LIMIT, f"{polls} long-polls held"):
-                await _hold(
-                    nursery, condo.url, f"/v1/wait_for?{query}", polls, answers, all_answered
-                )
-                # condo's own gauge is the only witness of "held"
-                await wait_metric_at_least(condo.url, "condo_web_open_waits", polls)
+                async with condo.window("hold"):
+                    await _hold(
+                        nursery, condo.url, f"/v1/wait_for?{query}", polls, answers, all_answered
+                    )
+                    # condo's own gauge is the only witness of "held"
+                    await wait_metric_at_least(condo.url, "condo_web_open_waits", polls)
             held = sample_process(condo.pid)
             if answers:
                 raise BenchError(f"{len(answers)} long-polls were answered before the change")
-            write_spec(
-                condo.specs, target, spec_text(run, BUSYBOX_2, deploy="[:After 0]", env=["V=2"])
-            )
-            with deadline(LIMIT, "the change Stable"):
-                (changed,) = await condo.wait_services(
-                    [target], lambda t: stable(t) and t.container != old
+            async with condo.window("answer"):
+                write_spec(
+                    condo.specs,
+                    target,
+                    spec_text(run, BUSYBOX_2, deploy="[:After 0]", env=["V=2"]),
                 )
-            with deadline(HOLD_LIMIT, f"{polls} long-polls answered"):
-                await all_answered.wait()
+                written = wall()
+                with deadline(LIMIT, "the change Stable"):
+                    (changed,) = await condo.wait_services(
+                        [target], lambda t: stable(t) and t.container != old
+                    )
+                with deadline(HOLD_LIMIT, f"{polls} long-polls answered"):
+                    await all_answered.wait()
         after = sample_process(condo.pid)
 
     ok = sum(1 for _, status, body in answers if status == 200 and b'"ok"' in body)
@@ -123,12 +129,16 @@ async def main(run: Run) -> Report:
                 f"{ms(percentile(latencies, 50))} / {ms(percentile(latencies, 99))} ms",
             ),
             ("… response size", f"{body_size / 1000:.0f} kB"),
-            ("… non-200 answers", str(done - len(latencies))),
+            ("… failed (non-200 or dropped)", str(done - len(latencies))),
             ("long-polls held at once", str(polls)),
             ("… answered 200 ok after the change", f"{ok} of {polls}"),
             (
                 "… answer after the → Stable log line, p50 / p99 / max",
                 f"{p50} / {p99} / {ms(max(delays))} ms",
+            ),
+            (
+                "the change itself: spec written → Stable (long-polls held)",
+                f"{changed.at - written:.2f} s",
             ),
             (
                 "condo RSS before / held / after",
@@ -141,8 +151,10 @@ async def main(run: Run) -> Report:
             "state_p50_ms": ms(percentile(latencies, 50)),
             "state_p99_ms": ms(percentile(latencies, 99)),
             "state_body_kb": round(body_size / 1000, 1),
+            "state_failed": done - len(latencies),
             "polls": polls,
             "polls_ok": ok,
+            "change_deploy_s": round(changed.at - written, 3),
             "polls_p50_ms": p50,
             "polls_p99_ms": p99,
             "polls_max_ms": ms(max(delays)),
@@ -165,24 +177,30 @@ async def main(run: Run) -> Report:
 
 
 async def _load(url: str, seconds: float) -> tuple[int, list[float], int]:
-    """Hammer GET /v1/state; (requests done, latencies of the 200 answers, last body size)."""
+    """Hammer GET /v1/state; (requests done, latencies of the 200 answers, last body size).
+
+    A connection the server drops mid-response counts as a failed request and is reopened.
+    """
     latencies: list[float] = []
     done = 0
     size = 0
 
     async def worker(stop_at: float) -> None:
         nonlocal done, size
-        connection = await HttpConnection.open(url)
-        try:
-            while time.monotonic() < stop_at:
-                began = time.monotonic()
-                status, body = await connection.get("/v1/state")
-                done += 1
-                if status == 200:
-                    latencies.append(time.monotonic() - began)
-                    size = len(body)
-        finally:
-            await connection.aclose()
+        while time.monotonic() < stop_at:
+            connection = await HttpConnection.open(url)
+            try:
+                while time.monotonic() < stop_at:
+                    began = time.monotonic()
+                    status, body = await connection.get("/v1/state")
+                    done += 1
+                    if status == 200:
+                        latencies.append(time.monotonic() - began)
+                        size = len(body)
+            except (BenchError, trio.BrokenResourceError):
+                done += 1  # dropped mid-response: a failed request (condo logs why)
+            finally:
+                await connection.aclose()
 
     stop_at = time.monotonic() + seconds
     async with trio.open_nursery() as nursery:

@@ -358,6 +358,7 @@ class Run:
         self.engine = engine
         self.machine = machine
         self.consul_prefixes: list[str] = []
+        self.failed = False  # a benchmark failed: keep the work folder (logs) for a post-mortem
 
     def folder(self, *parts: str) -> Path:
         path = self.workdir.joinpath(*parts)
@@ -422,6 +423,7 @@ async def open_run(options: Options) -> AsyncIterator[Run]:
             failed = False
         finally:
             await run.sweep()
+            failed = failed or run.failed
             if not (failed or options.keep):
                 shutil.rmtree(workdir, ignore_errors=True)
             elif failed:
@@ -544,24 +546,35 @@ class Condo:
             cwd=str(self.specs.parent),
         )
         if self.profile is not None:
-            self.profiler = await trio.lowlevel.open_process(
-                [
-                    py_spy(),
-                    "record",
-                    "--pid",
-                    str(self.process.pid),
-                    "--rate",
-                    "250",
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(self.profile),
-                    "--nonblocking",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            self.profiler = await self._sample(self.profile)
+
+    async def _sample(self, output: Path) -> trio.Process:
+        """py-spy sampling this condo into `output` (folded stacks) until stopped or it exits."""
+        argv = [py_spy(), "record", "--pid", str(self.pid), "--rate", "250"]
+        argv += ["--format", "raw", "--output", str(output), "--nonblocking"]
+        return await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @contextlib.asynccontextmanager
+    async def window(self, label: str) -> AsyncIterator[None]:
+        """With --profile: also sample this block alone, into `<condo>-<label>.folded`."""
+        if self.profile is None:
+            yield
+            return
+        sampler = await self._sample(self.profile.with_name(f"{self.profile.stem}-{label}.folded"))
+        try:
+            yield
+        finally:
+            # SIGINT: py-spy writes what it sampled so far and exits.
+            with trio.move_on_after(STOP_LIMIT, shield=True):
+                sampler.send_signal(signal.SIGINT)
+                await sampler.wait()
+            if sampler.returncode is None:
+                sampler.kill()
 
     async def read_log(self) -> None:
         """Parse stderr until it closes (the process ended); keeps a copy in `log_path`."""

@@ -126,11 +126,12 @@ async def _condo(run: Run, size: int) -> tuple[float, int]:
         await condo.wait_ready()
         await trio.sleep(0.5)  # let its first scan of the empty folder pass
         text = spec_text(run, BUSYBOX)
-        began = wall()
-        for name in names:
-            write_spec(condo.specs, name, text)
-        with deadline(CONVERGE_LIMIT, f"condo converging {size} services"):
-            done = await condo.wait_services(names, stable)
+        async with condo.window("converge"):
+            began = wall()
+            for name in names:
+                write_spec(condo.specs, name, text)
+            with deadline(CONVERGE_LIMIT, f"condo converging {size} services"):
+                done = await condo.wait_services(names, stable)
         retries = sum(1 for t in condo.transitions if t.to == "TryAgain")
     return max(t.at for t in done) - began, retries
 

@@ -52,11 +52,12 @@ async def main(run: Run) -> Report:
             with deadline(LIMIT, f"{size} services Stable"):
                 await condo.wait_services(names, stable)
             await trio.sleep(settle)
-            before = sample_process(condo.pid)
-            samples: list[ProcSample] = [before]
-            for _ in range(round(window)):
-                await trio.sleep(1.0)
-                samples.append(sample_process(condo.pid))
+            async with condo.window(f"n{size}"):
+                before = sample_process(condo.pid)
+                samples: list[ProcSample] = [before]
+                for _ in range(round(window)):
+                    await trio.sleep(1.0)
+                    samples.append(sample_process(condo.pid))
             measured.append((size, cpu_percent(before, samples[-1]), max(s.rss for s in samples)))
 
     (small, cpu_small, rss_small), (large, cpu_large, rss_large) = measured

@@ -10,15 +10,16 @@ answers), a long-poll `/v1/wait_for?name=m00&image=<new image>` is held on h1, a
 rewritten on every host at once.
 
 Measured: from the rewrite to the last host's `→ Stable` log line (the rollout), and from that
-line to the long-poll's answer (the bar: ≤ 100 ms); the Consul write rate at rest (before the
-update) and during the rollout. A direct probe of the agent tells a rollout during which Consul
-itself was paused (another test SIGSTOPs it): such an attempt is repeated (up to 3), and reported
-VOID if all were hit. With --quick: 3 hosts x 3 services.
+line to the long-poll's answer and to the exit of a `condo wait` (the bar: ≤ 100 ms); the
+Consul write rate at rest (before the update) and during the rollout. A direct probe of the
+agent tells a rollout during which Consul itself was paused (another test SIGSTOPs it): such an
+attempt is repeated (up to 3), and reported VOID if all were hit. With --quick: 3 hosts x 3 services.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 
@@ -41,6 +42,7 @@ from bench.common import (
     Report,
     Run,
     Transition,
+    condo_python,
     consul_answers,
     deadline,
     ms,
@@ -126,7 +128,8 @@ async def main(run: Run) -> Report:
             attempts: list[_Rollout] = []
             for attempt in range(ATTEMPTS):
                 image = (BUSYBOX_2, BUSYBOX)[attempt % 2]
-                rollout = await _rollout(run, condos, api.url, image, old, consul)
+                async with api.window(f"rollout{attempt + 1}"):
+                    rollout = await _rollout(run, condos, api.url, image, old, consul)
                 old = rollout.containers
                 rollout = attrs.evolve(
                     rollout, stall=stalls.worst(rollout.updated - 1, rollout.settled)
@@ -138,6 +141,7 @@ async def main(run: Run) -> Report:
 
     rollout = attempts[-1]
     answer_delay = ms(rollout.answered - rollout.last_stable)
+    wait_delay = ms(rollout.waited - rollout.last_stable)
     writes = rollout.writes
     kv = sum(1 for r in writes if "/v1/kv/" in r.target)
     window = rollout.settled - rollout.updated
@@ -174,6 +178,7 @@ async def main(run: Run) -> Report:
                 f"{rollout.last_stable - rollout.updated:.2f} s",
             ),
             ("last host Stable → /v1/wait_for answered (on h1)", f"{answer_delay} ms"),
+            ("last host Stable → `condo wait` exited 0 (asking h1)", f"{wait_delay} ms"),
             (f"Consul writes at rest ({rest_window:g} s)", f"{rest_rate:.1f} /s ({len(at_rest)})"),
             (
                 f"Consul writes during the rollout ({window:.1f} s)",
@@ -187,6 +192,7 @@ async def main(run: Run) -> Report:
             "converge_s": round(converged, 2),
             "rollout_s": round(rollout.last_stable - rollout.updated, 3),
             "answer_after_last_stable_ms": answer_delay,
+            "condo_wait_after_last_stable_ms": wait_delay,
             "consul_writes_rest_per_s": round(rest_rate, 2),
             "consul_writes_rollout_per_s": round(len(writes) / window, 2),
             "consul_writes_rollout": len(writes),
@@ -196,7 +202,13 @@ async def main(run: Run) -> Report:
         },
         bars=(
             Bar(
-                label="wait_for answer after the last host Stable",
+                label="condo wait exits after the last host Stable",
+                value=wait_delay,
+                limit=ANSWER_BAR,
+                unit="ms",
+            ),
+            Bar(
+                label="/v1/wait_for answers after the last host Stable",
                 value=answer_delay,
                 limit=ANSWER_BAR,
                 unit="ms",
@@ -210,6 +222,7 @@ async def main(run: Run) -> Report:
 class _Rollout:
     updated: float  # the spec files were rewritten
     answered: float  # the long-poll's answer arrived
+    waited: float  # `condo wait` exited
     last_stable: float  # condo's log line of the last host's → Stable
     settled: float  # end of the window in which writes are counted
     writes: list[ProxiedRequest]
@@ -225,37 +238,61 @@ async def _rollout(
     old: Mapping[tuple[str, str], str | None],
     consul: RecordingProxy,
 ) -> _Rollout:
-    """Hold a long-poll for TARGET on `image`, rewrite TARGET on every host, time the answer."""
+    """Hold a long-poll for TARGET on `image` and a `condo wait` for it, rewrite TARGET on every
+    host, time both answers."""
     query = urllib.parse.urlencode({"name": TARGET, "image": image, "timeout": "600"})
+    argv = [condo_python(), "-m", "condo", "wait", "--name", TARGET, "--image", image]
+    argv += ["--url", url, "--timeout", "600"]
+    waited: list[float] = []
     connection = await HttpConnection.open(url)
     try:
-        await connection.send_get(f"/v1/wait_for?{query}")
-        with deadline(30, "the long-poll held"):
-            # condo's own gauge is the only witness of "held"
-            await wait_metric_at_least(url, "condo_web_open_waits", 1)
-        mark = len(consul.requests.items)
-        text = spec_text(run, image, deploy="[:After 0]")
-        updated = wall()
-        for one in condos:
-            write_spec(one.specs, TARGET, text)
-        with deadline(LIMIT, "the update answered"):
-            status, body = await connection.read_response()
-        answered = wall()
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    argv,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            )
+            nursery.start_soon(_exited, process, waited)
+            await connection.send_get(f"/v1/wait_for?{query}")
+            with deadline(60, "the long-poll and condo wait held"):
+                # condo's own gauge is the only witness of "held"
+                await wait_metric_at_least(url, "condo_web_open_waits", 2)
+            mark = len(consul.requests.items)
+            text = spec_text(run, image, deploy="[:After 0]")
+            updated = wall()
+            for one in condos:
+                write_spec(one.specs, TARGET, text)
+            with deadline(LIMIT, "the update answered"):
+                status, body = await connection.read_response()
+                answered = wall()
+                await process.wait()
     finally:
         await connection.aclose()
     if status != 200 or b'"ok"' not in body:
         raise BenchError(f"/v1/wait_for answered {status}: {body[:300]!r}")
+    if process.returncode != 0:
+        raise BenchError(f"condo wait exited {process.returncode}")
     with deadline(LIMIT, "every host Stable on the new image"):
         done = await _all_stable(condos, [TARGET], old)
     await trio.sleep(SETTLE)
     return _Rollout(
         updated=updated,
         answered=answered,
+        waited=waited[0],
         last_stable=max(t.at for t in done.values()),
         settled=answered + SETTLE,
         writes=_writes([r for r in consul.requests.items[mark:] if r.at <= answered + SETTLE]),
         containers={key: t.container for key, t in done.items()},
     )
+
+
+async def _exited(process: trio.Process, when: list[float]) -> None:
+    await process.wait()
+    when.append(wall())
 
 
 class _Stalls:
