@@ -13,7 +13,8 @@ Measured: from the rewrite to the last host's `→ Stable` log line (the rollout
 line to the long-poll's answer and to the exit of a `condo wait` (the bar: ≤ 100 ms); the
 Consul write rate at rest (before the update) and during the rollout. A direct probe of the
 agent tells a rollout during which Consul itself was paused (another test SIGSTOPs it): such an
-attempt is repeated (up to 3), and reported VOID if all were hit. With --quick: 3 hosts x 3 services.
+attempt is repeated (up to 3), and reported VOID if all were hit.
+With --quick: 3 hosts x 3 services.
 """
 
 from __future__ import annotations
