@@ -759,6 +759,7 @@ async def open_condo(run: Run, spec: CondoSpec) -> AsyncIterator[Condo]:
 class ProcSample:
     at: float  # monotonic seconds
     cpu: float  # user + system CPU seconds so far, every thread
+    main_cpu: float  # the same, of the main thread alone (Trio's); the rest is worker threads
     rss: int  # bytes
     peak_rss: int  # bytes (VmHWM)
 
@@ -766,22 +767,34 @@ class ProcSample:
 def sample_process(pid: int) -> ProcSample:
     """CPU time and memory of a process, from /proc (Linux)."""
     at = time.monotonic()
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
+    cpu = _cpu_seconds(Path(f"/proc/{pid}/stat"))
+    main_cpu = _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
     status = Path(f"/proc/{pid}/status").read_text()
     memory = {
         key: int(value.split()[0]) * 1024
         for key, value in (line.split(":", 1) for line in status.splitlines() if ":" in line)
         if key in ("VmRSS", "VmHWM")
     }
-    return ProcSample(at=at, cpu=cpu, rss=memory["VmRSS"], peak_rss=memory["VmHWM"])
+    return ProcSample(
+        at=at, cpu=cpu, main_cpu=main_cpu, rss=memory["VmRSS"], peak_rss=memory["VmHWM"]
+    )
+
+
+def _cpu_seconds(stat_file: Path) -> float:
+    stat = stat_file.read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
 
 
 def cpu_percent(before: ProcSample, after: ProcSample) -> float:
     """CPU used between two samples, in percent of one core."""
     return (after.cpu - before.cpu) / (after.at - before.at) * 100
+
+
+def main_thread_percent(before: ProcSample, after: ProcSample) -> float:
+    """CPU of the main (Trio) thread between two samples, in percent of one core."""
+    return (after.main_cpu - before.main_cpu) / (after.at - before.at) * 100
 
 
 def mb(size: int) -> float:

@@ -21,6 +21,7 @@ from bench.common import (
     Run,
     cpu_percent,
     deadline,
+    main_thread_percent,
     mb,
     open_condo,
     sample_process,
@@ -40,7 +41,7 @@ async def main(run: Run) -> Report:
     sizes = QUICK_SIZES if run.quick else SIZES
     window = QUICK_WINDOW if run.quick else WINDOW
     settle = QUICK_SETTLE if run.quick else SETTLE
-    measured: list[tuple[int, float, int]] = []  # services, CPU %, max RSS
+    measured: list[tuple[int, float, float, int]] = []  # services, CPU %, main thread %, RSS
     text = spec_text(run, BUSYBOX)
     async with open_condo(run, CondoSpec(name="idle", host=run.host("idle"), server=True)) as condo:
         await condo.wait_ready()
@@ -58,22 +59,38 @@ async def main(run: Run) -> Report:
                 for _ in range(round(window)):
                     await trio.sleep(1.0)
                     samples.append(sample_process(condo.pid))
-            measured.append((size, cpu_percent(before, samples[-1]), max(s.rss for s in samples)))
+            after = samples[-1]
+            measured.append(
+                (
+                    size,
+                    cpu_percent(before, after),
+                    main_thread_percent(before, after),
+                    max(s.rss for s in samples),
+                )
+            )
 
-    (small, cpu_small, rss_small), (large, cpu_large, rss_large) = measured
+    (small, cpu_small, _, rss_small), (large, cpu_large, main_large, rss_large) = measured
     per_service_kb = (rss_large - rss_small) / (large - small) / 1000
-    rows = tuple((str(n), f"{cpu:.2f}", f"{mb(rss)}") for n, cpu, rss in measured)
+    rows = tuple(
+        (str(n), f"{cpu:.2f}", f"{main:.2f}", f"{mb(rss)}") for n, cpu, main, rss in measured
+    )
     return Report(
         bench="idle",
         title=f"idle cost ({window:g} s windows)",
         quick=run.quick,
         machine=run.machine,
-        columns=("Stable services", "condo CPU (% of one core)", "condo RSS (MB)"),
+        columns=(
+            "Stable services",
+            "condo CPU (% of one core)",
+            "… of which the main (Trio) thread",
+            "condo RSS (MB)",
+        ),
         rows=(
             *rows,
             (
                 f"growth {small} → {large}",
                 f"{cpu_large - cpu_small:+.2f}",
+                "",
                 f"{mb(rss_large - rss_small):+} ({per_service_kb:.0f} kB per service)",
             ),
         ),
@@ -82,6 +99,7 @@ async def main(run: Run) -> Report:
             f"n{small}_cpu_pct": round(cpu_small, 3),
             f"n{small}_rss_mb": mb(rss_small),
             f"n{large}_cpu_pct": round(cpu_large, 3),
+            f"n{large}_main_thread_cpu_pct": round(main_large, 3),
             f"n{large}_rss_mb": mb(rss_large),
             "rss_kb_per_service": round(per_service_kb, 1),
         },
