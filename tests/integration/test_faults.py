@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import trio
 
 from condo.docker import DockerClient
-from tests.integration.harness import CondoUnderTest, condo_files, start_condo
+from tests.integration.harness import REPO, CondoUnderTest, condo_files, start_condo
 
 pytestmark = [pytest.mark.docker, pytest.mark.faults]
 
@@ -191,3 +192,32 @@ async def test_kill9_torture(condo: CondoUnderTest, nursery: trio.Nursery) -> No
             # a broken edit over a valid spec: fix it to what the test expects to run
             condo.write(name, f'{{:spec {{:Image "{expected[name]}"}}}}')
     await converged(condo, expected, limit=120)
+
+
+ENGINE_RESTARTS = int(os.environ.get("CONDO_ENGINE_RESTARTS", "2"))
+
+
+async def restart_engine() -> None:
+    """Stop dockerd (its containers stop with it) and start it again with scripts/test-env."""
+    pid = int(Path("/var/run/docker.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    with trio.fail_after(60):
+        while Path(f"/proc/{pid}").exists():
+            await trio.sleep(0.1)
+    await trio.run_process([str(REPO / "scripts" / "test-env")], capture_stderr=True)
+
+
+async def test_engine_restarts_during_churn(condo: CondoUnderTest, nursery: trio.Nursery) -> None:
+    """condo reconnects to a restarted engine by itself, re-inspects, and redeploys what the
+    engine lost, without a restart of its own."""
+    await start_condo(nursery, condo)
+    expected = {f"svc{n}": "condo-test/busybox:1" for n in range(4)}
+    for name, image in expected.items():
+        condo.write(name, f'{{:spec {{:Image "{image}"}} :deploy [:After 0]}}')
+    await converged(condo, expected, limit=60)
+    for round_ in range(ENGINE_RESTARTS):
+        image = f"condo-test/busybox:{1 + (round_ + 1) % 2}"
+        expected["svc0"] = image
+        condo.write("svc0", f'{{:spec {{:Image "{image}"}} :deploy [:After 0]}}')  # churn
+        await restart_engine()
+        await converged(condo, expected, limit=90)
