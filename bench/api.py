@@ -4,11 +4,12 @@ One `condo run` with 200 Stable busybox services (3 with --quick), API on a free
 1. `GET /v1/state`: `CONNECTIONS` keep-alive connections from this process (a raw HTTP/1.1
    client on Trio sockets; httpx would spend more CPU per request than condo does, on the same
    2 cores) for `LOAD_SECONDS`: completed 200 answers per second, and their latency.
-2. Long-polls: 10,000 (100 with --quick) connections each send
-   `GET /v1/wait_for?name=<one service>&image=<its next image>`; once condo's own gauge
-   `condo_web_open_waits` counts them all, that service's spec is changed to the image. Each
-   answer's latency is its arrival here minus condo's log line of the `→ Stable` transition;
-   all must be 200 `ok`. condo's RSS is read with everything held, and after.
+2. Long-polls, in tiers of 1,000 then 10,000 (100 with --quick), a service per tier: that many
+   connections each send `GET /v1/wait_for?name=<the service>&image=<its next image>`; once
+   condo's own gauge `condo_web_open_waits` counts them all, the service's spec is changed to
+   the image. Each answer's latency is its arrival here minus condo's log line of the
+   `→ Stable` transition; all must be 200 `ok`. condo's RSS is read with everything held, and
+   after. The bars are judged on the largest tier (the issue's 10,000).
 Both this process and condo get the highest open-files limit allowed (condo inherits it).
 Bars: ≥ 1,000 req/s; all long-polls answered; p99 ≤ 200 ms after the transition.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import time
 import urllib.parse
 
+import attrs
 import trio
 
 from bench.common import (
@@ -25,6 +27,7 @@ from bench.common import (
     BUSYBOX_2,
     Bar,
     BenchError,
+    Condo,
     CondoSpec,
     HttpConnection,
     Report,
@@ -44,7 +47,7 @@ from bench.common import (
 )
 
 SERVICES, QUICK_SERVICES = 200, 3
-POLLS, QUICK_POLLS = 10_000, 100
+TIERS, QUICK_TIERS = (1_000, 10_000), (100,)  # long-polls held at once, one tier a change
 LOAD_SECONDS, QUICK_LOAD_SECONDS = 10.0, 2.0
 CONNECTIONS = 8
 CONNECTING = 128  # connections being opened at once (condo's listen backlog is 128)
@@ -56,13 +59,12 @@ WAIT_TIMEOUT = 900  # the long-polls' own timeout parameter, seconds: far beyond
 
 async def main(run: Run) -> Report:
     size = QUICK_SERVICES if run.quick else SERVICES
-    polls = QUICK_POLLS if run.quick else POLLS
+    tier_sizes = QUICK_TIERS if run.quick else TIERS
     seconds = QUICK_LOAD_SECONDS if run.quick else LOAD_SECONDS
     files = raise_open_files_limit()
-    if files < polls + 512:
-        raise BenchError(f"the open-files limit ({files}) is too low for {polls} long-polls")
+    if files < max(tier_sizes) + 512:
+        raise BenchError(f"the open-files limit ({files}) is too low for {tier_sizes[-1]} polls")
     names = [f"a{i:03d}" for i in range(size)]
-    target = names[0]
     async with open_condo(run, CondoSpec(name="api", host=run.host("api"), server=True)) as condo:
         await condo.wait_ready()
         assert condo.url is not None
@@ -70,49 +72,46 @@ async def main(run: Run) -> Report:
             write_spec(condo.specs, name, spec_text(run, BUSYBOX, deploy="[:After 0]"))
         with deadline(LIMIT, f"{size} services Stable"):
             first = await condo.wait_services(names, stable)
-        old = first[0].container
+        old = [t.container for t in first]
         await trio.sleep(2.0)
 
         with deadline(seconds + 60, "the /v1/state load"):
             async with condo.window("state"):
                 done, latencies, body_size = await _load(condo.url, seconds)
         rate = len(latencies) / seconds
-        rss_before = sample_process(condo.pid).rss
 
-        query = urllib.parse.urlencode(
-            {"name": target, "image": BUSYBOX_2, "timeout": str(WAIT_TIMEOUT)}
-        )
-        answers: list[tuple[float, int, bytes]] = []
-        all_answered = trio.Event()
-        async with trio.open_nursery() as nursery:
-            with deadline(HOLD_LIMIT, f"{polls} long-polls held"):
-                async with condo.window("hold"):
-                    await _hold(
-                        nursery, condo.url, f"/v1/wait_for?{query}", polls, answers, all_answered
-                    )
-                    # condo's own gauge is the only witness of "held"
-                    await wait_metric_at_least(condo.url, "condo_web_open_waits", polls)
-            held = sample_process(condo.pid)
-            if answers:
-                raise BenchError(f"{len(answers)} long-polls were answered before the change")
-            async with condo.window("answer"):
-                write_spec(
-                    condo.specs,
-                    target,
-                    spec_text(run, BUSYBOX_2, deploy="[:After 0]", env=["V=2"]),
-                )
-                written = wall()
-                with deadline(LIMIT, "the change Stable"):
-                    (changed,) = await condo.wait_services(
-                        [target], lambda t: stable(t) and t.container != old
-                    )
-                with deadline(HOLD_LIMIT, f"{polls} long-polls answered"):
-                    await all_answered.wait()
-        after = sample_process(condo.pid)
+        tiers = []
+        for index, polls in enumerate(tier_sizes):
+            tiers.append(await _long_polls(run, condo, names[index], old[index], polls))
 
-    ok = sum(1 for _, status, body in answers if status == 200 and b'"ok"' in body)
-    delays = [at - changed.at for at, _, _ in answers]
-    p50, p99 = ms(percentile(delays, 50)), ms(percentile(delays, 99))
+    largest = tiers[-1]
+    p50, p99 = ms(percentile(largest.delays, 50)), ms(percentile(largest.delays, 99))
+    tier_rows = []
+    tier_figures: dict[str, float | int | str | bool | None] = {}
+    for tier in tiers:
+        soonest, last = ms(min(tier.delays)), ms(max(tier.delays))
+        t50, t99 = ms(percentile(tier.delays, 50)), ms(percentile(tier.delays, 99))
+        tier_rows += [
+            (f"{tier.polls} long-polls held at once: answered ok", f"{tier.ok} of {tier.polls}"),
+            (
+                "… answer after the → Stable log line, first / p50 / p99 / last",
+                f"{soonest} / {t50} / {t99} / {last} ms",
+            ),
+            ("… the change itself: spec written → Stable", f"{tier.deploy:.2f} s"),
+            (
+                "… condo RSS before / held / after",
+                f"{mb(tier.rss_before)} / {mb(tier.rss_held)} / {mb(tier.rss_after)} MB",
+            ),
+        ]
+        tier_figures |= {
+            f"polls{tier.polls}_ok": tier.ok,
+            f"polls{tier.polls}_first_ms": soonest,
+            f"polls{tier.polls}_p50_ms": t50,
+            f"polls{tier.polls}_p99_ms": t99,
+            f"polls{tier.polls}_last_ms": last,
+            f"polls{tier.polls}_deploy_s": round(tier.deploy, 3),
+            f"polls{tier.polls}_rss_held_mb": mb(tier.rss_held),
+        }
     return Report(
         bench="api",
         title=f"HTTP API ({size} services)",
@@ -130,20 +129,7 @@ async def main(run: Run) -> Report:
             ),
             ("… response size", f"{body_size / 1000:.0f} kB"),
             ("… failed (non-200 or dropped)", str(done - len(latencies))),
-            ("long-polls held at once", str(polls)),
-            ("… answered 200 ok after the change", f"{ok} of {polls}"),
-            (
-                "… answer after the → Stable log line, first / p50 / p99 / last",
-                f"{ms(min(delays))} / {p50} / {p99} / {ms(max(delays))} ms",
-            ),
-            (
-                "the change itself: spec written → Stable (long-polls held)",
-                f"{changed.at - written:.2f} s",
-            ),
-            (
-                "condo RSS before / held / after",
-                f"{mb(rss_before)} / {mb(held.rss)} / {mb(after.rss)} MB",
-            ),
+            *tier_rows,
         ),
         figures={
             "services": size,
@@ -152,16 +138,11 @@ async def main(run: Run) -> Report:
             "state_p99_ms": ms(percentile(latencies, 99)),
             "state_body_kb": round(body_size / 1000, 1),
             "state_failed": done - len(latencies),
-            "polls": polls,
-            "polls_ok": ok,
-            "change_deploy_s": round(changed.at - written, 3),
+            "polls": largest.polls,
+            "polls_ok": largest.ok,
             "polls_p50_ms": p50,
             "polls_p99_ms": p99,
-            "polls_min_ms": ms(min(delays)),
-            "polls_max_ms": ms(max(delays)),
-            "rss_before_mb": mb(rss_before),
-            "rss_held_mb": mb(held.rss),
-            "rss_after_mb": mb(after.rss),
+            **tier_figures,
         },
         bars=(
             Bar(
@@ -171,9 +152,76 @@ async def main(run: Run) -> Report:
                 unit="req/s",
                 at_most=False,
             ),
-            Bar(label="long-polls answered ok", value=ok, limit=polls, unit="", at_most=False),
-            Bar(label="long-poll answer p99", value=p99, limit=P99_BAR, unit="ms"),
+            Bar(
+                label=f"{largest.polls} long-polls answered ok",
+                value=largest.ok,
+                limit=largest.polls,
+                unit="",
+                at_most=False,
+            ),
+            Bar(
+                label=f"{largest.polls} long-polls: answer p99",
+                value=p99,
+                limit=P99_BAR,
+                unit="ms",
+            ),
         ),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class _Tier:
+    polls: int
+    ok: int
+    delays: list[float]  # each answer's arrival after condo's → Stable log line, seconds
+    deploy: float  # the change itself: spec written → Stable
+    rss_before: int
+    rss_held: int
+    rss_after: int
+
+
+async def _long_polls(run: Run, condo: Condo, target: str, old: str | None, polls: int) -> _Tier:
+    """Hold `polls` long-polls for `target` on its next image, change it, time the answers."""
+    assert condo.url is not None
+    rss_before = sample_process(condo.pid).rss
+    query = urllib.parse.urlencode(
+        {"name": target, "image": BUSYBOX_2, "timeout": str(WAIT_TIMEOUT)}
+    )
+    answers: list[tuple[float, int, bytes]] = []
+    all_answered = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with deadline(HOLD_LIMIT, f"{polls} long-polls held"):
+            async with condo.window(f"hold{polls}"):
+                await _hold(
+                    nursery, condo.url, f"/v1/wait_for?{query}", polls, answers, all_answered
+                )
+                # condo's own gauge is the only witness of "held"
+                await wait_metric_at_least(condo.url, "condo_web_open_waits", polls)
+        held = sample_process(condo.pid)
+        if answers:
+            raise BenchError(f"{len(answers)} long-polls were answered before the change")
+        async with condo.window(f"answer{polls}"):
+            write_spec(
+                condo.specs,
+                target,
+                spec_text(run, BUSYBOX_2, deploy="[:After 0]", env=["V=2"]),
+            )
+            written = wall()
+            with deadline(LIMIT, "the change Stable"):
+                (changed,) = await condo.wait_services(
+                    [target], lambda t: stable(t) and t.container != old
+                )
+            with deadline(HOLD_LIMIT, f"{polls} long-polls answered"):
+                await all_answered.wait()
+    after = sample_process(condo.pid)
+    return _Tier(
+        polls=polls,
+        ok=sum(1 for _, status, body in answers if status == 200 and b'"ok"' in body),
+        delays=[at - changed.at for at, _, _ in answers],
+        deploy=changed.at - written,
+        rss_before=rss_before,
+        rss_held=held.rss,
+        rss_after=after.rss,
     )
 
 

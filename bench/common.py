@@ -271,8 +271,10 @@ class Engine:
 
         async def remove(cid: str) -> None:
             async with limiter:
-                # 404: condo (or compose) removed it meanwhile; anything else shows in sweep().
-                await self._client.delete(f"/containers/{cid}", params={"force": "true"})
+                # 404: condo (or compose) removed it meanwhile; an engine away: the caller
+                # lists again and sees what is left (Run.sweep retries).
+                with contextlib.suppress(httpx.TransportError):
+                    await self._client.delete(f"/containers/{cid}", params={"force": "true"})
 
         async with trio.open_nursery() as nursery:
             for cid in ids:
@@ -380,13 +382,24 @@ class Run:
     async def sweep(self) -> int:
         """Remove every container of this run, and its Consul keys (bounded, shielded)."""
         removed = 0
-        with trio.move_on_after(CLEANUP_LIMIT, shield=True):
-            removed = await self.engine.remove_labelled(self.labels)
-            left = await self.engine.container_ids(self.labels)
-            if left:
-                print(f"bench: {len(left)} containers of run {self.id} left", file=sys.stderr)
+        with trio.move_on_after(CLEANUP_LIMIT, shield=True) as scope:
             for prefix in self.consul_prefixes:
                 await delete_consul_prefix(prefix)
+            while True:
+                try:
+                    removed += await self.engine.remove_labelled(self.labels)
+                    left = await self.engine.container_ids(self.labels)
+                except httpx.TransportError as exc:
+                    # The engine is away (other tests on this machine restart dockerd): wait
+                    # for it, within CLEANUP_LIMIT, rather than leave containers behind.
+                    print(f"bench: sweep waits for the engine: {exc}", file=sys.stderr)
+                    await trio.sleep(2.0)
+                    continue
+                if not left:
+                    break
+                await trio.sleep(1.0)  # removed meanwhile by their condo, or still stopping
+        if scope.cancelled_caught:
+            print(f"bench: containers of run {self.id} may be left", file=sys.stderr)
         return removed
 
 
@@ -698,6 +711,7 @@ class CondoSpec:
     host: str
     server: bool = False
     extra: tuple[str, ...] = ()
+    profile: bool = True  # sampled by py-spy under --profile (a sampler per condo costs CPU)
 
 
 @contextlib.asynccontextmanager
@@ -725,7 +739,9 @@ async def open_condos(run: Run, specs: Sequence[CondoSpec]) -> AsyncIterator[lis
                 spec_dir,
                 argv,
                 folder / "condo.log",
-                profile=None if profile is None else profile / f"{item.name}.folded",
+                profile=None
+                if profile is None or not item.profile
+                else profile / f"{item.name}.folded",
             )
         )
     async with trio.open_nursery() as nursery:
@@ -739,10 +755,13 @@ async def open_condos(run: Run, specs: Sequence[CondoSpec]) -> AsyncIterator[lis
                 async with trio.open_nursery() as stoppers:
                     for one in condos:
                         stoppers.start_soon(one.stop)
-                with trio.move_on_after(CLEANUP_LIMIT):
-                    async with trio.open_nursery() as cleaners:
-                        for one in condos:
-                            cleaners.start_soon(run.engine.remove_labelled, {HOST_LABEL: one.host})
+                with (
+                    trio.move_on_after(CLEANUP_LIMIT),
+                    # The engine away: Run.sweep (by the run's label) retries until it is back.
+                    contextlib.suppress(httpx.TransportError),
+                ):
+                    for one in condos:
+                        await run.engine.remove_labelled({HOST_LABEL: one.host})
             nursery.cancel_scope.cancel()
 
 

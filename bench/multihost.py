@@ -95,6 +95,9 @@ async def main(run: Run) -> Report:
                 host=run.host(f"h{i}"),
                 server=i == 1,
                 extra=(*common, "--consul-endpoint", f"http://{consul.address}"),
+                # Under --profile, only the API host and the last one: 20 samplers would
+                # starve the machine.
+                profile=i in (1, hosts),
             )
             for i in range(1, hosts + 1)
         ]
@@ -143,6 +146,8 @@ async def main(run: Run) -> Report:
     rollout = attempts[-1]
     answer_delay = ms(rollout.answered - rollout.last_stable)
     wait_delay = ms(rollout.waited - rollout.last_stable)
+    published = rollout.published
+    publish_delay = None if published is None else ms(published - rollout.last_stable)
     writes = rollout.writes
     kv = sum(1 for r in writes if "/v1/kv/" in r.target)
     window = rollout.settled - rollout.updated
@@ -179,6 +184,10 @@ async def main(run: Run) -> Report:
                 f"{rollout.last_stable - rollout.updated:.2f} s",
             ),
             ("last host Stable → /v1/wait_for answered (on h1)", f"{answer_delay} ms"),
+            (
+                "… of which: that host's Consul write reached the agent (proxy)",
+                f"{publish_delay} ms",
+            ),
             ("last host Stable → `condo wait` exited 0 (asking h1)", f"{wait_delay} ms"),
             (f"Consul writes at rest ({rest_window:g} s)", f"{rest_rate:.1f} /s ({len(at_rest)})"),
             (
@@ -194,6 +203,7 @@ async def main(run: Run) -> Report:
             "rollout_s": round(rollout.last_stable - rollout.updated, 3),
             "answer_after_last_stable_ms": answer_delay,
             "condo_wait_after_last_stable_ms": wait_delay,
+            "publish_after_last_stable_ms": publish_delay,
             "consul_writes_rest_per_s": round(rest_rate, 2),
             "consul_writes_rollout_per_s": round(len(writes) / window, 2),
             "consul_writes_rollout": len(writes),
@@ -224,6 +234,7 @@ class _Rollout:
     updated: float  # the spec files were rewritten
     answered: float  # the long-poll's answer arrived
     waited: float  # `condo wait` exited
+    published: float | None  # the last host's write of TARGET's new state reached Consul
     last_stable: float  # condo's log line of the last host's → Stable
     settled: float  # end of the window in which writes are counted
     writes: list[ProxiedRequest]
@@ -280,7 +291,17 @@ async def _rollout(
     with deadline(LIMIT, "every host Stable on the new image"):
         done = await _all_stable(condos, [TARGET], old)
     await trio.sleep(SETTLE)
+    (last_host, _), last = max(done.items(), key=lambda item: item[1].at)
+    published = next(
+        (
+            r.at
+            for r in consul.requests.items[mark:]
+            if r.method == "PUT" and f"/{TARGET}/{last_host}" in r.target and r.at >= last.at
+        ),
+        None,
+    )
     return _Rollout(
+        published=published,
         updated=updated,
         answered=answered,
         waited=waited[0],
