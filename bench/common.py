@@ -1082,9 +1082,14 @@ class Bar:
 
     def text(self) -> str:
         sign = "≤" if self.at_most else "≥"
-        value = "n/a" if self.value is None else f"{self.value:g} {self.unit}"
+        value = "n/a" if self.value is None else self._with_unit(self.value)
         verdict = {True: "met", False: "MISSED", None: "not measured"}[self.met]
-        return f"{self.label}: {value} (bar {sign} {self.limit:g} {self.unit}) — {verdict}"
+        return f"{self.label}: {value} (bar {sign} {self._with_unit(self.limit)}) — {verdict}"
+
+    def _with_unit(self, number: float) -> str:
+        if self.unit in ("", "x"):
+            return f"{number:g}{self.unit}"
+        return f"{number:g} {self.unit}"
 
     def as_json(self) -> dict[str, Scalar]:
         return {
