@@ -55,7 +55,7 @@ SPEC_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
     "empty": (text(""), "empty"),
     "comment-only": (text(";; nothing here\n"), "comments"),
     "no-spec": (text("{:deploy [:Before]}"), ":spec"),
-    "spec-not-map": (text('{:spec "nginx"}'), ":spec"),
+    "spec-not-map": (text('{:spec "not-a-map"}'), ":spec"),
     "no-image": (text('{:spec {:Cmd ["true"]}}'), ":Image"),
     "image-not-string": (text("{:spec {:Image 42}}"), ":Image"),
     "bad-deploy": (text('{:spec {:Image "x"} :deploy [:Sideways]}'), ":deploy"),
