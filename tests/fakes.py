@@ -15,6 +15,7 @@ import trio
 from condo.docker import Container, ContainerId, ContainerSummary
 from condo.errors import ContainerNotFound, DockerTimeout, ImageNotFound, NameConflict
 from condo.service import Engine
+from condo.waiting import HostsView, Picture, StateSource
 
 
 @attrs.define
@@ -135,5 +136,29 @@ class FakeEngine:
         raise ContainerNotFound(404, f"No such container: {cid}")
 
 
+class FakeHosts:
+    """A StateSource over a picture the test sets (what condo.consul provides for real)."""
+
+    def __init__(self, hosts: HostsView) -> None:
+        self._picture = Picture(token=1, hosts=hosts)
+        self._changed = trio.Event()
+
+    def set(self, hosts: HostsView) -> None:
+        self._picture = Picture(token=self._picture.token + 1, hosts=hosts)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def picture(self) -> Picture:
+        return self._picture
+
+    async def wait_beyond(self, token: int) -> None:
+        while self._picture.token <= token:
+            await self._changed.wait()
+
+
 def _typecheck(engine: FakeEngine) -> Engine:
     return engine  # mypy proves the fake satisfies the driver's port
+
+
+def _typecheck_hosts(hosts: FakeHosts) -> StateSource:
+    return hosts  # and this one the web app's

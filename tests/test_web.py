@@ -28,13 +28,13 @@ from condo.fsm import Box, Failure, Phase, ServiceState
 from condo.metrics import Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
-from condo.waiting import HostsView, Picture
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
 from condo.web.serve import closing_connections
 from condo.web.static import StaticFiles
+from tests.fakes import FakeHosts
 
 HOST = "h1"
 TOKEN = "s3cret-token"
@@ -94,26 +94,6 @@ class FakeEngine:
         if self.failure is not None:
             raise self.failure
         return "1.41"
-
-
-class FakeHosts:
-    """A StateSource over a picture the test sets (what condo.consul provides for real)."""
-
-    def __init__(self, hosts: HostsView) -> None:
-        self._picture = Picture(token=1, hosts=hosts)
-        self._changed = trio.Event()
-
-    def set(self, hosts: HostsView) -> None:
-        self._picture = Picture(token=self._picture.token + 1, hosts=hosts)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def picture(self) -> Picture:
-        return self._picture
-
-    async def wait_beyond(self, token: int) -> None:
-        while self._picture.token <= token:
-            await self._changed.wait()
 
 
 @attrs.define

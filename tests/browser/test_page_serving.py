@@ -27,36 +27,16 @@ from condo.fsm import Box, Phase, ServiceState
 from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
-from condo.waiting import HostsView, Picture
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.static import STATIC_ROOT, StaticFiles, locked_page
+from tests.fakes import FakeHosts
 
 HOST = "h1"
 TOKEN = "page-token"
 CAP = 30
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
-
-
-class Hosts:
-    """A StateSource over a picture the test sets."""
-
-    def __init__(self, hosts: HostsView) -> None:
-        self._picture = Picture(token=1, hosts=hosts)
-        self._changed = trio.Event()
-
-    def set(self, hosts: HostsView) -> None:
-        self._picture = Picture(token=self._picture.token + 1, hosts=hosts)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def picture(self) -> Picture:
-        return self._picture
-
-    async def wait_beyond(self, token: int) -> None:
-        while self._picture.token <= token:
-            await self._changed.wait()
 
 
 async def ping() -> str:
@@ -65,7 +45,7 @@ async def ping() -> str:
 
 @contextlib.asynccontextmanager
 async def served(
-    *, token: str | None = None, hosts: Hosts | None = None
+    *, token: str | None = None, hosts: FakeHosts | None = None
 ) -> AsyncIterator[tuple[Store, quart_typing.TestClientProtocol]]:
     store = Store(HOST)
     context = WebContext(
@@ -206,7 +186,7 @@ async def test_healthz_says_which_condo_answers() -> None:
 
 
 async def test_the_feed_sends_every_host_after_the_first_snapshot() -> None:
-    hosts = Hosts({HOST: {}, "h2": {"web": view_of(stable("img:1"))}})
+    hosts = FakeHosts({HOST: {}, "h2": {"web": view_of(stable("img:1"))}})
     async with served(hosts=hosts) as (store, client):
         with trio.fail_after(CAP):
             async with client.websocket("/v1/feed") as ws:
@@ -241,7 +221,7 @@ async def test_without_consul_the_feed_sends_snapshots_only() -> None:
 
 
 async def test_a_slow_reader_gets_the_latest_picture_not_a_backlog() -> None:
-    hosts = Hosts({"h2": {}})
+    hosts = FakeHosts({"h2": {}})
     async with served(hosts=hosts) as (_, client):
         with trio.fail_after(CAP):
             async with client.websocket("/v1/feed") as ws:
