@@ -63,8 +63,8 @@ def helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MakeHelper:
 @pytest.mark.parametrize(
     ("image", "registry"),
     [
-        ("busybox", "docker.io"),
-        ("busybox:1", "docker.io"),
+        ("someapp", "docker.io"),
+        ("someapp:1", "docker.io"),
         ("library/busybox:1", "docker.io"),
         ("someone/app@sha256:" + "0" * 64, "docker.io"),
         ("index.docker.io/library/busybox", "docker.io"),
@@ -100,7 +100,7 @@ CONFIG = {
             {"username": "condo", "password": "pa:ss:word", "serveraddress": "localhost:5001"},
         ),
         (
-            "busybox:1",
+            "someapp:1",
             {"username": "hubuser", "password": "hubpass", "serveraddress": INDEX_URL},
         ),
         (
@@ -235,7 +235,7 @@ async def test_creds_store_serves_every_registry_and_hub_by_its_url(
     config = {"credsStore": "condostore", "credHelpers": {"special.example.com": "condohelper"}}
     auth = RegistryAuth.load(write_config(tmp_path, config))
     with trio.fail_after(10):
-        hub = decode_header(await auth.header_for("busybox:1"))
+        hub = decode_header(await auth.header_for("someapp:1"))
         private = decode_header(await auth.header_for("localhost:5001/x:1"))
         special = decode_header(await auth.header_for("special.example.com/x:1"))
     assert (hub["username"], hub["serveraddress"]) == ("u", INDEX_URL)
