@@ -38,6 +38,11 @@ class FakeEngine:
     pull_hangs: bool = False
     create_answer_lost: bool = False  # create succeeds, but its answer never arrives
     stop_delay: float = 0.0
+    # The next `slow_starts` starts (removes) act at once but answer only after `slow_delay`
+    # seconds: a slow engine whose answers come too late for condo's limits.
+    slow_starts: int = 0
+    slow_removes: int = 0
+    slow_delay: float = 0.0
     containers: dict[str, FakeContainer] = attrs.Factory(dict)
     calls: list[str] = attrs.Factory(list)
     _serial: int = 0
@@ -77,6 +82,9 @@ class FakeEngine:
         if box.body["Image"] in self.healthchecked:
             box.health = "starting"
         self.calls.append(f"start {box.name}")
+        if self.slow_starts > 0:
+            self.slow_starts -= 1
+            await trio.sleep(self.slow_delay)
 
     async def stop(self, cid: ContainerId, *, grace: float) -> None:
         box = self._get(cid)
@@ -88,7 +96,10 @@ class FakeEngine:
         await trio.lowlevel.checkpoint()
         box = self._get(cid)
         self.calls.append(f"remove {box.name}")
-        del self.containers[cid]
+        if self.slow_removes > 0:
+            self.slow_removes -= 1
+            await trio.sleep(self.slow_delay)  # cut short by condo's limit: nothing removed
+        del self.containers[box.id]
 
     async def inspect(self, cid_or_name: str) -> Container:
         await trio.lowlevel.checkpoint()

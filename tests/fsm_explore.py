@@ -61,6 +61,9 @@ def events_for(state: fsm.ServiceState) -> Iterator[fsm.Event]:
         for b in boxes(state)
     )
     yield fsm.Observed(containers=seen)
+    # A resync with a spec change waiting beside it (a restart after the file changed or went).
+    yield fsm.Observed(containers=seen, latest=fsm.SpecChanged(SPEC_B))
+    yield fsm.Observed(containers=seen, latest=fsm.SpecChanged(None))
     yield fsm.Observed(
         containers=(
             *seen,

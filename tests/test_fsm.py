@@ -443,3 +443,51 @@ def test_with_nothing_recorded_a_running_container_of_the_desired_spec_is_adopte
     assert effects == [fsm.RemoveStray(id="c0", name="web_c0")]
     state, effects = run(state, fsm.SpecChanged(SPEC_A))
     assert state.phase is Phase.Stable and effects == []
+
+
+def gone_stable_record() -> fsm.ServiceState:
+    """A restored record: Stable on SPEC_A, whose container was removed while condo was down."""
+    return stable("c1", SPEC_A)
+
+
+def test_a_spec_removed_while_condo_was_down_creates_nothing() -> None:
+    state, effects = run(
+        gone_stable_record(), fsm.Observed(containers=(), latest=fsm.SpecChanged(None))
+    )
+    assert state.finished
+    assert not [e for e in effects if isinstance(e, fsm.Deploy)]
+
+
+def test_a_spec_changed_while_condo_was_down_deploys_only_the_new_one() -> None:
+    newer = attrs.evolve(SPEC_A, container={"Image": "app:9"})
+    state, effects = run(
+        gone_stable_record(), fsm.Observed(containers=(), latest=fsm.SpecChanged(newer))
+    )
+    deploys = [e for e in effects if isinstance(e, fsm.Deploy)]
+    assert [d.spec for d in deploys] == [newer]
+    assert state.starting == newer
+
+
+@pytest.mark.parametrize("strategy", [Deploy("Before"), Deploy("After", 3)])
+def test_with_nothing_recorded_a_container_of_another_spec_serves_until_replaced(
+    strategy: Deploy,
+) -> None:
+    # A lost (or foreign, or older-format) state file, and the spec changed meanwhile: the
+    # running container is rebuilt as the Stable one, then replaced by the spec's own strategy.
+    desired = attrs.evolve(SPEC_A, deploy=strategy)
+    old = fsm.Seen(
+        id="c0", name="web_c0", spec_hash="old", running=True, health="healthy", created_at=4.0
+    )
+    state, effects = run(fsm.ServiceState(desired=desired), fsm.Observed(containers=(old,)))
+    assert not [e for e in effects if isinstance(e, fsm.RemoveStray)]
+    assert [type(e) for e in effects] == [fsm.Deploy]
+    deploy = effects[0]
+    assert isinstance(deploy, fsm.Deploy) and deploy.spec == desired
+    if strategy.strategy == "Before":
+        # Stopped by the deploy itself, with its stop timeout, only once the new image is there.
+        assert deploy.replace is not None and deploy.replace.id == "c0"
+        assert state.phase is Phase.Wait
+    else:
+        assert deploy.replace is None
+        assert state.phase is Phase.WaitNext and state.current is not None
+        assert state.current.id == "c0" and state.current.hash == "old"

@@ -10,9 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from condo import fsm
+from condo import fsm, labels
 from condo.fsm import Phase
 from condo.service import (
+    CALL_LIMIT,
     MAILBOX_CAPACITY,
     PULL_LIMIT,
     Mailbox,
@@ -22,7 +23,7 @@ from condo.service import (
 )
 from condo.spec import Deploy, ServiceSpec
 from condo.store import Store
-from tests.fakes import FakeEngine
+from tests.fakes import FakeContainer, FakeEngine
 
 
 @attrs.define
@@ -46,16 +47,20 @@ class Driven:
 
 
 @asynccontextmanager
-async def driving(engine: FakeEngine) -> AsyncIterator[Driven]:
+async def driving(
+    engine: FakeEngine, initial: fsm.ServiceState | None = None, *, resync: bool = False
+) -> AsyncIterator[Driven]:
     store = Store("h")
     mailbox = Mailbox()
+    if resync:
+        mailbox.request_resync()  # as the supervisor starts every driver
 
     async def flush() -> None:
         engine.calls.append("flush")
 
     ctx = ServiceContext(name="web", host="h", engine=engine, store=store, flush_state=flush)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_service, ctx, mailbox, fsm.ServiceState())
+        nursery.start_soon(run_service, ctx, mailbox, initial or fsm.ServiceState())
         yield Driven(store, mailbox, engine)
         nursery.cancel_scope.cancel()
 
@@ -211,3 +216,91 @@ async def test_a_create_whose_answer_is_lost_leaks_nothing(
             await trio.testing.wait_all_tasks_blocked()
             assert stable.current is not None
             assert list(engine.containers) == [stable.current.id]  # the lost one is removed
+
+
+def running(engine: FakeEngine) -> list[str]:
+    return sorted(c.body["Image"] for c in engine.containers.values() if c.running)
+
+
+def labelled(host: str, image: str, spec_hash: str) -> dict[str, object]:
+    return {"Image": image, "Labels": labels.for_container(host, "web", spec_hash)}
+
+
+async def test_a_deadline_that_passed_while_condo_was_down_never_loses_the_resync(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Restored: TryAgain whose retry time passed while condo was down; meanwhile a labelled
+    # container of the service runs that the record does not know (a stray).
+    engine = FakeEngine(local_images={"app:1"})
+    engine.containers["s1"] = FakeContainer(
+        id="s1", name="web_s1", body=labelled("h", "app:1", "old"), running=True
+    )
+    desired = spec("app:1")
+    restored = fsm.ServiceState(phase=Phase.TryAgain, desired=desired, deadline=-5.0, attempt=1)
+    with trio.fail_after(1000):
+        async with driving(engine, restored, resync=True) as d:
+            d.mailbox.set_spec(desired)
+            stable = await d.wait_phase(Phase.Stable)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stable.current is not None
+            assert list(engine.containers) == [stable.current.id]  # the stray is gone
+
+
+async def test_a_deploy_cut_short_by_its_limit_leaves_nothing_running_unknown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The engine starts the container, but its answer comes after condo's limit.
+    engine = FakeEngine(local_images={"app:1"}, slow_starts=1, slow_delay=10 * CALL_LIMIT)
+    with trio.fail_after(10_000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            failed = await d.wait_phase(Phase.TryAgain)
+            assert failed.error is not None and "timed out" in failed.error.message
+            stable = await d.wait_phase(Phase.Stable)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stable.current is not None
+            assert running(engine) == ["app:1"]
+            assert len(engine.containers) == 1
+
+
+async def test_a_slow_remove_after_a_stop_never_counts_the_stopped_one_as_serving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine(local_images={"app:1", "app:2"})
+    with trio.fail_after(10_000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            first = await d.wait_phase(Phase.Stable)
+            assert first.current is not None
+            # [:Before]: the old one stops at once, but its remove answers too late.
+            engine.slow_removes, engine.slow_delay = 1, 10 * CALL_LIMIT
+            phases: list[Phase] = []
+            d.store.subscribe(lambda: phases.append(d.state.phase))
+            d.mailbox.set_spec(spec("app:2"))
+            second = await d.wait_phase(Phase.Stable, other_than=first.current.id)
+            await trio.testing.wait_all_tasks_blocked()
+            assert second.current is not None and second.current.spec.image == "app:2"
+            # The stopped one was removed by the resync that followed; it never counted as
+            # serving (a failed attempt would have gone back to it: TryAgainNext).
+            assert list(engine.containers) == [second.current.id]
+            assert Phase.TryAgainNext not in phases
+
+
+@pytest.mark.parametrize("resync", [False, True])
+async def test_a_container_of_another_host_is_never_touched_whatever_the_record_says(
+    autojump_clock: trio.testing.MockClock, resync: bool
+) -> None:
+    # A record (from somebody else's state file) names a container of host "other".
+    engine = FakeEngine(local_images={"app:1"})
+    engine.containers["o1"] = FakeContainer(
+        id="o1", name="web_o1", body=labelled("other", "app:1", "x"), running=True
+    )
+    box = fsm.Box(id="o1", name="web_o1", spec=spec("app:1"), created_at=1.0, healthcheck=False)
+    record = fsm.ServiceState(phase=Phase.Stable, desired=spec("app:1"), current=box)
+    with trio.fail_after(1000):
+        async with driving(engine, record, resync=resync) as d:
+            d.mailbox.set_spec(None)
+            while (entry := d.store.entries.get("web")) is None or not entry.state.finished:
+                await d.store.wait_changed(d.store.version)
+    assert engine.containers["o1"].running
+    assert not [c for c in engine.calls if c.endswith("web_o1")]

@@ -76,10 +76,14 @@ class Box:
     healthcheck: bool  # Docker runs a healthcheck for it (image's or spec's)
     restart_policy: str = ""
     stable_at: float | None = None  # wall clock, unix seconds
+    # Set for a container adopted from the engine's labels alone (its record was lost): the hash
+    # on its `condo.spec-hash` label. Its `spec` is then only a stand-in (the desired spec, for
+    # timeouts and the deploy strategy), and the differing hash makes condo redeploy it.
+    label_hash: str | None = None
 
     @property
     def hash(self) -> str:
-        return self.spec.container_hash
+        return self.label_hash or self.spec.container_hash
 
 
 @attrs.frozen(kw_only=True)
@@ -200,9 +204,16 @@ class RenameFailed:
 
 @attrs.frozen(kw_only=True)
 class Observed:
-    """Every container of this service on the engine, after a start-up or an events gap."""
+    """Every container of this service on the engine, after a start-up or an events gap.
+
+    `latest` is a spec change that was waiting in the mailbox beside the resync: it is taken
+    into the state *before* reconciling, so that the first action after a restart already uses
+    the current spec (a spec changed or removed while condo was down never deploys its obsolete
+    version first).
+    """
 
     containers: tuple[Seen, ...]
+    latest: SpecChanged | None = None
 
 
 @attrs.frozen
@@ -293,7 +304,9 @@ def step(state: ServiceState, event: Event, now: Instant) -> Step:
             return _on_gone(state, cid, "was removed", now)
         case RenameFailed(id=cid, message=message):
             return _on_rename_failed(state, cid, message, now)
-        case Observed(containers=containers):
+        case Observed(containers=containers, latest=latest):
+            if latest is not None:
+                state = _take_spec(state, latest.spec)
             return _on_observed(state, containers, now)
         case DeadlineReached():
             return _on_deadline(state, now)
@@ -529,8 +542,13 @@ def _promote_next(state: ServiceState, now: Instant) -> Step:
 
 
 def _on_spec(state: ServiceState, spec: ServiceSpec | None, now: Instant) -> Step:
+    return _converge(_take_spec(state, spec), now)
+
+
+def _take_spec(state: ServiceState, spec: ServiceSpec | None) -> ServiceState:
+    """`spec` is now the desired one (None: the file is gone); nothing is acted on yet."""
     if spec is None:
-        return _converge(attrs.evolve(state, desired=None, removed=True), now)
+        return attrs.evolve(state, desired=None, removed=True)
     changed = state.desired is None or state.desired.container_hash != spec.container_hash
     state = attrs.evolve(state, desired=spec, removed=False)
     if changed and state.phase in (Phase.TryAgain, Phase.TryAgainNext):
@@ -539,7 +557,7 @@ def _on_spec(state: ServiceState, spec: ServiceSpec | None, now: Instant) -> Ste
             state = attrs.evolve(state, phase=Phase.Init, current=None, deadline=None, attempt=0)
         else:
             state = attrs.evolve(state, phase=Phase.Stable, deadline=None, attempt=0)
-    return _converge(state, now)
+    return state
 
 
 def _on_started(state: ServiceState, event: ContainerStarted, now: Instant) -> Step:
@@ -742,8 +760,11 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
     """Reconcile with what the engine really has (after a restart of condo, or an events gap).
 
     Unknown labelled containers are strays (created just before a crash) and are removed, except
-    one that the interrupted `Deploy` created (or, with nothing recorded at all, one made from
-    the desired spec), which is adopted as the candidate.
+    one that the interrupted `Deploy` created, which is adopted as the candidate. With nothing
+    recorded at all (a lost, foreign or older-format state file), the service is rebuilt from
+    its labelled containers: a running one made from the desired spec is adopted as the
+    candidate; otherwise the newest running one is adopted as the Stable container it was, and
+    the desired spec replaces it by its own strategy, never by removing it first.
     """
     seen = {c.id: c for c in containers}
     effects: list[Effect] = []
@@ -756,9 +777,28 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
         and state.desired is not None
         and not state.removed
     ):
-        # Nothing recorded (a lost or corrupt state file): a running container made from the
-        # very spec we want is adopted rather than duplicated.
-        state = attrs.evolve(state, phase=Phase.Wait, starting=state.desired)
+        desired = state.desired
+        running = [c for c in strays if c.running]
+        if running and not any(c.spec_hash == desired.container_hash for c in running):
+            # Nothing recorded, and what runs was made from another spec: it serves until the
+            # desired spec replaces it.
+            serving = running[-1]
+            strays = [c for c in strays if c is not serving]
+            adopted_box = Box(
+                id=serving.id,
+                name=serving.name,
+                spec=desired,
+                label_hash=serving.spec_hash or "unknown",
+                created_at=serving.created_at,
+                healthcheck=serving.health is not None,
+                restart_policy=serving.restart_policy,
+                stable_at=now.wall,
+            )
+            state = attrs.evolve(state, phase=Phase.Stable, current=adopted_box)
+        else:
+            # Nothing recorded: a running container made from the very spec we want is adopted
+            # rather than duplicated.
+            state = attrs.evolve(state, phase=Phase.Wait, starting=desired)
     if state.starting is not None:
         matching = [c for c in strays if c.running and c.spec_hash == state.starting.container_hash]
         adopted = matching[-1] if matching else None

@@ -10,7 +10,8 @@ Invariants:
   failed write (read-only directory, disk full) leaves the last good file untouched and no temp
   file behind.
 - A corrupt file is never silently overwritten: it is renamed aside to `<path>.corrupt-<unix
-  time>` (logged as `state.corrupt`), so an operator can still look at it.
+  time>` (logged as `state.corrupt`), so an operator can still look at it. The caller moves a
+  file aside the same way when it is readable but not its own (`move_aside`).
 - `StateWriter` never builds a backlog: only the newest state is written, and a slow or failing
   disk never blocks the caller.
 """
@@ -46,36 +47,36 @@ def read_state_file(path: Path) -> object | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        _move_aside(path, f"cannot read it ({exc.strerror or exc})")
+        move_aside(path, f"cannot read it ({exc.strerror or exc})")
         return None
     try:
         value: object = json.loads(data)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        _move_aside(path, f"not valid JSON ({exc})")
+        move_aside(path, f"not valid JSON ({exc})")
         return None
     if not isinstance(value, dict):
-        _move_aside(path, f"the top level is a {type(value).__name__}, not an object")
+        move_aside(path, f"the top level is a {type(value).__name__}, not an object")
         return None
     return value
 
 
-def _move_aside(path: Path, reason: str) -> None:
+def move_aside(path: Path, reason: str, *, kind: str = "corrupt") -> None:
+    """Rename `path` to `<path>.<kind>-<unix time>` and log `state.<kind>` with the reason."""
     stamp = int(time.time())
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    aside = path.with_name(f"{path.name}.{kind}-{stamp}")
     n = 0
-    while aside.exists():  # two corrupt files in one second: never clobber the first one
+    while aside.exists():  # two such files in one second: never clobber the first one
         n += 1
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        aside = path.with_name(f"{path.name}.{kind}-{stamp}-{n}")
+    event = f"state.{kind}"
     try:
         os.rename(path, aside)
     except OSError as exc:
         # Cannot move it (read-only directory...): say so; the next write will fail the same
         # way and surface as a StateFileError, so nothing is lost silently.
-        log.warning(
-            "state.corrupt", path=str(path), moved_to=None, reason=reason, move_error=str(exc)
-        )
+        log.warning(event, path=str(path), moved_to=None, reason=reason, move_error=str(exc))
         return
-    log.warning("state.corrupt", path=str(path), moved_to=str(aside), reason=reason)
+    log.warning(event, path=str(path), moved_to=str(aside), reason=reason)
 
 
 def encode_state(data: object) -> bytes:

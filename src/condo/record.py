@@ -5,6 +5,10 @@ One module owns both directions so that what condo writes it can always read bac
 - `to_record(state, now)` / `from_record(data, now)`: the state file. Trio-clock deadlines are
   stored as wall-clock unix seconds and turned back into Trio times on load (a past retry time
   fires at once). Everything else round-trips exactly.
+- `state_document(host, records)` / `foreign_reason(document, host)`: the state file's envelope
+  (`version`, `host`, `services`). Records are only ever read from a file of the same host and
+  this version: anything else belongs to somebody else (another `--host` sharing the path, a
+  condo of another version) and its records must not steer this one.
 - `to_view(state, now, spec_error)`: a SERVICE object of the HTTP API (CONTRACT.md): `state`,
   `current`, `next`, `retry_at`, `error`, `spec_error`, plus condo's extensions.
 
@@ -26,6 +30,24 @@ RECORD_VERSION = 1
 
 class RecordError(ValueError):
     """A stored record cannot be read back (written by another version, or damaged)."""
+
+
+def state_document(host: str, records: dict[str, Any]) -> dict[str, Any]:
+    """The whole state file: the envelope around every service's record."""
+    return {"version": RECORD_VERSION, "host": host, "services": records}
+
+
+def foreign_reason(document: dict[str, Any], host: str) -> str | None:
+    """Why `document` is not a state file this condo may read its records from (None: it is)."""
+    version = document.get("version")
+    if version != RECORD_VERSION:
+        return f"version {version!r} is not {RECORD_VERSION} (written by another condo version)"
+    written_by = document.get("host")
+    if written_by != host:
+        return f"written by host {written_by!r}, not {host!r}"
+    if not isinstance(document.get("services"), dict):
+        return "no services object"
+    return None
 
 
 def to_record(state: ServiceState, now: Instant) -> dict[str, Any]:
@@ -114,6 +136,7 @@ def _box_out(box: Box | None) -> dict[str, Any] | None:
         "healthcheck": box.healthcheck,
         "restart_policy": box.restart_policy,
         "stable_at": box.stable_at,
+        "label_hash": box.label_hash,
     }
 
 
@@ -129,6 +152,8 @@ def _box_in(data: Any) -> Box | None:
         healthcheck=bool(data["healthcheck"]),
         restart_policy=str(data["restart_policy"]),
         stable_at=None if stable_at is None else float(stable_at),
+        # Absent from records written before it existed.
+        label_hash=None if data.get("label_hash") is None else str(data["label_hash"]),
     )
 
 

@@ -122,6 +122,13 @@ class Mailbox:
     def latest_spec(self) -> ServiceSpec | None:
         return self._spec
 
+    def take_spec(self) -> fsm.SpecChanged | None:
+        """The unread spec change, if any, marked read (for a resync to fold in)."""
+        if not self._spec_dirty:
+            return None
+        self._spec_dirty = False
+        return fsm.SpecChanged(self._spec)
+
     def supersedes(self, spec: ServiceSpec) -> bool:
         """True when an unread spec would replace `spec`'s container (or remove the service)."""
         if not self._spec_dirty:
@@ -194,14 +201,20 @@ class _Driver:
                 log.info("service.finished")
                 return
             deadline = self._state.deadline if self._state.deadline is not None else math.inf
+            received: Input | None = None
+            # Only the wait is bounded by the deadline: what it received is always handled in
+            # full (a resync cut short by a deadline that had already passed would be lost).
             with trio.move_on_at(deadline):
                 received = await self._mailbox.get()
-                if isinstance(received, ResyncRequested):
-                    self._apply(await self._observe())
-                else:
-                    self._apply(received)
-                continue
-            self._apply(fsm.DeadlineReached())
+            if received is None:
+                self._apply(fsm.DeadlineReached())
+            elif isinstance(received, ResyncRequested):
+                containers = await self._observe()
+                # A spec that arrived meanwhile is folded into the reconciliation, so that
+                # nothing is done for a spec that is already obsolete.
+                self._apply(fsm.Observed(containers=containers, latest=self._mailbox.take_spec()))
+            else:
+                self._apply(received)
 
     def _apply(self, event: fsm.Event) -> None:
         before = self._state
@@ -236,7 +249,8 @@ class _Driver:
             case fsm.Rename(box=box, name=new_name):
                 try:
                     with trio.move_on_after(CALL_LIMIT, shield=True):
-                        await self._ctx.engine.rename(ContainerId(box.id), new_name)
+                        if self._owns(await self._ctx.engine.inspect(box.id)):
+                            await self._ctx.engine.rename(ContainerId(box.id), new_name)
                 except DockerError as exc:
                     return fsm.RenameFailed(id=box.id, message=str(exc))
                 return None
@@ -251,6 +265,7 @@ class _Driver:
             return fsm.DeployFailed(message="superseded", replaced=False, cancelled=True)
 
         replaced = False
+        created: fsm.Box | None = None
         name = effect.name or f"{self._ctx.name}_{_suffix()}"
         body = dict(spec.container)
         body["Labels"] = {
@@ -288,7 +303,17 @@ class _Driver:
                 restart_policy=info.restart_policy,
             )
             return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
-        return fsm.DeployFailed(message=f"deploy of {name} timed out", replaced=replaced)
+        # The limit expired mid-way (a slow engine): the engine may have acted without condo
+        # hearing of it. What is known to exist is handed back to be retired; a create whose
+        # answer never came is looked up by name; and a resync reads the engine's whole truth,
+        # so that nothing this attempt made is left running unknown.
+        if created is None:
+            with trio.move_on_after(CALL_LIMIT, shield=True):
+                created = await self._find_created(name, spec)
+        self._mailbox.request_resync()
+        return fsm.DeployFailed(
+            message=f"deploy of {name} timed out", replaced=replaced, leftover=created
+        )
 
     async def _created_anyway(
         self, name: str, error: DockerError, spec: ServiceSpec
@@ -297,13 +322,24 @@ class _Driver:
         may exist all the same: find it by its name, so that it is retired, not leaked."""
         if not error.transient or isinstance(error, DockerApiError):
             return None  # the engine answered: nothing was created
+        return await self._find_created(name, spec)
+
+    async def _find_created(self, name: str, spec: ServiceSpec) -> fsm.Box | None:
+        """This service's container named `name`, if the engine has one."""
         try:
             info = await self._ctx.engine.inspect(name)
         except DockerError:
             return None  # not there (or the engine is still away: the next resync sees it)
-        if info.labels.get(labels.SERVICE) != self._ctx.name:
+        if not self._owns(info):
             return None  # somebody else's container of that name
         return fsm.Box(id=info.id, name=name, spec=spec, created_at=time.time(), healthcheck=False)
+
+    def _owns(self, info: Container) -> bool:
+        """The container carries this host's and this service's labels."""
+        return (
+            info.labels.get(labels.HOST) == self._ctx.host
+            and info.labels.get(labels.SERVICE) == self._ctx.name
+        )
 
     async def _pull_unless_superseded(self, spec: ServiceSpec) -> bool:
         """Pull per the spec's policy; True when a newer spec made the pull pointless."""
@@ -340,26 +376,56 @@ class _Driver:
         return superseded
 
     async def _retire(self, cid: str, name: str, *, grace: float, keep: bool = False) -> bool:
-        """Stop (and unless `keep`, remove) a container; True when it is done or already gone."""
+        """Stop (and unless `keep`, remove) a container; True once it no longer runs.
+
+        Only a container that carries this host's and this service's labels is ever touched,
+        whatever the state says (a record may come from a damaged or foreign file): anything
+        else counts as gone. Stop and remove have limits of their own, so that a slow remove
+        after a finished stop never makes a stopped container look like it still serves; a
+        container that could not be removed is left to a resync, which removes it as a stray.
+        """
         engine = self._ctx.engine
-        with trio.move_on_after(grace + STOP_LIMIT_EXTRA, shield=True):
-            try:
+        try:
+            with trio.fail_after(CALL_LIMIT, shield=True):
+                info = await engine.inspect(cid)
+        except ContainerNotFound:
+            return True  # already gone: that is what we wanted
+        except (DockerError, trio.TooSlowError) as exc:
+            log.warning("service.retire_failed", container=name, error=str(exc) or "timed out")
+            return False
+        if not self._owns(info):
+            log.error(
+                "service.not_ours",
+                container=name,
+                id=cid[:12],
+                host=info.labels.get(labels.HOST),
+                service_label=info.labels.get(labels.SERVICE),
+            )
+            return True  # never ours to stop: forget it
+        try:
+            with trio.fail_after(grace + STOP_LIMIT_EXTRA, shield=True):
                 await engine.stop(ContainerId(cid), grace=grace)
-                if not keep:
+        except ContainerNotFound:
+            return True
+        except (DockerError, trio.TooSlowError) as exc:
+            # Left for the next resync: it is not in the state any more, so it will be
+            # found as a stray and removed then.
+            log.warning("service.retire_failed", container=name, error=str(exc) or "timed out")
+            return False
+        if not keep:
+            try:
+                with trio.fail_after(CALL_LIMIT, shield=True):
                     await engine.remove(ContainerId(cid))
             except ContainerNotFound:
-                return True  # already gone: that is what we wanted
-            except DockerError as exc:
-                # Left for the next resync: it is not in the state any more, so it will be
-                # found as a stray and removed then.
-                log.warning("service.retire_failed", container=name, error=str(exc))
-                return False
-            log.info("service.retired", container=name, kept=keep)
-            return True
-        log.warning("service.retire_timed_out", container=name)
-        return False
+                pass
+            except (DockerError, trio.TooSlowError) as exc:
+                # Stopped, so it no longer serves; the resync removes the stopped stray.
+                log.warning("service.remove_failed", container=name, error=str(exc) or "timed out")
+                self._mailbox.request_resync()
+        log.info("service.retired", container=name, kept=keep)
+        return True
 
-    async def _observe(self) -> fsm.Observed:
+    async def _observe(self) -> tuple[fsm.Seen, ...]:
         """Everything the engine has of this service, retrying while it cannot answer."""
         engine = self._ctx.engine
         while True:
@@ -385,7 +451,7 @@ class _Driver:
                             exit_code=info.exit_code,
                         )
                     )
-                return fsm.Observed(containers=tuple(seen))
+                return tuple(seen)
             except DockerError as exc:
                 # Never guess while the engine cannot answer: a container we cannot see is not
                 # a dead container (the original made duplicates that way).

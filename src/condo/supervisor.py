@@ -31,7 +31,7 @@ import attrs
 import structlog
 import trio
 
-from condo import fsm, labels, persist
+from condo import fsm, labels, persist, record
 from condo.config import Config
 from condo.consul import check_config as check_consul_config
 from condo.consul import run_consul
@@ -45,7 +45,6 @@ from condo.docker import (
     run_events,
 )
 from condo.errors import DockerError, StateFileError
-from condo.record import RECORD_VERSION, RecordError, from_record
 from condo.selfdeploy import run_self_deployer
 from condo.service import Mailbox, ServiceContext, run_service
 from condo.spec import SelfSpec, ServiceSpec
@@ -313,29 +312,30 @@ async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
 def load_records(config: Config) -> dict[str, fsm.ServiceState]:
     """The services' states from the state file; unreadable parts are dropped (and logged).
 
-    Dropping a record is safe: the engine's labels still name the containers, and the driver
-    finds them as strays (removed) or the spec deploys afresh.
+    A file of another host or version is moved aside whole (`<file>.foreign-<time>`): its
+    records describe somebody else's containers. Dropping a record is safe: the engine's labels
+    still name this host's containers, and the driver rebuilds the service from them.
     """
     data = persist.read_state_file(config.state_path)
-    if data is None:
+    if not isinstance(data, dict):
         return {}
-    services = data.get("services") if isinstance(data, dict) else None
-    if not isinstance(services, dict):
-        log.warning("state.unrecognised", path=str(config.state_path))
+    reason = record.foreign_reason(data, config.host)
+    if reason is not None:
+        persist.move_aside(config.state_path, reason, kind="foreign")
         return {}
     at = now()
     records: dict[str, fsm.ServiceState] = {}
-    for name, record in services.items():
+    for name, entry in data["services"].items():
         try:
-            records[str(name)] = from_record(record, at)
-        except RecordError as exc:
+            records[str(name)] = record.from_record(entry, at)
+        except record.RecordError as exc:
             log.warning("state.record_dropped", service=name, error=str(exc))
     return records
 
 
 def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]:
     def snapshot() -> dict[str, Any]:
-        return {"version": RECORD_VERSION, "host": config.host, "services": store.records()}
+        return record.state_document(config.host, store.records())
 
     return snapshot
 
@@ -378,8 +378,11 @@ async def run_condo(
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER
                 )
-                root.start_soon(
-                    lambda: run_events(docker, send, labels=labels.owned_by(config.host))
+                # Subscribed before any driver inspects, so that no event falls between the two.
+                await root.start(
+                    lambda task_status: run_events(
+                        docker, send, labels=labels.owned_by(config.host), task_status=task_status
+                    )
                 )
                 if handle_signals:
                     root.start_soon(_run_signals, stopping, auth)

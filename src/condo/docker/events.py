@@ -106,8 +106,9 @@ async def run_events(
 ) -> NoReturn:
     """Stream the events of containers carrying all of `labels` into `send`, forever.
 
-    Reports `started()` once the first stream is open (start it before the first inspection, so
-    nothing falls between the two). Drops, engine restarts and a down engine are retried, never
+    Reports `started()` once the first stream is open, or once the first attempt failed (the gap
+    then ends with `EventsResumed`): start it before the first inspection, so nothing falls
+    between the two. Drops, engine restarts and a down engine are retried, never
     raised; an error from `send` (the receiver went away) ends it.
 
     Keep the receiving side moving (route, do not work, in the receiver): while `send` blocks the
@@ -157,6 +158,11 @@ async def run_events(
             raise DockerUnavailable("GET /events: the engine ended the stream")
         except DockerError as exc:  # every failure of the stream is a gap to bridge, never fatal
             had_gap = True
+            if not started:
+                # The engine is away at start-up: the caller need not wait for it, since the
+                # gap ends with EventsResumed, and with it a resync of everything.
+                task_status.started()
+                started = True
             if gap_started_at is None:
                 gap_started_at = time.time()
                 log.warning("docker.events.interrupted", error=str(exc))
