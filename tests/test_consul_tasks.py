@@ -23,8 +23,13 @@ import trio
 import trio.testing
 
 from condo.consul import ConsulClient, ConsulSource, KeyLayout, Publisher, decode_value
-from condo.consul.publisher import MAX_RETRY_DELAY, REFUSED_RETRY_DELAY
-from condo.fsm import Box, Phase, ServiceState
+from condo.consul.publisher import (
+    MAX_RETRY_DELAY,
+    PERMANENT_RETRY_DELAY,
+    REFUSED_RETRY_DELAY,
+)
+from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.waiting import Picture
@@ -48,6 +53,8 @@ class FakeConsul:
     modified: dict[str, int] = attrs.Factory(dict)  # key -> ModifyIndex
     serial: int = 0
     changed: trio.Event = attrs.Factory(trio.Event)
+    denied: set[str] = attrs.Factory(set)  # keys an ACL refuses to write or delete (403)
+    hidden: set[str] = attrs.Factory(set)  # keys left out of reads (a read from before a write)
 
     def bump(self) -> None:
         self.index += 1
@@ -114,6 +121,8 @@ class FakeConsul:
                 return httpx.Response(
                     200, json=[{"ID": sid, "Name": name} for sid, name in self.sessions.items()]
                 )
+            case "PUT" | "DELETE", ["kv", *parts] if "/".join(parts) in self.denied:
+                return httpx.Response(403, text="Permission denied")
             case "PUT", ["kv", *parts]:
                 key, sid = "/".join(parts), request.url.params["acquire"]
                 if sid not in self.sessions:
@@ -151,7 +160,7 @@ class FakeConsul:
                 "ModifyIndex": self.modified.get(key, 1),
             }
             for key, (value, session) in sorted(self.kv.items())
-            if key.startswith(prefix)
+            if key.startswith(prefix) and key not in self.hidden
         ]
         if not body:
             return httpx.Response(404, headers=headers)
@@ -420,6 +429,130 @@ async def test_consul_down_at_start_does_not_delay_start_up(
             back = trio.current_time()
             await fake.until(lambda: len(fake.kv) == 2)
             assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
+
+
+# --- per-key failures ----------------------------------------------------------------------------
+
+
+async def test_a_key_refused_by_an_acl_blocks_no_other_and_is_retried_with_a_delay(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    # "db" sorts before "web": the refused key comes first in the round.
+    denied = LAYOUT.key("db", HOST)
+    fake.denied.add(denied)
+    metrics = Metrics()
+    with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+        async with running(fake, store) as consul:
+            consul.publisher.add_failure_observer(metrics.observe_consul_publish)
+            start = trio.current_time()
+            await fake.until(lambda: fake.holder("web") == "session-1")
+            assert trio.current_time() - start < 0.1
+            assert "403" in consul.publisher.failures["db"]
+            # Changes of other services come and go; the refused key waits for its delay.
+            for n in range(55):
+                store.set_state("web", stable(f"web:{n}"))
+                await trio.sleep(1)
+            await fake.until(lambda: (fake.value("web") or {})["image"] == "web:54")
+            attempts = [at - start for at, call in fake.calls if call == f"PUT /v1/kv/{denied}"]
+            assert attempts == pytest.approx(
+                [n * PERMANENT_RETRY_DELAY for n in range(len(attempts))], abs=0.05
+            )
+            assert len(attempts) == 6  # 0, 10, ..., 50: no hot loop
+            assert 'condo_consul_publish_failing{service="db"} 1' in metrics.render()
+            # The operator fixes the ACL: written at the next retry, without any change.
+            fake.denied.clear()
+            fixed = trio.current_time()
+            await fake.until(lambda: fake.holder("db") == "session-1")
+            assert trio.current_time() - fixed <= PERMANENT_RETRY_DELAY + 0.05
+            assert consul.publisher.failures == {}
+            assert consul.publisher.published == {"web", "db"}
+    failed = [e for e in logs if e["event"] == "consul.publish_failed"]
+    assert [(e["service"], e["key"]) for e in failed] == [("db", denied)]  # once, not per retry
+    assert [e["service"] for e in logs if e["event"] == "consul.publish_resolved"] == ["db"]
+    assert metrics.consul_publish_errors.value("db") == len(attempts)
+    assert "condo_consul_publish_failing{" not in metrics.render()
+
+
+async def test_a_refused_key_is_retried_at_once_when_its_service_changes(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    denied = LAYOUT.key("db", HOST)
+    fake.denied.add(denied)
+    with trio.fail_after(30):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: fake.holder("web") == "session-1")
+            await trio.sleep(1)
+            fake.denied.clear()
+            changed = trio.current_time()
+            store.set_state("db", stable("db:2"))
+            await fake.until(lambda: fake.holder("db") == "session-1")
+            assert trio.current_time() - changed < 0.1
+            assert consul.publisher.failures == {}
+
+
+async def test_a_refused_delete_keeps_the_key_and_is_retried(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            fake.denied.add(LAYOUT.key("db", HOST))
+            store.drop("db")
+            store.set_state("web", stable("web:2"))  # written although the delete before it failed
+            await fake.until(lambda: (fake.value("web") or {})["image"] == "web:2")
+            assert fake.holder("db") == "session-1"
+            assert "403" in consul.publisher.failures["db"]
+            fake.denied.clear()
+            fixed = trio.current_time()
+            await fake.until(lambda: fake.holder("db") is None)
+            assert trio.current_time() - fixed <= PERMANENT_RETRY_DELAY + 0.05
+            assert consul.publisher.failures == {}
+
+
+async def test_a_value_over_the_size_limit_is_not_sent_and_the_others_publish(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A service whose view is huge: a (made-up) error message of 600 KiB.
+    huge = attrs.evolve(stable("db:1"), error=Failure(message="x" * 600 * 1024, at=1.0))
+    store.set_state("db", huge)
+    with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+        async with running(fake, store) as consul:
+            await fake.until(lambda: fake.holder("web") == "session-1")
+            await trio.sleep(30)
+            assert fake.count(f"PUT /v1/kv/{LAYOUT.key('db', HOST)}") == 0  # never sent
+            assert "over Consul's limit of 524288 bytes" in consul.publisher.failures["db"]
+            store.set_state("db", stable("db:2"))  # small again: published at once
+            await fake.until(lambda: (fake.value("db") or {}).get("image") == "db:2")
+            assert consul.publisher.failures == {}
+    assert sum(e["event"] == "consul.publish_failed" for e in logs) == 1
+
+
+async def test_a_service_removed_while_the_publisher_rechecks_loses_its_key(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    key = LAYOUT.key("db", HOST)
+    with trio.fail_after(30):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: len(fake.kv) == 2)
+            await until_pictured(consul.source, lambda p: len(p.hosts.get(HOST, {})) == 2)
+
+            # The interleaving: a read that misses "db" (as one from just before its write
+            # would) makes the publisher's re-check stop trusting db's key, and "db" leaves the
+            # store in that same instant, before the round that would rewrite it.
+            def remove_db() -> None:
+                if "db" in store.entries and "db" not in consul.publisher.published:
+                    store.drop("db")
+
+            consul.source.add_read_observer(remove_db)  # runs right after the publisher's check
+            fake.hidden.add(key)
+            fake.bump()  # a read happens
+            await until_pictured(consul.source, lambda p: "db" not in p.hosts[HOST])
+            assert "db" not in store.entries
+            fake.hidden.clear()
+            with trio.move_on_after(5):
+                await fake.until(lambda: key not in fake.kv)
+            assert key not in fake.kv, "the removed service's key was left behind"
+            assert fake.holder("web") == "session-1"
 
 
 # --- watcher -------------------------------------------------------------------------------------

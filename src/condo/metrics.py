@@ -1,5 +1,6 @@
 """condo's Prometheus metrics: a tiny registry, the service metrics derived from the Store, and
-the Docker call latency fed by the engine client's call observer.
+the Docker call latency fed by the engine client's call observer, and the Consul publisher's
+per-service failures fed by its failure observer.
 
 Owns: `Registry` (counters, gauges and histograms with labels, rendered in the Prometheus text
 exposition format 0.0.4), `ServiceMetrics` (subscribes to a `Store` and diffs each service's phase
@@ -267,6 +268,17 @@ class Metrics:
             ("method", "endpoint", "outcome"),
             buckets=DOCKER_BUCKETS,
         )
+        self.consul_publish_errors = registry.counter(
+            "condo_consul_publish_errors_total",
+            "Failed writes (or deletes) of a service's Consul key: refused, too large, held"
+            " elsewhere. The other keys are published regardless.",
+            ("service",),
+        )
+        self.consul_publish_failing = registry.gauge(
+            "condo_consul_publish_failing",
+            "1 while a service's Consul key is not as this host says (see consul.publish_failed).",
+            ("service",),
+        )
         self.web_waiters = registry.gauge("condo_web_open_waits", "Open /v1/wait_for long-polls.")
         self.web_feeds = registry.gauge("condo_web_open_feeds", "Open /v1/feed websockets.")
         self.web_waiters.set(0)
@@ -275,6 +287,14 @@ class Metrics:
     def observe_docker_call(self, call: DockerCall) -> None:
         """A call observer for the Docker client (`add_call_observer`)."""
         self.docker_calls.observe(call.took, call.method, call.endpoint, call.outcome)
+
+    def observe_consul_publish(self, service: str, error: str | None) -> None:
+        """A failure observer for condo.consul's publisher (`add_failure_observer`)."""
+        if error is None:
+            self.consul_publish_failing.remove_where("service", service)
+            return
+        self.consul_publish_errors.inc(service)
+        self.consul_publish_failing.set(1.0, service)
 
     def render(self) -> str:
         return self.registry.render()

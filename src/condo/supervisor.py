@@ -33,8 +33,8 @@ import trio
 
 from condo import fsm, labels, persist, record
 from condo.config import Config
+from condo.consul import ConsulRunning, Publisher, run_consul
 from condo.consul import check_config as check_consul_config
-from condo.consul import run_consul
 from condo.docker import (
     ContainerEvent,
     ContainerSummary,
@@ -73,6 +73,8 @@ class Running:
     shutdown: Callable[[], None]
     # Every host's state (Consul's picture) when --expose consul; None when exposing is off.
     global_source: StateSource | None = None
+    # This host's publisher (its per-service failures, for /metrics) when --expose consul.
+    consul_publisher: Publisher | None = None
 
 
 class Supervisor:
@@ -365,8 +367,10 @@ async def run_condo(
             async with trio.open_nursery() as root:
                 await root.start(writer.run)
                 global_source: StateSource | None = None
+                consul_publisher: Publisher | None = None
                 if config.expose == "consul":
-                    global_source = await root.start(run_consul, config, store)
+                    consul: ConsulRunning = await root.start(run_consul, config, store)
+                    global_source, consul_publisher = consul.source, consul.publisher
                 running = Running(
                     store=store,
                     docker=docker,
@@ -374,6 +378,7 @@ async def run_condo(
                     writer=writer,
                     shutdown=stopping.set,
                     global_source=global_source,
+                    consul_publisher=consul_publisher,
                 )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER

@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from condo.config import Config
-from condo.consul import ConsulClient, ConsulSource, KeyLayout, run_consul
+from condo.consul import ConsulClient, ConsulRunning, ConsulSource, KeyLayout, run_consul
 from condo.fsm import Box, Phase, ServiceState
 from condo.spec import ServiceSpec
 from condo.store import Store
@@ -144,8 +144,8 @@ def config_for(area: Area, tmp_path: Path, host: str = HOST) -> Config:
 
 
 async def start(nursery: trio.Nursery, config: Config, store: Store) -> ConsulSource:
-    source: ConsulSource = await nursery.start(functools.partial(run_consul, config, store))
-    return source
+    consul: ConsulRunning = await nursery.start(functools.partial(run_consul, config, store))
+    return consul.source
 
 
 # --- tests ---------------------------------------------------------------------------------------

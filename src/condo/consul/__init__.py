@@ -18,6 +18,7 @@ host name); nothing outside this package sees httpx or Consul's JSON.
 
 from __future__ import annotations
 
+import attrs
 import structlog
 import trio
 
@@ -40,6 +41,7 @@ __all__ = [
     "SESSION_TTL",
     "Acquire",
     "ConsulClient",
+    "ConsulRunning",
     "ConsulSource",
     "KeyLayout",
     "Publisher",
@@ -50,6 +52,14 @@ __all__ = [
     "open_consul_client",
     "run_consul",
 ]
+
+
+@attrs.frozen
+class ConsulRunning:
+    """What `run_consul` reports: every host's picture, and this host's publisher."""
+
+    source: ConsulSource
+    publisher: Publisher
 
 
 def check_config(config: Config) -> None:
@@ -63,13 +73,14 @@ async def run_consul(
     config: Config,
     store: Store,
     *,
-    task_status: trio.TaskStatus[ConsulSource] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[ConsulRunning] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish `store` to Consul and watch every host's keys, until cancelled.
 
-    Reports the ConsulSource as soon as both tasks run, without waiting for Consul (it may be
-    away; condo supervises regardless). A bad endpoint, prefix or host name raises ConfigError
-    before that. On cancellation the session is destroyed, so this host's keys vanish at once.
+    Reports the ConsulSource and the Publisher (`ConsulRunning`) as soon as both tasks run,
+    without waiting for Consul (it may be away; condo supervises regardless). A bad endpoint,
+    prefix or host name raises ConfigError before that. On cancellation the session is destroyed,
+    so this host's keys vanish at once.
     """
     check_config(config)
     layout = KeyLayout.of(config.consul_prefix)
@@ -80,4 +91,4 @@ async def run_consul(
             await nursery.start(source.run)
             await nursery.start(publisher.run, source)
             log.info("consul.started", endpoint=repr(client), prefix=layout.prefix)
-            task_status.started(source)
+            task_status.started(ConsulRunning(source, publisher))

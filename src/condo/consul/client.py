@@ -11,6 +11,7 @@ Invariants:
   answer, not an error: `Acquire` and `renew_session`'s bool carry it.
 - The ACL token travels only in the `X-Consul-Token` header: never in a URL, a log line, a repr or
   an error message.
+- The environment's proxy settings (HTTP_PROXY, ...) are ignored: condo talks to the agent directly.
 - Callers own deadlines (cancel scopes); the httpx timeouts here only guard against a Consul that
   accepted a request and went silent (a stopped agent), and surface as transient errors.
 - `unreachable_since` (Trio time) is set by the first call that gets no answer and cleared by the
@@ -297,7 +298,13 @@ async def open_consul_client(
     Opening never touches Consul: condo starts (and keeps supervising) while Consul is away.
     """
     headers = {"X-Consul-Token": token} if token else {}
+    # trust_env=False: the endpoint is the agent itself (usually on loopback); an HTTP_PROXY meant
+    # for the host's outbound traffic must not reroute it (nor see the token), and no .netrc
+    # credentials are added. As the Docker client does.
     async with httpx.AsyncClient(
-        base_url=parse_endpoint(endpoint), headers=headers, timeout=DEFAULT_TIMEOUT
+        base_url=parse_endpoint(endpoint),
+        headers=headers,
+        timeout=DEFAULT_TIMEOUT,
+        trust_env=False,
     ) as http:
         yield ConsulClient(http)

@@ -19,6 +19,16 @@ the publisher is level-triggered against Consul itself.
 Invariants:
 - `_published` only holds services whose key Consul confirmed (`true`) under the current session;
   losing the session empties it, so a full republish follows every loss (and start-up).
+- `_held` holds every service whose key this session may hold: added before a write is sent,
+  removed only once its delete is confirmed (or the session is gone). Deletes go by `_held`, not
+  `_published`, so a key the re-check (`_check`) stopped trusting is still deleted when its
+  service leaves meanwhile.
+- Failures are per key. A key Consul refuses (403 ACL, 413 too large, any 4xx), a value over
+  MAX_VALUE_SIZE (checked before sending) or a key another session holds is skipped for that
+  round: the other keys are written. It is logged once per distinct error (`consul.publish_failed`),
+  counted by failure observers (condo_consul_publish_* metrics), and retried when that service
+  changes, or after its delay (PERMANENT_RETRY_DELAY; a value too large waits for a change).
+  Only an unreachable Consul (a transient error) ends the round.
 - A write answered `false` is checked by a renewal: a lost session is replaced; a live one means
   another session (another condo with the same --host?) holds the key: logged once, retried.
 - Consul unreachable: supervision never notices (nothing here is awaited by a driver); one log
@@ -32,7 +42,9 @@ Invariants:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import attrs
 import structlog
 import trio
 
@@ -50,6 +62,22 @@ MAX_RETRY_DELAY = 1.0  # catch up within ~1 s of Consul's return
 PERMANENT_RETRY_DELAY = 10.0  # an ACL refusal waits for an operator; no need to hammer Consul
 REFUSED_RETRY_DELAY = 2.0  # a key held by another session: try again (it may expire)
 DESTROY_LIMIT = 2.0  # how long shutdown waits for Consul to destroy the session
+# Consul's default kv_max_value_size (512 KiB): a bigger value is refused with 413. Checked before
+# sending, so that one huge value (a long error message) costs no request.
+MAX_VALUE_SIZE = 512 * 1024
+
+# Told of every failed write or delete of a service's key (service, error), and of its end
+# (service, None): the key was written or deleted after all, or the service is gone.
+FailureObserver = Callable[[str, str | None], None]
+
+
+@attrs.frozen(kw_only=True)
+class _Failure:
+    """Why a service's key is not as the store says, and when to try it again."""
+
+    entry: ServiceEntry | None  # what failed to be written (None: the delete failed)
+    error: str
+    retry_at: float  # Trio time; math.inf: only a change of the service retries
 
 
 class Publisher:
@@ -63,15 +91,20 @@ class Publisher:
         host: str,
         *,
         ttl: float = SESSION_TTL,
+        max_value_size: int = MAX_VALUE_SIZE,
     ) -> None:
         self._client = client
         self._store = store
         self._layout = layout
         self._host = host
         self._ttl = ttl
+        self._max_value_size = max_value_size
         self._session: SessionId | None = None
         self._session_count = 0
         self._published: dict[str, ServiceEntry] = {}
+        self._held: set[str] = set()  # services whose key this session may hold
+        self._failures: dict[str, _Failure] = {}
+        self._failure_observers: list[FailureObserver] = []
         self._renew_at = math.inf
         self._retry_at = math.inf
         self._wake = trio.Event()
@@ -96,6 +129,17 @@ class Publisher:
     def published(self) -> frozenset[str]:
         """The services whose keys Consul confirmed under the current session."""
         return frozenset(self._published)
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """service -> why its key is not as the store says (refused, too large, held elsewhere)."""
+        return {name: failure.error for name, failure in self._failures.items()}
+
+    def add_failure_observer(self, observer: FailureObserver) -> Callable[[], None]:
+        """Call `observer` (synchronously; it must not block) on every failed write or delete of a
+        key, and once when that service's failure ends. Returns a function that removes it."""
+        self._failure_observers.append(observer)
+        return lambda: self._failure_observers.remove(observer)
 
     # --- the task ---------------------------------------------------------------------------
 
@@ -160,23 +204,57 @@ class Publisher:
         at = now()
         entries = dict(self._store.entries)
         services = self._store.view(at)["services"]
-        for name in sorted(self._published.keys() - entries.keys()):
-            await self._client.delete(self._layout.key(name, self._host))
+        for name in sorted(self._failures.keys() - entries.keys() - self._held):
+            self._resolved(name)  # gone from the store, and no key of ours left to delete
+        for name in sorted(self._held - entries.keys()):
+            if self._waiting(name, None):
+                continue
+            key = self._layout.key(name, self._host)
+            try:
+                await self._client.delete(key)
+            except ConsulError as exc:
+                if exc.transient:
+                    raise  # Consul is away: the round ends (and is retried as a whole)
+                self._refused_by_consul(name, None, key, str(exc), PERMANENT_RETRY_DELAY)
+                continue
+            self._held.discard(name)
             # pop: _check (another task) may have dropped it meanwhile.
             self._published.pop(name, None)
+            self._resolved(name)
             log.debug("consul.unpublished", service=name)
         for name, entry in sorted(entries.items()):
-            if self._published.get(name) == entry:
+            if self._published.get(name) == entry or self._waiting(name, entry):
                 continue
             key = self._layout.key(name, self._host)
             value = encode_value(self._host, name, services[name], at.wall)
-            outcome = await self._client.acquire(key, value, session)
+            if len(value) > self._max_value_size:
+                error = (
+                    f"value of {len(value)} bytes is over Consul's limit of"
+                    f" {self._max_value_size} bytes (kv_max_value_size); not sent"
+                )
+                # The same entry gives the same value: only a change of the service retries.
+                self._refused_by_consul(name, entry, key, error, math.inf)
+                continue
+            was_held = name in self._held
+            self._held.add(name)  # before sending: an answer lost in transit may still mean held
+            try:
+                outcome = await self._client.acquire(key, value, session)
+            except ConsulError as exc:
+                if exc.transient:
+                    raise
+                if not was_held:
+                    self._held.discard(name)  # a 4xx answer: nothing was written
+                self._refused_by_consul(name, entry, key, str(exc), PERMANENT_RETRY_DELAY)
+                continue
             if outcome is Acquire.DONE:
                 self._published[name] = entry
+                self._resolved(name)
                 if name in self._refused:
                     self._refused.discard(name)
                     log.info("consul.key_acquired", key=key)
                 continue
+            if not was_held:
+                self._held.discard(name)  # refused or no session: nothing was written
             if outcome is Acquire.REFUSED and await self._client.renew_session(session):
                 # Our session is alive, so another one holds the key.
                 if name not in self._refused:
@@ -187,10 +265,52 @@ class Publisher:
                         hint="another condo with this --host and --consul-prefix? (or the lock"
                         " delay of a session that ended)",
                     )
-                self._retry_at = trio.current_time() + REFUSED_RETRY_DELAY
+                self._failed_key(name, entry, "held by another session", REFUSED_RETRY_DELAY)
                 continue
             self._lost("a write answered that the session is invalid")
             return
+
+    def _waiting(self, name: str, entry: ServiceEntry | None) -> bool:
+        """True while a failed key waits for its retry (unless its service changed since)."""
+        failure = self._failures.get(name)
+        if failure is None or failure.entry != entry:
+            return False
+        if trio.current_time() >= failure.retry_at:
+            return False
+        self._retry_at = min(self._retry_at, failure.retry_at)
+        return True
+
+    def _refused_by_consul(
+        self, name: str, entry: ServiceEntry | None, key: str, error: str, delay: float
+    ) -> None:
+        previous = self._failures.get(name)
+        self._failed_key(name, entry, error, delay)
+        # Once per distinct error of a key, not once per retry.
+        if previous is None or previous.error != error:
+            log.warning(
+                "consul.publish_failed",
+                service=name,
+                key=key,
+                error=error,
+                note="the other keys are published; this one is retried when it changes"
+                if math.isinf(delay)
+                else f"the other keys are published; this one is retried every {delay:g} s",
+            )
+
+    def _failed_key(self, name: str, entry: ServiceEntry | None, error: str, delay: float) -> None:
+        retry_at = trio.current_time() + delay
+        self._failures[name] = _Failure(entry=entry, error=error, retry_at=retry_at)
+        self._retry_at = min(self._retry_at, retry_at)
+        for observer in self._failure_observers:
+            observer(name, error)
+
+    def _resolved(self, name: str) -> None:
+        failure = self._failures.pop(name, None)
+        if failure is None:
+            return
+        log.info("consul.publish_resolved", service=name, error=failure.error)
+        for observer in self._failure_observers:
+            observer(name, None)
 
     async def _open_session(self) -> SessionId:
         if self._session_count == 0:
@@ -199,6 +319,7 @@ class Publisher:
         self._session = session
         self._session_count += 1
         self._published.clear()  # a new session holds nothing yet: republish everything
+        self._held.clear()
         self._renew_at = trio.current_time() + self._ttl / 2
         log.info("consul.session_created", session=session, name=self.session_name, ttl=self._ttl)
         return session
@@ -223,6 +344,7 @@ class Publisher:
         log.warning("consul.session_lost", session=self._session, reason=reason)
         self._session = None
         self._published.clear()
+        self._held.clear()  # `Behavior: delete`: the session's keys went with it
         self._losses += 1
 
     def _failed(self, exc: ConsulError, round_started: float) -> None:
@@ -256,7 +378,8 @@ class Publisher:
         if not missing:
             return
         # Usually a picture read just before a write landed (one harmless rewrite); otherwise
-        # the keys were deleted or the session invalidated behind our back.
+        # the keys were deleted or the session invalidated behind our back. `_held` keeps them:
+        # the key may well be there, and must be deleted if its service leaves before the rewrite.
         log.debug("consul.keys_missing", services=missing, session=session)
         for name in missing:
             del self._published[name]

@@ -74,6 +74,14 @@ class Engine(Protocol):
     def add_call_observer(self, observer: Callable[[DockerCall], None]) -> Callable[[], None]: ...
 
 
+class PublishFailures(Protocol):
+    """condo.consul.Publisher, as far as /metrics cares."""
+
+    def add_failure_observer(
+        self, observer: Callable[[str, str | None], None]
+    ) -> Callable[[], None]: ...
+
+
 class Condo(Protocol):
     """What the web server needs of a running condo (condo.supervisor.Running)."""
 
@@ -88,6 +96,11 @@ class Condo(Protocol):
     @property
     def global_source(self) -> StateSource | None:
         """Every host's state (condo.consul) when exposing to Consul, else None."""
+        ...
+
+    @property
+    def consul_publisher(self) -> PublishFailures | None:
+        """This host's Consul publisher when exposing to Consul, else None."""
         ...
 
 
@@ -161,6 +174,10 @@ class WebServer:
         service_metrics.sync()
         store.subscribe(service_metrics.on_change)
         remove_observer = running.docker.add_call_observer(metrics.observe_docker_call)
+        publisher = running.consul_publisher
+        remove_publish_observer = (
+            publisher.add_failure_observer(metrics.observe_consul_publish) if publisher else None
+        )
         writer = running.writer
         context = WebContext(
             store=store,
@@ -178,6 +195,8 @@ class WebServer:
             await serve_app(app, hypercorn_config(fd), context.closing, stopping)
         finally:
             remove_observer()
+            if remove_publish_observer is not None:
+                remove_publish_observer()
 
 
 async def serve_web(running: Condo, stopping: trio.Event) -> None:
