@@ -491,3 +491,15 @@ def test_with_nothing_recorded_a_container_of_another_spec_serves_until_replaced
         assert deploy.replace is None
         assert state.phase is Phase.WaitNext and state.current is not None
         assert state.current.id == "c0" and state.current.hash == "old"
+
+
+def test_a_failed_candidate_still_running_after_a_restart_is_stopped() -> None:
+    # condo recorded the failure (write-ahead), then died before stopping the candidate.
+    failed = fsm.Box(id="f1", name="web_f1", spec=SPEC_B, created_at=2.0, healthcheck=True)
+    state = attrs.evolve(stable("c1", SPEC_A), phase=Phase.TryAgainNext, failed=failed)
+    seen = tuple(
+        fsm.Seen(id=i, name=f"web_{i}", spec_hash="h", running=True, health=None, created_at=1.0)
+        for i in ("c1", "f1")
+    )
+    _, effects = run(state, fsm.Observed(containers=seen))
+    assert effects == [fsm.Retire(box=failed, keep=True)]

@@ -809,6 +809,7 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
         effects += more
 
     state = _with_engine_names(state, seen)
+    unstopped: str | None = None
     for box in (state.failed, state.current, state.next):
         if box is None:
             continue
@@ -816,6 +817,7 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
         if fact is None:
             state, more = _on_gone(state, box.id, "is gone", now)
         elif box is state.failed:
+            unstopped = box.id if fact.running else None
             continue
         elif not fact.running:
             state, more = _on_died(state, box.id, fact.exit_code, now)
@@ -827,6 +829,9 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
             continue
         effects += more
     after, more = _converge(state, now)
+    if after.failed is not None and after.failed.id == unstopped:
+        # Recorded as failed, but condo died before stopping it: stop it now.
+        more = [Retire(box=after.failed, keep=True), *more]
     return after, effects + more
 
 
