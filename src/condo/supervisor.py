@@ -44,9 +44,9 @@ from condo.docker import (
     open_docker,
     run_events,
 )
-from condo.errors import DockerError, StateFileError
+from condo.errors import ConfigError, DockerError, StateFileError
 from condo.record import RECORD_VERSION, RecordError, from_record
-from condo.selfdeploy import run_self_deployer
+from condo.selfdeploy import SelfContext, SelfStatus, run_self_deployer
 from condo.service import Mailbox, ServiceContext, run_service
 from condo.spec import SelfSpec, ServiceSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
@@ -117,6 +117,9 @@ class Supervisor:
                     task_status.started()
                     first = False
                 else:
+                    # Only now: a snapshot that arrives between resume() and here is kept
+                    # (on_snapshot) and replayed by _respawn, never given to a closed nursery.
+                    self._suspended = False
                     self._respawn()
                 await self._suspend_requested.wait()
                 # Drivers finish the Docker call in flight (shielded) and stop; their states
@@ -141,7 +144,6 @@ class Supervisor:
 
     def resume(self) -> None:
         """Respawn every driver from its stored state, and catch up with the spec files."""
-        self._suspended = False
         self._resume_requested.set()
         log.info("supervisor.resumed")
 
@@ -204,8 +206,8 @@ class Supervisor:
             # WouldBlock: the deployer is busy; resume() offers the latest self.edn again.
             with contextlib.suppress(trio.WouldBlock):
                 self._wanted_self.send_nowait(snapshot.self_spec)
-        if self._suspended:
-            return
+        if self._suspended or self._services is None:
+            return  # replayed by _respawn once the services nursery is open again
         for name, entry in snapshot.entries.items():
             self._store.set_spec_error(name, entry.error, str(entry.path))
             mailbox = self._mailboxes.get(name) or self._spawn(name, entry.spec)
@@ -303,7 +305,12 @@ async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                auth.reload()
+                try:
+                    auth.reload()
+                except ConfigError as exc:
+                    # A half-edited or broken config: keep the credentials that worked.
+                    log.error("condo.auth_reload_failed", error=str(exc))
+                    continue
                 log.info("condo.auth_reloaded")
             else:
                 log.info("condo.signal", signal=signal.Signals(signum).name)
@@ -335,9 +342,19 @@ def load_records(config: Config) -> dict[str, fsm.ServiceState]:
 
 def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]:
     def snapshot() -> dict[str, Any]:
-        return {"version": RECORD_VERSION, "host": config.host, "services": store.records()}
+        document = {"version": RECORD_VERSION, "host": config.host, "services": store.records()}
+        if store.self_deploy is not None:
+            # A failed self-deploy is remembered across restarts (not retried until it changes).
+            document["self"] = dict(store.self_deploy)
+        return document
 
     return snapshot
+
+
+def load_self_status(config: Config) -> SelfStatus | None:
+    """The last self-deploy the state file remembers (a failed one is not tried again)."""
+    data = persist.read_state_file(config.state_path)
+    return SelfStatus.from_json(data.get("self")) if isinstance(data, dict) else None
 
 
 WebServer = Callable[[Running, trio.Event], Awaitable[None]]
@@ -356,14 +373,28 @@ async def run_condo(
     auth = RegistryAuth.load(config.docker_config)
     store = Store(config.host)
     records = load_records(config)
+    self_before = load_self_status(config)
     writer = persist.StateWriter(config.state_path, state_document(config, store))
     store.subscribe(writer.mark_dirty)
     stopping = trio.Event()
+    # After a self-deploy hand-over the successor owns the state file: this condo writes nothing.
+    writing = trio.CancelScope()
+    handed_over = False
+
+    def hand_over() -> None:
+        nonlocal handed_over
+        handed_over = True
+        writing.cancel()
+
+    async def run_writer(task_status: trio.TaskStatus[None]) -> None:
+        with writing:
+            await writer.run(task_status=task_status)
+
     async with open_docker(config.docker_url, auth=auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, records)
         try:
             async with trio.open_nursery() as root:
-                await root.start(writer.run)
+                await root.start(run_writer)
                 global_source: StateSource | None = None
                 if config.expose == "consul":
                     global_source = await root.start(run_consul, config, store)
@@ -395,15 +426,20 @@ async def run_condo(
                 )
                 wanted_self, self_specs = trio.open_memory_channel[SelfSpec](1)
                 supervisor.want_self(wanted_self)
-                root.start_soon(
+                self_context = SelfContext(
+                    docker=docker,
+                    host=config.host,
+                    state_path=config.state_path,
+                    docker_url=config.docker_url,
+                    suspend=supervisor.suspend,
+                    resume=supervisor.resume,
+                    report=lambda status: store.set_self_deploy(status.to_json()),
+                    handed_over=hand_over,
+                    exit_condo=stopping.set,
+                )
+                await root.start(
                     functools.partial(
-                        run_self_deployer,
-                        docker,
-                        config.host,
-                        self_specs,
-                        suspend=supervisor.suspend,
-                        resume=supervisor.resume,
-                        exit_condo=stopping.set,
+                        run_self_deployer, self_context, self_specs, failed_before=self_before
                     )
                 )
                 root.start_soon(supervisor.adopt_leftovers)
@@ -420,12 +456,15 @@ async def run_condo(
                     await supervisor.wait_all_finished()
                 root.cancel_scope.cancel()
         finally:
-            with trio.move_on_after(SHUTDOWN_WRITE_LIMIT, shield=True):
-                try:
-                    payload = persist.encode_state(state_document(config, store)())
-                    await trio.to_thread.run_sync(
-                        persist.write_state_bytes, config.state_path, payload
-                    )
-                except StateFileError as exc:
-                    log.error("state.final_write_failed", error=str(exc))
+            if handed_over:
+                log.info("condo.handed_over")  # the successor owns the state file now
+            else:
+                with trio.move_on_after(SHUTDOWN_WRITE_LIMIT, shield=True):
+                    try:
+                        payload = persist.encode_state(state_document(config, store)())
+                        await trio.to_thread.run_sync(
+                            persist.write_state_bytes, config.state_path, payload
+                        )
+                    except StateFileError as exc:
+                        log.error("state.final_write_failed", error=str(exc))
             log.info("condo.stopped")
