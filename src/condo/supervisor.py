@@ -416,6 +416,9 @@ async def run_condo(
                     root.start_soon(_run_signals, stopping, auth)
                 root.start_soon(supervisor.run_event_router, receive)
                 await root.start(supervisor.run_services)
+                # Before the first scan: a self.edn present at start-up is deployed too.
+                wanted_self, self_specs = trio.open_memory_channel[SelfSpec](1)
+                supervisor.want_self(wanted_self)
                 await root.start(
                     lambda task_status: run_spec_watcher(
                         config.prefixes,
@@ -424,8 +427,6 @@ async def run_condo(
                         task_status=task_status,
                     )
                 )
-                wanted_self, self_specs = trio.open_memory_channel[SelfSpec](1)
-                supervisor.want_self(wanted_self)
                 self_context = SelfContext(
                     docker=docker,
                     host=config.host,

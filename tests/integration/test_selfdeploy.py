@@ -9,20 +9,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
-from condo import labels
+from condo import labels, persist
+from condo.config import Config
 from condo.docker import ContainerId, DockerClient
 from condo.errors import ContainerNotFound
 from condo.selfdeploy import SELF_LABEL
+from condo.specdir import SpecScanner
+from condo.store import Store
+from condo.supervisor import Running, Supervisor, run_condo
 from tests.integration.conftest import DockerCli
-from tests.integration.harness import remove_host_containers
+from tests.integration.harness import (
+    CondoUnderTest,
+    condo_files,
+    remove_host_containers,
+    start_condo,
+)
+from tests.integration.test_docker_events import proxy_to_engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -149,3 +161,173 @@ async def test_a_broken_successor_is_removed_and_the_old_condo_resumes(
     await site.wait_stable("more")
     rows = await docker.list_containers(labels=labels.owned_by(site.host, "web"))
     assert [r.id for r in rows] == [before["current"]["id"]]
+
+
+# --- in-process: every failure of a self-deploy resumes supervision (issue item 6) ----------------
+#
+# condo runs in the test process (not in a container: no own container, so no port of its own can
+# clash), on the real engine. Its successors are busybox containers labelled condo.self=<host>,
+# removed by the `site`-like teardown of condo_files (remove_host_containers) and below.
+
+BUSYBOX = "condo-test/busybox:1"
+
+
+async def remove_successors(docker: DockerClient, host: str) -> None:
+    with trio.move_on_after(30, shield=True):
+        for row in await docker.list_containers(labels={SELF_LABEL: host}):
+            with contextlib.suppress(ContainerNotFound):  # AutoRemove may beat us
+                await docker.remove(row.id)
+
+
+async def failed_self(condo: CondoUnderTest, limit: float = 30) -> dict[str, Any]:
+    """Wait until /v1/state says the self-deploy failed; its "self" field."""
+    view = await condo.wait(lambda v: (v.get("self") or {}).get("state") == "failed", limit=limit)
+    status: dict[str, Any] = view["self"]
+    return status
+
+
+async def still_supervises(condo: CondoUnderTest) -> None:
+    """Resumed: a new spec is deployed, and the services nursery is open again."""
+    condo.write("more", WORKLOAD)
+    await condo.wait_state("more", "Stable", limit=30)
+
+
+@pytest.fixture
+async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
+    async with condo_files(tmp_path, docker) as under_test:
+        try:
+            yield under_test
+        finally:
+            await remove_successors(docker, under_test.host)
+
+
+@pytest.mark.parametrize(
+    "case", ["pull fails", "name clash", "port clash at start", "exits at once"]
+)
+async def test_a_failed_self_deploy_resumes_supervision_and_says_why(
+    case: str,
+    condo: CondoUnderTest,
+    docker: DockerClient,
+    docker_cli: DockerCli,
+    container_labels: Mapping[str, str],
+    container_name: Callable[[str], str],
+    nursery: trio.Nursery,
+) -> None:
+    holder = socket.socket()
+    try:
+        if case == "pull fails":
+            body = '{:Image "localhost:5000/condo-test/no-such-image:1"}'
+            expected = "no-such-image"
+        elif case == "name clash":
+            taken = container_name("taken")
+            label_args = [a for k, v in container_labels.items() for a in ("--label", f"{k}={v}")]
+            await docker_cli("create", "--name", taken, *label_args, BUSYBOX)
+            body = f'{{:Image "{BUSYBOX}" :Name "{taken}"}}'
+            expected = taken
+        elif case == "port clash at start":
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            port = holder.getsockname()[1]
+            body = (
+                f'{{:Image "{BUSYBOX}" :ExposedPorts {{"80/tcp" {{}}}}'
+                f' :HostConfig {{:PortBindings {{"80/tcp" [{{:HostIp "127.0.0.1"'
+                f' :HostPort "{port}"}}]}}}}}}'
+            )
+            expected = str(port)
+        else:
+            body = f'{{:Image "{BUSYBOX}" :Cmd ["true"]}}'
+            expected = "exit"
+        with trio.fail_after(60):
+            await start_condo(nursery, condo)
+            condo.write("web", WORKLOAD)
+            before = await condo.wait_state("web", "Stable")
+            (condo.specs / "self.edn").write_text(body)
+            status = await failed_self(condo)
+            assert expected in status["error"], status
+            await still_supervises(condo)
+            # No successor is left behind, and the workload was never touched.
+            assert await docker.list_containers(labels={SELF_LABEL: condo.host}) == []
+            assert await condo.running_ids("web") == {before["current"]["id"]}
+            # The failure is in the state file too (remembered across a restart).
+            assert condo.state_file()["self"]["state"] == "failed"
+    finally:
+        holder.close()
+
+
+HEALTHY_SUCCESSOR = (
+    f'{{:Image "{BUSYBOX}" :Cmd ["sleep" "3600"]'
+    ' :Healthcheck {:Test ["CMD" "true"] :Interval 200000000 :StartPeriod 0}}'
+)
+
+
+async def hand_over_in_process(
+    condo: CondoUnderTest, docker: DockerClient, config: Config, nursery: trio.Nursery
+) -> dict[str, Any]:
+    """Run condo until it hands over to a (busybox) successor; once the successor exists it
+    owns the state file, so the test writes there what a successor would. The state file after
+    the old condo exited."""
+    done = trio.Event()
+
+    async def run() -> None:
+        await run_condo(config)
+        done.set()
+
+    nursery.start_soon(run)
+    while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
+        await trio.sleep(0.05)
+    condo.state_path.write_text(json.dumps({"written by": "the successor"}))
+    await done.wait()
+    [successor] = await docker.list_containers(labels={SELF_LABEL: condo.host})
+    assert (await docker.inspect(successor.id)).running
+    return condo.state_file()
+
+
+async def test_nothing_is_written_after_the_hand_over(
+    condo: CondoUnderTest, docker: DockerClient, nursery: trio.Nursery
+) -> None:
+    (condo.specs / "self.edn").write_text(HEALTHY_SUCCESSOR)
+    with trio.fail_after(60):
+        state = await hand_over_in_process(condo, docker, condo.config(), nursery)
+    assert state == {"written by": "the successor"}
+
+
+async def test_engine_away_when_self_edn_is_first_seen(
+    tmp_path: Path, condo: CondoUnderTest, docker: DockerClient, nursery: trio.Nursery
+) -> None:
+    """condo starts with self.edn in place and no engine (connection refused): it keeps running
+    and says so; once the engine answers it deploys the successor and hands over."""
+    socket_path = tmp_path / "engine.sock"
+    config = attrs.evolve(condo.config(), docker_url=f"unix://{socket_path}")
+    (condo.specs / "self.edn").write_text(HEALTHY_SUCCESSOR)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as inner:
+            running: Running = await inner.start(run_condo, config)
+            condo.running = running
+            view = await condo.wait(lambda v: (v.get("self") or {}).get("state") == "waiting")
+            assert view["self"]["error"]
+            running.shutdown()
+        async with proxy_to_engine(tmp_path):
+            state = await hand_over_in_process(condo, docker, config, nursery)
+    assert state == {"written by": "the successor"}
+
+
+async def test_a_snapshot_between_resume_and_respawn_is_kept(
+    condo: CondoUnderTest, docker: DockerClient
+) -> None:
+    """The services nursery reopens after resume(); a snapshot in between is replayed, not an
+    AssertionError."""
+    config = condo.config()
+    store = Store(config.host)
+    writer = persist.StateWriter(config.state_path, dict)
+    supervisor = Supervisor(config, docker, store, writer, {})
+    condo.write("web", WORKLOAD)
+    snapshot = SpecScanner([condo.specs]).scan()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run_services)
+            await supervisor.suspend()
+            supervisor.resume()
+            supervisor.on_snapshot(snapshot)  # before run_services has reopened its nursery
+            while "web" not in store.entries or store.entries["web"].state.phase.value != "Stable":
+                await store.wait_changed(store.version)
+            nursery.cancel_scope.cancel()
