@@ -131,7 +131,7 @@ async def wait(
                 ),
                 functools.partial(progress, client),
             )
-        except ClientError as exc:
+        except ClientError as exc:  # reported below, after the progress line is finished
             failure = exc
         else:
             assert answer is not None  # progress never returns by itself

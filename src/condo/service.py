@@ -320,7 +320,7 @@ class _Driver:
             try:
                 with trio.fail_after(PULL_LIMIT):
                     await engine.pull(spec.image)
-            except trio.TooSlowError:
+            except trio.TooSlowError:  # a hung registry: a transient error like any other
                 raise DockerTimeout(
                     f"pull of {spec.image} took more than {PULL_LIMIT:g} s"
                 ) from None

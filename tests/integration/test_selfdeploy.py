@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 import trio
 
@@ -23,7 +25,7 @@ from condo import labels, persist
 from condo.config import Config
 from condo.docker import ContainerId, DockerClient
 from condo.errors import ContainerNotFound
-from condo.selfdeploy import SELF_LABEL
+from condo.selfdeploy import HAND_OVER_LABEL, SELF_LABEL
 from condo.specdir import SpecScanner
 from condo.store import Store
 from condo.supervisor import Running, Supervisor, run_condo
@@ -331,3 +333,126 @@ async def test_a_snapshot_between_resume_and_respawn_is_kept(
             while "web" not in store.entries or store.entries["web"].state.phase.value != "Stable":
                 await store.wait_changed(store.version)
             nursery.cancel_scope.cancel()
+
+
+# --- the README's self-deploy example, run as written (issue item 7) -----------------------------
+#
+# This test owns /srv/condo, the container name `condo` and port 4280 on 127.0.0.1, as the README
+# does; it runs the README's own `sh` blocks with bash, substituting nothing. Cleanup: the
+# containers of host `$(hostname)` (the README's CONDO_HOST) and its condo containers, the spec
+# folder, and the condo:1.1 tag.
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+API = "http://127.0.0.1:4280"
+
+
+def readme_block(containing: str) -> str:
+    blocks: list[str] = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    [block] = [b for b in blocks if containing in b]
+    return block
+
+
+async def bash(script: str) -> None:
+    result = await trio.run_process(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=README.parent,
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+
+async def readme_cleanup(docker: DockerClient, host: str) -> None:
+    with trio.move_on_after(60, shield=True):
+        for selector in ({SELF_LABEL: host}, {HAND_OVER_LABEL: host}):
+            for row in await docker.list_containers(labels=selector):
+                with contextlib.suppress(ContainerNotFound):
+                    await docker.remove(row.id)
+        with contextlib.suppress(ContainerNotFound):
+            await docker.remove(ContainerId("condo"))
+        await remove_host_containers(docker, host)
+        await trio.run_process(["rm", "-rf", "/srv/condo"])
+        await trio.run_process(["docker", "rmi", "--no-prune", "condo:1.1"], check=False,
+                               capture_stdout=True, capture_stderr=True)  # fmt: skip
+
+
+class Probe:
+    """GET /healthz on the README's port every 50 ms; the longest time it did not answer."""
+
+    def __init__(self) -> None:
+        self.longest_gap = 0.0
+
+    async def run(self) -> None:
+        down_since: float | None = None
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            while True:
+                try:
+                    ok = (await client.get(f"{API}/healthz")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                now = trio.current_time()
+                if not ok and down_since is None:
+                    down_since = now
+                elif ok and down_since is not None:
+                    self.longest_gap = max(self.longest_gap, now - down_since)
+                    down_since = None
+                await trio.sleep(0.05)
+
+
+async def api_state() -> dict[str, Any] | None:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            answer: dict[str, Any] = (await client.get(f"{API}/v1/state")).json()
+            return answer
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def test_the_readme_self_deploy_example_works_as_written(
+    docker: DockerClient, nursery: trio.Nursery
+) -> None:
+    host = socket.gethostname()  # the README's CONDO_HOST=$(hostname)
+    await readme_cleanup(docker, host)
+    try:
+        with trio.fail_after(240):
+            await bash(readme_block("docker run -d --name condo"))
+            while ((await api_state()) or {}).get("services", {}).get("web", {}).get(
+                "state"
+            ) != "Stable":
+                await trio.sleep(0.3)
+            web = (await api_state() or {})["services"]["web"]["current"]["id"]
+            first = await docker.inspect("condo")
+
+            probe = Probe()
+            nursery.start_soon(probe.run)
+            await bash(readme_block("self.edn"))
+            # Stop-then-start: the hand-started condo is removed, its successor serves the port.
+            while True:
+                rows = await docker.list_containers(labels={SELF_LABEL: host})
+                try:
+                    await docker.inspect(first.id)
+                    gone = False
+                except ContainerNotFound:  # removed by the hand-over container: done
+                    gone = True
+                if gone and rows and (await docker.inspect(rows[0].id)).health == "healthy":
+                    break
+                await trio.sleep(0.3)
+            state = await api_state()
+            assert state is not None and state["services"]["web"]["current"]["id"] == web
+            assert 0 < probe.longest_gap < 5, probe.longest_gap  # README: about 1 s
+            successor = rows[0].id
+
+            # A successor that fails: the hand-over brings the running condo back on the port,
+            # and it says why; the workload is untouched.
+            broken = (Path("/srv/condo/self.edn").read_text()).replace(
+                '{:Image "condo:1.1"', '{:Image "condo:1.1" :Cmd ["run" "/does-not-exist"]'
+            )
+            Path("/srv/condo/self.edn").write_text(broken)
+            while ((await api_state()) or {}).get("self", {}).get("state") != "failed":
+                await trio.sleep(0.3)
+            assert [r.id for r in await docker.list_containers(labels={SELF_LABEL: host})] == [
+                successor
+            ]
+            state = await api_state()
+            assert state is not None and state["services"]["web"]["current"]["id"] == web
+            assert "exit" in state["self"]["error"]
+    finally:
+        await readme_cleanup(docker, host)
