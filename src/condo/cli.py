@@ -24,7 +24,9 @@ from cyclopts.config import Env
 import condo
 from condo import client, logs
 from condo.config import DEFAULT_SERVER, Config, parse_server
+from condo.docker import ContainerId, open_docker
 from condo.errors import ConfigError, SpecError
+from condo.selfdeploy import HandOverPlan, run_hand_over
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
 from condo.supervisor import run_condo
 from condo.web import WebServer
@@ -45,6 +47,8 @@ def build_app() -> App:
     app.command(wait)
     app.command(state, name="state")
     app.command(validate)
+    # Internal: run by condo itself in a short-lived container during a self-deploy.
+    app.command(hand_over, name="hand-over", show=False)
     return app
 
 
@@ -136,6 +140,41 @@ async def run(
         print(f"condo: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+# --- hand-over (internal) -------------------------------------------------------------------------
+
+
+async def hand_over(
+    *,
+    old: str,
+    new: str,
+    self_hash: str,
+    state: Path,
+    docker: str = "unix:///var/run/docker.sock",
+) -> int:
+    """Stop condo OLD, start NEW and keep it if healthy, else bring OLD back (self-deploy).
+
+    Parameters
+    ----------
+    old
+        The running condo's container.
+    new
+        Its successor's container (created, not started).
+    self_hash
+        The successor's self.edn hash (remembered in the state file if it fails).
+    state
+        The state file, at the same path as in the old condo.
+    docker
+        The engine.
+    """
+    logs.configure("json")
+    plan = HandOverPlan(
+        old=ContainerId(old), new=ContainerId(new), hash=self_hash, state_path=state,
+        docker_url=docker,
+    )  # fmt: skip
+    async with open_docker(docker) as client:
+        return await run_hand_over(client, plan)
 
 
 # --- wait / state -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ connection errors.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Any, TextIO
 import httpx
 import trio
 
+from condo.tasks import run_beside
 from condo.waiting import evaluate
 
 DEFAULT_URL = "http://127.0.0.1:4280"
@@ -94,7 +96,8 @@ async def wait(
             out.write(line + "\n")
         out.flush()
 
-    async def progress(client: httpx.AsyncClient) -> None:
+    async def progress(client: httpx.AsyncClient, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
         while True:
             try:
                 verdict = evaluate(name, image, await _hosts(client))
@@ -120,18 +123,19 @@ async def wait(
     failure: ClientError | None = None
     status: int = 0
     body: Any = {}
-    async with (
-        _client(url, api_token, read_timeout=wait_seconds + 30) as client,
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(progress, client)
+    async with _client(url, api_token, read_timeout=wait_seconds + 30) as client:
         try:
-            status, body = await _get_json(
-                client, "/v1/wait_for", name=name, image=image, timeout=wait_seconds
+            answer = await run_beside(
+                lambda: _get_json(
+                    client, "/v1/wait_for", name=name, image=image, timeout=wait_seconds
+                ),
+                functools.partial(progress, client),
             )
-        except ClientError as exc:  # caught in the nursery, so that it leaves ungrouped
+        except ClientError as exc:  # reported below, after the progress line is finished
             failure = exc
-        nursery.cancel_scope.cancel()
+        else:
+            assert answer is not None  # progress never returns by itself
+            status, body = answer
     if failure is not None:
         _finish_line(out, is_tty)
         print(f"condo wait: {failure}", file=sys.stderr)

@@ -40,6 +40,7 @@ from condo.errors import (
 )
 from condo.spec import ServiceSpec
 from condo.store import Store, now
+from condo.tasks import run_beside
 
 log = structlog.get_logger(__name__)
 
@@ -349,31 +350,25 @@ class _Driver:
             if policy == "never" and not await engine.image_present(spec.image):
                 raise ImageNotFound(404, f"{spec.image} is not on the engine and :pull is :never")
             return False
-        superseded = False
-        failure: DockerError | None = None
-        async with trio.open_nursery() as nursery:
 
-            async def cancel_when_superseded() -> None:
-                nonlocal superseded
-                while not self._mailbox.supersedes(spec):
-                    await self._mailbox.wait_spec_changed()
-                superseded = True
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(cancel_when_superseded)
+        async def pull() -> bool:
             log.info("service.pull", image=spec.image)
             try:
                 with trio.fail_after(PULL_LIMIT):
                     await engine.pull(spec.image)
-            except DockerError as exc:
-                # Caught inside the nursery so that it leaves as itself, not in a group.
-                failure = exc
-            except trio.TooSlowError:
-                failure = DockerTimeout(f"pull of {spec.image} took more than {PULL_LIMIT:g} s")
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return superseded
+            except trio.TooSlowError:  # a hung registry: a transient error like any other
+                raise DockerTimeout(
+                    f"pull of {spec.image} took more than {PULL_LIMIT:g} s"
+                ) from None
+            return True
+
+        async def wait_superseded(task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            while not self._mailbox.supersedes(spec):
+                await self._mailbox.wait_spec_changed()
+
+        # None: the watcher ended first (a newer spec), which cancelled the pull.
+        return await run_beside(pull, wait_superseded) is None
 
     async def _retire(self, cid: str, name: str, *, grace: float, keep: bool = False) -> bool:
         """Stop (and unless `keep`, remove) a container; True once it no longer runs.

@@ -45,6 +45,7 @@ class Store:
         self._changed = trio.Event()
         self._listeners: list[Callable[[], None]] = []
         self._view_cache: tuple[int, dict[str, Any]] | None = None
+        self._self_deploy: Mapping[str, Any] | None = None
 
     @property
     def version(self) -> int:
@@ -67,6 +68,16 @@ class Store:
         if entry.spec_error == error and entry.spec_file == file:
             return
         self._put(service, attrs.evolve(entry, spec_error=error, spec_file=file))
+
+    @property
+    def self_deploy(self) -> Mapping[str, Any] | None:
+        """The last self-deploy (`/v1/state`'s `"self"`: hash, state, error), or None."""
+        return self._self_deploy
+
+    def set_self_deploy(self, status: Mapping[str, Any] | None) -> None:
+        if status != self._self_deploy:
+            self._self_deploy = status
+            self._bump()
 
     def drop(self, service: str) -> None:
         if self._entries.pop(service, None) is not None:
@@ -92,7 +103,9 @@ class Store:
             name: to_view(e.state, moment, e.spec_error)
             for name, e in sorted(self._entries.items())
         }
-        view = {"host": self.host, "services": services}
+        view: dict[str, Any] = {"host": self.host, "services": services}
+        if self._self_deploy is not None:
+            view["self"] = dict(self._self_deploy)
         if at is None:
             self._view_cache = (self._version, view)
         return view

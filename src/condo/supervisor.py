@@ -44,8 +44,8 @@ from condo.docker import (
     open_docker,
     run_events,
 )
-from condo.errors import DockerError, StateFileError
-from condo.selfdeploy import run_self_deployer
+from condo.errors import ConfigError, DockerError, StateFileError
+from condo.selfdeploy import SelfContext, SelfStatus, run_self_deployer
 from condo.service import Mailbox, ServiceContext, run_service
 from condo.spec import SelfSpec, ServiceSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
@@ -96,6 +96,7 @@ class Supervisor:
         self._mailboxes: dict[str, Mailbox] = {}
         self._services: trio.Nursery | None = None
         self._last_snapshot: SpecSnapshot | None = None
+        self._leftovers: set[str] = set()  # found while suspended, retired on resume
         # Self-deploy: the latest valid self.edn goes to the deployer; suspension stops every
         # driver (after its Docker call in flight) until resume() respawns them.
         self._wanted_self: trio.MemorySendChannel[SelfSpec] | None = None
@@ -118,6 +119,9 @@ class Supervisor:
                     task_status.started()
                     first = False
                 else:
+                    # Only now: a snapshot that arrives between resume() and here is kept
+                    # (on_snapshot) and replayed by _respawn, never given to a closed nursery.
+                    self._suspended = False
                     self._respawn()
                 await self._suspend_requested.wait()
                 # Drivers finish the Docker call in flight (shielded) and stop; their states
@@ -142,7 +146,6 @@ class Supervisor:
 
     def resume(self) -> None:
         """Respawn every driver from its stored state, and catch up with the spec files."""
-        self._suspended = False
         self._resume_requested.set()
         log.info("supervisor.resumed")
 
@@ -154,9 +157,10 @@ class Supervisor:
         self._records = {name: entry.state for name, entry in self._store.entries.items()}
         if self._last_snapshot is not None:
             self.on_snapshot(self._last_snapshot)
-        for name in list(self._records):
+        for name in [*self._records, *self._leftovers]:
             if name not in self._mailboxes:
                 self._spawn(name).set_spec(None)
+        self._leftovers.clear()
 
     async def run_event_router(
         self, receive: trio.MemoryReceiveChannel[ContainerEvent | EventsResumed]
@@ -179,13 +183,20 @@ class Supervisor:
         Their spec files are gone (perhaps while condo was down): the drivers retire them.
         """
         for name in list(self._records):
-            if name not in self._mailboxes:
-                self._spawn(name).set_spec(None)
+            self._retire_leftover(name)
         for row in await self._list_own_containers():
             service = row.labels.get(labels.SERVICE)
             if service and service not in self._mailboxes:
                 log.info("supervisor.leftover", service=service, container=row.name)
-                self._spawn(service).set_spec(None)
+                self._retire_leftover(service)
+
+    def _retire_leftover(self, name: str) -> None:
+        if name in self._mailboxes:
+            return
+        if self._services is None:
+            self._leftovers.add(name)  # suspended for a self-deploy: spawned on resume
+            return
+        self._spawn(name).set_spec(None)
 
     async def _list_own_containers(self) -> list[ContainerSummary]:
         """Every container of this host, waiting as long as the engine cannot answer."""
@@ -205,8 +216,8 @@ class Supervisor:
             # WouldBlock: the deployer is busy; resume() offers the latest self.edn again.
             with contextlib.suppress(trio.WouldBlock):
                 self._wanted_self.send_nowait(snapshot.self_spec)
-        if self._suspended:
-            return
+        if self._suspended or self._services is None:
+            return  # replayed by _respawn once the services nursery is open again
         for name, entry in snapshot.entries.items():
             self._store.set_spec_error(name, entry.error, str(entry.path))
             mailbox = self._mailboxes.get(name) or self._spawn(name, entry.spec)
@@ -304,7 +315,12 @@ async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                auth.reload()
+                try:
+                    auth.reload()
+                except ConfigError as exc:
+                    # A half-edited or broken config: keep the credentials that worked.
+                    log.error("condo.auth_reload_failed", error=str(exc))
+                    continue
                 log.info("condo.auth_reloaded")
             else:
                 log.info("condo.signal", signal=signal.Signals(signum).name)
@@ -337,9 +353,19 @@ def load_records(config: Config) -> dict[str, fsm.ServiceState]:
 
 def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]:
     def snapshot() -> dict[str, Any]:
-        return record.state_document(config.host, store.records())
+        document = record.state_document(config.host, store.records())
+        if store.self_deploy is not None:
+            # A failed self-deploy is remembered across restarts (not retried until it changes).
+            document["self"] = dict(store.self_deploy)
+        return document
 
     return snapshot
+
+
+def load_self_status(config: Config) -> SelfStatus | None:
+    """The last self-deploy the state file remembers (a failed one is not tried again)."""
+    data = persist.read_state_file(config.state_path)
+    return SelfStatus.from_json(data.get("self")) if isinstance(data, dict) else None
 
 
 WebServer = Callable[[Running, trio.Event], Awaitable[None]]
@@ -358,14 +384,28 @@ async def run_condo(
     auth = RegistryAuth.load(config.docker_config)
     store = Store(config.host)
     records = load_records(config)
+    self_before = load_self_status(config)
     writer = persist.StateWriter(config.state_path, state_document(config, store))
     store.subscribe(writer.mark_dirty)
     stopping = trio.Event()
+    # After a self-deploy hand-over the successor owns the state file: this condo writes nothing.
+    writing = trio.CancelScope()
+    handed_over = False
+
+    def hand_over() -> None:
+        nonlocal handed_over
+        handed_over = True
+        writing.cancel()
+
+    async def run_writer(task_status: trio.TaskStatus[None]) -> None:
+        with writing:
+            await writer.run(task_status=task_status)
+
     async with open_docker(config.docker_url, auth=auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, records)
         try:
             async with trio.open_nursery() as root:
-                await root.start(writer.run)
+                await root.start(run_writer)
                 global_source: StateSource | None = None
                 consul_publisher: Publisher | None = None
                 if config.expose == "consul":
@@ -393,6 +433,9 @@ async def run_condo(
                     root.start_soon(_run_signals, stopping, auth)
                 root.start_soon(supervisor.run_event_router, receive)
                 await root.start(supervisor.run_services)
+                # Before the first scan: a self.edn present at start-up is deployed too.
+                wanted_self, self_specs = trio.open_memory_channel[SelfSpec](1)
+                supervisor.want_self(wanted_self)
                 await root.start(
                     lambda task_status: run_spec_watcher(
                         config.prefixes,
@@ -401,17 +444,20 @@ async def run_condo(
                         task_status=task_status,
                     )
                 )
-                wanted_self, self_specs = trio.open_memory_channel[SelfSpec](1)
-                supervisor.want_self(wanted_self)
-                root.start_soon(
+                self_context = SelfContext(
+                    docker=docker,
+                    host=config.host,
+                    state_path=config.state_path,
+                    docker_url=config.docker_url,
+                    suspend=supervisor.suspend,
+                    resume=supervisor.resume,
+                    report=lambda status: store.set_self_deploy(status.to_json()),
+                    handed_over=hand_over,
+                    exit_condo=stopping.set,
+                )
+                await root.start(
                     functools.partial(
-                        run_self_deployer,
-                        docker,
-                        config.host,
-                        self_specs,
-                        suspend=supervisor.suspend,
-                        resume=supervisor.resume,
-                        exit_condo=stopping.set,
+                        run_self_deployer, self_context, self_specs, failed_before=self_before
                     )
                 )
                 root.start_soon(supervisor.adopt_leftovers)
@@ -428,12 +474,15 @@ async def run_condo(
                     await supervisor.wait_all_finished()
                 root.cancel_scope.cancel()
         finally:
-            with trio.move_on_after(SHUTDOWN_WRITE_LIMIT, shield=True):
-                try:
-                    payload = persist.encode_state(state_document(config, store)())
-                    await trio.to_thread.run_sync(
-                        persist.write_state_bytes, config.state_path, payload
-                    )
-                except StateFileError as exc:
-                    log.error("state.final_write_failed", error=str(exc))
+            if handed_over:
+                log.info("condo.handed_over")  # the successor owns the state file now
+            else:
+                with trio.move_on_after(SHUTDOWN_WRITE_LIMIT, shield=True):
+                    try:
+                        payload = persist.encode_state(state_document(config, store)())
+                        await trio.to_thread.run_sync(
+                            persist.write_state_bytes, config.state_path, payload
+                        )
+                    except StateFileError as exc:
+                        log.error("state.final_write_failed", error=str(exc))
             log.info("condo.stopped")

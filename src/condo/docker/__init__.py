@@ -19,6 +19,7 @@ from condo.docker.models import (
     ContainerId,
     ContainerSummary,
     EventsResumed,
+    published_host_ports,
 )
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "EventsResumed",
     "RegistryAuth",
     "open_docker",
+    "published_host_ports",
     "run_events",
 ]

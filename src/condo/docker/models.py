@@ -50,6 +50,13 @@ class Container:
     """Unix seconds."""
     restart_policy: str
     """"" (the engine's default, same as "no"), "no", "always", "unless-stopped", "on-failure"."""
+    image_id: str = ""
+    """`Image`: the id of the image it runs (what a copy of it must be created from)."""
+    host_ports: frozenset[str] = frozenset()
+    """The host ports `HostConfig.PortBindings` publishes, as "PORT/PROTO" (e.g. "4280/tcp")."""
+    binds: tuple[str, ...] = ()
+    """`HostConfig.Binds`, as given at creation."""
+    auto_remove: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -156,7 +163,27 @@ def parse_container(data: Any) -> Container:
         restart_policy=str(
             _mapping(host_config.get("RestartPolicy"), "RestartPolicy").get("Name", "")
         ),
+        image_id=str(data.get("Image", "")),
+        host_ports=published_host_ports(host_config.get("PortBindings")),
+        binds=tuple(str(b) for b in host_config.get("Binds") or ()),
+        auto_remove=bool(host_config.get("AutoRemove", False)),
     )
+
+
+def published_host_ports(port_bindings: Any) -> frozenset[str]:
+    """`{"80/tcp": [{"HostIp": ..., "HostPort": "4280"}]}` → {"4280/tcp"} (PortBindings' shape,
+    in an inspect answer or a create body alike); bindings without a fixed host port are left out
+    (the engine picks a free one, which clashes with nothing)."""
+    if not isinstance(port_bindings, Mapping):
+        return frozenset()
+    ports = set()
+    for container_port, bindings in port_bindings.items():
+        proto = str(container_port).partition("/")[2] or "tcp"
+        for binding in bindings if isinstance(bindings, list) else ():
+            host_port = binding.get("HostPort") if isinstance(binding, Mapping) else None
+            if host_port not in (None, "", "0", 0):
+                ports.add(f"{host_port}/{proto}")
+    return frozenset(ports)
 
 
 def _primary_name(names: Any) -> str:

@@ -89,6 +89,16 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "additionalProperties": {"$ref": "#/components/schemas/Service"},
             },
+            "self": {
+                "type": "object",
+                "description": "the last self-deploy (self.edn), present once one began",
+                "required": ["hash", "state", "error"],
+                "properties": {
+                    "hash": {"type": "string"},
+                    "state": {"enum": ["deploying", "waiting", "failed"]},
+                    "error": {"type": ["string", "null"], "description": "why it failed"},
+                },
+            },
         },
     },
     "GlobalState": {
