@@ -1122,6 +1122,13 @@ def test_openapi_check_notices_an_undocumented_route() -> None:
     assert ("/v1/secret", "get") in routes_of(app) - documented(openapi_document())
 
 
+def test_openapi_documents_the_host_check_and_the_caps() -> None:
+    paths = openapi_document()["paths"]
+    assert all("403" in op["responses"] for ops in paths.values() for op in ops.values())
+    assert "--max-waits" in paths["/v1/wait_for"]["get"]["responses"]["503"]["description"]
+    assert "--max-feeds" in paths["/v1/feed"]["get"]["responses"]["503"]["description"]
+
+
 # --- static --------------------------------------------------------------------------------------
 
 
