@@ -1,4 +1,5 @@
-"""`condo validate`, run as users run it: a real process, real files, exit codes and output."""
+"""`condo validate` and `condo run`'s usage errors, run as users run them: a real process, real
+files, exit codes and output."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ GOOD = '{:spec {:Image "localhost:5000/app:1"}\n :deploy [:After 5]}\n'
 BAD = '{:spec {:Image "app:1"}\n :deplyo [:Before]}\n'
 
 
-def condo_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def condo_command(
+    *args: str, cwd: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONDO_")}
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "condo", *args],
         cwd=cwd,
@@ -117,3 +121,42 @@ def test_console_script(specs: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == "web.edn: ok\n"
     assert result.stderr.startswith("typo.edn:2: unknown key :deplyo")
+
+
+# A usage error stops `condo run` before it binds, connects or touches anything (an engine that
+# is not there proves it: had condo started, it would keep trying until the subprocess timeout).
+NO_ENGINE = ("--server", "off", "--docker", "unix:///nonexistent/docker.sock")
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--api-token", ""), {}),
+        (("--api-token", "  "), {}),
+        ((), {"CONDO_API_TOKEN": ""}),
+        ((), {"CONDO_API_TOKEN": " \t"}),
+    ],
+)
+def test_an_empty_api_token_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    result = condo_command("run", str(tmp_path), *NO_ENGINE, *args, cwd=tmp_path, env_extra=env)
+    assert result.returncode == 2
+    assert "condo: --api-token is empty" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--allowed-host", "ci.example:4280"), {}),
+        (("--allowed-host", "ok.example", "--allowed-host", "http://ci.example"), {}),
+        ((), {"CONDO_ALLOWED_HOST": "ok.example, ci.example:80"}),
+        (("--max-waits", "-1"), {}),
+    ],
+)
+def test_bad_exposure_options_are_usage_errors(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    result = condo_command("run", str(tmp_path), *NO_ENGINE, *args, cwd=tmp_path, env_extra=env)
+    assert result.returncode == 2
+    assert "condo: --" in result.stderr

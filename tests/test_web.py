@@ -1,6 +1,7 @@
 """The HTTP API in process: quart-trio's test client against a Store filled by hand (no engine).
 
-Covers every route and error code, the token (HTTP and websocket), the feed (first message,
+Covers every route and error code, the Host and Origin checks, the token (HTTP and websocket),
+the caps on waits and feeds, the feed (first message,
 updates, latest-value, a slow consumer next to a fast one), wait_for (at once, on a change, on
 timeout, bad parameters, several hosts), shutdown (every waiter answered at once), /healthz
 (caching, failures, degraded), /metrics, the OpenAPI document against the url_map, and the
@@ -30,6 +31,7 @@ from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.health import EngineHealth
+from condo.web.hosts import AllowedHosts
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
 from condo.web.serve import closing_connections
@@ -117,7 +119,12 @@ def make_web() -> MakeWeb:
 
     @contextlib.asynccontextmanager
     async def make(
-        *, token: str | None = None, global_source: FakeHosts | None = None
+        *,
+        token: str | None = None,
+        global_source: FakeHosts | None = None,
+        allowed: tuple[str, ...] = (),
+        max_waits: int = 10_000,
+        max_feeds: int = 100,
     ) -> AsyncIterator[Web]:
         store = Store(HOST)
         engine = FakeEngine()
@@ -136,6 +143,9 @@ def make_web() -> MakeWeb:
             closing=Closing(),
             static=StaticFiles.scan(),
             api_token=token,
+            allowed_hosts=AllowedHosts.of(("0.0.0.0",), allowed),
+            max_waits=max_waits,
+            max_feeds=max_feeds,
         )
         app = build_app(context)
         async with app.test_app() as test_app:
@@ -342,6 +352,198 @@ async def test_the_websocket_takes_the_token_as_query_or_header(
     with trio.fail_after(CAP):
         async with locked.client.websocket("/v1/feed", query_string=query, headers=headers) as ws:
             first = json.loads(await ws.receive())
+    assert first["type"] == "snapshot"
+
+
+async def test_an_empty_token_opens_nothing(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    # The CLI refuses --api-token "" (test_cli.py); the app holds the line on its own too.
+    errors: list[WebsocketResponseError] = []
+    with trio.fail_after(CAP):
+        async with make_web(token="") as web:
+            try:
+                async with web.client.websocket("/v1/feed", query_string={"token": ""}) as ws:
+                    await ws.receive()
+            except* WebsocketResponseError as group:
+                errors.extend(e for e in group.exceptions if isinstance(e, WebsocketResponseError))
+            refused = await web.client.get("/v1/state", headers={"Authorization": "Bearer "})
+    (error,) = errors
+    assert error.response.status_code == 401
+    assert_json_error(refused, 401)
+
+
+# --- Host and Origin ---------------------------------------------------------------------------
+
+
+async def websocket_refusal(web: Web, headers: dict[str, str]) -> Any:
+    """The HTTP answer that refused a websocket handshake with `headers`."""
+    errors: list[WebsocketResponseError] = []
+    try:
+        async with web.client.websocket("/v1/feed", headers=headers) as ws:
+            await ws.receive()
+    except* WebsocketResponseError as group:
+        errors.extend(e for e in group.exceptions if isinstance(e, WebsocketResponseError))
+    (error,) = errors
+    return error.response
+
+
+@pytest.mark.parametrize("path", [*PROTECTED, "/healthz"])
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:4280", "127.0.0.1.evil.example"])
+async def test_every_route_refuses_a_foreign_host(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, path: str, host: str
+) -> None:
+    with trio.fail_after(CAP):
+        async with make_web(token=TOKEN) as web:
+            # Even with the right token: a rebound name is a browser tricked into asking.
+            headers = {"Host": host, "Authorization": f"Bearer {TOKEN}"}
+            response = await web.client.get(path, headers=headers)
+    assert_json_error(response, 403)
+    message = (await body(response))["error"]
+    assert repr(host) in message
+    assert "--allowed-host" in message
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "LOCALHOST:4280",
+        "127.0.0.1:4280",
+        "[::1]:80",
+        "[::1]",
+        "condo.internal:8080",
+        "[fd00::5]:4280",
+    ],
+)
+async def test_loopback_and_allowed_names_are_answered_on_any_port(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, host: str
+) -> None:
+    with trio.fail_after(CAP):
+        async with make_web(allowed=("condo.internal", "fd00::5")) as web:
+            response = await web.client.get("/v1/state", headers={"Host": host})
+            async with web.client.websocket("/v1/feed", headers={"Host": host}) as ws:
+                first = json.loads(await ws.receive())
+    assert response.status_code == 200
+    assert first["type"] == "snapshot"
+
+
+async def test_the_websocket_refuses_a_foreign_host(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with trio.fail_after(CAP):
+        response = await websocket_refusal(web, {"Host": "rebound.example:4280"})
+    assert_json_error(response, 403)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "http://evil.example:4280",
+        "http://localhost:3000",  # another local server is another site
+        "https://localhost:4281",
+        "null",
+        "file://",
+        "ws://localhost:4280/x",
+    ],
+)
+async def test_the_websocket_refuses_a_foreign_origin(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, origin: str
+) -> None:
+    with trio.fail_after(CAP):
+        async with make_web(token=TOKEN) as web:
+            # Even with the token: a page elsewhere must not ride on a token it was given.
+            headers = {"Host": "localhost:4280", "Origin": origin}
+            refused = await websocket_refusal(web, headers | {"Authorization": f"Bearer {TOKEN}"})
+    assert_json_error(refused, 403)
+    assert "Origin" in (await body(refused))["error"]
+
+
+@pytest.mark.parametrize(
+    ("host", "origin"),
+    [
+        ("localhost:4280", "http://localhost:4280"),  # the dashboard, served by condo itself
+        ("127.0.0.1:4280", "http://127.0.0.1:4280"),
+        ("[::1]:4280", "http://[::1]:4280"),
+        ("localhost", "http://localhost"),
+        ("localhost", "http://localhost:80"),
+        ("condo.internal", "https://Condo.Internal"),  # behind a TLS proxy
+        ("localhost:4280", None),  # the CLI and scripts send none
+    ],
+)
+async def test_the_websocket_accepts_its_own_origin(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, host: str, origin: str | None
+) -> None:
+    headers = {"Host": host} if origin is None else {"Host": host, "Origin": origin}
+    with trio.fail_after(CAP):
+        async with (
+            make_web(allowed=("condo.internal",)) as web,
+            web.client.websocket("/v1/feed", headers=headers) as ws,
+        ):
+            first = json.loads(await ws.receive())
+    assert first["type"] == "snapshot"
+
+
+# --- caps on waits and feeds -------------------------------------------------------------------
+
+
+async def test_waits_beyond_the_cap_get_503_at_once(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    statuses: list[int] = []
+
+    async def long_poll(web: Web) -> None:
+        response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
+        statuses.append(response.status_code)
+
+    with trio.fail_after(CAP):
+        async with make_web(max_waits=3) as web, trio.open_nursery() as nursery:
+            web.store.set_state("web", stable("img:1"))
+            for _ in range(3):
+                nursery.start_soon(long_poll, web)
+            await trio.sleep(1)
+            asked_at = trio.current_time()
+            refused = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
+            refused_at = trio.current_time()
+            assert web.context.metrics.web_waiters.value() == 3
+            web.store.set_state("web", stable("img:2", "c2"))
+            await trio.sleep(1)
+            # Their slots are free again.
+            again = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
+    assert refused_at == asked_at
+    assert_json_error(refused, 503)
+    assert await body(refused) == {
+        "error": "too many open waits (at most 3; see --max-waits)",
+        "status": "unavailable",
+    }
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.headers["Connection"] == "close"
+    assert statuses == [200, 200, 200]
+    assert again.status_code == 200
+
+
+async def test_feeds_beyond_the_cap_get_503_at_once(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    with trio.fail_after(CAP):
+        async with make_web(max_feeds=2) as web:
+            async with (
+                web.client.websocket("/v1/feed") as one,
+                web.client.websocket("/v1/feed") as two,
+            ):
+                await one.receive()
+                await two.receive()
+                asked_at = trio.current_time()
+                refused = await websocket_refusal(web, {})
+                refused_at = trio.current_time()
+            # Both left: their slots are free again.
+            await trio.sleep(1)
+            async with web.client.websocket("/v1/feed") as three:
+                first = json.loads(await three.receive())
+    assert refused_at == asked_at
+    assert_json_error(refused, 503)
+    assert (await body(refused))["error"] == "too many open feeds (at most 2; see --max-feeds)"
     assert first["type"] == "snapshot"
 
 
@@ -918,6 +1120,13 @@ def test_openapi_check_notices_an_undocumented_route() -> None:
         return "x"
 
     assert ("/v1/secret", "get") in routes_of(app) - documented(openapi_document())
+
+
+def test_openapi_documents_the_host_check_and_the_caps() -> None:
+    paths = openapi_document()["paths"]
+    assert all("403" in op["responses"] for ops in paths.values() for op in ops.values())
+    assert "--max-waits" in paths["/v1/wait_for"]["get"]["responses"]["503"]["description"]
+    assert "--max-feeds" in paths["/v1/feed"]["get"]["responses"]["503"]["description"]
 
 
 # --- static --------------------------------------------------------------------------------------

@@ -18,14 +18,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, TextIO
 
+import structlog
 from cyclopts import App, Parameter
 from cyclopts.config import Env
 
 import condo
 from condo import client, logs
-from condo.config import DEFAULT_SERVER, Config, parse_server
+from condo.config import (
+    DEFAULT_MAX_FEEDS,
+    DEFAULT_MAX_WAITS,
+    DEFAULT_SERVER,
+    Config,
+    parse_allowed_host,
+    parse_server,
+)
 from condo.docker import ContainerId, open_docker
 from condo.errors import ConfigError, SpecError
+from condo.fds import raise_fd_limit
 from condo.selfdeploy import HandOverPlan, run_hand_over
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
 from condo.supervisor import run_condo
@@ -57,6 +66,12 @@ def main() -> None:
     build_app()()
 
 
+def _commas(_type: object, value: str, delimiter: str | None = None) -> list[str]:
+    """CONDO_ALLOWED_HOST: a comma-separated list (cyclopts would split on blanks)."""
+    del _type, delimiter  # cyclopts' env_var_split signature
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 # --- run -----------------------------------------------------------------------------------------
 
 
@@ -74,6 +89,9 @@ async def run(
     consul_prefix: str = "condo",
     consul_token: str | None = None,
     api_token: str | None = None,
+    allowed_host: Annotated[list[str] | None, Parameter(negative=(), env_var_split=_commas)] = None,
+    max_waits: int = DEFAULT_MAX_WAITS,
+    max_feeds: int = DEFAULT_MAX_FEEDS,
     stop_on_exit: bool = False,
     log_format: Literal["auto", "console", "json"] = "auto",
 ) -> int:
@@ -107,12 +125,24 @@ async def run(
         Sent to Consul as X-Consul-Token.
     api_token
         When set, every API route but /healthz needs "Authorization: Bearer TOKEN".
+    allowed_host
+        A Host name the API answers besides localhost, 127.0.0.1, ::1 and the --server address
+        (any port; repeat the option for several; CONDO_ALLOWED_HOST takes a comma-separated list).
+    max_waits
+        At most this many /v1/wait_for long-polls at once (503 beyond; fewer if the open-files
+        limit is low).
+    max_feeds
+        At most this many /v1/feed websockets at once (503 beyond; fewer if the open-files limit
+        is low).
     stop_on_exit
         Stop and remove every workload on SIGTERM/SIGINT (the original condo's behaviour).
     log_format
         "json", "console", or "auto" (JSON unless stderr is a terminal).
     """
     logs.configure(log_format)
+    # Each wait and feed holds a descriptor: take all the kernel allows (condo.fds).
+    before, after = raise_fd_limit()
+    structlog.get_logger(__name__).info("condo.open_files", soft_limit=after, was=before)
     try:
         config = Config(
             prefixes=tuple(prefixes),
@@ -127,6 +157,9 @@ async def run(
             consul_prefix=consul_prefix,
             consul_token=consul_token,
             api_token=api_token,
+            allowed_hosts=tuple(parse_allowed_host(name) for name in allowed_host or ()),
+            max_waits=max_waits,
+            max_feeds=max_feeds,
         )
         config.check()
         # Bound before anything starts, so that a taken or bad --server is a usage error.

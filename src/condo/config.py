@@ -14,6 +14,9 @@ import attrs
 from condo.errors import ConfigError
 
 DEFAULT_SERVER = "127.0.0.1:4280"
+# Held at once by the API (fewer when the open-files limit is lower: condo.fds.web_caps).
+DEFAULT_MAX_WAITS = 10_000
+DEFAULT_MAX_FEEDS = 100
 LogFormat = Literal["auto", "console", "json"]
 
 
@@ -46,6 +49,22 @@ def parse_server(value: str) -> Bind | None:
     return Bind(host=host, port=port)
 
 
+def parse_allowed_host(value: str) -> str:
+    """An `--allowed-host` name or address as the API compares it: lower case, IPv6 unbracketed.
+
+    Any port is allowed for an allowed name, so a value with a port (or a path, or blanks) is a
+    ConfigError rather than a rule that would never match.
+    """
+    text = value.strip().lower()
+    name = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    bare_v6 = name.count(":") >= 2
+    if not name or any(c in name for c in "/@?#[] \t") or (":" in name and not bare_v6):
+        raise ConfigError(
+            f"--allowed-host {value!r}: expected a host name or address without a port"
+        )
+    return name
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything `condo run` was told."""
@@ -62,6 +81,9 @@ class Config:
     consul_prefix: str = "condo"
     consul_token: str | None = attrs.field(default=None, repr=False)
     api_token: str | None = attrs.field(default=None, repr=False)
+    allowed_hosts: tuple[str, ...] = ()  # besides loopback and the bind address (parsed)
+    max_waits: int = DEFAULT_MAX_WAITS
+    max_feeds: int = DEFAULT_MAX_FEEDS
     rescan_interval: float = 1.0
 
     def check(self) -> None:
@@ -76,3 +98,8 @@ class Config:
             raise ConfigError(f"--docker-config {self.docker_config} is not a file")
         if not self.state_path.parent.is_dir():
             raise ConfigError(f"--state {self.state_path}: its directory does not exist")
+        # An empty token would lock HTTP (no header carries one) but open the feed to `?token=`.
+        if self.api_token is not None and not self.api_token.strip():
+            raise ConfigError("--api-token is empty: give a real token, or leave the option out")
+        if self.max_waits < 0 or self.max_feeds < 0:
+            raise ConfigError("--max-waits and --max-feeds cannot be negative")

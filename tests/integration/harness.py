@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -106,19 +107,35 @@ class CondoUnderTest:
 
     # --- condo as a real process (for kill -9 and signals) -----------------------------------
 
-    async def spawn(self, nursery: trio.Nursery, *extra: str, server: str = "off") -> trio.Process:
-        """Run `condo run` as a child process (logs as JSON into the test's folder)."""
+    async def spawn(
+        self, nursery: trio.Nursery, *extra: str, server: str = "off", fd_limit: int | None = None
+    ) -> trio.Process:
+        """Run `condo run` as a child process (logs as JSON into the test's folder); `fd_limit`
+        sets its RLIMIT_NOFILE, soft and hard (condo raises the soft one to the hard one)."""
         argv = [
             sys.executable, "-m", "condo", "run", str(self.specs),
             "--state", str(self.state_path), "--host", self.host, "--server", server,
             "--log-format", "json", *extra,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+        def limit_files() -> None:  # runs in the child, between fork and exec
+            assert fd_limit is not None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
+        options: dict[str, Any] = {} if fd_limit is None else {"preexec_fn": limit_files}
+
         # The child keeps its own copy of the log file's descriptor; ours closes at once.
         with (self.state_path.parent / f"condo-{self.host}.log").open("ab") as log:
             process: trio.Process = await nursery.start(
                 functools.partial(
-                    trio.run_process, argv, stdout=log, stderr=log, env=env, check=False
+                    trio.run_process,
+                    argv,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    check=False,
+                    **options,
                 )
             )
         self.process = process

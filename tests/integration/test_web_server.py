@@ -3,7 +3,9 @@
 /v1/state after a deploy, /healthz, /metrics (services and Docker calls), the websocket feed via
 trio-websocket, the token, hypercorn's limits (431/413), and shutdown: 100 open long-polls and
 a websocket are answered (503 / close 1001) and the process part is gone within 1 s; a feed
-client that stopped reading is cut by the kernel (TCP_USER_TIMEOUT) instead of holding shutdown.
+client that stopped reading is cut by the kernel (TCP_USER_TIMEOUT) instead of holding shutdown;
+foreign Host and Origin are refused; under a low open-files limit (a `condo run` process), the
+long-polls beyond the cap get 503 at once and a deploy still goes through.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import base64
 import functools
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -24,19 +27,21 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
-from condo.config import Bind
+from condo.config import DEFAULT_MAX_FEEDS, DEFAULT_MAX_WAITS, Bind
 from condo.docker import DockerClient
 from condo.errors import ConfigError
+from condo.fds import web_caps
 from condo.fsm import Failure, ServiceState
 from condo.supervisor import Running, run_condo
 from condo.web import WebServer, serve_web
 from condo.web.serve import STALL_LIMIT
-from tests.integration.harness import CondoUnderTest, condo_files
+from tests.integration.harness import CondoUnderTest, condo_files, free_port
 
 pytestmark = pytest.mark.docker
 
 TOKEN = "integration-token"
 CAP = 60
+ROUTES = ("/v1/state", "/v1/global_state", "/v1/wait_for?name=a&image=b", "/metrics", "/healthz")
 
 
 @pytest.fixture
@@ -52,10 +57,19 @@ class Served:
 
 
 async def serve(
-    nursery: trio.Nursery, condo: CondoUnderTest, *, token: str | None = None
+    nursery: trio.Nursery,
+    condo: CondoUnderTest,
+    *,
+    token: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> Served:
     """condo run with its web server on a free port of 127.0.0.1."""
-    config = attrs.evolve(condo.config(), server=Bind(host="127.0.0.1", port=0), api_token=token)
+    config = attrs.evolve(
+        condo.config(),
+        server=Bind(host="127.0.0.1", port=0),
+        api_token=token,
+        allowed_hosts=allowed_hosts,
+    )
     web = await WebServer.listen(Bind(host="127.0.0.1", port=0))
     assert web.port > 0
     running: Running = await nursery.start(functools.partial(run_condo, config, web=web))
@@ -67,20 +81,23 @@ def http(url: str, **kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, trust_env=False, **kwargs)
 
 
-def handshake(path: str) -> bytes:
+def handshake(path: str, host: str = "127.0.0.1", origin: str | None = None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
+    origin_line = "" if origin is None else f"Origin: {origin}\r\n"
     return (
-        f"GET {path} HTTP/1.1\r\nHost: condo\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n{origin_line}"
         "Sec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
 
 
-async def websocket_handshake(port: int, path: str) -> bytes:
+async def websocket_handshake(
+    port: int, path: str, host: str = "127.0.0.1", origin: str | None = None
+) -> bytes:
     """The server's first answer to a websocket upgrade of `path` (status line and more)."""
     with trio.socket.socket() as sock:
         await sock.connect(("127.0.0.1", port))
-        await sock.send(handshake(path))
+        await sock.send(handshake(path, host, origin))
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = await sock.recv(4096)
@@ -171,6 +188,37 @@ async def test_the_token_over_http_and_websocket(
     assert wrong.startswith(b"HTTP/1.1 401")
     assert b"a valid API token is required" in without
     assert right.startswith(b"HTTP/1.1 101")
+
+
+async def test_foreign_hosts_and_origins_are_refused(
+    condo: CondoUnderTest, nursery: trio.Nursery
+) -> None:
+    # DNS rebinding: a page on rebound.example, whose name now resolves to 127.0.0.1, asks condo.
+    with trio.fail_after(CAP):
+        served = await serve(nursery, condo, allowed_hosts=("condo.example",))
+        port = int(served.url.rsplit(":", 1)[1])
+        rebound = {"Host": f"rebound.example:{port}"}
+        async with http(served.url) as client:
+            refused = [await client.get(path, headers=rebound) for path in ROUTES]
+            answered = [
+                await client.get("/v1/state", headers={"Host": host})
+                for host in (f"localhost:{port}", f"127.0.0.1:{port}", "condo.example:8443")
+            ]
+        own = f"http://127.0.0.1:{port}"
+        evil_origin = await websocket_handshake(port, "/v1/feed", origin="http://evil.example")
+        evil_host = await websocket_handshake(port, "/v1/feed", host=f"rebound.example:{port}")
+        same = await websocket_handshake(port, "/v1/feed", host=f"127.0.0.1:{port}", origin=own)
+        no_origin = await websocket_handshake(port, "/v1/feed")
+    for response in refused:
+        assert response.status_code == 403
+        assert response.headers["content-type"] == "application/json"
+        assert "--allowed-host" in response.json()["error"]
+    assert [response.status_code for response in answered] == [200, 200, 200]
+    assert evil_origin.startswith(b"HTTP/1.1 403")
+    assert b"is not this API's own" in evil_origin
+    assert evil_host.startswith(b"HTTP/1.1 403")
+    assert same.startswith(b"HTTP/1.1 101")
+    assert no_origin.startswith(b"HTTP/1.1 101")
 
 
 async def test_limits_answer_without_html(condo: CondoUnderTest, nursery: trio.Nursery) -> None:
@@ -305,3 +353,81 @@ async def test_a_taken_port_is_a_config_error() -> None:
             first.close()
         with pytest.raises(ConfigError):
             await WebServer.listen(Bind(host="no-such-host.invalid", port=0))
+
+
+FD_LIMIT = 320  # condo's whole RLIMIT_NOFILE in the next test
+CLIENTS = 400  # more long-polls than the whole limit
+
+
+async def test_hundreds_of_long_polls_under_a_low_fd_limit_leave_condo_working(
+    condo: CondoUnderTest, nursery: trio.Nursery
+) -> None:
+    # A real `condo run` whose open-files limit is 320, soft and hard: without caps, 400 held
+    # long-polls plus condo's own descriptors exceed it, and then the state file cannot be
+    # written and the engine cannot be called (EMFILE). With them, the waits beyond the cap are
+    # refused at once, and a deploy still goes through and answers the held ones.
+    caps = web_caps(FD_LIMIT, DEFAULT_MAX_WAITS, DEFAULT_MAX_FEEDS)
+    assert 0 < caps.waits < CLIENTS
+    port = free_port()
+    image = "condo-test/busybox:1"
+    path = f"/v1/wait_for?name=web&image={image}&timeout=120"
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    answers: list[tuple[int, bytes, float]] = []  # status, body, seconds from send to answer
+    refused = trio.Semaphore(0)
+
+    async def long_poll(connecting: trio.Semaphore) -> None:
+        async with connecting:  # a few connects at a time: the listen backlog is 128
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(request)
+        sent_at = trio.current_time()
+        async with stream:  # closed once the answer is in, as HTTP clients do
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some(65536)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+            assert length is not None
+            while len(body) < int(length[1]):
+                body += await stream.receive_some(65536)
+        status = int(head.split()[1])
+        answers.append((status, body, trio.current_time() - sent_at))
+        if status == 503:
+            refused.release()
+
+    with trio.fail_after(CAP):
+        await condo.spawn(nursery, server=f"127.0.0.1:{port}", fd_limit=FD_LIMIT)
+        async with http(f"http://127.0.0.1:{port}") as probe:
+            while True:
+                try:
+                    if (await probe.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:  # not listening yet
+                    pass
+                await trio.sleep(0.1)
+            async with trio.open_nursery() as clients:
+                connecting = trio.Semaphore(32)
+                for _ in range(CLIENTS):
+                    clients.start_soon(long_poll, connecting)
+                for _ in range(CLIENTS - caps.waits):
+                    await refused.acquire()
+                open_waits = f"condo_web_open_waits {caps.waits}"
+                while open_waits not in (await probe.get("/metrics")).text:
+                    await trio.sleep(0.05)
+                assert len(answers) == CLIENTS - caps.waits  # the held ones are still held
+                condo.write("web", f'{{:spec {{:Image "{image}"}}}}')
+                # The held long-polls are answered once `web` is Stable: the clients end.
+            health = (await probe.get("/healthz")).json()
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200] * caps.waits + [503] * (CLIENTS - caps.waits)
+    for status, body, seconds in answers:
+        if status == 503:
+            assert json.loads(body) == {
+                "error": f"too many open waits (at most {caps.waits}; see --max-waits)",
+                "status": "unavailable",
+            }
+            assert seconds < 5.0  # at once, not after a wait
+    # The deploy went through: the engine was called, the state file written, nothing failed.
+    assert health["status"] == "ok", health
+    record = condo.state_file()["services"]["web"]
+    assert record["phase"] == "Stable"
+    assert await condo.running_ids("web") == {record["current"]["id"]}

@@ -8,6 +8,8 @@ Modules, each owning one thing:
     local      `LocalSource`: the Store as a StateSource (wait_for without Consul)
     health     `EngineHealth`: the engine's ping for /healthz, cached and shared
     auth       the bearer-token check (constant time)
+    hosts      which Host names the API answers, which Origin may open the feed
+    slots      the caps on open waits and feeds (503 beyond them)
     lifecycle  `Closing`: wakes every waiting request at shutdown
     static     the package's static files, served by exact name only
     openapi    the OpenAPI document of the routes

@@ -1,17 +1,23 @@
 """The HTTP API's routes (CONTRACT.md "HTTP API"), built by `build_app(context)`.
 
-Owns the Quart-Trio app: routes, the token check, and the rule that every error is JSON
-`{"error": "..."}` (404, 405, 400, 401, 413, and 500 for condo's own bugs) and never an HTML page.
+Owns the Quart-Trio app: routes, the Host, Origin and token checks, the caps on waiting requests,
+and the rule that every error is JSON `{"error": "..."}` (400, 401, 403, 404, 405, 413, 503, and
+500 for condo's own bugs) and never an HTML page.
 Everything the routes read comes in through `WebContext`; nothing here talks to Docker or Consul
 (the engine is a `ping` behind `EngineHealth`, the hosts a `StateSource`).
 
 Invariants:
+- Every route (`/healthz` too, unknown paths too) answers a `Host` that is not allowed with 403
+  before anything else, and the websocket refuses an `Origin` other than its own with 403
+  (condo.web.hosts: DNS rebinding and cross-site websockets). No `Host` or no `Origin` is fine.
 - With an API token, every route but `/healthz` answers 401 before doing anything else (even for
   unknown paths, so they leak nothing); the websocket also accepts `?token=`. A browser that asks
   for the dashboard page (`/`, `/ui`, Accept: text/html) gets its 401 with the page itself as the
   body (script and styles inlined, `locked_page`): it holds no state, and asks for the token.
-- A request that waits (`/v1/wait_for`, the feed) does so inside `context.closing.guard()`:
-  shutdown answers it at once (503, or close 1001).
+- A request that waits (`/v1/wait_for`, the feed) first takes one of its kind's `Slots`; with none
+  free it is answered 503 at once (with `Connection: close`, so that the refused connection does
+  not linger either). It waits inside `context.closing.guard()`: shutdown answers it at once (503,
+  or close 1001).
 - Bad input is a 4xx: parameters are validated before use, bodies above `MAX_BODY` are refused.
 """
 
@@ -37,8 +43,10 @@ from condo.waiting import StateSource, evaluate
 from condo.web.auth import bearer, token_matches
 from condo.web.feed import GlobalSnapshots, Snapshots, run_feed
 from condo.web.health import EngineHealth
+from condo.web.hosts import AllowedHosts, same_origin
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
+from condo.web.slots import Slots
 from condo.web.static import INDEX, StaticFile, StaticFiles, locked_page
 from condo.web.waitfor import BadParams, parse_wait_params, wait_deployed
 
@@ -68,6 +76,9 @@ class WebContext:
     closing: Closing
     static: StaticFiles
     api_token: str | None = attrs.field(default=None, repr=False)
+    allowed_hosts: AllowedHosts = attrs.field(factory=AllowedHosts.of)
+    max_waits: int = 10_000  # open /v1/wait_for at once (condo.fds.web_caps sizes it)
+    max_feeds: int = 100  # open /v1/feed at once
 
 
 def _error(code: int, message: str, **extra: Any) -> tuple[Response, int]:
@@ -108,11 +119,16 @@ def build_app(context: WebContext) -> QuartTrio:
         None if context.global_source is None else GlobalSnapshots(context.global_source)
     )
     locked = locked_page(context.static)
+    waits = Slots(context.max_waits)
+    feeds = Slots(context.max_feeds)
 
     # --- guards ---------------------------------------------------------------------------
 
     @app.before_request
     async def refuse_bodies_and_strangers() -> Any:
+        host = request.headers.get("Host")
+        if not context.allowed_hosts.allows(host):
+            return _foreign_host(host)
         length = request.content_length
         if length is not None and length > MAX_BODY:
             return _error(413, f"request bodies are limited to {MAX_BODY} bytes")
@@ -126,9 +142,17 @@ def build_app(context: WebContext) -> QuartTrio:
 
     @app.before_websocket
     async def refuse_strangers_on_websockets() -> Any:
+        host = websocket.headers.get("Host")
+        if not context.allowed_hosts.allows(host):
+            return _foreign_host(host)
+        origin = websocket.headers.get("Origin")
+        if not same_origin(origin, host):
+            return _error(403, f"the websocket's Origin {origin!r} is not this API's own"[:300])
         if context.api_token is None:
             return None
-        presented = bearer(websocket.headers.get("Authorization")) or websocket.args.get("token")
+        # An empty ?token= is no token (the CLI refuses an empty --api-token; this holds anyway).
+        query_token = websocket.args.get("token") or None
+        presented = bearer(websocket.headers.get("Authorization")) or query_token
         if not token_matches(context.api_token, presented):
             return _unauthorized()
         return None
@@ -186,12 +210,15 @@ def build_app(context: WebContext) -> QuartTrio:
             return _error(400, str(exc))
         source = context.global_source or context.local
         verdict = None
+        if not waits.try_take():
+            return _full("waits", waits.cap, "--max-waits")
         context.metrics.web_waiters.add(1)
         try:
             with context.closing.guard() as guard, trio.move_on_after(params.timeout):
                 verdict = await wait_deployed(source, params.name, params.image)
         finally:
             context.metrics.web_waiters.add(-1)
+            waits.release()
         if verdict is not None:
             return jsonify({"status": "ok", "hosts": list(verdict.hosts)})
         if guard.cancelled_caught:
@@ -232,7 +259,17 @@ def build_app(context: WebContext) -> QuartTrio:
         return jsonify(openapi_document())
 
     @app.websocket("/v1/feed")
-    async def feed() -> None:
+    async def feed() -> Any:
+        if not feeds.try_take():
+            # Refused before the handshake completes: the client gets this as an HTTP answer.
+            return _full("feeds", feeds.cap, "--max-feeds")
+        try:
+            await _feed()
+        finally:
+            feeds.release()
+        return None
+
+    async def _feed() -> None:
         await websocket.accept()
         context.metrics.web_feeds.add(1)
         try:
@@ -286,6 +323,24 @@ def _locked(page: StaticFile) -> tuple[Response, int]:
     response.headers["Content-Security-Policy"] = page.policy or PAGE_POLICY
     response.headers["WWW-Authenticate"] = 'Bearer realm="condo"'
     return response, 401
+
+
+def _foreign_host(host: str | None) -> tuple[Response, int]:
+    message = (
+        f"Host {host!r} is not allowed: condo answers loopback names, the address it listens on,"
+        " and names given with --allowed-host"
+    )
+    return _error(403, message[:400])
+
+
+def _full(kind: str, cap: int, option: str) -> tuple[Response, int]:
+    response, status = _error(
+        503, f"too many open {kind} (at most {cap}; see {option})", status="unavailable"
+    )
+    response.headers["Retry-After"] = "1"
+    # The refused client hangs up at once, so its connection does not hold a descriptor either.
+    response.headers["Connection"] = "close"
+    return response, status
 
 
 def _unauthorized() -> tuple[Response, int]:

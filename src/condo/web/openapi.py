@@ -27,6 +27,9 @@ def _error(description: str) -> dict[str, Any]:
 
 
 _UNAUTHORIZED = _error("--api-token is set and the request has no valid Bearer token")
+_FOREIGN_HOST = _error(
+    "the Host is not localhost, 127.0.0.1, [::1], the --server address or an --allowed-host name"
+)
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -208,7 +211,6 @@ def _page(summary: str) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     """The whole document (a fresh dict on each call)."""
-    shutting_down = _error("condo is shutting down")
     paths: dict[str, Any] = {
         "/v1/state": {
             "get": {
@@ -249,7 +251,10 @@ def openapi_document() -> dict[str, Any]:
                     "400": _error("missing or bad parameters"),
                     "401": _UNAUTHORIZED,
                     "500": _json("WaitTimeout", "the timeout passed; the pending hosts"),
-                    "503": shutting_down,
+                    "503": _error(
+                        "condo is shutting down, or too many waits are open (--max-waits); "
+                        "answered at once"
+                    ),
                 },
             }
         },
@@ -278,6 +283,11 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "400": _error("not a websocket request"),
                     "401": _UNAUTHORIZED,
+                    "403": _error(
+                        "a foreign Host, or an Origin that is not this API's own "
+                        "(no Origin is fine)"
+                    ),
+                    "503": _error("too many feeds are open (--max-feeds); answered at once"),
                 },
             }
         },
@@ -325,6 +335,9 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"].setdefault("403", _FOREIGN_HOST)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -332,7 +345,9 @@ def openapi_document() -> dict[str, Any]:
             "version": condo.__version__,
             "description": "The HTTP API of `condo run`. Every error answer is JSON "
             '`{"error": "..."}`. When --api-token is set, every route but /healthz needs '
-            "`Authorization: Bearer TOKEN` (the websocket also accepts `?token=`).",
+            "`Authorization: Bearer TOKEN` (the websocket also accepts `?token=`). Every route "
+            "answers 403 to a Host other than localhost, 127.0.0.1, [::1], the --server address "
+            "and the --allowed-host names (any port).",
         },
         "security": [{"bearer": []}],
         "paths": paths,

@@ -2,8 +2,9 @@
 
 Owns: the listening socket (`WebServer.listen`, bound before serving so that a bad `--server` is a
 start-up error and port 0 reveals its real port at once), the hypercorn configuration, the wiring
-of the app to a running condo (metrics subscriptions, the engine's health, the state sources), and
-the shutdown sequence.
+of the app to a running condo (metrics subscriptions, the engine's health, the state sources, the
+allowed Host names, the caps on waits and feeds sized to the open-files limit), and the shutdown
+sequence.
 
 Shutdown (the `stopping` event, which SIGTERM sets, or cancellation of the web task):
 1. `Closing.close()` wakes every long-poll (503) and websocket (close 1001) at once;
@@ -41,11 +42,13 @@ from hypercorn.typing import (
 
 from condo.config import DEFAULT_SERVER, Bind, Config, parse_server
 from condo.errors import ConfigError
+from condo.fds import RESERVE, fd_limit, web_caps
 from condo.metrics import DockerCall, Metrics, ServiceMetrics
 from condo.store import Store
 from condo.waiting import StateSource
 from condo.web.app import WebContext, build_app
 from condo.web.health import EngineHealth
+from condo.web.hosts import AllowedHosts
 from condo.web.lifecycle import Closing
 from condo.web.local import LocalSource
 from condo.web.static import StaticFiles
@@ -116,11 +119,13 @@ class WebServer:
             web.close()                                  # only matters if it never served
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, name: str | None = None) -> None:
         self._socket: socket.socket | None = sock
         host, port = sock.getsockname()[:2]
         self.host: str = host
         self.port: int = port
+        # The --server host as given (a name, maybe): clients may use it as their Host.
+        self.names: tuple[str, ...] = (host,) if name is None else (host, name)
 
     @classmethod
     async def listen(cls, bind: Bind) -> WebServer:
@@ -147,7 +152,7 @@ class WebServer:
                 sock.close()
                 problems.append(exc.strerror or str(exc))
                 continue
-            return cls(sock)
+            return cls(sock, bind.host)
         raise ConfigError(f"--server {bind}: cannot listen: {'; '.join(problems) or 'no address'}")
 
     @property
@@ -179,6 +184,18 @@ class WebServer:
             publisher.add_failure_observer(metrics.observe_consul_publish) if publisher else None
         )
         writer = running.writer
+        config = running.config
+        limit = fd_limit()
+        caps = web_caps(limit, config.max_waits, config.max_feeds)
+        allowed = AllowedHosts.of(self.names, config.allowed_hosts)
+        log.info(
+            "web.limits",
+            open_files=limit,
+            reserve=RESERVE,
+            max_waits=caps.waits,
+            max_feeds=caps.feeds,
+            allowed_hosts=sorted(allowed.names),
+        )
         context = WebContext(
             store=store,
             local=LocalSource(store),
@@ -188,7 +205,10 @@ class WebServer:
             metrics=metrics,
             closing=Closing(),
             static=await trio.to_thread.run_sync(StaticFiles.scan),
-            api_token=running.config.api_token,
+            api_token=config.api_token,
+            allowed_hosts=allowed,
+            max_waits=caps.waits,
+            max_feeds=caps.feeds,
         )
         app = closing_connections(build_app(context), context.closing)
         try:
