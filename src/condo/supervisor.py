@@ -25,6 +25,7 @@ import contextlib
 import functools
 import signal
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import attrs
@@ -341,6 +342,12 @@ def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]
 
 
 WebServer = Callable[[Running, trio.Event], Awaitable[None]]
+# How run_condo reaches the engine: open_docker, or a test's stand-in (tests/faultsim).
+OpenEngine = Callable[[str, RegistryAuth], AbstractAsyncContextManager[DockerClient]]
+
+
+def _open_docker(url: str, auth: RegistryAuth) -> AbstractAsyncContextManager[DockerClient]:
+    return open_docker(url, auth=auth)
 
 
 async def run_condo(
@@ -348,6 +355,7 @@ async def run_condo(
     *,
     web: WebServer | None = None,
     handle_signals: bool = False,
+    open_engine: OpenEngine = _open_docker,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run condo until cancelled (or `Running.shutdown()`); then persist and return."""
@@ -359,7 +367,7 @@ async def run_condo(
     writer = persist.StateWriter(config.state_path, state_document(config, store))
     store.subscribe(writer.mark_dirty)
     stopping = trio.Event()
-    async with open_docker(config.docker_url, auth=auth) as docker:
+    async with open_engine(config.docker_url, auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, records)
         try:
             async with trio.open_nursery() as root:
