@@ -44,6 +44,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.internal.conjecture import engine as hypothesis_engine
 
 import condo.specdir
 import condo.store
@@ -51,7 +52,7 @@ from condo import labels
 from condo.config import Config
 from condo.record import RECORD_VERSION
 from condo.spec import parse_spec
-from condo.supervisor import run_condo
+from condo.supervisor import Running, run_condo
 from tests.faultsim.engine import (
     CLIENT_TIMEOUT,
     EPOCH,
@@ -66,6 +67,8 @@ IMAGES = {"faultsim/hc:1": True, "faultsim/plain:1": False}  # image -> has a HE
 QUIESCE = 1500.0  # virtual seconds with a healthy engine: > the 300 s retry cap, several times
 RESCAN = 4.0  # virtual seconds between spec scans (each is real file I/O)
 EXAMPLES = int(os.environ.get("CONDO_FUZZ_EXAMPLES", "40"))
+# Hypothesis shrinks for up to 5 min per run; a failing CI run reports after this many seconds.
+SHRINK_SECONDS = int(os.environ.get("CONDO_FUZZ_SHRINK_SECONDS", "60"))
 
 # --- the program --------------------------------------------------------------------------------
 
@@ -220,7 +223,7 @@ class History:
 
     changes: dict[str, list[tuple[float, str | None]]] = attrs.Factory(dict)
 
-    def set(self, service: str, spec_hash: str | None) -> None:
+    def record(self, service: str, spec_hash: str | None) -> None:
         self.changes.setdefault(service, []).append((trio.current_time(), spec_hash))
 
     def at(self, service: str, when: float) -> str | None:
@@ -262,6 +265,7 @@ class Lab:
         self.host = HOSTS[0]
         self.starts: list[tuple[float, str]] = []  # (virtual time, host) of every start
         self.valid_text: dict[str, str] = {}  # each service's latest valid file content
+        self.final_state: bytes | None = None
 
     async def start(self, mode: StartMode) -> None:
         if self.condo is not None:
@@ -286,7 +290,7 @@ class Lab:
         scope = trio.CancelScope()
         done = trio.Event()
 
-        async def run(task_status: trio.TaskStatus[None]) -> None:
+        async def run(task_status: trio.TaskStatus[Running]) -> None:
             try:
                 with scope:
                     await run_condo(config, open_engine=handle.opener(), task_status=task_status)
@@ -296,6 +300,10 @@ class Lab:
         await self.nursery.start(run)
         self.condo = Instance(self.host, handle, trio.current_time(), scope, done)
         self.starts.append((trio.current_time(), self.host))
+
+    def freeze(self) -> None:
+        """Keep the state file as it is at quiescence (the kill that ends the run restores it)."""
+        self.final_state = self.state.read_bytes() if self.state.exists() else None
 
     async def kill(self) -> None:
         """kill -9: from now on nothing this condo does reaches the engine or the disk."""
@@ -320,7 +328,7 @@ class Lab:
                 (self.specs / f"{step.service}.edn").write_text(text)
                 self.valid_text[step.service] = text
                 spec = parse_spec(text.encode(), f"{step.service}.edn")
-                self.history.set(step.service, spec.container_hash)
+                self.history.record(step.service, spec.container_hash)
             case Break(service=service):
                 path = self.specs / f"{service}.edn"
                 # Only while condo runs, so that it has seen the latest valid content first.
@@ -330,7 +338,7 @@ class Lab:
                 path = self.specs / f"{service}.edn"
                 if path.exists():
                     path.unlink()
-                    self.history.set(service, None)
+                    self.history.record(service, None)
             case Wait(seconds=seconds):
                 await trio.sleep(seconds)
             case Inject(fault=fault):
@@ -396,12 +404,16 @@ def run_program(program: list[Step]) -> None:
     root = Path(tempfile.mkdtemp(prefix="condo-faultsim-"))
     try:
         with _simulated():
-            trio.run(_execute, program, root, clock=trio.testing.MockClock(autojump_threshold=0))
+            lab = trio.run(
+                _execute, program, root, clock=trio.testing.MockClock(autojump_threshold=0)
+            )
+            check(lab)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _execute(program: list[Step], root: Path) -> None:
+async def _execute(program: list[Step], root: Path) -> Lab:
+    """Run `program`, then quiesce; the lab is checked after (outside the task tree)."""
     with trio.fail_after(100_000):  # virtual seconds: a hang is a failure, not a stuck test
         async with trio.open_nursery() as nursery:
             world = World(nursery, IMAGES)
@@ -419,9 +431,10 @@ async def _execute(program: list[Step], root: Path) -> None:
             world.clear_faults()
             await lab.start("same")
             await trio.sleep(QUIESCE)
-            check(lab)
+            lab.freeze()
             await lab.kill()
             nursery.cancel_scope.cancel()
+    return lab
 
 
 # --- the invariants -----------------------------------------------------------------------------
@@ -468,10 +481,10 @@ def check(lab: Lab) -> None:
                 f"{service}: running {[b.labels.get(labels.SPEC_HASH, '')[:8] for b in running]},"
                 f" wanted [{wanted[:8]}]"
             )
-    if not lab.state.exists() and not mine and not any(map(lab.history.latest, SERVICES)):
+    if lab.final_state is None and not mine and not any(map(lab.history.latest, SERVICES)):
         return  # nothing ever happened: condo had nothing to write
     try:
-        document = json.loads(lab.state.read_bytes())
+        document = json.loads(lab.final_state or b"")
     except (OSError, ValueError) as exc:
         raise BadStateFile(f"state file unreadable: {exc}") from None
     if document.get("host") != host or document.get("version") != RECORD_VERSION:
@@ -491,6 +504,12 @@ def describe(program: list[Step]) -> str:
     return "\n".join(f"  {i:2}. {step}" for i, step in enumerate(program, 1))
 
 
+def test_fault_search() -> None:
+    # The shrinking budget is a module constant of hypothesis's engine, read when shrinking starts.
+    with mock.patch.object(hypothesis_engine, "MAX_SHRINKING_SECONDS", SHRINK_SECONDS):
+        _search()
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -498,7 +517,7 @@ def describe(program: list[Step]) -> str:
     database=None,
 )
 @given(programs)
-def test_fault_search(program: list[Step]) -> None:
+def _search(program: list[Step]) -> None:
     try:
         run_program(program)
     except AssertionError as exc:

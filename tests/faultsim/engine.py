@@ -13,7 +13,9 @@ Faults (a plan the search sets, consumed by the next matching calls):
   a stop's grace + 30 s) with DockerTimeout. A cancelled or timed-out call still acts: the
   engine never hears that the client went away.
 - `lost`: the engine acts, the answer is lost (DockerTimeout).
-- `e404`, `e409`, `e500`: the engine answers that error without acting.
+- `e404`: somebody removed the container just before the call (the engine cannot answer 404
+  for one that exists); on create, the image is gone for a moment. `e409`, `e500`: the engine
+  answers that error without acting.
 Engine restart: calls fail (DockerUnavailable) for a while, event streams break, every container
 stops, and with `lose` they are gone. A killed condo's handle is `dead`: its calls hang and act
 on nothing, like those of a process that no longer exists.
@@ -161,6 +163,14 @@ class World:
 
         self._nursery.start_soon(back)
 
+    def remove_by_hand(self, cid_or_name: str) -> None:
+        for box in list(self.containers.values()):
+            if cid_or_name in (box.id, box.name):
+                box.running = False
+                box.generation += 1
+                del self.containers[box.id]
+                self._emit(box, "destroy")
+
     def crash(self, cid: str) -> None:
         box = self.containers.get(cid)
         if box is not None and box.running:
@@ -277,7 +287,14 @@ class Handle:
 
         return open_engine
 
-    async def _call(self, method: str, act: Callable[[], T], *, guard: float = CLIENT_TIMEOUT) -> T:
+    async def _call(
+        self,
+        method: str,
+        act: Callable[[], T],
+        *,
+        guard: float = CLIENT_TIMEOUT,
+        target: str | None = None,
+    ) -> T:
         await trio.lowlevel.checkpoint()
         if self.dead:
             raise DockerUnavailable(f"{method}: condo was killed")  # and nothing is done
@@ -289,7 +306,10 @@ class Handle:
             return act()
         match fault.kind:
             case "e404":
-                raise ContainerNotFound(404, f"{method}: injected 404")
+                if target is not None:
+                    world.remove_by_hand(target)
+                    return act()  # now a true 404
+                raise ImageNotFound(404, f"{method}: injected 404")
             case "e409":
                 raise DockerApiError(409, f"{method}: injected 409")
             case "e500":
@@ -377,7 +397,7 @@ class Handle:
             self._touch("start", box)
             self.world._start(box)
 
-        await self._call("start", act)
+        await self._call("start", act, target=cid)
 
     async def stop(self, cid: ContainerId, *, grace: float) -> None:
         def act() -> None:
@@ -390,7 +410,7 @@ class Handle:
                 self.world._emit(box, "die")
                 self.world._emit(box, "stop")
 
-        await self._call("stop", act, guard=grace + STOP_TIMEOUT_MARGIN)
+        await self._call("stop", act, guard=grace + STOP_TIMEOUT_MARGIN, target=cid)
 
     async def remove(self, cid: ContainerId) -> None:
         def act() -> None:
@@ -404,7 +424,7 @@ class Handle:
             del self.world.containers[box.id]
             self.world._emit(box, "destroy")
 
-        await self._call("remove", act)
+        await self._call("remove", act, target=cid)
 
     async def rename(self, cid: ContainerId, new_name: str) -> None:
         def act() -> None:
@@ -415,7 +435,7 @@ class Handle:
             box.name = new_name
             self.world._emit(box, "rename")
 
-        await self._call("rename", act)
+        await self._call("rename", act, target=cid)
 
     async def inspect(self, cid_or_name: str) -> Container:
         def act() -> Container:
@@ -433,7 +453,7 @@ class Handle:
                 restart_policy="",
             )
 
-        return await self._call("inspect", act)
+        return await self._call("inspect", act, target=cid_or_name)
 
     async def list_containers(self, *, labels: Mapping[str, str]) -> list[ContainerSummary]:
         def act() -> list[ContainerSummary]:
@@ -498,8 +518,9 @@ class Handle:
 
 async def _no_events() -> AsyncIterator[ContainerEvent]:
     await trio.lowlevel.checkpoint()
-    return
-    yield  # an async generator that yields nothing
+    nothing: tuple[ContainerEvent, ...] = ()
+    for event in nothing:  # an async generator that yields nothing
+        yield event
 
 
 def _wall() -> float:
