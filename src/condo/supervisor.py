@@ -25,6 +25,7 @@ import contextlib
 import functools
 import signal
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import attrs
@@ -369,6 +370,12 @@ def load_self_status(config: Config) -> SelfStatus | None:
 
 
 WebServer = Callable[[Running, trio.Event], Awaitable[None]]
+# How run_condo reaches the engine: open_docker, or a test's stand-in (tests/faultsim).
+OpenEngine = Callable[[str, RegistryAuth], AbstractAsyncContextManager[DockerClient]]
+
+
+def _open_docker(url: str, auth: RegistryAuth) -> AbstractAsyncContextManager[DockerClient]:
+    return open_docker(url, auth=auth)
 
 
 async def run_condo(
@@ -376,6 +383,7 @@ async def run_condo(
     *,
     web: WebServer | None = None,
     handle_signals: bool = False,
+    open_engine: OpenEngine = _open_docker,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run condo until cancelled (or `Running.shutdown()`); then persist and return."""
@@ -401,7 +409,7 @@ async def run_condo(
         with writing:
             await writer.run(task_status=task_status)
 
-    async with open_docker(config.docker_url, auth=auth) as docker:
+    async with open_engine(config.docker_url, auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, records)
         try:
             async with trio.open_nursery() as root:

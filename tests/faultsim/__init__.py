@@ -1,0 +1,1 @@
+"""The model-based fault search's parts: a fault-injecting engine world and condo's lifecycle."""
