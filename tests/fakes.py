@@ -13,7 +13,13 @@ import attrs
 import trio
 
 from condo.docker import Container, ContainerId, ContainerSummary
-from condo.errors import ContainerNotFound, DockerTimeout, ImageNotFound, NameConflict
+from condo.errors import (
+    ContainerNotFound,
+    DockerApiError,
+    DockerTimeout,
+    ImageNotFound,
+    NameConflict,
+)
 from condo.service import Engine
 from condo.waiting import HostsView, Picture, StateSource
 
@@ -43,6 +49,7 @@ class FakeEngine:
     slow_starts: int = 0
     slow_removes: int = 0
     slow_delay: float = 0.0
+    failing_stops: int = 0  # the next stops fail with a 500 (the engine in trouble)
     containers: dict[str, FakeContainer] = attrs.Factory(dict)
     calls: list[str] = attrs.Factory(list)
     _serial: int = 0
@@ -89,6 +96,9 @@ class FakeEngine:
     async def stop(self, cid: ContainerId, *, grace: float) -> None:
         box = self._get(cid)
         self.calls.append(f"stop {box.name}")
+        if self.failing_stops > 0:
+            self.failing_stops -= 1
+            raise DockerApiError(500, "the engine is in trouble")
         await trio.sleep(min(self.stop_delay, grace))
         box.running = False
 

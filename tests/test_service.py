@@ -14,6 +14,7 @@ from condo import fsm, labels
 from condo.fsm import Phase
 from condo.service import (
     CALL_LIMIT,
+    LEFTOVER_RESYNC_DELAY,
     MAILBOX_CAPACITY,
     PULL_LIMIT,
     Mailbox,
@@ -278,6 +279,7 @@ async def test_a_slow_remove_after_a_stop_never_counts_the_stopped_one_as_servin
             d.store.subscribe(lambda: phases.append(d.state.phase))
             d.mailbox.set_spec(spec("app:2"))
             second = await d.wait_phase(Phase.Stable, other_than=first.current.id)
+            await trio.sleep(LEFTOVER_RESYNC_DELAY)
             await trio.testing.wait_all_tasks_blocked()
             assert second.current is not None and second.current.spec.image == "app:2"
             # The stopped one was removed by the resync that followed; it never counted as
@@ -304,3 +306,22 @@ async def test_a_container_of_another_host_is_never_touched_whatever_the_record_
                 await d.store.wait_changed(d.store.version)
     assert engine.containers["o1"].running
     assert not [c for c in engine.calls if c.endswith("web_o1")]
+
+
+async def test_a_container_whose_stop_fails_is_retired_by_a_later_resync(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Found by the fault search: the engine fails the stop of a removed service's container;
+    # the driver must not end and forget it.
+    engine = FakeEngine(local_images={"app:1"})
+    with trio.fail_after(1000):
+        async with driving(engine) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            await d.wait_phase(Phase.Stable)
+            engine.failing_stops = 1
+            d.mailbox.set_spec(None)
+            while (entry := d.store.entries.get("web")) is None or not entry.state.finished:
+                await d.store.wait_changed(d.store.version)
+            await trio.sleep(LEFTOVER_RESYNC_DELAY + 1)
+            await trio.testing.wait_all_tasks_blocked()
+    assert engine.containers == {}

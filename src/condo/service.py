@@ -49,6 +49,7 @@ MAILBOX_CAPACITY = 64
 CALL_LIMIT = 60.0
 STOP_LIMIT_EXTRA = 30.0
 OBSERVE_RETRY_DELAY = 1.0
+LEFTOVER_RESYNC_DELAY = 2.0
 # A pull that makes no headway this long (a hung registry) fails as a transient error.
 PULL_LIMIT = 600.0
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
@@ -186,6 +187,9 @@ class _Driver:
         self._mailbox = mailbox
         self._state = state
         self._pending: deque[fsm.Effect] = deque()
+        # When a container could not be retired (the engine failed or was too slow), the
+        # Trio time of a resync that finds it again as a stray; the driver never ends before.
+        self._leftover_resync_at: float | None = None
         ctx.store.set_state(ctx.name, state)
 
     async def run(self) -> None:
@@ -198,15 +202,20 @@ class _Driver:
                 if result is not None:
                     self._apply(result)
                 continue
-            if self._state.finished:
+            if self._state.finished and self._leftover_resync_at is None:
                 log.info("service.finished")
                 return
             deadline = self._state.deadline if self._state.deadline is not None else math.inf
+            resync_at = self._leftover_resync_at
             received: Input | None = None
             # Only the wait is bounded by the deadline: what it received is always handled in
             # full (a resync cut short by a deadline that had already passed would be lost).
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(min(deadline, resync_at or math.inf)):
                 received = await self._mailbox.get()
+            if received is None and resync_at is not None and trio.current_time() >= resync_at:
+                received = ResyncRequested()
+            if isinstance(received, ResyncRequested):
+                self._leftover_resync_at = None  # this resync finds every leftover
             if received is None:
                 self._apply(fsm.DeadlineReached())
             elif isinstance(received, ResyncRequested):
@@ -387,6 +396,7 @@ class _Driver:
             return True  # already gone: that is what we wanted
         except (DockerError, trio.TooSlowError) as exc:
             log.warning("service.retire_failed", container=name, error=str(exc) or "timed out")
+            self._resync_later()
             return False
         if not self._owns(info):
             log.error(
@@ -403,9 +413,10 @@ class _Driver:
         except ContainerNotFound:
             return True
         except (DockerError, trio.TooSlowError) as exc:
-            # Left for the next resync: it is not in the state any more, so it will be
-            # found as a stray and removed then.
+            # Left for a resync: once it is not in the state any more, it is found as a stray
+            # and removed then.
             log.warning("service.retire_failed", container=name, error=str(exc) or "timed out")
+            self._resync_later()
             return False
         if not keep:
             try:
@@ -416,9 +427,15 @@ class _Driver:
             except (DockerError, trio.TooSlowError) as exc:
                 # Stopped, so it no longer serves; the resync removes the stopped stray.
                 log.warning("service.remove_failed", container=name, error=str(exc) or "timed out")
-                self._mailbox.request_resync()
+                self._resync_later()
         log.info("service.retired", container=name, kept=keep)
         return True
+
+    def _resync_later(self) -> None:
+        """A container could not be retired: look again in a while (not at once, so that an
+        engine that keeps failing is not hammered), and never end before that."""
+        if self._leftover_resync_at is None:
+            self._leftover_resync_at = trio.current_time() + LEFTOVER_RESYNC_DELAY
 
     async def _observe(self) -> tuple[fsm.Seen, ...]:
         """Everything the engine has of this service, retrying while it cannot answer."""
