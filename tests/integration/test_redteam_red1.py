@@ -18,11 +18,16 @@ import attrs
 import pytest
 import trio
 
-from condo import labels
+from condo import labels, selfdeploy
 from condo.docker import DockerClient
 from condo.errors import ContainerNotFound
 from condo.supervisor import run_condo
-from tests.integration.harness import CondoUnderTest, condo_files, remove_host_containers
+from tests.integration.harness import (
+    CondoUnderTest,
+    condo_files,
+    free_port,
+    remove_host_containers,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -96,7 +101,7 @@ async def test_a_lost_record_in_waitnext_keeps_serving_until_the_candidate_is_re
         async with running_condo(condo):
             first = await condo.wait_state("web", "Stable")
             condo.write("web", SLOW_CANDIDATE)
-            await condo.wait(lambda view: (view["services"]["web"]["next"] or {}).get("id"))
+            await condo.wait(lambda view: view["services"]["web"]["next"] is not None)
         old = first["current"]["id"]
         condo.state_path.unlink()
         async with running_condo(condo):
@@ -264,3 +269,85 @@ async def test_an_unlabelled_container_holding_the_fixed_name_is_never_touched(
     for cid in squatters:
         assert await still_running(docker, cid), "condo stopped an unlabelled container"
     assert not await condo.containers("web")
+
+
+# --- 7. A hand-over container that dies before it stops this condo ---------------------------
+
+
+async def test_a_hand_over_container_that_dies_early_leaves_condo_supervising(
+    condo: CondoUnderTest,
+    docker: DockerClient,
+    container_labels: Mapping[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README, Self-deploy: "every failure resumes". Attack: the stop-then-start hand-over
+    container starts but dies before stopping this condo (here: it cannot reach the engine,
+    because this condo's container has no socket bind; an OOM kill or an operator's `docker rm`
+    end the same way). Does this condo resume, or exit with every service suspended and a
+    created, never started successor left behind?"""
+    port = free_port()
+    # This condo's "own container": the condo image (so the hand-over command exists), with
+    # the port that self.edn publishes too.
+    own = await docker.create(
+        {
+            "Image": "condo:dev",
+            "Entrypoint": ["sleep", "300"],
+            "Labels": dict(container_labels),
+            "ExposedPorts": {"80/tcp": {}},
+            "HostConfig": {
+                "PortBindings": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+            },
+        },
+        name=f"{condo.host}-own",
+    )
+    await docker.start(own)
+    own_info = await docker.inspect(own)
+
+    async def fake_own_container(_docker: DockerClient) -> Any:
+        return own_info
+
+    monkeypatch.setattr(selfdeploy, "find_own_container", fake_own_container)
+    monkeypatch.setattr(selfdeploy, "HAND_OVER_STOP_LIMIT", 5.0)
+    run_label = "".join(f' "{k}" "{v}"' for k, v in container_labels.items())
+    condo.write("work", SLEEPER.format(tag=1, deploy="[:Before]"))
+    binding = f'{{"80/tcp" [{{:HostIp "127.0.0.1" :HostPort "{port}"}}]}}'
+    (condo.specs / "self.edn").write_text(
+        f'{{:Image "condo-test/busybox:1" :Labels {{{run_label}}}'
+        f" :HostConfig {{:PortBindings {binding}}}}}"
+    )
+    exited = trio.Event()
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    try:
+                        await run_condo(condo.config(), task_status=task_status_for(condo))
+                    finally:
+                        exited.set()
+
+                def task_status_for(under_test: CondoUnderTest) -> Any:
+                    class Started:
+                        def started(self, running: Any = None) -> None:
+                            under_test.running = running
+
+                    return Started()
+
+                nursery.start_soon(run)
+                with trio.move_on_after(15):
+                    await exited.wait()
+                still_up = not exited.is_set()
+                if condo.running is not None:
+                    condo.running.shutdown()
+        successors = await docker.list_containers(labels={selfdeploy.SELF_LABEL: condo.host})
+        assert still_up, (
+            "condo exited after its hand-over container died: every service stayed suspended "
+            f"and the successor was left as {[(s.name, s.state) for s in successors]}"
+        )
+        assert not successors, f"a successor was left behind: {successors}"
+    finally:
+        with trio.move_on_after(30, shield=True):
+            for label in (selfdeploy.SELF_LABEL, selfdeploy.HAND_OVER_LABEL):
+                for row in await docker.list_containers(labels={label: condo.host}):
+                    with contextlib.suppress(ContainerNotFound):
+                        await docker.remove(row.id)
