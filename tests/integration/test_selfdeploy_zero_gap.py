@@ -1,7 +1,9 @@
 """Self-deploy without API gap: host networking and `--server-reuse-port` (issue item 7).
 
 The first condo container is started by hand with `--network host`, listening with SO_REUSEPORT on
-a free loopback port this test picks; `self.edn` asks for the same. Nothing is published, so
+a free loopback port this test picks; `self.edn` asks for the same. Both are the README's example
+("Self-deploy without API gap"), run with bash, with this test's port, folder, host name, image
+and container name (and labels) substituted. Nothing is published, so
 there is no port clash: the successor starts beside the old condo and listens on the same port
 while the old one still does; then the old one exits. Pollers ask `/healthz` and `/v1/state`
 every 20 ms, each on a fresh connection, through the whole hand-over: none may fail.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,12 @@ import pytest
 import trio
 
 from condo import labels
-from condo.docker import ContainerId, DockerClient
+from condo.docker import DockerClient
 from condo.errors import ContainerNotFound
 from condo.selfdeploy import HAND_OVER_LABEL, SELF_LABEL
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import remove_host_containers
-from tests.integration.test_selfdeploy import WORKLOAD, Site
+from tests.integration.test_selfdeploy import WORKLOAD, Site, bash, readme_block
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -103,6 +105,7 @@ async def test_host_networking_with_reuse_port_hands_over_without_a_failed_reque
     docker_cli: DockerCli,
     site: Site,
     container_labels: Mapping[str, str],
+    container_name: Callable[[str], str],
 ) -> None:
     port = free_port()
     api = f"http://127.0.0.1:{port}"
@@ -110,16 +113,21 @@ async def test_host_networking_with_reuse_port_hands_over_without_a_failed_reque
     await docker_cli("tag", condo_image, second_tag)
     try:
         with trio.fail_after(120):
-            label_args = [a for k, v in container_labels.items() for a in ("--label", f"{k}={v}")]
-            out = await docker_cli(
-                "run", "-d", *label_args, "--network", "host",
-                "-v", "/var/run/docker.sock:/var/run/docker.sock",
-                "-v", f"{site.specs}:/var/lib/condo",
-                "-e", f"CONDO_HOST={site.host}",
-                "-e", f"CONDO_SERVER=127.0.0.1:{port}", "-e", "CONDO_SERVER_REUSE_PORT=1",
-                condo_image,
-            )  # fmt: skip
-            first = ContainerId(out.strip())
+            # The README's example as written, on this test's port, folder, host, image, name.
+            def readme(containing: str) -> str:
+                label_args = " ".join(f"--label {k}={v}" for k, v in container_labels.items())
+                return (
+                    readme_block(containing)
+                    .replace("4281", str(port))  # first: the names below are random hex
+                    .replace("--name condo", f"--name {container_name('condo')} {label_args}")
+                    .replace("$(hostname)", site.host)
+                    .replace("/srv/condo", str(site.specs))
+                    .replace("condo:dev", condo_image)
+                    .replace("condo:1.1", second_tag)
+                )
+
+            await bash(readme("-e CONDO_SERVER_REUSE_PORT=1"))
+            first = (await docker.inspect(container_name("condo"))).id
             await wait_answers(f"{api}/healthz")
             (site.specs / "web.edn").write_text(WORKLOAD)
             before = await site.wait_stable("web")
@@ -128,13 +136,7 @@ async def test_host_networking_with_reuse_port_hands_over_without_a_failed_reque
             async with trio.open_nursery() as polling:
                 for poller in pollers:
                     polling.start_soon(poller.run)
-                (site.specs / "self.edn").write_text(
-                    f'{{:Image "{second_tag}"\n'
-                    f' :Env ["CONDO_SERVER=127.0.0.1:{port}" "CONDO_SERVER_REUSE_PORT=1"]\n'
-                    f' :HostConfig {{:NetworkMode "host"\n'
-                    f'              :Binds ["/var/run/docker.sock:/var/run/docker.sock"\n'
-                    f'                      "{site.specs}:/var/lib/condo"]}}}}\n'
-                )
+                await bash(readme(':NetworkMode "host"'))
                 while (info := await docker.inspect(first)).running:
                     status = (pollers[1].last or {}).get("self") or {}
                     if status.get("state") == "failed":  # no need to wait for the time cap
