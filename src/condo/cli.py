@@ -81,6 +81,7 @@ async def run(
     *,
     state: Path = Path("condo-state.json"),
     server: str = DEFAULT_SERVER,
+    server_reuse_port: bool = False,
     docker: str = "unix:///var/run/docker.sock",
     docker_config: Path | None = None,
     host: str | None = None,
@@ -108,6 +109,9 @@ async def run(
         The state file (written atomically after every change).
     server
         [HOST:]PORT for the HTTP API (a bare PORT binds 127.0.0.1), or "off".
+    server_reuse_port
+        Listen with SO_REUSEPORT, so that a successor condo (self-deploy with host networking)
+        can listen on the same port before this one stops: a self-deploy without API gap.
     docker
         The engine: unix:///path or tcp://HOST:PORT.
     docker_config
@@ -150,7 +154,7 @@ async def run(
             docker_url=docker,
             docker_config=docker_config,
             host=host or socket.gethostname(),
-            server=parse_server(server),
+            server=parse_server(server, reuse_port=server_reuse_port),
             stop_on_exit=stop_on_exit,
             expose=expose,
             consul_endpoint=consul_endpoint,

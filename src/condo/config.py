@@ -26,12 +26,14 @@ class Bind:
 
     host: str
     port: int
+    reuse_port: bool = False
+    """SO_REUSEPORT: another process (a successor condo) may listen on the same port at once."""
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_server(value: str) -> Bind | None:
+def parse_server(value: str, *, reuse_port: bool = False) -> Bind | None:
     """`[HOST:]PORT` → Bind (a bare PORT binds 127.0.0.1); `off` → None."""
     text = value.strip()
     if text.lower() in ("off", "none", ""):
@@ -46,7 +48,7 @@ def parse_server(value: str) -> Bind | None:
         raise ConfigError(f"--server {value!r}: expected [HOST:]PORT or off") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"--server {value!r}: port {port} is out of range")
-    return Bind(host=host, port=port)
+    return Bind(host=host, port=port, reuse_port=reuse_port)
 
 
 def parse_allowed_host(value: str) -> str:

@@ -155,10 +155,15 @@ def self_body(spec: SelfSpec, host: str, *, auto_remove: bool = True) -> dict[st
 
 
 def clashing_ports(spec: SelfSpec, own: Container | None) -> frozenset[str]:
-    """The host ports both self.edn and this condo's own container publish."""
-    if own is None:
+    """The host ports both self.edn and this condo's own container publish.
+
+    None with host networking in self.edn: the engine discards its PortBindings (nothing is
+    published, so nothing clashes), and with `--server-reuse-port` on both sides the two condos
+    listen on the one port at once."""
+    host_config = spec.container.get("HostConfig") or {}
+    if own is None or host_config.get("NetworkMode") == "host":
         return frozenset()
-    wanted = published_host_ports((spec.container.get("HostConfig") or {}).get("PortBindings"))
+    wanted = published_host_ports(host_config.get("PortBindings"))
     return wanted & own.host_ports
 
 
