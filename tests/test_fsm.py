@@ -440,7 +440,10 @@ def test_with_nothing_recorded_a_running_container_of_the_desired_spec_is_adopte
     state, effects = run(state, fsm.Observed(containers=(other, mine)))
     assert state.phase is Phase.Stable and state.current is not None
     assert state.current.id == "c1"
-    assert effects == [fsm.RemoveStray(id="c0", name="web_c0")]
+    # The older one served beside it; it is retired (with its stop timeout) as in any
+    # finished [:After] deploy, not removed as a stray.
+    [retire] = effects
+    assert isinstance(retire, fsm.Retire) and retire.box.id == "c0" and not retire.keep
     state, effects = run(state, fsm.SpecChanged(SPEC_A))
     assert state.phase is Phase.Stable and effects == []
 
@@ -503,3 +506,15 @@ def test_a_failed_candidate_still_running_after_a_restart_is_stopped() -> None:
     )
     _, effects = run(state, fsm.Observed(containers=seen))
     assert effects == [fsm.Retire(box=failed, keep=True)]
+
+
+@pytest.mark.parametrize(
+    "event", [fsm.ContainerDied(id="c1", exit_code=1), fsm.ContainerUnhealthy("c1")]
+)
+def test_a_broken_container_of_a_removed_spec_is_retired_not_replaced(event: fsm.Event) -> None:
+    # Found by the fault search: the spec was removed and the container died while condo was
+    # down; the reconciliation must not deploy the removed spec again.
+    removed = attrs.evolve(stable("c1", SPEC_A), desired=None, removed=True)
+    state, effects = run(removed, event)
+    assert [type(e) for e in effects] == [fsm.Retire]
+    assert state.finished

@@ -666,8 +666,10 @@ def _replace_broken(state: ServiceState, why: str, now: Instant) -> Step:
     """The Stable container broke: start a fresh one (its own spec's strategy decides)."""
     assert state.current is not None
     broken = state.current
-    spec = state.desired or broken.spec
     failure = Failure(message=f"container {broken.name} {why}", at=now.wall)
+    if state.removed:
+        return _retire_all(state)  # nobody wants it any more: no replacement
+    spec = state.desired or broken.spec
     state = attrs.evolve(state, error=failure, deadline=None)
     if spec.deploy.strategy == "After" and why == "turned unhealthy":
         return _deploy(state, spec, now)  # it may still serve a little; start beside it
@@ -763,8 +765,9 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
     one that the interrupted `Deploy` created, which is adopted as the candidate. With nothing
     recorded at all (a lost, foreign or older-format state file), the service is rebuilt from
     its labelled containers: a running one made from the desired spec is adopted as the
-    candidate; otherwise the newest running one is adopted as the Stable container it was, and
-    the desired spec replaces it by its own strategy, never by removing it first.
+    candidate; the newest running one made from another spec is adopted as the Stable container
+    it was (serving beside that candidate, in WaitNext), and the desired spec replaces it by its
+    own strategy, never by removing it first.
     """
     seen = {c.id: c for c in containers}
     effects: list[Effect] = []
@@ -779,10 +782,11 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
     ):
         desired = state.desired
         running = [c for c in strays if c.running]
-        if running and not any(c.spec_hash == desired.container_hash for c in running):
+        older = [c for c in running if c.spec_hash != desired.container_hash]
+        if older:
             # Nothing recorded, and what runs was made from another spec: it serves until the
             # desired spec replaces it.
-            serving = running[-1]
+            serving = older[-1]
             strays = [c for c in strays if c is not serving]
             adopted_box = Box(
                 id=serving.id,
@@ -795,6 +799,10 @@ def _on_observed(state: ServiceState, containers: tuple[Seen, ...], now: Instant
                 stable_at=now.wall,
             )
             state = attrs.evolve(state, phase=Phase.Stable, current=adopted_box)
+            if len(older) < len(running):
+                # A candidate of the desired spec runs beside it ([:After n] was under way):
+                # resume WaitNext, so the old one serves until the candidate is ready.
+                state = attrs.evolve(state, phase=Phase.WaitNext, starting=desired)
         else:
             # Nothing recorded: a running container made from the very spec we want is adopted
             # rather than duplicated.

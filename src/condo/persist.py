@@ -50,7 +50,8 @@ def read_state_file(path: Path) -> object | None:
         move_aside(path, f"cannot read it ({exc.strerror or exc})")
         return None
     try:
-        value: object = json.loads(data)
+        # NaN and Infinity are not JSON: a file holding them is damaged, not a state to act on.
+        value: object = json.loads(data, parse_constant=_not_a_number)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         move_aside(path, f"not valid JSON ({exc})")
         return None
@@ -58,6 +59,10 @@ def read_state_file(path: Path) -> object | None:
         move_aside(path, f"the top level is a {type(value).__name__}, not an object")
         return None
     return value
+
+
+def _not_a_number(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def move_aside(path: Path, reason: str, *, kind: str = "corrupt") -> None:

@@ -17,6 +17,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -82,14 +83,14 @@ def from_record(data: Any, now: Instant) -> ServiceState:
             starting=_spec_in(data["starting"]),
             replacing=_box_in(data["replacing"]),
             draining=bool(data["draining"]),
-            deadline=None if deadline_at is None else now.mono + (float(deadline_at) - now.wall),
-            attempt=int(data["attempt"]),
+            deadline=None if deadline_at is None else now.mono + (_finite(deadline_at) - now.wall),
+            attempt=int(_finite(data["attempt"])),
             error=None
             if error is None
-            else Failure(message=str(error["message"]), at=float(error["at"])),
+            else Failure(message=str(error["message"]), at=_finite(error["at"])),
             failed=_box_in(data["failed"]),
         )
-    except (KeyError, TypeError, ValueError, SpecError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, SpecError) as exc:
         # Every way a foreign or damaged record can fail to read ends here, as one error.
         raise RecordError(f"unreadable service record: {exc!r}") from exc
 
@@ -115,6 +116,14 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         "failed": _box_view(state.failed),
         "removed": state.removed,
     }
+
+
+def _finite(value: Any) -> float:
+    """A number that deadlines and the state file can hold (never NaN or infinite)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 def _spec_out(spec: ServiceSpec | None) -> dict[str, Any] | None:
@@ -148,10 +157,10 @@ def _box_in(data: Any) -> Box | None:
         id=str(data["id"]),
         name=str(data["name"]),
         spec=ServiceSpec.from_json(data["spec"]),
-        created_at=float(data["created_at"]),
+        created_at=_finite(data["created_at"]),
         healthcheck=bool(data["healthcheck"]),
         restart_policy=str(data["restart_policy"]),
-        stable_at=None if stable_at is None else float(stable_at),
+        stable_at=None if stable_at is None else _finite(stable_at),
         # Absent from records written before it existed.
         label_hash=None if data.get("label_hash") is None else str(data["label_hash"]),
     )

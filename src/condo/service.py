@@ -320,7 +320,7 @@ class _Driver:
         if created is None:
             with trio.move_on_after(CALL_LIMIT, shield=True):
                 created = await self._find_created(name, spec)
-        self._mailbox.request_resync()
+        self._resync_later()
         return fsm.DeployFailed(
             message=f"deploy of {name} timed out", replaced=replaced, leftover=created
         )
@@ -332,7 +332,11 @@ class _Driver:
         may exist all the same: find it by its name, so that it is retired, not leaked."""
         if not error.transient or isinstance(error, DockerApiError):
             return None  # the engine answered: nothing was created
-        return await self._find_created(name, spec)
+        found = await self._find_created(name, spec)
+        if found is None:
+            # Not there yet, but a slow engine may still act on the request: look again.
+            self._resync_later()
+        return found
 
     async def _find_created(self, name: str, spec: ServiceSpec) -> fsm.Box | None:
         """This service's container named `name`, if the engine has one."""
