@@ -108,11 +108,15 @@ class SpecSnapshot:
         self_spec: condo's own container spec from `self.edn`, its error, or None when absent.
         problems: what is wrong beyond single services: name clashes between PREFIXes and
             PREFIXes that cannot be listed (their last good entries are kept in `entries`).
+        complete: every PREFIX was listed at least once (now or at an earlier scan). When
+            False, a service missing from `entries` may live in a PREFIX never seen yet (an
+            unmounted volume at start-up): its absence says nothing.
     """
 
     entries: Mapping[str, SpecEntry]
     self_spec: SelfSpec | SpecError | None = attrs.field(eq=_self_key)
     problems: tuple[SpecError, ...] = attrs.field(eq=_errors_key)
+    complete: bool = True
 
 
 def spec_service_name(filename: str) -> str | None:
@@ -244,6 +248,7 @@ class SpecScanner:
             entries=MappingProxyType(dict(sorted(entries.items()))),
             self_spec=None if self_spec is None else self_spec[1],
             problems=tuple(problems),
+            complete=all(prefix in self._last_good for prefix in self._prefixes),
         )
 
     def _scan_prefix(

@@ -98,6 +98,7 @@ class Supervisor:
         self._services: trio.Nursery | None = None
         self._last_snapshot: SpecSnapshot | None = None
         self._leftovers: set[str] = set()  # found while suspended, retired on resume
+        self._specs_complete = trio.Event()  # every PREFIX was listed at least once
         # Self-deploy: the latest valid self.edn goes to the deployer; suspension stops every
         # driver (after its Docker call in flight) until resume() respawns them.
         self._wanted_self: trio.MemorySendChannel[SelfSpec] | None = None
@@ -160,7 +161,9 @@ class Supervisor:
             self.on_snapshot(self._last_snapshot)
         for name in [*self._records, *self._leftovers]:
             if name not in self._mailboxes:
-                self._spawn(name).set_spec(None)
+                mailbox = self._spawn(name)
+                if self._specs_complete.is_set():
+                    mailbox.set_spec(None)  # (else kept as recorded: see adopt_leftovers)
         self._leftovers.clear()
 
     async def run_event_router(
@@ -183,6 +186,14 @@ class Supervisor:
 
         Their spec files are gone (perhaps while condo was down): the drivers retire them.
         """
+        if not self._specs_complete.is_set():
+            # A PREFIX was never listed (an unmounted volume at start-up): the services it may
+            # hold run on as recorded, and nothing is retired until every PREFIX was seen.
+            log.warning("supervisor.leftovers_deferred", reason="a spec directory is unlisted")
+            for name in list(self._records):
+                if name not in self._mailboxes and self._services is not None:
+                    self._spawn(name)
+            await self._specs_complete.wait()
         for name in list(self._records):
             self._retire_leftover(name)
         for row in await self._list_own_containers():
@@ -225,6 +236,9 @@ class Supervisor:
             if entry.spec is not None:
                 mailbox.set_spec(entry.spec)
             # An invalid file changes nothing that runs: the driver keeps its last good spec.
+        if not snapshot.complete:
+            return  # a missing entry may be in a PREFIX never listed: it says nothing
+        self._specs_complete.set()
         for name, mailbox in self._mailboxes.items():
             if name not in snapshot.entries:
                 self._store.set_spec_error(name, None, None)
