@@ -74,6 +74,7 @@ ENGINE_RETRY_DELAY = 2.0
 OLD_STOP_GRACE = 10.0  # the old condo ends within a second of SIGTERM (it is suspended)
 # How long a condo waits to be stopped by its hand-over container before it looks for it.
 HAND_OVER_STOP_LIMIT = 60.0
+HAND_OVER_POLL_DELAY = 1.0
 CLEANUP_LIMIT = 30.0
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 CONTAINER_IN_MOUNTINFO = re.compile(r"/containers/([0-9a-f]{64})/")
@@ -139,8 +140,10 @@ def self_body(spec: SelfSpec, host: str, *, auto_remove: bool = True) -> dict[st
     env = [str(e) for e in body.get("Env") or []]
     env = [e for e in env if not e.startswith(f"{SELF_ENV}=")]
     env.insert(0, f"{SELF_ENV}={spec.hash}")
-    if not any(e.startswith("CONDO_HOST=") for e in env):
-        env.append(f"CONDO_HOST={host}")
+    # The successor must be this host: under another name it would adopt nothing and leave
+    # every workload unsupervised. A CONDO_HOST in self.edn is overridden.
+    env = [e for e in env if not e.startswith("CONDO_HOST=")]
+    env.append(f"CONDO_HOST={host}")
     body["Env"] = env
     body["Labels"] = {
         **(body.get("Labels") or {}),
@@ -289,9 +292,17 @@ class SelfContext:
     exit_condo: Callable[[], None]
 
 
+@attrs.frozen
+class HandOverStarted:
+    """The hand-over container runs: it is to stop this condo and start `successor`."""
+
+    helper: ContainerId
+    successor: ContainerId
+
+
 async def deploy_self(
     ctx: SelfContext, spec: SelfSpec, own: Container | None
-) -> ContainerId | None:
+) -> HandOverStarted | None:
     """Make the successor take over: None once it is healthy beside this condo; the hand-over
     container's id when it was started to stop this condo and start the successor.
 
@@ -319,7 +330,7 @@ async def deploy_self(
             except DockerError:
                 await _remove_quietly(docker, helper, f"{name}-hand-over")
                 raise
-            return helper
+            return HandOverStarted(helper=helper, successor=cid)
         await _start_and_wait_healthy(docker, cid, name, spec.hash)
         return None
     except BaseException:
@@ -380,22 +391,44 @@ async def run_self_deployer(
             log.exception("self.crashed", hash=spec.hash)
             error = f"condo bug: {exc!r}"
         else:
-            ctx.handed_over()
             if helper is None:
+                ctx.handed_over()
                 log.info("self.handed_over", hash=spec.hash)
-            else:
-                # The hand-over container stops this condo (SIGTERM: a clean exit that writes
-                # nothing); until then the API keeps answering.
-                log.info("self.handing_over", hash=spec.hash, helper=helper)
-                await trio.sleep(HAND_OVER_STOP_LIMIT)
-                log.error("self.not_stopped", hash=spec.hash, limit=HAND_OVER_STOP_LIMIT)
-            ctx.exit_condo()
-            return
+                ctx.exit_condo()
+                return
+            # The hand-over container stops this condo (SIGTERM: a clean exit, whose final
+            # state write comes before the successor starts); until then the API answers.
+            # Still here when it ended, or after the limit: it failed before stopping us.
+            log.info("self.handing_over", hash=spec.hash, helper=helper.helper)
+            error = await _hand_over_stalled(ctx.docker, helper)
+            await _remove_quietly(ctx.docker, helper.helper, "the hand-over container")
+            await _remove_quietly(ctx.docker, helper.successor, "the successor")
         log.error("self.deploy_failed", hash=spec.hash, error=error)
         failed.add(spec.hash)
         ctx.report(SelfStatus(spec.hash, "failed", error))
         ctx.resume()
         spec = None
+
+
+async def _hand_over_stalled(docker: DockerClient, started: HandOverStarted) -> str:
+    """Return once the hand-over container ended, or after HAND_OVER_STOP_LIMIT, without this
+    condo having been stopped: why the hand-over failed."""
+    with trio.move_on_after(HAND_OVER_STOP_LIMIT):
+        while True:
+            # A rare, bounded wait: looking once a second costs nothing worth an event stream.
+            await trio.sleep(HAND_OVER_POLL_DELAY)
+            try:
+                info = await docker.inspect(started.helper)
+            except ContainerNotFound:
+                return "the hand-over container vanished before it stopped this condo"
+            except DockerError:
+                continue  # the engine is away for a moment: look again
+            if not info.running:
+                return (
+                    f"the hand-over container exited ({info.exit_code}) "
+                    "before it stopped this condo"
+                )
+    return f"the hand-over container did not stop this condo in {HAND_OVER_STOP_LIMIT:g} s"
 
 
 def _newest(wanted: trio.MemoryReceiveChannel[SelfSpec], spec: SelfSpec) -> SelfSpec:
