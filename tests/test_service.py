@@ -325,3 +325,17 @@ async def test_a_container_whose_stop_fails_is_retired_by_a_later_resync(
             await trio.sleep(LEFTOVER_RESYNC_DELAY + 1)
             await trio.testing.wait_all_tasks_blocked()
     assert engine.containers == {}
+
+
+async def test_a_finished_record_meeting_its_spec_again_deploys_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Found by the fault search: the service was removed (its record says finished), condo was
+    # killed, and the spec file came back while condo was down.
+    engine = FakeEngine(local_images={"app:1"})
+    finished = fsm.ServiceState(removed=True)
+    with trio.fail_after(1000):
+        async with driving(engine, finished, resync=True) as d:
+            d.mailbox.set_spec(spec("app:1"))
+            stable = await d.wait_phase(Phase.Stable)
+    assert stable.current is not None and running(engine) == ["app:1"]

@@ -121,6 +121,12 @@ class Mailbox:
         self._wake()
 
     @property
+    def has_input(self) -> bool:
+        """Something is waiting to be read (a finished driver must read it before it ends:
+        a record of a removed service may meet a spec file that is back)."""
+        return self._resync or self._spec_dirty or bool(self._events)
+
+    @property
     def latest_spec(self) -> ServiceSpec | None:
         return self._spec
 
@@ -202,7 +208,11 @@ class _Driver:
                 if result is not None:
                     self._apply(result)
                 continue
-            if self._state.finished and self._leftover_resync_at is None:
+            if (
+                self._state.finished
+                and self._leftover_resync_at is None
+                and not self._mailbox.has_input
+            ):
                 log.info("service.finished")
                 return
             deadline = self._state.deadline if self._state.deadline is not None else math.inf
