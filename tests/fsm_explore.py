@@ -46,8 +46,10 @@ def events_for(state: fsm.ServiceState) -> Iterator[fsm.Event]:
         yield fsm.ContainerDied(id=box.id, exit_code=1)
         yield fsm.ContainerRestarted(box.id)
         yield fsm.ContainerDestroyed(box.id)
+        yield fsm.ContainerCreated(box.id)
         yield fsm.RenameFailed(id=box.id, message="nope")
     yield fsm.DeadlineReached()
+    yield fsm.ContainerCreated("late")
     yield fsm.Observed(containers=())
     seen = tuple(
         fsm.Seen(

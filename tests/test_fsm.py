@@ -518,3 +518,20 @@ def test_a_broken_container_of_a_removed_spec_is_retired_not_replaced(event: fsm
     state, effects = run(removed, event)
     assert [type(e) for e in effects] == [fsm.Retire]
     assert state.finished
+
+
+def test_a_container_created_with_no_deploy_in_flight_is_a_stray() -> None:
+    # Found by the fault search: a create answered after condo gave up on it.
+    _, effects = run(stable("c1", SPEC_A), fsm.ContainerCreated("late"))
+    assert effects == [fsm.RemoveStray(id="late", name="late")]
+    # The deploy's own container, or one the state knows, is no stray.
+    in_flight, _ = run(stable("c1", SPEC_A), fsm.SpecChanged(SPEC_B))
+    assert run(in_flight, fsm.ContainerCreated("new"))[1] == []
+    assert run(stable("c1", SPEC_A), fsm.ContainerCreated("c1"))[1] == []
+
+
+def test_a_failed_candidate_that_starts_after_all_is_stopped_again() -> None:
+    # Found by the fault search: a start answered after condo's timeout.
+    failed = fsm.Box(id="f1", name="web_f1", spec=SPEC_B, created_at=2.0, healthcheck=True)
+    state = attrs.evolve(stable("c1", SPEC_A), phase=Phase.TryAgainNext, failed=failed)
+    assert run(state, fsm.ContainerRestarted("f1"))[1] == [fsm.Retire(box=failed, keep=True)]

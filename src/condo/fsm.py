@@ -196,6 +196,13 @@ class ContainerDestroyed:
     id: str
 
 
+@attrs.frozen
+class ContainerCreated:
+    """The engine created a container with this service's labels (ours, or a late one)."""
+
+    id: str
+
+
 @attrs.frozen(kw_only=True)
 class RenameFailed:
     id: str
@@ -230,6 +237,7 @@ Event: TypeAlias = (
     | ContainerDied
     | ContainerRestarted
     | ContainerDestroyed
+    | ContainerCreated
     | RenameFailed
     | Observed
     | DeadlineReached
@@ -302,6 +310,8 @@ def step(state: ServiceState, event: Event, now: Instant) -> Step:
             return _on_restarted(state, cid)
         case ContainerDestroyed(cid):
             return _on_gone(state, cid, "was removed", now)
+        case ContainerCreated(cid):
+            return _on_created(state, cid)
         case RenameFailed(id=cid, message=message):
             return _on_rename_failed(state, cid, message, now)
         case Observed(containers=containers, latest=latest):
@@ -659,7 +669,19 @@ def _docker_will_restart(box: Box, exit_code: int) -> bool:
 def _on_restarted(state: ServiceState, cid: str) -> Step:
     if state.phase is Phase.Stable and state.current is not None and state.current.id == cid:
         return attrs.evolve(state, deadline=None), []
+    if state.failed is not None and state.failed.id == cid:
+        # A failed candidate started after all (a start answered too late): stop it again.
+        return state, [Retire(box=state.failed, keep=True)]
     return state, []
+
+
+def _on_created(state: ServiceState, cid: str) -> Step:
+    """A container of this service appeared. With no Deploy in flight and unknown to the state,
+    it is a stray: a create the engine carried out after condo had given up on it."""
+    known = {b.id for b in (state.current, state.next, state.failed, state.replacing) if b}
+    if state.starting is not None or cid in known:
+        return state, []
+    return state, [RemoveStray(id=cid, name=cid[:12])]
 
 
 def _replace_broken(state: ServiceState, why: str, now: Instant) -> Step:

@@ -314,6 +314,9 @@ class _Driver:
                 await engine.start(cid)
                 info = await engine.inspect(cid)
             except DockerError as exc:
+                if exc.transient and not isinstance(exc, DockerApiError):
+                    # The engine may still start it (an answer lost or late): look again.
+                    self._resync_later()
                 return fsm.DeployFailed(
                     message=f"start {name}: {exc}", replaced=replaced, leftover=created
                 )

@@ -321,6 +321,8 @@ def _translate(event: ContainerEvent) -> fsm.Event | None:
             return fsm.ContainerRestarted(cid)
         case "destroy":
             return fsm.ContainerDestroyed(cid)
+        case "create":
+            return fsm.ContainerCreated(cid)
         case _:
             return None
 
