@@ -176,10 +176,21 @@ class Supervisor:
                 for mailbox in self._mailboxes.values():
                     mailbox.request_resync()
                 continue
-            target = self._mailboxes.get(item.attributes.get(labels.SERVICE, ""))
+            service = item.attributes.get(labels.SERVICE, "")
+            target = self._mailboxes.get(service)
             event = _translate(item)
             if target is not None and event is not None:
                 target.put(event)
+            elif (
+                target is None
+                and item.action == "create"
+                and service
+                and self._specs_complete.is_set()
+            ):
+                # A container of a service nobody drives (a create the engine carried out
+                # after condo gave up on it, or after its spec was removed): a leftover.
+                log.info("supervisor.leftover", service=service, container=item.container_id)
+                self._retire_leftover(service)
 
     async def adopt_leftovers(self) -> None:
         """Give a driver to every service known only from the state file or the engine.

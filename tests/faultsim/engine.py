@@ -94,7 +94,8 @@ class Box:
 
 @attrs.frozen
 class Created:
-    at: float
+    at: float  # when the engine acted
+    asked_at: float  # when condo asked (a slow engine acts later, perhaps after condo died)
     by: str  # the host name of the condo that asked
     cid: str
     service: str
@@ -371,6 +372,7 @@ class Handle:
 
     async def create(self, body: Mapping[str, Any], *, name: str) -> ContainerId:
         world = self.world
+        asked_at = trio.current_time()
 
         def act() -> ContainerId:
             image = str(body["Image"])
@@ -380,6 +382,7 @@ class Handle:
             world.created.append(
                 Created(
                     at=trio.current_time(),
+                    asked_at=asked_at,
                     by=self.host,
                     cid=box.id,
                     service=box.labels.get(condo_labels.SERVICE, ""),
