@@ -60,7 +60,12 @@ def test_allowed_hosts_are_loopback_the_bind_names_and_extras() -> None:
         ("CI.EXAMPLE", True),
         ("evil.example", False),
         ("localhost.evil.example", False),
-        ("127.0.0.2", False),
+        ("127.0.0.2", True),  # an IP address written out: no name to rebind
+        ("172.17.0.2:80", True),  # condo's container address, from another container
+        ("[fd00::2]:80", True),
+        ("127.1", False),  # shorthand, hex and plain integers are names to a browser
+        ("0x7f.1", False),
+        ("2130706433", False),
         ("ci.example.", False),
         ("", False),
         ("localhost:bad", False),

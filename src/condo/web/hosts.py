@@ -4,9 +4,12 @@ A page on any website can make the operator's browser talk to condo: through a D
 resolves to 127.0.0.1 (rebinding: the browser then sends that name as `Host`), or by opening a
 websocket (browsers send their page's `Origin`, and websockets are not bound by CORS). So:
 
-- `AllowedHosts.allows(host_header)`: the name in `Host` (any port) is `localhost`, `127.0.0.1`,
-  `::1`, the address condo binds (unless it is a wildcard such as 0.0.0.0), or a name given with
-  `--allowed-host`. A request without `Host` (HTTP/1.0) is not a browser's and passes.
+- `AllowedHosts.allows(host_header)`: the name in `Host` (any port) is an IP address written
+  out (rebinding needs a DNS name the attacker controls, and clients in other containers reach
+  condo by its address, which changes with every container), `localhost`, the address condo
+  binds, or a name given with `--allowed-host`. Only canonical IP literals count (`127.0.0.1`,
+  `[::1]`; not `127.1` or `0x7f.1`). An HTTP/1.0 request without `Host` reaches the app with an
+  empty one and is refused.
 - `same_origin(origin_header, host_header)`: a websocket's `Origin`, when present, names exactly
   the authority the request was sent to (scheme http or https, same name, same port). No
   `Origin` (the CLI, scripts) passes; `Origin: null` (sandboxed pages, files) does not.
@@ -16,6 +19,7 @@ Names compare case-insensitively, IPv6 addresses without their brackets. Pure fu
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -69,7 +73,15 @@ class AllowedHosts:
         if host_header is None:
             return True
         parts = split_authority(host_header)
-        return parts is not None and parts[0] in self.names
+        return parts is not None and (parts[0] in self.names or _is_ip_address(parts[0]))
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)  # strict: no shorthand, no hex, no leading zeros
+    except ValueError:
+        return False
+    return True
 
 
 def same_origin(origin_header: str | None, host_header: str | None) -> bool:

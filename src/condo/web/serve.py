@@ -23,6 +23,7 @@ drops a connection whose sent data has not moved for that long.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -32,6 +33,8 @@ import hypercorn.trio
 import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Event, RawData
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -61,6 +64,7 @@ STALL_LIMIT = 5.0  # TCP_USER_TIMEOUT: a peer that takes no data for this long i
 MAX_HEADERS = 16 * 1024  # request line + headers; beyond it hypercorn answers 431
 MAX_WEBSOCKET_MESSAGE = 64 * 1024
 BACKLOG = 128
+HOUSEKEEPING_LIMIT = 1.0  # closing a connection, or arming its keep-alive timer
 
 
 class StateFileStatus(Protocol):
@@ -135,7 +139,7 @@ class WebServer:
                 bind.host, bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
         except OSError as exc:  # gaierror: an unknown host name
-            raise ConfigError(f"--server {bind}: {exc.strerror or exc}") from None
+            raise ConfigError(f"--server {bind}: cannot listen: {exc.strerror or exc}") from None
         problems: list[str] = []
         for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
@@ -150,8 +154,14 @@ class WebServer:
                     )
                 sock.bind(address)
                 sock.listen(BACKLOG)
-            except OSError as exc:  # in use, not permitted, no such address: try the next one
+            except OSError as exc:  # not permitted, no such address: try the next one
                 sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    # Taken (another condo?): never fall back to another address of the name,
+                    # or two condos would each answer half the clients.
+                    raise ConfigError(
+                        f"--server {bind}: cannot listen: {exc.strerror or exc}"
+                    ) from None
                 problems.append(exc.strerror or str(exc))
                 continue
             return cls(sock, bind.host)
@@ -265,6 +275,32 @@ def closing_connections(app: ASGIFramework, closing: Closing) -> ASGIFramework:
     return wrapped
 
 
+def _close_answered_connections() -> None:
+    """Make hypercorn's connection housekeeping happen after an answer.
+
+    hypercorn closes a connection whose answer said `Connection: close` (or an HTTP/1.0 one),
+    and arms its keep-alive timeout on an idle one, from inside the app's task, which
+    quart-trio has already cancelled by then: the close raises Cancelled before the socket is
+    closed, and the idle timer is never armed. Such a client (a refused long-poll included)
+    would hold its descriptor for as long as it likes. Shielded, with a bound, both happen.
+    Data writes are left alone (hypercorn shields them itself; TCP_USER_TIMEOUT bounds them).
+    Idempotent; patched once per process, since hypercorn offers no hook for it.
+    """
+    if getattr(TCPServer.protocol_send, "_condo_shielded", False):
+        return
+    original = TCPServer.protocol_send
+
+    async def protocol_send(self: TCPServer, event: Event) -> None:
+        if isinstance(event, RawData):
+            await original(self, event)
+            return
+        with trio.move_on_after(HOUSEKEEPING_LIMIT, shield=True):
+            await original(self, event)
+
+    protocol_send._condo_shielded = True  # type: ignore[attr-defined]
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
 async def serve_app(
     app: ASGIFramework,
     config: HypercornConfig,
@@ -274,6 +310,7 @@ async def serve_app(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run hypercorn until `stopping` (or cancellation); then drain within DRAIN_LIMIT."""
+    _close_answered_connections()
     shutdown = trio.Event()
     # Shielded so that the root's cancel (right after `stopping`) does not cut the answers that
     # `closing` just produced; the deadline set below bounds it instead.
