@@ -145,6 +145,13 @@ def test_an_empty_api_token_is_a_usage_error(
     assert "condo: --api-token is empty" in result.stderr
 
 
+def test_a_token_with_blanks_around_it_is_a_usage_error(tmp_path: Path) -> None:
+    # HTTP clients' tokens arrive stripped: it would open the feed but never HTTP.
+    result = condo_command("run", str(tmp_path), *NO_ENGINE, "--api-token", " T0k", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "blanks" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "env"),
     [

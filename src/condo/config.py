@@ -103,5 +103,9 @@ class Config:
         # An empty token would lock HTTP (no header carries one) but open the feed to `?token=`.
         if self.api_token is not None and not self.api_token.strip():
             raise ConfigError("--api-token is empty: give a real token, or leave the option out")
+        # HTTP clients' tokens arrive stripped (a header value): one with blanks around it
+        # would open the feed but never HTTP.
+        if self.api_token is not None and self.api_token != self.api_token.strip():
+            raise ConfigError("--api-token starts or ends with blanks: remove them")
         if self.max_waits < 0 or self.max_feeds < 0:
             raise ConfigError("--max-waits and --max-feeds cannot be negative")
