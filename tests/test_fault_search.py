@@ -577,6 +577,11 @@ FOUND: dict[str, list[Step]] = {
         Write("beta", 1, True, True), Start("other-host"), Remove("beta"),
         Inject(Fault(method="any", kind="e500", delay=61.0, count=1)), Start("same"), Kill(),
     ],
+    "a stop refused during an [:After] promotion": [
+        Break("alpha"), _error("stop", "e409", 3), Wait(240.5),
+        Write("alpha", 1, True, False), A1, A1, A1, Write("alpha", 1, True, False),
+        Write("alpha", 1, False, True),
+    ],
 }  # fmt: skip
 
 

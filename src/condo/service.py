@@ -38,7 +38,7 @@ from condo.errors import (
     DockerTimeout,
     ImageNotFound,
 )
-from condo.spec import ServiceSpec
+from condo.spec import DEFAULT_STOP_TIMEOUT, ServiceSpec
 from condo.store import Store, now
 from condo.tasks import run_beside
 
@@ -264,7 +264,11 @@ class _Driver:
                 await self._retire(box.id, box.name, grace=box.spec.stop_timeout, keep=keep)
                 return None
             case fsm.RemoveStray(id=cid, name=name):
-                await self._retire(cid, name, grace=0, keep=False)
+                # A stray may be serving still (a retire that failed, a lost record): it gets
+                # the service's stop timeout like any container condo stops.
+                spec = self._state.desired
+                grace = spec.stop_timeout if spec is not None else DEFAULT_STOP_TIMEOUT
+                await self._retire(cid, name, grace=grace, keep=False)
                 return None
             case fsm.Rename(box=box, name=new_name):
                 try:
