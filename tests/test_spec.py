@@ -11,6 +11,7 @@ import os
 import re
 import string
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1006,3 +1007,15 @@ def test_mutated_valid_specs_raise_only_spec_errors(
         else:
             text = text[:at] + data.draw(st.sampled_from(EDN_EDITS)) + text[at:]
     check_outcome(text.encode("utf-8", "surrogatepass"))
+
+
+def test_the_readme_spec_example_is_valid_and_means_what_it_says() -> None:
+    """README, "Spec files": the `web.edn` example, as written, is a valid spec."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [example] = [
+        b for b in re.findall(r"```clojure\n(.*?)```", readme, re.DOTALL) if "web.edn" in b
+    ]
+    spec = parse_spec(example.encode(), "web.edn")
+    assert spec.image == "registry.example.com/web:1.2"
+    assert spec.deploy.strategy == "After" and spec.deploy.delay == 5
+    assert spec.health_timeout == 30 and spec.stop_timeout == 10
