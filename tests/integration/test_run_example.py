@@ -1,0 +1,81 @@
+"""README, "Two commands": `scripts/run-example` runs condo on examples/, exactly as written.
+
+It owns what the script owns: port 4280, the host name `condo-example`, `condo-state.json` in the
+repository, and the fixed container name `condo-example-named`. Cleanup removes them, whatever
+happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from condo import labels
+from condo.docker import ContainerId, DockerClient
+from condo.errors import ContainerNotFound
+from tests.integration.harness import remove_host_containers
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "condo-example"
+STATE = REPO / "condo-state.json"
+
+
+async def cleanup(docker: DockerClient) -> None:
+    with trio.move_on_after(60, shield=True):
+        await remove_host_containers(docker, HOST)
+        with contextlib.suppress(ContainerNotFound):
+            await docker.remove(ContainerId("condo-example-named"))
+        STATE.unlink(missing_ok=True)
+
+
+async def state() -> dict[str, Any] | None:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            answer: dict[str, Any] = (await client.get("http://127.0.0.1:4280/v1/state")).json()
+            return answer
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def test_run_example_runs_condo_on_the_examples(docker: DockerClient) -> None:
+    await cleanup(docker)
+    try:
+        with trio.fail_after(180):
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        ["scripts/run-example"],
+                        cwd=REPO,
+                        check=False,
+                        capture_stdout=True,
+                        capture_stderr=True,
+                    )
+                )
+                wanted = {"named", "web", "worker"}
+                while True:
+                    view = await state() or {}
+                    services = view.get("services", {})
+                    if set(services) == wanted and all(
+                        s["state"] == "Stable" for s in services.values()
+                    ):
+                        break
+                    await trio.sleep(0.3)
+                rows = await docker.list_containers(labels=labels.owned_by(HOST))
+                assert sorted(r.labels[labels.SERVICE] for r in rows) == sorted(wanted)
+                # Ctrl-C stops condo and leaves the containers running (README).
+                process.send_signal(signal.SIGINT)
+                assert await process.wait() == 0
+        rows = await docker.list_containers(labels=labels.owned_by(HOST))
+        assert len([r for r in rows if r.state == "running"]) == len(wanted)
+    finally:
+        await cleanup(docker)
