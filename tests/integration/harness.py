@@ -174,6 +174,18 @@ async def condo_files(tmp_path: Path, docker: DockerClient) -> AsyncIterator[Con
             await remove_host_containers(docker, host)
 
 
+@contextlib.asynccontextmanager
+async def running_condo(condo: CondoUnderTest, **config: Any) -> AsyncIterator[CondoUnderTest]:
+    """condo in-process until the block ends (then shut down cleanly, state written)."""
+    async with trio.open_nursery() as nursery:
+        settings = attrs.evolve(condo.config(), **config)
+        condo.running = await nursery.start(functools.partial(run_condo, settings))
+        try:
+            yield condo
+        finally:
+            condo.running.shutdown()
+
+
 async def start_condo(
     nursery: trio.Nursery, under_test: CondoUnderTest, *prefixes: Path
 ) -> Running:

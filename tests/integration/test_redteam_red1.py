@@ -7,14 +7,12 @@ are kept whether they pass or fail: the lead decides what to fix.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import trio
 
@@ -27,6 +25,7 @@ from tests.integration.harness import (
     condo_files,
     free_port,
     remove_host_containers,
+    running_condo,
 )
 
 pytestmark = pytest.mark.docker
@@ -43,18 +42,6 @@ SLOW_CANDIDATE = (
 async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
     async with condo_files(tmp_path, docker) as under_test:
         yield under_test
-
-
-@contextlib.asynccontextmanager
-async def running_condo(condo: CondoUnderTest, **config: Any) -> AsyncIterator[CondoUnderTest]:
-    """condo in-process until the block ends (then shut down cleanly, state written)."""
-    async with trio.open_nursery() as nursery:
-        settings = attrs.evolve(condo.config(), **config)
-        condo.running = await nursery.start(functools.partial(run_condo, settings))
-        try:
-            yield condo
-        finally:
-            condo.running.shutdown()
 
 
 async def still_running(docker: DockerClient, cid: str) -> bool:

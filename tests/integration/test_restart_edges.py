@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -25,11 +23,11 @@ import trio
 from condo import fsm, labels, service
 from condo.docker import ContainerEvent, DockerClient
 from condo.fsm import Phase
-from condo.supervisor import run_condo
 from tests.integration.harness import (
     CondoUnderTest,
     condo_files,
     remove_host_containers,
+    running_condo,
 )
 
 pytestmark = pytest.mark.docker
@@ -74,18 +72,6 @@ async def engine_events(docker: DockerClient, host: str) -> AsyncIterator[EventL
         yield log
         await trio.sleep(0.3)  # the engine's last events reach us
         nursery.cancel_scope.cancel()
-
-
-@contextlib.asynccontextmanager
-async def running_condo(condo: CondoUnderTest, **config: Any) -> AsyncIterator[CondoUnderTest]:
-    """condo in-process until the block ends (then shut down cleanly, state written)."""
-    async with trio.open_nursery() as nursery:
-        settings = attrs.evolve(condo.config(), **config)
-        condo.running = await nursery.start(functools.partial(run_condo, settings))
-        try:
-            yield condo
-        finally:
-            condo.running.shutdown()
 
 
 async def restart_state(condo: CondoUnderTest, edit: Callable[[dict[str, object]], None]) -> None:
