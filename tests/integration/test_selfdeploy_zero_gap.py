@@ -15,7 +15,6 @@ the test's unique host name (`condo.self=<host>`, condo's own labels) and are re
 from __future__ import annotations
 
 import contextlib
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -31,7 +30,7 @@ from condo.docker import DockerClient
 from condo.errors import ContainerNotFound
 from condo.selfdeploy import HAND_OVER_LABEL, SELF_LABEL
 from tests.integration.conftest import DockerCli
-from tests.integration.harness import remove_host_containers
+from tests.integration.harness import free_port, remove_host_containers
 from tests.integration.test_selfdeploy import WORKLOAD, Site, bash, readme_block
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -65,13 +64,6 @@ class Poller:
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
                 await trio.sleep(POLL_INTERVAL)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture
