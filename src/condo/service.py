@@ -7,12 +7,22 @@ in-flight Docker operation. Its loop is:
    knows what condo is about to do before the engine does, so a `kill -9` at any moment can be
    recovered without duplicates), and feed its result back to `fsm.step`.
 2. Otherwise wait for the next input under `trio.move_on_at(state.deadline)`: a new spec, an
-   engine event routed here, a resync request; or the deadline.
+   engine event routed here, a resync request; or the deadline. Only the wait is bounded: what
+   it received is handled in full. A resync folds in the spec waiting beside it, so that the
+   first action after a restart already uses the current spec.
 
 Docker calls are shielded from cancellation (with a bound), so that a shutdown finishes the call
 in flight and records its result; only an image pull may be cut short: by shutdown, or by a newer
 spec that makes it pointless. Removing a service is a message (`Mailbox.set_spec(None)`), never a
-cancellation: the driver retires its containers and returns once `state.finished`.
+cancellation: the driver retires its containers and returns once `state.finished` and nothing is
+left to read or to look for.
+
+Invariants:
+- Nothing is stopped, removed or renamed unless the engine shows it with this host's and this
+  service's labels, whatever the state says (records may come from a damaged file).
+- Whatever the engine may have done without condo hearing of it (a call that timed out, an answer
+  lost, a stop or remove refused) is looked for again by a resync `LEFTOVER_RESYNC_DELAY` later;
+  the driver never ends before that resync.
 """
 
 from __future__ import annotations
