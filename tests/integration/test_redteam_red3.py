@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import json
 import os
 import random
@@ -33,12 +32,13 @@ import httpx
 import pytest
 import trio
 
-from condo import selfdeploy
+from condo import labels, selfdeploy
 from condo.docker import ContainerId, DockerClient, open_docker
 from condo.errors import ContainerNotFound
 from condo.selfdeploy import SELF_HASH_LABEL, SELF_LABEL, HandOverPlan, run_hand_over
 from condo.store import Store
 from condo.supervisor import Running, run_condo
+from tests.integration.conftest import DockerCli
 from tests.integration.harness import (
     CondoUnderTest,
     condo_files,
@@ -48,6 +48,7 @@ from tests.integration.test_consul_keys import CAP, HOST, publishing
 from tests.integration.test_consul_session import Area, consul_area, stable
 from tests.integration.test_docker_events import proxy_to_engine
 from tests.integration.test_faults import converged
+from tests.integration.test_selfdeploy import Site, start_first_condo
 
 pytestmark = [pytest.mark.docker]
 
@@ -376,7 +377,8 @@ class TcpProxy:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
-        await trio.serve_listeners(self._relay, listeners, task_status=task_status)
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
 
     def cut(self) -> None:
         self.accepting = False
@@ -410,6 +412,10 @@ class TcpProxy:
         both.cancel()
 
 
+def spawn_agent(argv: list[str], log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=log, stderr=log)
+
+
 @contextlib.asynccontextmanager
 async def own_consul_agent(
     tmp_path: Path,
@@ -427,8 +433,7 @@ async def own_consul_agent(
     processes: list[subprocess.Popen[bytes]] = []
 
     async def start() -> None:
-        spawn = functools.partial(subprocess.Popen, argv, stdout=log, stderr=log)
-        processes.append(await trio.to_thread.run_sync(spawn))
+        processes.append(await trio.to_thread.run_sync(spawn_agent, argv, log))
         with trio.fail_after(30):
             while True:
                 with contextlib.suppress(httpx.HTTPError):
@@ -470,12 +475,13 @@ async def until_kv(port: int, prefix: str, predicate: Any, limit: float) -> dict
 
 # A connection cut mid-request leaves httpx's body iterator unfinished (as in test_consul_keys).
 @pytest.mark.filterwarnings("ignore:Async generator 'httpx._content.ByteStream.__aiter__'")
+@pytest.mark.parametrize("outage", [2.0, 25.0])
 async def test_consul_unreachable_while_a_service_is_removed_then_its_key_goes(
-    tmp_path: Path, condo: CondoUnderTest, nursery: trio.Nursery
+    outage: float, tmp_path: Path, condo: CondoUnderTest, nursery: trio.Nursery
 ) -> None:
-    """Consul unreachable for 4 s (shorter than the session's TTL: the keys stay) while `db` is
-    removed and `web` changes. README: condo "catches up within about 2 s of Consul's return"
-    and "a service's key is deleted when it goes"."""
+    """Consul unreachable (2 s: the session and keys stay; 25 s: the agent expires the session)
+    while `db` is removed and `web` changes. README: condo "catches up within about 2 s of
+    Consul's return" and "a service's key is deleted when it goes"."""
     prefix = f"red3-{uuid.uuid4().hex[:8]}"
     async with own_consul_agent(tmp_path) as (http_port, _):
         proxy = TcpProxy(target=http_port)
@@ -502,7 +508,7 @@ async def test_consul_unreachable_while_a_service_is_removed_then_its_key_goes(
                 condo.write("web", WORKLOAD.replace("busybox:1", "busybox:2"))
                 await condo.wait_state("web", "Stable", image="condo-test/busybox:2")
                 await condo.wait(lambda v: "db" not in v["services"])
-                await trio.sleep(4 - 2)
+                await trio.sleep(outage)  # 25 s: past 2 x TTL, the agent drops the session
                 proxy.accepting = True
                 keys = await until_kv(
                     http_port,
@@ -547,10 +553,9 @@ async def test_a_restarted_consul_agent_gets_every_key_back(
                 processes[-1].wait()
                 condo.remove("db")  # gone while the agent is down
                 await condo.wait(lambda v: "db" not in v["services"])
-                argv = processes[-1].args
+                argv = [str(a) for a in processes[-1].args]  # type: ignore[union-attr]
                 log = (tmp_path / "consul.log").open("ab")
-                spawn = functools.partial(subprocess.Popen, argv, stdout=log, stderr=log)
-                processes.append(await trio.to_thread.run_sync(spawn))
+                processes.append(await trio.to_thread.run_sync(spawn_agent, argv, log))
                 log.close()
                 keys = await until_kv(http_port, prefix, lambda k: web in k and db not in k, 15)
                 assert web in keys, "the key was not republished after the agent came back"
@@ -597,3 +602,56 @@ async def test_keys_stay_published_across_a_start_beside_hand_over(tmp_path: Pat
             f"the host's key was missing for ~{missing * 0.05:.1f} s after the old condo "
             "exited: wait_for stops counting this host during a self-deploy"
         )
+
+
+# --- 7. a self.edn whose successor looks at another state file or another spec dir ------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["another state path", "another spec dir"])
+async def test_a_successor_with_other_paths_never_touches_the_workloads(
+    variant: str,
+    tmp_path: Path,
+    condo_image: str,
+    docker: DockerClient,
+    docker_cli: DockerCli,
+    container_labels: Mapping[str, str],
+) -> None:
+    """README: the successor "adopts every workload from the shared state file and labels,
+    without restarting any". A self.edn with a mistake in it (an empty folder mounted where the
+    specs were, or another CONDO_STATE) still makes a healthy successor: the old condo hands
+    over and exits. Are the workloads still running afterwards?"""
+    specs, other = tmp_path / "specs", tmp_path / "other"
+    specs.mkdir()
+    other.mkdir()
+    host = f"test-{uuid.uuid4().hex[:10]}"
+    site = Site(specs, host)
+    mounted = other if variant == "another spec dir" else specs
+    extra_env = (
+        ' "CONDO_STATE=/var/lib/condo/elsewhere.json"' if variant == "another state path" else ""
+    )
+    try:
+        first = await start_first_condo(docker_cli, condo_image, site, container_labels)
+        (specs / "web.edn").write_text(WORKLOAD)
+        before = await site.wait_stable("web")
+        (specs / "self.edn").write_text(
+            f'{{:Image "{condo_image}" :Env ["CONDO_SERVER=off"{extra_env}]\n'
+            f' :HostConfig {{:Binds ["/var/run/docker.sock:/var/run/docker.sock"\n'
+            f'                       "{mounted}:/var/lib/condo"]}}}}\n'
+        )
+        with trio.fail_after(90):
+            while (await docker.inspect(first)).running:
+                await trio.sleep(0.3)
+        await trio.sleep(5)  # the successor's first reconciliation
+        rows = await docker.list_containers(labels=labels.owned_by(host, "web"))
+        assert [r.id for r in rows if r.state == "running"] == [before["current"]["id"]], (
+            f"{variant}: the successor retired the workload the old condo ran"
+        )
+    finally:
+        with trio.move_on_after(60, shield=True):
+            for row in await docker.list_containers(labels={SELF_LABEL: host}):
+                with contextlib.suppress(ContainerNotFound):
+                    await docker.remove(row.id)
+            for row in await docker.list_containers(labels=labels.owned_by(host)):
+                with contextlib.suppress(ContainerNotFound):
+                    await docker.remove(row.id)
