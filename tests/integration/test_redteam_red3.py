@@ -655,3 +655,43 @@ async def test_a_successor_with_other_paths_never_touches_the_workloads(
             for row in await docker.list_containers(labels=labels.owned_by(host)):
                 with contextlib.suppress(ContainerNotFound):
                     await docker.remove(row.id)
+
+
+# --- 8. self.edn changed while a start-beside self-deploy is under way ----------------------
+
+
+async def test_self_edn_changed_during_a_deploy_ends_with_only_the_newest_successor(
+    condo: CondoUnderTest,
+    docker: DockerClient,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """self.edn A (a successor that never turns healthy) is being deployed when self.edn B (a
+    healthy one) replaces it. A fails (its health limit, shortened here to 4 s), and B is then
+    deployed: condo hands over to B, and exactly one successor runs, B's, with the workload
+    untouched."""
+    monkeypatch.setattr(selfdeploy, "SELF_HEALTH_TIMEOUT", 4.0)
+    condo.write("web", WORKLOAD)
+    with trio.fail_after(60):
+        done = trio.Event()
+
+        async def run() -> None:
+            await run_condo(condo.config())
+            done.set()
+
+        nursery.start_soon(run)
+        while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
+            await trio.sleep(0.1)
+        while condo.state_file()["services"]["web"]["phase"] != "Stable":
+            await trio.sleep(0.1)
+        web = await condo.running_ids("web")
+        (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
+        while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
+            await trio.sleep(0.1)
+        (condo.specs / "self.edn").write_text(HEALTHY_SUCCESSOR)
+        await done.wait()
+        rows = await docker.list_containers(labels={SELF_LABEL: condo.host})
+        running = [r for r in rows if r.state == "running"]
+        assert len(running) == 1, rows
+        assert (await docker.inspect(running[0].id)).health == "healthy"  # B, not A
+        assert await condo.running_ids("web") == web
