@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 import string
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,10 @@ OLD_STOP_GRACE = 10.0  # the old condo ends within a second of SIGTERM (it is su
 # How long a condo waits to be stopped by its hand-over container before it looks for it.
 HAND_OVER_STOP_LIMIT = 60.0
 HAND_OVER_POLL_DELAY = 1.0
-CLEANUP_LIMIT = 30.0
+CLEANUP_LIMIT = 120.0  # removing a successor, retried while the engine is away
+BRING_BACK_LIMIT = 600.0  # the hand-over container's retries to start the old condo again
+PERSIST_FIRST_DELAY = 0.5
+PERSIST_MAX_DELAY = 10.0
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 CONTAINER_IN_MOUNTINFO = re.compile(r"/containers/([0-9a-f]{64})/")
 
@@ -170,6 +173,38 @@ def clashing_ports(spec: SelfSpec, own: Container | None) -> frozenset[str]:
     return wanted & own.host_ports
 
 
+def unshared_paths(spec: SelfSpec, own: Container | None, paths: Iterable[Path]) -> list[str]:
+    """The paths (spec directories, the state file's folder) that this condo's container has
+    bound from the host but self.edn does not bind the same way: the successor would read other
+    specs or no state file, and retire every workload. Empty when condo runs outside a
+    container (nothing to compare) or shares them all."""
+    if own is None:
+        return []
+    host_config = spec.container.get("HostConfig") or {}
+    theirs = {_bind_ends(str(b)) for b in host_config.get("Binds") or ()}
+    theirs |= {
+        (str(m.get("Source")), str(m.get("Target")))
+        for m in host_config.get("Mounts") or ()
+        if isinstance(m, dict)
+    }
+    mine = [_bind_ends(b) for b in own.binds]
+    missing = []
+    for path in dict.fromkeys(paths):  # once each (the state often lives beside the specs)
+        # The bind that holds `path` in this container: the deepest one above it.
+        holders = [(src, dst) for src, dst in mine if path.is_relative_to(dst)]
+        if holders:
+            bind = max(holders, key=lambda b: len(b[1]))
+            if bind not in theirs:
+                missing.append(f"{path} (bound from {bind[0]} at {bind[1]})")
+    return missing
+
+
+def _bind_ends(bind: str) -> tuple[str, str]:
+    """`src:dst[:options]` → (src, dst)."""
+    source, _, rest = bind.partition(":")
+    return source, rest.partition(":")[0]
+
+
 async def already_handed_over(docker: DockerClient, spec: SelfSpec, host: str) -> bool:
     """A healthy (or healthcheck-less running) condo with this hash already runs for `host`."""
     for row in await docker.list_containers(labels={SELF_LABEL: host, SELF_HASH_LABEL: spec.hash}):
@@ -183,11 +218,29 @@ async def already_handed_over(docker: DockerClient, spec: SelfSpec, host: str) -
 
 
 async def _remove_quietly(docker: DockerClient, cid: ContainerId, what: str) -> None:
-    with trio.move_on_after(CLEANUP_LIMIT, shield=True):
-        try:
-            await docker.remove(cid)
-        except DockerError as exc:  # already gone (AutoRemove), or the engine is down
-            log.warning("self.cleanup_failed", container=what, error=str(exc))
+    """Remove `cid`, retrying while the engine cannot answer: a successor left running would
+    be a second condo of this host."""
+    await _persist(f"remove {what}", lambda: docker.remove(cid), limit=CLEANUP_LIMIT)
+
+
+async def _persist(what: str, call: Callable[[], Awaitable[None]], *, limit: float) -> bool:
+    """Run `call` until it succeeds (a container already gone counts), retrying what fails
+    with a growing delay, shielded, for at most `limit` seconds; False when it never did."""
+    delay = PERSIST_FIRST_DELAY
+    with trio.move_on_after(limit, shield=True):
+        while True:
+            try:
+                await call()
+            except ContainerNotFound:
+                return True  # already gone (AutoRemove): what a removal wanted
+            except DockerError as exc:  # the engine is away or failing: try again
+                log.warning("self.retrying", action=what, error=str(exc), delay=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, PERSIST_MAX_DELAY)
+                continue
+            return True
+    log.error("self.gave_up", action=what, limit=limit)
+    return False
 
 
 async def _start_and_wait_healthy(
@@ -282,6 +335,7 @@ class SelfContext:
     docker: DockerClient
     host: str
     state_path: Path
+    prefixes: tuple[Path, ...]  # the spec directories: the successor must see the same ones
     docker_url: str
     suspend: Callable[[], Awaitable[None]]
     resume: Callable[[], None]
@@ -383,6 +437,12 @@ async def run_self_deployer(
         error: str
         try:
             own = await find_own_container(ctx.docker)
+            unshared = unshared_paths(spec, own, (*ctx.prefixes, ctx.state_path.parent))
+            if unshared:
+                raise SelfDeployFailed(
+                    "self.edn does not bind what this condo reads, so its successor would see "
+                    "other specs or no state and retire the workloads: " + "; ".join(unshared)
+                )
             helper = await deploy_self(ctx, spec, own)
         except (SelfDeployFailed, DockerError) as exc:
             error = str(exc)
@@ -459,8 +519,11 @@ async def run_hand_over(docker: DockerClient, plan: HandOverPlan) -> int:
         await trio.to_thread.run_sync(
             functools.partial(_record_failure, plan.state_path, plan.hash, str(exc))
         )
-        await docker.start(plan.old)
-        log.info("hand_over.old_restarted", old=plan.old)
+        # Nobody else brings the old condo back: keep trying while the engine is away.
+        if await _persist(
+            "start the old condo", lambda: docker.start(plan.old), limit=BRING_BACK_LIMIT
+        ):
+            log.info("hand_over.old_restarted", old=plan.old)
         return 1
     await _remove_quietly(docker, plan.old, plan.old[:12])
     log.info("hand_over.done", new=plan.new)

@@ -483,6 +483,7 @@ async def run_condo(
                     docker=docker,
                     host=config.host,
                     state_path=config.state_path,
+                    prefixes=config.prefixes,
                     docker_url=config.docker_url,
                     suspend=supervisor.suspend,
                     resume=supervisor.resume,
