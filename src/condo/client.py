@@ -7,7 +7,7 @@ While it waits, it shows progress: the hosts still pending and their states, fro
 code comes from `/v1/wait_for`. On a terminal the progress is one rewritten line; otherwise a
 plain line whenever it changes.
 
-Exit codes (CONTRACT.md): 0 done, 1 timed out (the pending hosts are named), 2 usage or
+Exit codes (doc/contract.md): 0 done, 1 timed out (the pending hosts are named), 2 usage or
 connection errors.
 """
 

@@ -9,7 +9,7 @@ One module owns both directions so that what condo writes it can always read bac
   (`version`, `host`, `services`). Records are only ever read from a file of the same host and
   this version: anything else belongs to somebody else (another `--host` sharing the path, a
   condo of another version) and its records must not steer this one.
-- `to_view(state, now, spec_error)`: a SERVICE object of the HTTP API (CONTRACT.md): `state`,
+- `to_view(state, now, spec_error)`: a SERVICE object of the HTTP API (doc/contract.md): `state`,
   `current`, `next`, `retry_at`, `error`, `spec_error`, plus condo's extensions.
 
 Pure: no I/O.
@@ -96,7 +96,7 @@ def from_record(data: Any, now: Instant) -> ServiceState:
 
 
 def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> dict[str, Any]:
-    """The API's SERVICE object (CONTRACT.md), with condo's extensions."""
+    """The API's SERVICE object (doc/contract.md), with condo's extensions."""
     next_box = state.next
     return {
         "state": state.phase.value,

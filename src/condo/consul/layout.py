@@ -8,8 +8,8 @@ Layout (one key per (service, host), under the `--consul-prefix`, default `condo
 - `<prefix>` has no leading or trailing `/` (`/condo/` is read as `condo`); it may itself hold
   `/` (`team/condo`). Everything under `<prefix>/` that does not have exactly two more segments,
   or whose value does not decode, or whose value names another key, is foreign: readers skip it.
-- `SERVICE` is the `/v1/state` object of that service (CONTRACT.md); `at` is when that host wrote
-  it (wall clock, display only).
+- `SERVICE` is the `/v1/state` object of that service (doc/contract.md); `at` is when that host
+  wrote it (wall clock, display only).
 - Every key is held (`?acquire=`) by its host's session (`Behavior: delete`): when the host's condo
   dies its keys vanish within 2 x TTL; on a clean shutdown at once.
 

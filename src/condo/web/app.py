@@ -1,4 +1,4 @@
-"""The HTTP API's routes (CONTRACT.md "HTTP API"), built by `build_app(context)`.
+"""The HTTP API's routes (doc/contract.md "HTTP API"), built by `build_app(context)`.
 
 Owns the Quart-Trio app: routes, the Host, Origin and token checks, the caps on waiting requests,
 and the rule that every error is JSON `{"error": "..."}` (400, 401, 403, 404, 405, 413, 503, and
