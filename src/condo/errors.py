@@ -7,7 +7,8 @@ meets them; nothing else in condo catches a foreign exception type::
     ├─ ConfigError                bad command line, environment or config file: exit 2, no traceback
     ├─ SpecError                  one spec file is unusable; a per-service state, never fatal
     ├─ StateFileError             the state file cannot be read or written
-    ├─ DockerError                raised only by condo.docker; `transient` says whether to retry
+    ├─ DockerError                raised by condo.docker (and by a driver for a missing `:pull
+    │                             :never` image); `transient` says whether to retry
     │   ├─ DockerUnavailable      (transient) socket missing, connection refused, daemon restarting
     │   ├─ DockerTimeout          (transient) a call took longer than its deadline
     │   └─ DockerApiError         the engine answered an error; transient iff status >= 500
@@ -17,7 +18,7 @@ meets them; nothing else in condo catches a foreign exception type::
     │       └─ BadRequest         (permanent) the engine rejected the create body or parameters
     ├─ ConsulError                raised only by condo.consul; transient iff Consul did not answer
     │                             or answered >= 500 (an ACL refusal or a bad request is permanent)
-    └─ InvalidTransition          a bug: fsm.step met a (state, event) pair that cannot happen
+    └─ SelfDeployFailed           a successor did not take over (shown under /v1/state "self")
 """
 
 from __future__ import annotations
@@ -120,5 +121,5 @@ class ConsulError(CondoError):
         super().__init__(message)
 
 
-class InvalidTransition(CondoError):
-    """fsm.step met a (state, event) pair that the design says cannot happen: a bug."""
+class SelfDeployFailed(CondoError):
+    """The successor did not take over; the message says why (shown in /v1/state)."""

@@ -58,7 +58,7 @@ from condo.docker import (
     published_host_ports,
     run_events,
 )
-from condo.errors import ContainerNotFound, DockerError, StateFileError
+from condo.errors import ContainerNotFound, DockerError, SelfDeployFailed, StateFileError
 from condo.spec import SelfSpec
 from condo.tasks import run_beside
 
@@ -104,10 +104,6 @@ class SelfStatus:
         if not isinstance(hash_, str) or not isinstance(state, str):
             return None
         return cls(hash_, state, error if isinstance(error, str) else None)
-
-
-class SelfDeployFailed(Exception):
-    """The successor did not take over; the message says why (shown in /v1/state)."""
 
 
 def running_hash() -> str | None:

@@ -2,10 +2,15 @@
 
     root nursery (run_condo)
     ├─ state writer    writes the newest state file, coalesced (condo.persist.StateWriter)
-    ├─ docker events   the engine's events, routed to the services' mailboxes
-    ├─ leftovers       once: services known only from the state file or the engine's labels
     ├─ consul          session keeper + publisher + watcher (condo.consul), when --expose consul
+    ├─ docker events   the engine's events (subscribed before anything is inspected)
+    ├─ signals         SIGTERM/SIGINT: shut down; SIGHUP: reload registry credentials
+    ├─ event router    routes them to the services' mailboxes; a `create` of a service nobody
+    │                  drives spawns a driver that retires it
     ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir)
+    ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
+    ├─ leftovers       once every PREFIX was listed: services known only from the state file or
+    │                  the engine's labels
     ├─ web             the HTTP API (condo.web), when --server is not off
     └─ services nursery
        └─ one supervised driver per service (condo.service), restarted with backoff on a bug

@@ -1,4 +1,4 @@
-"""condo.web: the HTTP API, the websocket feed and the (placeholder) dashboard.
+"""condo.web: the HTTP API, the websocket feed and the live dashboard's static files.
 
 Modules, each owning one thing:
     app        `build_app(WebContext)`: the Quart-Trio routes, the token check, JSON errors
