@@ -636,7 +636,12 @@ async def test_a_successor_with_other_paths_never_touches_the_workloads(
         )
     finally:
         with trio.move_on_after(60, shield=True):
+            # Every condo first (the hand-started one too), so that none re-creates a workload
+            # between the removals.
             for row in await docker.list_containers(labels={SELF_LABEL: host}):
+                with contextlib.suppress(ContainerNotFound):
+                    await docker.remove(row.id)
+            for row in await docker.list_containers(labels=dict(container_labels)):
                 with contextlib.suppress(ContainerNotFound):
                     await docker.remove(row.id)
             for row in await docker.list_containers(labels=labels.owned_by(host)):
