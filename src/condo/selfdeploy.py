@@ -89,7 +89,7 @@ class SelfStatus:
 
     hash: str
     state: str
-    """deploying | waiting (for the engine) | handing-over | failed."""
+    """deploying | waiting (for the engine) | failed."""
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:

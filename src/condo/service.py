@@ -328,7 +328,7 @@ class _Driver:
                 await engine.start(cid)
                 info = await engine.inspect(cid)
             except DockerError as exc:
-                if exc.transient and not isinstance(exc, DockerApiError):
+                if _unheard(exc):
                     # The engine may still start it (an answer lost or late): look again.
                     self._resync_later()
                 return fsm.DeployFailed(
@@ -357,7 +357,7 @@ class _Driver:
     ) -> fsm.Box | None:
         """After a create whose outcome is unknown (timeout, dropped connection), the container
         may exist all the same: find it by its name, so that it is retired, not leaked."""
-        if not error.transient or isinstance(error, DockerApiError):
+        if not _unheard(error):
             return None  # the engine answered: nothing was created
         found = await self._find_created(name, spec)
         if found is None:
@@ -500,6 +500,11 @@ class _Driver:
                 # a dead container (the original made duplicates that way).
                 log.warning("service.observe_failed", error=str(exc))
                 await trio.sleep(OBSERVE_RETRY_DELAY)
+
+
+def _unheard(error: DockerError) -> bool:
+    """The engine did not answer (a timeout, a dropped connection): it may have acted anyway."""
+    return error.transient and not isinstance(error, DockerApiError)
 
 
 def _suffix() -> str:

@@ -360,8 +360,17 @@ async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
                 stopping.set()
 
 
-def load_records(config: Config) -> dict[str, fsm.ServiceState]:
-    """The services' states from the state file; unreadable parts are dropped (and logged).
+@attrs.frozen
+class Restored:
+    """What the state file gives a starting condo (nothing, for a missing or foreign file)."""
+
+    records: dict[str, fsm.ServiceState] = attrs.Factory(dict)
+    self_status: SelfStatus | None = None
+
+
+def load_state(config: Config) -> Restored:
+    """The services' states and the last self-deploy, from one read of the state file;
+    unreadable records are dropped (and logged).
 
     A file of another host or version is moved aside whole (`<file>.foreign-<time>`): its
     records describe somebody else's containers. Dropping a record is safe: the engine's labels
@@ -369,11 +378,11 @@ def load_records(config: Config) -> dict[str, fsm.ServiceState]:
     """
     data = persist.read_state_file(config.state_path)
     if not isinstance(data, dict):
-        return {}
+        return Restored()
     reason = record.foreign_reason(data, config.host)
     if reason is not None:
         persist.move_aside(config.state_path, reason, kind="foreign")
-        return {}
+        return Restored()
     at = now()
     records: dict[str, fsm.ServiceState] = {}
     for name, entry in data["services"].items():
@@ -381,7 +390,12 @@ def load_records(config: Config) -> dict[str, fsm.ServiceState]:
             records[str(name)] = record.from_record(entry, at)
         except record.RecordError as exc:
             log.warning("state.record_dropped", service=name, error=str(exc))
-    return records
+    return Restored(records, SelfStatus.from_json(data.get("self")))
+
+
+def load_records(config: Config) -> dict[str, fsm.ServiceState]:
+    """The services' states from the state file (see `load_state`)."""
+    return load_state(config).records
 
 
 def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]:
@@ -393,12 +407,6 @@ def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]
         return document
 
     return snapshot
-
-
-def load_self_status(config: Config) -> SelfStatus | None:
-    """The last self-deploy the state file remembers (a failed one is not tried again)."""
-    data = persist.read_state_file(config.state_path)
-    return SelfStatus.from_json(data.get("self")) if isinstance(data, dict) else None
 
 
 WebServer = Callable[[Running, trio.Event], Awaitable[None]]
@@ -423,8 +431,7 @@ async def run_condo(
         check_consul_config(config)  # a ConfigError now, not from inside the root nursery
     auth = RegistryAuth.load(config.docker_config)
     store = Store(config.host)
-    records = load_records(config)
-    self_before = load_self_status(config)
+    restored = load_state(config)
     writer = persist.StateWriter(config.state_path, state_document(config, store))
     store.subscribe(writer.mark_dirty)
     stopping = trio.Event()
@@ -442,7 +449,7 @@ async def run_condo(
             await writer.run(task_status=task_status)
 
     async with open_engine(config.docker_url, auth) as docker:
-        supervisor = Supervisor(config, docker, store, writer, records)
+        supervisor = Supervisor(config, docker, store, writer, restored.records)
         try:
             async with trio.open_nursery() as root:
                 await root.start(run_writer)
@@ -498,7 +505,10 @@ async def run_condo(
                 )
                 await root.start(
                     functools.partial(
-                        run_self_deployer, self_context, self_specs, failed_before=self_before
+                        run_self_deployer,
+                        self_context,
+                        self_specs,
+                        failed_before=restored.self_status,
                     )
                 )
                 root.start_soon(supervisor.adopt_leftovers)

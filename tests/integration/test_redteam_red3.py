@@ -482,7 +482,7 @@ async def test_consul_unreachable_while_a_service_is_removed_then_its_key_goes(
                 assert {db, web} <= set(keys)
                 proxy.cut()
                 condo.remove("db")
-                condo.write("web", WORKLOAD.replace("busybox:1", "busybox:2"))
+                condo.write("web", WORKLOAD.replace("condo-test/busybox:1", "condo-test/busybox:2"))
                 await condo.wait_state("web", "Stable", image="condo-test/busybox:2")
                 await condo.wait(lambda v: "db" not in v["services"])
                 await trio.sleep(outage)  # 25 s: past 2 x TTL, the agent drops the session
