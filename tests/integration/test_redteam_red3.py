@@ -48,19 +48,12 @@ from tests.integration.test_consul_keys import CAP, HOST, publishing
 from tests.integration.test_consul_session import Area, consul_area, stable
 from tests.integration.test_docker_events import proxy_to_engine
 from tests.integration.test_faults import converged
-from tests.integration.test_selfdeploy import Site, start_first_condo
+from tests.integration.test_selfdeploy import Site, remove_successors, start_first_condo
 
 pytestmark = [pytest.mark.docker]
 
 BUSYBOX = "condo-test/busybox:1"
 WORKLOAD = '{:spec {:Image "condo-test/busybox:1"} :stop-timeout 1}\n'
-
-
-async def remove_self_containers(docker: DockerClient, host: str) -> None:
-    with trio.move_on_after(30, shield=True):
-        for row in await docker.list_containers(labels={SELF_LABEL: host}):
-            with contextlib.suppress(ContainerNotFound):
-                await docker.remove(row.id)
 
 
 @pytest.fixture
@@ -69,7 +62,7 @@ async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnde
         try:
             yield under_test
         finally:
-            await remove_self_containers(docker, under_test.host)
+            await remove_successors(docker, under_test.host)
 
 
 # --- 1. the engine away inside a stop-then-start hand-over ----------------------------------------
