@@ -1,7 +1,8 @@
 """A typed in-memory engine for MockClock tests of the service driver's timing logic.
 
-It implements condo.service.Engine (mypy checks it against the Protocol). It is never evidence that
-a feature works with Docker; the integration tests are. It only lets virtual time run fast.
+It implements condo.service.ContainerEngine (mypy checks it against the Protocol). It is never
+evidence that a feature works with Docker; the integration tests are. It only lets virtual
+time run fast.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from condo.errors import (
     ImageNotFound,
     NameConflict,
 )
-from condo.service import Engine
+from condo.service import ContainerEngine
 from condo.waiting import HostsView, Picture, StateSource
 
 
@@ -177,7 +178,7 @@ class FakeHosts:
             await self._changed.wait()
 
 
-def _typecheck(engine: FakeEngine) -> Engine:
+def _typecheck(engine: FakeEngine) -> ContainerEngine:
     return engine  # mypy proves the fake satisfies the driver's port
 
 

@@ -30,12 +30,12 @@ from condo.metrics import Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.web import LocalSource, WebContext, build_app
+from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
 from condo.web.hosts import AllowedHosts
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
 from condo.web.serve import closing_connections
-from condo.web.static import StaticFiles
 from tests.fakes import FakeHosts
 
 HOST = "h1"

@@ -12,7 +12,7 @@ from condo.docker import Container, ContainerId
 from condo.errors import ConfigError
 from condo.selfdeploy import clashing_ports
 from condo.spec import SelfSpec, parse_self_spec
-from condo.web import WebServer
+from condo.web import ApiServer
 
 CAP = 10
 
@@ -54,14 +54,14 @@ def test_reuse_port_is_opt_in() -> None:
 
 async def test_two_servers_share_a_port_only_when_both_reuse_it() -> None:
     with trio.fail_after(CAP):
-        first = await WebServer.listen(Bind(host="127.0.0.1", port=0, reuse_port=True))
+        first = await ApiServer.listen(Bind(host="127.0.0.1", port=0, reuse_port=True))
         try:
             same = Bind(host="127.0.0.1", port=first.port, reuse_port=True)
-            second = await WebServer.listen(same)
+            second = await ApiServer.listen(same)
             second.close()
             # Without the option on the newcomer, the port stays taken: a second condo run by
             # mistake still fails at start-up.
             with pytest.raises(ConfigError, match="cannot listen"):
-                await WebServer.listen(Bind(host="127.0.0.1", port=first.port))
+                await ApiServer.listen(Bind(host="127.0.0.1", port=first.port))
         finally:
             first.close()

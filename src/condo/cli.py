@@ -23,7 +23,7 @@ from cyclopts import App, Parameter
 from cyclopts.config import Env
 
 import condo
-from condo import client, logs
+from condo import logs, remote
 from condo.config import (
     DEFAULT_MAX_FEEDS,
     DEFAULT_MAX_WAITS,
@@ -38,7 +38,7 @@ from condo.fds import raise_fd_limit
 from condo.selfdeploy import HandOverPlan, run_hand_over
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
 from condo.supervisor import run_condo
-from condo.web import WebServer
+from condo.web import ApiServer
 
 SELF_SPEC_NAME = "self.edn"
 
@@ -167,7 +167,7 @@ async def run(
         )
         config.check()
         # Bound before anything starts, so that a taken or bad --server is a usage error.
-        web = await WebServer.listen(config.server) if config.server is not None else None
+        web = await ApiServer.listen(config.server) if config.server is not None else None
         try:
             await run_condo(config, web=web, handle_signals=True)
         finally:
@@ -222,7 +222,7 @@ async def wait(
     name: str,
     image: str,
     timeout: float = 300.0,  # noqa: ASYNC109 -- the contract's --timeout, sent to the server
-    url: str = client.DEFAULT_URL,
+    url: str = remote.DEFAULT_URL,
     api_token: str | None = None,
 ) -> int:
     """Block until every host that runs NAME is Stable on IMAGE (for CI).
@@ -243,12 +243,12 @@ async def wait(
     api_token
         The condo's --api-token, if it has one.
     """
-    return await client.wait(
+    return await remote.wait(
         name, image, wait_seconds=timeout, url=url, api_token=api_token, out=sys.stdout
     )
 
 
-async def state(*, url: str = client.DEFAULT_URL, api_token: str | None = None) -> int:
+async def state(*, url: str = remote.DEFAULT_URL, api_token: str | None = None) -> int:
     """Print every service of every host (all hosts when condo exposes to Consul).
 
     Parameters
@@ -258,7 +258,7 @@ async def state(*, url: str = client.DEFAULT_URL, api_token: str | None = None) 
     api_token
         The condo's --api-token, if it has one.
     """
-    return await client.state(url=url, api_token=api_token, out=sys.stdout)
+    return await remote.state(url=url, api_token=api_token, out=sys.stdout)
 
 
 # --- validate -------------------------------------------------------------------------------------

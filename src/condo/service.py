@@ -65,7 +65,7 @@ PULL_LIMIT = 600.0
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
-class Engine(Protocol):
+class ContainerEngine(Protocol):
     """The part of the Docker client a service driver uses (condo.docker.DockerClient)."""
 
     async def image_present(self, image: str) -> bool: ...
@@ -182,7 +182,7 @@ class ServiceContext:
 
     name: str
     host: str
-    engine: Engine
+    engine: ContainerEngine
     store: Store
     flush_state: Callable[[], Awaitable[None]]
 

@@ -409,7 +409,7 @@ def state_document(config: Config, store: Store) -> Callable[[], dict[str, Any]]
     return snapshot
 
 
-WebServer = Callable[[Running, trio.Event], Awaitable[None]]
+ServeWeb = Callable[[Running, trio.Event], Awaitable[None]]
 # How run_condo reaches the engine: open_docker, or a test's stand-in (tests/faultsim).
 OpenEngine = Callable[[str, RegistryAuth], AbstractAsyncContextManager[DockerClient]]
 
@@ -421,7 +421,7 @@ def _open_docker(url: str, auth: RegistryAuth) -> AbstractAsyncContextManager[Do
 async def run_condo(
     config: Config,
     *,
-    web: WebServer | None = None,
+    web: ServeWeb | None = None,
     handle_signals: bool = False,
     open_engine: OpenEngine = _open_docker,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,

@@ -28,9 +28,9 @@ from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.web import LocalSource, WebContext, build_app
+from condo.web.assets import STATIC_ROOT, StaticFiles, locked_page
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
-from condo.web.static import STATIC_ROOT, StaticFiles, locked_page
 from tests.fakes import FakeHosts
 
 HOST = "h1"

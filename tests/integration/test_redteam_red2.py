@@ -21,7 +21,7 @@ import trio
 from condo.config import Bind
 from condo.docker import DockerClient
 from condo.errors import ConfigError
-from condo.web import WebServer
+from condo.web import ApiServer
 from condo.web.hosts import AllowedHosts
 from tests.integration.harness import CondoUnderTest, condo_files, free_port
 
@@ -75,12 +75,12 @@ async def test_a_taken_port_fails_start_up_even_when_the_name_has_a_second_free_
     # without it a second condo on a taken port must fail at start-up."
     # Attack: `--server localhost:PORT` where `localhost` has two addresses (stock Debian/Ubuntu
     # /etc/hosts: `::1 localhost ip6-localhost`; getaddrinfo gives ::1 and 127.0.0.1). The first
-    # condo binds one; WebServer.listen of the second condo treats EADDRINUSE on that one like
+    # condo binds one; ApiServer.listen of the second condo treats EADDRINUSE on that one like
     # "no such address", tries the next, and starts on it: two condos on one port, supervising
     # the same specs, each answering half the clients. Simulated by resolving the name to
     # (127.0.0.1, ::1) with the first server on 127.0.0.1.
     with trio.fail_after(CAP):
-        first = await WebServer.listen(Bind(host="127.0.0.1", port=0))
+        first = await ApiServer.listen(Bind(host="127.0.0.1", port=0))
         port = first.port
         real_getaddrinfo = trio.socket.getaddrinfo
 
@@ -94,10 +94,10 @@ async def test_a_taken_port_fails_start_up_even_when_the_name_has_a_second_free_
             ]
 
         monkeypatch.setattr(trio.socket, "getaddrinfo", two_addresses)
-        second: WebServer | None = None
+        second: ApiServer | None = None
         try:
             with pytest.raises(ConfigError, match="cannot listen"):
-                second = await WebServer.listen(Bind(host="dual-stack-localhost", port=port))
+                second = await ApiServer.listen(Bind(host="dual-stack-localhost", port=port))
         finally:
             first.close()
             if second is not None:

@@ -33,7 +33,7 @@ from condo.errors import ConfigError
 from condo.fds import web_caps
 from condo.fsm import Failure, ServiceState
 from condo.supervisor import Running, run_condo
-from condo.web import WebServer, serve_web
+from condo.web import ApiServer, serve_web
 from condo.web.serve import STALL_LIMIT
 from tests.integration.harness import CondoUnderTest, condo_files, free_port
 
@@ -70,7 +70,7 @@ async def serve(
         api_token=token,
         allowed_hosts=allowed_hosts,
     )
-    web = await WebServer.listen(Bind(host="127.0.0.1", port=0))
+    web = await ApiServer.listen(Bind(host="127.0.0.1", port=0))
     assert web.port > 0
     running: Running = await nursery.start(functools.partial(run_condo, config, web=web))
     condo.running = running
@@ -345,14 +345,14 @@ async def test_serve_web_binds_the_configured_server(
 
 async def test_a_taken_port_is_a_config_error() -> None:
     with trio.fail_after(CAP):
-        first = await WebServer.listen(Bind(host="127.0.0.1", port=0))
+        first = await ApiServer.listen(Bind(host="127.0.0.1", port=0))
         try:
             with pytest.raises(ConfigError, match="cannot listen"):
-                await WebServer.listen(Bind(host="127.0.0.1", port=first.port))
+                await ApiServer.listen(Bind(host="127.0.0.1", port=first.port))
         finally:
             first.close()
         with pytest.raises(ConfigError):
-            await WebServer.listen(Bind(host="no-such-host.invalid", port=0))
+            await ApiServer.listen(Bind(host="no-such-host.invalid", port=0))
 
 
 FD_LIMIT = 320  # condo's whole RLIMIT_NOFILE in the next test

@@ -2,7 +2,7 @@
 
 Modules, each owning one thing:
     app        `build_app(WebContext)`: the Quart-Trio routes, the token check, JSON errors
-    serve      `WebServer`, `serve_web`: the socket, hypercorn in condo's nursery, shutdown
+    serve      `ApiServer`, `serve_web`: the socket, hypercorn in condo's nursery, shutdown
     feed       `WS /v1/feed`: snapshot first, then the latest state on each change
     waitfor    `/v1/wait_for`'s parameters and its wait (condo.waiting.evaluate, no polling)
     local      `LocalSource`: the Store as a StateSource (wait_for without Consul)
@@ -11,14 +11,14 @@ Modules, each owning one thing:
     hosts      which Host names the API answers, which Origin may open the feed
     slots      the caps on open waits and feeds (503 beyond them)
     lifecycle  `Closing`: wakes every waiting request at shutdown
-    static     the package's static files, served by exact name only
+    assets     the package's static files, served by exact name only
     openapi    the OpenAPI document of the routes
 
-Nothing here imports condo.docker: the engine is reached through the small `Engine` protocol.
+Nothing here imports condo.docker: the engine is reached through the small `EngineProbe` protocol.
 """
 
 from condo.web.app import WebContext, build_app
 from condo.web.local import LocalSource
-from condo.web.serve import Condo, WebServer, serve_web
+from condo.web.serve import ApiServer, Condo, serve_web
 
-__all__ = ["Condo", "LocalSource", "WebContext", "WebServer", "build_app", "serve_web"]
+__all__ = ["ApiServer", "Condo", "LocalSource", "WebContext", "build_app", "serve_web"]

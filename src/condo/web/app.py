@@ -40,6 +40,7 @@ from condo.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from condo.metrics import Metrics
 from condo.store import Store
 from condo.waiting import StateSource, evaluate
+from condo.web.assets import INDEX, StaticFile, StaticFiles, locked_page
 from condo.web.auth import bearer, token_matches
 from condo.web.feed import GlobalSnapshots, Snapshots, run_feed
 from condo.web.health import EngineHealth
@@ -47,7 +48,6 @@ from condo.web.hosts import AllowedHosts, same_origin
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
 from condo.web.slots import Slots
-from condo.web.static import INDEX, StaticFile, StaticFiles, locked_page
 from condo.web.waitfor import BadParams, parse_wait_params, wait_deployed
 
 log = structlog.get_logger(__name__)

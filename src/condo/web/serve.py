@@ -1,6 +1,6 @@
 """Serving the API: hypercorn's Trio worker inside condo's root nursery (no threads, no asyncio).
 
-Owns: the listening socket (`WebServer.listen`, bound before serving so that a bad `--server` is a
+Owns: the listening socket (`ApiServer.listen`, bound before serving so that a bad `--server` is a
 start-up error and port 0 reveals its real port at once), the hypercorn configuration, the wiring
 of the app to a running condo (metrics subscriptions, the engine's health, the state sources, the
 allowed Host names, the caps on waits and feeds sized to the open-files limit), and the shutdown
@@ -50,11 +50,11 @@ from condo.metrics import DockerCall, Metrics, ServiceMetrics
 from condo.store import Store
 from condo.waiting import StateSource
 from condo.web.app import WebContext, build_app
+from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
 from condo.web.hosts import AllowedHosts
 from condo.web.lifecycle import Closing
 from condo.web.local import LocalSource
-from condo.web.static import StaticFiles
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +74,7 @@ class StateFileStatus(Protocol):
     def last_error(self) -> BaseException | None: ...
 
 
-class Engine(Protocol):
+class EngineProbe(Protocol):
     """condo.docker.DockerClient, as far as the web app cares."""
 
     async def ping(self) -> str: ...
@@ -95,7 +95,7 @@ class Condo(Protocol):
     @property
     def store(self) -> Store: ...
     @property
-    def docker(self) -> Engine: ...
+    def docker(self) -> EngineProbe: ...
     @property
     def config(self) -> Config: ...
     @property
@@ -111,12 +111,12 @@ class Condo(Protocol):
         ...
 
 
-class WebServer:
+class ApiServer:
     """The API server of one condo: a bound socket, then (called by run_condo) the serving task.
 
     Usage::
 
-        web = await WebServer.listen(config.server)     # ConfigError when it cannot bind
+        web = await ApiServer.listen(config.server)     # ConfigError when it cannot bind
         try:
             await run_condo(config, web=web)             # web(running, stopping) serves
         finally:
@@ -132,7 +132,7 @@ class WebServer:
         self.names: tuple[str, ...] = (host,) if name is None else (host, name)
 
     @classmethod
-    async def listen(cls, bind: Bind) -> WebServer:
+    async def listen(cls, bind: Bind) -> ApiServer:
         """Bind (and listen on) `bind`; port 0 picks a free port (see `.port`)."""
         try:
             infos = await trio.socket.getaddrinfo(
@@ -181,7 +181,7 @@ class WebServer:
     async def __call__(self, running: Condo, stopping: trio.Event) -> None:
         """Serve the API for `running` until `stopping` is set (or the task is cancelled)."""
         if self._socket is None:
-            raise RuntimeError("this WebServer was already served or closed")
+            raise RuntimeError("this ApiServer was already served or closed")
         # hypercorn adopts the descriptor (fd://) and closes it when it stops.
         fd = self._socket.detach()
         self._socket = None
@@ -235,7 +235,7 @@ async def serve_web(running: Condo, stopping: trio.Event) -> None:
     """The `web` task for run_condo: serve on `running.config.server` (default 127.0.0.1:4280)."""
     bind = running.config.server or parse_server(DEFAULT_SERVER)
     assert bind is not None
-    server = await WebServer.listen(bind)
+    server = await ApiServer.listen(bind)
     try:
         await server(running, stopping)
     finally:
