@@ -164,6 +164,7 @@ class FakeHosts:
     def __init__(self, hosts: HostsView) -> None:
         self._picture = Picture(token=1, hosts=hosts)
         self._changed = trio.Event()
+        self.stale = False  # a test may set it, as if the source could not be read
 
     def set(self, hosts: HostsView) -> None:
         self._picture = Picture(token=self._picture.token + 1, hosts=hosts)

@@ -18,6 +18,7 @@ import trio
 
 from condo.errors import SpecError
 from condo.fsm import Instant, ServiceState
+from condo.memo import PerVersion
 from condo.record import to_record, to_view
 
 
@@ -44,8 +45,8 @@ class Store:
         self._version = 0
         self._changed = trio.Event()
         self._listeners: list[Callable[[], None]] = []
-        self._view_cache: tuple[int, dict[str, Any]] | None = None
         self._self_deploy: Mapping[str, Any] | None = None
+        self._view = PerVersion(lambda: self._version, lambda _: self._build_view(now()))
 
     @property
     def version(self) -> int:
@@ -96,9 +97,9 @@ class Store:
 
     def view(self, at: Instant | None = None) -> dict[str, Any]:
         """The `/v1/state` body (built once per version: readers may share it, not change it)."""
-        if at is None and self._view_cache is not None and self._view_cache[0] == self._version:
-            return self._view_cache[1]
-        moment = at or now()
+        return self._view.value if at is None else self._build_view(at)
+
+    def _build_view(self, moment: Instant) -> dict[str, Any]:
         services = {
             name: to_view(e.state, moment, e.spec_error)
             for name, e in sorted(self._entries.items())
@@ -106,8 +107,6 @@ class Store:
         view: dict[str, Any] = {"host": self.host, "services": services}
         if self._self_deploy is not None:
             view["self"] = dict(self._self_deploy)
-        if at is None:
-            self._view_cache = (self._version, view)
         return view
 
     def _put(self, service: str, entry: ServiceEntry) -> None:

@@ -72,6 +72,11 @@ class StateSource(Protocol):
         """The latest picture (never blocks)."""
         ...
 
+    @property
+    def stale(self) -> bool:
+        """True while the picture may be out of date (its source could not be read lately)."""
+        ...
+
     async def wait_beyond(self, token: int) -> None:
         """Return once a picture newer than `token` is available (spurious wake-ups allowed)."""
         ...

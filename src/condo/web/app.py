@@ -36,6 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import WebsocketMismatch
 
 import condo
+from condo.memo import PerVersion
 from condo.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from condo.metrics import Metrics
 from condo.store import Store
@@ -85,21 +86,12 @@ def _error(code: int, message: str, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": message, **extra}), code
 
 
-class EncodedState:
+def encoded_state(store: Store) -> PerVersion[int, bytes]:
     """The `/v1/state` body, encoded once per store version (it is the hot route)."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._version = -1
-        self._body = b""
-
-    def body(self) -> bytes:
-        version = self._store.version
-        if version != self._version:
-            view = self._store.view()
-            self._body = json.dumps(view, separators=(",", ":")).encode()
-            self._version = version
-        return self._body
+    return PerVersion(
+        lambda: store.version,
+        lambda _: json.dumps(store.view(), separators=(",", ":")).encode(),
+    )
 
 
 def build_app(context: WebContext) -> QuartTrio:
@@ -187,11 +179,11 @@ def build_app(context: WebContext) -> QuartTrio:
 
     # --- the API ----------------------------------------------------------------------------
 
-    encoded_state = EncodedState(context.store)
+    state_body = encoded_state(context.store)
 
     @app.get("/v1/state")
     async def state() -> Any:
-        return Response(encoded_state.body(), content_type="application/json")
+        return Response(state_body.value, content_type="application/json")
 
     @app.get("/v1/global_state")
     async def global_state() -> Any:

@@ -24,50 +24,44 @@ from typing import NoReturn
 
 import trio
 
+from condo.memo import PerVersion
 from condo.store import Store
 from condo.waiting import StateSource
 
 
-class Snapshots:
+def _encode(message: dict[str, object]) -> str:
+    return json.dumps(message, separators=(",", ":"), sort_keys=True)
+
+
+class Snapshots(PerVersion[int, str]):
     """The feed message of the Store's current version, encoded at most once per version."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
-        self._version = -1
-        self._text = ""
-
-    def latest(self) -> tuple[int, str]:
-        version = self._store.version
-        if version != self._version:
-            message = {"type": "snapshot", "version": version, "state": self._store.view()}
-            self._text = json.dumps(message, separators=(",", ":"), sort_keys=True)
-            self._version = version
-        return self._version, self._text
+        super().__init__(
+            lambda: store.version,
+            lambda version: _encode(
+                {"type": "snapshot", "version": version, "state": store.view()}
+            ),
+        )
 
 
-class GlobalSnapshots:
+class GlobalSnapshots(PerVersion[tuple[int, bool], str]):
     """The feed's `global` message of a StateSource's current picture, encoded once per picture.
 
-    The key of a message is (token, stale): a source may wake its waiters for a change of
+    The version of a message is (token, stale): a source may wake its waiters for a change of
     staleness alone (condo.consul.ConsulSource does), with the same token.
     """
 
     def __init__(self, source: StateSource) -> None:
         self.source = source
-        self._key: tuple[int, bool] | None = None
-        self._text = ""
+        super().__init__(lambda: (source.picture().token, source.stale), self._message)
 
-    def latest(self) -> tuple[tuple[int, bool], str]:
+    def _message(self, version: tuple[int, bool]) -> str:
+        token, stale = version
+        # Synchronous with the version read: the picture is the one `version` names.
         picture = self.source.picture()
-        # `stale` is an extra of ConsulSource, not part of the StateSource port.
-        stale = bool(getattr(self.source, "stale", False))
-        key = (picture.token, stale)
-        if key != self._key:
-            hosts = {host: {"services": dict(services)} for host, services in picture.hosts.items()}
-            message = {"type": "global", "token": picture.token, "stale": stale, "hosts": hosts}
-            self._text = json.dumps(message, separators=(",", ":"), sort_keys=True)
-            self._key = key
-        return key, self._text
+        hosts = {host: {"services": dict(services)} for host, services in picture.hosts.items()}
+        return _encode({"type": "global", "token": token, "stale": stale, "hosts": hosts})
 
 
 async def run_feed(

@@ -7,6 +7,7 @@ waiting is the Store's own change event (no polling).
 
 from __future__ import annotations
 
+from condo.memo import PerVersion
 from condo.store import Store
 from condo.waiting import Picture
 
@@ -16,14 +17,17 @@ class LocalSource:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._picture: Picture | None = None
+        self._picture = PerVersion(
+            lambda: store.version,
+            lambda version: Picture(token=version, hosts={store.host: store.view()["services"]}),
+        )
 
     def picture(self) -> Picture:
-        version = self._store.version
-        if self._picture is None or self._picture.token != version:
-            services = self._store.view()["services"]
-            self._picture = Picture(token=version, hosts={self._store.host: services})
-        return self._picture
+        return self._picture.value
+
+    @property
+    def stale(self) -> bool:
+        return False  # the Store is this process's own memory: never out of date
 
     async def wait_beyond(self, token: int) -> None:
         await self._store.wait_changed(token)
