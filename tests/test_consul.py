@@ -24,7 +24,7 @@ from condo.consul import Acquire, ConsulClient, KeyLayout, decode_value, encode_
 from condo.consul.client import SessionId, open_consul_client, parse_endpoint
 from condo.consul.layout import ForeignValue, check_name
 from condo.errors import ConfigError, ConsulError
-from condo.supervisor import run_condo
+from condo.run import run_condo
 
 SECRET = "s3cr3t-consul-token"
 

@@ -53,8 +53,8 @@ import condo.store
 from condo import labels
 from condo.config import Config
 from condo.record import RECORD_VERSION
+from condo.run import Running, run_condo
 from condo.spec import parse_spec
-from condo.supervisor import Running, run_condo
 from tests.faultsim.engine import (
     CLIENT_TIMEOUT,
     EPOCH,

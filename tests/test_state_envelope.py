@@ -9,8 +9,8 @@ import pytest
 
 from condo import fsm, record
 from condo.config import Config
+from condo.run import load_state
 from condo.store import now
-from condo.supervisor import load_records
 from tests.fsm_explore import SPEC_A
 
 
@@ -29,7 +29,7 @@ def config(path: Path) -> Config:
 async def test_a_file_of_this_host_and_version_gives_its_records(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     write(path, "h", record.RECORD_VERSION)
-    records = load_records(config(path))
+    records = load_state(config(path)).records
     assert records["web"].current is not None and records["web"].current.id == "c1"
     assert path.exists()
 
@@ -50,7 +50,7 @@ async def test_a_file_of_another_host_or_version_is_moved_aside_unread(
     path = tmp_path / "state.json"
     write(path, host, version)
     original = path.read_bytes()
-    assert load_records(config(path)) == {}
+    assert load_state(config(path)).records == {}
     assert not path.exists()
     [aside] = tmp_path.glob("state.json.foreign-*")
     assert aside.read_bytes() == original  # kept whole for the operator

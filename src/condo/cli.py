@@ -35,10 +35,9 @@ from condo.config import (
 from condo.docker import ContainerId, open_docker
 from condo.errors import ConfigError, SpecError
 from condo.fds import raise_fd_limit
+from condo.run import serve
 from condo.selfdeploy import HandOverPlan, run_hand_over
 from condo.spec import MAX_SPEC_BYTES, parse_self_spec, parse_spec
-from condo.supervisor import run_condo
-from condo.web import ApiServer
 
 SELF_SPEC_NAME = "self.edn"
 
@@ -166,13 +165,7 @@ async def run(
             max_feeds=max_feeds,
         )
         config.check()
-        # Bound before anything starts, so that a taken or bad --server is a usage error.
-        web = await ApiServer.listen(config.server) if config.server is not None else None
-        try:
-            await run_condo(config, web=web, handle_signals=True)
-        finally:
-            if web is not None:
-                web.close()  # only frees the socket if the server never started
+        await serve(config)
     except ConfigError as exc:
         print(f"condo: {exc}", file=sys.stderr)
         return 2

@@ -153,7 +153,9 @@ class StateWriter:
         ...
         writer.mark_dirty()        # after every change: sync, O(1), never blocks
         ...
-        await writer.flush()       # at shutdown (under the caller's own cancel scope)
+        await writer.flush()       # write-ahead (under the caller's own cancel scope)
+        ...
+        await writer.close(limit)  # at shutdown, after run() was cancelled: the last write
 
     Semantics:
 
@@ -169,6 +171,9 @@ class StateWriter:
       It waits on a `trio.Event` that is swapped after each successful write (no polling); with
       a failing disk it waits until the disk recovers, so give it a cancel scope at shutdown.
       Without a running `run()` task it waits forever.
+    - `close(limit)` is the one final write: the newest state, shielded and bounded, whether or
+      not `run()` ever wrote. After `hand_over()` (a self-deploy's successor owns the file now)
+      nothing is written any more, not even by `close`.
     - `snapshot()` must return plain JSON data; anything else is a bug and crashes `run()`.
     """
 
@@ -183,6 +188,7 @@ class StateWriter:
         self._dirty = trio.Event()  # set by mark_dirty(); replaced by run() before each write
         self._written = trio.Event()  # set, then replaced, after each successful write
         self._last_error: StateFileError | None = None
+        self._handed_over = False
 
     @property
     def path(self) -> Path:
@@ -197,6 +203,15 @@ class StateWriter:
     def pending(self) -> bool:
         """True while some mark is not yet covered by a successful write."""
         return self._on_disk != self._version
+
+    @property
+    def handed_over(self) -> bool:
+        return self._handed_over
+
+    def hand_over(self) -> None:
+        """Write nothing from now on: the file belongs to a successor (a write in flight ends)."""
+        self._handed_over = True
+        self._dirty.set()  # run() wakes, sees it and parks
 
     def mark_dirty(self) -> None:
         """Note that the state changed; the writer will write the newest state soon."""
@@ -215,25 +230,42 @@ class StateWriter:
         """The writer task: runs until cancelled (a write in flight finishes first)."""
         task_status.started()
         while True:
+            if self._handed_over:
+                await trio.sleep_forever()
             if self._on_disk == self._version:
                 await self._dirty.wait()
                 continue
             # Swap before snapshotting: a mark from now on wakes the next round.
             self._dirty = trio.Event()
-            version = self._version
-            payload = encode_state(self._snapshot())
-            try:
-                await trio.to_thread.run_sync(write_state_bytes, self._path, payload)
-            except StateFileError as exc:
-                self._failed(exc)
+            if not await self._write():
                 await trio.sleep(self._retry_delay)
-                continue
-            self._on_disk = version
-            if self._last_error is not None:
-                log.info("state.write_recovered", path=str(self._path))
-                self._last_error = None
-            self._written.set()
-            self._written = trio.Event()
+
+    async def close(self, limit: float) -> None:
+        """The last write, at shutdown: the newest state, within `limit` seconds, even while
+        the caller is being cancelled; a failure is logged (`state.final_write_failed`)."""
+        if self._handed_over:
+            log.info("state.handed_over", path=str(self._path))  # the successor's file now
+            return
+        with trio.move_on_after(limit, shield=True):
+            if not await self._write():
+                log.error("state.final_write_failed", error=str(self._last_error))
+
+    async def _write(self) -> bool:
+        """Write the newest state once; False (and `last_error`) when the write failed."""
+        version = self._version
+        payload = encode_state(self._snapshot())
+        try:
+            await trio.to_thread.run_sync(write_state_bytes, self._path, payload)
+        except StateFileError as exc:
+            self._failed(exc)
+            return False
+        self._on_disk = version
+        if self._last_error is not None:
+            log.info("state.write_recovered", path=str(self._path))
+            self._last_error = None
+        self._written.set()
+        self._written = trio.Event()
+        return True
 
     def _failed(self, exc: StateFileError) -> None:
         if self._last_error is None or str(self._last_error) != str(exc):

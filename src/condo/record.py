@@ -5,10 +5,11 @@ One module owns both directions so that what condo writes it can always read bac
 - `to_record(state, now)` / `from_record(data, now)`: the state file. Trio-clock deadlines are
   stored as wall-clock unix seconds and turned back into Trio times on load (a past retry time
   fires at once). Everything else round-trips exactly.
-- `state_document(host, records)` / `foreign_reason(document, host)`: the state file's envelope
-  (`version`, `host`, `services`). Records are only ever read from a file of the same host and
-  this version: anything else belongs to somebody else (another `--host` sharing the path, a
-  condo of another version) and its records must not steer this one.
+- `state_document(host, records, self_deploy)` / `read_document(document, host, now)`: the state
+  file's envelope (`version`, `host`, `services`, `self`). Records are only ever read from a file
+  of the same host and this version (`ForeignDocument` otherwise): anything else belongs to
+  somebody else (another `--host` sharing the path, a condo of another version) and its records
+  must not steer this one.
 - `to_view(state, now, spec_error)`: a SERVICE object of the HTTP API (doc/contract.md): `state`,
   `current`, `next`, `retry_at`, `error`, `spec_error`, plus condo's extensions.
 
@@ -18,6 +19,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -33,12 +35,56 @@ class RecordError(ValueError):
     """A stored record cannot be read back (written by another version, or damaged)."""
 
 
-def state_document(host: str, records: dict[str, Any]) -> dict[str, Any]:
+class ForeignDocument(ValueError):
+    """A state file this condo may not read its records from (`reason` says whose it is)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.frozen
+class Restored:
+    """What a state file gives a starting condo (nothing, for a missing file)."""
+
+    records: dict[str, ServiceState] = attrs.Factory(dict)
+    # The last self-deploy (`"self"`: hash, state, error), remembered across restarts.
+    self_deploy: Mapping[str, Any] | None = None
+    # Records that could not be read back, with why: dropped (the engine's labels remain).
+    dropped: dict[str, str] = attrs.Factory(dict)
+
+
+def state_document(
+    host: str, records: dict[str, Any], self_deploy: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The whole state file: the envelope around every service's record."""
-    return {"version": RECORD_VERSION, "host": host, "services": records}
+    document: dict[str, Any] = {"version": RECORD_VERSION, "host": host, "services": records}
+    if self_deploy is not None:
+        # A failed self-deploy is remembered across restarts (not retried until it changes).
+        document["self"] = dict(self_deploy)
+    return document
 
 
-def foreign_reason(document: dict[str, Any], host: str) -> str | None:
+def read_document(document: object, host: str, now: Instant) -> Restored:
+    """Every readable record of a state file of `host` and this version; ForeignDocument for a
+    file of anybody else."""
+    if not isinstance(document, dict):
+        raise ForeignDocument("not a JSON object")
+    reason = _foreign_reason(document, host)
+    if reason is not None:
+        raise ForeignDocument(reason)
+    records: dict[str, ServiceState] = {}
+    dropped: dict[str, str] = {}
+    for name, entry in document["services"].items():
+        try:
+            records[str(name)] = from_record(entry, now)
+        except RecordError as exc:
+            dropped[str(name)] = str(exc)
+    self_deploy = document.get("self")
+    return Restored(records, self_deploy if isinstance(self_deploy, dict) else None, dropped)
+
+
+def _foreign_reason(document: dict[str, Any], host: str) -> str | None:
     """Why `document` is not a state file this condo may read its records from (None: it is)."""
     version = document.get("version")
     if version != RECORD_VERSION:

@@ -38,8 +38,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import secrets
-import string
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,7 @@ import attrs
 import structlog
 import trio
 
-from condo import persist
+from condo import labels, persist
 from condo.docker import (
     Container,
     ContainerEvent,
@@ -79,7 +77,6 @@ CLEANUP_LIMIT = 120.0  # removing a successor, retried while the engine is away
 BRING_BACK_LIMIT = 600.0  # the hand-over container's retries to start the old condo again
 PERSIST_FIRST_DELAY = 0.5
 PERSIST_MAX_DELAY = 10.0
-SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 CONTAINER_IN_MOUNTINFO = re.compile(r"/containers/([0-9a-f]{64})/")
 
 
@@ -324,6 +321,32 @@ def hand_over_body(plan: HandOverPlan, own: Container, host: str) -> dict[str, A
     }
 
 
+class WantedSelf:
+    """The newest valid self.edn, waiting for the self-deployer (latest value, no backlog).
+
+    The spec watcher offers every snapshot's self.edn; while a deploy is under way only the
+    newest offer is kept, and the deployer takes it when it is free again.
+    """
+
+    def __init__(self) -> None:
+        self._spec: SelfSpec | None = None
+        self._offered = trio.Event()
+
+    def offer(self, spec: SelfSpec) -> None:
+        self._spec = spec
+        self._offered.set()
+
+    def take_nowait(self) -> SelfSpec | None:
+        spec, self._spec = self._spec, None
+        self._offered = trio.Event()
+        return spec
+
+    async def take(self) -> SelfSpec:
+        while (spec := self.take_nowait()) is None:
+            await self._offered.wait()
+        return spec
+
+
 @attrs.frozen(kw_only=True)
 class SelfContext:
     """What the self-deployer needs from run_condo."""
@@ -359,7 +382,7 @@ async def deploy_self(
     Raises SelfDeployFailed or DockerError, after removing the successor.
     """
     docker = ctx.docker
-    name = spec.fixed_name or "condo_" + "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(10))
+    name = spec.fixed_name or labels.generated_name("condo")
     image = str(spec.container.get("Image", ""))
     clash = clashing_ports(spec, own)
     if not await docker.image_present(image):
@@ -391,7 +414,7 @@ async def deploy_self(
 
 async def run_self_deployer(
     ctx: SelfContext,
-    wanted: trio.MemoryReceiveChannel[SelfSpec],
+    wanted: WantedSelf,
     *,
     failed_before: SelfStatus | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -405,11 +428,8 @@ async def run_self_deployer(
     spec: SelfSpec | None = None
     while True:
         if spec is None:
-            try:
-                spec = await wanted.receive()
-            except trio.EndOfChannel:
-                return
-        spec = _newest(wanted, spec)
+            spec = await wanted.take()
+        spec = wanted.take_nowait() or spec  # a newer self.edn, offered meanwhile
         if spec.hash == running_hash() or spec.hash in failed:
             spec = None
             continue
@@ -485,15 +505,6 @@ async def _hand_over_stalled(docker: DockerClient, started: HandOverStarted) -> 
                     "before it stopped this condo"
                 )
     return f"the hand-over container did not stop this condo in {HAND_OVER_STOP_LIMIT:g} s"
-
-
-def _newest(wanted: trio.MemoryReceiveChannel[SelfSpec], spec: SelfSpec) -> SelfSpec:
-    """`spec`, or a newer self.edn already waiting in `wanted`."""
-    while True:
-        try:
-            spec = wanted.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):  # nothing newer (yet, or ever)
-            return spec
 
 
 # --- the hand-over container (`condo hand-over`) ------------------------------------------------

@@ -28,8 +28,6 @@ Invariants:
 from __future__ import annotations
 
 import math
-import secrets
-import string
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,7 +60,6 @@ OBSERVE_RETRY_DELAY = 1.0
 LEFTOVER_RESYNC_DELAY = 2.0
 # A pull that makes no headway this long (a hung registry) fails as a transient error.
 PULL_LIMIT = 600.0
-SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
 class ContainerEngine(Protocol):
@@ -300,7 +297,7 @@ class _Driver:
 
         replaced = False
         created: fsm.Box | None = None
-        name = effect.name or f"{self._ctx.name}_{_suffix()}"
+        name = effect.name or labels.generated_name(self._ctx.name)
         body = dict(spec.container)
         body["Labels"] = {
             **(spec.container.get("Labels") or {}),
@@ -505,7 +502,3 @@ class _Driver:
 def _unheard(error: DockerError) -> bool:
     """The engine did not answer (a timeout, a dropped connection): it may have acted anyway."""
     return error.transient and not isinstance(error, DockerApiError)
-
-
-def _suffix() -> str:
-    return "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(10))

@@ -19,7 +19,7 @@ import trio
 from condo.errors import SpecError
 from condo.fsm import Instant, ServiceState
 from condo.memo import PerVersion
-from condo.record import to_record, to_view
+from condo.record import state_document, to_record, to_view
 
 
 @attrs.frozen(kw_only=True)
@@ -94,6 +94,10 @@ class Store:
         """Every service's state file record."""
         at = at or now()
         return {name: to_record(e.state, at) for name, e in sorted(self._entries.items())}
+
+    def state_document(self) -> dict[str, Any]:
+        """The state file's whole content, as of now."""
+        return state_document(self.host, self.records(), self._self_deploy)
 
     def view(self, at: Instant | None = None) -> dict[str, Any]:
         """The `/v1/state` body (built once per version: readers may share it, not change it)."""

@@ -27,7 +27,7 @@ from condo import labels
 from condo.config import Config
 from condo.docker import ContainerSummary, DockerClient
 from condo.errors import ContainerNotFound
-from condo.supervisor import Running, run_condo
+from condo.run import Running, run_condo
 
 WAIT_LIMIT = 60.0
 REPO = Path(__file__).resolve().parents[2]

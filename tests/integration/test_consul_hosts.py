@@ -26,7 +26,7 @@ import trio
 from condo.config import Config
 from condo.consul import SESSION_TTL
 from condo.docker import DockerClient
-from condo.supervisor import Running, run_condo
+from condo.run import Running, run_condo
 from condo.waiting import Picture, StateSource, evaluate
 from tests.integration.harness import CondoUnderTest, condo_files
 from tests.integration.test_consul_session import Area, consul_area, image_of, until_pictured

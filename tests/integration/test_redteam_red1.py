@@ -19,7 +19,7 @@ import trio
 from condo import labels, selfdeploy
 from condo.docker import DockerClient
 from condo.errors import ContainerNotFound
-from condo.supervisor import run_condo
+from condo.run import run_condo
 from tests.integration.harness import (
     CondoUnderTest,
     condo_files,

@@ -35,9 +35,9 @@ import trio
 from condo import labels, selfdeploy
 from condo.docker import ContainerId, DockerClient, open_docker
 from condo.errors import ContainerNotFound
+from condo.run import Running, run_condo
 from condo.selfdeploy import SELF_HASH_LABEL, SELF_LABEL, HandOverPlan, run_hand_over
 from condo.store import Store
-from condo.supervisor import Running, run_condo
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import (
     CondoUnderTest,

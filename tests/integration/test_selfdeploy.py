@@ -25,10 +25,11 @@ from condo import labels, persist
 from condo.config import Config
 from condo.docker import ContainerId, DockerClient
 from condo.errors import ContainerNotFound
+from condo.run import Running, run_condo
 from condo.selfdeploy import HAND_OVER_LABEL, SELF_LABEL
 from condo.specdir import SpecScanner
 from condo.store import Store
-from condo.supervisor import Running, Supervisor, run_condo
+from condo.supervisor import Supervisor
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import (
     CondoUnderTest,

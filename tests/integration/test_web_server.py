@@ -32,7 +32,7 @@ from condo.docker import DockerClient
 from condo.errors import ConfigError
 from condo.fds import web_caps
 from condo.fsm import Failure, ServiceState
-from condo.supervisor import Running, run_condo
+from condo.run import Running, run_condo
 from condo.web import ApiServer, serve_web
 from condo.web.serve import STALL_LIMIT
 from tests.integration.harness import CondoUnderTest, condo_files, free_port

@@ -90,7 +90,7 @@ class PublishFailures(Protocol):
 
 
 class Condo(Protocol):
-    """What the web server needs of a running condo (condo.supervisor.Running)."""
+    """What the web server needs of a running condo (condo.run.Running)."""
 
     @property
     def store(self) -> Store: ...

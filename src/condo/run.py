@@ -1,0 +1,237 @@
+"""`condo run`: the root of condo's task tree, and the one place that wires its parts together.
+
+    root nursery (run_condo)
+    ├─ state writer    the newest state file, coalesced (condo.persist.StateWriter)
+    ├─ consul          session keeper + publisher + watcher (condo.consul), when --expose consul
+    ├─ docker events   the engine's events (subscribed before anything is inspected)
+    ├─ signals         SIGTERM/SIGINT: shut down; SIGHUP: reload registry credentials
+    ├─ event router    the events to the services' mailboxes (condo.supervisor)
+    ├─ services        one supervised driver per service (condo.supervisor, condo.service)
+    ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir): specs to the supervisor,
+    │                  self.edn to the self-deployer
+    ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
+    ├─ leftovers       services known only from the state file or the engine's labels
+    └─ web             the HTTP API (condo.web), when --server is not off
+
+Every arrow points one way: the supervisor knows neither the self-deployer nor the web app; the
+self-deployer reaches the supervisor through the two callbacks of its `SelfContext`; the web app
+reads condo through `Running` (its `Condo` port). This is the only module that imports both the
+supervisor and the web app (an import-linter contract keeps it so).
+
+Shutdown (cancel of the root) lets every Docker call in flight finish (they are shielded), then
+writes the state file one last time (`StateWriter.close`); workloads keep running unless
+--stop-on-exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+import attrs
+import structlog
+import trio
+
+from condo import labels, persist, record
+from condo.config import Config
+from condo.consul import ConsulRunning, Publisher, run_consul
+from condo.consul import check_config as check_consul_config
+from condo.docker import ContainerEvent, DockerClient, EventsResumed, RegistryAuth, open_docker
+from condo.docker import run_events as run_docker_events
+from condo.errors import ConfigError
+from condo.selfdeploy import SelfContext, SelfStatus, WantedSelf, run_self_deployer
+from condo.spec import SelfSpec
+from condo.specdir import SpecSnapshot, run_spec_watcher
+from condo.store import Store, now
+from condo.supervisor import Supervisor
+from condo.waiting import StateSource
+from condo.web import ApiServer
+
+log = structlog.get_logger(__name__)
+
+EVENTS_BUFFER = 256
+SHUTDOWN_WRITE_LIMIT = 10.0
+
+
+@attrs.frozen(kw_only=True)
+class Running:
+    """What `run_condo` reports once it is up (for tests and the web app)."""
+
+    store: Store
+    docker: DockerClient
+    config: Config
+    writer: persist.StateWriter
+    shutdown: Callable[[], None]
+    # Every host's state (Consul's picture) when --expose consul; None when exposing is off.
+    global_source: StateSource | None = None
+    # This host's publisher (its per-service failures, for /metrics) when --expose consul.
+    consul_publisher: Publisher | None = None
+
+
+# The web task: serves the API of a running condo until `stopping` (condo.web.ApiServer).
+ServeWeb = Callable[[Running, trio.Event], Awaitable[None]]
+# How run_condo reaches the engine: open_docker, or a test's stand-in (tests/faultsim).
+OpenEngine = Callable[[str, RegistryAuth], AbstractAsyncContextManager[DockerClient]]
+
+
+def _open_docker(url: str, auth: RegistryAuth) -> AbstractAsyncContextManager[DockerClient]:
+    return open_docker(url, auth=auth)
+
+
+async def serve(config: Config) -> None:
+    """`condo run`: bind the API first (a taken or bad --server is a ConfigError before anything
+    starts), then run until a signal."""
+    web = await ApiServer.listen(config.server) if config.server is not None else None
+    try:
+        await run_condo(config, web=web, handle_signals=True)
+    finally:
+        if web is not None:
+            web.close()  # only frees the socket if the server never started
+
+
+def load_state(config: Config) -> record.Restored:
+    """The services' states and the last self-deploy, from one read of the state file.
+
+    A file of another host or version is moved aside whole (`<file>.foreign-<time>`): its
+    records describe somebody else's containers. Dropping an unreadable record is safe: the
+    engine's labels still name this host's containers, and the driver rebuilds the service.
+    """
+    data = persist.read_state_file(config.state_path)
+    if data is None:
+        return record.Restored()
+    try:
+        restored = record.read_document(data, config.host, now())
+    except record.ForeignDocument as exc:
+        persist.move_aside(config.state_path, exc.reason, kind="foreign")
+        return record.Restored()
+    for name, error in restored.dropped.items():
+        log.warning("state.record_dropped", service=name, error=error)
+    return restored
+
+
+async def run_condo(
+    config: Config,
+    *,
+    web: ServeWeb | None = None,
+    handle_signals: bool = False,
+    open_engine: OpenEngine = _open_docker,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run condo until cancelled (or `Running.shutdown()`); then persist and return."""
+    if config.expose == "consul":
+        check_consul_config(config)  # a ConfigError now, not from inside the root nursery
+    auth = RegistryAuth.load(config.docker_config)
+    store = Store(config.host)
+    restored = load_state(config)
+    writer = persist.StateWriter(config.state_path, store.state_document)
+    store.subscribe(writer.mark_dirty)
+    stopping = trio.Event()
+    wanted_self = WantedSelf()
+
+    async with open_engine(config.docker_url, auth) as docker:
+        supervisor = Supervisor(config, docker, store, writer, restored.records)
+
+        def on_snapshot(snapshot: SpecSnapshot) -> None:
+            if isinstance(snapshot.self_spec, SelfSpec):
+                wanted_self.offer(snapshot.self_spec)
+            supervisor.on_snapshot(snapshot)
+
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(writer.run, name="state writer")
+                global_source: StateSource | None = None
+                consul_publisher: Publisher | None = None
+                if config.expose == "consul":
+                    consul: ConsulRunning = await root.start(
+                        run_consul, config, store, name="consul"
+                    )
+                    global_source, consul_publisher = consul.source, consul.publisher
+                running = Running(
+                    store=store,
+                    docker=docker,
+                    config=config,
+                    writer=writer,
+                    shutdown=stopping.set,
+                    global_source=global_source,
+                    consul_publisher=consul_publisher,
+                )
+                send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
+                    EVENTS_BUFFER
+                )
+                # Subscribed before any driver inspects, so that no event falls between the two.
+                await root.start(
+                    functools.partial(
+                        run_docker_events, docker, send, labels=labels.owned_by(config.host)
+                    ),
+                    name="docker events",
+                )
+                if handle_signals:
+                    root.start_soon(_run_signals, stopping, auth, name="signals")
+                root.start_soon(supervisor.run_event_router, receive, name="event router")
+                await root.start(supervisor.run_services, name="services")
+                # Before the self-deployer: a self.edn present at start-up is offered too.
+                await root.start(
+                    functools.partial(
+                        run_spec_watcher,
+                        config.prefixes,
+                        on_snapshot,
+                        rescan_interval=config.rescan_interval,
+                    ),
+                    name="spec watcher",
+                )
+                self_context = SelfContext(
+                    docker=docker,
+                    host=config.host,
+                    state_path=config.state_path,
+                    prefixes=config.prefixes,
+                    docker_url=config.docker_url,
+                    suspend=supervisor.suspend,
+                    resume=supervisor.resume,
+                    report=lambda status: store.set_self_deploy(status.to_json()),
+                    handed_over=writer.hand_over,
+                    exit_condo=stopping.set,
+                )
+                await root.start(
+                    functools.partial(
+                        run_self_deployer,
+                        self_context,
+                        wanted_self,
+                        failed_before=SelfStatus.from_json(restored.self_deploy),
+                    ),
+                    name="self-deployer",
+                )
+                root.start_soon(supervisor.adopt_leftovers, name="leftovers")
+                if web is not None:
+                    root.start_soon(web, running, stopping, name="web")
+                log.info(
+                    "condo.started", host=config.host, prefixes=[str(p) for p in config.prefixes]
+                )
+                task_status.started(running)
+                await stopping.wait()
+                if config.stop_on_exit:
+                    log.info("condo.stopping_workloads")
+                    supervisor.stop_all()
+                    await supervisor.wait_all_finished()
+                root.cancel_scope.cancel()
+        finally:
+            await writer.close(SHUTDOWN_WRITE_LIMIT)
+            log.info("condo.stopped")
+
+
+async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
+    """SIGTERM/SIGINT: shut down gracefully; SIGHUP: re-read the registry credentials."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    auth.reload()
+                except ConfigError as exc:
+                    # A half-edited or broken config: keep the credentials that worked.
+                    log.error("condo.auth_reload_failed", error=str(exc))
+                    continue
+                log.info("condo.auth_reloaded")
+            else:
+                log.info("condo.signal", signal=signal.Signals(signum).name)
+                stopping.set()
