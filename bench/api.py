@@ -119,8 +119,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="api",
         title=f"HTTP API ({size} services)",
-        quick=run.quick,
-        machine=run.machine,
         columns=("measure", "value"),
         rows=(
             (

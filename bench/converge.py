@@ -90,8 +90,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="converge",
         title="cold converge (N specs written at once → all Stable)",
-        quick=run.quick,
-        machine=run.machine,
         columns=(
             "N",
             "floor: N x docker run -d (s)",

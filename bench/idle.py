@@ -66,8 +66,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="idle",
         title=f"idle cost ({window:g} s windows)",
-        quick=run.quick,
-        machine=run.machine,
         columns=(
             "Stable services",
             "condo CPU (% of one core)",

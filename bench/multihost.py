@@ -156,8 +156,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="multihost",
         title=f"{hosts} hosts x {size} services, one Consul",
-        quick=run.quick,
-        machine=run.machine,
         columns=("measure", "value"),
         rows=(
             (f"converge, host by host: {hosts * size} specs → all Stable", f"{converged:.1f} s"),

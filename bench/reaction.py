@@ -144,8 +144,6 @@ def _report(
     return Report(
         bench="reaction",
         title="reaction latency (spec file written → Docker)",
-        quick=run.quick,
-        machine=run.machine,
         columns=("from the spec file's rename to …", "p50 ms", "p99 ms", "max ms"),
         rows=(
             _row("condo's first Docker call (proxy)", first_call),

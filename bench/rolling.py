@@ -77,8 +77,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="rolling",
         title=f"rolling update of {size} services ([:After 0], 1 s healthcheck)",
-        quick=run.quick,
-        machine=run.machine,
         columns=(
             "round",
             "condo: specs rewritten → all Stable on the new image (s)",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import attrs
 
-from bench.common.run import REPO, Machine, Run
+from bench.common.run import REPO, Run
 from bench.common.stats import Scalar
 
 RESULTS_PATH = REPO / "bench" / "RESULTS.md"
@@ -46,22 +46,15 @@ class Bar:
         return f"{number:g} {self.unit}"
 
     def as_json(self) -> dict[str, Scalar]:
-        return {
-            "label": self.label,
-            "value": self.value,
-            "limit": self.limit,
-            "unit": self.unit,
-            "at_most": self.at_most,
-            "met": self.met,
-        }
+        return {**attrs.asdict(self), "met": self.met}
 
 
 @attrs.frozen(kw_only=True)
 class Report:
+    """What one benchmark measured; where and how it ran (machine, quick, run id) is the Run's."""
+
     bench: str
     title: str
-    quick: bool
-    machine: Machine
     columns: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     figures: Mapping[str, Scalar]
@@ -76,12 +69,12 @@ class Report:
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         return "\n".join(lines)
 
-    def markdown(self) -> str:
-        mode = "quick (smoke) run" if self.quick else "full run"
+    def markdown(self, run: Run) -> str:
+        mode = "quick (smoke) run" if run.quick else "full run"
         parts = [
             f"## {self.bench}: {self.title}",
             "",
-            f"{self.machine.line()} · {mode}",
+            f"{run.machine.line()} · {mode}",
             "",
             self.table(),
             "",
@@ -91,13 +84,13 @@ class Report:
             parts += ["", *[f"{note}" for note in self.notes]]
         return "\n".join(parts).rstrip() + "\n"
 
-    def json_line(self, run_id: str) -> str:
+    def json_line(self, run: Run) -> str:
         return json.dumps(
             {
                 "bench": self.bench,
-                "run": run_id,
-                "quick": self.quick,
-                "machine": self.machine.as_json(),
+                "run": run.id,
+                "quick": run.quick,
+                "machine": run.machine.as_json(),
                 "figures": dict(self.figures),
                 "bars": [bar.as_json() for bar in self.bars],
                 "bars_met": all(bar.met is True for bar in self.bars),
@@ -116,20 +109,22 @@ machines are shared and noisy, absolute times drift. Bars are those of issue 7.
 
 def emit(report: Report, run: Run, order: Sequence[str]) -> None:
     """Print the table, then the one JSON line; rewrite the report's section of the results."""
-    print(report.markdown(), flush=True)
-    print(report.json_line(run.id), flush=True)
+    section = report.markdown(run)
+    print(section, flush=True)
+    print(report.json_line(run), flush=True)
     results = run.options.results
     if results is not None:
-        update_results(results, report, order)
+        update_results(results, report.bench, section, order)
 
 
 _SECTION = re.compile(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->\n", re.DOTALL)
 
 
-def update_results(path: Path, report: Report, order: Sequence[str]) -> None:
+def update_results(path: Path, bench: str, section: str, order: Sequence[str]) -> None:
+    """Put `section` as `bench`'s in the results file, the others kept, all in `order`."""
     text = path.read_text() if path.exists() else ""
     sections = {m.group(1): m.group(2) for m in _SECTION.finditer(text)}
-    sections[report.bench] = report.markdown()
+    sections[bench] = section
     names = [name for name in order if name in sections]
     names += sorted(name for name in sections if name not in order)
     body = "\n".join(f"<!-- bench:{n} -->\n{sections[n]}<!-- /bench:{n} -->\n" for n in names)

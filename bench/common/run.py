@@ -51,16 +51,7 @@ class Machine:
     load: float  # 1-minute load average when the run began (the machine is shared)
 
     def as_json(self) -> dict[str, Scalar]:
-        return {
-            "cores": self.cores,
-            "engine": self.engine,
-            "api": self.api,
-            "kernel": self.kernel,
-            "python": self.python,
-            "condo": self.condo,
-            "date": self.date,
-            "load": self.load,
-        }
+        return attrs.asdict(self)
 
     def line(self) -> str:
         return (
