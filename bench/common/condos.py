@@ -31,6 +31,7 @@ from bench.common.wait import BenchError, Feed, deadline, wall
 
 STOP_LIMIT = 20.0  # SIGTERM → exit of one condo (it persists its state, destroys its session)
 READY_LIMIT = 60.0
+KILL_LIMIT = 5.0  # SIGKILL → reaped
 
 R = TypeVar("R")
 
@@ -130,11 +131,7 @@ class Condo:
             yield
         finally:
             # SIGINT: py-spy writes what it sampled so far and exits.
-            with trio.move_on_after(STOP_LIMIT, shield=True):
-                sampler.send_signal(signal.SIGINT)
-                await sampler.wait()
-            if sampler.returncode is None:
-                sampler.kill()
+            await end_process(sampler, signal.SIGINT)
 
     async def read_log(self) -> None:
         """Parse stderr until it closes (the process ended); keeps a copy in `log_path`."""
@@ -216,19 +213,23 @@ class Condo:
         process = self.process
         if process is None or process.returncode is not None:
             return
-        with trio.move_on_after(STOP_LIMIT, shield=True):
-            process.send_signal(signal.SIGTERM)
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            with trio.move_on_after(5, shield=True):
-                await process.wait()
+        await end_process(process, signal.SIGTERM)
         if self.profiler is not None:
-            # py-spy writes its file once the target is gone.
-            with trio.move_on_after(STOP_LIMIT, shield=True):
-                await self.profiler.wait()
-            if self.profiler.returncode is None:
-                self.profiler.kill()
+            # py-spy writes its file once the target is gone: it ends by itself.
+            await end_process(self.profiler, None)
+
+
+async def end_process(process: trio.Process, signum: int | None) -> None:
+    """Send `signum` (None: the process ends by itself), wait up to STOP_LIMIT, then SIGKILL and
+    reap; shielded and bounded, so that it also runs in cleanup during a cancellation."""
+    with trio.move_on_after(STOP_LIMIT, shield=True):
+        if signum is not None:
+            process.send_signal(signum)
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        with trio.move_on_after(KILL_LIMIT, shield=True):
+            await process.wait()
 
 
 def stable(transition: Transition) -> bool:
