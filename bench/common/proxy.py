@@ -9,7 +9,7 @@ import contextlib
 import functools
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -74,25 +74,29 @@ async def open_unix_proxy(path: Path, upstream: str) -> AsyncIterator[RecordingP
     await sock.bind(str(path))
     sock.listen(256)
     proxy.address = str(path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, proxy.handle, [trio.SocketListener(sock)])
-        try:
-            yield proxy
-        finally:
-            nursery.cancel_scope.cancel()
+    async with _serving(proxy, [trio.SocketListener(sock)]):
+        yield proxy
 
 
 @contextlib.asynccontextmanager
 async def open_tcp_proxy(host: str, port: int) -> AsyncIterator[RecordingProxy]:
     """A recording proxy on a free loopback port, forwarding to `host:port`."""
     proxy = RecordingProxy(functools.partial(trio.open_tcp_stream, host, port))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=256)
+    bound = listeners[0].socket.getsockname()
+    proxy.address = f"{bound[0]}:{bound[1]}"
+    async with _serving(proxy, listeners):
+        yield proxy
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    proxy: RecordingProxy, listeners: Sequence[trio.SocketListener]
+) -> AsyncIterator[None]:
+    """`proxy` serves `listeners` while the block runs; they are closed at its end."""
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1", backlog=256)
-        )
-        bound = listeners[0].socket.getsockname()
-        proxy.address = f"{bound[0]}:{bound[1]}"
+        await nursery.start(trio.serve_listeners, proxy.handle, listeners)
         try:
-            yield proxy
+            yield
         finally:
             nursery.cancel_scope.cancel()
