@@ -26,7 +26,9 @@ from pathlib import Path
 import trio
 
 from bench import BENCHMARKS
-from bench.common import RESULTS_PATH, BenchError, Options, Report, Run, emit, open_run
+from bench.common.report import RESULTS_PATH, Report, emit
+from bench.common.run import Options, Run, open_run
+from bench.common.wait import BenchError
 
 Main = Callable[[Run], Awaitable[Report]]
 

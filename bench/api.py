@@ -24,29 +24,13 @@ import urllib.parse
 import attrs
 import trio
 
-from bench.common import (
-    BUSYBOX,
-    BUSYBOX_2,
-    Bar,
-    BenchError,
-    Condo,
-    CondoSpec,
-    HttpConnection,
-    Report,
-    Run,
-    deadline,
-    mb,
-    ms,
-    open_condo,
-    percentile,
-    raise_open_files_limit,
-    sample_process,
-    spec_text,
-    stable,
-    wait_metric_at_least,
-    wall,
-    write_spec,
-)
+from bench.common.condos import Condo, CondoSpec, open_condo, stable
+from bench.common.rawhttp import HttpConnection, wait_metric_at_least
+from bench.common.report import Bar, Report
+from bench.common.run import BUSYBOX, BUSYBOX_2, Run, raise_open_files_limit
+from bench.common.specs import spec_text, write_spec
+from bench.common.stats import mb, ms, percentile, sample_process
+from bench.common.wait import BenchError, deadline, wall
 
 SERVICES, QUICK_SERVICES = 200, 3
 TIERS, QUICK_TIERS = (1_000, 10_000), (100,)  # long-polls held at once, one tier a change
@@ -135,8 +119,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="api",
         title=f"HTTP API ({size} services)",
-        quick=run.quick,
-        machine=run.machine,
         columns=("measure", "value"),
         rows=(
             (

@@ -18,23 +18,13 @@ from pathlib import Path
 
 import trio
 
-from bench.common import (
-    BUSYBOX,
-    RUN_LABEL,
-    Bar,
-    BenchError,
-    CondoSpec,
-    Report,
-    Run,
-    deadline,
-    docker_run_parallel,
-    open_condo,
-    require_tool,
-    spec_text,
-    stable,
-    wall,
-    write_spec,
-)
+from bench.common.baseline import docker_run_parallel, require_tool
+from bench.common.condos import CondoSpec, open_condo, stable
+from bench.common.engine import RUN_LABEL
+from bench.common.report import Bar, Report
+from bench.common.run import BUSYBOX, Run
+from bench.common.specs import spec_text, write_spec
+from bench.common.wait import BenchError, deadline, wall
 
 SIZES, QUICK_SIZES = (20, 50, 100), (3,)
 RATIO_BAR = 1.10
@@ -100,8 +90,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="converge",
         title="cold converge (N specs written at once → all Stable)",
-        quick=run.quick,
-        machine=run.machine,
         columns=(
             "N",
             "floor: N x docker run -d (s)",

@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import trio
 
-from bench.common import (
-    BUSYBOX,
-    Bar,
-    CondoSpec,
-    ProcSample,
-    Report,
-    Run,
-    cpu_percent,
-    deadline,
-    main_thread_percent,
-    mb,
-    open_condo,
-    sample_process,
-    spec_text,
-    stable,
-    write_spec,
-)
+from bench.common.condos import CondoSpec, open_condo, stable
+from bench.common.report import Bar, Report
+from bench.common.run import BUSYBOX, Run
+from bench.common.specs import spec_text, write_spec
+from bench.common.stats import ProcSample, cpu_percent, main_thread_percent, mb, sample_process
+from bench.common.wait import deadline
 
 SIZES, QUICK_SIZES = (50, 200), (3, 6)
 WINDOW, QUICK_WINDOW = 60.0, 3.0
@@ -77,8 +66,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="idle",
         title=f"idle cost ({window:g} s windows)",
-        quick=run.quick,
-        machine=run.machine,
         columns=(
             "Stable services",
             "condo CPU (% of one core)",

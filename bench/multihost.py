@@ -2,8 +2,8 @@
 on one engine and the real Consul agent; one image update on every host.
 
 All the condos share one Consul prefix unique to this run, and reach Consul through a recording
-proxy (common.open_tcp_proxy), which counts the writes they cause (PUT/DELETE: KV writes,
-session create/renew/destroy). h1 serves the API. The 400 services are deployed host by host
+proxy (bench.common.proxy.open_tcp_proxy), which counts the writes they cause (PUT/DELETE: KV
+writes, session create/renew/destroy). h1 serves the API. The 400 services are deployed host by host
 (one engine stands in for 20: all at once, it times out starts, which no real fleet's engines
 would). Once all are Stable and Consul shows it (h1's `/v1/wait_for` for the old image
 answers), a long-poll `/v1/wait_for?name=m00&image=<new image>` is held on h1, and `m00.edn` is
@@ -28,33 +28,15 @@ import attrs
 import httpx
 import trio
 
-from bench.common import (
-    BUSYBOX,
-    BUSYBOX_2,
-    CONSUL_HOST,
-    CONSUL_PORT,
-    Bar,
-    BenchError,
-    Condo,
-    CondoSpec,
-    HttpConnection,
-    ProxiedRequest,
-    RecordingProxy,
-    Report,
-    Run,
-    Transition,
-    condo_python,
-    consul_answers,
-    deadline,
-    ms,
-    open_condos,
-    open_tcp_proxy,
-    spec_text,
-    stable,
-    wait_metric_at_least,
-    wall,
-    write_spec,
-)
+from bench.common.condos import Condo, CondoSpec, Transition, condo_python, open_condos, stable
+from bench.common.consul import CONSUL_HOST, CONSUL_PORT, consul_answers
+from bench.common.proxy import ProxiedRequest, RecordingProxy, open_tcp_proxy
+from bench.common.rawhttp import HttpConnection, wait_metric_at_least
+from bench.common.report import Bar, Report
+from bench.common.run import BUSYBOX, BUSYBOX_2, Run
+from bench.common.specs import spec_text, write_spec
+from bench.common.stats import ms
+from bench.common.wait import BenchError, deadline, wall
 
 HOSTS, QUICK_HOSTS = 20, 3
 SERVICES, QUICK_SERVICES = 20, 3
@@ -174,8 +156,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="multihost",
         title=f"{hosts} hosts x {size} services, one Consul",
-        quick=run.quick,
-        machine=run.machine,
         columns=("measure", "value"),
         rows=(
             (f"converge, host by host: {hosts * size} specs → all Stable", f"{converged:.1f} s"),

@@ -3,9 +3,9 @@ container's `start` event. 50 changes (5 with --quick), p50/p99.
 
 Setup: one service (busybox `sleep`, no healthcheck, `[:After 0]`, so the first call acting on a
 change is about the new container, never a stop of the old one). condo talks to the engine
-through a recording proxy (common.open_unix_proxy): the first request after the rename is "the
-first Docker call" (an image probe, then `create`). The `create` and `start` times come from the
-engine's own `/events` stream, read directly (not through the proxy).
+through a recording proxy (bench.common.proxy.open_unix_proxy): the first request after the
+rename is "the first Docker call" (an image probe, then `create`). The `create` and `start`
+times come from the engine's own `/events` stream, read directly (not through the proxy).
 
 Baseline in the same run: the engine's own floor for the same container, a direct API
 `create` + `start` from this process, timed from the create request to the `start` event; one
@@ -21,30 +21,14 @@ from collections.abc import Callable
 
 import trio
 
-from bench.common import (
-    BUSYBOX,
-    CASE_LABEL,
-    HOST_LABEL,
-    RUN_LABEL,
-    Bar,
-    BenchError,
-    CondoSpec,
-    EngineEvent,
-    Feed,
-    Report,
-    Run,
-    Transition,
-    deadline,
-    ms,
-    open_condo,
-    open_unix_proxy,
-    percentile,
-    recording_events,
-    spec_text,
-    stable,
-    wall,
-    write_spec,
-)
+from bench.common.condos import CondoSpec, Transition, open_condo, stable
+from bench.common.engine import CASE_LABEL, HOST_LABEL, RUN_LABEL, EngineEvent, recording_events
+from bench.common.proxy import open_unix_proxy
+from bench.common.report import Bar, Report
+from bench.common.run import BUSYBOX, Run
+from bench.common.specs import spec_text, write_spec
+from bench.common.stats import ms, percentile
+from bench.common.wait import BenchError, Feed, deadline, wall
 
 SERVICE = "react"
 CHANGES, QUICK_CHANGES = 50, 5
@@ -160,8 +144,6 @@ def _report(
     return Report(
         bench="reaction",
         title="reaction latency (spec file written → Docker)",
-        quick=run.quick,
-        machine=run.machine,
         columns=("from the spec file's rename to …", "p50 ms", "p99 ms", "max ms"),
         rows=(
             _row("condo's first Docker call (proxy)", first_call),

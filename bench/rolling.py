@@ -19,28 +19,14 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from bench.common import (
-    CASE_LABEL,
-    HEALTHY,
-    HEALTHY_2,
-    HOST_LABEL,
-    Bar,
-    CondoSpec,
-    EngineEvent,
-    Report,
-    Run,
-    Transition,
-    deadline,
-    docker_run_parallel,
-    ms,
-    open_condo,
-    percentile,
-    recording_events,
-    spec_text,
-    stable,
-    wall,
-    write_spec,
-)
+from bench.common.baseline import docker_run_parallel
+from bench.common.condos import CondoSpec, Transition, open_condo, stable
+from bench.common.engine import CASE_LABEL, HOST_LABEL, EngineEvent, recording_events
+from bench.common.report import Bar, Report
+from bench.common.run import HEALTHY, HEALTHY_2, Run
+from bench.common.specs import spec_text, write_spec
+from bench.common.stats import ms, percentile
+from bench.common.wait import deadline, wall
 
 SERVICES, QUICK_SERVICES = 20, 3
 ROUNDS, QUICK_ROUNDS = 3, 1
@@ -91,8 +77,6 @@ async def main(run: Run) -> Report:
     return Report(
         bench="rolling",
         title=f"rolling update of {size} services ([:After 0], 1 s healthcheck)",
-        quick=run.quick,
-        machine=run.machine,
         columns=(
             "round",
             "condo: specs rewritten → all Stable on the new image (s)",
