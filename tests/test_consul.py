@@ -1,6 +1,6 @@
 """condo.consul's pure parts and its HTTP edge: key layout, value encoding, endpoint parsing, and
 the mapping of Consul's answers and httpx's failures into ConsulError (scripted with
-httpx.MockTransport: exact statuses and bodies as the 1.8.7 agent gives them, stack-notes §6).
+httpx.MockTransport: exact statuses and bodies as the 1.8.7 agent gives them).
 The real agent is exercised in tests/integration/test_consul_*.py."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The publisher's and the watcher's timing, on Trio's MockClock with a scripted Consul.
 
 `FakeConsul` answers the HTTP calls condo makes (sessions, acquire, delete, blocking reads) the
-way the 1.8.7 agent does (stack-notes §6), behind httpx.MockTransport, so retries, renewals and
+way the 1.8.7 agent does, behind httpx.MockTransport, so retries, renewals and
 outages run in virtual time and the tests assert exact or bounded virtual durations. It is never
 evidence that condo works with Consul: tests/integration/test_consul_*.py are.
 """

@@ -59,7 +59,8 @@ _RACY_WINDOW_NS = 2_000_000_000
 
 # watchfiles tuning: a write wakes us ~10-20 ms after it lands (step); a burst of writes is
 # grouped for at most `_HINT_DEBOUNCE_MS`. `_HINT_RUST_TIMEOUT_MS` bounds how long the watcher
-# thread can ignore a cancellation (stack-notes §8), but we set its stop event on cancel, which
+# thread can ignore a cancellation (watchfiles checks Trio's cancellation only between
+# waits of that length), but we set its stop event on cancel, which
 # the thread sees within a step; so it only sets how often an idle watcher wakes up (idle cost).
 _HINT_DEBOUNCE_MS = 100
 _HINT_STEP_MS = 10
@@ -475,7 +476,7 @@ async def _set_when_cancelled(event: trio.Event) -> None:
         await trio.sleep_forever()
     finally:
         # The watchfiles thread polls this event every step; without it a cancellation would wait
-        # for the thread's rust_timeout (stack-notes §8).
+        # for the thread's rust_timeout (watchfiles' Rust thread does not see Trio's cancel).
         event.set()
 
 

@@ -182,7 +182,8 @@ class ConsulClient:
     # --- sessions ---------------------------------------------------------------------------
 
     async def create_session(self, name: str, ttl: float) -> SessionId:
-        """A session that deletes its keys when it ends, with no lock delay (stack-notes §6)."""
+        """A session that deletes its keys when it ends, with no lock delay (Consul's
+        default 15 s lock delay would keep a restarted condo from re-taking its keys)."""
         path = "/v1/session/create"
         body = {"Name": name, "TTL": f"{ttl:g}s", "Behavior": "delete", "LockDelay": "0s"}
         response = await self._call("PUT", path, json=body)

@@ -5,10 +5,10 @@ One watcher task (`run`) reads `<prefix>/` with blocking queries and keeps the l
 fresh `trio.Event`, so any number of `wait_beyond` callers cost one query in flight.
 
 Invariants:
-- Blocking-query index rules (stack-notes §6): start at 0 (no blocking), then pass the last
-  `X-Consul-Index`; an index that goes backwards (a restarted agent) or any failed read resets to
-  0; never block with 0. Reads start at most every MIN_READ_INTERVAL (Consul may answer a
-  blocking query at once, again and again).
+- Blocking-query index rules (Consul's HTTP API docs, "Blocking Queries"): start at 0 (no
+  blocking), then pass the last `X-Consul-Index`; an index that goes backwards (a restarted
+  agent) or any failed read resets to 0; never block with 0. Reads start at most every
+  MIN_READ_INTERVAL (Consul may answer a blocking query at once, again and again).
 - A foreign or broken value skips that key only (logged once per key and version), never the
   whole read. An empty prefix (Consul's 404) is an empty picture, not an error.
 - The token only moves when the picture (or a key's holder) changes, and only forwards, even

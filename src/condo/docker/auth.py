@@ -1,7 +1,7 @@
 """Registry credentials for pulls, resolved from the Docker config file as docker-py does.
 
 Owns: `RegistryAuth` (the loaded config, reloadable on SIGHUP) and `Credentials` (what one pull
-sends). The resolution follows docker-py 7.x (docker/auth.py), see stack-notes §3:
+sends). The resolution follows docker-py 7.x (its docker/auth.py), which follows the docker CLI:
 
 1. The registry comes from the image name: the first "/" segment when it is `localhost` or holds
    a "." or ":", else Docker Hub (`docker.io`, whose key in the stores is `INDEX_URL`).

@@ -78,7 +78,8 @@ EVENTS_TIMEOUT = httpx.Timeout(30.0, connect=5.0, read=None)
 # `stop` answers only after the grace period (and the SIGKILL that may follow it).
 STOP_TIMEOUT_MARGIN = 30.0
 
-# Answers to a pull that mean the image or the tag does not exist (stack-notes §3).
+# Answers to a pull that mean the image or the tag does not exist (Docker 20.10 against
+# registry 2.8: "manifest unknown" for a missing tag, "not found"/"no such image" otherwise).
 _IMAGE_MISSING = ("no such image", "manifest unknown", "not found")
 
 

@@ -1,7 +1,7 @@
 """The web app's shutdown switch: one call wakes every long-poll and websocket at once.
 
 hypercorn does not interrupt requests in flight at shutdown: it waits up to its graceful timeout
-and then drops them (stack-notes §4). So every handler that may wait long runs inside
+and then drops them (hypercorn 0.17's trio worker). So every handler that may wait long runs inside
 `Closing.guard()`, a cancel scope that `close()` cancels; the handler then answers 503 (HTTP) or
 closes with 1001 (websocket) by itself, well before hypercorn's deadline.
 
