@@ -92,7 +92,7 @@ def _non_negative(_instance: object, attribute: attrs.Attribute[float], value: f
 
 
 @attrs.frozen
-class Deploy:
+class DeployStrategy:
     """How a new container replaces the stable one.
 
     `Before`: stop the old container, then start the new one. `After`: start the new one, wait
@@ -127,7 +127,7 @@ class ServiceSpec:
 
     container: JsonObject = attrs.field(eq=canonical_json)
     fixed_name: str | None = None
-    deploy: Deploy = Deploy("Before")
+    deploy: DeployStrategy = DeployStrategy("Before")
     health_timeout: float = attrs.field(
         default=DEFAULT_HEALTH_TIMEOUT, converter=float, validator=_non_negative
     )
@@ -365,17 +365,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_deploy(value: Any, fail: OptionFail) -> Deploy:
+def _check_deploy(value: Any, fail: OptionFail) -> DeployStrategy:
     if value is None:
-        return Deploy("Before")
+        return DeployStrategy("Before")
     if isinstance(value, Sequence) and not isinstance(value, str):
         items = [edn.unwrap(item) for item in value]
         if items == [Keyword("Before")]:
-            return Deploy("Before")
+            return DeployStrategy("Before")
         if len(items) == 2 and items[0] == Keyword("After"):
             delay = items[1]
             if _is_number(delay) and math.isfinite(delay) and delay >= 0:
-                return Deploy("After", float(delay))
+                return DeployStrategy("After", float(delay))
     raise fail(
         f"must be [:Before] or [:After n] with n seconds >= 0 to wait once the new container"
         f" is healthy, found {edn.show(value)}"
