@@ -12,12 +12,14 @@ from collections.abc import Iterator
 import attrs
 
 from condo import fsm
-from condo.spec import Deploy, ServiceSpec
+from condo.spec import DeployStrategy, ServiceSpec
 
 SPEC_A = ServiceSpec(container={"Image": "app:1"})
-SPEC_B = ServiceSpec(container={"Image": "app:2"}, deploy=Deploy("After", 5))
-SPEC_C = ServiceSpec(container={"Image": "app:3"}, fixed_name="web", deploy=Deploy("After", 0))
-SPEC_A_AFTER = ServiceSpec(container={"Image": "app:1"}, deploy=Deploy("After", 1))
+SPEC_B = ServiceSpec(container={"Image": "app:2"}, deploy=DeployStrategy("After", 5))
+SPEC_C = ServiceSpec(
+    container={"Image": "app:3"}, fixed_name="web", deploy=DeployStrategy("After", 0)
+)
+SPEC_A_AFTER = ServiceSpec(container={"Image": "app:1"}, deploy=DeployStrategy("After", 1))
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ import pytest
 
 from condo import fsm
 from condo.fsm import Phase
-from condo.spec import Deploy, ServiceSpec
+from condo.spec import DeployStrategy, ServiceSpec
 from tests.fsm_explore import SPEC_A, SPEC_B, SPEC_C, Step, boxes, explore
 
 DOT = Path(__file__).parent.parent / "doc" / "fsm.dot"
@@ -329,7 +329,7 @@ def test_fixed_name_with_after_uses_a_temporary_name_and_renames() -> None:
 
 def test_spec_changes_that_do_not_touch_the_container_do_not_redeploy() -> None:
     state = stable("c1", SPEC_A)
-    calmer = attrs.evolve(SPEC_A, stop_timeout=30.0, deploy=Deploy("After", 3))
+    calmer = attrs.evolve(SPEC_A, stop_timeout=30.0, deploy=DeployStrategy("After", 3))
     state, effects = run(state, fsm.SpecChanged(calmer))
     assert effects == [] and state.phase is Phase.Stable
     assert state.current is not None and state.current.spec == calmer
@@ -382,7 +382,7 @@ def test_stable_container_removed_by_hand_is_redeployed() -> None:
 
 
 def test_unhealthy_stable_with_after_starts_a_replacement_beside_it() -> None:
-    spec = attrs.evolve(SPEC_A, deploy=Deploy("After", 0))
+    spec = attrs.evolve(SPEC_A, deploy=DeployStrategy("After", 0))
     state, effects = run(stable("c1", spec), fsm.ContainerUnhealthy("c1"))
     assert state.phase is Phase.WaitNext and effects == [fsm.Deploy(spec=spec, name=None)]
 
@@ -471,9 +471,9 @@ def test_a_spec_changed_while_condo_was_down_deploys_only_the_new_one() -> None:
     assert state.starting == newer
 
 
-@pytest.mark.parametrize("strategy", [Deploy("Before"), Deploy("After", 3)])
+@pytest.mark.parametrize("strategy", [DeployStrategy("Before"), DeployStrategy("After", 3)])
 def test_with_nothing_recorded_a_container_of_another_spec_serves_until_replaced(
-    strategy: Deploy,
+    strategy: DeployStrategy,
 ) -> None:
     # A lost (or foreign, or older-format) state file, and the spec changed meanwhile: the
     # running container is rebuilt as the Stable one, then replaced by the spec's own strategy.

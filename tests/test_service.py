@@ -22,7 +22,7 @@ from condo.service import (
     ServiceContext,
     run_service,
 )
-from condo.spec import Deploy, ServiceSpec
+from condo.spec import DeployStrategy, ServiceSpec
 from condo.store import Store
 from tests.fakes import FakeContainer, FakeEngine
 
@@ -99,7 +99,7 @@ async def test_after_n_drains_exactly_n_seconds(autojump_clock: trio.testing.Moc
             first = await d.wait_phase(Phase.Stable)
             assert trio.current_time() == 0.0
             assert first.current is not None
-            d.mailbox.set_spec(spec("app:2", deploy=Deploy("After", 5)))
+            d.mailbox.set_spec(spec("app:2", deploy=DeployStrategy("After", 5)))
             waiting = await d.wait_phase(Phase.WaitNext)
             while waiting.next is None:
                 await d.store.wait_changed(d.store.version)

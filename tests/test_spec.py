@@ -23,7 +23,7 @@ from condo.spec import (
     DEFAULT_HEALTH_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
     MAX_SPEC_BYTES,
-    Deploy,
+    DeployStrategy,
     SelfSpec,
     ServiceSpec,
     check_service_name,
@@ -61,26 +61,34 @@ GOOD: list[tuple[str, str, dict[str, Any]]] = [
         '{:spec {:Image "app:1"} :deploy [:After 5] :health-timeout 20 :stop-timeout 2.5'
         " :stable-after 3 :pull :never}",
         {
-            "deploy": Deploy("After", 5.0),
+            "deploy": DeployStrategy("After", 5.0),
             "health_timeout": 20.0,
             "stop_timeout": 2.5,
             "stable_after": 3.0,
             "pull": "never",
         },
     ),
-    ("deploy before", '{:spec {:Image "a"} :deploy [:Before]}', {"deploy": Deploy("Before")}),
-    ("deploy after 0", '{:spec {:Image "a"} :deploy [:After 0]}', {"deploy": Deploy("After", 0)}),
+    (
+        "deploy before",
+        '{:spec {:Image "a"} :deploy [:Before]}',
+        {"deploy": DeployStrategy("Before")},
+    ),
+    (
+        "deploy after 0",
+        '{:spec {:Image "a"} :deploy [:After 0]}',
+        {"deploy": DeployStrategy("After", 0)},
+    ),
     (
         "deploy after float",
         '{:spec {:Image "a"} :deploy [:After 0.5]}',
-        {"deploy": Deploy("After", 0.5)},
+        {"deploy": DeployStrategy("After", 0.5)},
     ),
     (
         "nil means default",
         '{:spec {:Image "a"} :deploy nil :health-timeout nil :stop-timeout nil :stable-after nil'
         " :pull nil}",
         {
-            "deploy": Deploy("Before"),
+            "deploy": DeployStrategy("Before"),
             "health_timeout": DEFAULT_HEALTH_TIMEOUT,
             "stop_timeout": DEFAULT_STOP_TIMEOUT,
             "stable_after": 0.0,
@@ -638,7 +646,7 @@ def test_from_json_rejects_junk(data: object, message: str) -> None:
 def test_from_json_ignores_unknown_keys_and_fills_defaults() -> None:
     spec = ServiceSpec.from_json({"spec": {"Image": "a"}, "added_later": 1})
     assert spec == ServiceSpec(container={"Image": "a"})
-    assert spec.deploy == Deploy("Before")
+    assert spec.deploy == DeployStrategy("Before")
     assert spec.health_timeout == DEFAULT_HEALTH_TIMEOUT
 
 
@@ -977,7 +985,7 @@ def test_valid_specs_round_trip(
     assert json.dumps(spec.container, sort_keys=True) == json.dumps(expected, sort_keys=True)
     assert spec.fixed_name == name
     deploy = options.get("deploy", ["Before"])
-    assert spec.deploy == Deploy(deploy[0], *deploy[1:])
+    assert spec.deploy == DeployStrategy(deploy[0], *deploy[1:])
     assert spec.health_timeout == options.get("health-timeout", DEFAULT_HEALTH_TIMEOUT)
     assert spec.stop_timeout == options.get("stop-timeout", DEFAULT_STOP_TIMEOUT)
     assert spec.stable_after == options.get("stable-after", 0.0)

@@ -1,7 +1,9 @@
 """Spec files: parse and validate one file's bytes into a frozen value, or a SpecError.
 
-This module is pure (no I/O, no trio, no httpx; import-linter enforces it). It owns:
+This module is pure (no I/O, no trio, no httpx; import-linter enforces it). It says what a condo
+spec is; reading EDN text, with the places of its parts and problems, is `condo.edn`'s. It owns:
 
+* the file's bytes → text rules (size, NUL, UTF-8) and the one-map-per-file rule;
 * the EDN → JSON conversion of the `:spec` map, the Docker create-container body;
 * every validation rule for a service spec (`<service>.edn`) and for condo's own `self.edn`;
 * spec identity: `ServiceSpec` equality is semantic (comments, whitespace and key order do not
@@ -9,9 +11,9 @@ This module is pure (no I/O, no trio, no httpx; import-linter enforces it). It o
 
 Invariants:
 
-* `parse_spec` / `parse_self_spec` raise nothing but `SpecError`, whatever the bytes. edn_format
-  (a PLY lexer and parser) throws many foreign exception types on junk; they are caught and
-  mapped here, once, with the 1-based line where the problem can be found when there is one.
+* `parse_spec` / `parse_self_spec` raise nothing but `SpecError`, whatever the bytes, with the
+  1-based line where the problem can be found when there is one. `condo.edn` raises nothing but
+  `EdnError`; it becomes a SpecError here, once, in condo's words where they differ.
 * A `container` body is plain JSON (dict/list/str/int/float/bool/None, str keys, finite floats,
   at most `MAX_DEPTH` levels deep) without `Name`: Docker's create takes the name as a query
   parameter, so a fixed name lives in `fixed_name`. Treat `container` as read-only.
@@ -36,9 +38,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, Final, Literal, get_args
 
 import attrs
-import edn_format
-from edn_format import EDNDecodeError, Keyword, MetadataValue, Symbol, edn_lex
 
+from condo import edn
+from condo.edn import Keyword, Symbol
 from condo.errors import SpecError
 
 MAX_SPEC_BYTES: int = 1 << 20
@@ -90,7 +92,7 @@ def _non_negative(_instance: object, attribute: attrs.Attribute[float], value: f
 
 
 @attrs.frozen
-class Deploy:
+class DeployStrategy:
     """How a new container replaces the stable one.
 
     `Before`: stop the old container, then start the new one. `After`: start the new one, wait
@@ -125,7 +127,7 @@ class ServiceSpec:
 
     container: JsonObject = attrs.field(eq=canonical_json)
     fixed_name: str | None = None
-    deploy: Deploy = Deploy("Before")
+    deploy: DeployStrategy = DeployStrategy("Before")
     health_timeout: float = attrs.field(
         default=DEFAULT_HEALTH_TIMEOUT, converter=float, validator=_non_negative
     )
@@ -215,21 +217,21 @@ def parse_spec(data: bytes, file: str) -> ServiceSpec:
     form = src.read_one_form()
     if not isinstance(form, Mapping):
         raise src.error(
-            f"the top level must be a map like {{:spec {{:Image ...}}}}, found {_describe(form)}"
+            f"the top level must be a map like {{:spec {{:Image ...}}}}, found {edn.describe(form)}"
         )
     options: dict[str, Any] = {}
     for raw_key, value in form.items():
-        key = _unwrap(raw_key)
+        key = edn.unwrap(raw_key)
         if not (isinstance(key, Keyword) and key.name in _SERVICE_KEYS):
             raise src.error(_unknown_key_message(key), (_key_text(key),))
-        options[key.name] = _unwrap(value)
+        options[key.name] = edn.unwrap(value)
 
     if "spec" not in options:
         raise src.error("missing :spec, the map with the Docker create-container body")
     if not isinstance(options["spec"], Mapping):
         raise src.error(
             ":spec must be a map (the Docker create-container body),"
-            f" found {_describe(options['spec'])}",
+            f" found {edn.describe(options['spec'])}",
             ("spec",),
         )
     body = src.to_plain(options["spec"], ("spec",))
@@ -260,7 +262,7 @@ def parse_self_spec(data: bytes, file: str) -> SelfSpec:
     if not isinstance(form, Mapping):
         raise src.error(
             f"self.edn must be a map, the bare create-container body like {{:Image ...}},"
-            f" found {_describe(form)}"
+            f" found {edn.describe(form)}"
         )
     body = src.to_plain(form, ())
     if "spec" in body and "Image" not in body:
@@ -299,7 +301,7 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
         )
     image = body["Image"]
     if not isinstance(image, str):
-        raise fail(f"{where}:Image must be a string, found {_describe(image)}", (*at, "Image"))
+        raise fail(f"{where}:Image must be a string, found {edn.describe(image)}", (*at, "Image"))
     if not image.strip():
         raise fail(f"{where}:Image is empty", (*at, "Image"))
     if any(c.isspace() for c in image):
@@ -309,7 +311,7 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
     name = container.pop("Name", None)
     if name is not None:
         if not isinstance(name, str):
-            raise fail(f"{where}:Name must be a string, found {_describe(name)}", (*at, "Name"))
+            raise fail(f"{where}:Name must be a string, found {edn.describe(name)}", (*at, "Name"))
         if not _CONTAINER_NAME_RE.fullmatch(name):
             raise fail(
                 f"{where}:Name {name!r} is not a valid Docker container name: at least two of"
@@ -321,7 +323,7 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
     if labels is not None:
         if not isinstance(labels, dict):
             raise fail(
-                f"{where}:Labels must be a map of strings to strings, found {_describe(labels)}",
+                f"{where}:Labels must be a map of strings to strings, found {edn.describe(labels)}",
                 (*at, "Labels"),
             )
         for label, value in labels.items():
@@ -335,7 +337,7 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
             if not isinstance(value, str):
                 raise fail(
                     f"{where}:Labels {_show_key(label)} must have a string value, found"
-                    f" {_describe(value)}",
+                    f" {edn.describe(value)}",
                     (*at, "Labels", label),
                 )
 
@@ -343,13 +345,13 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
     if env is not None:
         if not isinstance(env, list):
             raise fail(
-                f'{where}:Env must be a vector of "KEY=value" strings, found {_describe(env)}',
+                f'{where}:Env must be a vector of "KEY=value" strings, found {edn.describe(env)}',
                 (*at, "Env"),
             )
         for index, item in enumerate(env):
             if not isinstance(item, str):
                 raise fail(
-                    f'{where}:Env must hold "KEY=value" strings, found {_describe(item)}',
+                    f'{where}:Env must hold "KEY=value" strings, found {edn.describe(item)}',
                     (*at, "Env", index),
                 )
     return name, container
@@ -363,20 +365,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_deploy(value: Any, fail: OptionFail) -> Deploy:
+def _check_deploy(value: Any, fail: OptionFail) -> DeployStrategy:
     if value is None:
-        return Deploy("Before")
+        return DeployStrategy("Before")
     if isinstance(value, Sequence) and not isinstance(value, str):
-        items = [_unwrap(item) for item in value]
+        items = [edn.unwrap(item) for item in value]
         if items == [Keyword("Before")]:
-            return Deploy("Before")
+            return DeployStrategy("Before")
         if len(items) == 2 and items[0] == Keyword("After"):
             delay = items[1]
             if _is_number(delay) and math.isfinite(delay) and delay >= 0:
-                return Deploy("After", float(delay))
+                return DeployStrategy("After", float(delay))
     raise fail(
         f"must be [:Before] or [:After n] with n seconds >= 0 to wait once the new container"
-        f" is healthy, found {_show(value)}"
+        f" is healthy, found {edn.show(value)}"
     )
 
 
@@ -384,11 +386,11 @@ def _check_seconds(value: Any, default: float, fail: OptionFail) -> float:
     if value is None:
         return default
     if isinstance(value, bool):
-        raise fail(f"must be a number of seconds, found {_show(value)} (a boolean)")
+        raise fail(f"must be a number of seconds, found {edn.show(value)} (a boolean)")
     if not _is_number(value):
-        raise fail(f"must be a number of seconds, found {_describe(value)}")
+        raise fail(f"must be a number of seconds, found {edn.describe(value)}")
     if not (math.isfinite(value) and value >= 0):
-        raise fail(f"must be a finite number of seconds >= 0, found {_show(value)}")
+        raise fail(f"must be a finite number of seconds >= 0, found {edn.show(value)}")
     return float(value)
 
 
@@ -398,7 +400,7 @@ def _check_pull(value: Any, fail: OptionFail) -> PullPolicy | None:
     for policy in PULL_POLICIES:
         if value == Keyword(policy):
             return policy
-    raise fail(f"must be one of :always, :missing or :never, found {_show(value)}")
+    raise fail(f"must be one of :always, :missing or :never, found {edn.show(value)}")
 
 
 def _service_from_json(data: object, file: str) -> ServiceSpec:
@@ -409,10 +411,10 @@ def _service_from_json(data: object, file: str) -> ServiceSpec:
         return lambda message: SpecError(file, f"{key} {message}")
 
     if not isinstance(data, dict):
-        raise fail(f"a stored spec must be a JSON object, found {_describe(data)}")
+        raise fail(f"a stored spec must be a JSON object, found {edn.describe(data)}")
     spec = data.get("spec")
     if not isinstance(spec, dict):
-        raise fail(f'a stored spec needs a "spec" object, found {_describe(spec)}')
+        raise fail(f'a stored spec needs a "spec" object, found {edn.describe(spec)}')
     _check_plain(spec, ("spec",), fail)
     fixed_name, container = _check_container(spec, ("spec",), fail)
 
@@ -456,7 +458,7 @@ def _check_plain(value: object, at: KeyPath, fail: Fail) -> None:
             raise fail(f"{_show_path(path)} is not JSON ({type(item).__name__})", path)
 
 
-# --- reading EDN ----------------------------------------------------------------------------------
+# --- reading the file -----------------------------------------------------------------------------
 
 
 def _decode(data: bytes, file: str) -> str:
@@ -481,263 +483,47 @@ def _decode(data: bytes, file: str) -> str:
     return text
 
 
-# Everything the bracket scanner must see or skip, in the order the EDN lexer reads it: strings
-# (possibly unterminated), comments, character literals (`\{` is not a bracket), brackets, CR.
-_SCAN_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|;[^\n]*|\\.|[\[\](){}]|\r', re.DOTALL)
-_PAIRS: Final = {"[": "]", "(": ")", "{": "}"}
-_STRING_RE: Final = re.compile(r'"([^"\\]*(\\.[^"\\]*)*)"')  # edn_lex's t_STRING
-_ILLEGAL_RE: Final = re.compile(r"Illegal character '(.)' with lexpos (\d+)", re.DOTALL)
-_UNKNOWN_TAG_RE: Final = re.compile(r"handle tag ImmutableDict\((.*)\)$", re.DOTALL)
-_START_TOKENS: Final = frozenset({"VECTOR_START", "LIST_START", "MAP_START", "SET_START"})
-_END_TOKENS: Final = frozenset({"VECTOR_END", "LIST_END", "MAP_OR_SET_END"})
-_PREFIX_TOKENS: Final = frozenset({"TAG", "MAP_NAMESPACE_TAG"})
-
-
-@attrs.frozen
-class _Token:
-    type: str
-    value: Any
-    pos: int
-
-
-@attrs.frozen
-class _Scan:
-    text: str  # CRs outside strings and a leading BOM blanked out: offsets unchanged
-    unclosed: tuple[tuple[str, int], ...]  # (bracket, offset), outermost first
-
-
-def _scan(text: str) -> _Scan:
-    """One pass over the raw text that the PLY parser cannot do for us.
-
-    edn_format's lexer rejects CR (Windows line ends) and a BOM; it recurses nowhere, but deep
-    nesting would recurse in conversion and hashing; and its errors carry no lines. The scanner
-    blanks CR/BOM, enforces MAX_DEPTH before parsing, and keeps bracket positions for messages.
-    """
-    blank: list[int] = [0] if text.startswith("\ufeff") else []
-    stack: list[tuple[str, int]] = []
-    for match in _SCAN_RE.finditer(text):
-        char = match.group()
-        pos = match.start()
-        if char in _PAIRS:
-            stack.append((char, pos))
-            if len(stack) > MAX_DEPTH:
-                raise _LineError(f"collections are nested deeper than {MAX_DEPTH} levels", pos)
-        elif char in ")]}":
-            if stack:  # a mismatched closer is the parser's to report; depth is all we track
-                stack.pop()
-        elif char == "\r":
-            blank.append(pos)
-    if blank:
-        chars = list(text)
-        for pos in blank:
-            chars[pos] = " "
-        text = "".join(chars)
-    return _Scan(text, tuple(stack))
-
-
-class _LineError(Exception):
-    """Internal: a problem at a character offset, turned into SpecError by _Source."""
-
-    def __init__(self, message: str, pos: int | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.pos = pos
-
-
-def _lex(text: str) -> list[_Token]:
-    """edn_format's own tokens (with offsets) of text that is known to lex."""
-    lexer = edn_lex.lex(text)
-    tokens = []
-    while (token := lexer.token()) is not None:
-        tokens.append(_Token(token.type, token.value, token.lexpos))
-    return tokens
-
-
 class _Source:
-    """One file's text while it is being read: turns offsets and key paths into lines."""
+    """One file while it is being read: its EDN document, and SpecErrors at the right line."""
 
     def __init__(self, file: str, text: str) -> None:
         self.file = file
-        self.raw = text
         self.text = text
-
-    def line_at(self, pos: int) -> int:
-        return self.text.count("\n", 0, max(pos, 0)) + 1
+        self.document: edn.Document | None = None
 
     def error(self, message: str, at: KeyPath = ()) -> SpecError:
         """A SpecError at the deepest part of key path `at` that can be found in the text."""
-        return SpecError(self.file, message, self._locate(at))
+        found = None if self.document is None else self.document.locate(at)
+        return SpecError(self.file, message, None if found is None else found.line)
 
     def option_error(self, key: str) -> OptionFail:
         return lambda message: self.error(f":{key} {message}", (key,))
 
-    # -- parsing --
-
     def read_one_form(self) -> Any:
+        """The file's one top-level form, or SpecError in condo's words."""
         try:
-            scan = _scan(self.raw)
-        except _LineError as exc:
-            raise SpecError(self.file, exc.message, self.line_at(exc.pos or 0)) from None
-        self.text = scan.text
-        if not self.text.strip(" \t\n,"):
-            raise SpecError(self.file, "the file is empty")
-        try:
-            forms = edn_format.loads_all(self.text)
-        except Exception as exc:  # noqa: BLE001 - PLY and edn_format's actions raise anything on junk
-            raise self._syntax_error(exc, scan) from None
-        if not forms:
-            raise SpecError(self.file, "the file holds only comments or discarded forms (#_)")
-        if len(forms) > 1:
+            self.document = edn.read_document(self.text, max_depth=MAX_DEPTH, one=True)
+        except edn.NotOneValue as exc:
+            if exc.blank:
+                raise SpecError(self.file, "the file is empty") from None
+            if not exc.count:
+                raise SpecError(
+                    self.file, "the file holds only comments or discarded forms (#_)"
+                ) from None
             raise SpecError(
                 self.file,
-                f"the file holds {len(forms)} top-level forms; a spec is exactly one map",
-                self._second_form_line(),
-            )
-        self._check_duplicate_keys()
-        return _unwrap(forms[0])
-
-    def _check_duplicate_keys(self) -> None:
-        """Reject `{:a 1 :a 2}`: edn_format keeps the last silently, so a doubled :deploy or
-        :Image would hide one of the two. Only literal keys (keywords, strings, ...) compare."""
-        try:
-            duplicate = self._duplicate_key()
-        except Exception:  # noqa: BLE001 - a best-effort check on parsed text must not crash
-            return
-        if duplicate is not None:
+                f"the file holds {exc.count} top-level forms; a spec is exactly one map",
+                exc.line,
+            ) from None
+        except edn.UnknownTag as exc:
             raise SpecError(
                 self.file,
-                f"the map has the key {_token_text(duplicate)} twice",
-                self.line_at(duplicate.pos),
-            )
-
-    def _duplicate_key(self) -> _Token | None:
-        for index, token in enumerate(self.tokens):
-            if token.type != "MAP_START" or index not in self._matches:
-                continue
-            if index and self.tokens[index - 1].type == "MAP_NAMESPACE_TAG":
-                continue  # #:ns{...} rewrites its keys; rare enough to leave alone
-            seen: set[tuple[str, str]] = set()
-            for key_span in self._spans(index + 1, self._matches[index])[::2]:
-                key = self.tokens[self._core(key_span[0])]
-                if key.type in _START_TOKENS:
-                    continue
-                identity = (key.type, _token_text(key))
-                if identity in seen:
-                    return key
-                seen.add(identity)
-        return None
-
-    def _second_form_line(self) -> int | None:
-        try:
-            spans = self._top_level_spans()
-            return self.line_at(self.tokens[spans[1][0]].pos)
-        except Exception:  # noqa: BLE001 - locating is best effort
-            return None
-
-    def _syntax_error(self, exc: Exception, scan: _Scan) -> SpecError:
-        message, pos = self._explain(exc, scan)
-        return SpecError(self.file, message, None if pos is None else self.line_at(pos))
-
-    def _explain(self, exc: Exception, scan: _Scan) -> tuple[str, int | None]:
-        """What went wrong, in words, and the offset where it can be seen."""
-        token = exc.args[0] if exc.args else None
-        lexpos = getattr(token, "lexpos", None)
-        if isinstance(exc, EDNDecodeError) and isinstance(lexpos, int):  # the parser's bad token
-            return f"EDN syntax error: unexpected {str(getattr(token, 'value', ''))!r}", lexpos
-        text = str(exc)
-        if isinstance(exc, EDNDecodeError):
-            if illegal := _ILLEGAL_RE.search(text):
-                char, pos = illegal.group(1), int(illegal.group(2))
-                if char == '"':
-                    return "EDN syntax error: unterminated string (no closing '\"')", pos
-                return f"EDN syntax error: illegal character {char!r}", pos
-            if text == "EOF Reached":
-                if scan.unclosed:
-                    opener, pos = scan.unclosed[-1]
-                    return (
-                        f"EDN syntax error: unclosed {opener!r} (no matching {_PAIRS[opener]!r})",
-                        pos,
-                    )
-                end = len(self.text.rstrip(" \t\n,"))
-                return (
-                    "EDN syntax error: unexpected end of file (a tag, #_ or ^ without its value?)",
-                    end - 1,
-                )
-            if text.startswith("Even number"):
-                return (
-                    "EDN syntax error: a map has an odd number of forms (a key without its value?)",
-                    self._odd_map(),
-                )
-        if isinstance(exc, NotImplementedError) and (tag := _UNKNOWN_TAG_RE.search(text)):
-            name = tag.group(1)
-            found = self._tag_token(lambda token: token.value == name)
-            return (
-                f"unknown tag #{name} (EDN tags condo understands: #inst, #uuid)",
-                None if found is None else found.pos,
-            )
-        bad_literal = self._bad_literal(exc)
-        if bad_literal is not None:
-            literal, pos = bad_literal
-            return f"EDN syntax error: invalid literal {literal!r}: {_short(exc)}", pos
-        bad_tag = self._tag_token(self._tagged_value_fails)
-        if bad_tag is not None:
-            return f"invalid #{bad_tag.value} value: {_short(exc)}", bad_tag.pos
-        return f"EDN syntax error: {_short(exc)}", None
-
-    def _bad_literal(self, failure: Exception) -> tuple[str, int] | None:
-        """The token whose lexer action raised `failure` (1/0, a 5000-digit integer, ...).
-
-        Lexing again must fail the same way; a different failure belongs to a later token
-        that the parser never reached, so it says nothing about this one.
-        """
-        lexer = edn_lex.lex(self.text)
-        try:
-            while lexer.token() is not None:
-                pass
-        except Exception as exc:  # noqa: BLE001 - same foreign errors as the parse that just failed
-            match = getattr(lexer, "lexmatch", None)
-            if type(exc) is type(failure) and str(exc) == str(failure) and match is not None:
-                return str(match.group())[:40], int(match.start())
-        return None
-
-    def _tag_token(self, accept: Callable[[_Token], bool]) -> _Token | None:
-        """The first tag token that `accept`s, if the text lexes at all (best effort)."""
-        try:
-            return next((t for t in self.tokens if t.type == "TAG" and accept(t)), None)
-        except Exception:  # noqa: BLE001 - the text may not even lex; then there is no answer
-            return None
-
-    def _tagged_value_fails(self, tag: _Token) -> bool:
-        index = self.tokens.index(tag)
-        if index + 1 >= len(self.tokens):
-            return True
-        following = self.tokens[index + 1]
-        string = _STRING_RE.match(self.text, following.pos)
-        if following.type != "STRING" or string is None:
-            return True
-        try:
-            edn_format.loads_all(self.text[tag.pos : string.end()])
-        except Exception:  # noqa: BLE001 - this is the probe: any failure marks the culprit
-            return True
-        return False
-
-    def _odd_map(self) -> int | None:
-        """The offset of the map the parser choked on: the first, in closing order (the order
-        in which the parser reduces maps), that holds an odd number of forms."""
-        try:
-            maps = sorted(
-                (end, start)
-                for start, end in self._matches.items()
-                if self.tokens[start].type == "MAP_START"
-            )
-            for end, start in maps:
-                if len(self._spans(start + 1, end)) % 2:
-                    return self.tokens[start].pos
-        except Exception:  # noqa: BLE001 - locating is best effort; the text may not even lex
-            return None
-        return None
-
-    # -- converting --
+                f"unknown tag #{exc.tag} (EDN tags condo understands: #inst, #uuid)",
+                exc.line,
+            ) from None
+        except edn.EdnError as exc:
+            raise SpecError(self.file, exc.message, exc.line) from None
+        return edn.unwrap(self.document.forms[0])
 
     def to_plain(self, value: Any, at: KeyPath) -> Any:
         """EDN → plain JSON, as Docker wants it.
@@ -746,7 +532,7 @@ class _Source:
         vectors, lists and sets become lists (sets sorted by canonical JSON); chars, #inst,
         #uuid, decimals (1.5M) and ratios become strings; ^metadata is dropped.
         """
-        value = _unwrap(value)
+        value = edn.unwrap(value)
         if len(at) > MAX_DEPTH + 1:
             raise self.error(f"{_show_path(at)} is nested deeper than {MAX_DEPTH} levels", at)
         if value is None or isinstance(value, bool):
@@ -780,19 +566,21 @@ class _Source:
             return sorted(items, key=canonical_json)
         if isinstance(value, Sequence):
             return [self.to_plain(item, (*at, index)) for index, item in enumerate(value)]
-        raise self.error(f"{_show_path(at)} holds {_describe(value)}, which JSON cannot carry", at)
+        raise self.error(
+            f"{_show_path(at)} holds {edn.describe(value)}, which JSON cannot carry", at
+        )
 
     def _map_to_plain(self, value: Mapping[Any, Any], at: KeyPath) -> JsonObject:
         plain: JsonObject = {}
         for raw_key, item in value.items():
-            key = _unwrap(raw_key)
+            key = edn.unwrap(raw_key)
             if isinstance(key, (Keyword, Symbol)):
                 name = str(key.name)
             elif isinstance(key, str):
                 name = str(key)
             else:
                 raise self.error(
-                    f"{_show_path(at) or 'the map'} has the key {_show(key)}: keys must be"
+                    f"{_show_path(at) or 'the map'} has the key {edn.show(key)}: keys must be"
                     " keywords or strings",
                     at,
                 )
@@ -805,149 +593,8 @@ class _Source:
             plain[name] = self.to_plain(item, (*at, name))
         return plain
 
-    # -- locating --
-
-    @functools.cached_property
-    def tokens(self) -> list[_Token]:
-        return _lex(self.text)
-
-    @functools.cached_property
-    def _matches(self) -> dict[int, int]:
-        """Token index of each collection start → token index of its end."""
-        matches: dict[int, int] = {}
-        stack: list[int] = []
-        for index, token in enumerate(self.tokens):
-            if token.type in _START_TOKENS:
-                stack.append(index)
-            elif token.type in _END_TOKENS and stack:
-                matches[stack.pop()] = index
-        return matches
-
-    def _form_end(self, index: int) -> int:
-        """Token index just past the form that starts at `index` (iterative: no recursion)."""
-        tokens, needed = self.tokens, 1
-        while needed and index < len(tokens):
-            kind = tokens[index].type
-            if kind in ("DISCARD_TAG", "CARET"):  # `#_ x` and `^meta` each need one more form
-                needed += 1
-            elif kind in _START_TOKENS:
-                index = self._matches.get(index, len(tokens) - 1)
-                needed -= 1
-            elif kind not in _PREFIX_TOKENS:
-                needed -= 1
-            index += 1
-        return index
-
-    def _spans(self, start: int, stop: int) -> list[tuple[int, int]]:
-        """(first, past-last) token indexes of the forms in [start, stop), discards skipped."""
-        spans, index = [], start
-        while index < stop:
-            if self.tokens[index].type == "DISCARD_TAG":
-                index = self._form_end(index + 1)
-                continue
-            end = self._form_end(index)
-            spans.append((index, end))
-            index = end
-        return spans
-
-    def _core(self, index: int) -> int:
-        """The index of a form's own token, past tags and ^metadata."""
-        while index < len(self.tokens) and self.tokens[index].type in (*_PREFIX_TOKENS, "CARET"):
-            index = self._form_end(index + 1) if self.tokens[index].type == "CARET" else index + 1
-        return index
-
-    def _top_level_spans(self) -> list[tuple[int, int]]:
-        return self._spans(0, len(self.tokens))
-
-    def _locate(self, at: KeyPath) -> int | None:
-        """Best effort: the line of the deepest key (or element) of `at` in the top-level map."""
-        try:
-            spans = self._top_level_spans()
-            if not spans:
-                return None
-            core = self._core(spans[0][0])
-            line = self.line_at(self.tokens[core].pos)
-            for step in at:
-                if self.tokens[core].type not in _START_TOKENS:
-                    break
-                children = self._spans(core + 1, self._matches[core])
-                if isinstance(step, int):
-                    if self.tokens[core].type == "SET_START" or step >= len(children):
-                        break  # a set's converted order differs from the text's
-                    found = self._core(children[step][0])
-                    line, core = self.line_at(self.tokens[found].pos), found
-                    continue
-                if self.tokens[core].type != "MAP_START":
-                    break
-                value_core = None
-                for key_span, value_span in zip(children[::2], children[1::2], strict=False):
-                    key = self.tokens[self._core(key_span[0])]
-                    if _token_names(key, step):  # last match wins, as in edn_format's maps
-                        line = self.line_at(key.pos)
-                        value_core = self._core(value_span[0])
-                if value_core is None:
-                    break
-                core = value_core
-            return line
-        except Exception:  # noqa: BLE001 - locating is best effort; a wrong guess must not mask the error
-            return None
-
-
-def _token_text(token: _Token) -> str:
-    value = token.value
-    if isinstance(value, str):
-        return json.dumps(value) if token.type == "STRING" else str(value)
-    return str(value) if isinstance(value, (Keyword, Symbol)) else repr(value)
-
-
-def _token_names(token: _Token, key: str) -> bool:
-    if token.type in ("KEYWORD", "SYMBOL"):
-        return bool(token.value.name == key)
-    return token.type == "STRING" and token.value == key
-
 
 # --- words ----------------------------------------------------------------------------------------
-
-
-def _unwrap(value: Any) -> Any:
-    while isinstance(value, MetadataValue):  # ^meta chains can be long: no recursion
-        value = value.value
-    return value
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _show(value: Any) -> str:
-    """A short EDN rendering of a value for messages."""
-    try:
-        text = str(edn_format.dumps(value))
-    except Exception:  # noqa: BLE001 - dumps fails on some parsed values; repr is good enough
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _describe(value: Any) -> str:
-    value = _unwrap(value)
-    kinds: list[tuple[type | tuple[type, ...], str]] = [
-        (bool, "a boolean"),
-        (str, "a string"),
-        ((int, float, decimal.Decimal, fractions.Fraction), "a number"),
-        (Keyword, "a keyword"),
-        (Symbol, "a symbol"),
-        (Mapping, "a map"),
-        (Set, "a set"),
-        (tuple, "a list"),
-        (Sequence, "a vector"),
-    ]
-    if value is None:
-        return "nil"
-    for kind, words in kinds:
-        if isinstance(value, kind):
-            return f"{words} {_show(value)}"
-    return type(value).__name__
 
 
 def _show_key(key: str) -> str:
@@ -961,7 +608,7 @@ def _show_path(at: Iterable[str | int]) -> str:
 def _key_text(key: Any) -> str:
     if isinstance(key, (Keyword, Symbol)):
         return str(key.name)
-    return key if isinstance(key, str) else _show(key)
+    return key if isinstance(key, str) else edn.show(key)
 
 
 def _unknown_key_message(key: Any) -> str:
@@ -969,7 +616,7 @@ def _unknown_key_message(key: Any) -> str:
     if isinstance(key, Keyword):
         close = difflib.get_close_matches(key.name, _SERVICE_KEYS, n=1)
         hint = f" (did you mean :{close[0]}?)" if close else ""
-        return f"unknown key {_show(key)}{hint}; the keys are {known}"
+        return f"unknown key {edn.show(key)}{hint}; the keys are {known}"
     if isinstance(key, str) and key in _SERVICE_KEYS:
-        return f"the key {_show(key)} must be the keyword :{key}"
-    return f"unknown key {_show(key)}: top-level keys are keywords, one of {known}"
+        return f"the key {edn.show(key)} must be the keyword :{key}"
+    return f"unknown key {edn.show(key)}: top-level keys are keywords, one of {known}"
