@@ -7,6 +7,7 @@ import ast
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "condo"
@@ -74,14 +75,28 @@ def test_the_task_tree_is_the_one_run_condo_names() -> None:
     assert tree_names(readme) == documented
 
 
+def contract(name_start: str) -> dict[str, Any]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    [found] = [
+        c for c in config["tool"]["importlinter"]["contracts"] if c["name"].startswith(name_start)
+    ]
+    return dict(found)
+
+
+def every_module() -> set[str]:
+    return {"condo." + name.removesuffix(".py").rstrip("/") for name in top_level()}
+
+
+def test_the_layers_are_the_contracts_and_hold_every_module() -> None:
+    layers = contract("layers:")["layers"]
+    documented = first_block(section(ARCHITECTURE.read_text(), "## Layers and ports"))
+    assert documented.splitlines() == layers
+    named = [module.strip() for layer in layers for module in layer.split("|")]
+    assert sorted(named) == sorted(every_module())
+
+
 def test_the_web_contract_names_every_module_but_run_and_web() -> None:
     """`condo.run is the only module that imports both the supervisor and the web app` holds
     only if it names every other module: a new module must be added to it."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    [contract] = [
-        c
-        for c in config["tool"]["importlinter"]["contracts"]
-        if c["name"].startswith("condo.run is the only module")
-    ]
-    expected = {"condo." + name.removesuffix(".py").rstrip("/") for name in top_level()}
-    assert set(contract["source_modules"]) == expected - {"condo.run", "condo.web"}
+    sources = contract("condo.run is the only module")["source_modules"]
+    assert set(sources) == every_module() - {"condo.run", "condo.web"}
