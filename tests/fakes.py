@@ -165,6 +165,7 @@ class FakeHosts:
         self._picture = Picture(token=1, hosts=hosts)
         self._changed = trio.Event()
         self.stale = False  # a test may set it, as if the source could not be read
+        self.read_at: float | None = None
 
     def set(self, hosts: HostsView) -> None:
         self._picture = Picture(token=self._picture.token + 1, hosts=hosts)

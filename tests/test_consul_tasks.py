@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,11 +29,12 @@ from condo.consul.publisher import (
     PERMANENT_RETRY_DELAY,
     REFUSED_RETRY_DELAY,
 )
+from condo.errors import SpecError
 from condo.fsm import Box, Failure, Phase, ServiceState
 from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
-from condo.waiting import Picture
+from condo.waiting import UNREACHABLE, Picture, evaluate
 
 HOST = "h1"
 LAYOUT = KeyLayout.of("condo")
@@ -73,6 +75,16 @@ class FakeConsul:
         self.sessions.pop(session)
         self.kv = {k: v for k, v in self.kv.items() if v[1] != session}
         self.bump()
+
+    @property
+    def services(self) -> dict[str, tuple[bytes, str | None]]:
+        """The service keys (`<prefix>/<service>/<host>`), without `.live` and `.hosts`."""
+        return {k: v for k, v in self.kv.items() if not k.split("/")[1].startswith(".")}
+
+    def record(self, host: str = HOST) -> dict[str, Any] | None:
+        """The services of the host's record (`.hosts/<host>`), or None without one."""
+        held = self.kv.get(LAYOUT.record_key(host))
+        return None if held is None else dict(json.loads(held[0])["services"])
 
     def count(self, what: str, since: float = -math.inf) -> int:
         return sum(1 for at, call in self.calls if call.startswith(what) and at >= since)
@@ -123,6 +135,11 @@ class FakeConsul:
                 )
             case "PUT" | "DELETE", ["kv", *parts] if "/".join(parts) in self.denied:
                 return httpx.Response(403, text="Permission denied")
+            case "PUT", ["kv", *parts] if "acquire" not in request.url.params:
+                self.kv["/".join(parts)] = (request.content, None)
+                self.bump()
+                self.modified["/".join(parts)] = self.index
+                return httpx.Response(200, text="true")
             case "PUT", ["kv", *parts]:
                 key, sid = "/".join(parts), request.url.params["acquire"]
                 if sid not in self.sessions:
@@ -216,7 +233,7 @@ def fake() -> FakeConsul:
 def store() -> Store:
     store = Store(HOST)
     store.set_state("web", stable("web:1"))
-    store.set_state("db", ServiceState())
+    store.set_state("db", stable("db:1"))
     return store
 
 
@@ -229,7 +246,7 @@ async def test_start_up_publishes_everything_under_one_session(
     start = trio.current_time()
     with trio.fail_after(10):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             assert trio.current_time() - start < 0.1  # at once, not at the next transition
             assert fake.sessions == {"session-1": SESSION_NAME}
             assert {fake.holder("web"), fake.holder("db")} == {"session-1"}
@@ -244,7 +261,7 @@ async def test_changes_coalesce_into_the_latest_value(
 ) -> None:
     with trio.fail_after(10):
         async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             before = trio.current_time()
             # A burst of changes (the listener is synchronous: the store cannot be blocked).
             for n in range(1000):
@@ -259,9 +276,9 @@ async def test_a_service_that_leaves_the_store_loses_its_key(
 ) -> None:
     with trio.fail_after(10):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             store.drop("db")
-            await fake.until(lambda: len(fake.kv) == 1)
+            await fake.until(lambda: len(fake.services) == 1)
             assert fake.holder("web") == "session-1"
             assert consul.publisher.published == {"web"}
 
@@ -310,13 +327,13 @@ async def test_session_expired_during_outage_is_replaced_and_everything_republis
 ) -> None:
     with trio.fail_after(120):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             fake.set_down(True)
             await trio.sleep(30)
             fake.expire("session-1")  # what a 30 s outage does to a 10 s TTL
             fake.set_down(False)
             back = trio.current_time()
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
             assert {fake.holder("web"), fake.holder("db")} == {"session-2"}
             assert consul.publisher.session == "session-2"
@@ -327,11 +344,11 @@ async def test_session_lost_behind_our_back_comes_back_before_the_next_renewal(
 ) -> None:
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
         async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             await trio.sleep(1)
             lost = trio.current_time()
             fake.expire("session-1")
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             # The watcher saw the keys go; no need to wait for the renewal at t=5.
             assert trio.current_time() - lost < 0.1
             assert set(fake.sessions) == {"session-2"}
@@ -346,7 +363,7 @@ async def test_renewal_404_replaces_the_session(
     start = trio.current_time()
     with trio.fail_after(30):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             # Lost without the keys going (as if the watcher were blind): only the renewal can tell.
             fake.sessions.clear()
             await fake.until(lambda: "session-2" in fake.sessions)
@@ -396,9 +413,15 @@ async def test_clean_shutdown_destroys_the_session(
 ) -> None:
     with trio.fail_after(10):
         async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: fake.record() is not None)
     assert fake.sessions == {}
-    assert fake.kv == {}
+    # The service keys and the liveness go with the session; the record stays: this host still
+    # runs web and db (its containers keep running), it is just not watched any more.
+    assert set(fake.kv) == {LAYOUT.record_key(HOST)}
+    assert fake.record() == {
+        "web": {"state": "Stable", "image": "web:1"},
+        "db": {"state": "Stable", "image": "db:1"},
+    }
 
 
 async def test_shutdown_with_a_silent_consul_is_bounded(
@@ -406,7 +429,7 @@ async def test_shutdown_with_a_silent_consul_is_bounded(
 ) -> None:
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
         async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             fake.hung = True
             stopping = trio.current_time()
         assert trio.current_time() - stopping == pytest.approx(2.0)
@@ -427,7 +450,7 @@ async def test_consul_down_at_start_does_not_delay_start_up(
             await trio.sleep(10)
             fake.set_down(False)
             back = trio.current_time()
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
 
 
@@ -495,7 +518,7 @@ async def test_a_refused_delete_keeps_the_key_and_is_retried(
 ) -> None:
     with trio.fail_after(60):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             fake.denied.add(LAYOUT.key("db", HOST))
             store.drop("db")
             store.set_state("web", stable("web:2"))  # written although the delete before it failed
@@ -533,7 +556,7 @@ async def test_a_service_removed_while_the_publisher_rechecks_loses_its_key(
     key = LAYOUT.key("db", HOST)
     with trio.fail_after(30):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             await until_pictured(consul.source, lambda p: len(p.hosts.get(HOST, {})) == 2)
 
             # The interleaving: a read that misses "db" (as one from just before its write
@@ -571,7 +594,7 @@ async def test_picture_skips_foreign_values_and_reports_each_once(
     }
     with trio.fail_after(10), structlog.testing.capture_logs() as logs:
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 6)
+            await fake.until(lambda: len(fake.services) == 6)
             source = consul.source
             while HOST not in source.picture().hosts or len(source.picture().hosts[HOST]) < 2:
                 await source.wait_beyond(source.picture().token)
@@ -592,7 +615,7 @@ async def test_thousands_of_waiters_cost_one_query(
     woken = 0
     with trio.fail_after(30):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             await trio.sleep(1)
             source = consul.source
             token = source.picture().token
@@ -628,7 +651,10 @@ async def test_an_index_that_goes_backwards_reads_afresh(
             assert blocked_on is not None and blocked_on > 3
             # A dev agent restarted behind a proxy: no data, indexes start small again. The
             # blocking read returns at the end of its wait with the smaller index.
-            fake.kv = {"condo/web/h2": (json.dumps(h2).encode(), None)}
+            # (This host's liveness key stays, so that the publisher has nothing to rewrite and
+            # every index read below is the watcher's own.)
+            live = LAYOUT.live_key(HOST)
+            fake.kv = {"condo/web/h2": (json.dumps(h2).encode(), None), live: fake.kv[live]}
             fake.index = 3
             while "h2" not in source.picture().hosts:
                 await source.wait_beyond(source.picture().token)
@@ -643,7 +669,7 @@ async def test_wait_beyond_an_old_token_returns_at_once(
 ) -> None:
     with trio.fail_after(10):
         async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+            await fake.until(lambda: len(fake.services) == 2)
             await trio.sleep(1)
             before = trio.current_time()
             await consul.source.wait_beyond(consul.source.picture().token - 1)
@@ -665,3 +691,118 @@ async def test_the_first_read_of_an_empty_prefix_wakes_waiters(
             await source.wait_beyond(unknown.token)
             assert trio.current_time() - back <= MAX_RETRY_DELAY + 0.01
             assert (source.stale, source.picture().token, source.picture().hosts) == (False, 0, {})
+
+
+# --- liveness and the host's record (multi-host truth) ------------------------------------------
+
+
+async def test_a_service_is_published_only_after_its_first_reconciliation(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = Store(HOST)
+    store.set_state("web", ServiceState(desired=ServiceSpec(container={"Image": "web:1"})))
+    with trio.fail_after(30):
+        async with running(fake, store) as consul:
+            await fake.until(lambda: LAYOUT.live_key(HOST) in fake.kv)
+            await trio.sleep(5)
+            assert fake.services == {}, "a service was published as Init"
+            assert fake.record() is None
+            store.set_state("web", stable("web:1"))
+            await fake.until(
+                lambda: fake.record() == {"web": {"state": "Stable", "image": "web:1"}}
+            )
+            assert consul.publisher.published == {"web"}
+            # A spec error is worth showing, Init or not (it never joins the record).
+            store.set_state("bad", ServiceState())
+            store.set_spec_error("bad", SpecError("bad.edn", "broken", 1), "bad.edn")
+            await fake.until(lambda: fake.value("bad") is not None)
+            assert set(fake.record() or {}) == {"web"}
+
+
+async def test_a_restart_keeps_the_record_until_the_store_says_otherwise(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The record a previous process wrote is carried over while the new process has not
+    reconciled (Init) or not yet learnt of a service (store not settled); a removed service, or
+    one the settled store does not have, leaves it."""
+    said = {"host": HOST, "services": {
+        "web": {"state": "Stable", "image": "web:1"},
+        "db": {"state": "Stable", "image": "db:1"},
+        "old": {"state": "Stable", "image": "old:1"},
+    }, "at": 1.0}  # fmt: skip
+    fake.kv[LAYOUT.record_key(HOST)] = (json.dumps(said).encode(), None)
+    store = Store(HOST)
+    store.set_state("web", ServiceState(desired=ServiceSpec(container={"Image": "web:2"})))
+    with trio.fail_after(60):
+        async with running(fake, store):
+            await fake.until(lambda: LAYOUT.live_key(HOST) in fake.kv)
+            await trio.sleep(5)
+            assert fake.record() == said["services"]  # nothing known yet: nothing dropped
+            store.set_state("web", stable("web:2"))
+            await fake.until(lambda: (fake.record() or {}).get("web", {}).get("image") == "web:2")
+            assert set(fake.record() or {}) == {"web", "db", "old"}
+            store.set_state("db", attrs.evolve(stable("db:1"), desired=None, removed=True))
+            await fake.until(lambda: "db" not in (fake.record() or {}))
+            assert "old" in (fake.record() or {})  # the store is not settled yet
+            store.mark_settled()
+            await fake.until(lambda: set(fake.record() or {}) == {"web"})
+
+
+async def test_a_host_whose_session_lapsed_is_unreachable_not_gone(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Another host (h2) cut off: Consul expires its session and deletes its keys; its record
+    stays, so the watcher still counts it, as unreachable since it was last seen live."""
+    fake.sessions["s-h2"] = "condo:condo:h2"
+    h2_view = {"state": "Stable", "current": {"image": "web:1"}}
+    h2_value = {"host": "h2", "service": "web", "state": h2_view, "at": 1.0}
+    h2_record = {"host": "h2", "services": {"web": {"state": "Stable", "image": "web:1"}}}
+    fake.kv |= {
+        LAYOUT.key("web", "h2"): (json.dumps(h2_value).encode(), "s-h2"),
+        LAYOUT.live_key("h2"): (b"{}", "s-h2"),
+        LAYOUT.record_key("h2"): (json.dumps(h2_record | {"at": 1.0}).encode(), None),
+    }
+    with trio.fail_after(60):
+        async with running(fake, store) as consul:
+            picture = await until_pictured(
+                consul.source, lambda p: {"h2", HOST} <= p.records.keys()
+            )
+            assert picture.records["h2"].live and picture.records["h2"].last_seen is None
+            assert evaluate("web", "web:1", picture.hosts, picture.records).hosts == ("h1", "h2")
+            await trio.sleep(3)
+            lapsed_at = time.time()
+            fake.expire("s-h2")
+            picture = await until_pictured(consul.source, lambda p: "h2" not in p.hosts)
+            record = picture.records["h2"]
+            assert not record.live
+            assert record.last_seen is not None and record.last_seen <= lapsed_at
+            # h1 runs web:2 now; h2 cannot be seen: never done, h2 named as unreachable.
+            store.set_state("web", stable("web:2"))
+            picture = await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:2")
+            verdict = evaluate("web", "web:2", picture.hosts, picture.records)
+            assert not verdict.done
+            assert verdict.hosts == ("h1", "h2")
+            assert verdict.pending == {
+                "h2": {
+                    "state": UNREACHABLE,
+                    "since": record.last_seen,
+                    "image": "web:1",
+                    "last_state": "Stable",
+                }
+            }
+
+
+async def test_the_publisher_holds_its_liveness_and_rewrites_a_forgotten_record(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with running(fake, store):
+            await fake.until(lambda: fake.record() is not None)
+            live = LAYOUT.live_key(HOST)
+            assert fake.kv[live][1] == "session-1"
+            # Deleted behind its back (an operator, a `condo forget` of a live host racing):
+            del fake.kv[live], fake.kv[LAYOUT.record_key(HOST)]
+            fake.bump()
+            await fake.until(lambda: live in fake.kv and fake.record() is not None)
+            assert fake.kv[live][1] == "session-1"
+            assert set(fake.record() or {}) == {"web", "db"}

@@ -46,6 +46,7 @@ class Store:
         self._changed = trio.Event()
         self._listeners: list[Callable[[], None]] = []
         self._self_deploy: Mapping[str, Any] | None = None
+        self._settled = False
         self._view = PerVersion(lambda: self._version, lambda _: self._build_view(now()))
 
     @property
@@ -78,6 +79,18 @@ class Store:
     def set_self_deploy(self, status: Mapping[str, Any] | None) -> None:
         if status != self._self_deploy:
             self._self_deploy = status
+            self._bump()
+
+    @property
+    def settled(self) -> bool:
+        """True once every service this host runs has an entry: every spec directory was
+        listed and the engine's containers of this host were looked at (condo.supervisor).
+        Before that, a service missing from the store may just not be known yet."""
+        return self._settled
+
+    def mark_settled(self) -> None:
+        if not self._settled:
+            self._settled = True
             self._bump()
 
     def drop(self, service: str) -> None:

@@ -169,6 +169,7 @@ class Supervisor:
             if service and service not in self._mailboxes:
                 log.info("supervisor.leftover", service=service, container=row.name)
                 self._retire_leftover(service)
+        self._store.mark_settled()
 
     def _retire_leftover(self, name: str) -> None:
         if name in self._mailboxes:
@@ -228,6 +229,10 @@ class Supervisor:
         # Without a record, the spec is known before the first reconciliation, so that a
         # running container made from it is adopted (fsm._on_observed), never duplicated.
         initial = self._records.pop(name, None) or fsm.ServiceState(desired=spec)
+        # In the store from now on (the driver starts later): once the store is settled, every
+        # service this host runs has an entry (Consul's host record relies on it).
+        if name not in self._store.entries:
+            self._store.set_state(name, initial)
         self._services.start_soon(self._supervise, name, mailbox, initial, name=f"service {name}")
         return mailbox
 

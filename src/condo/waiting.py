@@ -1,9 +1,13 @@
 """What "deployed everywhere" means, and where the state of every host comes from.
 
-`evaluate(name, image, hosts)` is the one rule behind `/v1/wait_for` and `condo wait`: the service
-is done when at least one host runs it and every host that runs it has it Stable on `image`. A
-host "runs" a service when it has an entry for it that is not `Init` (a host whose spec for the
-service is gone, or never had it, does not count). Pure: no I/O.
+`evaluate(name, image, hosts, records)` is the one rule behind `/v1/wait_for` and `condo wait`: the
+service is done when at least one host runs it and every host that runs it has it Stable on
+`image`. A host "runs" a service when it has an entry for it that is not `Init` (a host whose spec
+for the service is gone, or never had it, does not count), or when its `HostRecord` says it ran
+it. The record (Consul only) outlives the host's session: a host that is cut off, whose condo was
+killed or whose agent died still runs what it ran, so it is pending ("unreachable since T") and
+never done, until it says otherwise (its spec for the service is removed) or an operator forgets
+it (`condo forget HOST`). Pure: no I/O.
 
 `StateSource` is the port the web app reads through: the local store (no Consul) or Consul's view
 of every host (condo.consul). Both wait without polling: the local one on the store's change
@@ -20,6 +24,19 @@ import attrs
 # host -> service -> SERVICE view (the /v1/state shape of one service)
 HostsView = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
+UNREACHABLE = "unreachable"  # the pending state of a host whose liveness lapsed
+
+
+@attrs.frozen(kw_only=True)
+class HostRecord:
+    """What a host last said it runs, kept beyond its session (condo.consul's host record)."""
+
+    # service -> {"state", "image"} as the host last published it
+    services: Mapping[str, Mapping[str, Any]]
+    live: bool  # its session is alive: its service entries in `hosts` are current
+    # Wall time this host was last known live (None: unknown); shown, never used to decide.
+    last_seen: float | None = None
+
 
 @attrs.frozen(kw_only=True)
 class Verdict:
@@ -32,13 +49,38 @@ class Verdict:
     hosts: tuple[str, ...]
 
 
-def evaluate(name: str, image: str, hosts: HostsView) -> Verdict:
-    """Apply the rule to one picture of every host's services."""
+def evaluate(
+    name: str, image: str, hosts: HostsView, records: Mapping[str, HostRecord] | None = None
+) -> Verdict:
+    """Apply the rule to one picture of every host's services (and, with Consul, their records)."""
+    records = records or {}
     running: list[str] = []
     pending: dict[str, Mapping[str, Any]] = {}
-    for host, services in sorted(hosts.items()):
-        service = services.get(name)
+    for host in sorted(hosts.keys() | records.keys()):
+        record = records.get(host)
+        recorded = record.services.get(name) if record is not None else None
+        if record is not None and not record.live:
+            if recorded is not None:
+                running.append(host)
+                pending[host] = {
+                    "state": UNREACHABLE,
+                    "since": record.last_seen,
+                    "image": recorded.get("image"),
+                    "last_state": recorded.get("state"),
+                }
+            continue
+        service = hosts.get(host, {}).get(name)
         if service is None or service.get("state") == "Init" or service.get("removed"):
+            if recorded is not None and not (service is not None and service.get("removed")):
+                # It said it runs the service, and has not published it since (a restart
+                # before its first reconciliation): not done here yet.
+                running.append(host)
+                pending[host] = {
+                    "state": service.get("state") if service is not None else "Init",
+                    "image": recorded.get("image"),
+                    "deploying": None,
+                    "error": None,
+                }
             continue
         running.append(host)
         current = service.get("current") or {}
@@ -59,6 +101,8 @@ class Picture:
 
     token: int
     hosts: HostsView
+    # host -> its record (Consul only): what it ran, and whether it is live
+    records: Mapping[str, HostRecord] = attrs.Factory(dict)
 
 
 class StateSource(Protocol):
@@ -75,6 +119,12 @@ class StateSource(Protocol):
     @property
     def stale(self) -> bool:
         """True while the picture may be out of date (its source could not be read lately)."""
+        ...
+
+    @property
+    def read_at(self) -> float | None:
+        """Wall time of the last good read of the source (None: never; always now for the
+        local store)."""
         ...
 
     async def wait_beyond(self, token: int) -> None:

@@ -242,6 +242,20 @@ class ConsulClient:
             return Acquire.REFUSED
         raise ConsulError(f"PUT {path}: unexpected answer {answer[:100]!r}", status=200)
 
+    async def put(self, key: str, value: bytes) -> None:
+        """Write `value` at `key`, held by no session (it outlives every session)."""
+        path = f"/v1/kv/{_quoted(key)}"
+        response = await self._call("PUT", path, content=value)
+        if response.status_code != 200:
+            raise _error_for("PUT", path, response)
+        if response.text.strip() != "true":
+            raise ConsulError(f"PUT {path}: unexpected answer {response.text[:100]!r}", status=200)
+
+    async def read_key(self, key: str) -> Entry | None:
+        """One key (None when it does not exist), read at once."""
+        listing = await self.read_prefix(key)
+        return next((entry for entry in listing.entries if entry.key == key), None)
+
     async def delete(self, key: str) -> None:
         """Delete one key (a key that is already gone is fine)."""
         path = f"/v1/kv/{_quoted(key)}"

@@ -1,9 +1,19 @@
 """Where condo's state lives in Consul's KV store, and what the values look like. Pure: no I/O.
 
-Layout (one key per (service, host), under the `--consul-prefix`, default `condo`)::
+Layout (under the `--consul-prefix`, default `condo`)::
 
     <prefix>/<service>/<host>   →  {"host": H, "service": NAME, "state": SERVICE,
                                     "version": condo's version, "at": unix seconds}
+    <prefix>/.live/<host>       →  {"host": H, "version", "at"}      held by the host's session
+    <prefix>/.hosts/<host>      →  {"host": H, "services": {NAME: {"state", "image"}},
+                                    "version", "at"}                 no session: outlives it
+
+- The service keys and `.live/<host>` are held by the host's session: they say what the host
+  runs *now*, and that it is alive. `.hosts/<host>` is the host's record: what it last said it
+  runs, kept when its session ends (a partition, a killed condo, a dead agent), so that a host
+  that cannot be seen is "unreachable", never "does not run it". Only the host itself changes
+  its record (a service leaves it when its spec is removed), or `condo forget HOST`.
+- Service names start with a letter or a digit, so `.live` and `.hosts` are never services.
 
 - `<prefix>` has no leading or trailing `/` (`/condo/` is read as `condo`); it may itself hold
   `/` (`team/condo`). Everything under `<prefix>/` that does not have exactly two more segments,
@@ -31,6 +41,9 @@ import attrs
 import condo
 from condo.errors import ConfigError
 
+LIVE = ".live"  # <prefix>/.live/<host>: the host's session is alive
+RECORDS = ".hosts"  # <prefix>/.hosts/<host>: what the host last said it runs
+
 
 @attrs.frozen
 class KeyLayout:
@@ -56,8 +69,15 @@ class KeyLayout:
     def key(self, service: str, host: str) -> str:
         return f"{self.prefix}/{service}/{host}"
 
+    def live_key(self, host: str) -> str:
+        return f"{self.prefix}/{LIVE}/{host}"
+
+    def record_key(self, host: str) -> str:
+        return f"{self.prefix}/{RECORDS}/{host}"
+
     def parse(self, key: str) -> tuple[str, str] | None:
-        """`<prefix>/<service>/<host>` → (service, host); None for any other key."""
+        """`<prefix>/<service>/<host>` → (service, host), `.live/<host>` → (LIVE, host),
+        `.hosts/<host>` → (RECORDS, host); None for any other key."""
         if not key.startswith(self.folder):
             return None
         parts = key[len(self.folder) :].split("/")
@@ -104,14 +124,7 @@ def decode_value(layout: KeyLayout, key: str, raw: bytes | None) -> Published:
     where = layout.parse(key)
     if where is None:
         raise ForeignValue("not a <prefix>/<service>/<host> key")
-    if raw is None:
-        raise ForeignValue("empty value")
-    try:
-        document = json.loads(raw)
-    except ValueError:  # JSON or UTF-8 errors alike: somebody else's bytes
-        raise ForeignValue("not JSON") from None
-    if not isinstance(document, dict):
-        raise ForeignValue("not a JSON object")
+    document = _object(raw)
     host, service, state = document.get("host"), document.get("service"), document.get("state")
     if not isinstance(host, str) or not isinstance(service, str):
         raise ForeignValue("no host or service name")
@@ -127,5 +140,62 @@ def decode_value(layout: KeyLayout, key: str, raw: bytes | None) -> Published:
         service=service,
         state=state,
         version=version if isinstance(version, str) else "",
-        at=float(at) if isinstance(at, int | float) and not isinstance(at, bool) else 0.0,
+        at=_number(at),
     )
+
+
+@attrs.frozen(kw_only=True)
+class Record:
+    """A host's record (`.hosts/<host>`): what it last said it runs, and when it said it."""
+
+    host: str
+    services: Mapping[str, Mapping[str, Any]]  # service -> {"state", "image"}
+    at: float
+
+
+def summary(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record keeps of one SERVICE view: enough to say what ran there."""
+    current = state.get("current") or {}
+    return {"state": state.get("state"), "image": current.get("image")}
+
+
+def encode_record(host: str, services: Mapping[str, Mapping[str, Any]], at: float) -> bytes:
+    document = {"host": host, "services": services, "version": condo.__version__, "at": at}
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+def encode_live(host: str, at: float) -> bytes:
+    document = {"host": host, "version": condo.__version__, "at": at}
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_record(layout: KeyLayout, key: str, raw: bytes | None) -> Record:
+    """The record at `key` (`.hosts/<host>`); raises ForeignValue otherwise."""
+    where = layout.parse(key)
+    if where is None or where[0] != RECORDS:
+        raise ForeignValue("not a <prefix>/.hosts/<host> key")
+    document = _object(raw)
+    if document.get("host") != where[1]:
+        raise ForeignValue("names another host than its key")
+    services = document.get("services")
+    if not isinstance(services, dict) or not all(
+        isinstance(name, str) and isinstance(value, dict) for name, value in services.items()
+    ):
+        raise ForeignValue("no services object")
+    return Record(host=where[1], services=services, at=_number(document.get("at")))
+
+
+def _object(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        raise ForeignValue("empty value")
+    try:
+        document = json.loads(raw)
+    except ValueError:  # JSON or UTF-8 errors alike: somebody else's bytes
+        raise ForeignValue("not JSON") from None
+    if not isinstance(document, dict):
+        raise ForeignValue("not a JSON object")
+    return document
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0

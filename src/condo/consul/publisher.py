@@ -7,8 +7,9 @@ with the store:
     round:  no session?  → take over stale sessions of this host (first time only), create one,
                            forget what was published (republish everything)
             renew due?   → renew (404: the session is lost → a new one, everything again)
-            sync         → delete the keys of services that left the store, acquire-write every
-                           service whose entry changed since it was last confirmed
+            sync         → hold `.live/<host>`, delete the keys of services that left the store,
+                           acquire-write every service whose entry changed since it was last
+                           confirmed, then write the host's record if what it runs changed
 
 Rounds run when the store changes (a synchronous listener only sets an Event: the store is never
 blocked and changes coalesce into the latest value, never a backlog), when the renewal is due
@@ -17,6 +18,12 @@ published (keys deleted behind its back, a session invalidated while its renewal
 the publisher is level-triggered against Consul itself.
 
 Invariants:
+- A service is published only after its first reconciliation (not while `Init`, unless it has
+  a spec error to show): a restarting condo never shows a Stable service as `Init`.
+- The host's record (`.hosts/<host>`, no session) lists what this host runs: a service joins it
+  when it is published past `Init`, and leaves it only when this host says so (its view says
+  `removed`, or it left the store once the store is settled). Until then the record read back
+  from Consul at the first session is carried over, so a restart never drops a service from it.
 - `_published` only holds services whose key Consul confirmed (`true`) under the current session;
   losing the session empties it, so a full republish follows every loss (and start-up).
 - `_held` holds every service whose key this session may hold: added before a write is sent,
@@ -42,16 +49,27 @@ Invariants:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 import structlog
 import trio
 
 from condo.consul.client import Acquire, ConsulClient, SessionId
-from condo.consul.layout import KeyLayout, encode_value
+from condo.consul.layout import (
+    LIVE,
+    ForeignValue,
+    KeyLayout,
+    decode_record,
+    encode_live,
+    encode_record,
+    encode_value,
+    summary,
+)
 from condo.consul.source import ConsulSource
 from condo.errors import ConsulError
+from condo.fsm import Phase
 from condo.store import ServiceEntry, Store, now
 
 log = structlog.get_logger(__name__)
@@ -111,6 +129,9 @@ class Publisher:
         self._refused: set[str] = set()  # services whose key another session holds (logged)
         self._down_since: float | None = None
         self._losses = 0  # sessions lost in a row, without a full round in between
+        self._live = False  # `.live/<host>` is held by the current session
+        # What the host's record says in Consul (None: not read yet this process).
+        self._record: dict[str, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Publisher(host={self._host!r}, prefix={self._layout.prefix!r})"
@@ -202,7 +223,13 @@ class Publisher:
     async def _sync(self, session: SessionId) -> None:
         # One instant for every value of the round; entries and views from the same moment.
         at = now()
-        entries = dict(self._store.entries)
+        if not self._live and not await self._hold_live(session, at.wall):
+            return
+        entries = {
+            name: entry
+            for name, entry in self._store.entries.items()
+            if entry.state.phase is not Phase.Init or entry.spec_error is not None
+        }
         services = self._store.view(at)["services"]
         for name in sorted(self._failures.keys() - entries.keys() - self._held):
             self._resolved(name)  # gone from the store, and no key of ours left to delete
@@ -269,6 +296,51 @@ class Publisher:
                 continue
             self._lost("a write answered that the session is invalid")
             return
+        await self._write_record(services, at.wall)
+
+    async def _hold_live(self, session: SessionId, at: float) -> bool:
+        """Hold `.live/<host>`; False when the session turned out to be lost."""
+        key = self._layout.live_key(self._host)
+        outcome = await self._client.acquire(key, encode_live(self._host, at), session)
+        if outcome is Acquire.DONE:
+            self._live = True
+            self._refused.discard(LIVE)
+            return True
+        if outcome is Acquire.REFUSED and await self._client.renew_session(session):
+            if LIVE not in self._refused:
+                self._refused.add(LIVE)
+                log.warning(
+                    "consul.key_held_elsewhere", key=key, hint="another condo with this --host?"
+                )
+            self._retry_at = min(self._retry_at, trio.current_time() + REFUSED_RETRY_DELAY)
+            return True  # the services are published all the same
+        self._lost("a write answered that the session is invalid")
+        return False
+
+    async def _write_record(self, services: Mapping[str, Mapping[str, Any]], at: float) -> None:
+        """Bring the host's record in line with what this host runs (see the invariants)."""
+        key = self._layout.record_key(self._host)
+        if self._record is None:
+            stored = await self._client.read_key(key)
+            try:
+                found = decode_record(self._layout, key, stored.value) if stored else None
+            except ForeignValue:
+                found = None  # not ours to keep: written anew below
+            self._record = {n: dict(s) for n, s in found.services.items()} if found else {}
+        wanted: dict[str, dict[str, Any]] = {}
+        for name, said in self._record.items():
+            entry = self._store.entries.get(name)
+            # Not known yet (the store is not settled), or not reconciled yet: as it was.
+            if (entry is None and not self._store.settled) or (
+                entry is not None and entry.state.phase is Phase.Init
+            ):
+                wanted[name] = said
+        for name, view in services.items():
+            if view.get("state") != Phase.Init.value and not view.get("removed"):
+                wanted[name] = summary(view)
+        if wanted != self._record:
+            await self._client.put(key, encode_record(self._host, wanted, at))
+            self._record = wanted
 
     def _waiting(self, name: str, entry: ServiceEntry | None) -> bool:
         """True while a failed key waits for its retry (unless its service changed since)."""
@@ -320,6 +392,7 @@ class Publisher:
         self._session_count += 1
         self._published.clear()  # a new session holds nothing yet: republish everything
         self._held.clear()
+        self._live = False
         self._renew_at = trio.current_time() + self._ttl / 2
         log.info("consul.session_created", session=session, name=self.session_name, ttl=self._ttl)
         return session
@@ -345,6 +418,7 @@ class Publisher:
         self._session = None
         self._published.clear()
         self._held.clear()  # `Behavior: delete`: the session's keys went with it
+        self._live = False
         self._losses += 1
 
     def _failed(self, exc: ConsulError, round_started: float) -> None:
@@ -374,6 +448,12 @@ class Publisher:
         if session is None:
             return
         holders = source.holders(self._host)
+        if self._live and holders.get(LIVE) != session:
+            self._live = False  # deleted, or its session invalidated, behind our back
+            self._wake.set()
+        if self._record and self._host not in source.picture().records:
+            self._record = {}  # forgotten by an operator while this host is live: write it again
+            self._wake.set()
         missing = [name for name in self._published if holders.get(name) != session]
         if not missing:
             return

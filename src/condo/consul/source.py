@@ -1,8 +1,10 @@
 """`ConsulSource`: every host's services, as Consul holds them, for the web app (a StateSource).
 
 One watcher task (`run`) reads `<prefix>/` with blocking queries and keeps the latest `Picture`
-(token: the read's `X-Consul-Index`; hosts: {host: {service: SERVICE}}); a change swaps in a
-fresh `trio.Event`, so any number of `wait_beyond` callers cost one query in flight.
+(token: the read's `X-Consul-Index`; hosts: {host: {service: SERVICE}} from the keys held by live
+sessions; records: every host's record, whether it is live, and when it was last seen live); a
+change swaps in a fresh `trio.Event`, so any number of `wait_beyond` callers cost one query in
+flight.
 
 Invariants:
 - Blocking-query index rules (Consul's HTTP API docs, "Blocking Queries"): start at 0 (no
@@ -13,6 +15,10 @@ Invariants:
   whole read. An empty prefix (Consul's 404) is an empty picture, not an error.
 - The token only moves when the picture (or a key's holder) changes, and only forwards, even
   across an index reset, so `wait_beyond` never waits on a picture it has already seen.
+- A host is live while its `.live` key (or any service key of it) is held by a session. When it
+  stops being live, its `last_seen` is the wall time of the last read that saw it live (from
+  this process; the record's own time when this process never saw it live). Live hosts carry
+  no time in the picture, so that reads which change nothing wake nobody.
 - While Consul cannot be read the picture keeps its last value and `stale` is true; the first
   good read clears it. Both changes of `stale` wake waiters (with the token unchanged), so a
   reader can wait for the first read even when the prefix is empty.
@@ -20,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,9 +34,9 @@ import structlog
 import trio
 
 from condo.consul.client import ConsulClient, Listing, SessionId
-from condo.consul.layout import ForeignValue, KeyLayout, decode_value
+from condo.consul.layout import LIVE, RECORDS, ForeignValue, KeyLayout, decode_record, decode_value
 from condo.errors import ConsulError
-from condo.waiting import Picture
+from condo.waiting import HostRecord, Picture
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +58,8 @@ class ConsulSource:
         self._changed = trio.Event()
         self._read_ok = False  # the last read (if any) succeeded
         self._fresh_at: float | None = None  # Trio time of the last good read
+        self._read_at: float | None = None  # wall time of the last good read
+        self._seen_live: dict[str, float] = {}  # host -> wall time of the last read it was live
         self._reported: dict[str, int] = {}  # key -> ModifyIndex of a foreign value logged once
         self._read_observers: list[Callable[[], None]] = []
 
@@ -66,6 +75,10 @@ class ConsulSource:
         if self._picture.token != token:
             return
         await self._changed.wait()
+
+    @property
+    def read_at(self) -> float | None:
+        return self._read_at
 
     # --- extras -----------------------------------------------------------------------------
 
@@ -127,25 +140,55 @@ class ConsulSource:
     def _apply(self, listing: Listing) -> None:
         hosts: dict[str, dict[str, Mapping[str, Any]]] = {}
         holders: dict[tuple[str, str], SessionId | None] = {}
+        recorded: dict[str, tuple[Mapping[str, Mapping[str, Any]], float]] = {}
+        live: set[str] = set()
         seen: set[str] = set()
         for entry in listing.entries:
             seen.add(entry.key)
+            where = self._layout.parse(entry.key)
             try:
+                if where is not None and where[0] == RECORDS:
+                    record = decode_record(self._layout, entry.key, entry.value)
+                    recorded[record.host] = (record.services, record.at)
+                    continue
+                if where is not None and where[0] == LIVE:
+                    holders[LIVE, where[1]] = entry.session
+                    if entry.session is not None:
+                        live.add(where[1])
+                    continue
                 value = decode_value(self._layout, entry.key, entry.value)
             except ForeignValue as exc:
                 self._report(entry.key, entry.modify_index, str(exc))
                 continue
             hosts.setdefault(value.host, {})[value.service] = value.state
             holders[value.service, value.host] = entry.session
+            if entry.session is not None:
+                live.add(value.host)
         # Forget reports of keys that are gone, so the set never grows without bound.
         self._reported = {k: i for k, i in self._reported.items() if k in seen}
         was_stale, self._read_ok = not self._read_ok, True
         self._fresh_at = trio.current_time()
-        if hosts != self._picture.hosts or holders != self._holders:
+        self._read_at = time.time()
+        for host in live:
+            self._seen_live[host] = self._read_at
+        self._seen_live = {h: t for h, t in self._seen_live.items() if h in recorded or h in live}
+        records = {
+            host: HostRecord(
+                services=services,
+                live=host in live,
+                last_seen=None if host in live else self._seen_live.get(host, at),
+            )
+            for host, (services, at) in recorded.items()
+        }
+        if (
+            hosts != self._picture.hosts
+            or holders != self._holders
+            or records != self._picture.records
+        ):
             token = (
                 listing.index if listing.index > self._picture.token else self._picture.token + 1
             )
-            self._picture = Picture(token=token, hosts=hosts)
+            self._picture = Picture(token=token, hosts=hosts, records=records)
             self._holders = holders
             self._wake()
         elif was_stale:

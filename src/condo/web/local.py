@@ -7,6 +7,8 @@ waiting is the Store's own change event (no polling).
 
 from __future__ import annotations
 
+import time
+
 from condo.memo import PerVersion
 from condo.store import Store
 from condo.waiting import Picture
@@ -28,6 +30,10 @@ class LocalSource:
     @property
     def stale(self) -> bool:
         return False  # the Store is this process's own memory: never out of date
+
+    @property
+    def read_at(self) -> float | None:
+        return time.time()
 
     async def wait_beyond(self, token: int) -> None:
         await self._store.wait_changed(token)
