@@ -28,11 +28,11 @@ from condo.consul.publisher import (
     PERMANENT_RETRY_DELAY,
     REFUSED_RETRY_DELAY,
 )
-from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.fsm import Failure, ServiceState
 from condo.metrics import Metrics
-from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.waiting import Picture
+from tests.consul_support import open_crowd, stable, until_pictured
 
 HOST = "h1"
 LAYOUT = KeyLayout.of("condo")
@@ -167,12 +167,6 @@ class FakeConsul:
         return httpx.Response(200, json=body, headers=headers)
 
 
-def stable(image: str) -> ServiceState:
-    spec = ServiceSpec(container={"Image": image})
-    box = Box(id="c-" + image, name="web_x", spec=spec, created_at=1.0, healthcheck=True)
-    return ServiceState(phase=Phase.Stable, desired=spec, current=box)
-
-
 @attrs.frozen
 class Consul:
     fake: FakeConsul
@@ -193,13 +187,6 @@ async def running(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
         await nursery.start(publisher.run, source)
         yield Consul(fake, client, source, publisher)
         nursery.cancel_scope.cancel()
-
-
-async def until_pictured(source: ConsulSource, predicate: Callable[[Picture], bool]) -> Picture:
-    """Wait (without polling) for a picture that satisfies `predicate`."""
-    while not predicate(picture := source.picture()):
-        await source.wait_beyond(picture.token)
-    return picture
 
 
 def image_of(picture: Picture, service: str, host: str = HOST) -> str | None:
@@ -589,28 +576,17 @@ async def test_picture_skips_foreign_values_and_reports_each_once(
 async def test_thousands_of_waiters_cost_one_query(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
-    woken = 0
     with trio.fail_after(30):
         async with running(fake, store) as consul:
             await fake.until(lambda: len(fake.kv) == 2)
             await trio.sleep(1)
-            source = consul.source
-            token = source.picture().token
-
-            async def waiter() -> None:
-                nonlocal woken
-                await source.wait_beyond(token)
-                woken += 1
-
-            async with trio.open_nursery() as waiters:
-                for _ in range(5000):
-                    waiters.start_soon(waiter)
+            async with open_crowd(consul.source, 5000) as crowd:
                 await trio.sleep(1)
                 reads_before = fake.count("GET /v1/kv/")
                 store.set_state("web", stable("web:2"))
-            assert woken == 5000
+            assert crowd.woken == 5000
             assert fake.count("GET /v1/kv/") - reads_before <= 2
-            assert source.picture().token > token
+            assert consul.source.picture().token > crowd.token
 
 
 async def test_an_index_that_goes_backwards_reads_afresh(

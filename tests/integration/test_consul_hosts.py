@@ -28,8 +28,9 @@ from condo.consul import SESSION_TTL
 from condo.docker import DockerClient
 from condo.run import Running, run_condo
 from condo.waiting import Picture, StateSource, evaluate
+from tests.consul_support import until_pictured
 from tests.integration.harness import CondoUnderTest, condo_files
-from tests.integration.test_consul_session import Area, consul_area, image_of, until_pictured
+from tests.integration.test_consul_session import Area, consul_area, image_of
 
 pytestmark = [pytest.mark.docker, pytest.mark.consul]
 

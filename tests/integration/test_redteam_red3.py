@@ -38,6 +38,7 @@ from condo.errors import ContainerNotFound
 from condo.run import Running, run_condo
 from condo.selfdeploy import SELF_HASH_LABEL, SELF_LABEL, HandOverPlan, run_hand_over
 from condo.store import Store
+from tests.consul_support import stable
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import (
     CondoUnderTest,
@@ -45,7 +46,7 @@ from tests.integration.harness import (
     free_port,
 )
 from tests.integration.test_consul_keys import CAP, HOST, publishing
-from tests.integration.test_consul_session import Area, consul_area, stable
+from tests.integration.test_consul_session import Area, consul_area
 from tests.integration.test_docker_events import proxy_to_engine
 from tests.integration.test_faults import converged
 from tests.integration.test_selfdeploy import Site, remove_successors, start_first_condo
