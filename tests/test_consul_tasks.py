@@ -189,6 +189,14 @@ async def running(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def published(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
+    """`running`, from the moment both services of the `store` fixture have their key."""
+    async with running(fake, store) as consul:
+        await fake.until(lambda: len(fake.kv) == 2)
+        yield consul
+
+
 def image_of(picture: Picture, service: str, host: str = HOST) -> str | None:
     view = picture.hosts.get(host, {}).get(service)
     return None if view is None or view["current"] is None else str(view["current"]["image"])
@@ -215,8 +223,7 @@ async def test_start_up_publishes_everything_under_one_session(
 ) -> None:
     start = trio.current_time()
     with trio.fail_after(10):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             assert trio.current_time() - start < 0.1  # at once, not at the next transition
             assert fake.sessions == {"session-1": SESSION_NAME}
             assert {fake.holder("web"), fake.holder("db")} == {"session-1"}
@@ -230,8 +237,7 @@ async def test_changes_coalesce_into_the_latest_value(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(10):
-        async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store):
             before = trio.current_time()
             # A burst of changes (the listener is synchronous: the store cannot be blocked).
             for n in range(1000):
@@ -245,8 +251,7 @@ async def test_a_service_that_leaves_the_store_loses_its_key(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(10):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             store.drop("db")
             await fake.until(lambda: len(fake.kv) == 1)
             assert fake.holder("web") == "session-1"
@@ -296,8 +301,7 @@ async def test_session_expired_during_outage_is_replaced_and_everything_republis
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(120):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             fake.set_down(True)
             await trio.sleep(30)
             fake.expire("session-1")  # what a 30 s outage does to a 10 s TTL
@@ -313,8 +317,7 @@ async def test_session_lost_behind_our_back_comes_back_before_the_next_renewal(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
-        async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store):
             await trio.sleep(1)
             lost = trio.current_time()
             fake.expire("session-1")
@@ -332,8 +335,7 @@ async def test_renewal_404_replaces_the_session(
 ) -> None:
     start = trio.current_time()
     with trio.fail_after(30):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             # Lost without the keys going (as if the watcher were blind): only the renewal can tell.
             fake.sessions.clear()
             await fake.until(lambda: "session-2" in fake.sessions)
@@ -392,8 +394,7 @@ async def test_shutdown_with_a_silent_consul_is_bounded(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
-        async with running(fake, store):
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store):
             fake.hung = True
             stopping = trio.current_time()
         assert trio.current_time() - stopping == pytest.approx(2.0)
@@ -481,8 +482,7 @@ async def test_a_refused_delete_keeps_the_key_and_is_retried(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(60):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             fake.denied.add(LAYOUT.key("db", HOST))
             store.drop("db")
             store.set_state("web", stable("web:2"))  # written although the delete before it failed
@@ -519,8 +519,7 @@ async def test_a_service_removed_while_the_publisher_rechecks_loses_its_key(
 ) -> None:
     key = LAYOUT.key("db", HOST)
     with trio.fail_after(30):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             await until_pictured(consul.source, lambda p: len(p.hosts.get(HOST, {})) == 2)
 
             # The interleaving: a read that misses "db" (as one from just before its write
@@ -577,8 +576,7 @@ async def test_thousands_of_waiters_cost_one_query(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(30):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             await trio.sleep(1)
             async with open_crowd(consul.source, 5000) as crowd:
                 await trio.sleep(1)
@@ -618,8 +616,7 @@ async def test_wait_beyond_an_old_token_returns_at_once(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(10):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.kv) == 2)
+        async with published(fake, store) as consul:
             await trio.sleep(1)
             before = trio.current_time()
             await consul.source.wait_beyond(consul.source.picture().token - 1)
