@@ -199,6 +199,20 @@ STARTING_SUCCESSOR = (
 )
 
 
+async def start_a_successor(condo: CondoUnderTest, docker: DockerClient) -> set[str]:
+    """Once `web` is Stable in the state file, write STARTING_SUCCESSOR as self.edn and wait
+    until its successor container exists; the ids of `web`'s running containers before."""
+    while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
+        await trio.sleep(0.1)
+    while condo.state_file()["services"]["web"]["phase"] != "Stable":
+        await trio.sleep(0.1)
+    web = await condo.running_ids("web")
+    (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
+    while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
+        await trio.sleep(0.1)
+    return web
+
+
 async def test_sigterm_during_a_start_beside_deploy_leaves_no_successor_and_keeps_workloads(
     condo: CondoUnderTest, docker: DockerClient, nursery: trio.Nursery
 ) -> None:
@@ -208,14 +222,7 @@ async def test_sigterm_during_a_start_beside_deploy_leaves_no_successor_and_keep
     condo.write("web", WORKLOAD)
     with trio.fail_after(90):
         process = await condo.spawn(nursery)
-        while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
-            await trio.sleep(0.1)
-        while condo.state_file()["services"]["web"]["phase"] != "Stable":
-            await trio.sleep(0.1)
-        web = await condo.running_ids("web")
-        (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
-        while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
-            await trio.sleep(0.1)
+        web = await start_a_successor(condo, docker)
         await trio.sleep(1)
         process.send_signal(signal.SIGTERM)
         await process.wait()
@@ -681,14 +688,7 @@ async def test_self_edn_changed_during_a_deploy_ends_with_only_the_newest_succes
             done.set()
 
         nursery.start_soon(run)
-        while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
-            await trio.sleep(0.1)
-        while condo.state_file()["services"]["web"]["phase"] != "Stable":
-            await trio.sleep(0.1)
-        web = await condo.running_ids("web")
-        (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
-        while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
-            await trio.sleep(0.1)
+        web = await start_a_successor(condo, docker)
         (condo.specs / "self.edn").write_text(HEALTHY_SUCCESSOR)
         await done.wait()
         rows = await docker.list_containers(labels={SELF_LABEL: condo.host})
