@@ -30,11 +30,12 @@ from condo.consul.publisher import (
     REFUSED_RETRY_DELAY,
 )
 from condo.errors import SpecError
-from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.fsm import Failure, ServiceState
 from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.waiting import UNREACHABLE, Picture, evaluate
+from tests.consul_support import open_crowd, stable, until_pictured
 
 HOST = "h1"
 LAYOUT = KeyLayout.of("condo")
@@ -184,12 +185,6 @@ class FakeConsul:
         return httpx.Response(200, json=body, headers=headers)
 
 
-def stable(image: str) -> ServiceState:
-    spec = ServiceSpec(container={"Image": image})
-    box = Box(id="c-" + image, name="web_x", spec=spec, created_at=1.0, healthcheck=True)
-    return ServiceState(phase=Phase.Stable, desired=spec, current=box)
-
-
 @attrs.frozen
 class Consul:
     fake: FakeConsul
@@ -212,11 +207,12 @@ async def running(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
         nursery.cancel_scope.cancel()
 
 
-async def until_pictured(source: ConsulSource, predicate: Callable[[Picture], bool]) -> Picture:
-    """Wait (without polling) for a picture that satisfies `predicate`."""
-    while not predicate(picture := source.picture()):
-        await source.wait_beyond(picture.token)
-    return picture
+@asynccontextmanager
+async def published(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
+    """`running`, from the moment both services of the `store` fixture have their key."""
+    async with running(fake, store) as consul:
+        await fake.until(lambda: len(fake.services) == 2)
+        yield consul
 
 
 def image_of(picture: Picture, service: str, host: str = HOST) -> str | None:
@@ -245,8 +241,7 @@ async def test_start_up_publishes_everything_under_one_session(
 ) -> None:
     start = trio.current_time()
     with trio.fail_after(10):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             assert trio.current_time() - start < 0.1  # at once, not at the next transition
             assert fake.sessions == {"session-1": SESSION_NAME}
             assert {fake.holder("web"), fake.holder("db")} == {"session-1"}
@@ -260,8 +255,7 @@ async def test_changes_coalesce_into_the_latest_value(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(10):
-        async with running(fake, store):
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store):
             before = trio.current_time()
             # A burst of changes (the listener is synchronous: the store cannot be blocked).
             for n in range(1000):
@@ -275,8 +269,7 @@ async def test_a_service_that_leaves_the_store_loses_its_key(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(10):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             store.drop("db")
             await fake.until(lambda: len(fake.services) == 1)
             assert fake.holder("web") == "session-1"
@@ -326,8 +319,7 @@ async def test_session_expired_during_outage_is_replaced_and_everything_republis
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(120):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             fake.set_down(True)
             await trio.sleep(30)
             fake.expire("session-1")  # what a 30 s outage does to a 10 s TTL
@@ -343,8 +335,7 @@ async def test_session_lost_behind_our_back_comes_back_before_the_next_renewal(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
-        async with running(fake, store):
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store):
             await trio.sleep(1)
             lost = trio.current_time()
             fake.expire("session-1")
@@ -362,8 +353,7 @@ async def test_renewal_404_replaces_the_session(
 ) -> None:
     start = trio.current_time()
     with trio.fail_after(30):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             # Lost without the keys going (as if the watcher were blind): only the renewal can tell.
             fake.sessions.clear()
             await fake.until(lambda: "session-2" in fake.sessions)
@@ -428,8 +418,7 @@ async def test_shutdown_with_a_silent_consul_is_bounded(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(30), structlog.testing.capture_logs() as logs:
-        async with running(fake, store):
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store):
             fake.hung = True
             stopping = trio.current_time()
         assert trio.current_time() - stopping == pytest.approx(2.0)
@@ -517,8 +506,7 @@ async def test_a_refused_delete_keeps_the_key_and_is_retried(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(60):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             fake.denied.add(LAYOUT.key("db", HOST))
             store.drop("db")
             store.set_state("web", stable("web:2"))  # written although the delete before it failed
@@ -555,8 +543,7 @@ async def test_a_service_removed_while_the_publisher_rechecks_loses_its_key(
 ) -> None:
     key = LAYOUT.key("db", HOST)
     with trio.fail_after(30):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             await until_pictured(consul.source, lambda p: len(p.hosts.get(HOST, {})) == 2)
 
             # The interleaving: a read that misses "db" (as one from just before its write
@@ -612,28 +599,16 @@ async def test_picture_skips_foreign_values_and_reports_each_once(
 async def test_thousands_of_waiters_cost_one_query(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
-    woken = 0
     with trio.fail_after(30):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             await trio.sleep(1)
-            source = consul.source
-            token = source.picture().token
-
-            async def waiter() -> None:
-                nonlocal woken
-                await source.wait_beyond(token)
-                woken += 1
-
-            async with trio.open_nursery() as waiters:
-                for _ in range(5000):
-                    waiters.start_soon(waiter)
+            async with open_crowd(consul.source, 5000) as crowd:
                 await trio.sleep(1)
                 reads_before = fake.count("GET /v1/kv/")
                 store.set_state("web", stable("web:2"))
-            assert woken == 5000
+            assert crowd.woken == 5000
             assert fake.count("GET /v1/kv/") - reads_before <= 2
-            assert source.picture().token > token
+            assert consul.source.picture().token > crowd.token
 
 
 async def test_an_index_that_goes_backwards_reads_afresh(
@@ -668,8 +643,7 @@ async def test_wait_beyond_an_old_token_returns_at_once(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(10):
-        async with running(fake, store) as consul:
-            await fake.until(lambda: len(fake.services) == 2)
+        async with published(fake, store) as consul:
             await trio.sleep(1)
             before = trio.current_time()
             await consul.source.wait_beyond(consul.source.picture().token - 1)

@@ -54,6 +54,14 @@ def error_of(snapshot: SpecSnapshot, name: str) -> SpecError:
     return entry.error
 
 
+def folders(tmp_path: Path, *names: str) -> list[Path]:
+    """New empty folders under `tmp_path`, one per name: PREFIXes for one scan."""
+    made = [tmp_path / name for name in names]
+    for folder in made:
+        folder.mkdir()
+    return made
+
+
 @pytest.fixture
 def specs(tmp_path: Path) -> Path:
     directory = tmp_path / "specs"
@@ -316,9 +324,7 @@ def test_entry_needs_exactly_one_of_spec_and_error(specs: Path) -> None:
 
 
 def test_clash_first_prefix_wins_and_is_reported(tmp_path: Path) -> None:
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
+    first, second = folders(tmp_path, "a", "b")
     (first / "web.edn").write_bytes(WEB)
     (second / "web.edn").write_bytes(WEB_2)
     (second / "db.edn").write_bytes(DB)
@@ -332,9 +338,7 @@ def test_clash_first_prefix_wins_and_is_reported(tmp_path: Path) -> None:
 
 
 def test_clash_winner_is_first_prefix_even_when_invalid(tmp_path: Path) -> None:
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
+    first, second = folders(tmp_path, "a", "b")
     (first / "web.edn").write_bytes(b"{:spec")
     (second / "web.edn").write_bytes(WEB)
     snapshot = scan(first, second)
@@ -350,9 +354,7 @@ def test_same_prefix_twice_is_one_prefix(specs: Path) -> None:
 
 
 def test_missing_prefix_keeps_its_entries_and_reports(tmp_path: Path) -> None:
-    mounted, other = tmp_path / "volume", tmp_path / "other"
-    mounted.mkdir()
-    other.mkdir()
+    mounted, other = folders(tmp_path, "volume", "other")
     (mounted / "web.edn").write_bytes(WEB)
     (mounted / "self.edn").write_bytes(SELF)
     (other / "db.edn").write_bytes(DB)
@@ -431,9 +433,7 @@ def test_invalid_self_spec_is_an_error(specs: Path) -> None:
 
 
 def test_self_spec_clash(tmp_path: Path) -> None:
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
+    first, second = folders(tmp_path, "a", "b")
     (first / "self.edn").write_bytes(SELF)
     (second / "self.edn").write_bytes(b'{:Image "other:1"}')
     snapshot = scan(first, second)

@@ -175,6 +175,21 @@ def assert_json_error(response: Any, status: int) -> None:
     assert response.content_type == "application/json"
 
 
+async def json_error(
+    web: Web,
+    path: str,
+    status: int,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """Ask `path` (within the test's cap); the answer, checked to be a JSON error with `status`."""
+    with trio.fail_after(CAP):
+        response = await getattr(web.client, method.lower())(path, headers=dict(headers or {}))
+    assert_json_error(response, status)
+    return response
+
+
 # --- /v1/state and errors -------------------------------------------------------------------
 
 
@@ -208,9 +223,7 @@ async def test_state_is_the_store_view(autojump_clock: trio.testing.MockClock, w
 async def test_unknown_routes_are_json_404(
     autojump_clock: trio.testing.MockClock, web: Web, path: str
 ) -> None:
-    with trio.fail_after(CAP):
-        response = await web.client.get(path)
-    assert_json_error(response, 404)
+    response = await json_error(web, path, 404)
     assert "error" in await body(response)
 
 
@@ -218,9 +231,7 @@ async def test_unknown_routes_are_json_404(
 async def test_wrong_methods_are_json_405(
     autojump_clock: trio.testing.MockClock, web: Web, method: str
 ) -> None:
-    with trio.fail_after(CAP):
-        response = await getattr(web.client, method.lower())("/v1/state")
-    assert_json_error(response, 405)
+    response = await json_error(web, "/v1/state", 405, method=method)
     assert "GET" in response.headers["Allow"]
     assert (await body(response))["allowed"] == ["GET", "HEAD", "OPTIONS"]
 
@@ -228,9 +239,7 @@ async def test_wrong_methods_are_json_405(
 async def test_the_feed_over_plain_http_is_a_json_400(
     autojump_clock: trio.testing.MockClock, web: Web
 ) -> None:
-    with trio.fail_after(CAP):
-        response = await web.client.get("/v1/feed")
-    assert_json_error(response, 400)
+    response = await json_error(web, "/v1/feed", 400)
     assert "websocket" in (await body(response))["error"]
 
 
@@ -254,9 +263,7 @@ async def test_a_bug_in_a_route_is_a_json_500(
 ) -> None:
     # Not a DockerError: nothing expects it, so it reaches the app's last-resort handler.
     web.engine.failure = RuntimeError("a bug")
-    with trio.fail_after(CAP):
-        response = await web.client.get("/healthz")
-    assert_json_error(response, 500)
+    response = await json_error(web, "/healthz", 500)
     assert "internal error" in (await body(response))["error"]
     assert "a bug" not in await response.get_data(as_text=True)
 
@@ -285,9 +292,7 @@ async def test_every_route_but_healthz_needs_the_token(
     autojump_clock: trio.testing.MockClock, locked: Web, path: str, authorization: str | None
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    with trio.fail_after(CAP):
-        response = await locked.client.get(path, headers=headers)
-    assert_json_error(response, 401)
+    response = await json_error(locked, path, 401, headers=headers)
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert TOKEN not in await response.get_data(as_text=True)
 
@@ -727,9 +732,7 @@ async def test_wait_for_refuses_bad_parameters(
     autojump_clock: trio.testing.MockClock, web: Web, query: str
 ) -> None:
     web.store.set_state("web", stable("img:1"))
-    with trio.fail_after(CAP):
-        response = await web.client.get(f"/v1/wait_for?{query}")
-    assert_json_error(response, 400)
+    response = await json_error(web, f"/v1/wait_for?{query}", 400)
     assert (await body(response))["error"]
 
 
@@ -847,9 +850,7 @@ async def test_closing_answers_every_waiter_at_once(
 async def test_global_state_without_consul_is_a_json_400(
     autojump_clock: trio.testing.MockClock, web: Web
 ) -> None:
-    with trio.fail_after(CAP):
-        response = await web.client.get("/v1/global_state")
-    assert_json_error(response, 400)
+    response = await json_error(web, "/v1/global_state", 400)
     assert "--expose consul" in (await body(response))["error"]
 
 
@@ -921,9 +922,7 @@ async def test_healthz_503_when_the_engine_does_not_answer(
     autojump_clock: trio.testing.MockClock, web: Web
 ) -> None:
     web.engine.failure = DockerUnavailable("GET /_ping: ConnectError: no socket")
-    with trio.fail_after(CAP):
-        response = await web.client.get("/healthz")
-    assert_json_error(response, 503)
+    response = await json_error(web, "/healthz", 503)
     data = await body(response)
     assert data["status"] == "unavailable"
     assert "no socket" in data["error"]
@@ -934,10 +933,8 @@ async def test_healthz_503_when_the_engine_hangs(
 ) -> None:
     web.engine.hang = True
     start = trio.current_time()
-    with trio.fail_after(CAP):
-        response = await web.client.get("/healthz")
+    response = await json_error(web, "/healthz", 503)
     assert trio.current_time() - start == pytest.approx(2.0)
-    assert_json_error(response, 503)
     assert "did not answer" in (await body(response))["error"]
 
 
@@ -1173,9 +1170,7 @@ async def test_the_dashboard_placeholder(
 async def test_static_files_cannot_escape_their_folder(
     autojump_clock: trio.testing.MockClock, web: Web, path: str
 ) -> None:
-    with trio.fail_after(CAP):
-        response = await web.client.get(path)
-    assert_json_error(response, 404)
+    await json_error(web, path, 404)
 
 
 def test_static_scan_lists_plain_files_only(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ prefix and its sessions are removed by `consul_area`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import json
@@ -28,8 +27,10 @@ from condo.consul import SESSION_TTL
 from condo.docker import DockerClient
 from condo.run import Running, run_condo
 from condo.waiting import Picture, StateSource, evaluate
-from tests.integration.harness import CondoUnderTest, condo_files
-from tests.integration.test_consul_session import Area, consul_area, image_of, until_pictured
+from tests.consul_support import until_pictured
+from tests.integration.harness import CondoUnderTest
+from tests.integration.several import condos
+from tests.integration.test_consul_session import Area, consul_area, image_of
 
 pytestmark = [pytest.mark.docker, pytest.mark.consul]
 
@@ -49,19 +50,6 @@ def spec(image: str) -> str:
 async def area() -> AsyncIterator[Area]:
     async with consul_area() as area:
         yield area
-
-
-@contextlib.asynccontextmanager
-async def condos(
-    tmp_path: Path, docker: DockerClient, count: int
-) -> AsyncIterator[list[CondoUnderTest]]:
-    async with contextlib.AsyncExitStack() as stack:
-        made = []
-        for n in range(count):
-            folder = tmp_path / f"host{n}"
-            folder.mkdir()
-            made.append(await stack.enter_async_context(condo_files(folder, docker)))
-        yield made
 
 
 def exposing(under_test: CondoUnderTest, area: Area) -> Config:

@@ -25,13 +25,8 @@ from condo.consul.publisher import MAX_VALUE_SIZE
 from condo.fsm import Failure
 from condo.metrics import Metrics
 from condo.store import Store
-from tests.integration.test_consul_session import (
-    AGENT,
-    Area,
-    consul_area,
-    stable,
-    until_pictured,
-)
+from tests.consul_support import stable, until_pictured
+from tests.integration.test_consul_session import AGENT, Area, consul_area
 
 pytestmark = pytest.mark.consul
 

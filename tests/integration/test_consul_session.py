@@ -26,10 +26,10 @@ import trio
 
 from condo.config import Config
 from condo.consul import ConsulClient, ConsulRunning, ConsulSource, KeyLayout, run_consul
-from condo.fsm import Box, Phase, ServiceState
-from condo.spec import ServiceSpec
+from condo.fsm import ServiceState
 from condo.store import Store
-from condo.waiting import Picture, StateSource
+from condo.waiting import Picture
+from tests.consul_support import open_crowd, stable, until_pictured
 
 pytestmark = pytest.mark.consul
 
@@ -104,13 +104,6 @@ async def consul_area() -> AsyncIterator[Area]:
                 await http.delete(f"/v1/kv/{area.prefix}", params={"recurse": "true"})
 
 
-async def until_pictured(source: StateSource, predicate: Callable[[Picture], bool]) -> Picture:
-    """Wait (without polling) for a picture of `source` that satisfies `predicate`."""
-    while not predicate(picture := source.picture()):
-        await source.wait_beyond(picture.token)
-    return picture
-
-
 def image_of(picture: Picture, service: str, host: str) -> str | None:
     view = picture.hosts.get(host, {}).get(service)
     if view is None or view.get("state") != "Stable" or view["current"] is None:
@@ -125,12 +118,6 @@ def image_of(picture: Picture, service: str, host: str) -> str | None:
 async def area() -> AsyncIterator[Area]:
     async with consul_area() as area:
         yield area
-
-
-def stable(image: str) -> ServiceState:
-    spec = ServiceSpec(container={"Image": image})
-    box = Box(id="c-" + image, name="web_x", spec=spec, created_at=1.0, healthcheck=True)
-    return ServiceState(phase=Phase.Stable, desired=spec, current=box)
 
 
 def config_for(area: Area, tmp_path: Path, host: str = HOST) -> Config:
@@ -283,7 +270,6 @@ async def test_thousands_of_waiters_cost_one_query(area: Area) -> None:
         if request.url.path.startswith("/v1/kv/"):
             reads += 1
 
-    woken = 0
     key = f"{area.prefix}/web/h2"
     value = {"host": "h2", "service": "web", "state": {"state": "Init"}}
     with trio.fail_after(30):
@@ -294,20 +280,11 @@ async def test_thousands_of_waiters_cost_one_query(area: Area) -> None:
             source = ConsulSource(ConsulClient(http), KeyLayout.of(area.prefix))
             await nursery.start(source.run)
             await until_pictured(source, lambda p: not source.stale)
-            token = source.picture().token
-
-            async def waiter() -> None:
-                nonlocal woken
-                await source.wait_beyond(token)
-                woken += 1
-
-            async with trio.open_nursery() as waiters:
-                for _ in range(3000):
-                    waiters.start_soon(waiter)
+            async with open_crowd(source, 3000) as crowd:
                 await trio.sleep(0.5)
                 before = reads
                 await area.http.put(f"/v1/kv/{key}", content=json.dumps(value).encode())
-            assert woken == 3000
+            assert crowd.woken == 3000
             # The blocking read that was waiting answered; one more started after it.
             assert reads - before <= 2
             assert source.picture().hosts == {"h2": {"web": {"state": "Init"}}}

@@ -23,7 +23,7 @@ import random
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,13 @@ import pytest
 import trio
 
 from condo import labels, selfdeploy
+from condo.config import Config
 from condo.docker import ContainerId, DockerClient, open_docker
 from condo.errors import ContainerNotFound
 from condo.run import Running, run_condo
 from condo.selfdeploy import SELF_HASH_LABEL, SELF_LABEL, HandOverPlan, run_hand_over
 from condo.store import Store
+from tests.consul_support import stable
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import (
     CondoUnderTest,
@@ -45,10 +47,10 @@ from tests.integration.harness import (
     free_port,
 )
 from tests.integration.test_consul_keys import CAP, HOST, publishing
-from tests.integration.test_consul_session import Area, consul_area, stable
+from tests.integration.test_consul_session import Area, consul_area
 from tests.integration.test_docker_events import proxy_to_engine
 from tests.integration.test_faults import converged
-from tests.integration.test_selfdeploy import Site, remove_successors, start_first_condo
+from tests.integration.test_selfdeploy import Site, open_condo, start_first_condo
 
 pytestmark = [pytest.mark.docker]
 
@@ -58,11 +60,8 @@ WORKLOAD = '{:spec {:Image "condo-test/busybox:1"} :stop-timeout 1}\n'
 
 @pytest.fixture
 async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
-    async with condo_files(tmp_path, docker) as under_test:
-        try:
-            yield under_test
-        finally:
-            await remove_successors(docker, under_test.host)
+    async with open_condo(tmp_path, docker) as made:
+        yield made
 
 
 # --- 1. the engine away inside a stop-then-start hand-over ----------------------------------------
@@ -200,6 +199,20 @@ STARTING_SUCCESSOR = (
 )
 
 
+async def start_a_successor(condo: CondoUnderTest, docker: DockerClient) -> set[str]:
+    """Once `web` is Stable in the state file, write STARTING_SUCCESSOR as self.edn and wait
+    until its successor container exists; the ids of `web`'s running containers before."""
+    while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
+        await trio.sleep(0.1)
+    while condo.state_file()["services"]["web"]["phase"] != "Stable":
+        await trio.sleep(0.1)
+    web = await condo.running_ids("web")
+    (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
+    while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
+        await trio.sleep(0.1)
+    return web
+
+
 async def test_sigterm_during_a_start_beside_deploy_leaves_no_successor_and_keeps_workloads(
     condo: CondoUnderTest, docker: DockerClient, nursery: trio.Nursery
 ) -> None:
@@ -209,14 +222,7 @@ async def test_sigterm_during_a_start_beside_deploy_leaves_no_successor_and_keep
     condo.write("web", WORKLOAD)
     with trio.fail_after(90):
         process = await condo.spawn(nursery)
-        while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
-            await trio.sleep(0.1)
-        while condo.state_file()["services"]["web"]["phase"] != "Stable":
-            await trio.sleep(0.1)
-        web = await condo.running_ids("web")
-        (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
-        while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
-            await trio.sleep(0.1)
+        web = await start_a_successor(condo, docker)
         await trio.sleep(1)
         process.send_signal(signal.SIGTERM)
         await process.wait()
@@ -247,6 +253,38 @@ HEALTHY_SUCCESSOR = (
 SEEDS = [int(s) for s in os.environ.get("RED3_SEEDS", "3").split(",")]
 
 
+async def churn_with_kill9(
+    rng: random.Random,
+    condo: CondoUnderTest,
+    nursery: trio.Nursery,
+    expected: dict[str, str],
+    *,
+    pick: Callable[[random.Random], str],
+    images: Sequence[str],
+    deploys: Sequence[str],
+    spec: Callable[[str, str, str], str],
+) -> None:
+    """Eight rounds of 1 to 3 random edits (a quarter of them removals of a service that has a
+    file), a random pause, then kill -9 and a new `condo`. `expected` (service -> image) follows
+    every edit. The draws from `rng` come in one fixed order, so a seed replays its run."""
+    for _ in range(8):
+        for _ in range(rng.randint(1, 3)):
+            service = pick(rng)
+            if rng.random() < 0.25 and (condo.specs / f"{service}.edn").exists():
+                condo.remove(service)
+                expected.pop(service, None)
+            else:
+                image = rng.choice(images)
+                deploy = rng.choice(deploys)
+                condo.write(service, spec(service, image, deploy))
+                expected[service] = image
+        await trio.sleep(rng.choice([rng.uniform(0.0, 0.3), rng.uniform(0.3, 1.5)]))
+        condo.kill9()
+        assert condo.process is not None
+        await condo.process.wait()
+        await condo.spawn(nursery)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_kill9_churn_beside_another_host_on_the_same_spec_dir(
     seed: int, tmp_path: Path, docker: DockerClient, nursery: trio.Nursery
@@ -265,26 +303,18 @@ async def test_kill9_churn_beside_another_host_on_the_same_spec_dir(
         await a.spawn(nursery)
         await b.spawn(nursery)
         try:
-            for _ in range(8):
-                for _ in range(rng.randint(1, 3)):
-                    name = f"svc{rng.randint(0, 5)}"
-                    path = a.specs / f"{name}.edn"
-                    if rng.random() < 0.25 and path.exists():
-                        a.remove(name)
-                        expected.pop(name, None)
-                    else:
-                        image = rng.choice(images)
-                        deploy = rng.choice(["[:Before]", "[:After 0]", "[:After 1]"])
-                        a.write(
-                            name,
-                            f'{{:spec {{:Image "{image}"}} :deploy {deploy} :stop-timeout 1}}',
-                        )
-                        expected[name] = image
-                await trio.sleep(rng.choice([rng.uniform(0.0, 0.3), rng.uniform(0.3, 1.5)]))
-                a.kill9()
-                assert a.process is not None
-                await a.process.wait()
-                await a.spawn(nursery)
+            await churn_with_kill9(
+                rng,
+                a,
+                nursery,
+                expected,
+                pick=lambda r: f"svc{r.randint(0, 5)}",
+                images=images,
+                deploys=["[:Before]", "[:After 0]", "[:After 1]"],
+                spec=lambda _, image, deploy: (
+                    f'{{:spec {{:Image "{image}"}} :deploy {deploy} :stop-timeout 1}}'
+                ),
+            )
             await converged(a, expected, limit=120)
             await converged(b, expected, limit=60)
         finally:
@@ -304,27 +334,19 @@ async def test_kill9_churn_with_fixed_names(
     expected: dict[str, str] = {}
     names = {f"svc{n}": f"red3-{condo.host}-svc{n}" for n in range(4)}
     await condo.spawn(nursery)
-    for _ in range(8):
-        for _ in range(rng.randint(1, 3)):
-            service = rng.choice(sorted(names))
-            path = condo.specs / f"{service}.edn"
-            if rng.random() < 0.25 and path.exists():
-                condo.remove(service)
-                expected.pop(service, None)
-            else:
-                image = rng.choice(images)
-                deploy = rng.choice(["[:After 0]", "[:After 1]", "[:Before]"])
-                condo.write(
-                    service,
-                    f'{{:spec {{:Image "{image}" :Name "{names[service]}"}}'
-                    f" :deploy {deploy} :stop-timeout 1}}",
-                )
-                expected[service] = image
-        await trio.sleep(rng.choice([rng.uniform(0.0, 0.3), rng.uniform(0.3, 1.5)]))
-        condo.kill9()
-        assert condo.process is not None
-        await condo.process.wait()
-        await condo.spawn(nursery)
+    await churn_with_kill9(
+        rng,
+        condo,
+        nursery,
+        expected,
+        pick=lambda r: r.choice(sorted(names)),
+        images=images,
+        deploys=["[:After 0]", "[:After 1]", "[:Before]"],
+        spec=lambda service, image, deploy: (
+            f'{{:spec {{:Image "{image}" :Name "{names[service]}"}}'
+            f" :deploy {deploy} :stop-timeout 1}}"
+        ),
+    )
     await converged(condo, expected, limit=120)
     for row in await condo.containers():
         service = row.labels["condo.service"]
@@ -443,6 +465,27 @@ async def until_kv(port: int, prefix: str, predicate: Any, limit: float) -> dict
     return await kv(port, prefix)
 
 
+def exposing(condo: CondoUnderTest, port: int, prefix: str) -> Config:
+    """`condo`'s configuration, publishing under `prefix` to the agent on `port`."""
+    return attrs.evolve(
+        condo.config(),
+        expose="consul",
+        consul_endpoint=f"http://127.0.0.1:{port}",
+        consul_prefix=prefix,
+    )
+
+
+async def start_web_and_db(inner: trio.Nursery, condo: CondoUnderTest, config: Config) -> Running:
+    """Run condo on `config` in `inner` until its `web` and `db` are both Stable."""
+    running: Running = await inner.start(run_condo, config)
+    condo.running = running
+    condo.write("web", WORKLOAD)
+    condo.write("db", WORKLOAD)
+    await condo.wait_state("web", "Stable")
+    await condo.wait_state("db", "Stable")
+    return running
+
+
 # A connection cut mid-request leaves httpx's body iterator unfinished (as in test_consul_keys).
 @pytest.mark.filterwarnings("ignore:Async generator 'httpx._content.ByteStream.__aiter__'")
 @pytest.mark.parametrize("outage", [2.0, 25.0])
@@ -456,21 +499,11 @@ async def test_consul_unreachable_while_a_service_is_removed_then_its_key_goes(
     async with own_consul_agent(tmp_path) as (http_port, _):
         proxy = TcpProxy(target=http_port)
         await nursery.start(proxy.serve)
-        config = attrs.evolve(
-            condo.config(),
-            expose="consul",
-            consul_endpoint=f"http://127.0.0.1:{proxy.port}",
-            consul_prefix=prefix,
-        )
+        config = exposing(condo, proxy.port, prefix)
         db, web = f"{prefix}/db/{condo.host}", f"{prefix}/web/{condo.host}"
         with trio.fail_after(90):
             async with trio.open_nursery() as inner:
-                running: Running = await inner.start(run_condo, config)
-                condo.running = running
-                condo.write("web", WORKLOAD)
-                condo.write("db", WORKLOAD)
-                await condo.wait_state("web", "Stable")
-                await condo.wait_state("db", "Stable")
+                running = await start_web_and_db(inner, condo, config)
                 keys = await until_kv(http_port, prefix, lambda k: {db, web} <= set(k), 10)
                 assert {db, web} <= set(keys)
                 proxy.cut()
@@ -503,21 +536,11 @@ async def test_a_restarted_consul_agent_gets_every_key_back(
     Consul's return (here: allowed 15 s)."""
     prefix = f"red3-{uuid.uuid4().hex[:8]}"
     async with own_consul_agent(tmp_path) as (http_port, processes):
-        config = attrs.evolve(
-            condo.config(),
-            expose="consul",
-            consul_endpoint=f"http://127.0.0.1:{http_port}",
-            consul_prefix=prefix,
-        )
+        config = exposing(condo, http_port, prefix)
         db, web = f"{prefix}/db/{condo.host}", f"{prefix}/web/{condo.host}"
         with trio.fail_after(120):
             async with trio.open_nursery() as inner:
-                running: Running = await inner.start(run_condo, config)
-                condo.running = running
-                condo.write("web", WORKLOAD)
-                condo.write("db", WORKLOAD)
-                await condo.wait_state("web", "Stable")
-                await condo.wait_state("db", "Stable")
+                running = await start_web_and_db(inner, condo, config)
                 await until_kv(http_port, prefix, lambda k: {db, web} <= set(k), 10)
                 processes[-1].kill()
                 processes[-1].wait()
@@ -665,14 +688,7 @@ async def test_self_edn_changed_during_a_deploy_ends_with_only_the_newest_succes
             done.set()
 
         nursery.start_soon(run)
-        while not (condo.state_path.exists() and "web" in condo.state_file().get("services", {})):
-            await trio.sleep(0.1)
-        while condo.state_file()["services"]["web"]["phase"] != "Stable":
-            await trio.sleep(0.1)
-        web = await condo.running_ids("web")
-        (condo.specs / "self.edn").write_text(STARTING_SUCCESSOR)
-        while not await docker.list_containers(labels={SELF_LABEL: condo.host}):
-            await trio.sleep(0.1)
+        web = await start_a_successor(condo, docker)
         (condo.specs / "self.edn").write_text(HEALTHY_SUCCESSOR)
         await done.wait()
         rows = await docker.list_containers(labels={SELF_LABEL: condo.host})

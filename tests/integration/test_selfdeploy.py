@@ -74,18 +74,44 @@ class Site:
         )
 
 
-@pytest.fixture
-async def site(tmp_path: Path, docker: DockerClient) -> AsyncIterator[Site]:
+async def remove_successors(docker: DockerClient, host: str) -> None:
+    """Remove the condo containers started for `host` by a self-deploy (and its hand-over)."""
+    with trio.move_on_after(30, shield=True):
+        for selector in ({SELF_LABEL: host}, {HAND_OVER_LABEL: host}):
+            for row in await docker.list_containers(labels=selector):
+                with contextlib.suppress(ContainerNotFound):  # AutoRemove may beat us
+                    await docker.remove(row.id)
+
+
+@contextlib.asynccontextmanager
+async def open_site(tmp_path: Path, docker: DockerClient) -> AsyncIterator[Site]:
+    """A fresh Site; at the end every container of its host is removed."""
     specs = tmp_path / "specs"
     specs.mkdir()
     host = f"test-{uuid.uuid4().hex[:10]}"
-    yield Site(specs, host)
-    with trio.move_on_after(60, shield=True):
+    try:
+        yield Site(specs, host)
+    finally:
         # condo containers first, so that none replaces a workload during the cleanup
-        for row in await docker.list_containers(labels={SELF_LABEL: host}):
-            with contextlib.suppress(ContainerNotFound):  # AutoRemove may beat us
-                await docker.remove(row.id)
-        await remove_host_containers(docker, host)
+        await remove_successors(docker, host)
+        with trio.move_on_after(60, shield=True):
+            await remove_host_containers(docker, host)
+
+
+@contextlib.asynccontextmanager
+async def open_condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
+    """condo_files, and at the end the successors its self-deploys started."""
+    async with condo_files(tmp_path, docker) as under_test:
+        try:
+            yield under_test
+        finally:
+            await remove_successors(docker, under_test.host)
+
+
+@pytest.fixture
+async def site(tmp_path: Path, docker: DockerClient) -> AsyncIterator[Site]:
+    async with open_site(tmp_path, docker) as made:
+        yield made
 
 
 async def start_first_condo(
@@ -170,16 +196,9 @@ async def test_a_broken_successor_is_removed_and_the_old_condo_resumes(
 #
 # condo runs in the test process (not in a container: no own container, so no port of its own can
 # clash), on the real engine. Its successors are busybox containers labelled condo.self=<host>,
-# removed by the `site`-like teardown of condo_files (remove_host_containers) and below.
+# removed by the teardown of condo_files (remove_host_containers) and by `open_condo`.
 
 BUSYBOX = "condo-test/busybox:1"
-
-
-async def remove_successors(docker: DockerClient, host: str) -> None:
-    with trio.move_on_after(30, shield=True):
-        for row in await docker.list_containers(labels={SELF_LABEL: host}):
-            with contextlib.suppress(ContainerNotFound):  # AutoRemove may beat us
-                await docker.remove(row.id)
 
 
 async def failed_self(condo: CondoUnderTest, limit: float = 30) -> dict[str, Any]:
@@ -197,11 +216,8 @@ async def still_supervises(condo: CondoUnderTest) -> None:
 
 @pytest.fixture
 async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
-    async with condo_files(tmp_path, docker) as under_test:
-        try:
-            yield under_test
-        finally:
-            await remove_successors(docker, under_test.host)
+    async with open_condo(tmp_path, docker) as made:
+        yield made
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,6 @@ the test's unique host name (`condo.self=<host>`, condo's own labels) and are re
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,10 @@ import trio
 
 from condo import labels
 from condo.docker import DockerClient
-from condo.errors import ContainerNotFound
 from condo.selfdeploy import HAND_OVER_LABEL, SELF_LABEL
 from tests.integration.conftest import DockerCli
-from tests.integration.harness import free_port, remove_host_containers
-from tests.integration.test_selfdeploy import WORKLOAD, Site, bash, readme_block
+from tests.integration.harness import free_port
+from tests.integration.test_selfdeploy import WORKLOAD, Site, bash, open_site, readme_block
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -78,16 +75,8 @@ class Poller:
 
 @pytest.fixture
 async def site(tmp_path: Path, docker: DockerClient) -> AsyncIterator[Site]:
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    host = f"test-{uuid.uuid4().hex[:10]}"
-    yield Site(specs, host)
-    with trio.move_on_after(60, shield=True):
-        for selector in ({SELF_LABEL: host}, {HAND_OVER_LABEL: host}):
-            for row in await docker.list_containers(labels=selector):
-                with contextlib.suppress(ContainerNotFound):  # AutoRemove may beat us
-                    await docker.remove(row.id)
-        await remove_host_containers(docker, host)
+    async with open_site(tmp_path, docker) as made:
+        yield made
 
 
 async def wait_answers(url: str) -> None:

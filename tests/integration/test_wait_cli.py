@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from condo.docker import DockerClient
-from tests.integration.harness import CondoUnderTest, condo_files, free_port
+from tests.integration.harness import CondoUnderTest, free_port
+from tests.integration.several import condos
 
 pytestmark = [pytest.mark.docker, pytest.mark.consul]
 
@@ -54,12 +55,9 @@ class Host:
 async def hosts(
     tmp_path: Path, docker: DockerClient, nursery: trio.Nursery, count: int, *extra: str
 ) -> AsyncIterator[list[Host]]:
-    async with contextlib.AsyncExitStack() as stack:
+    async with condos(tmp_path, docker, count) as every:
         made = []
-        for n in range(count):
-            folder = tmp_path / f"host{n}"
-            folder.mkdir()
-            files = await stack.enter_async_context(condo_files(folder, docker))
+        for files in every:
             host = Host(files)
             await files.spawn(nursery, *extra, server=f"127.0.0.1:{host.port}")
             made.append(host)

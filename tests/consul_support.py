@@ -1,0 +1,54 @@
+"""What the Consul tests share, against the fake (test_consul_tasks) and a real agent (integration).
+
+A stable state to publish, waiting for a picture of a StateSource without polling, and a crowd of
+tasks parked beyond one picture (the "thousands of waiters cost one query" checks). Nothing here
+talks to Consul itself: each test brings its own source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from condo.fsm import Box, Phase, ServiceState
+from condo.spec import ServiceSpec
+from condo.waiting import Picture, StateSource
+
+
+def stable(image: str) -> ServiceState:
+    spec = ServiceSpec(container={"Image": image})
+    box = Box(id="c-" + image, name="web_x", spec=spec, created_at=1.0, healthcheck=True)
+    return ServiceState(phase=Phase.Stable, desired=spec, current=box)
+
+
+async def until_pictured(source: StateSource, predicate: Callable[[Picture], bool]) -> Picture:
+    """Wait (without polling) for a picture of `source` that satisfies `predicate`."""
+    while not predicate(picture := source.picture()):
+        await source.wait_beyond(picture.token)
+    return picture
+
+
+@attrs.define
+class Crowd:
+    """Tasks parked in `wait_beyond(token)`; `woken` counts those that have returned."""
+
+    token: int
+    woken: int = 0
+
+
+@asynccontextmanager
+async def open_crowd(source: StateSource, count: int) -> AsyncIterator[Crowd]:
+    """`count` tasks wait beyond `source`'s current picture; leaving waits for every one to wake."""
+    crowd = Crowd(source.picture().token)
+
+    async def waiter() -> None:
+        await source.wait_beyond(crowd.token)
+        crowd.woken += 1
+
+    async with trio.open_nursery() as waiters:
+        for _ in range(count):
+            waiters.start_soon(waiter)
+        yield crowd
