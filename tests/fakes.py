@@ -18,11 +18,12 @@ from condo.errors import (
     ContainerNotFound,
     DockerApiError,
     DockerTimeout,
+    ForgetRefused,
     ImageNotFound,
     NameConflict,
 )
 from condo.service import ContainerEngine
-from condo.waiting import HostsView, Picture, StateSource
+from condo.waiting import HostDirectory, HostRecord, HostsView, Picture, StateSource
 
 
 @attrs.define
@@ -161,23 +162,43 @@ class FakeEngine:
 class FakeHosts:
     """A StateSource over a picture the test sets (what condo.consul provides for real)."""
 
-    def __init__(self, hosts: HostsView) -> None:
-        self._picture = Picture(token=1, hosts=hosts)
+    def __init__(self, hosts: HostsView, records: Mapping[str, HostRecord] | None = None) -> None:
+        self._picture = Picture(token=1, hosts=hosts, records=records or {})
         self._changed = trio.Event()
-        self.stale = False  # a test may set it, as if the source could not be read
+        self.stale = False  # a test may set it (`set_stale`), as if the source could not be read
         self.read_at: float | None = None
+        self.forgotten: list[str] = []
 
-    def set(self, hosts: HostsView) -> None:
-        self._picture = Picture(token=self._picture.token + 1, hosts=hosts)
+    def set(self, hosts: HostsView, records: Mapping[str, HostRecord] | None = None) -> None:
+        self._picture = Picture(token=self._picture.token + 1, hosts=hosts, records=records or {})
+        self._wake()
+
+    def set_stale(self, stale: bool) -> None:
+        self.stale = stale
+        self._wake()  # as ConsulSource does: a change of staleness wakes waiters
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    async def forget(self, host: str) -> None:
+        """A HostDirectory over the picture: the rules ConsulSource applies to a fresh read."""
+        await trio.lowlevel.checkpoint()
+        if self.stale:
+            raise ForgetRefused("Consul cannot be read", reason="unavailable")
+        record = self._picture.records.get(host)
+        if host in self._picture.hosts or (record is not None and record.live):
+            raise ForgetRefused(f"{host} is live", reason="live")
+        if record is None:
+            raise ForgetRefused(f"no host {host!r}", reason="unknown")
+        self.forgotten.append(host)
 
     def picture(self) -> Picture:
         return self._picture
 
     async def wait_beyond(self, token: int) -> None:
-        while self._picture.token <= token:
-            await self._changed.wait()
+        if self._picture.token <= token:
+            await self._changed.wait()  # a new picture, or a change of staleness
 
 
 def _typecheck(engine: FakeEngine) -> ContainerEngine:
@@ -186,3 +207,7 @@ def _typecheck(engine: FakeEngine) -> ContainerEngine:
 
 def _typecheck_hosts(hosts: FakeHosts) -> StateSource:
     return hosts  # and this one the web app's
+
+
+def _typecheck_directory(hosts: FakeHosts) -> HostDirectory:
+    return hosts

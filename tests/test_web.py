@@ -29,6 +29,7 @@ from condo.fsm import Box, Failure, Phase, ServiceState
 from condo.metrics import Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
+from condo.waiting import HostRecord
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
@@ -137,6 +138,7 @@ def make_web() -> MakeWeb:
             store=store,
             local=LocalSource(store),
             global_source=global_source,
+            host_directory=global_source,
             health=EngineHealth(engine.ping),
             state_file_error=lambda: file_error[-1] if file_error else None,
             metrics=metrics,
@@ -866,8 +868,141 @@ async def test_global_state_shows_every_host(
             response = await web.client.get("/v1/global_state")
         assert response.status_code == 200
         assert await body(response) == {
-            "hosts": {"a": {"services": views["a"]}, "b": {"services": views["b"]}}
+            "hosts": {
+                "a": {"services": views["a"], "live": True, "last_seen": None},
+                "b": {"services": views["b"], "live": True, "last_seen": None},
+            },
+            "stale": False,
+            "read_at": None,
         }
+
+
+# --- multi-host truth: unreachable hosts, stale pictures, forgetting ---------------------------
+
+RAN_WEB_1 = {"web": {"state": "Stable", "image": "img:1"}}
+
+
+def lapsed(last_seen: float = 1000.0) -> HostRecord:
+    """The record of a host whose session lapsed while it ran web on img:1."""
+    return HostRecord(services=RAN_WEB_1, live=False, last_seen=last_seen)
+
+
+async def test_global_state_shows_unreachable_hosts_and_a_stale_picture(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    views = {"a": service_view({"web": stable("img:2")})}
+    records = {"a": HostRecord(services=RAN_WEB_1, live=True), "b": lapsed()}
+    hosts = FakeHosts(views, records)
+    hosts.stale, hosts.read_at = True, 990.0
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            data = await body(await web.client.get("/v1/global_state"))
+        assert data == {
+            "hosts": {
+                "a": {"services": views["a"], "live": True, "last_seen": None, "runs": RAN_WEB_1},
+                "b": {"services": {}, "live": False, "last_seen": 1000.0, "runs": RAN_WEB_1},
+            },
+            "stale": True,
+            "read_at": 990.0,
+        }
+
+
+async def test_wait_for_counts_an_unreachable_host_until_it_is_back(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    """The false success of a cut-off host: every host it can see runs img:2, but b (cut off,
+    last seen on img:1) is pending, named with when it was last seen, never done."""
+    views = {"a": service_view({"web": stable("img:2")})}
+    hosts = FakeHosts(views, {"b": lapsed()})
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=3")
+            assert response.status_code == 500
+            data = await body(response)
+            assert data["hosts"] == ["a", "b"]
+            assert data["pending"] == {
+                "b": {
+                    "state": "unreachable",
+                    "since": 1000.0,
+                    "image": "img:1",
+                    "last_state": "Stable",
+                }
+            }
+            answers: list[Any] = []
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    answers.append(await web.client.get("/v1/wait_for?name=web&image=img:2"))
+
+                nursery.start_soon(ask)
+                await trio.sleep(1)
+                assert not answers
+                # b is back, on img:2.
+                back = {
+                    "b": HostRecord(
+                        services={"web": {"state": "Stable", "image": "img:2"}}, live=True
+                    )
+                }
+                hosts.set({**views, "b": service_view({"web": stable("img:2")})}, back)
+        assert await body(answers[0]) == {"status": "ok", "hosts": ["a", "b"]}
+
+
+async def test_wait_for_gives_no_verdict_from_a_stale_picture(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    hosts = FakeHosts({"a": service_view({"web": stable("img:2")})})
+    hosts.stale, hosts.read_at = True, 990.0
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=3")
+            assert response.status_code == 500
+            data = await body(response)
+            assert data["status"] == "timeout" and data["stale"] is True
+            assert data["read_at"] == 990.0 and "stale" in data["error"]
+            answers: list[Any] = []
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    answers.append(await web.client.get("/v1/wait_for?name=web&image=img:2"))
+
+                nursery.start_soon(ask)
+                await trio.sleep(1)
+                assert not answers
+                hosts.set_stale(False)  # Consul answers again: the same picture is a verdict
+        assert await body(answers[0]) == {"status": "ok", "hosts": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("b", 200), ("a", 409), ("nobody", 404)],
+)
+async def test_forget_removes_only_a_host_that_is_not_live(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, host: str, status: int
+) -> None:
+    hosts = FakeHosts({"a": service_view({"web": stable("img:2")})}, {"b": lapsed()})
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.delete(f"/v1/hosts/{host}")
+        assert response.status_code == status
+        assert hosts.forgotten == (["b"] if status == 200 else [])
+        data = await body(response)
+        if status == 200:
+            assert data == {"forgotten": "b"}
+        else:
+            assert list(data) == ["error"] and host in data["error"]
+
+
+async def test_forget_needs_a_fresh_picture_and_consul(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    hosts = FakeHosts({}, {"b": lapsed()})
+    hosts.stale = True
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            assert (await web.client.delete("/v1/hosts/b")).status_code == 503
+    async with make_web() as web:
+        with trio.fail_after(CAP):
+            assert (await web.client.delete("/v1/hosts/b")).status_code == 400
 
 
 # --- LocalSource -------------------------------------------------------------------------------

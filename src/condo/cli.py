@@ -54,6 +54,8 @@ def build_app() -> App:
     app.command(run)
     app.command(wait)
     app.command(state, name="state")
+    app.command(hosts, name="hosts")
+    app.command(forget, name="forget")
     app.command(validate)
     # Internal: run by condo itself in a short-lived container during a self-deploy.
     app.command(hand_over, name="hand-over", show=False)
@@ -252,6 +254,40 @@ async def state(*, url: str = remote.DEFAULT_URL, api_token: str | None = None) 
         The condo's --api-token, if it has one.
     """
     return await remote.state(url=url, api_token=api_token, out=sys.stdout)
+
+
+async def hosts(*, url: str = remote.DEFAULT_URL, api_token: str | None = None) -> int:
+    """List every host in Consul: whether it is live, when it was last seen, what it runs.
+
+    A host that is not live (cut off, its condo stopped or killed, its agent dead) still counts
+    for `condo wait` until it comes back or is forgotten.
+
+    Parameters
+    ----------
+    url
+        A condo's HTTP API (one that runs with --expose consul).
+    api_token
+        The condo's --api-token, if it has one.
+    """
+    return await remote.hosts(url=url, api_token=api_token, out=sys.stdout)
+
+
+async def forget(
+    decommissioned: str, /, *, url: str = remote.DEFAULT_URL, api_token: str | None = None
+) -> int:
+    """Forget a decommissioned host: `condo wait` stops counting it. Refused while it is live.
+
+    Parameters
+    ----------
+    decommissioned
+        The host's --host name, as `condo hosts` lists it. (Not named HOST: CONDO_HOST, the
+        --host of `condo run`, must never pick the host to forget.)
+    url
+        A condo's HTTP API (one that runs with --expose consul).
+    api_token
+        The condo's --api-token, if it has one.
+    """
+    return await remote.forget(decommissioned, url=url, api_token=api_token, out=sys.stdout)
 
 
 # --- validate -------------------------------------------------------------------------------------

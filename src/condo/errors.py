@@ -1,7 +1,7 @@
 """condo's whole error tree, in one place.
 
-Lower-level errors (httpx, edn_format, OS) are mapped into these exactly once, at the module that
-meets them; nothing else in condo catches a foreign exception type::
+Lower-level errors (httpx, OS, an EDN reader's `condo.edn.EdnError`) are mapped into these exactly
+once, at the module that meets them; nothing else in condo catches a foreign exception type::
 
     CondoError                    base; every error condo raises on purpose
     ├─ ConfigError                bad command line, environment or config file: exit 2, no traceback
@@ -18,6 +18,7 @@ meets them; nothing else in condo catches a foreign exception type::
     │       └─ BadRequest         (permanent) the engine rejected the create body or parameters
     ├─ ConsulError                raised only by condo.consul; transient iff Consul did not answer
     │                             or answered >= 500 (an ACL refusal or a bad request is permanent)
+    ├─ ForgetRefused              `condo forget HOST` refused: unknown, live, or Consul away
     └─ SelfDeployFailed           a successor did not take over (shown under /v1/state "self")
 """
 
@@ -118,6 +119,14 @@ class ConsulError(CondoError):
     def __init__(self, message: str, *, status: int | None = None, transient: bool = True) -> None:
         self.status = status
         self.transient = transient
+        super().__init__(message)
+
+
+class ForgetRefused(CondoError):
+    """A host's record cannot be forgotten; `reason` is "unknown", "live" or "unavailable"."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
         super().__init__(message)
 
 

@@ -1,4 +1,5 @@
-"""The client side of the HTTP API: `condo wait` (the CI helper) and `condo state`.
+"""The client side of the HTTP API: `condo wait` (the CI helper), `condo state`, `condo hosts`
+and `condo forget`.
 
 `condo wait` asks `/v1/wait_for` (one long-poll; the server decides, with Consul's blocking
 queries or the local store, and answers within milliseconds of the last host turning Stable).
@@ -6,6 +7,10 @@ While it waits, it shows progress: the hosts still pending and their states, fro
 `/v1/global_state` (or `/v1/state` when exposing is off) once a second — display only, the exit
 code comes from `/v1/wait_for`. On a terminal the progress is one rewritten line; otherwise a
 plain line whenever it changes.
+
+A host whose liveness lapsed (cut off, its condo killed, its agent dead) is pending as
+"unreachable since T" until it comes back or is forgotten (`condo forget HOST`, refused while
+the host is live); a stale picture (Consul unreadable from the condo asked) is said as such.
 
 Exit codes (doc/contract.md): 0 done, 1 timed out (the pending hosts are named), 2 usage or
 connection errors.
@@ -16,14 +21,16 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
+from urllib.parse import quote
 
+import attrs
 import httpx
 import trio
 
 from condo.tasks import run_beside
-from condo.waiting import evaluate
+from condo.waiting import UNREACHABLE, HostRecord, HostsView, evaluate, read_hosts_document
 
 DEFAULT_URL = "http://127.0.0.1:4280"
 PROGRESS_INTERVAL = 1.0
@@ -56,19 +63,42 @@ async def _get_json(client: httpx.AsyncClient, path: str, **params: Any) -> tupl
     return response.status_code, body
 
 
-async def _hosts(client: httpx.AsyncClient) -> Mapping[str, Mapping[str, Any]]:
-    """Every host's services: global state when exposing, else the local state."""
+@attrs.frozen
+class Fleet:
+    """What a condo sees of every host: global state when exposing, else its own state."""
+
+    hosts: HostsView
+    records: Mapping[str, HostRecord] = attrs.Factory(dict)
+    stale: bool = False
+    global_: bool = False  # from /v1/global_state (Consul), not /v1/state
+
+
+async def _fleet(client: httpx.AsyncClient) -> Fleet:
     status, body = await _get_json(client, "/v1/global_state")
     if status == 200:
-        return {host: entry.get("services", {}) for host, entry in body["hosts"].items()}
+        hosts, records = read_hosts_document(body["hosts"])
+        return Fleet(hosts, records, stale=bool(body.get("stale")), global_=True)
     status, body = await _get_json(client, "/v1/state")
     if status != 200:
         raise ClientError(f"/v1/state: HTTP {status}: {body}")
-    return {body["host"]: body["services"]}
+    return Fleet({body["host"]: body["services"]})
 
 
 def _describe_pending(pending: Mapping[str, Mapping[str, Any]]) -> str:
-    return ", ".join(f"{host}={info.get('state')}" for host, info in sorted(pending.items()))
+    return ", ".join(
+        f"{host}=unreachable since {_clock(info.get('since'))}"
+        if info.get("state") == UNREACHABLE
+        else f"{host}={info.get('state')}"
+        for host, info in sorted(pending.items())
+    )
+
+
+def _clock(at: object) -> str:
+    """A wall time as `15:20:01 UTC (34s ago)`; `an unknown time` for none."""
+    if not isinstance(at, int | float):
+        return "an unknown time"
+    moment = time.strftime("%H:%M:%S UTC", time.gmtime(at))
+    return f"{moment} ({_age(time.time() - at)} ago)"
 
 
 async def wait(
@@ -100,12 +130,15 @@ async def wait(
         task_status.started()
         while True:
             try:
-                verdict = evaluate(name, image, await _hosts(client))
+                fleet = await _fleet(client)
             except ClientError:
                 pass  # progress is best effort; the long-poll reports real errors
             else:
+                verdict = evaluate(name, image, fleet.hosts, fleet.records)
                 elapsed = time.monotonic() - started
-                if verdict.hosts:
+                if fleet.stale:
+                    show(f"[{elapsed:5.1f}s] {name}: Consul cannot be read from {url} (stale)")
+                elif verdict.hosts:
                     ready = len(verdict.hosts) - len(verdict.pending)
                     show(
                         f"[{elapsed:5.1f}s] {name} on {image}: {ready}/{len(verdict.hosts)} "
@@ -152,11 +185,10 @@ async def wait(
         return EXIT_OK
     if status == 500 and body.get("status") == "timeout":
         pending = body.get("pending") or {}
-        print(
-            f"condo wait: timed out after {wait_seconds:g}s; pending: "
-            f"{_describe_pending(pending) or 'no host runs ' + name}",
-            file=sys.stderr,
-        )
+        why = _describe_pending(pending) or "no host runs " + name
+        if body.get("stale"):
+            why = f"{body.get('error')} (last read {_clock(body.get('read_at'))}); {why}"
+        print(f"condo wait: timed out after {wait_seconds:g}s; pending: {why}", file=sys.stderr)
         return EXIT_TIMEOUT
     print(f"condo wait: HTTP {status}: {body.get('error', body)}", file=sys.stderr)
     return EXIT_ERROR
@@ -174,18 +206,79 @@ async def state(
     """Print a table of every host's services (global when exposing, else local)."""
     try:
         async with _client(url, api_token, read_timeout=10) as client:
-            hosts = await _hosts(client)
+            fleet = await _fleet(client)
     except ClientError as exc:
         print(f"condo state: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(render_table(hosts, now=time.time()), file=out)
+    print(render_table(fleet.hosts, now=time.time(), records=fleet.records), file=out)
+    if fleet.stale:
+        print("(stale: Consul cannot be read from this condo; this is its last picture)", file=out)
     return EXIT_OK
 
 
-def render_table(hosts: Mapping[str, Mapping[str, Any]], *, now: float) -> str:
-    """A plain-text table: one row per (service, host)."""
+async def hosts(
+    *, url: str = DEFAULT_URL, api_token: str | None = None, out: TextIO = sys.stdout
+) -> int:
+    """`condo hosts`: every host in Consul, whether it is live, when it was last seen."""
+    try:
+        async with _client(url, api_token, read_timeout=10) as client:
+            fleet = await _fleet(client)
+    except ClientError as exc:
+        print(f"condo hosts: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if not fleet.global_:
+        print("condo hosts: needs a condo run with --expose consul", file=sys.stderr)
+        return EXIT_ERROR
+    rows = [("HOST", "LIVE", "LAST SEEN", "RUNS")]
+    for host in sorted(fleet.hosts.keys() | fleet.records.keys()):
+        record = fleet.records.get(host)
+        live = record is None or record.live
+        runs = sorted(record.services) if record is not None else sorted(fleet.hosts.get(host, {}))
+        seen = "now" if live else _clock(record.last_seen if record else None)
+        rows.append((host, "yes" if live else "no", seen, ", ".join(runs) or "-"))
+    print(_columns(rows), file=out)
+    if fleet.stale:
+        print("(stale: Consul cannot be read from this condo; this is its last picture)", file=out)
+    return EXIT_OK
+
+
+async def forget(
+    host: str, *, url: str = DEFAULT_URL, api_token: str | None = None, out: TextIO = sys.stdout
+) -> int:
+    """`condo forget HOST`: remove a decommissioned host's record (refused while it is live)."""
+    try:
+        async with _client(url, api_token, read_timeout=10) as client:
+            try:
+                response = await client.delete(f"/v1/hosts/{quote(host, safe='')}")
+            except httpx.HTTPError as exc:
+                raise ClientError(f"cannot reach condo at {client.base_url}: {exc}") from exc
+    except ClientError as exc:
+        print(f"condo forget: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code == 200:
+        print(f"forgot {host}: wait no longer counts it", file=out)
+        return EXIT_OK
+    print(f"condo forget: HTTP {response.status_code}: {body.get('error', body)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def render_table(
+    hosts: HostsView, *, now: float, records: Mapping[str, HostRecord] | None = None
+) -> str:
+    """A plain-text table: one row per (service, host); a host that cannot be seen shows what it
+    last said it runs, as `unreachable`."""
     header = ("SERVICE", "HOST", "STATE", "IMAGE", "CONTAINER", "AGE", "PROBLEM")
     rows = [header]
+    for host, record in sorted((records or {}).items()):
+        if record.live:
+            continue
+        for name, said in sorted(record.services.items()):
+            since = f"since {_clock(record.last_seen)}"
+            rows.append((name, host, UNREACHABLE, str(said.get("image") or "-"), "-", "-", since))
     for host, services in sorted(hosts.items()):
         for name, svc in sorted(services.items()):
             current = svc.get("current") or {}
@@ -204,7 +297,11 @@ def render_table(hosts: Mapping[str, Mapping[str, Any]], *, now: float) -> str:
                     (problem or "")[:60],
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _columns(rows)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows

@@ -46,7 +46,7 @@ from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
 from condo.store import Store, now
 from condo.supervisor import Supervisor
-from condo.waiting import StateSource
+from condo.waiting import HostDirectory, StateSource
 from condo.web import ApiServer
 
 log = structlog.get_logger(__name__)
@@ -68,6 +68,8 @@ class Running:
     global_source: StateSource | None = None
     # This host's publisher (its per-service failures, for /metrics) when --expose consul.
     consul_publisher: Publisher | None = None
+    # The hosts' records (`condo forget`) when --expose consul.
+    host_directory: HostDirectory | None = None
 
 
 # The web task: serves the API of a running condo until `stopping` (condo.web.ApiServer).
@@ -141,21 +143,18 @@ async def run_condo(
         try:
             async with trio.open_nursery() as root:
                 await root.start(writer.run, name="state writer")
-                global_source: StateSource | None = None
-                consul_publisher: Publisher | None = None
+                consul: ConsulRunning | None = None
                 if config.expose == "consul":
-                    consul: ConsulRunning = await root.start(
-                        run_consul, config, store, name="consul"
-                    )
-                    global_source, consul_publisher = consul.source, consul.publisher
+                    consul = await root.start(run_consul, config, store, name="consul")
                 running = Running(
                     store=store,
                     docker=docker,
                     config=config,
                     writer=writer,
                     shutdown=stopping.set,
-                    global_source=global_source,
-                    consul_publisher=consul_publisher,
+                    global_source=None if consul is None else consul.source,
+                    consul_publisher=None if consul is None else consul.publisher,
+                    host_directory=None if consul is None else consul.source,
                 )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER

@@ -130,3 +130,46 @@ class StateSource(Protocol):
     async def wait_beyond(self, token: int) -> None:
         """Return once a picture newer than `token` is available (spurious wake-ups allowed)."""
         ...
+
+
+class HostDirectory(Protocol):
+    """The hosts' records (condo.consul): what an operator may forget."""
+
+    async def forget(self, host: str) -> None:
+        """Remove a host's record, so that waits no longer count it; condo.errors.ForgetRefused
+        for a host that is unknown or live, or while Consul cannot be read."""
+        ...
+
+
+def hosts_document(picture: Picture) -> dict[str, dict[str, Any]]:
+    """`/v1/global_state`'s `hosts` (and the feed's): every host of the picture, live or not.
+
+    `{H: {"services": {NAME: SERVICE}, "live": bool, "last_seen": T|null, "runs": {NAME:
+    {"state", "image"}}}}`; `runs` (the host's record) is absent for a host that keeps none.
+    """
+    document: dict[str, dict[str, Any]] = {}
+    for host in sorted(picture.hosts.keys() | picture.records.keys()):
+        record = picture.records.get(host)
+        body: dict[str, Any] = {
+            "services": dict(picture.hosts.get(host, {})),
+            "live": True if record is None else record.live,
+            "last_seen": None if record is None else record.last_seen,
+        }
+        if record is not None:
+            body["runs"] = {name: dict(said) for name, said in record.services.items()}
+        document[host] = body
+    return document
+
+
+def read_hosts_document(document: Mapping[str, Any]) -> tuple[HostsView, dict[str, HostRecord]]:
+    """The picture back from a `hosts_document` (for `condo wait`'s progress)."""
+    hosts: dict[str, Mapping[str, Mapping[str, Any]]] = {}
+    records: dict[str, HostRecord] = {}
+    for host, body in document.items():
+        hosts[host] = body.get("services") or {}
+        runs = body.get("runs")
+        if isinstance(runs, dict):
+            records[host] = HostRecord(
+                services=runs, live=bool(body.get("live", True)), last_seen=body.get("last_seen")
+            )
+    return hosts, records

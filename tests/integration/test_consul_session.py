@@ -26,7 +26,6 @@ import trio
 
 from condo.config import Config
 from condo.consul import ConsulClient, ConsulRunning, ConsulSource, KeyLayout, run_consul
-from condo.fsm import ServiceState
 from condo.store import Store
 from condo.waiting import Picture
 from tests.consul_support import open_crowd, stable, until_pictured
@@ -48,7 +47,12 @@ class Area:
     http: httpx.AsyncClient
 
     async def keys(self) -> dict[str, dict[str, Any]]:
-        """key -> the raw KV entry (with `Session`, and `Value` decoded as JSON when it is)."""
+        """The service keys: key -> the raw KV entry (with `Session`, and `Value` decoded as
+        JSON when it is). Hosts' liveness and records (`.live/`, `.hosts/`) are left out."""
+        return _services(await self.all_keys())
+
+    async def all_keys(self) -> dict[str, dict[str, Any]]:
+        """Every key under the prefix, liveness and records too."""
         response = await self.http.get(f"/v1/kv/{self.prefix}/", params={"recurse": "true"})
         return _entries(response)
 
@@ -66,11 +70,15 @@ class Area:
         while True:
             params = {"recurse": "true"} | ({"index": str(index), "wait": "5s"} if index else {})
             response = await self.http.get(f"/v1/kv/{self.prefix}/", params=params)
-            keys = _entries(response)
+            keys = _services(_entries(response))
             if predicate(keys):
                 return keys
             new = int(response.headers["X-Consul-Index"])
             index = new if new >= index else 0
+
+
+def _services(entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in entries.items() if not k.split("/")[-2].startswith(".")}
 
 
 def _entries(response: httpx.Response) -> dict[str, dict[str, Any]]:
@@ -141,7 +149,7 @@ async def start(nursery: trio.Nursery, config: Config, store: Store) -> ConsulSo
 async def test_keys_layout_values_and_session(area: Area, tmp_path: Path) -> None:
     store = Store(HOST)
     store.set_state("web", stable("condo-test/healthy:1"))
-    store.set_state("a b%c", ServiceState())  # a file name with characters URLs care about
+    store.set_state("a b%c", stable("condo-test/busybox:1"))  # characters URLs care about
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await start(nursery, config_for(area, tmp_path), store)
@@ -173,7 +181,25 @@ async def test_keys_layout_values_and_session(area: Area, tmp_path: Path) -> Non
                     == "condo-test/healthy:2"
                 )
             )
+            # Beside them: the host's liveness, held by the same session, and its record,
+            # held by none, saying what the host runs now.
+            every = await area.all_keys()
+            live, record = f"{area.prefix}/.live/{HOST}", f"{area.prefix}/.hosts/{HOST}"
+            assert every[live]["Session"] == sid
+            while (every[record]["Value"]["services"]) != {
+                "web": {"state": "Stable", "image": "condo-test/healthy:2"}
+            }:
+                await trio.sleep(0.05)
+                every = await area.all_keys()
+            assert "Session" not in every[record] or every[record]["Session"] is None
             nursery.cancel_scope.cancel()
+    # A clean shutdown ends the session: the liveness goes, the record stays (the containers
+    # run on; a wait must not forget them).
+    every = await area.all_keys()
+    assert live not in every
+    assert every[record]["Value"]["services"] == {
+        "web": {"state": "Stable", "image": "condo-test/healthy:2"}
+    }
 
 
 async def test_session_destroyed_behind_condos_back_comes_back(area: Area, tmp_path: Path) -> None:

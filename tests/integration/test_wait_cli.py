@@ -155,3 +155,72 @@ async def test_condo_wait_without_consul_and_its_errors(
     assert "cannot reach condo" in err
     code, _, _, _ = await condo_cli("wait", "--image", "x:1")  # --name is required
     assert code == 2
+
+
+async def test_condo_wait_never_counts_a_killed_host_as_done(
+    tmp_path: Path, docker: DockerClient, nursery: trio.Nursery
+) -> None:
+    """The false success of a dead condo: h2 is killed (-9) while it runs busybox:1; h1 turns
+    Stable on busybox:2. `condo wait` through h1 names h2 (its old image, then `unreachable`
+    once Consul expired its session), never exit 0, until h2 comes back and deploys busybox:2;
+    `condo forget` is refused while h2 is live, and once it is gone for good the wait counts h1
+    alone."""
+    prefix = f"condo-test/{uuid.uuid4().hex[:10]}"
+    extra = ("--expose", "consul", "--consul-prefix", prefix)
+
+    async def wait_for(image: str, url: str, seconds: str = "2") -> tuple[int, str, str]:
+        code, out, err, _ = await condo_cli(
+            "wait", "--name", "web", "--image", image, "--timeout", seconds, "--url", url
+        )
+        return code, out, err
+
+    async def live(host: Host, name: str) -> bool:
+        return bool((await host.get("/v1/global_state"))["hosts"].get(name, {}).get("live"))
+
+    try:
+        async with hosts(tmp_path, docker, nursery, 2, *extra) as (h1, h2):
+            two = h2.files.host
+            for host in (h1, h2):
+                host.files.write("web", SPEC.format(image="condo-test/busybox:1", delay=0))
+            code, _, err = await wait_for("condo-test/busybox:1", h1.url, seconds="60")
+            assert code == 0, err
+            h2.files.kill9()
+            killed_at = time.time()
+            for host in (h1, h2):
+                host.files.write("web", SPEC.format(image="condo-test/busybox:2", delay=0))
+            await h1.until(lambda b: stable_on(b, "condo-test/busybox:2"))
+            code, _, err = await wait_for("condo-test/busybox:2", h1.url)
+            assert code == 1 and two in err, err
+            # Consul expires the dead condo's session (TTL 10 s: within ~20-30 s).
+            with trio.fail_after(45):
+                while await live(h1, two):
+                    await trio.sleep(0.2)
+            print(f"{two} unreachable {time.time() - killed_at:.1f} s after kill -9")
+            code, _, err = await wait_for("condo-test/busybox:2", h1.url)
+            assert code == 1 and f"{two}=unreachable since" in err, err
+            code, table, _, _ = await condo_cli("hosts", "--url", h1.url)
+            assert code == 0
+            rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+            assert rows[h1.files.host][1] == "yes" and rows[two][1] == "no", table
+
+            # h2 comes back (its spec was updated meanwhile): done on both.
+            await h2.files.spawn(nursery, *extra, server=f"127.0.0.1:{h2.port}")
+            code, out, err = await wait_for("condo-test/busybox:2", h1.url, seconds="60")
+            assert code == 0, err
+            assert "on 2 host(s)" in out
+            code, _, err, _ = await condo_cli("forget", two, "--url", h1.url)
+            assert code == 2 and "live" in err, err
+
+            # Decommissioned: killed for good, then forgotten; the wait counts h1 alone.
+            h2.files.kill9()
+            with trio.fail_after(45):
+                while await live(h1, two):
+                    await trio.sleep(0.2)
+            code, out, err, _ = await condo_cli("forget", two, "--url", h1.url)
+            assert code == 0, err
+            code, out, err = await wait_for("condo-test/busybox:2", h1.url)
+            assert code == 0 and "on 1 host(s)" in out, err
+    finally:
+        with trio.move_on_after(10, shield=True):
+            async with httpx.AsyncClient() as consul:
+                await consul.delete(f"http://127.0.0.1:8500/v1/kv/{prefix}", params={"recurse": 1})

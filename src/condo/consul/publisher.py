@@ -22,7 +22,7 @@ Invariants:
   a spec error to show): a restarting condo never shows a Stable service as `Init`.
 - The host's record (`.hosts/<host>`, no session) lists what this host runs: a service joins it
   when it is published past `Init`, and leaves it only when this host says so (its view says
-  `removed`, or it left the store once the store is settled). Until then the record read back
+  `removed`, it left the store, or the settled store never had it). Until then the record read back
   from Consul at the first session is carried over, so a restart never drops a service from it.
 - `_published` only holds services whose key Consul confirmed (`true`) under the current session;
   losing the session empties it, so a full republish follows every loss (and start-up).
@@ -132,6 +132,7 @@ class Publisher:
         self._live = False  # `.live/<host>` is held by the current session
         # What the host's record says in Consul (None: not read yet this process).
         self._record: dict[str, dict[str, Any]] | None = None
+        self._known: set[str] = set()  # every service the store had while this process ran
 
     def __repr__(self) -> str:
         return f"Publisher(host={self._host!r}, prefix={self._layout.prefix!r})"
@@ -327,11 +328,14 @@ class Publisher:
             except ForeignValue:
                 found = None  # not ours to keep: written anew below
             self._record = {n: dict(s) for n, s in found.services.items()} if found else {}
+        self._known |= self._store.entries.keys()
         wanted: dict[str, dict[str, Any]] = {}
         for name, said in self._record.items():
             entry = self._store.entries.get(name)
-            # Not known yet (the store is not settled), or not reconciled yet: as it was.
-            if (entry is None and not self._store.settled) or (
+            # Not known yet (the store is not settled), or not reconciled yet: as it was. (A
+            # service the store had and dropped is gone: its driver retired it.)
+            unknown = name not in self._known and not self._store.settled
+            if (entry is None and unknown) or (
                 entry is not None and entry.state.phase is Phase.Init
             ):
                 wanted[name] = said

@@ -35,7 +35,7 @@ import trio
 
 from condo.consul.client import ConsulClient, Listing, SessionId
 from condo.consul.layout import LIVE, RECORDS, ForeignValue, KeyLayout, decode_record, decode_value
-from condo.errors import ConsulError
+from condo.errors import ConsulError, ForgetRefused
 from condo.waiting import HostRecord, Picture
 
 log = structlog.get_logger(__name__)
@@ -166,7 +166,9 @@ class ConsulSource:
                 live.add(value.host)
         # Forget reports of keys that are gone, so the set never grows without bound.
         self._reported = {k: i for k, i in self._reported.items() if k in seen}
-        was_stale, self._read_ok = not self._read_ok, True
+        # Stale for any reason (this read's failures or the publisher's): a waiter that would
+        # not decide from the picture then is woken now that it is fresh again.
+        was_stale, self._read_ok = self.stale, True
         self._fresh_at = trio.current_time()
         self._read_at = time.time()
         for host in live:
@@ -196,6 +198,33 @@ class ConsulSource:
         # else: a wake-up with nothing new for waiters (another key, a mere index bump)
         for observer in self._read_observers:
             observer()
+
+    # --- HostDirectory ----------------------------------------------------------------------
+
+    async def forget(self, host: str) -> None:
+        """Remove `host`'s record (a decommissioned host), checked against a fresh read: a live
+        host (or one this read cannot confirm is gone) is never forgotten."""
+        try:
+            listing = await self._client.read_prefix(self._layout.folder)
+        except ConsulError as exc:
+            raise ForgetRefused(f"Consul cannot be read: {exc}", reason="unavailable") from exc
+        self._apply(listing)
+        picture = self._picture
+        record = picture.records.get(host)
+        if host in picture.hosts or (record is not None and record.live):
+            raise ForgetRefused(
+                f"{host} is live: its condo runs and holds its session (stop it, or remove its"
+                " specs, first)",
+                reason="live",
+            )
+        if record is None:
+            raise ForgetRefused(f"no host {host!r} under {self._layout.folder}", reason="unknown")
+        try:
+            await self._client.delete(self._layout.record_key(host))
+            await self._client.delete(self._layout.live_key(host))  # a leftover, if any
+        except ConsulError as exc:
+            raise ForgetRefused(f"Consul refused: {exc}", reason="unavailable") from exc
+        log.warning("consul.host_forgotten", host=host, ran=sorted(record.services))
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, trio.Event()

@@ -36,11 +36,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import WebsocketMismatch
 
 import condo
+from condo.errors import ForgetRefused
 from condo.memo import PerVersion
 from condo.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from condo.metrics import Metrics
 from condo.store import Store
-from condo.waiting import StateSource, evaluate
+from condo.waiting import HostDirectory, StateSource, evaluate, hosts_document
 from condo.web.assets import INDEX, StaticFile, StaticFiles, locked_page
 from condo.web.auth import bearer, token_matches
 from condo.web.feed import GlobalSnapshots, Snapshots, run_feed
@@ -71,6 +72,7 @@ class WebContext:
     store: Store
     local: StateSource  # this host only (wait_for without Consul)
     global_source: StateSource | None  # every host, from Consul; None when exposing is off
+    host_directory: HostDirectory | None = None  # the hosts' records (Consul), for forget
     health: EngineHealth
     state_file_error: Callable[[], BaseException | None]
     metrics: Metrics
@@ -189,10 +191,25 @@ def build_app(context: WebContext) -> QuartTrio:
     async def global_state() -> Any:
         if context.global_source is None:
             return _error(400, "global state needs Consul: run condo with --expose consul")
-        hosts = context.global_source.picture().hosts
+        source = context.global_source
         return jsonify(
-            {"hosts": {host: {"services": dict(services)} for host, services in hosts.items()}}
+            {
+                "hosts": hosts_document(source.picture()),
+                "stale": source.stale,
+                "read_at": source.read_at,
+            }
         )
+
+    @app.delete("/v1/hosts/<host>")
+    async def forget_host(host: str) -> Any:
+        if context.host_directory is None:
+            return _error(400, "host records need Consul: run condo with --expose consul")
+        try:
+            await context.host_directory.forget(host)
+        except ForgetRefused as exc:
+            status = {"unknown": 404, "live": 409}.get(exc.reason, 503)
+            return _error(status, str(exc))
+        return jsonify({"forgotten": host})
 
     @app.get("/v1/wait_for")
     async def wait_for() -> Any:
@@ -215,13 +232,19 @@ def build_app(context: WebContext) -> QuartTrio:
             return jsonify({"status": "ok", "hosts": list(verdict.hosts)})
         if guard.cancelled_caught:
             return _error(503, SHUTTING_DOWN, status="unavailable")
-        late = evaluate(params.name, params.image, source.picture().hosts)
+        picture = source.picture()
+        late = evaluate(params.name, params.image, picture.hosts, picture.records)
         body: dict[str, Any] = {
             "status": "timeout",
             "hosts": list(late.hosts),
             "pending": {host: dict(why) for host, why in late.pending.items()},
         }
-        if not late.hosts:
+        if source.stale:
+            # No verdict from a picture that may be out of date, not even "no host runs it".
+            body["stale"] = True
+            body["read_at"] = source.read_at
+            body["error"] = "Consul could not be read from this host: the picture is stale"
+        elif not late.hosts:
             body["error"] = f"no host runs {params.name}"
         return jsonify(body), 500
 

@@ -26,7 +26,7 @@ import trio
 
 from condo.memo import PerVersion
 from condo.store import Store
-from condo.waiting import StateSource
+from condo.waiting import StateSource, hosts_document
 
 
 def _encode(message: dict[str, object]) -> str:
@@ -60,7 +60,7 @@ class GlobalSnapshots(PerVersion[tuple[int, bool], str]):
         token, stale = version
         # Synchronous with the version read: the picture is the one `version` names.
         picture = self.source.picture()
-        hosts = {host: {"services": dict(services)} for host, services in picture.hosts.items()}
+        hosts = hosts_document(picture)
         return _encode({"type": "global", "token": token, "stale": stale, "hosts": hosts})
 
 

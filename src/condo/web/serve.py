@@ -48,7 +48,7 @@ from condo.errors import ConfigError
 from condo.fds import RESERVE, fd_limit, web_caps
 from condo.metrics import DockerCall, Metrics, ServiceMetrics
 from condo.store import Store
-from condo.waiting import StateSource
+from condo.waiting import HostDirectory, StateSource
 from condo.web.app import WebContext, build_app
 from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
@@ -103,6 +103,11 @@ class Condo(Protocol):
     @property
     def global_source(self) -> StateSource | None:
         """Every host's state (condo.consul) when exposing to Consul, else None."""
+        ...
+
+    @property
+    def host_directory(self) -> HostDirectory | None:
+        """The hosts' records (`DELETE /v1/hosts/HOST`) when exposing to Consul, else None."""
         ...
 
     @property
@@ -212,6 +217,7 @@ class ApiServer:
             store=store,
             local=LocalSource(store),
             global_source=running.global_source,
+            host_directory=running.host_directory,
             health=EngineHealth(running.docker.ping),
             state_file_error=lambda: writer.last_error,
             metrics=metrics,

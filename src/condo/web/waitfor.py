@@ -3,7 +3,8 @@
 `parse_wait_params` turns the query into a `WaitParams` or raises `BadParams` (a 400, never a
 500). `wait_deployed` waits, without polling, until `evaluate` says the service is deployed
 everywhere; the caller owns the deadline (its cancel scope) and the shutdown guard. The picture is
-checked before the first checkpoint, so a timeout of 0 still answers "done" when it is.
+checked before the first checkpoint, so a timeout of 0 still answers "done" when it is. A stale
+picture answers nothing: the wait goes on (and its timeout says why).
 """
 
 from __future__ import annotations
@@ -57,10 +58,15 @@ def parse_wait_params(args: Mapping[str, str]) -> WaitParams:
 
 
 async def wait_deployed(source: StateSource, name: str, image: str) -> Verdict:
-    """Return the first verdict that says `name` is Stable on `image` on every host running it."""
+    """Return the first verdict that says `name` is Stable on `image` on every host running it.
+
+    A stale picture (its source could not be read lately) is never a verdict: the wait goes on
+    until a fresh one says so (the source wakes its waiters when it is fresh again).
+    """
     while True:
         picture = source.picture()
-        verdict = evaluate(name, image, picture.hosts)
-        if verdict.done:
-            return verdict
+        if not source.stale:
+            verdict = evaluate(name, image, picture.hosts, picture.records)
+            if verdict.done:
+                return verdict
         await source.wait_beyond(picture.token)
