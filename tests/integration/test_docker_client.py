@@ -420,6 +420,7 @@ class ScriptedEngine:
 async def scripted_engine(tmp_path: Path, api_version: str) -> AsyncIterator[ScriptedEngine]:
     engine = ScriptedEngine(tmp_path / "scripted.sock", api_version)
     engine.answers["/_ping"] = (200, b"OK")
+    engine.answers["/version"] = (200, b'{"Version": "scripted", "MinAPIVersion": "1.24"}')
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.serve)
         yield engine
@@ -427,7 +428,8 @@ async def scripted_engine(tmp_path: Path, api_version: str) -> AsyncIterator[Scr
 
 
 @pytest.mark.parametrize(
-    ("announced", "spoken"), [("1.45", "1.41"), ("1.41", "1.41"), ("1.38", "1.38")]
+    ("announced", "spoken"),
+    [("1.53", "1.51"), ("1.51", "1.51"), ("1.45", "1.45"), ("1.41", "1.41"), ("1.38", "1.38")],
 )
 async def test_api_version_is_the_engines_capped_at_ours(
     tmp_path: Path, announced: str, spoken: str
@@ -442,6 +444,7 @@ async def test_api_version_is_the_engines_capped_at_ours(
             assert await client.ping() == announced
     assert [target for target, _ in engine.requests] == [
         "/_ping",
+        "/version",  # the floor, asked once per negotiation
         f"/v{spoken}/images/x:1/json",
         "/_ping",
     ]
@@ -491,7 +494,7 @@ async def test_pull_sends_urlsafe_credentials(tmp_path: Path) -> None:
             engine.answers["/v1.41/images/create"] = pull_stream({"status": "done"})
             await client.pull(PRIVATE)
             await client.pull("localhost:5000/condo-test/busybox")  # another registry: anonymous
-    (first, first_headers), (second, second_headers) = engine.requests[1:]
+    (first, first_headers), (second, second_headers) = engine.requests[2:]  # after ping, version
     assert first == "/v1.41/images/create?fromImage=localhost%3A5001%2Fcondo-test%2Fprivate&tag=1"
     assert second.endswith("fromImage=localhost%3A5000%2Fcondo-test%2Fbusybox&tag=latest")
     header = first_headers["x-registry-auth"]
