@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from condo.docker import DockerClient, RegistryAuth, open_docker
+from condo.docker import ContainerId, DockerClient, RegistryAuth, open_docker
 from condo.errors import (
     BadRequest,
     ConfigError,
@@ -452,6 +452,43 @@ async def test_api_version_is_the_engines_capped_at_ours(
 
 def pull_stream(*lines: Mapping[str, Any]) -> tuple[int, bytes]:
     return 200, b"".join(json.dumps(line).encode() + b"\r\n" for line in lines)
+
+
+SCRIPTED_CONTAINER = {
+    "Id": "abc",
+    "Name": "/web_1",
+    "Created": "2024-01-01T00:00:00.000000000Z",
+    "Config": {"Image": "condo-test/busybox:1"},
+    "State": {"Status": "running", "Running": True},
+}
+
+
+@pytest.mark.parametrize("exists", [True, False])
+async def test_a_rename_404_is_container_not_found_only_when_it_is_gone(
+    tmp_path: Path, exists: bool
+) -> None:
+    """Docker 26+ answers 404 to a rename of a container on no default bridge: it exists."""
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.45") as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            engine.answers["/v1.45/containers/abc/rename"] = (
+                404,
+                b'{"message": "network not found"}',
+            )
+            if exists:
+                engine.answers["/v1.45/containers/abc/json"] = (
+                    200,
+                    json.dumps(SCRIPTED_CONTAINER).encode(),
+                )
+                with pytest.raises(DockerApiError) as raised:
+                    await client.rename(ContainerId("abc"), "web")
+                assert not isinstance(raised.value, ContainerNotFound)
+                assert raised.value.status == 404
+            else:
+                with pytest.raises(ContainerNotFound):
+                    await client.rename(ContainerId("abc"), "web")
 
 
 async def test_pull_error_inside_a_200_stream(tmp_path: Path) -> None:

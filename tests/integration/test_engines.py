@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from condo.docker import MAX_API_VERSION, DockerClient, open_docker
-from condo.errors import EngineUnsupported
+from condo.errors import EngineUnsupported, NameConflict
 from tests.integration.harness import (
     ENGINES,
     CondoUnderTest,
@@ -313,6 +313,38 @@ async def test_a_container_killed_by_hand_is_replaced(tmp_path: Path) -> None:
 
     results = await on_every_engine(tmp_path, scenario)
     assert_same(results, ({"web": ["Init", "Wait", "Stable", "Wait", "Stable"]}, 1))
+
+
+async def test_a_container_removed_by_hand_is_replaced(tmp_path: Path) -> None:
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        async with traced(condo) as traces:
+            condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+            first = await condo.wait_state("web", "Stable")
+            await docker_cli(url, "rm", "-f", first["current"]["id"])
+
+            def replaced(view: dict[str, Any]) -> bool:
+                web: dict[str, Any] = view["services"]["web"]
+                return bool(
+                    web["state"] == "Stable" and web["current"]["id"] != first["current"]["id"]
+                )
+
+            await condo.wait(replaced, limit=30)
+            return traces, len(await condo.running_ids("web"))
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(results, ({"web": ["Init", "Wait", "Stable", "Wait", "Stable"]}, 1))
+
+
+@pytest.mark.parametrize("engine_url", ENGINES.values(), ids=ENGINES.keys())
+async def test_a_name_clash_is_a_conflict(
+    docker: DockerClient, container_labels: Mapping[str, str], container_name: Callable[[str], str]
+) -> None:
+    body = {"Image": "condo-test/busybox:1", "Labels": dict(container_labels)}
+    with trio.fail_after(20):
+        await docker.create(body, name=container_name("clash"))
+        with pytest.raises(NameConflict) as raised:
+            await docker.create(body, name=container_name("clash"))
+    assert not raised.value.transient
 
 
 async def test_a_never_healthy_image_fails_fast(tmp_path: Path) -> None:
