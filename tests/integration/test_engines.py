@@ -10,6 +10,7 @@ raises its floor above condo's newest version), which must be a clear error ever
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,14 @@ import httpx
 import pytest
 import trio
 
-from condo.docker import MAX_API_VERSION, DockerClient, open_docker
+from condo.docker import (
+    MAX_API_VERSION,
+    ContainerEvent,
+    DockerClient,
+    EventsResumed,
+    open_docker,
+    run_events,
+)
 from condo.errors import EngineUnsupported, NameConflict
 from tests.integration.harness import (
     ENGINES,
@@ -28,6 +36,7 @@ from tests.integration.harness import (
     free_port,
     start_condo,
 )
+from tests.integration.test_docker_events import is_event, proxy_to_engine, receive_until
 
 pytestmark = pytest.mark.docker
 
@@ -333,6 +342,44 @@ async def test_a_container_removed_by_hand_is_replaced(tmp_path: Path) -> None:
 
     results = await on_every_engine(tmp_path, scenario)
     assert_same(results, ({"web": ["Init", "Wait", "Stable", "Wait", "Stable"]}, 1))
+
+
+@pytest.mark.parametrize("engine_url", ENGINES.values(), ids=ENGINES.keys())
+async def test_a_gap_in_the_events_is_replayed_before_the_marker(
+    tmp_path: Path,
+    engine_url: str,
+    docker: DockerClient,
+    container_labels: Mapping[str, str],
+    container_name: Callable[[str], str],
+) -> None:
+    """What happened while the stream was cut comes back before EventsResumed (Podman replays
+    nothing for an `until` already past, so it is asked with one still ahead)."""
+    send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](100)
+    body = {"Image": "condo-test/busybox:1", "Labels": dict(container_labels)}
+    with trio.fail_after(30):
+        async with (
+            proxy_to_engine(tmp_path, engine_url.removeprefix("unix://")) as proxy,
+            open_docker(f"unix://{proxy.path}") as via_proxy,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(
+                functools.partial(run_events, via_proxy, send, labels=container_labels)
+            )
+            a = await docker.create(body, name=container_name("a"))
+            await docker.start(a)
+            await receive_until(receive, is_event("start", a))
+            await trio.sleep(1.5)  # beyond the replay window: the gap's events are new
+            proxy.cut()
+            await docker.remove(a)
+            b = await docker.create(body, name=container_name("b"))
+            await docker.start(b)
+            await trio.sleep(1.0)
+            proxy.restore()
+            replayed = await receive_until(receive, lambda m: isinstance(m, EventsResumed))
+            nursery.cancel_scope.cancel()
+    actions = [(m.action, m.container_id) for m in replayed if isinstance(m, ContainerEvent)]
+    assert {("die", a), ("destroy", a), ("create", b), ("start", b)} <= set(actions)
+    assert len(actions) == len(set(actions))  # nothing twice
 
 
 @pytest.mark.parametrize("engine_url", ENGINES.values(), ids=ENGINES.keys())
