@@ -22,6 +22,7 @@ from condo.errors import (
     ContainerNotFound,
     DockerApiError,
     DockerUnavailable,
+    EngineUnsupported,
     ImageNotFound,
     NameConflict,
 )
@@ -452,6 +453,25 @@ async def test_api_version_is_the_engines_capped_at_ours(
 
 def pull_stream(*lines: Mapping[str, Any]) -> tuple[int, bytes]:
     return 200, b"".join(json.dumps(line).encode() + b"\r\n" for line in lines)
+
+
+async def test_an_engine_that_raises_its_floor_under_us_is_renegotiated(tmp_path: Path) -> None:
+    too_old = (
+        b'{"message": "client version 1.45 is too old. Minimum supported API version is 1.52"}'
+    )
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.45") as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            engine.answers["/v1.45/containers/json"] = (200, b"[]")
+            assert await client.list_containers(labels={}) == []
+            # Restarted as a newer engine with a floor above what condo speaks.
+            engine.api_version = "1.53"
+            engine.answers["/v1.45/containers/json"] = (400, too_old)
+            engine.answers["/version"] = (200, b'{"Version": "30.0", "MinAPIVersion": "1.52"}')
+            with pytest.raises(EngineUnsupported, match=r"1\.52"):
+                await client.list_containers(labels={})
 
 
 SCRIPTED_CONTAINER = {
