@@ -11,6 +11,7 @@ once, at the module that meets them; nothing else in condo catches a foreign exc
     │                             :never` image); `transient` says whether to retry
     │   ├─ DockerUnavailable      (transient) socket missing, connection refused, daemon restarting
     │   ├─ DockerTimeout          (transient) a call took longer than its deadline
+    │   ├─ EngineUnsupported      (permanent) the engine speaks no API version condo speaks
     │   └─ DockerApiError         the engine answered an error; transient iff status >= 500
     │       ├─ ImageNotFound      (permanent) pull or create of an image that does not exist
     │       ├─ ContainerNotFound  (permanent) the container is gone
@@ -72,6 +73,13 @@ class DockerTimeout(DockerError):
     """A Docker call did not finish before its deadline."""
 
 
+class EngineUnsupported(DockerError):
+    """The engine accepts no Docker API version that condo speaks (its floor is above condo's
+    newest), so condo can neither see nor change anything on it until the engine changes."""
+
+    transient = False
+
+
 class DockerApiError(DockerError):
     """The engine answered with an error status.
 
@@ -100,7 +108,11 @@ class ContainerNotFound(DockerApiError):
 
 
 class NameConflict(DockerApiError):
-    """A container with the requested name already exists."""
+    """A container with the requested name already exists (Docker's 409, Podman's 500)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.transient = False
 
 
 class BadRequest(DockerApiError):

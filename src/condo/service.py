@@ -44,6 +44,7 @@ from condo.errors import (
     DockerApiError,
     DockerError,
     DockerTimeout,
+    EngineUnsupported,
     ImageNotFound,
 )
 from condo.spec import DEFAULT_STOP_TIMEOUT, ServiceSpec
@@ -492,6 +493,15 @@ class _Driver:
                         )
                     )
                 return tuple(seen)
+            except EngineUnsupported as exc:
+                # Nothing this service shows can be trusted: say why in its state (the client
+                # logged it once); the state itself (and the file) is left as it was.
+                shown = self._ctx.store.entries[self._ctx.name].state.error
+                if shown is None or shown.message != str(exc):  # keep the first `at`
+                    failure = fsm.Failure(message=str(exc), at=time.time())
+                    refused = attrs.evolve(self._state, error=failure)
+                    self._ctx.store.set_state(self._ctx.name, refused)
+                await trio.sleep(OBSERVE_RETRY_DELAY)
             except DockerError as exc:
                 # Never guess while the engine cannot answer: a container we cannot see is not
                 # a dead container (the original made duplicates that way).

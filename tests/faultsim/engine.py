@@ -354,6 +354,10 @@ class Handle:
     def api_version(self) -> str:
         return "1.45"
 
+    @property
+    def is_podman(self) -> bool:
+        return False  # a Docker engine: healthchecks run by themselves
+
     async def ping(self) -> str:
         return await self._call("ping", lambda: "OK")
 

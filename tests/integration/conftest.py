@@ -22,6 +22,7 @@ import trio
 import condo
 from condo.docker import DockerClient, open_docker
 from condo.errors import ContainerNotFound
+from tests.integration.harness import MAIN_ENGINE
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_LABEL = "condo-test"
@@ -29,9 +30,16 @@ RUN_LABEL = "condo-test.run"
 
 
 @pytest.fixture
-async def docker() -> AsyncIterator[DockerClient]:
-    """A DockerClient on the real engine (unix:///var/run/docker.sock)."""
-    async with open_docker() as client:
+def engine_url() -> str:
+    """The engine under test: the main one, unless a test parametrizes `engine_url` (with
+    harness.ENGINES, the side engines scripts/engines starts)."""
+    return MAIN_ENGINE
+
+
+@pytest.fixture
+async def docker(engine_url: str) -> AsyncIterator[DockerClient]:
+    """A DockerClient on the real engine under test (`engine_url`)."""
+    async with open_docker(engine_url) as client:
         yield client
 
 
@@ -62,8 +70,9 @@ class DockerCli(Protocol):
 
 
 @pytest.fixture
-def docker_cli() -> DockerCli:
-    """Run the real `docker` CLI (e.g. `login`, `rmi`); returns stdout, fails the test on error."""
+def docker_cli(engine_url: str) -> DockerCli:
+    """Run the real `docker` CLI (e.g. `login`, `rmi`) on the engine under test; returns stdout,
+    fails the test on error."""
 
     async def run(*args: str, stdin: bytes = b"", env: Mapping[str, str] | None = None) -> str:
         result = await trio.run_process(
@@ -72,7 +81,7 @@ def docker_cli() -> DockerCli:
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "DOCKER_HOST": engine_url, **(env or {})},
         )
         assert result.returncode == 0, (
             f"docker {' '.join(args)} failed ({result.returncode}): {result.stderr.decode()}"

@@ -32,6 +32,16 @@ from condo.run import Running, run_condo
 WAIT_LIMIT = 60.0
 REPO = Path(__file__).resolve().parents[2]
 
+MAIN_ENGINE = "unix:///var/run/docker.sock"
+ENGINES = {
+    "docker-20.10": MAIN_ENGINE,
+    "docker-26.1": "unix:///run/condo-engines/docker-trixie.sock",
+    "docker-28.5-floor-1.44": "unix:///run/condo-engines/docker-sid.sock",
+    "podman-4.3": "unix:///run/condo-engines/podman.sock",
+}
+"""Every engine the matrix runs on: the main one (scripts/test-env) and the side engines
+(scripts/engines), by a name that says what each is."""
+
 
 @attrs.define
 class CondoUnderTest:
@@ -41,6 +51,7 @@ class CondoUnderTest:
     state_path: Path
     host: str
     docker: DockerClient
+    docker_url: str = MAIN_ENGINE
     running: Running | None = None
     process: trio.Process | None = None
 
@@ -62,6 +73,7 @@ class CondoUnderTest:
             state_path=self.state_path,
             host=self.host,
             rescan_interval=0.5,
+            docker_url=self.docker_url,
         )
 
     @property
@@ -115,7 +127,7 @@ class CondoUnderTest:
         argv = [
             sys.executable, "-m", "condo", "run", str(self.specs),
             "--state", str(self.state_path), "--host", self.host, "--server", server,
-            "--log-format", "json", *extra,
+            "--log-format", "json", "--docker", self.docker_url, *extra,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -158,12 +170,19 @@ async def remove_host_containers(docker: DockerClient, host: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def condo_files(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
+async def condo_files(
+    tmp_path: Path, docker: DockerClient, docker_url: str = MAIN_ENGINE
+) -> AsyncIterator[CondoUnderTest]:
+    """A condo's files on the engine at `docker_url` (`docker` is a client on that engine)."""
     specs = tmp_path / "specs"
     specs.mkdir()
     host = f"test-{uuid.uuid4().hex[:10]}"
     under_test = CondoUnderTest(
-        specs=specs, state_path=tmp_path / "state.json", host=host, docker=docker
+        specs=specs,
+        state_path=tmp_path / "state.json",
+        host=host,
+        docker=docker,
+        docker_url=docker_url,
     )
     try:
         yield under_test
@@ -214,9 +233,9 @@ async def http_get(port: int) -> str | None:
     return response.text if response.status_code == 200 else None
 
 
-async def published_port(container_id: str) -> int | None:
+async def published_port(container_id: str, engine_url: str = MAIN_ENGINE) -> int | None:
     """The 127.0.0.1 port published for the container's 80/tcp, from the engine itself."""
-    transport = httpx.AsyncHTTPTransport(uds="/var/run/docker.sock")
+    transport = httpx.AsyncHTTPTransport(uds=engine_url.removeprefix("unix://"))
     async with httpx.AsyncClient(transport=transport, base_url="http://docker") as client:
         response = await client.get(f"/containers/{container_id}/json")
     if response.status_code != 200:

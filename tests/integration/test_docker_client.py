@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from condo.docker import DockerClient, RegistryAuth, open_docker
+from condo.docker import ContainerId, DockerClient, RegistryAuth, open_docker
 from condo.errors import (
     BadRequest,
     ConfigError,
     ContainerNotFound,
     DockerApiError,
     DockerUnavailable,
+    EngineUnsupported,
     ImageNotFound,
     NameConflict,
 )
@@ -420,6 +421,7 @@ class ScriptedEngine:
 async def scripted_engine(tmp_path: Path, api_version: str) -> AsyncIterator[ScriptedEngine]:
     engine = ScriptedEngine(tmp_path / "scripted.sock", api_version)
     engine.answers["/_ping"] = (200, b"OK")
+    engine.answers["/version"] = (200, b'{"Version": "scripted", "MinAPIVersion": "1.24"}')
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.serve)
         yield engine
@@ -427,7 +429,8 @@ async def scripted_engine(tmp_path: Path, api_version: str) -> AsyncIterator[Scr
 
 
 @pytest.mark.parametrize(
-    ("announced", "spoken"), [("1.45", "1.41"), ("1.41", "1.41"), ("1.38", "1.38")]
+    ("announced", "spoken"),
+    [("1.53", "1.51"), ("1.51", "1.51"), ("1.45", "1.45"), ("1.41", "1.41"), ("1.38", "1.38")],
 )
 async def test_api_version_is_the_engines_capped_at_ours(
     tmp_path: Path, announced: str, spoken: str
@@ -442,6 +445,7 @@ async def test_api_version_is_the_engines_capped_at_ours(
             assert await client.ping() == announced
     assert [target for target, _ in engine.requests] == [
         "/_ping",
+        "/version",  # the floor, asked once per negotiation
         f"/v{spoken}/images/x:1/json",
         "/_ping",
     ]
@@ -449,6 +453,62 @@ async def test_api_version_is_the_engines_capped_at_ours(
 
 def pull_stream(*lines: Mapping[str, Any]) -> tuple[int, bytes]:
     return 200, b"".join(json.dumps(line).encode() + b"\r\n" for line in lines)
+
+
+async def test_an_engine_that_raises_its_floor_under_us_is_renegotiated(tmp_path: Path) -> None:
+    too_old = (
+        b'{"message": "client version 1.45 is too old. Minimum supported API version is 1.52"}'
+    )
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.45") as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            engine.answers["/v1.45/containers/json"] = (200, b"[]")
+            assert await client.list_containers(labels={}) == []
+            # Restarted as a newer engine with a floor above what condo speaks.
+            engine.api_version = "1.53"
+            engine.answers["/v1.45/containers/json"] = (400, too_old)
+            engine.answers["/version"] = (200, b'{"Version": "30.0", "MinAPIVersion": "1.52"}')
+            with pytest.raises(EngineUnsupported, match=r"1\.52"):
+                await client.list_containers(labels={})
+
+
+SCRIPTED_CONTAINER = {
+    "Id": "abc",
+    "Name": "/web_1",
+    "Created": "2024-01-01T00:00:00.000000000Z",
+    "Config": {"Image": "condo-test/busybox:1"},
+    "State": {"Status": "running", "Running": True},
+}
+
+
+@pytest.mark.parametrize("exists", [True, False])
+async def test_a_rename_404_is_container_not_found_only_when_it_is_gone(
+    tmp_path: Path, exists: bool
+) -> None:
+    """Docker 26+ answers 404 to a rename of a container on no default bridge: it exists."""
+    with trio.fail_after(10):
+        async with (
+            scripted_engine(tmp_path, "1.45") as engine,
+            open_docker(f"unix://{engine.path}") as client,
+        ):
+            engine.answers["/v1.45/containers/abc/rename"] = (
+                404,
+                b'{"message": "network not found"}',
+            )
+            if exists:
+                engine.answers["/v1.45/containers/abc/json"] = (
+                    200,
+                    json.dumps(SCRIPTED_CONTAINER).encode(),
+                )
+                with pytest.raises(DockerApiError) as raised:
+                    await client.rename(ContainerId("abc"), "web")
+                assert not isinstance(raised.value, ContainerNotFound)
+                assert raised.value.status == 404
+            else:
+                with pytest.raises(ContainerNotFound):
+                    await client.rename(ContainerId("abc"), "web")
 
 
 async def test_pull_error_inside_a_200_stream(tmp_path: Path) -> None:
@@ -491,7 +551,7 @@ async def test_pull_sends_urlsafe_credentials(tmp_path: Path) -> None:
             engine.answers["/v1.41/images/create"] = pull_stream({"status": "done"})
             await client.pull(PRIVATE)
             await client.pull("localhost:5000/condo-test/busybox")  # another registry: anonymous
-    (first, first_headers), (second, second_headers) = engine.requests[1:]
+    (first, first_headers), (second, second_headers) = engine.requests[2:]  # after ping, version
     assert first == "/v1.41/images/create?fromImage=localhost%3A5001%2Fcondo-test%2Fprivate&tag=1"
     assert second.endswith("fromImage=localhost%3A5000%2Fcondo-test%2Fbusybox&tag=latest")
     header = first_headers["x-registry-auth"]

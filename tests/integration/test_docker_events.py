@@ -38,8 +38,9 @@ class SocketProxy:
     engine go away mid-stream, then fail on every reconnect); `restore()` lets them through again.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, upstream: str = ENGINE_SOCKET) -> None:
         self.path = path
+        self.upstream = upstream
         self.accepting = True
         self.connections = 0
         self.refused = 0
@@ -70,7 +71,7 @@ class SocketProxy:
                 self.refused += 1
                 return  # accepted and closed at once: "server disconnected"
             self.connections += 1
-            upstream = await trio.open_unix_socket(ENGINE_SOCKET)
+            upstream = await trio.open_unix_socket(self.upstream)
             with trio.CancelScope() as relaying:
                 self._open.add(relaying)
                 try:
@@ -93,8 +94,10 @@ class SocketProxy:
 
 
 @asynccontextmanager
-async def proxy_to_engine(tmp_path: Path) -> AsyncIterator[SocketProxy]:
-    proxy = SocketProxy(tmp_path / "engine.sock")
+async def proxy_to_engine(
+    tmp_path: Path, upstream: str = ENGINE_SOCKET
+) -> AsyncIterator[SocketProxy]:
+    proxy = SocketProxy(tmp_path / "engine.sock", upstream)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         yield proxy

@@ -7,8 +7,16 @@ else).
 
 Invariants:
 - Opening never touches the engine: condo starts (and reports the engine as down) while the engine
-  is away. The API version is negotiated on the first call that needs it: `GET /_ping`'s
-  Api-Version, capped at `MAX_API_VERSION`; every other path is prefixed `/v<version>`.
+  is away. The API version is negotiated on the first call that needs it (and again by every
+  `ping`): the engine's own (`GET /_ping`'s Api-Version) capped at `MAX_API_VERSION`, never below
+  the engine's floor (`GET /version`'s MinAPIVersion; Docker 29 raised it to 1.44). Every other
+  path is prefixed `/v<version>`. An engine whose floor is above `MAX_API_VERSION` is refused with
+  `EngineUnsupported`, logged once, by every call (a recheck at most every
+  `UNSUPPORTED_RECHECK` seconds); an engine that starts refusing our version mid-way (restarted
+  with a higher floor) is renegotiated at once.
+- Podman is recognised by the `Libpod-Api-Version` header of its `/_ping` (`is_podman`); its
+  event filter names ("died", "remove") are used for it, and `run_healthcheck` runs a container's
+  check through libpod's own API (Podman without systemd never runs one by itself).
 - Every call leaves either a value or a `condo.errors.DockerError`; no httpx exception, JSON error
   or engine body shape escapes. A call logs one DEBUG line "docker.call" (method, path, status or
   error, took).
@@ -55,6 +63,7 @@ from condo.errors import (
     DockerError,
     DockerTimeout,
     DockerUnavailable,
+    EngineUnsupported,
     ImageNotFound,
     NameConflict,
 )
@@ -63,8 +72,11 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-MAX_API_VERSION = "1.41"
-"""The newest API condo is written against (Docker 20.10); newer engines still speak it."""
+MAX_API_VERSION = "1.51"
+"""The newest API condo is tested with (Docker 28.5); older engines are spoken to in their own."""
+
+UNSUPPORTED_RECHECK = 5.0
+"""Seconds between two looks at an engine that refused condo's API versions (Trio's clock)."""
 
 DEFAULT_URL = "unix:///var/run/docker.sock"
 
@@ -108,6 +120,8 @@ CallObserver = Callable[[CallRecord], None]
 def endpoint_template(path: str) -> str:
     """A request path without its ids and names: a bounded set of values, fit for a label."""
     parts = path.split("/")
+    if len(parts) >= 3 and parts[2] == "libpod":  # "/v4.3.1/libpod/...": Podman's own API
+        return "/libpod" + endpoint_template("/" + "/".join(parts[3:]))
     if len(parts) >= 3 and parts[1] == "containers" and parts[2] not in ("create", "json"):
         return "/".join(["", "containers", "{id}", *parts[3:]])
     if len(parts) >= 3 and parts[1] == "images" and parts[2] != "create":
@@ -124,7 +138,7 @@ def _error_for(status: int, message: str, subject: _Subject) -> DockerApiError:
             return ImageNotFound(status, message)
         if subject is _Subject.CONTAINER:
             return ContainerNotFound(status, message)
-    if status == 409 and "already in use" in lowered:
+    if status in (409, 500) and "already in use" in lowered:  # Podman answers a clash with 500
         return NameConflict(status, message)
     if status == 400:
         return BadRequest(status, message)
@@ -217,18 +231,47 @@ async def _finish(response: httpx.Response, raw: AsyncIterator[str]) -> None:
             pass
 
 
-def _negotiate(announced: str | None) -> str:
-    """The API version to speak: the engine's own, capped at MAX_API_VERSION."""
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
-    def key(version: str) -> tuple[int, ...]:
-        return tuple(int(part) for part in version.split("."))
 
+def _negotiate(announced: str | None, floor: str | None = None) -> str:
+    """The API version to speak: the engine's own, capped at MAX_API_VERSION; EngineUnsupported
+    when that is below the engine's `floor` (its MinAPIVersion)."""
+    version = MAX_API_VERSION
     try:
-        if announced is not None and key(announced) < key(MAX_API_VERSION):
-            return announced
+        if announced is not None and _version_key(announced) < _version_key(MAX_API_VERSION):
+            version = announced
     except ValueError:  # an unreadable Api-Version header: speak ours and let the engine judge
         pass
-    return MAX_API_VERSION
+    try:
+        refused = floor is not None and _version_key(version) < _version_key(floor)
+    except ValueError:  # an unreadable floor: the engine will say if it minds
+        refused = False
+    if refused:
+        raise EngineUnsupported(
+            f"the Docker engine accepts API {floor} and newer only; condo speaks API up to "
+            f"{MAX_API_VERSION}: run the engine with DOCKER_MIN_API_VERSION={version} "
+            "or upgrade condo"
+        )
+    return version
+
+
+def _too_old(status: int, message: str) -> bool:
+    """The engine's answer to a request in an API version below its floor."""
+    return status == 400 and "too old" in message.lower()
+
+
+# Podman's event filter names for Docker's actions (its events then say "die" and "remove").
+_PODMAN_FILTERS = {"die": "died", "destroy": "remove"}
+
+
+def _min_api_version(data: Any) -> str | None:
+    """`GET /version` → MinAPIVersion (None when the engine does not say)."""
+    if not isinstance(data, Mapping):
+        raise MalformedAnswer("/version is not an object")
+    floor = data.get("MinAPIVersion")
+    return floor if isinstance(floor, str) and floor else None
 
 
 def split_reference(image: str) -> tuple[str, str]:
@@ -284,6 +327,10 @@ class DockerClient:
         self._http = http
         self._auth = auth
         self._version: str | None = None
+        self._libpod_version: str | None = None
+        self._announced: str | None = None  # the Api-Version the current version came from
+        # The last refusal (EngineUnsupported) and when it was seen (Trio time), while it holds.
+        self._refusal: tuple[EngineUnsupported, float] | None = None
         self._observers: list[CallObserver] = []
 
     @property
@@ -294,6 +341,11 @@ class DockerClient:
         both get the same answer).
         """
         return self._version or MAX_API_VERSION
+
+    @property
+    def is_podman(self) -> bool:
+        """The engine is Podman (its Docker-compatible API), as its last `/_ping` said."""
+        return self._libpod_version is not None
 
     def __repr__(self) -> str:
         return (
@@ -326,6 +378,10 @@ class DockerClient:
 
     async def _url(self, path: str) -> str:
         if self._version is None:
+            if self._refusal is not None:
+                refusal, seen_at = self._refusal
+                if trio.current_time() - seen_at < UNSUPPORTED_RECHECK:
+                    raise refusal
             await self.ping()
         return f"/v{self.api_version}{path}"
 
@@ -340,6 +396,7 @@ class DockerClient:
         body: Mapping[str, Any] | None = None,
         guard: httpx.Timeout = DEFAULT_TIMEOUT,
         versioned: bool = True,
+        renegotiated: bool = False,
     ) -> httpx.Response:
         """One request with its body read; a status outside `ok` raises the mapped error."""
         url = await self._url(path) if versioned else path
@@ -360,7 +417,22 @@ class DockerClient:
         took = round(trio.current_time() - started, 4)
         log.debug("docker.call", method=method, path=path, status=response.status_code, took=took)
         if response.status_code not in ok:
-            raise _error_for(response.status_code, _message(response), subject)
+            message = _message(response)
+            if versioned and _too_old(response.status_code, message):
+                # The engine raised its floor under us (restarted): negotiate again, once.
+                self._version = None
+                if not renegotiated:
+                    return await self._call(
+                        method,
+                        path,
+                        subject=subject,
+                        ok=ok,
+                        params=params,
+                        body=body,
+                        guard=guard,
+                        renegotiated=True,
+                    )
+            raise _error_for(response.status_code, message, subject)
         return response
 
     async def _call_json(
@@ -403,7 +475,10 @@ class DockerClient:
                     )
                     if response.status_code != 200:
                         await response.aread()
-                        raise _error_for(response.status_code, _message(response), subject)
+                        message = _message(response)
+                        if _too_old(response.status_code, message):
+                            self._version = None  # the next attempt negotiates again
+                        raise _error_for(response.status_code, message, subject)
                     raw = response.aiter_lines()
                     try:
                         async with aclosing(_json_lines(raw)) as lines:
@@ -419,11 +494,40 @@ class DockerClient:
     # --- engine -----------------------------------------------------------------------------
 
     async def ping(self) -> str:
-        """The engine's API version (its Api-Version header). Also (re)negotiates ours."""
+        """The engine's API version (its Api-Version header). Also (re)negotiates ours.
+
+        Raises EngineUnsupported when the engine accepts none of the versions condo speaks.
+        """
         response = await self._call("GET", "/_ping", subject=_Subject.ENGINE, versioned=False)
         announced = response.headers.get("Api-Version")
-        self._version = _negotiate(announced)
-        return announced or self._version
+        self._libpod_version = response.headers.get("Libpod-Api-Version")
+        if self._version is not None and announced == self._announced:
+            return announced or self._version  # nothing changed: no need to ask for the floor
+        self._announced = announced
+        try:
+            floor = await self._call_json(
+                "GET", "/version", _min_api_version, subject=_Subject.ENGINE, versioned=False
+            )
+        except DockerApiError:  # no readable floor: speak, and let a 400 "too old" tell
+            floor = None
+        try:
+            version = _negotiate(announced, floor)
+        except EngineUnsupported as exc:
+            self._version = None
+            if self._refusal is None or str(self._refusal[0]) != str(exc):
+                log.error(
+                    "docker.engine_unsupported",
+                    api_version=announced,
+                    min_api_version=floor,
+                    error=str(exc),
+                )
+            self._refusal = (exc, trio.current_time())
+            raise
+        if self._refusal is not None:
+            log.info("docker.engine_supported", api_version=version)
+            self._refusal = None
+        self._version = version
+        return announced or version
 
     async def engine_version(self) -> str:
         """The engine's release, e.g. "20.10.24"."""
@@ -433,7 +537,9 @@ class DockerClient:
                 raise MalformedAnswer("no Version in /version")
             return str(data["Version"])
 
-        return await self._call_json("GET", "/version", version, subject=_Subject.ENGINE)
+        return await self._call_json(
+            "GET", "/version", version, subject=_Subject.ENGINE, versioned=False
+        )
 
     # --- images -----------------------------------------------------------------------------
 
@@ -537,14 +643,48 @@ class DockerClient:
         )
 
     async def rename(self, cid: ContainerId, new_name: str) -> None:
-        """Rename a container; NameConflict when `new_name` is taken."""
-        await self._call(
-            "POST",
-            f"/containers/{_quoted(cid)}/rename",
+        """Rename a container; NameConflict when `new_name` is taken.
+
+        ContainerNotFound only when the container is gone: Docker 26 and newer answer 404 for a
+        container that exists but is on no default bridge network (a 404 about the network).
+        """
+        try:
+            await self._call(
+                "POST",
+                f"/containers/{_quoted(cid)}/rename",
+                subject=_Subject.CONTAINER,
+                ok=(204,),
+                params={"name": new_name},
+            )
+        except ContainerNotFound as exc:
+            await self.inspect(cid)  # raises ContainerNotFound when it really is gone
+            raise DockerApiError(exc.status, exc.message) from None
+
+    async def run_healthcheck(self, cid: ContainerId) -> str | None:
+        """Podman only: run the container's healthcheck once, as the engine would, and return
+        its health (starting | healthy | unhealthy), or None when it has no healthcheck."""
+        if self._libpod_version is None:
+            await self.ping()
+        path = f"/containers/{_quoted(cid)}/healthcheck"
+        # Libpod's own API, under its own version; 409: the container has no healthcheck (or
+        # does not run), so there is nothing to report.
+        response = await self._call(
+            "GET",
+            f"/v{self._libpod_version}/libpod{path}",
             subject=_Subject.CONTAINER,
-            ok=(204,),
-            params={"name": new_name},
+            ok=(200, 409),
+            versioned=False,
         )
+        if response.status_code == 409:
+            return None
+
+        def status(data: Any) -> str:
+            if not isinstance(data, Mapping) or not isinstance(data.get("Status"), str):
+                raise MalformedAnswer("no Status in the healthcheck answer")
+            return str(data["Status"])
+
+        with _translated("GET", path):
+            return status(_decoded(response))
 
     async def logs_tail(self, cid: ContainerId, lines: int = 20) -> str:
         """The last `lines` lines of stdout and stderr, interleaved as written (for errors)."""
@@ -573,6 +713,9 @@ class DockerClient:
         ends by itself at that time. `run_events` (condo.docker.events) adds reconnection and
         de-duplication on top; use that.
         """
+        await self._url("/events")  # negotiates first: the filter names depend on the engine
+        if self.is_podman:
+            actions = [_PODMAN_FILTERS.get(action, action) for action in actions]
         filters: dict[str, list[str]] = {"type": ["container"], "event": list(actions)}
         if labels:
             filters["label"] = _label_filters(labels)

@@ -13,10 +13,14 @@ Invariants:
   across its own restart), so a replay can be incomplete, never wrong.
 - Backoff between attempts: 0.1 s doubling to 2 s, back to 0.1 s once a stream opens. Time is
   Trio's clock, except the replay bounds, which are the engine's notion of wall-clock time.
+- On Podman, which runs no healthchecks without systemd, a container of ours that starts with a
+  check has it run through libpod at its interval until the first verdict, which is sent as
+  Docker's health_status event would be (`_PodmanHealth`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import NoReturn
@@ -25,7 +29,7 @@ import structlog
 import trio
 
 from condo.docker.client import DockerClient
-from condo.docker.models import ContainerEvent, EventsResumed
+from condo.docker.models import ContainerEvent, ContainerId, EventsResumed
 from condo.errors import DockerError, DockerUnavailable
 
 log = structlog.get_logger(__name__)
@@ -85,6 +89,7 @@ async def _forward(
     events: AsyncIterator[ContainerEvent],
     seen: _Seen,
     send: trio.MemorySendChannel[ContainerEvent | EventsResumed],
+    health: _PodmanHealth,
 ) -> None:
     async for event in events:
         if seen.first_time(event):
@@ -95,6 +100,66 @@ async def _forward(
                 container=event.container_id[:12],
             )
             await send.send(event)
+            if event.action == "start":
+                health.watch(event.container_id)
+
+
+class _PodmanHealth:
+    """Podman without systemd never runs healthchecks, so no verdict would ever come: for each
+    container of ours that starts with a check, run it through libpod at the check's interval
+    until the first verdict (what a waiting candidate needs), and send that verdict as Docker's
+    health_status event would be. A no-op on Docker."""
+
+    def __init__(
+        self,
+        client: DockerClient,
+        send: trio.MemorySendChannel[ContainerEvent | EventsResumed],
+        nursery: trio.Nursery,
+        labels: Mapping[str, str],
+    ) -> None:
+        self._client = client
+        self._send = send
+        self._nursery = nursery
+        self._labels = labels
+        self._watched: set[ContainerId] = set()
+
+    def watch(self, cid: ContainerId) -> None:
+        if self._client.is_podman and cid not in self._watched:
+            self._watched.add(cid)
+            self._nursery.start_soon(self._poll, cid)
+
+    async def watch_running(self) -> None:
+        """After a gap (and at the start): containers that started meanwhile may wait too."""
+        if not self._client.is_podman:
+            return
+        with contextlib.suppress(DockerError):  # the next gap brings the next chance
+            for row in await self._client.list_containers(labels=self._labels):
+                if row.state == "running":
+                    self.watch(row.id)
+
+    async def _poll(self, cid: ContainerId) -> None:
+        try:
+            while True:
+                info = await self._client.inspect(cid)
+                if not info.running or info.health != "starting":
+                    return  # no check, no longer running, or its verdict is in
+                await trio.sleep(info.health_interval)
+                verdict = await self._client.run_healthcheck(cid)
+                if verdict in ("healthy", "unhealthy"):
+                    await self._send.send(
+                        ContainerEvent(
+                            time_nano=time.time_ns(),
+                            action="health_status",
+                            health=verdict,
+                            container_id=cid,
+                            attributes={**info.labels, "name": info.name},
+                        )
+                    )
+                    return
+        except (DockerError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # gone, or nobody listens any more; a gap re-arms it
+        finally:
+            self._watched.discard(cid)
 
 
 async def run_events(
@@ -125,48 +190,55 @@ async def run_events(
     had_gap = False
     started = False
     delay = FIRST_RECONNECT_DELAY
-    while True:
-        try:
-            if gap_started_at is not None:
-                # Replay the gap as a stream that ends by itself, so the marker can follow it.
-                since = seen.resume_nanos(floor_nanos)
-                until = max(time.time_ns(), since + REPLAY_WINDOW_NANOS)
-                async with client.open_event_stream(
-                    labels=labels, actions=ACTIONS, since_nanos=since, until_nanos=until
-                ) as events:
-                    if not started:
-                        task_status.started()
-                        started = True
-                    delay = FIRST_RECONNECT_DELAY
-                    await _forward(events, seen, send)
-                log.info("docker.events.resumed", gap=round(time.time() - gap_started_at, 3))
-                await send.send(EventsResumed(gap_started_at))
-                gap_started_at = None
-            # Live; after a gap from a window back again, so that nothing between the end of the
-            # replay and this subscription is lost (the window's duplicates are dropped).
+
+    async with trio.open_nursery() as nursery:
+        health = _PodmanHealth(client, send, nursery, labels)
+
+        async def follow(since: int | None, until: int | None) -> None:
+            """One stream, forwarded to its end; once open, the start is reported and the
+            backoff starts over."""
+            nonlocal started, delay
             async with client.open_event_stream(
-                labels=labels,
-                actions=ACTIONS,
-                since_nanos=seen.resume_nanos(floor_nanos) if had_gap else None,
+                labels=labels, actions=ACTIONS, since_nanos=since, until_nanos=until
             ) as events:
                 if not started:
                     task_status.started()
                     started = True
                 delay = FIRST_RECONNECT_DELAY
-                await _forward(events, seen, send)
-            # The engine closed the stream cleanly (it does when shutting down): a gap like any.
-            raise DockerUnavailable("GET /events: the engine ended the stream")
-        except DockerError as exc:  # every failure of the stream is a gap to bridge, never fatal
-            had_gap = True
-            if not started:
-                # The engine is away at start-up: the caller need not wait for it, since the
-                # gap ends with EventsResumed, and with it a resync of everything.
-                task_status.started()
-                started = True
-            if gap_started_at is None:
-                gap_started_at = time.time()
-                log.warning("docker.events.interrupted", error=str(exc))
-            else:
-                log.debug("docker.events.retry", error=str(exc), delay=delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, MAX_RECONNECT_DELAY)
+                await health.watch_running()
+                await _forward(events, seen, send, health)
+
+        while True:
+            try:
+                if gap_started_at is not None:
+                    # Replay the gap as a stream that ends by itself, so the marker can follow it.
+                    since = seen.resume_nanos(floor_nanos)
+                    until = max(time.time_ns(), since + REPLAY_WINDOW_NANOS)
+                    if client.is_podman:
+                        # Podman replays nothing for an `until` already past when it reads it.
+                        until = time.time_ns() + REPLAY_WINDOW_NANOS
+                    await follow(since, until)
+                    log.info("docker.events.resumed", gap=round(time.time() - gap_started_at, 3))
+                    await send.send(EventsResumed(gap_started_at))
+                    gap_started_at = None
+                # Live; after a gap from a window back again, so that nothing between the end of
+                # the replay and this subscription is lost (the window's duplicates are dropped).
+                await follow(seen.resume_nanos(floor_nanos) if had_gap else None, None)
+                # The engine closed the stream cleanly (it does when shutting down): a gap.
+                raise DockerUnavailable("GET /events: the engine ended the stream")
+            except (
+                DockerError
+            ) as exc:  # every failure of the stream is a gap to bridge, never fatal
+                had_gap = True
+                if not started:
+                    # The engine is away at start-up: the caller need not wait for it, since the
+                    # gap ends with EventsResumed, and with it a resync of everything.
+                    task_status.started()
+                    started = True
+                if gap_started_at is None:
+                    gap_started_at = time.time()
+                    log.warning("docker.events.interrupted", error=str(exc))
+                else:
+                    log.debug("docker.events.retry", error=str(exc), delay=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)

@@ -23,6 +23,12 @@ import attrs
 
 ContainerId = NewType("ContainerId", str)
 
+DEFAULT_HEALTH_INTERVAL = 30.0
+"""Seconds: the engines' healthcheck interval when the container's check does not set one."""
+
+# Podman's names for what Docker calls "destroy" and "die" (events and event filters).
+_PODMAN_ACTIONS = {"remove": "destroy", "died": "die"}
+
 
 def _frozen_mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
     # A read-only copy: attrs' `frozen` stops attribute assignment, this stops item assignment.
@@ -57,6 +63,9 @@ class Container:
     binds: tuple[str, ...] = ()
     """`HostConfig.Binds`, as given at creation."""
     auto_remove: bool = False
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
+    """Seconds between two healthchecks (`Config.Healthcheck.Interval`; the engine's 30 s when
+    unset). Podman without systemd never runs the checks itself: condo runs them at this pace."""
 
 
 @attrs.frozen(kw_only=True)
@@ -149,6 +158,7 @@ def parse_container(data: Any) -> Container:
     state = _mapping(data.get("State"), "State")
     host_config = _mapping(data.get("HostConfig"), "HostConfig")
     health = _mapping(state.get("Health"), "State.Health").get("Status")
+    interval = _mapping(config.get("Healthcheck"), "Config.Healthcheck").get("Interval")
     return Container(
         id=_container_id(data.get("Id")),
         name=str(data.get("Name", "")).removeprefix("/"),
@@ -167,6 +177,9 @@ def parse_container(data: Any) -> Container:
         host_ports=published_host_ports(host_config.get("PortBindings")),
         binds=tuple(str(b) for b in host_config.get("Binds") or ()),
         auto_remove=bool(host_config.get("AutoRemove", False)),
+        health_interval=interval / 1e9
+        if isinstance(interval, int) and interval > 0
+        else DEFAULT_HEALTH_INTERVAL,
     )
 
 
@@ -218,6 +231,8 @@ def parse_event(data: Any) -> ContainerEvent | None:
     """One `/events` line → `ContainerEvent`, or None for what condo does not follow.
 
     Ignored: events of other types and exec_* actions (every healthcheck probe makes three).
+    Podman's shapes are read as Docker's: `"Action": "health_status"` with the verdict in
+    `HealthStatus`, "remove" for "destroy", "died" for "die".
     """
     data = _mapping(data, "event")
     if data.get("Type") != "container":
@@ -226,6 +241,9 @@ def parse_event(data: Any) -> ContainerEvent | None:
     if raw_action.startswith("exec_"):
         return None
     action, _, detail = raw_action.partition(": ")
+    action = _PODMAN_ACTIONS.get(action, action)
+    if action == "health_status" and not detail:
+        detail = str(data.get("HealthStatus") or "")
     actor = _mapping(data.get("Actor"), "Actor")
     time_nano = data.get("timeNano")
     if not isinstance(time_nano, int):
