@@ -92,6 +92,9 @@ class Failure:
 
     message: str
     at: float  # wall clock, unix seconds
+    # The engine cannot be asked at all (condo.errors.EngineUnsupported): whatever the state
+    # says was last seen before, and is not evidence of anything now (never a stale Stable).
+    unobserved: bool = False
 
 
 @attrs.frozen(kw_only=True)

@@ -133,7 +133,11 @@ def from_record(data: Any, now: Instant) -> ServiceState:
             attempt=int(_finite(data["attempt"])),
             error=None
             if error is None
-            else Failure(message=str(error["message"]), at=_finite(error["at"])),
+            else Failure(
+                message=str(error["message"]),
+                at=_finite(error["at"]),
+                unobserved=error.get("unobserved") is True,
+            ),
             failed=_box_in(data["failed"]),
         )
     except (KeyError, TypeError, ValueError, OverflowError, SpecError) as exc:

@@ -498,7 +498,7 @@ class _Driver:
                 # logged it once); the state itself (and the file) is left as it was.
                 shown = self._ctx.store.entries[self._ctx.name].state.error
                 if shown is None or shown.message != str(exc):  # keep the first `at`
-                    failure = fsm.Failure(message=str(exc), at=time.time())
+                    failure = fsm.Failure(message=str(exc), at=time.time(), unobserved=True)
                     refused = attrs.evolve(self._state, error=failure)
                     self._ctx.store.set_state(self._ctx.name, refused)
                 await trio.sleep(OBSERVE_RETRY_DELAY)

@@ -85,7 +85,9 @@ def evaluate(
         running.append(host)
         current = service.get("current") or {}
         on_image = current.get("image") == image
-        if not (service.get("state") == "Stable" and on_image):
+        # A state the engine could not confirm (it refuses condo's API version) is no verdict.
+        unobserved = bool((service.get("error") or {}).get("unobserved"))
+        if not (service.get("state") == "Stable" and on_image) or unobserved:
             pending[host] = {
                 "state": service.get("state"),
                 "image": current.get("image"),
