@@ -246,3 +246,22 @@ async def test_killing_the_leader_elects_another_and_loses_no_key(
             await cluster.start_server(old.split(":")[0])
             nursery.cancel_scope.cancel()
     print(f"\n[cluster] leader {old} killed -> new leader {new} in {election:.1f}s")
+
+
+@pytest.mark.slow
+async def test_a_killed_client_agent_fails_and_comes_back_on_its_data(
+    cluster: ConsulCluster,
+) -> None:
+    agent = cluster.clients[-1]
+    with trio.fail_after(KEY_GONE_LIMIT + 20):
+        async with httpx.AsyncClient(base_url=cluster.http(agent)) as http:
+            node_id = (await http.get("/v1/agent/self")).json()["Config"]["NodeID"]
+        await cluster.kill_agent(agent)
+        killed_at = trio.current_time()
+        assert await cluster.leader(via=agent) is None  # nothing answers there any more
+        await cluster.wait_member(agent, MemberStatus.FAILED)
+        failed = trio.current_time() - killed_at
+        await cluster.start_agent(agent)
+        async with httpx.AsyncClient(base_url=cluster.http(agent)) as http:
+            assert (await http.get("/v1/agent/self")).json()["Config"]["NodeID"] == node_id
+    print(f"\n[cluster] client agent killed -> member failed {failed:.1f}s")
