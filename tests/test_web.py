@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from quart import typing as quart_typing
 from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 from quart_trio import QuartTrio
@@ -513,7 +514,7 @@ async def test_waits_beyond_the_cap_get_503_at_once(
             asked_at = trio.current_time()
             refused = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
             refused_at = trio.current_time()
-            assert web.context.metrics.web_waiters.value() == 3
+            assert web.context.metrics.value("condo_web_open_waits") == 3
             web.store.set_state("web", stable("img:2", "c2"))
             await trio.sleep(1)
             # Their slots are free again.
@@ -830,16 +831,16 @@ async def test_closing_answers_every_waiter_at_once(
             for _ in range(5):
                 nursery.start_soon(feed)
             await trio.sleep(5)
-            assert web.context.metrics.web_waiters.value() == 20
-            assert web.context.metrics.web_feeds.value() == 5
+            assert web.context.metrics.value("condo_web_open_waits") == 20
+            assert web.context.metrics.value("condo_web_open_feeds") == 5
             closed_at = trio.current_time()
             web.context.closing.close()
         done_at = trio.current_time()
     assert done_at == closed_at
     assert statuses == [503] * 20
     assert closes == [1001] * 5
-    assert web.context.metrics.web_waiters.value() == 0
-    assert web.context.metrics.web_feeds.value() == 0
+    assert web.context.metrics.value("condo_web_open_waits") == 0
+    assert web.context.metrics.value("condo_web_open_feeds") == 0
     # After closing, a new waiter is answered at once too.
     with trio.fail_after(CAP):
         late = await web.client.get("/v1/wait_for?name=web&image=img:9&timeout=600")
@@ -1103,58 +1104,22 @@ async def test_healthz_pings_the_engine_at_most_once_per_second(
 
 # --- metrics -----------------------------------------------------------------------------------
 
-SAMPLE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r"(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\n]|\\[\\\"n])*\",?)*)\})?"
-    r" (?P<value>[-+]?(?:[0-9.]+(?:e[-+]?[0-9]+)?|Inf|NaN))$"
-)
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """A strict little reader of the Prometheus text format: fails on any malformed line."""
-    assert text.endswith("\n")
-    types: dict[str, str] = {}
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge", "histogram"), line
-            assert name not in types, f"TYPE twice: {name}"
-            types[name] = kind
-            continue
-        match = SAMPLE.match(line)
-        assert match is not None, f"not a sample line: {line!r}"
-        name = match["name"]
-        assert name.startswith("condo_"), name
-        family = re.sub(r"_(bucket|sum|count)$", "", name)
-        assert name in types or (types.get(family) == "histogram"), f"no TYPE for {name}"
-        labels = dict(LABEL.findall(match["labels"] or ""))
-        samples.setdefault(name, []).append((labels, float(match["value"])))
-    # Histograms: cumulative buckets ending in +Inf, whose count is _count.
-    for name, kind in types.items():
-        if kind != "histogram":
-            continue
-        series: dict[tuple[tuple[str, str], ...], list[float]] = {}
-        for labels, value in samples.get(f"{name}_bucket", []):
-            key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
-            series.setdefault(key, []).append(value)
-            assert "le" in labels
-        counts = {
-            tuple(sorted(labels.items())): value
-            for labels, value in samples.get(f"{name}_count", [])
-        }
-        for key, values in series.items():
-            assert values == sorted(values), f"{name} buckets not cumulative"
-            assert values[-1] == counts[key]
+def parse_metrics(text: str) -> Samples:
+    """Read the exposition with prometheus_client's own parser (it fails on malformed lines)."""
+    types = {"counter", "gauge", "histogram"}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type in types, family
+        for found in family.samples:
+            assert found.name.startswith("condo_"), found.name
+            samples.setdefault(found.name, []).append((found.labels, found.value))
     return samples
 
 
-def sample(
-    samples: Mapping[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
-) -> float | None:
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
     for found, value in samples.get(name, []):
         if found == labels:
             return value
@@ -1189,8 +1154,8 @@ async def test_metrics_follow_the_services(
     assert sample(samples, "condo_service_retries_total", service="web") == 1
     assert sample(samples, "condo_deploy_duration_seconds_count", service="web") == 1
     assert sample(samples, "condo_deploy_duration_seconds_sum", service="web") == 16
-    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="10") == 0
-    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="20") == 1
+    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="10.0") == 0
+    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="20.0") == 1
     call = {"method": "GET", "endpoint": "/_ping", "outcome": "200"}
     assert sample(samples, "condo_docker_call_duration_seconds_count", **call) == 1
     assert sample(samples, "condo_docker_call_duration_seconds_bucket", le="0.005", **call) == 1

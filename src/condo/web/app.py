@@ -221,12 +221,12 @@ def build_app(context: WebContext) -> QuartTrio:
         verdict = None
         if not waits.try_take():
             return _full("waits", waits.cap, "--max-waits")
-        context.metrics.web_waiters.add(1)
+        context.metrics.web_waiters.inc()
         try:
             with context.closing.guard() as guard, trio.move_on_after(params.timeout):
                 verdict = await wait_deployed(source, params.name, params.image)
         finally:
-            context.metrics.web_waiters.add(-1)
+            context.metrics.web_waiters.dec()
             waits.release()
         if verdict is not None:
             return jsonify({"status": "ok", "hosts": list(verdict.hosts)})
@@ -286,7 +286,7 @@ def build_app(context: WebContext) -> QuartTrio:
 
     async def _feed() -> None:
         await websocket.accept()
-        context.metrics.web_feeds.add(1)
+        context.metrics.web_feeds.inc()
         try:
             with context.closing.guard() as guard:
                 await run_feed(
@@ -297,7 +297,7 @@ def build_app(context: WebContext) -> QuartTrio:
                     global_snapshots,
                 )
         finally:
-            context.metrics.web_feeds.add(-1)
+            context.metrics.web_feeds.dec()
         if guard.cancelled_caught:
             await websocket.close(1001, SHUTTING_DOWN)
 
