@@ -126,7 +126,8 @@ def build_app(context: WebContext) -> QuartTrio:
         length = request.content_length
         if length is not None and length > MAX_BODY:
             return _error(413, f"request bodies are limited to {MAX_BODY} bytes")
-        if context.api_token is None or request.endpoint == "healthz":
+        # /healthz needs no token, whatever the method: a TRACE of it gets its 405, not a 401.
+        if context.api_token is None or request.endpoint == "healthz" or request.path == "/healthz":
             return None
         if not token_matches(context.api_token, bearer(request.headers.get("Authorization"))):
             if locked is not None and request.endpoint in PAGES and _wants_html():
@@ -269,9 +270,13 @@ def build_app(context: WebContext) -> QuartTrio:
     async def metrics() -> Any:
         return Response(context.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
+    document = openapi_document(
+        token=context.api_token is not None, consul=context.global_source is not None
+    )
+
     @app.get("/openapi.json")
     async def openapi() -> Any:
-        return jsonify(openapi_document())
+        return jsonify(document)
 
     @app.websocket("/v1/feed")
     async def feed() -> Any:
