@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from quart import typing as quart_typing
 from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 from quart_trio import QuartTrio
@@ -35,7 +36,7 @@ from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
 from condo.web.hosts import AllowedHosts
 from condo.web.lifecycle import Closing
-from condo.web.openapi import openapi_document
+from condo.web.openapi import NOT_BLANK, openapi_document
 from condo.web.serve import closing_connections
 from tests.fakes import FakeHosts
 
@@ -513,7 +514,7 @@ async def test_waits_beyond_the_cap_get_503_at_once(
             asked_at = trio.current_time()
             refused = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
             refused_at = trio.current_time()
-            assert web.context.metrics.web_waiters.value() == 3
+            assert web.context.metrics.value("condo_web_open_waits") == 3
             web.store.set_state("web", stable("img:2", "c2"))
             await trio.sleep(1)
             # Their slots are free again.
@@ -830,16 +831,16 @@ async def test_closing_answers_every_waiter_at_once(
             for _ in range(5):
                 nursery.start_soon(feed)
             await trio.sleep(5)
-            assert web.context.metrics.web_waiters.value() == 20
-            assert web.context.metrics.web_feeds.value() == 5
+            assert web.context.metrics.value("condo_web_open_waits") == 20
+            assert web.context.metrics.value("condo_web_open_feeds") == 5
             closed_at = trio.current_time()
             web.context.closing.close()
         done_at = trio.current_time()
     assert done_at == closed_at
     assert statuses == [503] * 20
     assert closes == [1001] * 5
-    assert web.context.metrics.web_waiters.value() == 0
-    assert web.context.metrics.web_feeds.value() == 0
+    assert web.context.metrics.value("condo_web_open_waits") == 0
+    assert web.context.metrics.value("condo_web_open_feeds") == 0
     # After closing, a new waiter is answered at once too.
     with trio.fail_after(CAP):
         late = await web.client.get("/v1/wait_for?name=web&image=img:9&timeout=600")
@@ -1103,58 +1104,22 @@ async def test_healthz_pings_the_engine_at_most_once_per_second(
 
 # --- metrics -----------------------------------------------------------------------------------
 
-SAMPLE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r"(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\n]|\\[\\\"n])*\",?)*)\})?"
-    r" (?P<value>[-+]?(?:[0-9.]+(?:e[-+]?[0-9]+)?|Inf|NaN))$"
-)
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """A strict little reader of the Prometheus text format: fails on any malformed line."""
-    assert text.endswith("\n")
-    types: dict[str, str] = {}
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge", "histogram"), line
-            assert name not in types, f"TYPE twice: {name}"
-            types[name] = kind
-            continue
-        match = SAMPLE.match(line)
-        assert match is not None, f"not a sample line: {line!r}"
-        name = match["name"]
-        assert name.startswith("condo_"), name
-        family = re.sub(r"_(bucket|sum|count)$", "", name)
-        assert name in types or (types.get(family) == "histogram"), f"no TYPE for {name}"
-        labels = dict(LABEL.findall(match["labels"] or ""))
-        samples.setdefault(name, []).append((labels, float(match["value"])))
-    # Histograms: cumulative buckets ending in +Inf, whose count is _count.
-    for name, kind in types.items():
-        if kind != "histogram":
-            continue
-        series: dict[tuple[tuple[str, str], ...], list[float]] = {}
-        for labels, value in samples.get(f"{name}_bucket", []):
-            key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
-            series.setdefault(key, []).append(value)
-            assert "le" in labels
-        counts = {
-            tuple(sorted(labels.items())): value
-            for labels, value in samples.get(f"{name}_count", [])
-        }
-        for key, values in series.items():
-            assert values == sorted(values), f"{name} buckets not cumulative"
-            assert values[-1] == counts[key]
+def parse_metrics(text: str) -> Samples:
+    """Read the exposition with prometheus_client's own parser (it fails on malformed lines)."""
+    types = {"counter", "gauge", "histogram"}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type in types, family
+        for found in family.samples:
+            assert found.name.startswith("condo_"), found.name
+            samples.setdefault(found.name, []).append((found.labels, found.value))
     return samples
 
 
-def sample(
-    samples: Mapping[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
-) -> float | None:
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
     for found, value in samples.get(name, []):
         if found == labels:
             return value
@@ -1189,8 +1154,8 @@ async def test_metrics_follow_the_services(
     assert sample(samples, "condo_service_retries_total", service="web") == 1
     assert sample(samples, "condo_deploy_duration_seconds_count", service="web") == 1
     assert sample(samples, "condo_deploy_duration_seconds_sum", service="web") == 16
-    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="10") == 0
-    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="20") == 1
+    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="10.0") == 0
+    assert sample(samples, "condo_deploy_duration_seconds_bucket", service="web", le="20.0") == 1
     call = {"method": "GET", "endpoint": "/_ping", "outcome": "200"}
     assert sample(samples, "condo_docker_call_duration_seconds_count", **call) == 1
     assert sample(samples, "condo_docker_call_duration_seconds_bucket", le="0.005", **call) == 1
@@ -1223,11 +1188,18 @@ def documented(document: Mapping[str, Any]) -> set[tuple[str, str]]:
     return {(path, method) for path, item in document["paths"].items() for method in item}
 
 
-async def test_openapi_matches_the_routes(autojump_clock: trio.testing.MockClock, web: Web) -> None:
-    with trio.fail_after(CAP):
-        response = await web.client.get("/openapi.json")
-    document = await body(response)
-    assert document == openapi_document()
+@pytest.mark.parametrize("consul", [False, True])
+@pytest.mark.parametrize("token", [None, "s3cret"])
+async def test_openapi_matches_the_routes(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, token: str | None, consul: bool
+) -> None:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    hosts = FakeHosts({}) if consul else None
+    async with make_web(token=token, global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.get("/openapi.json", headers=headers)
+        document = await body(response)
+    assert document == openapi_document(token=token is not None, consul=consul)
     assert document["openapi"].startswith("3.")
     assert documented(document) == routes_of(web.app)
     websockets = {rule.rule for rule in web.app.url_map.iter_rules() if rule.websocket}
@@ -1236,12 +1208,78 @@ async def test_openapi_matches_the_routes(autojump_clock: trio.testing.MockClock
     for path, item in document["paths"].items():
         for operation in item.values():
             assert operation["responses"], path
-            if path != "/healthz":
-                assert "401" in operation["responses"], path
+            # A 401 is documented exactly where condo can answer one.
+            assert ("401" in operation["responses"]) == (token is not None and path != "/healthz")
     # Every $ref resolves.
     text = json.dumps(document)
     for ref in re.findall(r'"\$ref": "#/components/schemas/([A-Za-z]+)"', text):
         assert ref in document["components"]["schemas"]
+
+
+def test_openapi_declares_bearer_auth_only_with_a_token() -> None:
+    open_document = openapi_document(token=False, consul=False)
+    assert "security" not in open_document
+    assert "securitySchemes" not in open_document["components"]
+    assert "parameters" not in open_document["paths"]["/v1/feed"]["get"]
+    locked = openapi_document(token=True, consul=False)
+    assert locked["security"] == [{"bearer": []}]
+    assert locked["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert locked["paths"]["/healthz"]["get"]["security"] == []
+    [token] = locked["paths"]["/v1/feed"]["get"]["parameters"]
+    assert (token["name"], token["in"]) == ("token", "query")
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\x1e", "\u3000\t"])
+@pytest.mark.parametrize("parameter", ["name", "image"])
+async def test_openapi_refuses_the_blank_names_the_route_refuses(
+    autojump_clock: trio.testing.MockClock, web: Web, parameter: str, value: str
+) -> None:
+    operation = openapi_document(token=False, consul=False)["paths"]["/v1/wait_for"]
+    [schema] = [p["schema"] for p in operation["get"]["parameters"] if p["name"] == parameter]
+    # The document's rule (minLength, a non-blank pattern) says no to what the route says no to.
+    assert len(value) < schema["minLength"] or not re.search(schema["pattern"], value)
+    query = {"name": "web", "image": "img:1", "timeout": "0", parameter: value}
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for", query_string=query)
+    assert response.status_code == 400
+    assert "400" in operation["get"]["responses"]
+
+
+def test_the_not_blank_pattern_is_what_strip_keeps() -> None:
+    # Every character Python strips (all in the BMP) fails the pattern; every other one passes.
+    assert all(ord(c) < 0x10000 for c in map(chr, range(0x110000)) if c.isspace())
+    mismatched = [
+        hex(code)
+        for code in range(0x10000)
+        if (re.search(NOT_BLANK, chr(code)) is None) != chr(code).isspace()
+    ]
+    assert mismatched == []
+
+
+@pytest.mark.parametrize(("consul", "status"), [(False, 400), (True, 200)])
+async def test_openapi_documents_what_global_state_answers(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, consul: bool, status: int
+) -> None:
+    async with make_web(global_source=FakeHosts({}) if consul else None) as web:
+        with trio.fail_after(CAP):
+            response = await web.client.get("/v1/global_state")
+    assert response.status_code == status
+    document = openapi_document(token=False, consul=consul)
+    assert set(document["paths"]["/v1/global_state"]["get"]["responses"]) == {str(status), "403"}
+
+
+async def test_healthz_answers_other_methods_405_even_with_a_token(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    # /healthz needs no token: a method it does not take is a 405 (Allow: GET), never a 401.
+    async with make_web(token="s3cret") as web:
+        with trio.fail_after(CAP):
+            traced = await web.client.trace("/healthz")
+            posted = await web.client.post("/healthz")
+            state = await web.client.post("/v1/state")
+    assert (traced.status_code, posted.status_code) == (405, 405)
+    assert "GET" in traced.headers["Allow"]
+    assert state.status_code == 401  # other routes still say nothing without the token
 
 
 def test_openapi_check_notices_an_undocumented_route() -> None:
@@ -1251,11 +1289,12 @@ def test_openapi_check_notices_an_undocumented_route() -> None:
     async def secret() -> str:
         return "x"
 
-    assert ("/v1/secret", "get") in routes_of(app) - documented(openapi_document())
+    document = openapi_document(token=False, consul=False)
+    assert ("/v1/secret", "get") in routes_of(app) - documented(document)
 
 
 def test_openapi_documents_the_host_check_and_the_caps() -> None:
-    paths = openapi_document()["paths"]
+    paths = openapi_document(token=True, consul=True)["paths"]
     assert all("403" in op["responses"] for ops in paths.values() for op in ops.values())
     assert "--max-waits" in paths["/v1/wait_for"]["get"]["responses"]["503"]["description"]
     assert "--max-feeds" in paths["/v1/feed"]["get"]["responses"]["503"]["description"]

@@ -1,29 +1,37 @@
 """condo.metrics and the Docker client's call observer, without an engine.
 
-The registry's text format (escaping, histogram buckets), the service metrics derived from Store
-changes (transitions, retries, deploy durations in exact virtual time, removal), the endpoint
-templates that keep label values bounded, and the observer hook on a scripted transport.
+The exposition read back with prometheus_client's parser (exactly condo's families, types, label
+names and HELP texts; escaping; histogram buckets), one registry per condo, the service metrics
+derived from Store changes (transitions, retries, deploy durations in exact virtual time,
+removal), the endpoint templates that keep label values bounded, and the observer hook on a
+scripted transport.
 """
 
 from __future__ import annotations
-
-import math
 
 import attrs
 import httpx
 import pytest
 import trio
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from condo.docker.auth import RegistryAuth
 from condo.docker.client import CallRecord, DockerClient, endpoint_template
 from condo.docker.models import ContainerId
 from condo.errors import ContainerNotFound, DockerUnavailable
 from condo.fsm import Box, Phase, ServiceState
-from condo.metrics import Metrics, Registry, ServiceMetrics
+from condo.metrics import DEPLOY_BUCKETS, Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 
 CAP = 30
+TRANSITIONS = "condo_service_transitions_total"
+
+
+def edge(service: str, old: str, new: str) -> dict[str, str]:
+    """The labels of one transition series (`from` is a keyword, hence the dict)."""
+    return {"service": service, "from": old, "to": new}
 
 
 def state(phase: Phase, image: str = "img:1") -> ServiceState:
@@ -32,63 +40,153 @@ def state(phase: Phase, image: str = "img:1") -> ServiceState:
     return ServiceState(phase=phase, desired=spec, current=current)
 
 
-# --- registry ----------------------------------------------------------------------------------
+# --- the exposition ------------------------------------------------------------------------
+
+# The outside contract (README "HTTP API"): family name -> type, label names, HELP.
+FAMILIES = {
+    "condo_service_state": (
+        "gauge",
+        {"service", "state"},
+        "1 for the phase each service is in, 0 for the others.",
+    ),
+    "condo_service_transitions": (
+        "counter",
+        {"service", "from", "to"},
+        "Phase changes of each service.",
+    ),
+    "condo_deploy_duration_seconds": (
+        "histogram",
+        {"service"},
+        "From a candidate starting (Wait/WaitNext) to a Stable service, retries included.",
+    ),
+    "condo_service_retries": (
+        "counter",
+        {"service"},
+        "Deploy attempts started again after a failure (TryAgain* -> Wait*).",
+    ),
+    "condo_docker_call_duration_seconds": (
+        "histogram",
+        {"method", "endpoint", "outcome"},
+        "Docker Engine API call latency, until the answer's headers.",
+    ),
+    "condo_consul_publish_errors": (
+        "counter",
+        {"service"},
+        "Failed writes (or deletes) of a service's Consul key: refused, too large, held"
+        " elsewhere. The other keys are published regardless.",
+    ),
+    "condo_consul_publish_failing": (
+        "gauge",
+        {"service"},
+        "1 while a service's Consul key is not as this host says (see consul.publish_failed).",
+    ),
+    "condo_web_open_waits": ("gauge", set(), "Open /v1/wait_for long-polls."),
+    "condo_web_open_feeds": ("gauge", set(), "Open /v1/feed websockets."),
+}
 
 
-def test_registry_renders_the_text_format() -> None:
-    registry = Registry()
-    counter = registry.counter("condo_things_total", "Things.", ("kind",))
-    gauge = registry.gauge("condo_level", "Level.")
-    histogram = registry.histogram("condo_wait_seconds", "Waits.", buckets=(1.0, 5.0))
-    counter.inc('a"b\\c\nd')
-    counter.inc('a"b\\c\nd', amount=2)
-    gauge.set(0.25)
-    for value in (0.5, 3.0, 3.0, 100.0):
-        histogram.observe(value)
-    assert registry.render() == (
-        "# HELP condo_things_total Things.\n"
-        "# TYPE condo_things_total counter\n"
-        'condo_things_total{kind="a\\"b\\\\c\\nd"} 3\n'
-        "# HELP condo_level Level.\n"
-        "# TYPE condo_level gauge\n"
-        "condo_level 0.25\n"
-        "# HELP condo_wait_seconds Waits.\n"
-        "# TYPE condo_wait_seconds histogram\n"
-        'condo_wait_seconds_bucket{le="1"} 1\n'
-        'condo_wait_seconds_bucket{le="5"} 3\n'
-        'condo_wait_seconds_bucket{le="+Inf"} 4\n'
-        "condo_wait_seconds_sum 106.5\n"
-        "condo_wait_seconds_count 4\n"
+def families(text: str) -> dict[str, Metric]:
+    """The exposition read back by prometheus_client's parser (it raises on a malformed line)."""
+    found: dict[str, Metric] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name not in found, f"{family.name} twice"
+        found[family.name] = family
+    return found
+
+
+def labels_of(family: Metric) -> set[str]:
+    return {name for sample in family.samples for name in sample.labels} - {"le"}
+
+
+async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockClock) -> None:
+    store = Store("h")
+    watched = watch(store)
+    metrics = watched.metrics
+    store.set_state("web", state(Phase.Wait))
+    await trio.sleep(3)
+    store.set_state("web", state(Phase.TryAgain))
+    store.set_state("web", state(Phase.Wait))
+    store.set_state("web", state(Phase.Stable))
+    metrics.observe_docker_call(
+        CallRecord(method="GET", endpoint="/_ping", outcome="200", took=0.003)
     )
+    metrics.observe_consul_publish('a"b\\c\nd', "refused")  # label values are escaped
+    metrics.web_waiters.inc()
+
+    text = metrics.render()
+    assert text.endswith("\n")
+    found = families(text)
+    # Exactly condo's families: nothing added by the library (no _created, no process metrics).
+    assert set(found) == set(FAMILIES)
+    for name, (kind, label_names, help_text) in FAMILIES.items():
+        assert (found[name].type, labels_of(found[name]), found[name].documentation) == (
+            kind,
+            label_names,
+            help_text,
+        ), name
+    # The sample names a scraper sees, e.g. a counter's `_total`.
+    sample_names = {sample.name for family in found.values() for sample in family.samples}
+    assert sample_names == {
+        "condo_service_state",
+        "condo_service_transitions_total",
+        "condo_service_retries_total",
+        "condo_consul_publish_errors_total",
+        "condo_consul_publish_failing",
+        "condo_web_open_waits",
+        "condo_web_open_feeds",
+        *(
+            f"condo_{h}_{part}"
+            for h in ("deploy_duration_seconds", "docker_call_duration_seconds")
+            for part in ("bucket", "sum", "count")
+        ),
+    }
+
+    def value(family: str, sample_name: str, **labels: str) -> float:
+        [match] = [
+            s.value for s in found[family].samples if s.name == sample_name and s.labels == labels
+        ]
+        return match
+
+    assert value("condo_service_state", "condo_service_state", service="web", state="Stable") == 1
+    assert value("condo_service_state", "condo_service_state", service="web", state="Wait") == 0
+    transitions = ("condo_service_transitions", "condo_service_transitions_total")
+    assert value(*transitions, service="web", **{"from": "Wait", "to": "TryAgain"}) == 1
+    assert value(*transitions, service="web", **{"from": "TryAgain", "to": "Wait"}) == 1
+    assert value(*transitions, service="web", **{"from": "Wait", "to": "Stable"}) == 1
+    assert value("condo_service_retries", "condo_service_retries_total", service="web") == 1
+    deploy = "condo_deploy_duration_seconds"
+    assert value(deploy, f"{deploy}_count", service="web") == 1
+    assert value(deploy, f"{deploy}_sum", service="web") == 3
+    assert value(deploy, f"{deploy}_bucket", service="web", le="2.0") == 0
+    assert value(deploy, f"{deploy}_bucket", service="web", le="5.0") == 1
+    assert value(deploy, f"{deploy}_bucket", service="web", le="+Inf") == 1
+    # Cumulative buckets, one per bound and +Inf.
+    buckets = [s for s in found[deploy].samples if s.name == f"{deploy}_bucket"]
+    assert len(buckets) == len(DEPLOY_BUCKETS) + 1
+    assert [s.value for s in buckets] == sorted(s.value for s in buckets)
+    docker = "condo_docker_call_duration_seconds"
+    call = {"method": "GET", "endpoint": "/_ping", "outcome": "200"}
+    assert value(docker, f"{docker}_bucket", le="0.005", **call) == 1
+    assert value(docker, f"{docker}_sum", **call) == 0.003
+    errors = ("condo_consul_publish_errors", "condo_consul_publish_errors_total")
+    assert value(*errors, service='a"b\\c\nd') == 1
+    assert (
+        value("condo_consul_publish_failing", "condo_consul_publish_failing", service='a"b\\c\nd')
+        == 1
+    )
+    assert value("condo_web_open_waits", "condo_web_open_waits") == 1
+    assert value("condo_web_open_feeds", "condo_web_open_feeds") == 0
 
 
-def test_registry_refuses_mistakes() -> None:
-    registry = Registry()
-    with pytest.raises(ValueError, match="condo_"):
-        registry.gauge("other_level", "x")
-    registry.gauge("condo_level", "x")
-    with pytest.raises(ValueError, match="twice"):
-        registry.gauge("condo_level", "x")
-    counter = registry.counter("condo_n_total", "x", ("a",))
-    with pytest.raises(ValueError, match="labels"):
-        counter.inc()
-    with pytest.raises(ValueError, match="up"):
-        counter.inc("x", amount=-1)
-    with pytest.raises(ValueError, match="increasing"):
-        registry.histogram("condo_h", "x", buckets=(2.0, 1.0))
-
-
-def test_histogram_edges() -> None:
-    histogram = Registry().histogram("condo_h", "x", ("l",), buckets=(1.0, 2.0))
-    histogram.observe(1.0, "a")  # a bucket's bound is inclusive
-    histogram.observe(math.inf, "a")
-    assert histogram.count("a") == 2
-    assert list(histogram.samples())[:3] == [
-        ("condo_h_bucket", (("l", "a"), ("le", "1")), 1),
-        ("condo_h_bucket", (("l", "a"), ("le", "2")), 1),
-        ("condo_h_bucket", (("l", "a"), ("le", "+Inf")), 2),
-    ]
-    assert histogram.count("b") == 0
+def test_two_condos_in_one_process_keep_their_own_series() -> None:
+    first, second = Metrics(), Metrics()
+    first.observe_consul_publish("db", "refused")
+    assert first.value("condo_consul_publish_errors_total", service="db") == 1
+    assert second.value("condo_consul_publish_errors_total", service="db") is None
+    first.observe_consul_publish("db", None)
+    first.observe_consul_publish("db", None)  # forgetting twice is harmless
+    assert first.value("condo_consul_publish_failing", service="db") is None
+    assert first.value("condo_consul_publish_errors_total", service="db") == 1
 
 
 # --- service metrics ---------------------------------------------------------------------------
@@ -114,9 +212,9 @@ async def test_deploy_durations_and_retries(autojump_clock: trio.testing.MockClo
     store.set_state("web", state(Phase.Wait))  # a new service, straight into Wait
     await trio.sleep(3)
     store.set_state("web", state(Phase.Stable))
-    assert metrics.deploy_duration.count("web") == 1
-    assert metrics.deploy_duration.sum("web") == 3
-    assert metrics.transitions.value("web", "Wait", "Stable") == 1
+    assert metrics.value("condo_deploy_duration_seconds_count", service="web") == 1
+    assert metrics.value("condo_deploy_duration_seconds_sum", service="web") == 3
+    assert metrics.value(TRANSITIONS, **edge("web", "Wait", "Stable")) == 1
 
     # [:After n]: WaitNext, a failure, a retry, then Stable: one deploy of 2 + 5 + 1 s.
     store.set_state("web", state(Phase.WaitNext, "img:2"))
@@ -126,11 +224,11 @@ async def test_deploy_durations_and_retries(autojump_clock: trio.testing.MockClo
     store.set_state("web", state(Phase.WaitNext, "img:2"))
     await trio.sleep(1)
     store.set_state("web", state(Phase.Stable, "img:2"))
-    assert metrics.deploy_duration.count("web") == 2
-    assert metrics.deploy_duration.sum("web") == 3 + 8
-    assert metrics.retries.value("web") == 1
-    assert metrics.service_state.value("web", "Stable") == 1
-    assert metrics.service_state.value("web", "WaitNext") == 0
+    assert metrics.value("condo_deploy_duration_seconds_count", service="web") == 2
+    assert metrics.value("condo_deploy_duration_seconds_sum", service="web") == 3 + 8
+    assert metrics.value("condo_service_retries_total", service="web") == 1
+    assert metrics.value("condo_service_state", service="web", state="Stable") == 1
+    assert metrics.value("condo_service_state", service="web", state="WaitNext") == 0
 
 
 async def test_changes_that_keep_the_phase_count_nothing(
@@ -142,7 +240,7 @@ async def test_changes_that_keep_the_phase_count_nothing(
     watched.store.set_spec_error("web", None, "/x/web.edn")
     rendered = watched.metrics.render()
     assert "condo_service_transitions_total{" not in rendered
-    assert watched.metrics.service_state.value("web", "Stable") == 1
+    assert watched.metrics.value("condo_service_state", service="web", state="Stable") == 1
 
 
 async def test_a_removed_service_leaves_no_state_series(
@@ -153,12 +251,12 @@ async def test_a_removed_service_leaves_no_state_series(
     watched.store.set_state("db", state(Phase.Stable))
     watched.store.set_state("web", state(Phase.Init))
     watched.store.drop("web")
-    assert watched.metrics.service_state.value("web", "Init") is None
-    assert watched.metrics.service_state.value("db", "Stable") == 1
+    assert watched.metrics.value("condo_service_state", service="web", state="Init") is None
+    assert watched.metrics.value("condo_service_state", service="db", state="Stable") == 1
     # A deploy cut short by removal is not a deploy duration.
-    assert watched.metrics.deploy_duration.count("web") == 0
+    assert watched.metrics.value("condo_deploy_duration_seconds_count", service="web") is None
     # The counters keep their history (Prometheus counters never go back).
-    assert watched.metrics.transitions.value("web", "Wait", "Init") == 1
+    assert watched.metrics.value(TRANSITIONS, **edge("web", "Wait", "Init")) == 1
 
 
 async def test_sync_adopts_the_current_phases(autojump_clock: trio.testing.MockClock) -> None:
@@ -167,13 +265,13 @@ async def test_sync_adopts_the_current_phases(autojump_clock: trio.testing.MockC
     store.set_state("db", state(Phase.Stable))
     await trio.sleep(10)
     watched = watch(store)  # subscribes late: what exists now is the baseline
-    assert watched.metrics.service_state.value("web", "Wait") == 1
-    assert watched.metrics.service_state.value("db", "Stable") == 1
+    assert watched.metrics.value("condo_service_state", service="web", state="Wait") == 1
+    assert watched.metrics.value("condo_service_state", service="db", state="Stable") == 1
     await trio.sleep(2)
     store.set_state("web", state(Phase.Stable))
     # Measured from when the metrics started watching: a lower bound, never a guess.
-    assert watched.metrics.deploy_duration.sum("web") == 2
-    assert watched.metrics.transitions.value("web", "Wait", "Stable") == 1
+    assert watched.metrics.value("condo_deploy_duration_seconds_sum", service="web") == 2
+    assert watched.metrics.value(TRANSITIONS, **edge("web", "Wait", "Stable")) == 1
 
 
 # --- the Docker client's call observer ----------------------------------------------------------
@@ -249,4 +347,12 @@ async def test_metrics_take_the_client_records() -> None:
         with trio.fail_after(CAP):
             await client.ping()
             await client.ping()
-    assert metrics.docker_calls.count("GET", "/_ping", "200") == 2
+    assert (
+        metrics.value(
+            "condo_docker_call_duration_seconds_count",
+            method="GET",
+            endpoint="/_ping",
+            outcome="200",
+        )
+        == 2
+    )

@@ -25,6 +25,7 @@ import attrs
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
 from condo.config import DEFAULT_MAX_FEEDS, DEFAULT_MAX_WAITS, Bind
@@ -131,12 +132,24 @@ async def test_state_health_and_metrics_over_http(
     assert health.json()["engine"]["ok"] is True
     text = metrics.text
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert 'condo_service_state{service="web",state="Stable"} 1' in text
-    assert 'condo_service_transitions_total{service="web",from="Wait",to="Stable"} 1' in text
-    assert 'condo_deploy_duration_seconds_count{service="web"} 1' in text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float | None:
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    assert value("condo_service_state", service="web", state="Stable") == 1
+    transition = {"service": "web", "from": "Wait", "to": "Stable"}
+    assert value("condo_service_transitions_total", **transition) == 1
+    assert value("condo_deploy_duration_seconds_count", service="web") == 1
     # The engine calls of the deploy, by endpoint template (no ids in label values).
-    assert '{method="POST",endpoint="/containers/create",outcome="201",le="+Inf"} 1' in text
-    assert 'endpoint="/containers/{id}/start"' in text
+    create = {"method": "POST", "endpoint": "/containers/create", "outcome": "201"}
+    assert value("condo_docker_call_duration_seconds_bucket", le="+Inf", **create) == 1
+    endpoints = {dict(labels).get("endpoint") for _, labels in samples}
+    assert "/containers/{id}/start" in endpoints
     assert stable["current"]["id"] not in text
     assert page.status_code == 200
     assert "condo dashboard" in page.text

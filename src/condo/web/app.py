@@ -126,7 +126,8 @@ def build_app(context: WebContext) -> QuartTrio:
         length = request.content_length
         if length is not None and length > MAX_BODY:
             return _error(413, f"request bodies are limited to {MAX_BODY} bytes")
-        if context.api_token is None or request.endpoint == "healthz":
+        # /healthz needs no token, whatever the method: a TRACE of it gets its 405, not a 401.
+        if context.api_token is None or request.endpoint == "healthz" or request.path == "/healthz":
             return None
         if not token_matches(context.api_token, bearer(request.headers.get("Authorization"))):
             if locked is not None and request.endpoint in PAGES and _wants_html():
@@ -221,12 +222,12 @@ def build_app(context: WebContext) -> QuartTrio:
         verdict = None
         if not waits.try_take():
             return _full("waits", waits.cap, "--max-waits")
-        context.metrics.web_waiters.add(1)
+        context.metrics.web_waiters.inc()
         try:
             with context.closing.guard() as guard, trio.move_on_after(params.timeout):
                 verdict = await wait_deployed(source, params.name, params.image)
         finally:
-            context.metrics.web_waiters.add(-1)
+            context.metrics.web_waiters.dec()
             waits.release()
         if verdict is not None:
             return jsonify({"status": "ok", "hosts": list(verdict.hosts)})
@@ -269,9 +270,13 @@ def build_app(context: WebContext) -> QuartTrio:
     async def metrics() -> Any:
         return Response(context.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
+    document = openapi_document(
+        token=context.api_token is not None, consul=context.global_source is not None
+    )
+
     @app.get("/openapi.json")
     async def openapi() -> Any:
-        return jsonify(openapi_document())
+        return jsonify(document)
 
     @app.websocket("/v1/feed")
     async def feed() -> Any:
@@ -286,7 +291,7 @@ def build_app(context: WebContext) -> QuartTrio:
 
     async def _feed() -> None:
         await websocket.accept()
-        context.metrics.web_feeds.add(1)
+        context.metrics.web_feeds.inc()
         try:
             with context.closing.guard() as guard:
                 await run_feed(
@@ -297,7 +302,7 @@ def build_app(context: WebContext) -> QuartTrio:
                     global_snapshots,
                 )
         finally:
-            context.metrics.web_feeds.add(-1)
+            context.metrics.web_feeds.dec()
         if guard.cancelled_caught:
             await websocket.close(1001, SHUTTING_DOWN)
 

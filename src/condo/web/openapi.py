@@ -1,9 +1,15 @@
 """The OpenAPI 3 document of condo's HTTP API (served at `/openapi.json`).
 
-Hand-written, next to the routes it describes; tests/test_web.py compares its paths and methods
-with the app's url_map, so a route cannot be added, renamed or removed without this document
-following. The websocket `/v1/feed` is described as the GET that upgrades (OpenAPI has no
-websocket object) and marked `x-websocket: true`.
+Hand-written, next to the routes it describes, and exact for the condo that serves it: bearer
+auth, the 401 answers and the websocket's `?token=` are in the document only when condo runs
+with `--api-token`, because without one no route asks for it; `/v1/global_state` answers 200
+with `--expose consul` and always 400 without it.
+tests/test_web.py compares its paths and methods with the app's url_map, so a route cannot be
+added, renamed or removed without this document following; tests/integration/
+test_openapi_conformance.py runs schemathesis against a real `condo run`, with and without a
+token, so the parameters, status codes, bodies and content types cannot drift either. The
+websocket `/v1/feed` is described as the GET that upgrades (OpenAPI has no websocket object) and
+marked `x-websocket: true`; a plain GET of it answers 400.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import condo
+from condo.web.waitfor import MAX_IMAGE, MAX_NAME, MAX_TIMEOUT
 
 PHASES = ["Init", "Wait", "TryAgain", "Stable", "WaitNext", "TryAgainNext"]
 
@@ -26,7 +33,16 @@ def _error(description: str) -> dict[str, Any]:
     return _json("Error", description)
 
 
-_UNAUTHORIZED = _error("--api-token is set and the request has no valid Bearer token")
+_UNAUTHORIZED = _error("the request has no valid Bearer token (condo runs with --api-token)")
+# The dashboard's pages answer a browser (Accept: text/html) with a page that asks for the token.
+_PAGE_UNAUTHORIZED = {
+    "description": "no valid Bearer token: JSON, or for a browser (Accept: text/html) the page "
+    "that asks for the token",
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}},
+        "text/html": {},
+    },
+}
 _FOREIGN_HOST = _error(
     "the Host is not localhost, 127.0.0.1, [::1], the --server address or an --allowed-host name"
 )
@@ -201,55 +217,78 @@ def _page(summary: str) -> dict[str, Any]:
     return {
         "get": {
             "summary": summary,
-            "responses": {
-                "200": {"description": "the page", "content": {"text/html": {}}},
-                "401": _UNAUTHORIZED,
-            },
+            "responses": {"200": {"description": "the page", "content": {"text/html": {}}}},
         }
     }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The whole document (a fresh dict on each call)."""
+# Holds a character that `str.strip()` keeps: condo.web.waitfor strips `name` and `image` and
+# refuses them blank. Spelled out because `\s` differs between Python, ECMA-262 (JSON Schema) and
+# other regex engines (U+001C-U+001F, U+0085); these escapes read the same in all of them.
+NOT_BLANK = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
+def _text_parameter(name: str, max_length: int, description: str) -> dict[str, Any]:
+    # Blank (all whitespace) or longer than max_length: 400 (the length counts before stripping
+    # here, after it in the route: a longer padded value is the one thing the route accepts more).
+    return {
+        "name": name,
+        "in": "query",
+        "required": True,
+        "description": description,
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": max_length,
+            "pattern": NOT_BLANK,
+        },
+    }
+
+
+def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
+    """The whole document (a fresh dict on each call) of a condo that runs with --api-token
+    (`token`) or not, and with --expose consul (`consul`) or not."""
     paths: dict[str, Any] = {
         "/v1/state": {
             "get": {
                 "summary": "This host's services",
-                "responses": {"200": _json("State", "the state"), "401": _UNAUTHORIZED},
+                "responses": {"200": _json("State", "the state")},
             }
         },
         "/v1/global_state": {
             "get": {
                 "summary": "Every host's services, from Consul",
-                "responses": {
-                    "200": _json("GlobalState", "every host's state"),
-                    "400": _error("exposing is off (run with --expose consul)"),
-                    "401": _UNAUTHORIZED,
-                },
+                "responses": (
+                    {"200": _json("GlobalState", "every host's state")}
+                    if consul
+                    else {"400": _error("this condo runs without --expose consul: always 400")}
+                ),
             }
         },
         "/v1/wait_for": {
             "get": {
                 "summary": "Wait until every host running NAME has it Stable on IMAGE",
                 "parameters": [
-                    {"name": "name", "in": "query", "required": True, "schema": {"type": "string"}},
-                    {
-                        "name": "image",
-                        "in": "query",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    },
+                    _text_parameter("name", MAX_NAME, "the service"),
+                    _text_parameter("image", MAX_IMAGE, "the image it must be Stable on"),
                     {
                         "name": "timeout",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "number", "minimum": 0, "maximum": 3600, "default": 60},
+                        "description": "seconds to wait; empty is the default",
+                        # `timeout=` is the same as no timeout: the default.
+                        "allowEmptyValue": True,
+                        "schema": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": MAX_TIMEOUT,
+                            "default": 60,
+                        },
                     },
                 ],
                 "responses": {
                     "200": _json("WaitDone", "deployed everywhere it runs"),
                     "400": _error("missing or bad parameters"),
-                    "401": _UNAUTHORIZED,
                     "500": _json("WaitTimeout", "the timeout passed; the pending hosts"),
                     "503": _error(
                         "condo is shutting down, or too many waits are open (--max-waits); "
@@ -262,15 +301,6 @@ def openapi_document() -> dict[str, Any]:
             "get": {
                 "summary": "Websocket: the state now, then after every change (latest value)",
                 "x-websocket": True,
-                "parameters": [
-                    {
-                        "name": "token",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                        "description": "the API token, for clients that cannot set headers",
-                    }
-                ],
                 "responses": {
                     "101": {
                         "description": "upgraded; every message is a FeedMessage; closes with "
@@ -282,7 +312,6 @@ def openapi_document() -> dict[str, Any]:
                         },
                     },
                     "400": _error("not a websocket request"),
-                    "401": _UNAUTHORIZED,
                     "403": _error(
                         "a foreign Host, or an Origin that is not this API's own "
                         "(no Origin is fine)"
@@ -294,7 +323,6 @@ def openapi_document() -> dict[str, Any]:
         "/healthz": {
             "get": {
                 "summary": "Whether the engine answers (no token needed)",
-                "security": [],
                 "responses": {
                     "200": _json("Health", "ok, or degraded (the state file cannot be written)"),
                     "503": _json("Health", "the engine does not answer"),
@@ -306,7 +334,6 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Prometheus metrics (text format 0.0.4)",
                 "responses": {
                     "200": {"description": "metrics", "content": {"text/plain": {}}},
-                    "401": _UNAUTHORIZED,
                 },
             }
         },
@@ -315,7 +342,6 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "This document",
                 "responses": {
                     "200": {"description": "OpenAPI 3", "content": {"application/json": {}}},
-                    "401": _UNAUTHORIZED,
                 },
             }
         },
@@ -329,7 +355,6 @@ def openapi_document() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {"description": "the file"},
-                    "401": _UNAUTHORIZED,
                     "404": _error("no such file"),
                 },
             }
@@ -338,27 +363,50 @@ def openapi_document() -> dict[str, Any]:
     for operations in paths.values():
         for operation in operations.values():
             operation["responses"].setdefault("403", _FOREIGN_HOST)
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "condo",
             "version": condo.__version__,
             "description": "The HTTP API of `condo run`. Every error answer is JSON "
-            '`{"error": "..."}`. When --api-token is set, every route but /healthz needs '
-            "`Authorization: Bearer TOKEN` (the websocket also accepts `?token=`). Every route "
-            "answers 403 to a Host other than localhost, 127.0.0.1, [::1], the --server address "
-            "and the --allowed-host names (any port).",
+            '`{"error": "..."}` (but a browser asking a dashboard page without the token gets '
+            "the page that asks for it). Every route answers 403 to a Host other than "
+            "localhost, an IP address, the --server address and the --allowed-host names (any "
+            "port). This condo runs "
+            + (
+                "with --api-token: every route but /healthz needs `Authorization: Bearer TOKEN` "
+                "(the websocket also accepts `?token=`) and answers 401 without it."
+                if token
+                else "without --api-token: no route asks for a token."
+            ),
         },
-        "security": [{"bearer": []}],
         "paths": paths,
-        "components": {
-            "schemas": _SCHEMAS,
-            "securitySchemes": {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "only checked when condo runs with --api-token",
-                }
-            },
-        },
+        "components": {"schemas": _SCHEMAS},
     }
+    if token:
+        _require_token(document)
+    return document
+
+
+def _require_token(document: dict[str, Any]) -> None:
+    """Bearer auth on every route but /healthz, their 401s, and the websocket's `?token=`."""
+    document["security"] = [{"bearer": []}]
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "the --api-token"}
+    }
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if path == "/healthz":
+                operation["security"] = []
+                continue
+            unauthorized = _PAGE_UNAUTHORIZED if path in ("/", "/ui") else _UNAUTHORIZED
+            operation["responses"]["401"] = unauthorized
+    document["paths"]["/v1/feed"]["get"]["parameters"] = [
+        {
+            "name": "token",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "the API token, for clients that cannot set headers",
+        }
+    ]
