@@ -1203,7 +1203,9 @@ async def test_openapi_matches_the_routes(
     assert document["openapi"].startswith("3.")
     assert documented(document) == routes_of(web.app)
     websockets = {rule.rule for rule in web.app.url_map.iter_rules() if rule.websocket}
-    marked = {path for path, item in document["paths"].items() if item["get"].get("x-websocket")}
+    marked = {
+        path for path, item in document["paths"].items() if item.get("get", {}).get("x-websocket")
+    }
     assert websockets == marked == {"/v1/feed"}
     for path, item in document["paths"].items():
         for operation in item.values():

@@ -153,7 +153,7 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         "current": _box_view(state.current),
         "next": _box_view(next_box),
         "retry_at": None if state.retry_at is None else now.wall_at(state.retry_at),
-        "error": None if state.error is None else attrs.asdict(state.error),
+        "error": _failure_view(state.error),
         "spec_error": None
         if spec_error is None
         else {"file": spec_error.file, "line": spec_error.line, "message": spec_error.message},
@@ -166,6 +166,15 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         "failed": _box_view(state.failed),
         "removed": state.removed,
     }
+
+
+def _failure_view(failure: Failure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    view: dict[str, Any] = {"message": failure.message, "at": failure.at}
+    if failure.unobserved:
+        view["unobserved"] = True  # the state could not be confirmed by the engine
+    return view
 
 
 def _finite(value: Any) -> float:

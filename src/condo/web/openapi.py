@@ -80,7 +80,14 @@ _SCHEMAS: dict[str, Any] = {
             "retry_at": {"type": ["number", "null"], "description": "unix seconds"},
             "error": {
                 "type": ["object", "null"],
-                "properties": {"message": {"type": "string"}, "at": {"type": "number"}},
+                "properties": {
+                    "message": {"type": "string"},
+                    "at": {"type": "number"},
+                    "unobserved": {
+                        "const": True,
+                        "description": "the engine refuses condo: the state is not confirmed",
+                    },
+                },
             },
             "spec_error": {
                 "type": ["object", "null"],
@@ -122,20 +129,44 @@ _SCHEMAS: dict[str, Any] = {
     },
     "GlobalState": {
         "type": "object",
-        "required": ["hosts"],
+        "required": ["hosts", "stale", "read_at"],
         "properties": {
             "hosts": {
                 "type": "object",
                 "additionalProperties": {
                     "type": "object",
+                    "required": ["services", "live", "last_seen"],
                     "properties": {
                         "services": {
                             "type": "object",
+                            "description": "what the host publishes now (empty when not live)",
                             "additionalProperties": {"$ref": "#/components/schemas/Service"},
-                        }
+                        },
+                        "live": {"type": "boolean", "description": "its session is alive"},
+                        "last_seen": {
+                            "type": ["number", "null"],
+                            "description": "when it was last seen live (unix seconds); null "
+                            "while live",
+                        },
+                        "runs": {
+                            "type": "object",
+                            "description": "its record: what it last said it runs",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {
+                                    "state": {"type": ["string", "null"]},
+                                    "image": {"type": ["string", "null"]},
+                                },
+                            },
+                        },
                     },
                 },
-            }
+            },
+            "stale": {"type": "boolean", "description": "Consul could not be read lately"},
+            "read_at": {
+                "type": ["number", "null"],
+                "description": "the last good read of Consul (unix seconds)",
+            },
         },
     },
     "Pending": {
@@ -144,10 +175,18 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": {
             "type": "object",
             "properties": {
-                "state": {"type": "string", "enum": PHASES},
+                "state": {"type": "string", "enum": [*PHASES, "unreachable"]},
                 "image": {"type": ["string", "null"]},
                 "deploying": {"type": ["string", "null"]},
                 "error": {"type": ["object", "null"]},
+                "since": {
+                    "type": ["number", "null"],
+                    "description": "unreachable: when the host was last seen live",
+                },
+                "last_state": {
+                    "type": ["string", "null"],
+                    "description": "unreachable: the state it last published",
+                },
             },
         },
     },
@@ -167,7 +206,14 @@ _SCHEMAS: dict[str, Any] = {
             "pending": {"$ref": "#/components/schemas/Pending"},
             "hosts": {"type": "array", "items": {"type": "string"}},
             "error": {"type": "string"},
+            "stale": {"const": True, "description": "no verdict: Consul could not be read"},
+            "read_at": {"type": ["number", "null"]},
         },
+    },
+    "Forgotten": {
+        "type": "object",
+        "required": ["forgotten"],
+        "properties": {"forgotten": {"type": "string"}},
     },
     "Health": {
         "type": "object",
@@ -260,6 +306,24 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
                 "summary": "Every host's services, from Consul",
                 "responses": (
                     {"200": _json("GlobalState", "every host's state")}
+                    if consul
+                    else {"400": _error("this condo runs without --expose consul: always 400")}
+                ),
+            }
+        },
+        "/v1/hosts/{host}": {
+            "delete": {
+                "summary": "Forget a decommissioned host: waits no longer count it",
+                "parameters": [
+                    {"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": (
+                    {
+                        "200": _json("Forgotten", "its record is gone"),
+                        "404": _error("no such host under the prefix"),
+                        "409": _error("the host is live"),
+                        "503": _error("Consul cannot be read or refused"),
+                    }
                     if consul
                     else {"400": _error("this condo runs without --expose consul: always 400")}
                 ),
