@@ -26,6 +26,7 @@ from condo.docker import DockerClient
 from tests.browser.dashboard import (
     UI_LIMIT,
     Dashboard,
+    css_string,
     free_port,
     serve_condo,
     spec,
@@ -321,3 +322,15 @@ async def _two_hosts(
     newest = page.row("web").locator(".timeline .event").first
     await page.expect_text(newest.locator(".ev-host"), other.host)
     await page.expect_text(page.page.locator("#summary"), "2 hosts")
+
+    # The other condo stops (its session ends, its containers run on): its column stays, every
+    # service it runs shown as unreachable, with its last image and when it was last seen.
+    await stop_condo(other, graceful=True)
+    await page.expect_state("web", "unreachable", host=other.host)
+    await page.expect_text(page.cell("web", other.host), BUSYBOX.format(2))
+    await page.expect_text(page.cell("web", other.host), re.compile(r"last seen \d+s ago"))
+    await page.expect_text(page.cell("only-here", other.host), "not here")
+    head = page.page.locator(f"thead th.col-host[data-host={css_string(other.host)}]")
+    await page.expect_text(head, "unreachable")
+    await page.expect_text(newest.locator(".why"), "host unreachable")
+    await page.expect_text(page.page.locator("#summary"), "1 unreachable")

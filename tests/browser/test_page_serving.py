@@ -201,7 +201,10 @@ async def test_the_feed_sends_every_host_after_the_first_snapshot() -> None:
         "type": "global",
         "token": 1,
         "stale": False,
-        "hosts": {HOST: {"services": {}}, "h2": {"services": {"web": view_of(stable("img:1"))}}},
+        "hosts": {
+            HOST: {"services": {}, "live": True, "last_seen": None},
+            "h2": {"services": {"web": view_of(stable("img:1"))}, "live": True, "last_seen": None},
+        },
     }
     assert third["type"] == "global"
     assert third["token"] == 2

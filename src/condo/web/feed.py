@@ -9,10 +9,11 @@ encoded once per version, however many clients read them.
 Messages (JSON objects, told apart by `type`):
 - `{"type": "snapshot", "version": N, "state": {"host": ..., "services": {...}}}`: this host's
   `/v1/state`; always the first message, then one per change of the Store.
-- `{"type": "global", "token": T, "stale": bool, "hosts": {H: {"services": {...}}}}`: every
-  host's services (the `/v1/global_state` body, plus the picture's token and whether Consul could
-  not be read lately). Only when condo exposes to Consul: right after the first snapshot, then one
-  per new picture (or change of `stale`). Same latest-value rule, independently of the snapshots.
+- `{"type": "global", "token": T, "stale": bool, "hosts": {H: {"services", "live", "last_seen",
+  "runs"?}}}`: every host's services (the `/v1/global_state` hosts, plus the picture's token and
+  whether Consul could not be read lately). Only when condo exposes to Consul: right after the
+  first snapshot, then one per new picture (or change of `stale`). Same latest-value rule,
+  independently of the snapshots.
 Whatever the client sends is read and dropped (so its disconnect is noticed at once).
 """
 

@@ -25,6 +25,7 @@
   const TIMELINE_KEEP = 20;
   const TIMELINE_SHOW = 5;
   const FAILING = new Set(["TryAgain", "TryAgainNext"]);
+  const UNREACHABLE = "unreachable";
   const SAFE_ATTRIBUTE = /^(class|title|data-[a-z-]+)$/;
 
   const model = {
@@ -117,7 +118,7 @@
       model.global = {hosts: message.hosts || {}, stale: Boolean(message.stale)};
       for (const [host, body] of Object.entries(model.global.hosts)) {
         // The local host's column comes from the snapshots, which are fresher than Consul.
-        if (host !== localHost()) observe(host, (body && body.services) || {}, at);
+        if (host !== localHost()) observe(host, servicesOf(host), at);
       }
     } else {
       return; // a message type this page does not know: newer condo, older page
@@ -140,7 +141,24 @@
   function servicesOf(host) {
     if (host === localHost()) return model.local.services || {};
     const body = model.global && model.global.hosts[host];
+    if (body && body.live === false) return unreachableViews(body);
     return (body && body.services) || {};
+  }
+
+  // A host whose Consul session lapsed (cut off, its condo or agent dead) still runs what its
+  // record says: shown as "unreachable", with what it last ran and when it was last seen.
+  function unreachableViews(body) {
+    const views = {};
+    for (const [name, said] of Object.entries(body.runs || {})) {
+      views[name] = {state: UNREACHABLE, current: null, image: said.image, last_state: said.state,
+        last_seen: body.last_seen};
+    }
+    return views;
+  }
+
+  function unreachable(host) {
+    const body = model.global && model.global.hosts[host];
+    return Boolean(body && body.live === false && host !== localHost());
   }
 
   function serviceNames() {
@@ -238,6 +256,8 @@
       if (FAILING.has(from)) return `back to ${now.name}`;
       return `${now.name} is stable`;
     }
+    if (to === UNREACHABLE) return "host unreachable: its Consul session lapsed";
+    if (from === UNREACHABLE) return "host reachable again";
     if (to === "Init") return after.removed ? "retired" : "nothing runs";
     return "";
   }
@@ -270,6 +290,13 @@
     if (view.attempt) head.appendChild(el("span", {class: "chip chip-bad"}, `attempt ${view.attempt}`));
     td.appendChild(head);
 
+    if (state === UNREACHABLE) {
+      if (view.image) td.appendChild(line("image", mono(view.image, "image")));
+      td.appendChild(line("unreachable", el("span", {class: "label"}, "last seen"), " ",
+        view.last_seen ? since(view.last_seen, " ago") : el("span", {class: "muted"}, "never, from here"),
+        view.last_state ? el("span", {class: "muted"}, ` (${view.last_state})`) : null));
+      return td;
+    }
     const current = view.current;
     const image = current ? current.image : view.image;
     if (image) {
@@ -358,7 +385,8 @@
     const head = byId("head-row");
     head.replaceChildren(el("th", {class: "col-service"}, "service"),
       ...columns.map((host) => el("th", {class: "col-host", "data-host": host},
-        el("span", {class: "mono"}, host), host === local && many ? el("span", {class: "muted"}, " (this condo)") : null)),
+        el("span", {class: "mono"}, host), host === local && many ? el("span", {class: "muted"}, " (this condo)") : null,
+        unreachable(host) ? el("span", {class: "chip chip-bad"}, "unreachable") : null)),
       el("th", {class: "col-timeline"}, "recent transitions"));
 
     const rows = document.createDocumentFragment();
@@ -371,7 +399,7 @@
       if (!model.filter.every((word) => text.includes(word))) continue;
       shown += 1;
       for (const view of views) if (view) counts.set(view.state, (counts.get(view.state) || 0) + 1);
-      const bad = views.some((v) => v && (FAILING.has(v.state) || v.error || v.spec_error));
+      const bad = views.some((v) => v && (FAILING.has(v.state) || v.state === UNREACHABLE || v.error || v.spec_error));
       const deploy = views.find((v) => v && v.deploy);
       const nameCell = el("th", {class: "name"},
         el("div", {class: "service-name mono"}, name),
@@ -392,7 +420,7 @@
     empty.hidden = shown > 0;
     byId("services").hidden = shown === 0;
 
-    const order = ["Stable", "Wait", "WaitNext", "TryAgain", "TryAgainNext", "Init"];
+    const order = ["Stable", "Wait", "WaitNext", "TryAgain", "TryAgainNext", "Init", UNREACHABLE];
     const parts = [model.filter.length ? `${shown} of ${names.length} services` : `${names.length} service${names.length === 1 ? "" : "s"}`];
     if (many) parts.push(`${columns.length} hosts`);
     const summary = byId("summary");
