@@ -84,6 +84,16 @@ async def _fleet(client: httpx.AsyncClient) -> Fleet:
     return Fleet({body["host"]: body["services"]})
 
 
+async def _ask_fleet(command: str, url: str, api_token: str | None) -> Fleet | None:
+    """The fleet, or None once the error is printed (as `command: ...`)."""
+    try:
+        async with _client(url, api_token, read_timeout=10) as client:
+            return await _fleet(client)
+    except ClientError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+
+
 def _describe_pending(pending: Mapping[str, Mapping[str, Any]]) -> str:
     return ", ".join(
         f"{host}=unreachable since {_clock(info.get('since'))}"
@@ -204,11 +214,8 @@ async def state(
     *, url: str = DEFAULT_URL, api_token: str | None = None, out: TextIO = sys.stdout
 ) -> int:
     """Print a table of every host's services (global when exposing, else local)."""
-    try:
-        async with _client(url, api_token, read_timeout=10) as client:
-            fleet = await _fleet(client)
-    except ClientError as exc:
-        print(f"condo state: {exc}", file=sys.stderr)
+    fleet = await _ask_fleet("condo state", url, api_token)
+    if fleet is None:
         return EXIT_ERROR
     print(render_table(fleet.hosts, now=time.time(), records=fleet.records), file=out)
     if fleet.stale:
@@ -220,11 +227,8 @@ async def hosts(
     *, url: str = DEFAULT_URL, api_token: str | None = None, out: TextIO = sys.stdout
 ) -> int:
     """`condo hosts`: every host in Consul, whether it is live, when it was last seen."""
-    try:
-        async with _client(url, api_token, read_timeout=10) as client:
-            fleet = await _fleet(client)
-    except ClientError as exc:
-        print(f"condo hosts: {exc}", file=sys.stderr)
+    fleet = await _ask_fleet("condo hosts", url, api_token)
+    if fleet is None:
         return EXIT_ERROR
     if not fleet.global_:
         print("condo hosts: needs a condo run with --expose consul", file=sys.stderr)
