@@ -34,6 +34,7 @@ from tests.integration.harness import (
     CondoUnderTest,
     condo_files,
     free_port,
+    remove_host_containers,
     start_condo,
 )
 from tests.integration.test_docker_events import is_event, proxy_to_engine, receive_until
@@ -105,8 +106,8 @@ class RefusingEngine:
                 if not chunk:
                     return
                 head += chunk
-            path = head.split(b" ", 2)[1].decode().split("?")[0]
-            status, headers, body = await self._respond(path)
+            target = head.split(b" ", 2)[1].decode()
+            status, headers, body = await self._respond(target)
             headers = {
                 **headers,
                 "Content-Length": str(len(body)),
@@ -115,7 +116,8 @@ class RefusingEngine:
             lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             await stream.send_all(f"HTTP/1.1 {status} X\r\n{lines}\r\n".encode() + body)
 
-    async def _respond(self, path: str) -> tuple[int, Mapping[str, str], bytes]:
+    async def _respond(self, target: str) -> tuple[int, Mapping[str, str], bytes]:
+        path = target.split("?")[0]
         transport = httpx.AsyncHTTPTransport(uds=self.backend.removeprefix("unix://"))
         async with httpx.AsyncClient(transport=transport, base_url="http://engine") as engine:
             if path == "/_ping":
@@ -176,6 +178,31 @@ async def test_an_engine_condo_cannot_speak_to_is_one_clear_error(
             events = [json.loads(line).get("event") for line in log if line.startswith("{")]
             assert events.count("docker.engine_unsupported") == 1
             assert "service.observe_failed" not in events
+
+
+class HeaderlessEngine(RefusingEngine):
+    """A TCP front for an engine that passes every GET through but drops the `Api-Version`
+    header of its `/_ping` (as some proxies in front of a socket do)."""
+
+    async def _respond(self, target: str) -> tuple[int, Mapping[str, str], bytes]:
+        transport = httpx.AsyncHTTPTransport(uds=self.backend.removeprefix("unix://"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as engine:
+            answer = await engine.get(target)
+        headers = {"Content-Type": answer.headers.get("Content-Type", "text/plain")}
+        return answer.status_code, headers, answer.content
+
+
+async def test_an_engine_without_an_api_version_header_is_spoken_to_in_its_own(
+    nursery: trio.Nursery,
+) -> None:
+    """No Api-Version in /_ping: /version's ApiVersion says it. The 20.10 engine (1.41) answers
+    condo's newest (1.51) with 400 "too new"."""
+    headerless = HeaderlessEngine(ENGINES["docker-20.10"])
+    await nursery.start(headerless.serve)
+    with trio.fail_after(20):
+        async with open_docker(f"http://127.0.0.1:{headerless.port}") as client:
+            assert await client.list_containers(labels={"condo-test.none": "x"}) == []
+            assert client.api_version == "1.41"
 
 
 async def test_a_client_on_a_refusing_engine_raises_at_once_and_rechecks_later(
@@ -437,3 +464,47 @@ async def stable_on_disk(condo: CondoUnderTest, service: str) -> dict[str, Any]:
             if record is not None and record["phase"] == "Stable":
                 return record
         await trio.sleep(0.1)
+
+
+# --- an engine swapped under a running condo ---------------------------------------------------
+
+
+async def test_an_engine_downgraded_under_a_running_condo_is_renegotiated(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """condo speaks 1.51 to the 28.5 engine; that engine is replaced on the same socket by 26.1
+    (API 1.45: a rollback of the package), which answers 1.51 with 400 "too new". condo must
+    speak 1.45 from then on and redeploy what the new engine lacks, never keep the old Stable."""
+    newer, older = ENGINES["docker-28.5-floor-1.44"], ENGINES["docker-26.1"]
+    async with (
+        proxy_to_engine(tmp_path, newer.removeprefix("unix://")) as proxy,
+        open_docker(newer) as on_newer,
+        open_docker(older) as on_older,
+        condo_files(tmp_path, on_older, f"unix://{proxy.path}") as condo,
+    ):
+        try:
+            with trio.fail_after(40):
+                async with trio.open_nursery() as inner:
+                    await start_condo(inner, condo)
+                    condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+                    first = await condo.wait_state("web", "Stable")
+                    # The package is rolled back: the socket now leads to the older engine.
+                    proxy.upstream = older.removeprefix("unix://")
+                    proxy.cut()
+                    proxy.restore()
+
+                    def redeployed(view: dict[str, Any]) -> bool:
+                        web: dict[str, Any] = view["services"]["web"]
+                        current = web["current"] or {}
+                        return bool(
+                            web["state"] == "Stable" and current.get("id") != first["current"]["id"]
+                        )
+
+                    view = await condo.wait(redeployed, limit=20)
+                    # The new container is on the older engine, where condo sees it run.
+                    ids = await condo.running_ids("web")
+                    assert ids == {view["services"]["web"]["current"]["id"]}
+                    assert condo.running is not None
+                    condo.running.shutdown()
+        finally:
+            await remove_host_containers(on_newer, condo.host)

@@ -13,7 +13,8 @@ Invariants:
   path is prefixed `/v<version>`. An engine whose floor is above `MAX_API_VERSION` is refused with
   `EngineUnsupported`, logged once, by every call (a recheck at most every
   `UNSUPPORTED_RECHECK` seconds); an engine that starts refusing our version mid-way (restarted
-  with a higher floor) is renegotiated at once.
+  with a higher floor, or replaced by an older engine) is renegotiated at once. Without an
+  Api-Version header, `/version`'s ApiVersion stands in for it.
 - Podman is recognised by the `Libpod-Api-Version` header of its `/_ping` (`is_podman`); its
   event filter names ("died", "remove") are used for it, and `run_healthcheck` runs a container's
   check through libpod's own API (Podman without systemd never runs one by itself).
@@ -257,21 +258,26 @@ def _negotiate(announced: str | None, floor: str | None = None) -> str:
     return version
 
 
-def _too_old(status: int, message: str) -> bool:
-    """The engine's answer to a request in an API version below its floor."""
-    return status == 400 and "too old" in message.lower()
+def _version_refused(status: int, message: str) -> bool:
+    """The engine's answer to a request in an API version below its floor ("too old": it was
+    restarted with a higher one) or above its own ("too new": it was replaced by an older one)."""
+    lowered = message.lower()
+    return status == 400 and ("too old" in lowered or "too new" in lowered)
 
 
 # Podman's event filter names for Docker's actions (its events then say "die" and "remove").
 _PODMAN_FILTERS = {"die": "died", "destroy": "remove"}
 
 
-def _min_api_version(data: Any) -> str | None:
-    """`GET /version` → MinAPIVersion (None when the engine does not say)."""
+def _api_versions(data: Any) -> tuple[str | None, str | None]:
+    """`GET /version` → (ApiVersion, MinAPIVersion), None where the engine does not say."""
     if not isinstance(data, Mapping):
         raise MalformedAnswer("/version is not an object")
-    floor = data.get("MinAPIVersion")
-    return floor if isinstance(floor, str) and floor else None
+    newest, floor = data.get("ApiVersion"), data.get("MinAPIVersion")
+    return (
+        newest if isinstance(newest, str) and newest else None,
+        floor if isinstance(floor, str) and floor else None,
+    )
 
 
 def split_reference(image: str) -> tuple[str, str]:
@@ -418,8 +424,9 @@ class DockerClient:
         log.debug("docker.call", method=method, path=path, status=response.status_code, took=took)
         if response.status_code not in ok:
             message = _message(response)
-            if versioned and _too_old(response.status_code, message):
-                # The engine raised its floor under us (restarted): negotiate again, once.
+            if versioned and _version_refused(response.status_code, message):
+                # The engine changed under us (restarted with a higher floor, or replaced by an
+                # older one): negotiate again, once.
                 self._version = None
                 if not renegotiated:
                     return await self._call(
@@ -476,7 +483,7 @@ class DockerClient:
                     if response.status_code != 200:
                         await response.aread()
                         message = _message(response)
-                        if _too_old(response.status_code, message):
+                        if _version_refused(response.status_code, message):
                             self._version = None  # the next attempt negotiates again
                         raise _error_for(response.status_code, message, subject)
                     raw = response.aiter_lines()
@@ -505,13 +512,15 @@ class DockerClient:
             return announced or self._version  # nothing changed: no need to ask for the floor
         self._announced = announced
         try:
-            floor = await self._call_json(
-                "GET", "/version", _min_api_version, subject=_Subject.ENGINE, versioned=False
+            newest, floor = await self._call_json(
+                "GET", "/version", _api_versions, subject=_Subject.ENGINE, versioned=False
             )
         except DockerApiError:  # no readable floor: speak, and let a 400 "too old" tell
-            floor = None
+            newest, floor = None, None
         try:
-            version = _negotiate(announced, floor)
+            # Without the header (a proxy that drops it), /version's ApiVersion says the same;
+            # speaking our newest to an older engine would only get "too new" back.
+            version = _negotiate(announced or newest, floor)
         except EngineUnsupported as exc:
             self._version = None
             if self._refusal is None or str(self._refusal[0]) != str(exc):
