@@ -98,6 +98,16 @@ class RefusingEngine:
         task_status.started()
         await trio.serve_listeners(self._answer, listeners)
 
+    async def serve_unix(
+        self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The same answers on a unix socket at `path`."""
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        sock.listen(32)
+        task_status.started()
+        await trio.serve_listeners(self._answer, [trio.SocketListener(sock)])
+
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
             head = b""
@@ -508,3 +518,50 @@ async def test_an_engine_downgraded_under_a_running_condo_is_renegotiated(
                     condo.running.shutdown()
         finally:
             await remove_host_containers(on_newer, condo.host)
+
+
+async def test_an_engine_upgraded_to_one_that_refuses_condo_under_a_running_condo(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """condo runs a Stable service on the 28.5 engine; the engine behind the socket is replaced
+    by one whose floor (1.52) is above condo's newest. The Stable it showed can no longer be
+    confirmed: every service's error says so with "unobserved", /healthz answers 503, and
+    `condo wait` is never done."""
+    floor_engine = ENGINES["docker-28.5-floor-1.44"]
+    refusing = RefusingEngine(floor_engine)
+    await nursery.start(refusing.serve_unix, tmp_path / "refusing.sock")
+    async with (
+        proxy_to_engine(tmp_path, floor_engine.removeprefix("unix://")) as proxy,
+        open_docker(floor_engine) as docker,
+        condo_files(tmp_path, docker, f"unix://{proxy.path}") as condo,
+    ):
+        with trio.fail_after(40):
+            async with trio.open_nursery() as inner:
+                await start_condo(inner, condo)
+                condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+                first = await condo.wait_state("web", "Stable")
+                # The engine is upgraded to one that refuses condo's versions.
+                proxy.upstream = str(tmp_path / "refusing.sock")
+                proxy.cut()
+                proxy.restore()
+
+                def unobserved(view: dict[str, Any]) -> bool:
+                    error = view["services"]["web"].get("error") or {}
+                    return error.get("unobserved") is True
+
+                view = await condo.wait(unobserved, limit=15)
+                assert FLOOR in view["services"]["web"]["error"]["message"]
+                # Back to an engine condo speaks to: the same container, confirmed again.
+                proxy.upstream = floor_engine.removeprefix("unix://")
+                proxy.cut()
+                proxy.restore()
+
+                def confirmed(view: dict[str, Any]) -> bool:
+                    web: dict[str, Any] = view["services"]["web"]
+                    return web["state"] == "Stable" and web.get("error") is None
+
+                again = await condo.wait(confirmed, limit=15)
+                assert again["services"]["web"]["current"]["id"] == first["current"]["id"]
+                assert await condo.running_ids("web") == {first["current"]["id"]}
+                assert condo.running is not None
+                condo.running.shutdown()
