@@ -565,3 +565,62 @@ async def test_an_engine_upgraded_to_one_that_refuses_condo_under_a_running_cond
                 assert await condo.running_ids("web") == {first["current"]["id"]}
                 assert condo.running is not None
                 condo.running.shutdown()
+
+
+WAITING = (
+    '{:spec {:Image "condo-test/busybox:%s" :Healthcheck {:Test ["CMD-SHELL" "test -f /tmp/ok"]'
+    " :Interval 300000000 :Retries 1000}} :deploy [:After 1] :health-timeout 60}"
+)
+"""A container that stays `starting` (until /tmp/ok appears) for a minute: a long Wait."""
+
+
+async def test_a_candidate_killed_by_hand_while_it_waits(tmp_path: Path) -> None:
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        async with traced(condo) as traces:
+            condo.write("web", '{:spec {:Image "condo-test/busybox:1"} :deploy [:After 1]}')
+            first = await condo.wait_state("web", "Stable")
+            condo.write("web", WAITING % 2)
+            view = await condo.wait(
+                lambda v: (
+                    v["services"]["web"]["state"] == "WaitNext"
+                    and v["services"]["web"]["next"] is not None
+                )
+            )
+            await docker_cli(url, "kill", view["services"]["web"]["next"]["id"])
+            failed = await condo.wait_state("web", "TryAgainNext", limit=20)
+            # The old one serves on, and is still the current one.
+            serving = await condo.running_ids("web")
+            kept = failed["current"]["id"] == first["current"]["id"]
+            return (
+                traces,
+                serving == {first["current"]["id"]},
+                kept,
+                "died" in failed["error"]["message"],
+            )
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(
+        results, ({"web": ["Init", "Wait", "Stable", "WaitNext", "TryAgainNext"]}, True, True, True)
+    )
+
+
+async def test_a_check_that_fails_before_it_passes_is_healthy(tmp_path: Path) -> None:
+    """A first probe that fails (the application still starting) is no verdict while the
+    check's Retries allow more: Podman's libpod healthcheck answers "unhealthy" for any failed
+    probe, its container's health counts the retries as Docker does."""
+    spec = (
+        '{:spec {:Image "condo-test/busybox:1" :Healthcheck {:Test ["CMD-SHELL"'
+        ' "test -f /tmp/ok || { >/tmp/ok; false; }"] :Interval 300000000 :Retries 3}}'
+        " :health-timeout 20}"
+    )
+
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        async with traced(condo) as traces:
+            condo.write("web", spec)
+            await condo.wait(
+                lambda v: (v["services"].get("web") or {}).get("state") in ("Stable", "TryAgain")
+            )
+            return traces
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(results, {"web": ["Init", "Wait", "Stable"]})

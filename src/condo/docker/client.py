@@ -671,7 +671,9 @@ class DockerClient:
 
     async def run_healthcheck(self, cid: ContainerId) -> str | None:
         """Podman only: run the container's healthcheck once, as the engine would, and return
-        its health (starting | healthy | unhealthy), or None when it has no healthcheck."""
+        that probe's outcome (starting | healthy | unhealthy), or None when it has no
+        healthcheck. Not the container's health: libpod answers "unhealthy" for any failed
+        probe, whatever the check's Retries; `inspect` has the health that counts them."""
         if self._libpod_version is None:
             await self.ping()
         path = f"/containers/{_quoted(cid)}/healthcheck"

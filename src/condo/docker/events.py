@@ -142,18 +142,24 @@ class _PodmanHealth:
 
     async def _poll(self, cid: ContainerId) -> None:
         try:
+            info = await self._client.inspect(cid)
+            if not info.running or info.health != "starting":
+                return  # no check, no longer running, or its verdict is in
             while True:
-                info = await self._client.inspect(cid)
-                if not info.running or info.health != "starting":
-                    return  # no check, no longer running, or its verdict is in
                 await trio.sleep(info.health_interval)
-                verdict = await self._client.run_healthcheck(cid)
-                if verdict in ("healthy", "unhealthy"):
+                # Its answer is not the verdict: libpod says "unhealthy" for any failed probe,
+                # whatever the check's Retries; the container's health counts them (its
+                # FailingStreak) as Docker does.
+                await self._client.run_healthcheck(cid)
+                info = await self._client.inspect(cid)
+                if not info.running or info.health is None:
+                    return
+                if info.health in ("healthy", "unhealthy"):
                     await self._send.send(
                         ContainerEvent(
                             time_nano=time.time_ns(),
                             action="health_status",
-                            health=verdict,
+                            health=info.health,
                             container_id=cid,
                             attributes={**info.labels, "name": info.name},
                         )
