@@ -624,3 +624,33 @@ async def test_a_check_that_fails_before_it_passes_is_healthy(tmp_path: Path) ->
 
     results = await on_every_engine(tmp_path, scenario)
     assert_same(results, {"web": ["Init", "Wait", "Stable"]})
+
+
+async def test_kill_9_while_a_candidate_waits_then_restart(tmp_path: Path) -> None:
+    """condo is killed while its first container waits on its healthcheck; the restarted condo
+    adopts that container (no duplicate) and sees it turn healthy (on Podman by running its
+    check through libpod again)."""
+    spec = (
+        '{:spec {:Image "condo-test/busybox:1" :Healthcheck {:Test ["CMD-SHELL" "test -f /tmp/ok"]'
+        " :Interval 300000000 :Retries 1000}} :health-timeout 60}"
+    )
+
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        condo.write("web", spec)
+        async with trio.open_nursery() as nursery:
+            await condo.spawn(nursery)
+            while not (rows := await condo.containers("web")) or rows[0].state != "running":
+                await trio.sleep(0.1)
+            await trio.sleep(0.5)  # a probe or two failed meanwhile
+            condo.kill9()
+            assert condo.process is not None
+            await condo.process.wait()
+            await docker_cli(url, "exec", rows[0].id, "sh", "-c", ">/tmp/ok")
+            await condo.spawn(nursery)
+            stable = await stable_on_disk(condo, "web")
+            after = await condo.containers("web")
+            condo.process.terminate()
+        return stable["current"]["id"] == rows[0].id, [r.id for r in after] == [rows[0].id]
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(results, (True, True))
