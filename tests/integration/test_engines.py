@@ -202,6 +202,62 @@ class HeaderlessEngine(RefusingEngine):
         return answer.status_code, headers, answer.content
 
 
+class LyingEngine(RefusingEngine):
+    """A TCP front for the 1.44-floor engine whose /_ping and /version tell the truth about the
+    engine behind (API 1.51, floor 1.44) while every versioned call is refused as "too old"."""
+
+    async def _respond(self, target: str) -> tuple[int, Mapping[str, str], bytes]:
+        path = target.split("?")[0]
+        if path not in ("/_ping", "/version"):
+            return await super()._respond(target)
+        transport = httpx.AsyncHTTPTransport(uds=self.backend.removeprefix("unix://"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as engine:
+            answer = await engine.get(path)
+        headers = {
+            name: answer.headers[name]
+            for name in ("Content-Type", "Api-Version")
+            if name in answer.headers
+        }
+        return answer.status_code, headers, answer.content
+
+
+async def test_an_engine_that_refuses_the_version_it_announces_is_one_clear_error(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Its /version promises what its calls refuse: after one renegotiation, the same permanent
+    error as a floor above condo's newest (every service unobserved), not a BadRequest per call
+    and a stale Stable."""
+    floor_engine = ENGINES["docker-28.5-floor-1.44"]
+    lying = LyingEngine(floor_engine)
+    await nursery.start(lying.serve)
+    async with (
+        open_docker(floor_engine) as docker,
+        condo_files(tmp_path, docker, f"http://127.0.0.1:{lying.port}") as condo,
+    ):
+        with trio.fail_after(20):
+            async with open_docker(condo.docker_url) as client:
+                calls: list[str] = []
+                client.add_call_observer(lambda record: calls.append(record.endpoint))
+                for _ in range(3):
+                    with pytest.raises(EngineUnsupported, match="refuses the API version"):
+                        await client.list_containers(labels={})
+                # Negotiated, refused, negotiated again, refused: then the verdict is reused.
+                assert calls.count("/containers/json") == 2
+            condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+            async with trio.open_nursery() as inner:
+                await start_condo(inner, condo)
+
+                def unobserved(view: dict[str, Any]) -> bool:
+                    error = (view["services"].get("web") or {}).get("error") or {}
+                    return error.get("unobserved") is True
+
+                view = await condo.wait(unobserved, limit=10)
+                assert FLOOR in view["services"]["web"]["error"]["message"]
+                assert view["services"]["web"]["state"] == "Init"
+                assert condo.running is not None
+                condo.running.shutdown()
+
+
 async def test_an_engine_without_an_api_version_header_is_spoken_to_in_its_own(
     nursery: trio.Nursery,
 ) -> None:
