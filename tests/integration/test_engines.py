@@ -34,6 +34,7 @@ from tests.integration.harness import (
     CondoUnderTest,
     condo_files,
     free_port,
+    remove_host_containers,
     start_condo,
 )
 from tests.integration.test_docker_events import is_event, proxy_to_engine, receive_until
@@ -97,6 +98,16 @@ class RefusingEngine:
         task_status.started()
         await trio.serve_listeners(self._answer, listeners)
 
+    async def serve_unix(
+        self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The same answers on a unix socket at `path`."""
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        sock.listen(32)
+        task_status.started()
+        await trio.serve_listeners(self._answer, [trio.SocketListener(sock)])
+
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
             head = b""
@@ -105,8 +116,8 @@ class RefusingEngine:
                 if not chunk:
                     return
                 head += chunk
-            path = head.split(b" ", 2)[1].decode().split("?")[0]
-            status, headers, body = await self._respond(path)
+            target = head.split(b" ", 2)[1].decode()
+            status, headers, body = await self._respond(target)
             headers = {
                 **headers,
                 "Content-Length": str(len(body)),
@@ -115,7 +126,8 @@ class RefusingEngine:
             lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             await stream.send_all(f"HTTP/1.1 {status} X\r\n{lines}\r\n".encode() + body)
 
-    async def _respond(self, path: str) -> tuple[int, Mapping[str, str], bytes]:
+    async def _respond(self, target: str) -> tuple[int, Mapping[str, str], bytes]:
+        path = target.split("?")[0]
         transport = httpx.AsyncHTTPTransport(uds=self.backend.removeprefix("unix://"))
         async with httpx.AsyncClient(transport=transport, base_url="http://engine") as engine:
             if path == "/_ping":
@@ -176,6 +188,87 @@ async def test_an_engine_condo_cannot_speak_to_is_one_clear_error(
             events = [json.loads(line).get("event") for line in log if line.startswith("{")]
             assert events.count("docker.engine_unsupported") == 1
             assert "service.observe_failed" not in events
+
+
+class HeaderlessEngine(RefusingEngine):
+    """A TCP front for an engine that passes every GET through but drops the `Api-Version`
+    header of its `/_ping` (as some proxies in front of a socket do)."""
+
+    async def _respond(self, target: str) -> tuple[int, Mapping[str, str], bytes]:
+        transport = httpx.AsyncHTTPTransport(uds=self.backend.removeprefix("unix://"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as engine:
+            answer = await engine.get(target)
+        headers = {"Content-Type": answer.headers.get("Content-Type", "text/plain")}
+        return answer.status_code, headers, answer.content
+
+
+class LyingEngine(RefusingEngine):
+    """A TCP front for the 1.44-floor engine whose /_ping and /version tell the truth about the
+    engine behind (API 1.51, floor 1.44) while every versioned call is refused as "too old"."""
+
+    async def _respond(self, target: str) -> tuple[int, Mapping[str, str], bytes]:
+        path = target.split("?")[0]
+        if path not in ("/_ping", "/version"):
+            return await super()._respond(target)
+        transport = httpx.AsyncHTTPTransport(uds=self.backend.removeprefix("unix://"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://engine") as engine:
+            answer = await engine.get(path)
+        headers = {
+            name: answer.headers[name]
+            for name in ("Content-Type", "Api-Version")
+            if name in answer.headers
+        }
+        return answer.status_code, headers, answer.content
+
+
+async def test_an_engine_that_refuses_the_version_it_announces_is_one_clear_error(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Its /version promises what its calls refuse: after one renegotiation, the same permanent
+    error as a floor above condo's newest (every service unobserved), not a BadRequest per call
+    and a stale Stable."""
+    floor_engine = ENGINES["docker-28.5-floor-1.44"]
+    lying = LyingEngine(floor_engine)
+    await nursery.start(lying.serve)
+    async with (
+        open_docker(floor_engine) as docker,
+        condo_files(tmp_path, docker, f"http://127.0.0.1:{lying.port}") as condo,
+    ):
+        with trio.fail_after(20):
+            async with open_docker(condo.docker_url) as client:
+                calls: list[str] = []
+                client.add_call_observer(lambda record: calls.append(record.endpoint))
+                for _ in range(3):
+                    with pytest.raises(EngineUnsupported, match="refuses the API version"):
+                        await client.list_containers(labels={})
+                # Negotiated, refused, negotiated again, refused: then the verdict is reused.
+                assert calls.count("/containers/json") == 2
+            condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+            async with trio.open_nursery() as inner:
+                await start_condo(inner, condo)
+
+                def unobserved(view: dict[str, Any]) -> bool:
+                    error = (view["services"].get("web") or {}).get("error") or {}
+                    return error.get("unobserved") is True
+
+                view = await condo.wait(unobserved, limit=10)
+                assert FLOOR in view["services"]["web"]["error"]["message"]
+                assert view["services"]["web"]["state"] == "Init"
+                assert condo.running is not None
+                condo.running.shutdown()
+
+
+async def test_an_engine_without_an_api_version_header_is_spoken_to_in_its_own(
+    nursery: trio.Nursery,
+) -> None:
+    """No Api-Version in /_ping: /version's ApiVersion says it. The 20.10 engine (1.41) answers
+    condo's newest (1.51) with 400 "too new"."""
+    headerless = HeaderlessEngine(ENGINES["docker-20.10"])
+    await nursery.start(headerless.serve)
+    with trio.fail_after(20):
+        async with open_docker(f"http://127.0.0.1:{headerless.port}") as client:
+            assert await client.list_containers(labels={"condo-test.none": "x"}) == []
+            assert client.api_version == "1.41"
 
 
 async def test_a_client_on_a_refusing_engine_raises_at_once_and_rechecks_later(
@@ -437,3 +530,183 @@ async def stable_on_disk(condo: CondoUnderTest, service: str) -> dict[str, Any]:
             if record is not None and record["phase"] == "Stable":
                 return record
         await trio.sleep(0.1)
+
+
+# --- an engine swapped under a running condo ---------------------------------------------------
+
+
+async def test_an_engine_downgraded_under_a_running_condo_is_renegotiated(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """condo speaks 1.51 to the 28.5 engine; that engine is replaced on the same socket by 26.1
+    (API 1.45: a rollback of the package), which answers 1.51 with 400 "too new". condo must
+    speak 1.45 from then on and redeploy what the new engine lacks, never keep the old Stable."""
+    newer, older = ENGINES["docker-28.5-floor-1.44"], ENGINES["docker-26.1"]
+    async with (
+        proxy_to_engine(tmp_path, newer.removeprefix("unix://")) as proxy,
+        open_docker(newer) as on_newer,
+        open_docker(older) as on_older,
+        condo_files(tmp_path, on_older, f"unix://{proxy.path}") as condo,
+    ):
+        try:
+            with trio.fail_after(40):
+                async with trio.open_nursery() as inner:
+                    await start_condo(inner, condo)
+                    condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+                    first = await condo.wait_state("web", "Stable")
+                    # The package is rolled back: the socket now leads to the older engine.
+                    proxy.upstream = older.removeprefix("unix://")
+                    proxy.cut()
+                    proxy.restore()
+
+                    def redeployed(view: dict[str, Any]) -> bool:
+                        web: dict[str, Any] = view["services"]["web"]
+                        current = web["current"] or {}
+                        return bool(
+                            web["state"] == "Stable" and current.get("id") != first["current"]["id"]
+                        )
+
+                    view = await condo.wait(redeployed, limit=20)
+                    # The new container is on the older engine, where condo sees it run.
+                    ids = await condo.running_ids("web")
+                    assert ids == {view["services"]["web"]["current"]["id"]}
+                    assert condo.running is not None
+                    condo.running.shutdown()
+        finally:
+            await remove_host_containers(on_newer, condo.host)
+
+
+async def test_an_engine_upgraded_to_one_that_refuses_condo_under_a_running_condo(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """condo runs a Stable service on the 28.5 engine; the engine behind the socket is replaced
+    by one whose floor (1.52) is above condo's newest. The Stable it showed can no longer be
+    confirmed: every service's error says so with "unobserved", /healthz answers 503, and
+    `condo wait` is never done."""
+    floor_engine = ENGINES["docker-28.5-floor-1.44"]
+    refusing = RefusingEngine(floor_engine)
+    await nursery.start(refusing.serve_unix, tmp_path / "refusing.sock")
+    async with (
+        proxy_to_engine(tmp_path, floor_engine.removeprefix("unix://")) as proxy,
+        open_docker(floor_engine) as docker,
+        condo_files(tmp_path, docker, f"unix://{proxy.path}") as condo,
+    ):
+        with trio.fail_after(40):
+            async with trio.open_nursery() as inner:
+                await start_condo(inner, condo)
+                condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
+                first = await condo.wait_state("web", "Stable")
+                # The engine is upgraded to one that refuses condo's versions.
+                proxy.upstream = str(tmp_path / "refusing.sock")
+                proxy.cut()
+                proxy.restore()
+
+                def unobserved(view: dict[str, Any]) -> bool:
+                    error = view["services"]["web"].get("error") or {}
+                    return error.get("unobserved") is True
+
+                view = await condo.wait(unobserved, limit=15)
+                assert FLOOR in view["services"]["web"]["error"]["message"]
+                # Back to an engine condo speaks to: the same container, confirmed again.
+                proxy.upstream = floor_engine.removeprefix("unix://")
+                proxy.cut()
+                proxy.restore()
+
+                def confirmed(view: dict[str, Any]) -> bool:
+                    web: dict[str, Any] = view["services"]["web"]
+                    return web["state"] == "Stable" and web.get("error") is None
+
+                again = await condo.wait(confirmed, limit=15)
+                assert again["services"]["web"]["current"]["id"] == first["current"]["id"]
+                assert await condo.running_ids("web") == {first["current"]["id"]}
+                assert condo.running is not None
+                condo.running.shutdown()
+
+
+WAITING = (
+    '{:spec {:Image "condo-test/busybox:%s" :Healthcheck {:Test ["CMD-SHELL" "test -f /tmp/ok"]'
+    " :Interval 300000000 :Retries 1000}} :deploy [:After 1] :health-timeout 60}"
+)
+"""A container that stays `starting` (until /tmp/ok appears) for a minute: a long Wait."""
+
+
+async def test_a_candidate_killed_by_hand_while_it_waits(tmp_path: Path) -> None:
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        async with traced(condo) as traces:
+            condo.write("web", '{:spec {:Image "condo-test/busybox:1"} :deploy [:After 1]}')
+            first = await condo.wait_state("web", "Stable")
+            condo.write("web", WAITING % 2)
+            view = await condo.wait(
+                lambda v: (
+                    v["services"]["web"]["state"] == "WaitNext"
+                    and v["services"]["web"]["next"] is not None
+                )
+            )
+            await docker_cli(url, "kill", view["services"]["web"]["next"]["id"])
+            failed = await condo.wait_state("web", "TryAgainNext", limit=20)
+            # The old one serves on, and is still the current one.
+            serving = await condo.running_ids("web")
+            kept = failed["current"]["id"] == first["current"]["id"]
+            return (
+                traces,
+                serving == {first["current"]["id"]},
+                kept,
+                "died" in failed["error"]["message"],
+            )
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(
+        results, ({"web": ["Init", "Wait", "Stable", "WaitNext", "TryAgainNext"]}, True, True, True)
+    )
+
+
+async def test_a_check_that_fails_before_it_passes_is_healthy(tmp_path: Path) -> None:
+    """A first probe that fails (the application still starting) is no verdict while the
+    check's Retries allow more: Podman's libpod healthcheck answers "unhealthy" for any failed
+    probe, its container's health counts the retries as Docker does."""
+    spec = (
+        '{:spec {:Image "condo-test/busybox:1" :Healthcheck {:Test ["CMD-SHELL"'
+        ' "test -f /tmp/ok || { >/tmp/ok; false; }"] :Interval 300000000 :Retries 3}}'
+        " :health-timeout 20}"
+    )
+
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        async with traced(condo) as traces:
+            condo.write("web", spec)
+            await condo.wait(
+                lambda v: (v["services"].get("web") or {}).get("state") in ("Stable", "TryAgain")
+            )
+            return traces
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(results, {"web": ["Init", "Wait", "Stable"]})
+
+
+async def test_kill_9_while_a_candidate_waits_then_restart(tmp_path: Path) -> None:
+    """condo is killed while its first container waits on its healthcheck; the restarted condo
+    adopts that container (no duplicate) and sees it turn healthy (on Podman by running its
+    check through libpod again)."""
+    spec = (
+        '{:spec {:Image "condo-test/busybox:1" :Healthcheck {:Test ["CMD-SHELL" "test -f /tmp/ok"]'
+        " :Interval 300000000 :Retries 1000}} :health-timeout 60}"
+    )
+
+    async def scenario(condo: CondoUnderTest, url: str) -> Any:
+        condo.write("web", spec)
+        async with trio.open_nursery() as nursery:
+            await condo.spawn(nursery)
+            while not (rows := await condo.containers("web")) or rows[0].state != "running":
+                await trio.sleep(0.1)
+            await trio.sleep(0.5)  # a probe or two failed meanwhile
+            condo.kill9()
+            assert condo.process is not None
+            await condo.process.wait()
+            await docker_cli(url, "exec", rows[0].id, "sh", "-c", ">/tmp/ok")
+            await condo.spawn(nursery)
+            stable = await stable_on_disk(condo, "web")
+            after = await condo.containers("web")
+            condo.process.terminate()
+        return stable["current"]["id"] == rows[0].id, [r.id for r in after] == [rows[0].id]
+
+    results = await on_every_engine(tmp_path, scenario)
+    assert_same(results, (True, True))

@@ -12,8 +12,11 @@ Invariants:
   the engine's floor (`GET /version`'s MinAPIVersion; Docker 29 raised it to 1.44). Every other
   path is prefixed `/v<version>`. An engine whose floor is above `MAX_API_VERSION` is refused with
   `EngineUnsupported`, logged once, by every call (a recheck at most every
-  `UNSUPPORTED_RECHECK` seconds); an engine that starts refusing our version mid-way (restarted
-  with a higher floor) is renegotiated at once.
+  `UNSUPPORTED_RECHECK` seconds), and so is one that refuses the version it announces (its
+  /version promises what its calls refuse: "too old" again after a renegotiation); an engine
+  that starts refusing our version mid-way (restarted with a higher floor, or replaced by an
+  older engine) is renegotiated at once. Without an Api-Version header, `/version`'s ApiVersion
+  stands in for it.
 - Podman is recognised by the `Libpod-Api-Version` header of its `/_ping` (`is_podman`); its
   event filter names ("died", "remove") are used for it, and `run_healthcheck` runs a container's
   check through libpod's own API (Podman without systemd never runs one by itself).
@@ -257,21 +260,26 @@ def _negotiate(announced: str | None, floor: str | None = None) -> str:
     return version
 
 
-def _too_old(status: int, message: str) -> bool:
-    """The engine's answer to a request in an API version below its floor."""
-    return status == 400 and "too old" in message.lower()
+def _version_refused(status: int, message: str) -> bool:
+    """The engine's answer to a request in an API version below its floor ("too old": it was
+    restarted with a higher one) or above its own ("too new": it was replaced by an older one)."""
+    lowered = message.lower()
+    return status == 400 and ("too old" in lowered or "too new" in lowered)
 
 
 # Podman's event filter names for Docker's actions (its events then say "die" and "remove").
 _PODMAN_FILTERS = {"die": "died", "destroy": "remove"}
 
 
-def _min_api_version(data: Any) -> str | None:
-    """`GET /version` → MinAPIVersion (None when the engine does not say)."""
+def _api_versions(data: Any) -> tuple[str | None, str | None]:
+    """`GET /version` → (ApiVersion, MinAPIVersion), None where the engine does not say."""
     if not isinstance(data, Mapping):
         raise MalformedAnswer("/version is not an object")
-    floor = data.get("MinAPIVersion")
-    return floor if isinstance(floor, str) and floor else None
+    newest, floor = data.get("ApiVersion"), data.get("MinAPIVersion")
+    return (
+        newest if isinstance(newest, str) and newest else None,
+        floor if isinstance(floor, str) and floor else None,
+    )
 
 
 def split_reference(image: str) -> tuple[str, str]:
@@ -331,6 +339,9 @@ class DockerClient:
         self._announced: str | None = None  # the Api-Version the current version came from
         # The last refusal (EngineUnsupported) and when it was seen (Trio time), while it holds.
         self._refusal: tuple[EngineUnsupported, float] | None = None
+        # The refusal last logged: cleared (and the end logged) only when a versioned call is
+        # answered, so an engine whose /version promises what its calls refuse logs it once.
+        self._told: str | None = None
         self._observers: list[CallObserver] = []
 
     @property
@@ -418,22 +429,53 @@ class DockerClient:
         log.debug("docker.call", method=method, path=path, status=response.status_code, took=took)
         if response.status_code not in ok:
             message = _message(response)
-            if versioned and _too_old(response.status_code, message):
-                # The engine raised its floor under us (restarted): negotiate again, once.
+            if versioned and _version_refused(response.status_code, message):
+                # The engine changed under us (restarted with a higher floor, or replaced by an
+                # older one): negotiate again, once. Refused again, the engine accepts none of
+                # our versions whatever its /version says: the same permanent error.
                 self._version = None
-                if not renegotiated:
-                    return await self._call(
-                        method,
-                        path,
-                        subject=subject,
-                        ok=ok,
-                        params=params,
-                        body=body,
-                        guard=guard,
-                        renegotiated=True,
-                    )
+                if renegotiated:
+                    raise self._refused_again(url, message)
+                return await self._call(
+                    method,
+                    path,
+                    subject=subject,
+                    ok=ok,
+                    params=params,
+                    body=body,
+                    guard=guard,
+                    renegotiated=True,
+                )
             raise _error_for(response.status_code, message, subject)
+        if versioned and self._told is not None:
+            log.info("docker.engine_supported", api_version=self._version)
+            self._told = None
         return response
+
+    def _refused_again(self, url: str, message: str) -> EngineUnsupported:
+        """A call in the version just negotiated was refused all the same."""
+        spoken = url.split("/")[1].removeprefix("v")
+        refusal = EngineUnsupported(
+            f"the Docker engine refuses the API version it announces ({spoken}): {message}; "
+            f"condo speaks API up to {MAX_API_VERSION}"
+        )
+        return self._refused(refusal, announced=self._announced, floor=None)
+
+    def _refused(
+        self, exc: EngineUnsupported, *, announced: str | None, floor: str | None
+    ) -> EngineUnsupported:
+        """Record a refusal (reused until UNSUPPORTED_RECHECK has passed); logged once."""
+        self._version = None
+        if self._told != str(exc):
+            log.error(
+                "docker.engine_unsupported",
+                api_version=announced,
+                min_api_version=floor,
+                error=str(exc),
+            )
+            self._told = str(exc)
+        self._refusal = (exc, trio.current_time())
+        return exc
 
     async def _call_json(
         self, method: str, path: str, parse: Callable[[Any], T], *, subject: _Subject, **kwargs: Any
@@ -455,6 +497,7 @@ class DockerClient:
     ) -> AsyncIterator[AsyncIterator[Any]]:
         """A 200 answer streamed as decoded JSON lines. Errors while reading are mapped too: the
         body of the caller's `async with` runs inside `_translated`."""
+        negotiated_now = self._version is None
         url = await self._url(path)
         started = trio.current_time()
         answered = False
@@ -476,7 +519,9 @@ class DockerClient:
                     if response.status_code != 200:
                         await response.aread()
                         message = _message(response)
-                        if _too_old(response.status_code, message):
+                        if _version_refused(response.status_code, message):
+                            if negotiated_now:  # as in `_call`: no version of ours will do
+                                raise self._refused_again(url, message)
                             self._version = None  # the next attempt negotiates again
                         raise _error_for(response.status_code, message, subject)
                     raw = response.aiter_lines()
@@ -505,27 +550,18 @@ class DockerClient:
             return announced or self._version  # nothing changed: no need to ask for the floor
         self._announced = announced
         try:
-            floor = await self._call_json(
-                "GET", "/version", _min_api_version, subject=_Subject.ENGINE, versioned=False
+            newest, floor = await self._call_json(
+                "GET", "/version", _api_versions, subject=_Subject.ENGINE, versioned=False
             )
         except DockerApiError:  # no readable floor: speak, and let a 400 "too old" tell
-            floor = None
+            newest, floor = None, None
         try:
-            version = _negotiate(announced, floor)
+            # Without the header (a proxy that drops it), /version's ApiVersion says the same;
+            # speaking our newest to an older engine would only get "too new" back.
+            version = _negotiate(announced or newest, floor)
         except EngineUnsupported as exc:
-            self._version = None
-            if self._refusal is None or str(self._refusal[0]) != str(exc):
-                log.error(
-                    "docker.engine_unsupported",
-                    api_version=announced,
-                    min_api_version=floor,
-                    error=str(exc),
-                )
-            self._refusal = (exc, trio.current_time())
-            raise
-        if self._refusal is not None:
-            log.info("docker.engine_supported", api_version=version)
-            self._refusal = None
+            raise self._refused(exc, announced=announced, floor=floor) from None
+        self._refusal = None  # the end is logged by the first versioned call answered
         self._version = version
         return announced or version
 
@@ -662,7 +698,9 @@ class DockerClient:
 
     async def run_healthcheck(self, cid: ContainerId) -> str | None:
         """Podman only: run the container's healthcheck once, as the engine would, and return
-        its health (starting | healthy | unhealthy), or None when it has no healthcheck."""
+        that probe's outcome (starting | healthy | unhealthy), or None when it has no
+        healthcheck. Not the container's health: libpod answers "unhealthy" for any failed
+        probe, whatever the check's Retries; `inspect` has the health that counts them."""
         if self._libpod_version is None:
             await self.ping()
         path = f"/containers/{_quoted(cid)}/healthcheck"

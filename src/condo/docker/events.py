@@ -10,7 +10,10 @@ Invariants:
   and keys (timeNano, container, action) already forwarded in that window are dropped.
 - After every gap: the replayed events first, then one `EventsResumed`, then live events. The
   marker is the consumer's cue to re-inspect: the engine keeps only a bounded backlog (and none
-  across its own restart), so a replay can be incomplete, never wrong.
+  across its own restart), so a replay can be incomplete, never wrong. A gap in which the engine
+  refuses condo's API versions (EngineUnsupported: replaced by one with a higher floor) also
+  sends one marker at once: re-inspecting is how consumers learn that nothing they show can be
+  confirmed any more (no stream would ever end that gap by itself).
 - Backoff between attempts: 0.1 s doubling to 2 s, back to 0.1 s once a stream opens. Time is
   Trio's clock, except the replay bounds, which are the engine's notion of wall-clock time.
 - On Podman, which runs no healthchecks without systemd, a container of ours that starts with a
@@ -30,7 +33,7 @@ import trio
 
 from condo.docker.client import DockerClient
 from condo.docker.models import ContainerEvent, ContainerId, EventsResumed
-from condo.errors import DockerError, DockerUnavailable
+from condo.errors import DockerError, DockerUnavailable, EngineUnsupported
 
 log = structlog.get_logger(__name__)
 
@@ -139,18 +142,24 @@ class _PodmanHealth:
 
     async def _poll(self, cid: ContainerId) -> None:
         try:
+            info = await self._client.inspect(cid)
+            if not info.running or info.health != "starting":
+                return  # no check, no longer running, or its verdict is in
             while True:
-                info = await self._client.inspect(cid)
-                if not info.running or info.health != "starting":
-                    return  # no check, no longer running, or its verdict is in
                 await trio.sleep(info.health_interval)
-                verdict = await self._client.run_healthcheck(cid)
-                if verdict in ("healthy", "unhealthy"):
+                # Its answer is not the verdict: libpod says "unhealthy" for any failed probe,
+                # whatever the check's Retries; the container's health counts them (its
+                # FailingStreak) as Docker does.
+                await self._client.run_healthcheck(cid)
+                info = await self._client.inspect(cid)
+                if not info.running or info.health is None:
+                    return
+                if info.health in ("healthy", "unhealthy"):
                     await self._send.send(
                         ContainerEvent(
                             time_nano=time.time_ns(),
                             action="health_status",
-                            health=verdict,
+                            health=info.health,
                             container_id=cid,
                             attributes={**info.labels, "name": info.name},
                         )
@@ -188,6 +197,7 @@ async def run_events(
     floor_nanos = time.time_ns()
     gap_started_at: float | None = None
     had_gap = False
+    refusal_told = False  # this gap's refusal was passed on (one marker per gap)
     started = False
     delay = FIRST_RECONNECT_DELAY
 
@@ -221,6 +231,7 @@ async def run_events(
                     log.info("docker.events.resumed", gap=round(time.time() - gap_started_at, 3))
                     await send.send(EventsResumed(gap_started_at))
                     gap_started_at = None
+                    refusal_told = False
                 # Live; after a gap from a window back again, so that nothing between the end of
                 # the replay and this subscription is lost (the window's duplicates are dropped).
                 await follow(seen.resume_nanos(floor_nanos) if had_gap else None, None)
@@ -240,5 +251,9 @@ async def run_events(
                     log.warning("docker.events.interrupted", error=str(exc))
                 else:
                     log.debug("docker.events.retry", error=str(exc), delay=delay)
+                if isinstance(exc, EngineUnsupported) and not refusal_told:
+                    # Consumers would go on showing what they saw before the engine changed.
+                    refusal_told = True
+                    await send.send(EventsResumed(gap_started_at))
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY)
