@@ -397,32 +397,22 @@ async def test_after_n_deploy(tmp_path: Path) -> None:
     assert_same(results, ({"web": ["Init", "Wait", "Stable", "WaitNext", "Stable"]}, True))
 
 
-async def test_a_container_killed_by_hand_is_replaced(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("image", "by_hand"),
+    [
+        ("condo-test/healthy:1", ("kill",)),  # a healthchecked one, killed
+        ("condo-test/busybox:1", ("rm", "-f")),  # a plain one, removed
+    ],
+    ids=["killed", "removed"],
+)
+async def test_a_container_killed_or_removed_by_hand_is_replaced(
+    tmp_path: Path, image: str, by_hand: tuple[str, ...]
+) -> None:
     async def scenario(condo: CondoUnderTest, url: str) -> Any:
         async with traced(condo) as traces:
-            condo.write("web", '{:spec {:Image "condo-test/healthy:1"}}')
+            condo.write("web", f'{{:spec {{:Image "{image}"}}}}')
             first = await condo.wait_state("web", "Stable")
-            await docker_cli(url, "kill", first["current"]["id"])
-
-            def replaced(view: dict[str, Any]) -> bool:
-                web: dict[str, Any] = view["services"]["web"]
-                return bool(
-                    web["state"] == "Stable" and web["current"]["id"] != first["current"]["id"]
-                )
-
-            await condo.wait(replaced, limit=30)
-            return traces, len(await condo.running_ids("web"))
-
-    results = await on_every_engine(tmp_path, scenario)
-    assert_same(results, ({"web": ["Init", "Wait", "Stable", "Wait", "Stable"]}, 1))
-
-
-async def test_a_container_removed_by_hand_is_replaced(tmp_path: Path) -> None:
-    async def scenario(condo: CondoUnderTest, url: str) -> Any:
-        async with traced(condo) as traces:
-            condo.write("web", '{:spec {:Image "condo-test/busybox:1"}}')
-            first = await condo.wait_state("web", "Stable")
-            await docker_cli(url, "rm", "-f", first["current"]["id"])
+            await docker_cli(url, *by_hand, first["current"]["id"])
 
             def replaced(view: dict[str, Any]) -> bool:
                 web: dict[str, Any] = view["services"]["web"]
