@@ -7,6 +7,9 @@ tests/test_spec.py's.
 from __future__ import annotations
 
 import datetime
+import os
+import subprocess
+import sys
 import uuid
 from fractions import Fraction
 
@@ -202,3 +205,28 @@ def test_junk_raises_edn_error_only(text: str) -> None:
         assert error is not None
         assert error.message
         assert error.position is None or 1 <= error.position.line <= text.count("\n") + 1
+
+
+def test_a_set_is_shown_the_same_whatever_the_hash_seed() -> None:
+    # String hashing differs per process (PYTHONHASHSEED): a message must not.
+    script = (
+        "from condo.spec import parse_spec\n"
+        "try:\n"
+        "    parse_spec(b'#{u 1 :k \"s\" #{b a} w v}', 'f.edn')\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(6)
+    }
+    assert seen == {
+        "f.edn:1: the top level must be a map like {:spec {:Image ...}}, found a set "
+        '#{"s" #{a b} 1 :k u v w}\n'
+    }

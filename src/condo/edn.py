@@ -494,10 +494,18 @@ def unwrap(value: Any) -> Any:
 def show(value: Any) -> str:
     """A short EDN rendering of a value for messages."""
     try:
-        text = str(edn_format.dumps(value))
+        text = _dumps(value)
     except Exception:  # noqa: BLE001 - dumps fails on some parsed values; repr is good enough
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dumps(value: Any) -> str:
+    if isinstance(value, Set):
+        # A set's iteration order follows the process's string hash seed: sorted, the same
+        # file gets the same message from every run (`condo validate`, /v1/state's spec_error).
+        return "#{" + " ".join(sorted(_dumps(item) for item in value)) + "}"
+    return str(edn_format.dumps(value))
 
 
 def describe(value: Any) -> str:

@@ -1,10 +1,11 @@
 """`condo run`: the root of condo's task tree, and the one place that wires its parts together.
 
     root nursery (run_condo)
+    ├─ signals         SIGTERM/SIGINT: shut down; SIGHUP: reload registry credentials; beside
+    │                  the others, until the final write (a second SIGTERM is not fatal)
     ├─ state writer    the newest state file, coalesced (condo.persist.StateWriter)
     ├─ consul          session keeper + publisher + watcher (condo.consul), when --expose consul
     ├─ docker events   the engine's events (subscribed before anything is inspected)
-    ├─ signals         SIGTERM/SIGINT: shut down; SIGHUP: reload registry credentials
     ├─ event router    the events to the services' mailboxes (condo.supervisor)
     ├─ services        one supervised driver per service (condo.supervisor, condo.service)
     ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir): specs to the supervisor,
@@ -46,6 +47,7 @@ from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
 from condo.store import Store, now
 from condo.supervisor import Supervisor
+from condo.tasks import run_beside
 from condo.waiting import HostDirectory, StateSource
 from condo.web import ApiServer
 
@@ -125,11 +127,33 @@ async def run_condo(
     if config.expose == "consul":
         check_consul_config(config)  # a ConfigError now, not from inside the root nursery
     auth = RegistryAuth.load(config.docker_config)
+    stopping = trio.Event()
+    root = functools.partial(
+        _run_root, config, auth, stopping, web=web, open_engine=open_engine, task_status=task_status
+    )
+    if not handle_signals:
+        await root()
+        return
+    # Beside the root, not in it: the handlers stay installed until the final write is done.
+    # Cancelled with the root, a second SIGTERM during shutdown (while the Docker calls in flight
+    # finish) would meet the default action and kill condo before it persists.
+    await run_beside(root, functools.partial(_run_signals, stopping, auth), name="signals")
+
+
+async def _run_root(
+    config: Config,
+    auth: RegistryAuth,
+    stopping: trio.Event,
+    *,
+    web: ServeWeb | None,
+    open_engine: OpenEngine,
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    """The root nursery, until `stopping`; then the final write."""
     store = Store(config.host)
     restored = load_state(config)
     writer = persist.StateWriter(config.state_path, store.state_document)
     store.subscribe(writer.mark_dirty)
-    stopping = trio.Event()
     wanted_self = WantedSelf()
 
     async with open_engine(config.docker_url, auth) as docker:
@@ -166,8 +190,6 @@ async def run_condo(
                     ),
                     name="docker events",
                 )
-                if handle_signals:
-                    root.start_soon(_run_signals, stopping, auth, name="signals")
                 root.start_soon(supervisor.run_event_router, receive, name="event router")
                 await root.start(supervisor.run_services, name="services")
                 # Before the self-deployer: a self.edn present at start-up is offered too.
@@ -219,9 +241,13 @@ async def run_condo(
             log.info("condo.stopped")
 
 
-async def _run_signals(stopping: trio.Event, auth: RegistryAuth) -> None:
-    """SIGTERM/SIGINT: shut down gracefully; SIGHUP: re-read the registry credentials."""
+async def _run_signals(
+    stopping: trio.Event, auth: RegistryAuth, task_status: trio.TaskStatus[None]
+) -> None:
+    """SIGTERM/SIGINT: shut down gracefully (once: a repeated one changes nothing); SIGHUP:
+    re-read the registry credentials."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 try:

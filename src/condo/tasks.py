@@ -18,14 +18,17 @@ T = TypeVar("T")
 Watcher = Callable[[trio.TaskStatus[None]], Awaitable[object]]
 
 
-async def run_beside(body: Callable[[], Awaitable[T]], watcher: Watcher) -> T | None:
+async def run_beside(
+    body: Callable[[], Awaitable[T]], watcher: Watcher, *, name: str | None = None
+) -> T | None:
     """Run `body` while `watcher` runs beside it; `body`'s result, or None if `watcher` ended first.
 
     The watcher starts first and `body` only once it has called `task_status.started()` (so a
     watcher that subscribes to something sees everything `body` causes). When `body` returns the
     watcher is cancelled; when the watcher returns, `body` is cancelled and None is returned. An
     exception from either (or from the watcher's start) leaves unwrapped, the other task
-    cancelled; only when both fail does the exception group itself leave.
+    cancelled; only when both fail does the exception group itself leave. `name` is the
+    watcher task's Trio name.
     """
     results: list[T] = []
     single: BaseException | None = None
@@ -36,7 +39,7 @@ async def run_beside(body: Callable[[], Awaitable[T]], watcher: Watcher) -> T | 
 
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(watch, nursery)
+            await nursery.start(watch, nursery, name=name)
             results.append(await body())
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
