@@ -305,3 +305,40 @@ async def test_idle_writer_takes_no_snapshot_and_writes_nothing(tmp_path: Path) 
             await writer.flush()
             assert read_state_file(path) == {"n": 0}
             nursery.cancel_scope.cancel()
+
+
+async def test_a_held_writer_writes_nothing_until_released_but_close_still_writes(
+    tmp_path: Path,
+) -> None:
+    """While a self-deploy is under way (hold), a successor may be reading and writing the file:
+    this condo's changes wait; release writes the newest; close writes even while held (the
+    stop-then-start hand-over's SIGTERM), and after hand_over nothing is written at all."""
+    path = tmp_path / "state.json"
+    source = CountingSnapshot()
+    writer = StateWriter(path, source)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            writer.mark_dirty()
+            await writer.flush()
+            assert read_state_file(path) == {"n": 0}
+            writer.hold()
+            path.write_text('{"successor": true}')
+            source.state["n"] = 1
+            writer.mark_dirty()
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.1)
+            assert read_state_file(path) == {"successor": True}
+            writer.release()
+            await writer.flush()
+            assert read_state_file(path) == {"n": 1}
+            writer.hold()
+            source.state["n"] = 2
+            writer.mark_dirty()
+            nursery.cancel_scope.cancel()
+    await writer.close(5)
+    assert read_state_file(path) == {"n": 2}
+    writer.hand_over()
+    path.write_text('{"successor": true}')
+    await writer.close(5)
+    assert read_state_file(path) == {"successor": True}

@@ -173,7 +173,10 @@ class StateWriter:
       Without a running `run()` task it waits forever.
     - `close(limit)` is the one final write: the newest state, shielded and bounded, whether or
       not `run()` ever wrote. After `hand_over()` (a self-deploy's successor owns the file now)
-      nothing is written any more, not even by `close`.
+      nothing is written any more, not even by `close`. Between `hold()` and `release()` (a
+      self-deploy under way: a successor may already have read the file and be writing its
+      own) `run()` writes nothing; `close` still writes (a stop-then-start hand-over stops this
+      condo with SIGTERM, and its last word must be on disk before the successor starts).
     - `snapshot()` must return plain JSON data; anything else is a bug and crashes `run()`.
     """
 
@@ -189,6 +192,8 @@ class StateWriter:
         self._written = trio.Event()  # set, then replaced, after each successful write
         self._last_error: StateFileError | None = None
         self._handed_over = False
+        self._held = False
+        self._released = trio.Event()
 
     @property
     def path(self) -> Path:
@@ -213,6 +218,16 @@ class StateWriter:
         self._handed_over = True
         self._dirty.set()  # run() wakes, sees it and parks
 
+    def hold(self) -> None:
+        """Write nothing more from `run()` until `release()` (a write in flight ends)."""
+        self._held = True
+
+    def release(self) -> None:
+        """Writing resumes, with the newest state."""
+        self._held = False
+        self._released.set()
+        self._released = trio.Event()
+
     def mark_dirty(self) -> None:
         """Note that the state changed; the writer will write the newest state soon."""
         self._version += 1
@@ -232,6 +247,9 @@ class StateWriter:
         while True:
             if self._handed_over:
                 await trio.sleep_forever()
+            if self._held:
+                await self._released.wait()
+                continue
             if self._on_disk == self._version:
                 await self._dirty.wait()
                 continue

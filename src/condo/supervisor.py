@@ -105,11 +105,15 @@ class Supervisor:
         await self._services_stopped.wait()
         with trio.move_on_after(FLUSH_LIMIT):
             await self._writer.flush()
+        # That was the last write while suspended: a successor may read the file from now on,
+        # and must never see it overwritten by this condo (resume() or close() write again).
+        self._writer.hold()
         log.info("supervisor.suspended")
 
     def resume(self) -> None:
         """Respawn every driver from its stored state, and catch up with the spec files."""
         self._resume_requested.set()
+        self._writer.release()
         log.info("supervisor.resumed")
 
     def _respawn(self) -> None:
