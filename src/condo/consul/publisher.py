@@ -224,6 +224,9 @@ class Publisher:
     async def _sync(self, session: SessionId) -> None:
         # One instant for every value of the round; entries and views from the same moment.
         at = now()
+        # Known from the round's own reading of the store: a service dropped while this round
+        # awaits Consul is still one the store had (it left; it is not one never learnt of).
+        self._known |= self._store.entries.keys()
         if not self._live and not await self._hold_live(session, at.wall):
             return
         entries = {
@@ -328,7 +331,6 @@ class Publisher:
             except ForeignValue:
                 found = None  # not ours to keep: written anew below
             self._record = {n: dict(s) for n, s in found.services.items()} if found else {}
-        self._known |= self._store.entries.keys()
         wanted: dict[str, dict[str, Any]] = {}
         for name, said in self._record.items():
             entry = self._store.entries.get(name)
