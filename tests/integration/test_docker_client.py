@@ -26,6 +26,7 @@ from condo.errors import (
     ImageNotFound,
     NameConflict,
 )
+from tests.integration.sockets import read_head, unix_listener
 
 if TYPE_CHECKING:
     from tests.integration.conftest import DockerCli
@@ -388,21 +389,14 @@ class ScriptedEngine:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(str(self.path))
-        sock.listen(8)
-        await trio.serve_listeners(
-            self._answer, [trio.SocketListener(sock)], task_status=task_status
-        )
+        listener = await unix_listener(self.path, backlog=8)
+        await trio.serve_listeners(self._answer, [listener], task_status=task_status)
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = await stream.receive_some()
-                if not chunk:
-                    return
-                head += chunk
+            head = await read_head(stream)
+            if head is None:
+                return
             request_line, *header_lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
             target = request_line.split(" ")[1]
             headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}

@@ -22,6 +22,7 @@ from condo.docker import (
     open_docker,
     run_events,
 )
+from tests.integration.sockets import unix_listener
 
 pytestmark = pytest.mark.docker
 
@@ -51,10 +52,7 @@ class SocketProxy:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(str(self.path))
-        sock.listen(32)
-        listener = trio.SocketListener(sock)
+        listener = await unix_listener(self.path)
         await trio.serve_listeners(self._relay, [listener], task_status=task_status)
 
     def cut(self) -> None:

@@ -37,6 +37,7 @@ from tests.integration.harness import (
     remove_host_containers,
     start_condo,
 )
+from tests.integration.sockets import read_head, unix_listener
 from tests.integration.test_docker_events import is_event, proxy_to_engine, receive_until
 
 pytestmark = pytest.mark.docker
@@ -102,20 +103,15 @@ class RefusingEngine:
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """The same answers on a unix socket at `path`."""
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(str(path))
-        sock.listen(32)
+        listener = await unix_listener(path)
         task_status.started()
-        await trio.serve_listeners(self._answer, [trio.SocketListener(sock)])
+        await trio.serve_listeners(self._answer, [listener])
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         async with stream:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = await stream.receive_some()
-                if not chunk:
-                    return
-                head += chunk
+            head = await read_head(stream)
+            if head is None:
+                return
             target = head.split(b" ", 2)[1].decode()
             status, headers, body = await self._respond(target)
             headers = {

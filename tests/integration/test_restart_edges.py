@@ -29,6 +29,7 @@ from tests.integration.harness import (
     remove_host_containers,
     running_condo,
 )
+from tests.integration.sockets import unix_listener
 
 pytestmark = pytest.mark.docker
 
@@ -203,13 +204,10 @@ class DelayingProxy:
     delay: float = 0.0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.socket(trio.socket.AF_UNIX)
-        await listener.bind(str(self.socket_path))
-        listener.listen()
+        listener = await unix_listener(self.socket_path)
         async with trio.open_nursery() as nursery:
             task_status.started()
-            stream_listener = trio.SocketListener(listener)
-            await trio.serve_listeners(self._relay, [stream_listener], handler_nursery=nursery)
+            await trio.serve_listeners(self._relay, [listener], handler_nursery=nursery)
 
     async def _relay(self, client: trio.abc.Stream) -> None:
         engine = await trio.open_unix_socket("/var/run/docker.sock")
