@@ -57,6 +57,7 @@ def build_app() -> App:
     app.command(hosts, name="hosts")
     app.command(forget, name="forget")
     app.command(validate)
+    app.command(plan)
     # Internal: run by condo itself in a short-lived container during a self-deploy.
     app.command(hand_over, name="hand-over", show=False)
     return app
@@ -288,6 +289,40 @@ async def forget(
         The condo's --api-token, if it has one.
     """
     return await remote.forget(decommissioned, url=url, api_token=api_token, out=sys.stdout)
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+async def plan(
+    prefixes: Annotated[list[Path], Parameter(negative=())],
+    /,
+    *,
+    url: str = remote.DEFAULT_URL,
+    api_token: str | None = None,
+    all: Annotated[bool, Parameter(negative=())] = False,  # noqa: A002 -- the contract's --all
+) -> int:
+    """Show what the spec files in PREFIX... would change in what a running condo runs.
+
+    One line per service: "+ create", "~ redeploy" (the container fields that differ, image
+    a → b), "= update in place" (keys that never touch the container), "- remove", "! invalid"
+    (file:line: message). It changes nothing. Exit 0 no change, 2 changes, 1 invalid specs or
+    errors.
+
+    Parameters
+    ----------
+    prefixes
+        Spec directories, as `condo run` would be given them.
+    url
+        The running condo's HTTP API.
+    api_token
+        The condo's --api-token, if it has one.
+    all
+        Also list the services that would not change.
+    """
+    return await remote.plan(
+        prefixes, url=url, api_token=api_token, show_unchanged=all, out=sys.stdout
+    )
 
 
 # --- validate -------------------------------------------------------------------------------------
