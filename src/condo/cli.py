@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TextIO
 
 import structlog
-from cyclopts import App, Parameter
+from cyclopts import App, CycloptsError, Parameter
 from cyclopts.config import Env
 
 import condo
@@ -57,7 +57,9 @@ def build_app() -> App:
     app.command(hosts, name="hosts")
     app.command(forget, name="forget")
     app.command(validate)
-    app.command(plan)
+    # `condo plan` exits 2 for "changes" (terraform's -detailed-exitcode): its usage errors are
+    # raised to `main`, which exits 1 for them, instead of cyclopts' 2.
+    app.command(plan, exit_on_error=False)
     # Internal: run by condo itself in a short-lived container during a self-deploy.
     app.command(hand_over, name="hand-over", show=False)
     return app
@@ -65,7 +67,10 @@ def build_app() -> App:
 
 def main() -> None:
     """Console-script entry point (`condo = "condo.cli:main"`); exits with the command's code."""
-    build_app()()
+    try:
+        build_app()()
+    except CycloptsError:  # only `condo plan`'s usage errors get here, already printed
+        sys.exit(1)
 
 
 def _commas(_type: object, value: str, delimiter: str | None = None) -> list[str]:

@@ -28,8 +28,6 @@ from condo.run import run_condo
 from condo.web import ApiServer
 from tests.integration.harness import MAIN_ENGINE, CondoUnderTest, condo_files, free_port
 
-pytestmark = pytest.mark.docker
-
 CAP = 60
 SLEEPER = (
     '{{:spec {{:Image "{image}" :Cmd ["sleep" "3600"] :StopSignal "SIGKILL"{extra}}}{options}}}'
@@ -85,6 +83,7 @@ async def mutating_calls(url: str) -> dict[tuple[str, str], float]:
     return counts
 
 
+@pytest.mark.docker
 async def test_plan_shows_each_kind_of_change_and_changes_nothing(
     condo: CondoUnderTest, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -153,9 +152,13 @@ async def test_plan_shows_each_kind_of_change_and_changes_nothing(
         assert (code, out.splitlines()[1:]) == (0, ["Plan: 4 unchanged."]), err
 
 
-async def test_plan_cannot_reach_condo_or_list_the_prefix(tmp_path: Path) -> None:
+async def test_errors_and_usage_errors_exit_1_never_2_which_means_changes(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with trio.fail_after(CAP):
         code, out, err = await condo_cli("plan", str(tmp_path), "--url", url)
         assert (code, out) == (1, "")
         assert "cannot reach condo" in err
+        for usage in ([], [str(tmp_path), "--bogus"], [str(tmp_path), "--all=maybe"]):
+            code, out, err = await condo_cli("plan", *usage)
+            assert (code, out) == (1, ""), err
+            assert "Error" in err
