@@ -29,6 +29,7 @@ from condo.web import ApiServer
 from tests.integration.harness import MAIN_ENGINE, CondoUnderTest, condo_files, free_port
 
 CAP = 60
+TOKEN = "plan-token"
 SLEEPER = (
     '{{:spec {{:Image "{image}" :Cmd ["sleep" "3600"] :StopSignal "SIGKILL"{extra}}}{options}}}'
 )
@@ -70,7 +71,8 @@ async def host_events(host: str, since: float, until: float) -> list[dict[str, A
 
 async def mutating_calls(url: str) -> dict[tuple[str, str], float]:
     """condo's finished Docker calls that change something, by (method, endpoint)."""
-    async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, trust_env=False, headers=auth) as client:
         text = (await client.get("/metrics")).text
     counts: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
@@ -90,7 +92,7 @@ async def test_plan_shows_each_kind_of_change_and_changes_nothing(
     for name in ("web", "api", "same", "old"):
         condo.write(name, sleeper())
     web = await ApiServer.listen(Bind(host="127.0.0.1", port=0))
-    config = attrs.evolve(condo.config(), server=Bind(host="127.0.0.1", port=0))
+    config = attrs.evolve(condo.config(), server=Bind(host="127.0.0.1", port=0), api_token=TOKEN)
     with trio.fail_after(CAP):
         condo.running = await nursery.start(functools.partial(run_condo, config, web=web))
         for name in ("web", "api", "same", "old"):
@@ -109,11 +111,13 @@ async def test_plan_shows_each_kind_of_change_and_changes_nothing(
         )
         (planned / "notes.edn~").write_text("an editor's backup: not a spec")
 
+        plan = ("plan", str(planned), "--url", web.url, "--api-token", TOKEN)
         before = await mutating_calls(web.url)
         assert before[("POST", "/containers/{id}/start")] >= 4  # the counts are real
         since = time.time()
-        code, out, err = await condo_cli("plan", str(planned), "--url", web.url)
-        code_all, out_all, _ = await condo_cli("plan", str(planned), "--url", web.url, "--all")
+        code, out, err = await condo_cli(*plan)
+        code_all, out_all, _ = await condo_cli(*plan, "--all")
+        code_401, out_401, err_401 = await condo_cli("plan", str(planned), "--url", web.url)
         await trio.sleep(0.5)  # any event the plan caused has reached the engine's log
         until = time.time()
         assert await host_events(condo.host, since, until) == []
@@ -134,10 +138,11 @@ async def test_plan_shows_each_kind_of_change_and_changes_nothing(
         ]
         assert condo.host in out.splitlines()[0]
         assert code_all == 1 and "  same: unchanged (condo-test/busybox:1)" in out_all
+        assert (code_401, out_401) == (1, "") and "HTTP 401" in err_401
 
         # Without the invalid file: 2, changes. Applied by condo, they are what the plan said.
         (planned / "bad.edn").unlink()
-        code, out, err = await condo_cli("plan", str(planned), "--url", web.url)
+        code, out, err = await condo_cli(*plan)
         assert code == 2, err
         for path in planned.glob("*.edn"):
             shutil.copy(path, condo.specs / path.name)
@@ -148,7 +153,7 @@ async def test_plan_shows_each_kind_of_change_and_changes_nothing(
         await condo.wait(lambda v: v["services"]["api"]["deploy"] == ["After", 1.0])
         assert await condo.running_ids("api") == api_before  # updated in place
         assert await condo.running_ids("web") != web_before  # redeployed
-        code, out, err = await condo_cli("plan", str(planned), "--url", web.url)
+        code, out, err = await condo_cli(*plan)
         assert (code, out.splitlines()[1:]) == (0, ["Plan: 4 unchanged."]), err
 
 
