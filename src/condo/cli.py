@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TextIO
 
 import structlog
-from cyclopts import App, Parameter
+from cyclopts import App, CycloptsError, Parameter
 from cyclopts.config import Env
 
 import condo
@@ -57,6 +57,9 @@ def build_app() -> App:
     app.command(hosts, name="hosts")
     app.command(forget, name="forget")
     app.command(validate)
+    # `condo plan` exits 2 for "changes" (terraform's -detailed-exitcode): its usage errors are
+    # raised to `main`, which exits 1 for them, instead of cyclopts' 2.
+    app.command(plan, exit_on_error=False)
     # Internal: run by condo itself in a short-lived container during a self-deploy.
     app.command(hand_over, name="hand-over", show=False)
     return app
@@ -64,7 +67,10 @@ def build_app() -> App:
 
 def main() -> None:
     """Console-script entry point (`condo = "condo.cli:main"`); exits with the command's code."""
-    build_app()()
+    try:
+        build_app()()
+    except CycloptsError:  # only `condo plan`'s usage errors get here, already printed
+        sys.exit(1)
 
 
 def _commas(_type: object, value: str, delimiter: str | None = None) -> list[str]:
@@ -288,6 +294,40 @@ async def forget(
         The condo's --api-token, if it has one.
     """
     return await remote.forget(decommissioned, url=url, api_token=api_token, out=sys.stdout)
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+async def plan(
+    prefixes: Annotated[list[Path], Parameter(negative=())],
+    /,
+    *,
+    url: str = remote.DEFAULT_URL,
+    api_token: str | None = None,
+    all: Annotated[bool, Parameter(negative=())] = False,  # noqa: A002 -- the contract's --all
+) -> int:
+    """Show what the spec files in PREFIX... would change in what a running condo runs.
+
+    One line per service: "+ create", "~ redeploy" (the container fields that differ, image
+    a → b), "= update in place" (keys that never touch the container), "- remove", "! invalid"
+    (file:line: message). It changes nothing. Exit 0 no change, 2 changes, 1 invalid specs or
+    errors.
+
+    Parameters
+    ----------
+    prefixes
+        Spec directories, as `condo run` would be given them.
+    url
+        The running condo's HTTP API.
+    api_token
+        The condo's --api-token, if it has one.
+    all
+        Also list the services that would not change.
+    """
+    return await remote.plan(
+        prefixes, url=url, api_token=api_token, show_unchanged=all, out=sys.stdout
+    )
 
 
 # --- validate -------------------------------------------------------------------------------------

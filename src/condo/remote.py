@@ -1,5 +1,8 @@
-"""The client side of the HTTP API: `condo wait` (the CI helper), `condo state`, `condo hosts`
-and `condo forget`.
+"""The client side of the HTTP API: `condo wait` (the CI helper), `condo state`, `condo hosts`,
+`condo forget` and `condo plan`.
+
+`condo plan` reads the spec files with condo.specdir's own scanner and asks `/v1/state` (one
+GET, nothing else: it never changes anything); condo.plan decides and words the plan.
 
 `condo wait` asks `/v1/wait_for` (one long-poll; the server decides, with Consul's blocking
 queries or the local store, and answers within milliseconds of the last host turning Stable).
@@ -13,7 +16,8 @@ A host whose liveness lapsed (cut off, its condo killed, its agent dead) is pend
 the host is live); a stale picture (Consul unreadable from the condo asked) is said as such.
 
 Exit codes (doc/contract.md): 0 done, 1 timed out (the pending hosts are named), 2 usage or
-connection errors.
+connection errors; `condo plan` has terraform's (condo.plan: 0 no change, 2 changes, 1 invalid
+specs or errors).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import functools
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
@@ -29,6 +34,10 @@ import attrs
 import httpx
 import trio
 
+from condo import plan as planning
+from condo.errors import SpecError
+from condo.spec import ServiceSpec
+from condo.specdir import SpecScanner
 from condo.tasks import run_beside
 from condo.waiting import UNREACHABLE, HostRecord, HostsView, evaluate, read_hosts_document
 
@@ -318,3 +327,52 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+async def plan(
+    prefixes: Sequence[Path],
+    *,
+    url: str = DEFAULT_URL,
+    api_token: str | None = None,
+    show_unchanged: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """`condo plan PREFIX...`: what these spec files would change in what the condo at `url`
+    runs; terraform's exit code (condo.plan)."""
+    snapshot = await trio.to_thread.run_sync(SpecScanner(prefixes).scan)
+    try:
+        async with _client(url, api_token, read_timeout=10) as client:
+            status, body = await _get_json(client, "/v1/state")
+        if status != 200:
+            raise ClientError(f"/v1/state: HTTP {status}: {body}")
+        if not (isinstance(body, dict) and isinstance(body.get("services"), dict)):
+            raise ClientError("/v1/state: not a state document")
+        local: dict[str, ServiceSpec | SpecError] = {}
+        for name, entry in snapshot.entries.items():
+            if entry.spec is not None:
+                local[name] = entry.spec
+            elif entry.error is not None:
+                local[name] = entry.error
+        result = planning.make_plan(
+            local,
+            body["services"],
+            problems=[
+                *snapshot.problems,
+                # self.edn is checked, not compared: the API does not say which one runs.
+                *([snapshot.self_spec] if isinstance(snapshot.self_spec, SpecError) else []),
+            ],
+            complete=snapshot.complete,
+        )
+    except planning.ViewTooOld:
+        print(
+            f"condo plan: the condo at {url} does not show spec hashes (an older version)",
+            file=sys.stderr,
+        )
+        return planning.EXIT_INVALID
+    except ClientError as exc:
+        print(f"condo plan: {exc}", file=sys.stderr)
+        return planning.EXIT_INVALID
+    print(f"condo plan: {body.get('host')} at {url}", file=out)
+    for line in planning.render(result, show_unchanged=show_unchanged):
+        print(line, file=out)
+    return result.exit_code

@@ -7,7 +7,8 @@ spec is; reading EDN text, with the places of its parts and problems, is `condo.
 * the EDN → JSON conversion of the `:spec` map, the Docker create-container body;
 * every validation rule for a service spec (`<service>.edn`) and for condo's own `self.edn`;
 * spec identity: `ServiceSpec` equality is semantic (comments, whitespace and key order do not
-  matter) and `ServiceSpec.container_hash` is the one fingerprint that decides a redeploy.
+  matter) and `ServiceSpec.container_hash` is the one fingerprint that decides a redeploy; every
+  other key (`ServiceSpec.options_json`) is adopted in place.
 
 Invariants:
 
@@ -150,6 +151,18 @@ class ServiceSpec:
         `deploy` and the timeouts do not enter it: changing them never replaces a container.
         """
         return _sha256(_body(self.container, self.fixed_name))
+
+    def field_hashes(self) -> dict[str, str]:
+        """16 hex chars of each top-level key of the create body (with `Name`): which parts of
+        the container differ between two specs, without saying what they hold (Env, Labels)."""
+        body = _body(self.container, self.fixed_name)
+        return {key: _sha256([key, value])[:16] for key, value in body.items()}
+
+    def options_json(self) -> JsonObject:
+        """`to_json` without the create body: the keys that never replace a container."""
+        options = self.to_json()
+        del options["spec"]
+        return options
 
     def effective_pull(self) -> PullPolicy:
         """`pull` if set, else `always` for a floating tag (none or `latest`), else `missing`."""

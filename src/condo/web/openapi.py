@@ -104,6 +104,21 @@ _SCHEMAS: dict[str, Any] = {
             "attempt": {"type": "integer", "description": "consecutive failed attempts"},
             "failed": {"oneOf": [{"$ref": "#/components/schemas/Container"}, {"type": "null"}]},
             "removed": {"type": "boolean"},
+            "spec_hash": {
+                "type": ["string", "null"],
+                "description": "the desired spec's container hash (label condo.spec-hash): "
+                "a different one redeploys",
+            },
+            "spec_fields": {
+                "type": ["object", "null"],
+                "description": "a fingerprint of each top-level key of the desired create body",
+                "additionalProperties": {"type": "string"},
+            },
+            "options": {
+                "type": ["object", "null"],
+                "description": "the desired spec's keys that never replace a container "
+                "(deploy, health_timeout, stop_timeout, stable_after, pull)",
+            },
         },
     },
     "State": {
