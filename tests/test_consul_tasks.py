@@ -890,3 +890,27 @@ async def test_a_service_reconciled_during_a_round_never_leaves_the_record(
             )
     assert fake.records, "the record was never rewritten"
     assert all("api" in services for services in fake.records), fake.records
+
+
+async def test_a_record_forgotten_while_live_is_written_again_with_what_it_carried(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A restart: api (in the record) is not reconciled yet when `condo forget` races the host's
+    return. The record written again still has api: it runs here, and has no key yet."""
+    said = {
+        "web": {"state": "Stable", "image": "web:1"},
+        "api": {"state": "Stable", "image": "api:1"},
+    }
+    fake.kv[LAYOUT.record_key(HOST)] = (json.dumps({"host": HOST, "services": said}).encode(), None)
+    store = Store(HOST)
+    store.set_state("web", stable("web:1"))
+    store.set_state("api", ServiceState(desired=ServiceSpec(container={"Image": "api:1"})))
+    with trio.fail_after(30):
+        async with running(fake, store):
+            await fake.until(lambda: fake.value("web") is not None)
+            await trio.sleep(1)
+            assert fake.record() == said
+            del fake.kv[LAYOUT.record_key(HOST)]
+            fake.bump()
+            await fake.until(lambda: fake.record() is not None)
+            assert fake.record() == said

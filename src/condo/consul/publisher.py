@@ -136,6 +136,7 @@ class Publisher:
         # What the host's record says in Consul (None: not read yet this process).
         self._record: dict[str, dict[str, Any]] | None = None
         self._record_failed: dict[str, dict[str, Any]] | None = None  # the last refused value
+        self._record_lost = False  # the record is gone from Consul: write it even if unchanged
         self._known: set[str] = set()  # every service the store had while this process ran
 
     def __repr__(self) -> str:
@@ -144,7 +145,7 @@ class Publisher:
     @property
     def session_name(self) -> str:
         """What the session is called in Consul: names the host (and the prefix it writes)."""
-        return f"condo:{self._layout.prefix}:{self._host}"
+        return self._layout.session_name(self._host)
 
     @property
     def session(self) -> SessionId | None:
@@ -361,7 +362,7 @@ class Publisher:
         for name, view in services.items():
             if view.get("state") != Phase.Init.value and not view.get("removed"):
                 wanted[name] = summary(view)
-        if wanted == self._record:
+        if wanted == self._record and not self._record_lost:
             self._record_failed = None
             self._resolved(RECORDS)
             return
@@ -388,6 +389,7 @@ class Publisher:
             return
         self._record = wanted
         self._record_failed = None
+        self._record_lost = False
         self._resolved(RECORDS)
 
     def _waiting(self, name: str, entry: ServiceEntry | None) -> bool:
@@ -500,7 +502,9 @@ class Publisher:
             self._live = False  # deleted, or its session invalidated, behind our back
             self._wake.set()
         if self._record and self._host not in source.picture().records:
-            self._record = {}  # forgotten by an operator while this host is live: write it again
+            # Forgotten (or deleted) while this host is live: written again, whole. What it
+            # carries over (services not reconciled yet) stays in it: they still run here.
+            self._record_lost = True
             self._wake.set()
         missing = [name for name in self._published if holders.get(name) != session]
         if not missing:

@@ -203,15 +203,23 @@ class ConsulSource:
 
     async def forget(self, host: str) -> None:
         """Remove `host`'s record (a decommissioned host), checked against a fresh read: a live
-        host (or one this read cannot confirm is gone) is never forgotten."""
+        host (or one this read cannot confirm is gone) is never forgotten. Live is what holds a
+        session: a key held by one, or the session itself (its condo runs, although its keys
+        were deleted by hand or are not written yet)."""
         try:
             listing = await self._client.read_prefix(self._layout.folder)
+            sessions = await self._client.list_sessions()
         except ConsulError as exc:
             raise ForgetRefused(f"Consul cannot be read: {exc}", reason="unavailable") from exc
         self._apply(listing)
         picture = self._picture
         record = picture.records.get(host)
-        if host in picture.hosts or (record is not None and record.live):
+        session = self._layout.session_name(host)
+        if (
+            host in picture.hosts
+            or (record is not None and record.live)
+            or any(held.name == session for held in sessions)
+        ):
             raise ForgetRefused(
                 f"{host} is live: its condo runs and holds its session (stop it, or remove its"
                 " specs, first)",
