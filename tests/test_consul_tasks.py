@@ -914,3 +914,65 @@ async def test_a_record_forgotten_while_live_is_written_again_with_what_it_carri
             fake.bump()
             await fake.until(lambda: fake.record() is not None)
             assert fake.record() == said
+
+
+class _Election(FakeConsul):
+    """A leader election behind a blocking read: the read in flight hangs on the old leader's
+    dead connection, while new calls are answered 500 "No cluster leader" until `leaderless`
+    ends (then as usual: the new leader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaderless = False
+        self.frozen: set[int] = set()  # the blocking reads (by serial) cut off with the old leader
+        self._reads = 0
+
+    def elect(self) -> None:
+        self.leaderless = True
+        self.frozen = set(range(self._reads + 1))
+        self.wake()
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.leaderless:
+            self.calls.append((trio.current_time(), f"{request.method} {request.url.path}"))
+            await trio.lowlevel.checkpoint()
+            return httpx.Response(500, text="No cluster leader")
+        if request.method != "GET" or "index" not in request.url.params:
+            return await super().handle(request)
+        self._reads += 1
+        serial = self._reads
+        answer = await super().handle(request)
+        if serial in self.frozen:
+            await trio.sleep_forever()  # its connection died silently with the old leader
+        return answer
+
+
+async def test_a_picture_behind_a_leader_election_is_stale_until_read_again(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The watcher's blocking read hangs on the old leader (in Consul up to its whole wait, 30 s)
+    while the publisher is answered "No cluster leader": the picture is stale from that answer
+    on, and the watcher reads again at once, so that it is fresh soon after the election."""
+    fake = _Election()
+    with trio.fail_after(120):
+        async with published(fake, store) as consul:
+            await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:1")
+            await trio.sleep(1)
+            fake.elect()
+            elected_at = trio.current_time()
+            while (
+                consul.publisher.session is not None
+                and fake.count("PUT /v1/session/renew/", since=elected_at) == 0
+            ):
+                await trio.sleep(0.1)
+            await trio.sleep(0.5)
+            assert consul.source.stale, "a failed call after the last read: the picture is stale"
+            # Meanwhile the host moves on; the new leader is there 2 s later.
+            store.set_state("web", stable("web:2"))
+            await trio.sleep(2)
+            fake.leaderless = False
+            elected = trio.current_time()
+            # Read again at once, not after the old read's wait (it never ends here).
+            await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:2")
+            assert trio.current_time() - elected < 1.5
+            assert not consul.source.stale
