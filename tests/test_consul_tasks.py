@@ -24,8 +24,10 @@ import trio
 import trio.testing
 
 from condo.consul import ConsulClient, ConsulSource, KeyLayout, Publisher, decode_value
+from condo.consul.layout import RECORDS
 from condo.consul.publisher import (
     MAX_RETRY_DELAY,
+    MAX_VALUE_SIZE,
     PERMANENT_RETRY_DELAY,
     REFUSED_RETRY_DELAY,
 )
@@ -194,12 +196,14 @@ class Consul:
 
 
 @asynccontextmanager
-async def running(fake: FakeConsul, store: Store) -> AsyncIterator[Consul]:
+async def running(
+    fake: FakeConsul, store: Store, *, max_value_size: int = MAX_VALUE_SIZE
+) -> AsyncIterator[Consul]:
     """The publisher and the watcher, wired as run_consul wires them, on the fake."""
     http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://consul")
     client = ConsulClient(http)
     source = ConsulSource(client, LAYOUT)
-    publisher = Publisher(client, store, LAYOUT, HOST)
+    publisher = Publisher(client, store, LAYOUT, HOST, max_value_size=max_value_size)
     async with http, trio.open_nursery() as nursery:
         await nursery.start(source.run)
         await nursery.start(publisher.run, source)
@@ -780,3 +784,195 @@ async def test_the_publisher_holds_its_liveness_and_rewrites_a_forgotten_record(
             await fake.until(lambda: live in fake.kv and fake.record() is not None)
             assert fake.kv[live][1] == "session-1"
             assert set(fake.record() or {}) == {"web", "db"}
+
+
+async def test_a_record_refused_by_an_acl_delays_no_service_key_and_is_reported(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The record is one more key: a refusal (403) fails it alone, like a service key's; it
+    never ends the round (which held every later change of every service for 10 s)."""
+    record = LAYOUT.record_key(HOST)
+    fake.denied.add(record)
+    metrics = Metrics()
+    with trio.fail_after(120), structlog.testing.capture_logs() as logs:
+        async with published(fake, store) as consul:
+            consul.publisher.add_failure_observer(metrics.observe_consul_publish)
+            for n in range(25):
+                changed = trio.current_time()
+                image = f"web:{n}"
+                store.set_state("web", stable(image))
+                await fake.until(lambda: (fake.value("web") or {})["image"] == image)  # noqa: B023
+                assert trio.current_time() - changed < 0.1, n
+                await trio.sleep(1)
+            assert "403" in consul.publisher.failures[RECORDS]
+            # Retried when it changes, else on its delay (no hot loop), and written once the ACL
+            # allows it.
+            quiet = trio.current_time()
+            await trio.sleep(35)
+            attempts = fake.count(f"PUT /v1/kv/{record}", since=quiet)
+            assert attempts == 3, attempts
+            assert metrics.value("condo_consul_publish_failing", service=RECORDS) == 1
+            fake.denied.clear()
+            fixed = trio.current_time()
+            await fake.until(lambda: fake.record() is not None)
+            assert trio.current_time() - fixed <= PERMANENT_RETRY_DELAY + 0.05
+            assert fake.record() == {"web": {"state": "Stable", "image": "web:24"},
+                                     "db": {"state": "Stable", "image": "db:1"}}  # fmt: skip
+            assert consul.publisher.failures == {}
+    failed = [e for e in logs if e["event"] == "consul.publish_failed"]
+    assert [(e["service"], e["key"]) for e in failed] == [(RECORDS, record)]
+    assert not [e for e in logs if e["event"] == "consul.refused"]
+
+
+async def test_a_record_over_the_size_limit_is_not_sent_and_keeps_the_last_that_fitted(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    limit = 400  # every service value fits (~350 bytes); a record of a dozen services does not
+    store = Store(HOST)
+    with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+        async with running(fake, store, max_value_size=limit) as consul:
+            store.set_state("web", stable("web:1"))
+            only_web = {"web": {"state": "Stable", "image": "web:1"}}
+            await fake.until(lambda: fake.record() == only_web)
+            for n in range(12):
+                store.set_state(f"s{n}", stable("s:1"))
+            await fake.until(lambda: len(fake.services) == 13)
+            await trio.sleep(30)
+            assert fake.count(f"PUT /v1/kv/{LAYOUT.record_key(HOST)}") == 1  # the one that fitted
+            assert "over Consul's limit" in consul.publisher.failures[RECORDS]
+            assert fake.record() == only_web
+    assert sum(e["event"] == "consul.publish_failed" for e in logs) == 1
+
+
+class _Reconciling(FakeConsul):
+    """Runs `during` once, when the first write of `key` arrives: a store change that lands
+    while a publish round awaits Consul."""
+
+    def __init__(self, key: str, during: Callable[[], None]) -> None:
+        super().__init__()
+        self._key = key
+        self._during: Callable[[], None] | None = during
+        self.records: list[dict[str, Any]] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/v1/kv/")
+        if request.method == "PUT" and path == self._key and self._during is not None:
+            during, self._during = self._during, None
+            during()
+        response = await super().handle(request)
+        if request.method == "PUT" and path == LAYOUT.record_key(HOST):
+            self.records.append(json.loads(request.content)["services"])
+        return response
+
+
+async def test_a_service_reconciled_during_a_round_never_leaves_the_record(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A restart: the record says web and api; api is spawned and reconciled while the first
+    round awaits Consul. The record is written from the round's own reading of the store (as the
+    keys are), so api never leaves it: its key is not written yet, and a host without key or
+    record entry for api would not count for it at all (a wait elsewhere would pass)."""
+    said = {
+        "web": {"state": "Stable", "image": "web:1"},
+        "api": {"state": "Stable", "image": "api:1"},
+    }
+    store = Store(HOST)
+    store.set_state("web", stable("web:2"))
+    fake = _Reconciling(LAYOUT.key("web", HOST), lambda: store.set_state("api", stable("api:2")))
+    fake.kv[LAYOUT.record_key(HOST)] = (json.dumps({"host": HOST, "services": said}).encode(), None)
+    with trio.fail_after(30):
+        async with running(fake, store):
+            await fake.until(
+                lambda: (
+                    (fake.record() or {}).get("api", {}).get("image") == "api:2"
+                    and fake.value("api") is not None
+                )
+            )
+    assert fake.records, "the record was never rewritten"
+    assert all("api" in services for services in fake.records), fake.records
+
+
+async def test_a_record_forgotten_while_live_is_written_again_with_what_it_carried(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A restart: api (in the record) is not reconciled yet when `condo forget` races the host's
+    return. The record written again still has api: it runs here, and has no key yet."""
+    said = {
+        "web": {"state": "Stable", "image": "web:1"},
+        "api": {"state": "Stable", "image": "api:1"},
+    }
+    fake.kv[LAYOUT.record_key(HOST)] = (json.dumps({"host": HOST, "services": said}).encode(), None)
+    store = Store(HOST)
+    store.set_state("web", stable("web:1"))
+    store.set_state("api", ServiceState(desired=ServiceSpec(container={"Image": "api:1"})))
+    with trio.fail_after(30):
+        async with running(fake, store):
+            await fake.until(lambda: fake.value("web") is not None)
+            await trio.sleep(1)
+            assert fake.record() == said
+            del fake.kv[LAYOUT.record_key(HOST)]
+            fake.bump()
+            await fake.until(lambda: fake.record() is not None)
+            assert fake.record() == said
+
+
+class _Election(FakeConsul):
+    """A leader election behind a blocking read: the read in flight hangs on the old leader's
+    dead connection, while new calls are answered 500 "No cluster leader" until `leaderless`
+    ends (then as usual: the new leader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaderless = False
+        self.frozen: set[int] = set()  # the blocking reads (by serial) cut off with the old leader
+        self._reads = 0
+
+    def elect(self) -> None:
+        self.leaderless = True
+        self.frozen = set(range(self._reads + 1))
+        self.wake()
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.leaderless:
+            self.calls.append((trio.current_time(), f"{request.method} {request.url.path}"))
+            await trio.lowlevel.checkpoint()
+            return httpx.Response(500, text="No cluster leader")
+        if request.method != "GET" or "index" not in request.url.params:
+            return await super().handle(request)
+        self._reads += 1
+        serial = self._reads
+        answer = await super().handle(request)
+        if serial in self.frozen:
+            await trio.sleep_forever()  # its connection died silently with the old leader
+        return answer
+
+
+async def test_a_picture_behind_a_leader_election_is_stale_until_read_again(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The watcher's blocking read hangs on the old leader (in Consul up to its whole wait, 30 s)
+    while the publisher is answered "No cluster leader": the picture is stale from that answer
+    on, and the watcher reads again at once, so that it is fresh soon after the election."""
+    fake = _Election()
+    with trio.fail_after(120):
+        async with published(fake, store) as consul:
+            await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:1")
+            await trio.sleep(1)
+            fake.elect()
+            elected_at = trio.current_time()
+            while (
+                consul.publisher.session is not None
+                and fake.count("PUT /v1/session/renew/", since=elected_at) == 0
+            ):
+                await trio.sleep(0.1)
+            await trio.sleep(0.5)
+            assert consul.source.stale, "a failed call after the last read: the picture is stale"
+            # Meanwhile the host moves on; the new leader is there 2 s later.
+            store.set_state("web", stable("web:2"))
+            await trio.sleep(2)
+            fake.leaderless = False
+            elected = trio.current_time()
+            # Read again at once, not after the old read's wait (it never ends here).
+            await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:2")
+            assert trio.current_time() - elected < 1.5
+            assert not consul.source.stale

@@ -26,6 +26,7 @@ import trio
 
 from condo.config import Config
 from condo.consul import ConsulClient, ConsulRunning, ConsulSource, KeyLayout, run_consul
+from condo.errors import ForgetRefused
 from condo.store import Store
 from condo.waiting import Picture
 from tests.consul_support import open_crowd, stable, until_pictured
@@ -340,3 +341,27 @@ async def test_consul_away_at_start_up_delays_nothing_and_logs_once(
     unreachable = [e for e in logs if e["event"] == "consul.unreachable"]
     assert len(unreachable) == 1  # once, not per retry
     assert "ConnectError" in unreachable[0]["error"]
+
+
+async def test_forget_refuses_a_host_whose_session_lives_without_its_keys(area: Area) -> None:
+    """A live condo whose `.live` key was deleted by hand, holding no service key (all `Init` at
+    a restart, or refused by an ACL), still holds its session: it is live, never forgotten."""
+    created = await area.http.put(
+        "/v1/session/create",
+        json={"Name": f"condo:{area.prefix}:h2", "TTL": "60s", "Behavior": "delete"},
+    )
+    session = created.json()["ID"]
+    record_key = f"{area.prefix}/.hosts/h2"
+    record = {"host": "h2", "services": {"web": {"state": "Stable", "image": "x:1"}}, "at": 1.0}
+    await area.http.put(f"/v1/kv/{record_key}", content=json.dumps(record).encode())
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(base_url=AGENT, timeout=10) as http:
+            source = ConsulSource(ConsulClient(http), KeyLayout.of(area.prefix))
+            with pytest.raises(ForgetRefused) as refused:
+                await source.forget("h2")
+            assert refused.value.reason == "live", refused.value
+            assert record_key in await area.all_keys()
+            # Its condo stops (the session ends): now it may go.
+            await area.http.put(f"/v1/session/destroy/{session}")
+            await source.forget("h2")
+            assert record_key not in await area.all_keys()

@@ -15,7 +15,10 @@ Invariants:
 - Callers own deadlines (cancel scopes); the httpx timeouts here only guard against a Consul that
   accepted a request and went silent (a stopped agent), and surface as transient errors.
 - `unreachable_since` (Trio time) is set by the first call that gets no answer and cleared by the
-  next one that does: readers use it to tell a stale picture.
+  next one that does; `failed_at` is the time of the latest call that got none, never cleared,
+  and failure observers hear of each: readers use them to tell a stale picture. A 5xx (or 429)
+  is no answer either (the agent answered, Consul did not: "No cluster leader", an RPC error),
+  except a 500 `invalid session`, which is the servers' own answer.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import base64
 import binascii
 import enum
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NewType
 
@@ -126,6 +129,8 @@ class ConsulClient:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self._http = http
         self.unreachable_since: float | None = None
+        self.failed_at: float | None = None  # Trio time of the latest call that got no answer
+        self._failure_observers: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"ConsulClient(base_url={str(self._http.base_url)!r})"
@@ -146,11 +151,18 @@ class ConsulClient:
             self._unanswered()
             log.debug("consul.call", method=method, path=what, error=type(exc).__name__)
             raise ConsulError(f"{method} {what}: {_describe(exc)}") from exc
-        self.unreachable_since = None
+
+    def add_failure_observer(self, observer: Callable[[], None]) -> None:
+        """Call `observer` (synchronously; it must not block) after every call that got no
+        answer from Consul."""
+        self._failure_observers.append(observer)
 
     def _unanswered(self) -> None:
+        self.failed_at = trio.current_time()
         if self.unreachable_since is None:
-            self.unreachable_since = trio.current_time()
+            self.unreachable_since = self.failed_at
+        for observer in self._failure_observers:
+            observer()
 
     async def _call(
         self,
@@ -167,6 +179,11 @@ class ConsulClient:
             response = await self._http.request(
                 method, path, params=params, content=content, json=json, timeout=guard
             )
+        status = response.status_code
+        if (status >= 500 or status == 429) and "invalid session" not in response.text:
+            self._unanswered()  # the agent is there, but not Consul's servers (or their leader)
+        else:
+            self.unreachable_since = None
         log.debug("consul.call", method=method, path=path, status=response.status_code)
         return response
 

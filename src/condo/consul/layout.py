@@ -75,6 +75,10 @@ class KeyLayout:
     def record_key(self, host: str) -> str:
         return f"{self.prefix}/{RECORDS}/{host}"
 
+    def session_name(self, host: str) -> str:
+        """What the session of `host`'s condo is called: names the host and the prefix."""
+        return f"condo:{self.prefix}:{host}"
+
     def parse(self, key: str) -> tuple[str, str] | None:
         """`<prefix>/<service>/<host>` → (service, host), `.live/<host>` → (LIVE, host),
         `.hosts/<host>` → (RECORDS, host); None for any other key."""

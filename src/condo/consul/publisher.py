@@ -35,7 +35,9 @@ Invariants:
   round: the other keys are written. It is logged once per distinct error (`consul.publish_failed`),
   counted by failure observers (condo_consul_publish_* metrics), and retried when that service
   changes, or after its delay (PERMANENT_RETRY_DELAY; a value too large waits for a change).
-  Only an unreachable Consul (a transient error) ends the round.
+  The host's record is one more such key (failures named `.hosts`). Only an unreachable Consul
+  (a transient error) ends the round.
+- A round reads the store once: its keys and its record say the same moment.
 - A write answered `false` is checked by a renewal: a lost session is replaced; a live one means
   another session (another condo with the same --host?) holds the key: logged once, retried.
 - Consul unreachable: supervision never notices (nothing here is awaited by a driver); one log
@@ -59,6 +61,7 @@ import trio
 from condo.consul.client import Acquire, ConsulClient, SessionId
 from condo.consul.layout import (
     LIVE,
+    RECORDS,
     ForeignValue,
     KeyLayout,
     decode_record,
@@ -132,6 +135,8 @@ class Publisher:
         self._live = False  # `.live/<host>` is held by the current session
         # What the host's record says in Consul (None: not read yet this process).
         self._record: dict[str, dict[str, Any]] | None = None
+        self._record_failed: dict[str, dict[str, Any]] | None = None  # the last refused value
+        self._record_lost = False  # the record is gone from Consul: write it even if unchanged
         self._known: set[str] = set()  # every service the store had while this process ran
 
     def __repr__(self) -> str:
@@ -140,7 +145,7 @@ class Publisher:
     @property
     def session_name(self) -> str:
         """What the session is called in Consul: names the host (and the prefix it writes)."""
-        return f"condo:{self._layout.prefix}:{self._host}"
+        return self._layout.session_name(self._host)
 
     @property
     def session(self) -> SessionId | None:
@@ -222,20 +227,26 @@ class Publisher:
         await self._sync(session)
 
     async def _sync(self, session: SessionId) -> None:
-        # One instant for every value of the round; entries and views from the same moment.
+        # One instant, and one reading of the store, for every value of the round: the keys and
+        # the record say the same. (The store changes while the round awaits Consul: reading it
+        # again for the record dropped a service reconciled meanwhile, whose key was not written
+        # yet, so that for a moment the host counted for it nowhere.)
         at = now()
-        # Known from the round's own reading of the store: a service dropped while this round
-        # awaits Consul is still one the store had (it left; it is not one never learnt of).
-        self._known |= self._store.entries.keys()
+        store = dict(self._store.entries)
+        settled = self._store.settled
+        # A service dropped while this round awaits Consul is still one the store had (it left;
+        # it is not one never learnt of).
+        self._known |= store.keys()
         if not self._live and not await self._hold_live(session, at.wall):
             return
         entries = {
             name: entry
-            for name, entry in self._store.entries.items()
+            for name, entry in store.items()
             if entry.state.phase is not Phase.Init or entry.spec_error is not None
         }
         services = self._store.view(at)["services"]
-        for name in sorted(self._failures.keys() - entries.keys() - self._held):
+        pending = self._failures.keys() - entries.keys() - self._held - {RECORDS}
+        for name in sorted(pending):
             self._resolved(name)  # gone from the store, and no key of ours left to delete
         for name in sorted(self._held - entries.keys()):
             if self._waiting(name, None):
@@ -300,7 +311,7 @@ class Publisher:
                 continue
             self._lost("a write answered that the session is invalid")
             return
-        await self._write_record(services, at.wall)
+        await self._write_record(store, settled, services, at.wall)
 
     async def _hold_live(self, session: SessionId, at: float) -> bool:
         """Hold `.live/<host>`; False when the session turned out to be lost."""
@@ -321,8 +332,15 @@ class Publisher:
         self._lost("a write answered that the session is invalid")
         return False
 
-    async def _write_record(self, services: Mapping[str, Mapping[str, Any]], at: float) -> None:
-        """Bring the host's record in line with what this host runs (see the invariants)."""
+    async def _write_record(
+        self,
+        store: Mapping[str, ServiceEntry],
+        settled: bool,
+        services: Mapping[str, Mapping[str, Any]],
+        at: float,
+    ) -> None:
+        """Bring the host's record in line with what this host runs (see the invariants), from
+        the round's reading of the store (`store`, `settled`, `services`: one moment)."""
         key = self._layout.record_key(self._host)
         if self._record is None:
             stored = await self._client.read_key(key)
@@ -333,10 +351,10 @@ class Publisher:
             self._record = {n: dict(s) for n, s in found.services.items()} if found else {}
         wanted: dict[str, dict[str, Any]] = {}
         for name, said in self._record.items():
-            entry = self._store.entries.get(name)
+            entry = store.get(name)
             # Not known yet (the store is not settled), or not reconciled yet: as it was. (A
             # service the store had and dropped is gone: its driver retired it.)
-            unknown = name not in self._known and not self._store.settled
+            unknown = name not in self._known and not settled
             if (entry is None and unknown) or (
                 entry is not None and entry.state.phase is Phase.Init
             ):
@@ -344,9 +362,35 @@ class Publisher:
         for name, view in services.items():
             if view.get("state") != Phase.Init.value and not view.get("removed"):
                 wanted[name] = summary(view)
-        if wanted != self._record:
-            await self._client.put(key, encode_record(self._host, wanted, at))
-            self._record = wanted
+        if wanted == self._record and not self._record_lost:
+            self._record_failed = None
+            self._resolved(RECORDS)
+            return
+        if wanted == self._record_failed and self._waiting(RECORDS, None):
+            return
+        # The record is one more key: a refusal fails it alone (logged, counted, retried), as
+        # it would a service's key. Only an unreachable Consul ends the round.
+        value = encode_record(self._host, wanted, at)
+        if len(value) > self._max_value_size:
+            error = (
+                f"record of {len(value)} bytes is over Consul's limit of"
+                f" {self._max_value_size} bytes (kv_max_value_size); not sent"
+            )
+            self._record_failed = wanted
+            self._refused_by_consul(RECORDS, None, key, error, math.inf)
+            return
+        try:
+            await self._client.put(key, value)
+        except ConsulError as exc:
+            if exc.transient:
+                raise
+            self._record_failed = wanted
+            self._refused_by_consul(RECORDS, None, key, str(exc), PERMANENT_RETRY_DELAY)
+            return
+        self._record = wanted
+        self._record_failed = None
+        self._record_lost = False
+        self._resolved(RECORDS)
 
     def _waiting(self, name: str, entry: ServiceEntry | None) -> bool:
         """True while a failed key waits for its retry (unless its service changed since)."""
@@ -458,7 +502,9 @@ class Publisher:
             self._live = False  # deleted, or its session invalidated, behind our back
             self._wake.set()
         if self._record and self._host not in source.picture().records:
-            self._record = {}  # forgotten by an operator while this host is live: write it again
+            # Forgotten (or deleted) while this host is live: written again, whole. What it
+            # carries over (services not reconciled yet) stays in it: they still run here.
+            self._record_lost = True
             self._wake.set()
         missing = [name for name in self._published if holders.get(name) != session]
         if not missing:

@@ -22,6 +22,11 @@ Invariants:
 - While Consul cannot be read the picture keeps its last value and `stale` is true; the first
   good read clears it. Both changes of `stale` wake waiters (with the token unchanged), so a
   reader can wait for the first read even when the prefix is empty.
+- Any call of this process that Consul did not answer (the publisher's too: a timeout, a 5xx
+  such as "No cluster leader") makes the picture stale until a read answered after it, and the
+  blocking read in flight is abandoned for a new one at once: it may hang on a connection that
+  died with the old leader (for its whole wait), and a later answer to some other call (a
+  renewal the new leader takes) says nothing about what this picture missed meanwhile.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class ConsulSource:
         self._seen_live: dict[str, float] = {}  # host -> wall time of the last read it was live
         self._reported: dict[str, int] = {}  # key -> ModifyIndex of a foreign value logged once
         self._read_observers: list[Callable[[], None]] = []
+        self._reading: trio.CancelScope | None = None  # the read in flight, if any
 
     def __repr__(self) -> str:
         return f"ConsulSource(prefix={self._layout.prefix!r}, token={self._picture.token})"
@@ -84,12 +90,13 @@ class ConsulSource:
 
     @property
     def stale(self) -> bool:
-        """True until the first good read, and while Consul does not answer."""
+        """True until the first good read, and from any call Consul did not answer until the
+        next good read."""
         if not self._read_ok or self._fresh_at is None:
             return True
-        since = self._client.unreachable_since
-        # Another task of this process (the publisher) already found Consul silent.
-        return since is not None and since > self._fresh_at
+        failed = self._client.failed_at
+        # Another task of this process (the publisher) found Consul silent since this read.
+        return failed is not None and failed > self._fresh_at
 
     def add_read_observer(self, observer: Callable[[], None]) -> None:
         """Call `observer` (synchronously; it must not block) after every good read, changed or
@@ -105,6 +112,7 @@ class ConsulSource:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read and follow the prefix until cancelled; reports started at once (Consul may be
         away: the picture is then empty and stale)."""
+        self._client.add_failure_observer(self._unanswered)
         task_status.started()
         index = 0
         delay = FIRST_RETRY_DELAY
@@ -112,7 +120,14 @@ class ConsulSource:
         while True:
             started = trio.current_time()
             try:
-                listing = await self._client.read_prefix(self._layout.folder, index=index)
+                with trio.CancelScope() as reading:
+                    self._reading = reading
+                    listing = await self._client.read_prefix(self._layout.folder, index=index)
+                self._reading = None
+                if reading.cancelled_caught:
+                    index = 0  # abandoned (see _unanswered): read afresh, without blocking
+                    await trio.sleep_until(started + MIN_READ_INTERVAL)
+                    continue
             except ConsulError as exc:
                 if self._read_ok:
                     self._read_ok = False
@@ -136,6 +151,14 @@ class ConsulSource:
             # Backwards: a restarted agent. Read afresh (without blocking) at once.
             index = 0 if listing.index < index else max(listing.index, 1)
             await trio.sleep_until(started + MIN_READ_INTERVAL)
+
+    def _unanswered(self) -> None:
+        """A call got no answer from Consul: the picture is stale (`stale` says so from now on);
+        waiters hear of it, and the read in flight is abandoned for a new one."""
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            reading.cancel()
+        self._wake()
 
     def _apply(self, listing: Listing) -> None:
         hosts: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -203,15 +226,23 @@ class ConsulSource:
 
     async def forget(self, host: str) -> None:
         """Remove `host`'s record (a decommissioned host), checked against a fresh read: a live
-        host (or one this read cannot confirm is gone) is never forgotten."""
+        host (or one this read cannot confirm is gone) is never forgotten. Live is what holds a
+        session: a key held by one, or the session itself (its condo runs, although its keys
+        were deleted by hand or are not written yet)."""
         try:
             listing = await self._client.read_prefix(self._layout.folder)
+            sessions = await self._client.list_sessions()
         except ConsulError as exc:
             raise ForgetRefused(f"Consul cannot be read: {exc}", reason="unavailable") from exc
         self._apply(listing)
         picture = self._picture
         record = picture.records.get(host)
-        if host in picture.hosts or (record is not None and record.live):
+        session = self._layout.session_name(host)
+        if (
+            host in picture.hosts
+            or (record is not None and record.live)
+            or any(held.name == session for held in sessions)
+        ):
             raise ForgetRefused(
                 f"{host} is live: its condo runs and holds its session (stop it, or remove its"
                 " specs, first)",
