@@ -827,16 +827,16 @@ async def test_a_record_refused_by_an_acl_delays_no_service_key_and_is_reported(
 async def test_a_record_over_the_size_limit_is_not_sent_and_keeps_the_last_that_fitted(
     fake: FakeConsul, autojump_clock: trio.testing.MockClock
 ) -> None:
-    limit = 400  # every service value fits (~350 bytes); a record of a dozen services does not
+    limit = 1000  # every service value fits (~650 bytes); a record of forty services does not
     store = Store(HOST)
     with trio.fail_after(60), structlog.testing.capture_logs() as logs:
         async with running(fake, store, max_value_size=limit) as consul:
             store.set_state("web", stable("web:1"))
             only_web = {"web": {"state": "Stable", "image": "web:1"}}
             await fake.until(lambda: fake.record() == only_web)
-            for n in range(12):
+            for n in range(40):
                 store.set_state(f"s{n}", stable("s:1"))
-            await fake.until(lambda: len(fake.services) == 13)
+            await fake.until(lambda: len(fake.services) == 41)
             await trio.sleep(30)
             assert fake.count(f"PUT /v1/kv/{LAYOUT.record_key(HOST)}") == 1  # the one that fitted
             assert "over Consul's limit" in consul.publisher.failures[RECORDS]
