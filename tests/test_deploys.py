@@ -192,7 +192,11 @@ def test_the_history_keeps_the_last_fifty() -> None:
 @pytest.mark.parametrize(
     ("image", "digests", "expected"),
     [
-        ("reg:5000/app:1", ["other/app@sha256:1", "reg:5000/app@sha256:2"], "reg:5000/app@sha256:2"),
+        (
+            "reg:5000/app:1",
+            ["other/app@sha256:1", "reg:5000/app@sha256:2"],
+            "reg:5000/app@sha256:2",
+        ),
         ("reg:5000/app", ["reg:5000/app@sha256:2"], "reg:5000/app@sha256:2"),
         ("app@sha256:9", ["app@sha256:9"], "app@sha256:9"),
         ("app:1", ["mirror/app@sha256:3"], "mirror/app@sha256:3"),

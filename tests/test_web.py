@@ -1482,9 +1482,7 @@ async def test_history_of_an_unknown_service_is_404(
     assert "nope" in (await body(response))["error"]
 
 
-async def test_feed_sends_history_entries(
-    autojump_clock: trio.testing.MockClock, web: Web
-) -> None:
+async def test_feed_sends_history_entries(autojump_clock: trio.testing.MockClock, web: Web) -> None:
     with_history(web)
     web.store.set_state("web", stable("img:1"))
     with trio.fail_after(CAP):
