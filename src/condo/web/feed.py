@@ -16,9 +16,9 @@ Messages (JSON objects, told apart by `type`):
   independently of the snapshots.
 - `{"type": "history", "version": N, "services": {NAME: [DEPLOY...]}}`: deploy history
   (`/v1/history`'s DEPLOY objects, newest first): every service's right after the first
-  snapshot (when there is any), then, per change of the history, the whole list of each service that changed since
-  the last one this client got (latest value: a slow client gets one message with the newest
-  lists, never a backlog). Independent of the other two.
+  snapshot (when there is any), then, per change of the history, the whole list of each
+  service that changed since the last one this client got (latest value: a slow client gets
+  one message with the newest lists, never a backlog). Independent of the other two.
 Whatever the client sends is read and dropped (so its disconnect is noticed at once).
 """
 
