@@ -1432,3 +1432,69 @@ async def test_answers_given_once_closing_ask_the_client_to_hang_up(
         [(b"x-a", b"1"), (b"connection", b"close")],
         [(b"x-a", b"1")],  # not HTTP: untouched
     ]
+
+
+# --- /v1/history ------------------------------------------------------------------------------
+
+
+def with_history(web: Web) -> None:
+    """Feed the store's transitions to the app's history, as condo.run wires them."""
+    web.store.on_transition(web.context.history.on_transition)
+
+
+async def test_history_lists_every_service_and_one_by_name(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    with_history(web)
+    web.store.set_state("web", waiting("img:1", cid="c1"))
+    web.store.set_state("web", stable("img:1", cid="c1"))
+    web.store.set_spec_error("broken", SpecError("/s/broken.edn", "no :spec", line=3), "/s/b")
+    web.store.set_state("gone", stable("img:9", cid="g1"))
+    web.store.set_state("gone", attrs.evolve(ServiceState(), removed=True))
+    web.store.drop("gone")
+    with trio.fail_after(CAP):
+        everything = await body(await web.client.get("/v1/history"))
+        one = await body(await web.client.get("/v1/history?name=web"))
+        none_yet = await body(await web.client.get("/v1/history?name=broken"))
+        removed = await body(await web.client.get("/v1/history?name=gone"))
+    # A removed service keeps its history; one without a deploy has an empty list.
+    assert list(everything["services"]) == ["broken", "gone", "web"]
+    [deploy] = everything["services"]["web"]
+    assert deploy["image"] == "img:1" and deploy["outcome"] == "stable"
+    assert deploy["container"] == "c1" and deploy["stable_at"] == 1001.0
+    assert set(deploy) >= {"digest", "spec_hash", "strategy", "started_at", "ended_at", "error"}
+    assert one == {"services": {"web": everything["services"]["web"]}}
+    assert none_yet == {"services": {"broken": []}}
+    assert [d["outcome"] for d in removed["services"]["gone"]] == ["removed"]
+
+
+@pytest.mark.parametrize(("query", "status"), [("", 400), ("%20%20", 400), ("x" * 256, 400)])
+async def test_history_refuses_a_blank_or_long_name(
+    autojump_clock: trio.testing.MockClock, web: Web, query: str, status: int
+) -> None:
+    await json_error(web, f"/v1/history?name={query}", status)
+
+
+async def test_history_of_an_unknown_service_is_404(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    response = await json_error(web, "/v1/history?name=nope", 404)
+    assert "nope" in (await body(response))["error"]
+
+
+async def test_feed_sends_history_entries(autojump_clock: trio.testing.MockClock, web: Web) -> None:
+    with_history(web)
+    web.store.set_state("web", stable("img:1"))
+    with trio.fail_after(CAP):
+        async with web.client.websocket("/v1/feed") as ws:
+            assert json.loads(await ws.receive())["type"] == "snapshot"
+            first = json.loads(await ws.receive())
+            assert first["type"] == "history"
+            assert [d["outcome"] for d in first["services"]["web"]] == ["stable"]
+            web.store.set_state("db", waiting("pg:2"))
+            messages = [json.loads(await ws.receive()) for _ in range(2)]
+    [update] = [m for m in messages if m["type"] == "history"]
+    # Only what changed, as its whole list.
+    assert update["version"] > first["version"]
+    assert list(update["services"]) == ["db"]
+    assert [d["outcome"] for d in update["services"]["db"]] == ["deploying"]

@@ -8,6 +8,7 @@
     ├─ docker events   the engine's events (subscribed before anything is inspected)
     ├─ event router    the events to the services' mailboxes (condo.supervisor)
     ├─ services        one supervised driver per service (condo.supervisor, condo.service)
+    ├─ history         the deploy history's file and its digest lookups (condo.history)
     ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir): specs to the supervisor,
     │                  self.edn to the self-deployer
     ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
@@ -42,6 +43,7 @@ from condo.consul import check_config as check_consul_config
 from condo.docker import ContainerEvent, DockerClient, EventsResumed, RegistryAuth, open_docker
 from condo.docker import run_events as run_docker_events
 from condo.errors import ConfigError
+from condo.history import History, open_history
 from condo.selfdeploy import SelfContext, SelfStatus, WantedSelf, run_self_deployer
 from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
@@ -55,6 +57,7 @@ log = structlog.get_logger(__name__)
 
 EVENTS_BUFFER = 256
 SHUTDOWN_WRITE_LIMIT = 10.0
+SUSPEND_FLUSH_LIMIT = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -66,6 +69,7 @@ class Running:
     config: Config
     writer: persist.StateWriter
     shutdown: Callable[[], None]
+    history: History
     # Every host's state (Consul's picture) when --expose consul; None when exposing is off.
     global_source: StateSource | None = None
     # This host's publisher (its per-service failures, for /metrics) when --expose consul.
@@ -154,6 +158,8 @@ async def _run_root(
     restored = load_state(config)
     writer = persist.StateWriter(config.state_path, store.state_document)
     store.subscribe(writer.mark_dirty)
+    history = open_history(config.state_path, config.host)
+    store.on_transition(history.on_transition)
     wanted_self = WantedSelf()
 
     async with open_engine(config.docker_url, auth) as docker:
@@ -176,6 +182,7 @@ async def _run_root(
                     config=config,
                     writer=writer,
                     shutdown=stopping.set,
+                    history=history,
                     global_source=None if consul is None else consul.source,
                     consul_publisher=None if consul is None else consul.publisher,
                     host_directory=None if consul is None else consul.source,
@@ -192,6 +199,7 @@ async def _run_root(
                 )
                 root.start_soon(supervisor.run_event_router, receive, name="event router")
                 await root.start(supervisor.run_services, name="services")
+                await root.start(functools.partial(history.run, docker), name="history")
                 # Before the self-deployer: a self.edn present at start-up is offered too.
                 await root.start(
                     functools.partial(
@@ -208,10 +216,10 @@ async def _run_root(
                     state_path=config.state_path,
                     prefixes=config.prefixes,
                     docker_url=config.docker_url,
-                    suspend=supervisor.suspend,
-                    resume=supervisor.resume,
+                    suspend=functools.partial(_suspend, supervisor, history),
+                    resume=functools.partial(_resume, supervisor, history),
                     report=lambda status: store.set_self_deploy(status.to_json()),
-                    handed_over=writer.hand_over,
+                    handed_over=functools.partial(_hand_over, writer, history),
                     exit_condo=stopping.set,
                 )
                 await root.start(
@@ -238,7 +246,32 @@ async def _run_root(
                 root.cancel_scope.cancel()
         finally:
             await writer.close(SHUTDOWN_WRITE_LIMIT)
+            await history.close(SHUTDOWN_WRITE_LIMIT)
             log.info("condo.stopped")
+
+
+# The history file follows the state file through a self-deploy: held while suspended (a successor
+# may be reading it), silent once handed over.
+
+
+async def _suspend(supervisor: Supervisor, history: History) -> None:
+    await supervisor.suspend()
+    if history.writer is not None:
+        with trio.move_on_after(SUSPEND_FLUSH_LIMIT):
+            await history.writer.flush()
+        history.writer.hold()
+
+
+def _resume(supervisor: Supervisor, history: History) -> None:
+    if history.writer is not None:
+        history.writer.release()
+    supervisor.resume()
+
+
+def _hand_over(writer: persist.StateWriter, history: History) -> None:
+    writer.hand_over()
+    if history.writer is not None:
+        history.writer.hand_over()
 
 
 async def _run_signals(

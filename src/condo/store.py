@@ -31,6 +31,10 @@ class ServiceEntry:
     spec_file: str | None = None
 
 
+# A service's state changed: (service, old state or None, new state).
+Transition = Callable[[str, ServiceState | None, ServiceState], None]
+
+
 def now() -> Instant:
     """This moment on both clocks (Trio's for deadlines, the wall's for display)."""
     return Instant(mono=trio.current_time(), wall=time.time())
@@ -45,6 +49,7 @@ class Store:
         self._version = 0
         self._changed = trio.Event()
         self._listeners: list[Callable[[], None]] = []
+        self._transition_observers: list[Transition] = []
         self._self_deploy: Mapping[str, Any] | None = None
         self._settled = False
         self._view = PerVersion(lambda: self._version, lambda _: self._build_view(now()))
@@ -61,9 +66,19 @@ class Store:
         """Call `listener` (synchronously, it must not block) after every change."""
         self._listeners.append(listener)
 
+    def on_transition(self, observer: Transition) -> None:
+        """Call `observer(service, old, new)` (synchronously, it must not block) after every
+        change of a service's state; `old` is None for a service the store did not have."""
+        self._transition_observers.append(observer)
+
     def set_state(self, service: str, state: ServiceState) -> None:
-        entry = self._entries.get(service) or ServiceEntry(state=state)
+        before = self._entries.get(service)
+        entry = before or ServiceEntry(state=state)
         self._put(service, attrs.evolve(entry, state=state))
+        old = None if before is None else before.state
+        if old != state:
+            for observer in self._transition_observers:
+                observer(service, old, state)
 
     def set_spec_error(self, service: str, error: SpecError | None, file: str | None) -> None:
         entry = self._entries.get(service) or ServiceEntry(state=ServiceState())

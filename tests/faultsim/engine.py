@@ -367,6 +367,10 @@ class Handle:
     async def image_present(self, image: str) -> bool:
         return await self._call("image", lambda: image in self.world.images)
 
+    async def image_digests(self, image: str) -> tuple[str, ...]:
+        # The history asks it of a deploy that turned stable; these images come from no registry.
+        return await self._call("image", lambda: ())
+
     async def pull(self, image: str) -> None:
         def act() -> None:
             if image not in self.world.images:

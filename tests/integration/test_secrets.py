@@ -17,6 +17,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from condo.docker import DockerClient
+from condo.history import history_path
 from tests.integration.harness import condo_files, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.consul]
@@ -66,7 +67,13 @@ async def test_no_secret_in_logs_api_feed_consul_or_state(
                         await trio.sleep(0.2)
                 answers = [
                     (await api.get(path)).text
-                    for path in ("/v1/state", "/v1/global_state", "/metrics", "/healthz")
+                    for path in (
+                        "/v1/state",
+                        "/v1/global_state",
+                        "/v1/history",
+                        "/metrics",
+                        "/healthz",
+                    )
                 ]
                 bad_token = await api.get("/v1/state", headers={"Authorization": "Bearer nope"})
                 answers.append(bad_token.text)
@@ -84,13 +91,17 @@ async def test_no_secret_in_logs_api_feed_consul_or_state(
             logs = "".join(p.read_text() for p in tmp_path.glob("condo-*.log"))
             state_file = condo.state_path.read_text()
             assert stat.S_IMODE(os.stat(condo.state_path).st_mode) == 0o600
+            history_file = history_path(condo.state_path).read_text()
+            assert stat.S_IMODE(os.stat(history_path(condo.state_path)).st_mode) == 0o600
 
         for secret in secrets:
-            for where, text in [("log", logs), ("state file", state_file)] + [
-                (f"answer {n}", a) for n, a in enumerate(answers + values)
-            ]:
+            for where, text in [
+                ("log", logs),
+                ("state file", state_file),
+                ("history file", history_file),
+            ] + [(f"answer {n}", a) for n, a in enumerate(answers + values)]:
                 assert secret not in text, f"a secret appears in the {where}"
-        for n, text in enumerate(answers + values):
+        for n, text in enumerate([*answers, *values, history_file]):
             assert ENV_SECRET not in text, f"a spec's Env value appears in answer {n}"
         assert "private" in logs  # the log is really there and speaks of the service
     finally:

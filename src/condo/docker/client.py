@@ -56,6 +56,7 @@ from condo.docker.models import (
     MalformedAnswer,
     parse_container,
     parse_event,
+    parse_repo_digests,
     parse_summaries,
 )
 from condo.errors import (
@@ -584,6 +585,12 @@ class DockerClient:
         path = f"/images/{urllib.parse.quote(image, safe='/:@')}/json"
         response = await self._call("GET", path, subject=_Subject.IMAGE, ok=(200, 404))
         return response.status_code == 200
+
+    async def image_digests(self, image: str) -> tuple[str, ...]:
+        """The image's `RepoDigests` (`repo@sha256:...`, one per registry it came from or went
+        to; none for an image built or loaded locally). ImageNotFound when the engine lacks it."""
+        path = f"/images/{urllib.parse.quote(image, safe='/:@')}/json"
+        return await self._call_json("GET", path, parse_repo_digests, subject=_Subject.IMAGE)
 
     async def pull(self, image: str) -> None:
         """Pull `image` (tag defaults to latest) with the credentials `RegistryAuth` resolves.

@@ -1,7 +1,8 @@
 """The values condo.docker hands out, and the parsing of the engine's JSON into them.
 
 Owns: `ContainerId`, `Container`, `ContainerSummary`, `ContainerEvent`, `EventsResumed`, and the
-`parse_*` functions that turn one decoded engine answer into one of them.
+`parse_*` functions that turn one decoded engine answer into one of them (an image's
+`RepoDigests` into a tuple).
 
 Invariants:
 - Every value is a frozen attrs class whose mappings are read-only (`MappingProxyType`), so a
@@ -181,6 +182,14 @@ def parse_container(data: Any) -> Container:
         if isinstance(interval, int) and interval > 0
         else DEFAULT_HEALTH_INTERVAL,
     )
+
+
+def parse_repo_digests(data: Any) -> tuple[str, ...]:
+    """`GET /images/{name}/json` → its `RepoDigests` (null or absent: none)."""
+    digests = _mapping(data, "image").get("RepoDigests") or []
+    if not isinstance(digests, list):
+        raise MalformedAnswer("RepoDigests is not a list")
+    return tuple(str(d) for d in digests)
 
 
 def published_host_ports(port_bindings: Any) -> frozenset[str]:

@@ -37,6 +37,7 @@ from werkzeug.routing import WebsocketMismatch
 
 import condo
 from condo.errors import ForgetRefused
+from condo.history import History
 from condo.memo import PerVersion
 from condo.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from condo.metrics import Metrics
@@ -50,7 +51,7 @@ from condo.web.hosts import AllowedHosts, same_origin
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
 from condo.web.slots import Slots
-from condo.web.waitfor import BadParams, parse_wait_params, wait_deployed
+from condo.web.waitfor import MAX_NAME, BadParams, parse_wait_params, wait_deployed
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +83,8 @@ class WebContext:
     allowed_hosts: AllowedHosts = attrs.field(factory=AllowedHosts.of)
     max_waits: int = 10_000  # open /v1/wait_for at once (condo.fds.web_caps sizes it)
     max_feeds: int = 100  # open /v1/feed at once
+    # Every service's deploys (an in-memory one when the caller has none: tests).
+    history: History = attrs.Factory(History)
 
 
 def _error(code: int, message: str, **extra: Any) -> tuple[Response, int]:
@@ -187,6 +190,17 @@ def build_app(context: WebContext) -> QuartTrio:
     @app.get("/v1/state")
     async def state() -> Any:
         return Response(state_body.value, content_type="application/json")
+
+    @app.get("/v1/history")
+    async def history() -> Any:
+        if "name" not in request.args:
+            return jsonify({"services": _all_history(context)})
+        name = request.args["name"].strip()
+        if not name or len(name) > MAX_NAME:
+            return _error(400, f"name must be 1 to {MAX_NAME} characters, not blank")
+        if name not in context.store.entries and name not in context.history.entries:
+            return _error(404, f"no service {name} on this host, nor in its history"[:300])
+        return jsonify({"services": context.history.view(name)})
 
     @app.get("/v1/global_state")
     async def global_state() -> Any:
@@ -300,6 +314,7 @@ def build_app(context: WebContext) -> QuartTrio:
                     websocket.send,
                     websocket.receive,
                     global_snapshots,
+                    context.history,
                 )
         finally:
             context.metrics.web_feeds.dec()
@@ -331,6 +346,14 @@ def build_app(context: WebContext) -> QuartTrio:
         return response
 
     return app
+
+
+def _all_history(context: WebContext) -> dict[str, Any]:
+    """Every service with deploys, and every service the store has (an empty list until its first
+    deploy)."""
+    services: dict[str, Any] = {name: [] for name in context.store.entries}
+    services.update(context.history.view())
+    return dict(sorted(services.items()))
 
 
 def _wants_html() -> bool:

@@ -14,6 +14,11 @@ Messages (JSON objects, told apart by `type`):
   whether Consul could not be read lately). Only when condo exposes to Consul: right after the
   first snapshot, then one per new picture (or change of `stale`). Same latest-value rule,
   independently of the snapshots.
+- `{"type": "history", "version": N, "services": {NAME: [DEPLOY...]}}`: deploy history
+  (`/v1/history`'s DEPLOY objects, newest first): every service's right after the first
+  snapshot (when there is any), then, per change of the history, the whole list of each
+  service that changed since the last one this client got (latest value: a slow client gets
+  one message with the newest lists, never a backlog). Independent of the other two.
 Whatever the client sends is read and dropped (so its disconnect is noticed at once).
 """
 
@@ -25,6 +30,7 @@ from typing import NoReturn
 
 import trio
 
+from condo.history import History
 from condo.memo import PerVersion
 from condo.store import Store
 from condo.waiting import StateSource, hosts_document
@@ -71,6 +77,7 @@ async def run_feed(
     send: Callable[[str], Awaitable[None]],
     receive: Callable[[], Awaitable[object]],
     global_snapshots: GlobalSnapshots | None = None,
+    history: History | None = None,
 ) -> None:
     """Send the snapshot now and after every change, until cancelled (or the client leaves);
     with `global_snapshots`, also every host's picture, from right after the first snapshot.
@@ -94,6 +101,8 @@ async def run_feed(
                 await send_one(text)
                 if sent == -1 and global_snapshots is not None:
                     nursery.start_soon(_send_pictures, global_snapshots, send_one)
+                if sent == -1 and history is not None:
+                    nursery.start_soon(_send_history, history, send_one)
                 sent = version
             await store.wait_changed(sent)
 
@@ -108,6 +117,16 @@ async def _send_pictures(
             await send(text)
             sent = key
         await global_snapshots.source.wait_beyond(key[0])
+
+
+async def _send_history(history: History, send: Callable[[str], Awaitable[None]]) -> NoReturn:
+    sent = -1  # every service first
+    while True:
+        version, services = history.changed_since(sent)
+        if services:  # never an empty message (a condo that has deployed nothing yet)
+            await send(_encode({"type": "history", "version": version, "services": services}))
+        sent = version
+        await history.wait_changed(sent)
 
 
 async def _drop_incoming(receive: Callable[[], Awaitable[object]]) -> NoReturn:

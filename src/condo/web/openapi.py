@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import condo
+from condo.deploys import MAX_ENTRIES, OUTCOMES
 from condo.web.waitfor import MAX_IMAGE, MAX_NAME, MAX_TIMEOUT
 
 PHASES = ["Init", "Wait", "TryAgain", "Stable", "WaitNext", "TryAgainNext"]
@@ -242,10 +243,57 @@ _SCHEMAS: dict[str, Any] = {
             "error": {"type": "string"},
         },
     },
+    "Deploy": {
+        "type": "object",
+        "description": "one deploy of one spec, its retries included",
+        "required": [
+            "image",
+            "digest",
+            "spec_hash",
+            "strategy",
+            "started_at",
+            "stable_at",
+            "ended_at",
+            "outcome",
+            "error",
+        ],
+        "properties": {
+            "image": {"type": "string"},
+            "digest": {
+                "type": ["string", "null"],
+                "description": "the image's RepoDigests entry (repo@sha256:...) once it turned "
+                "stable; null for a local-only image",
+            },
+            "spec_hash": {"type": "string"},
+            "strategy": {"type": "array", "description": '["Before"] or ["After", n]'},
+            "started_at": {"type": "number", "description": "unix seconds"},
+            "stable_at": {"type": ["number", "null"], "description": "unix seconds"},
+            "ended_at": {"type": ["number", "null"], "description": "unix seconds"},
+            "outcome": {"type": "string", "enum": list(OUTCOMES)},
+            "error": {"type": ["string", "null"], "description": "why it failed"},
+            "attempts": {"type": "integer", "description": "attempts of this spec in a row"},
+            "container": {"type": ["string", "null"], "description": "its (last) container id"},
+        },
+    },
+    "History": {
+        "type": "object",
+        "required": ["services"],
+        "properties": {
+            "services": {
+                "type": "object",
+                "description": f"service -> its last {MAX_ENTRIES} deploys, newest first",
+                "additionalProperties": {
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/Deploy"},
+                },
+            },
+        },
+    },
     "FeedMessage": {
         "oneOf": [
             {"$ref": "#/components/schemas/FeedSnapshot"},
             {"$ref": "#/components/schemas/FeedGlobal"},
+            {"$ref": "#/components/schemas/FeedHistory"},
         ],
         "discriminator": {"propertyName": "type"},
     },
@@ -269,6 +317,17 @@ _SCHEMAS: dict[str, Any] = {
             "token": {"type": "integer", "description": "identifies the picture"},
             "stale": {"type": "boolean", "description": "Consul could not be read lately"},
             "hosts": {"$ref": "#/components/schemas/GlobalState/properties/hosts"},
+        },
+    },
+    "FeedHistory": {
+        "type": "object",
+        "description": "deploy history: every service's right after the first snapshot, then "
+        "the whole list of each service whose history changed (latest value)",
+        "required": ["type", "version", "services"],
+        "properties": {
+            "type": {"const": "history"},
+            "version": {"type": "integer"},
+            "services": {"$ref": "#/components/schemas/History/properties/services"},
         },
     },
 }
@@ -314,6 +373,22 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
             "get": {
                 "summary": "This host's services",
                 "responses": {"200": _json("State", "the state")},
+            }
+        },
+        "/v1/history": {
+            "get": {
+                "summary": "This host's deploys, per service, newest first",
+                "parameters": [
+                    {
+                        **_text_parameter("name", MAX_NAME, "only this service"),
+                        "required": False,
+                    }
+                ],
+                "responses": {
+                    "200": _json("History", "the deploys"),
+                    "400": _error("a blank or too long name"),
+                    "404": _error("no such service on this host, nor in its history"),
+                },
             }
         },
         "/v1/global_state": {

@@ -46,6 +46,7 @@ from hypercorn.typing import (
 from condo.config import DEFAULT_SERVER, Bind, Config, parse_server
 from condo.errors import ConfigError
 from condo.fds import RESERVE, fd_limit, web_caps
+from condo.history import History
 from condo.metrics import DockerCall, Metrics, ServiceMetrics
 from condo.store import Store
 from condo.waiting import HostDirectory, StateSource
@@ -100,6 +101,8 @@ class Condo(Protocol):
     def config(self) -> Config: ...
     @property
     def writer(self) -> StateFileStatus: ...
+    @property
+    def history(self) -> History: ...
     @property
     def global_source(self) -> StateSource | None:
         """Every host's state (condo.consul) when exposing to Consul, else None."""
@@ -227,6 +230,7 @@ class ApiServer:
             allowed_hosts=allowed,
             max_waits=caps.waits,
             max_feeds=caps.feeds,
+            history=running.history,
         )
         app = closing_connections(build_app(context), context.closing)
         try:

@@ -1,0 +1,75 @@
+"""The deploy history's keeping (condo.history): its file read back, a foreign or damaged one
+moved aside, and the bound on removed services."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import pytest
+
+from condo import fsm, history
+from condo.history import History, history_path, open_history
+from condo.spec import ServiceSpec
+
+
+def serving(image: str, cid: str) -> fsm.ServiceState:
+    spec = ServiceSpec(container={"Image": image})
+    box = fsm.Box(id=cid, name=f"c_{cid}", spec=spec, created_at=1.0, healthcheck=False)
+    return fsm.ServiceState(phase=fsm.Phase.Stable, desired=spec, current=box)
+
+
+def test_the_file_is_beside_the_state_file(tmp_path: Path) -> None:
+    assert history_path(tmp_path / "state.json") == tmp_path / "state.json.history.json"
+
+
+def test_what_was_written_is_read_back(tmp_path: Path) -> None:
+    kept = History(history_path(tmp_path / "s.json"), "h1")
+    kept.on_transition("web", None, serving("app:1", "a1"))
+    path = history_path(tmp_path / "s.json")
+    path.write_text(json.dumps(kept.document()))
+    again = open_history(tmp_path / "s.json", "h1")
+    assert again.entries == kept.entries
+    assert [e.outcome for e in again.entries["web"]] == ["stable"]
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        ('{"version": 1, "host": "other", "services": {}}', "foreign"),
+        ('{"version": 99, "host": "h1", "services": {}}', "foreign"),
+        ("{not json", "corrupt"),
+    ],
+)
+def test_a_foreign_or_damaged_file_is_moved_aside(tmp_path: Path, content: str, kind: str) -> None:
+    path = history_path(tmp_path / "s.json")
+    path.write_text(content)
+    loaded = open_history(tmp_path / "s.json", "h1")
+    assert loaded.entries == {}
+    assert not path.exists()
+    [aside] = tmp_path.glob(f"s.json.history.json.{kind}-*")
+    assert aside.read_text() == content
+
+
+def test_an_unreadable_service_is_dropped_alone(tmp_path: Path) -> None:
+    kept = History(None, "h1")
+    kept.on_transition("web", None, serving("app:1", "a1"))
+    document = kept.document()
+    document["services"]["bad"] = [{"outcome": "stable"}]
+    path = history_path(tmp_path / "s.json")
+    path.write_text(json.dumps(document))
+    loaded = open_history(tmp_path / "s.json", "h1")
+    assert set(loaded.entries) == {"web"}
+
+
+def test_only_the_last_removed_services_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(history, "MAX_GONE", 3)
+    kept = History()
+    kept.on_transition("live", None, serving("app:0", "l0"))
+    for n in range(5):
+        state = serving(f"app:{n}", f"c{n}")
+        kept.on_transition(f"gone{n}", None, state)
+        gone = attrs.evolve(state, phase=fsm.Phase.Init, current=None, desired=None, removed=True)
+        kept.on_transition(f"gone{n}", state, gone)
+    assert set(kept.entries) == {"live", "gone2", "gone3", "gone4"}
