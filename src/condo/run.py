@@ -12,6 +12,7 @@
     │                  self.edn to the self-deployer
     ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
     ├─ leftovers       services known only from the state file or the engine's labels
+    ├─ notifier        deploy notices to each --notify URL (condo.notify), when given
     └─ web             the HTTP API (condo.web), when --server is not off
 
 Every arrow points one way: the supervisor knows neither the self-deployer nor the web app; the
@@ -42,6 +43,7 @@ from condo.consul import check_config as check_consul_config
 from condo.docker import ContainerEvent, DockerClient, EventsResumed, RegistryAuth, open_docker
 from condo.docker import run_events as run_docker_events
 from condo.errors import ConfigError
+from condo.notify import Notifier, run_notifier
 from condo.selfdeploy import SelfContext, SelfStatus, WantedSelf, run_self_deployer
 from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
@@ -72,6 +74,8 @@ class Running:
     consul_publisher: Publisher | None = None
     # The hosts' records (`condo forget`) when --expose consul.
     host_directory: HostDirectory | None = None
+    # The deploy notices' receivers (their counts, for /metrics) when --notify is given.
+    notifier: Notifier | None = None
 
 
 # The web task: serves the API of a running condo until `stopping` (condo.web.ApiServer).
@@ -154,6 +158,12 @@ async def _run_root(
     restored = load_state(config)
     writer = persist.StateWriter(config.state_path, store.state_document)
     store.subscribe(writer.mark_dirty)
+    notifier: Notifier | None = None
+    if config.notify_urls:
+        # Subscribed before any service is in the store: each one's first state is a baseline.
+        secrets = (config.api_token or "", config.consul_token or "")
+        notifier = Notifier(store, config.notify_urls, secrets=secrets)
+        store.subscribe(notifier.on_change)
     wanted_self = WantedSelf()
 
     async with open_engine(config.docker_url, auth) as docker:
@@ -179,6 +189,7 @@ async def _run_root(
                     global_source=None if consul is None else consul.source,
                     consul_publisher=None if consul is None else consul.publisher,
                     host_directory=None if consul is None else consul.source,
+                    notifier=notifier,
                 )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER
@@ -224,6 +235,8 @@ async def _run_root(
                     name="self-deployer",
                 )
                 root.start_soon(supervisor.adopt_leftovers, name="leftovers")
+                if notifier is not None:
+                    await root.start(run_notifier, notifier, name="notifier")
                 if web is not None:
                     root.start_soon(web, running, stopping, name="web")
                 log.info(
