@@ -159,15 +159,20 @@ async def test_a_receiver_that_never_answers_times_out(
             began = trio.current_time()
             store.set_state("web", ServiceState(desired=A))
             store.set_state("web", ServiceState(phase=Phase.Wait, desired=A, starting=A))
-            await trio.sleep(SEND_TIMEOUT + 0.5)  # the first attempt is given up at 5 s
+            await trio.sleep(1)
+            # Supervision goes on while the receiver hangs: the Store's change is queued at once.
+            store.set_state("web", ServiceState(phase=Phase.Stable, desired=A, current=box(A, "a")))
+            [outbox] = notifier.outboxes
+            assert outbox.queued == 2
+            await trio.sleep(SEND_TIMEOUT)  # the first attempt is given up at 5 s
             receiver.mode = "up"
             await trio.sleep(10)
             nursery.cancel_scope.cancel()
     # Given up after SEND_TIMEOUT, tried again 1 s later.
-    assert [at - began for at in receiver.attempts] == [0, SEND_TIMEOUT + 1]
-    assert receiver.events == ["deploy.started"]
+    assert [at - began for at in receiver.attempts] == [0, SEND_TIMEOUT + 1, SEND_TIMEOUT + 1]
+    assert receiver.events == ["deploy.started", "deploy.stable"]
     [counts] = notifier.counts().values()
-    assert (counts.sent, counts.failed) == (1, 1)
+    assert (counts.sent, counts.failed) == (2, 1)
 
 
 async def test_a_full_queue_drops_its_oldest(autojump_clock: trio.testing.MockClock) -> None:
