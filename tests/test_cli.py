@@ -176,6 +176,7 @@ def test_bad_exposure_options_are_usage_errors(
     [
         (("--notify", "ftp://hooks.example/SECRET-PATH"), {}),
         (("--notify", "hooks.example/SECRET-PATH"), {}),
+        (("--notify", "http://hooks.example/a SECRET-PATH"), {}),
         ((), {"CONDO_NOTIFY": "http://ok.example/hook, http://:80/SECRET-PATH"}),
     ],
 )

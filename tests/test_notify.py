@@ -260,3 +260,20 @@ def test_a_receiver_is_named_by_its_origin_only() -> None:
     assert origin("https://user:pw@hooks.slack.com/services/T/B/X?x=1") == "https://hooks.slack.com"
     assert origin("http://[::1]:9000/hook") == "http://[::1]:9000"
     assert origin(URL) == "http://hooks.example:8080"
+
+
+async def test_a_url_httpx_cannot_use_never_ends_the_notifier(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # (condo.config refuses such a URL; the notifier must survive one all the same.)
+    store = Store("h1")
+    notifier = Notifier(store, ["http://ex\tample.com/hook"])
+    store.subscribe(notifier.on_change)
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_notifier, notifier)
+            deploy(store, A, "a")
+            await trio.sleep(4)
+            nursery.cancel_scope.cancel()
+    [counts] = notifier.counts().values()
+    assert (counts.sent, counts.failed, counts.dropped) == (0, 3, 0)  # at 0, 1 and 3 s

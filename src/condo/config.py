@@ -75,6 +75,7 @@ def parse_notify_url(value: str) -> str:
     try:
         parts = urlsplit(text)
         valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        valid = valid and text.isprintable() and " " not in text
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError:
         valid = False

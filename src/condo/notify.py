@@ -26,6 +26,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -49,11 +50,12 @@ _RETRYABLE = frozenset({408, 429})
 
 def origin(url: str) -> str:
     """`scheme://host[:port]` of `url`: how logs and metrics name a receiver (never its path,
-    query or credentials)."""
-    parsed = httpx.URL(url)
-    port = f":{parsed.port}" if parsed.port is not None else ""
-    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
-    return f"{parsed.scheme}://{host}{port}"
+    query or credentials). `url` is one condo.config.parse_notify_url accepted."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}"
 
 
 @attrs.define
@@ -125,9 +127,10 @@ class Outbox:
                 response = await http.post(
                     self.url, content=body, headers={"Content-Type": "application/json"}
                 )
-            except httpx.HTTPError as exc:
-                # No connection, a reset, a protocol error: the receiver is away; retried. The
-                # exception's text may hold the URL, so only its kind is kept.
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                # No connection, a reset, a protocol error: the receiver is away; retried (a URL
+                # httpx cannot use is retried too: it must never end the notifier, or condo).
+                # The exception's text may hold the URL, so only its kind is kept.
                 error = type(exc).__name__
             else:
                 status = response.status_code
