@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import condo
+from condo import cli, logs
+from condo.config import Config
 
 GOOD = '{:spec {:Image "localhost:5000/app:1"}\n :deploy [:After 5]}\n'
 BAD = '{:spec {:Image "app:1"}\n :deplyo [:Before]}\n'
@@ -167,3 +169,43 @@ def test_bad_exposure_options_are_usage_errors(
     result = condo_command("run", str(tmp_path), *NO_ENGINE, *args, cwd=tmp_path, env_extra=env)
     assert result.returncode == 2
     assert "condo: --" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--notify", "ftp://hooks.example/SECRET-PATH"), {}),
+        (("--notify", "hooks.example/SECRET-PATH"), {}),
+        (("--notify", "http://hooks.example/a SECRET-PATH"), {}),
+        ((), {"CONDO_NOTIFY": "http://ok.example/hook, http://:80/SECRET-PATH"}),
+    ],
+)
+def test_a_notify_url_that_is_not_absolute_http_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    result = condo_command("run", str(tmp_path), *NO_ENGINE, *args, cwd=tmp_path, env_extra=env)
+    assert result.returncode == 2
+    assert "condo: --notify: expected an absolute http:// or https:// URL" in result.stderr
+    # A webhook's path is often its secret: never echoed.
+    assert "SECRET" not in result.stderr + result.stdout
+
+
+def test_condo_notify_is_a_comma_separated_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Config] = []
+
+    async def serve(config: Config) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(cli, "serve", serve)
+    # Process-wide set-up that the real command does first: not in the test process.
+    monkeypatch.setattr(logs, "configure", lambda _format: None)
+    monkeypatch.setattr(cli, "raise_fd_limit", lambda: (1024, 1024))
+    monkeypatch.setenv("CONDO_NOTIFY", "https://hooks.example/a/b , http://127.0.0.1:9/x")
+    with pytest.raises(SystemExit) as exited:
+        cli.build_app()(["run", str(tmp_path), "--server", "off", "--log-format", "json"])
+    assert exited.value.code == 0
+    [config] = seen
+    assert config.notify_urls == ("https://hooks.example/a/b", "http://127.0.0.1:9/x")
+    assert "hooks.example" not in repr(config)

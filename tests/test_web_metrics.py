@@ -82,7 +82,36 @@ FAMILIES = {
     ),
     "condo_web_open_waits": ("gauge", set(), "Open /v1/wait_for long-polls."),
     "condo_web_open_feeds": ("gauge", set(), "Open /v1/feed websockets."),
+    "condo_notify_sent": ("counter", {"receiver"}, "Notices a --notify receiver accepted (2xx)."),
+    "condo_notify_failed": (
+        "counter",
+        {"receiver"},
+        "Attempts to deliver a notice that did not succeed (no answer in time, 5xx, 408, 429,"
+        " refused); every retry counts.",
+    ),
+    "condo_notify_dropped": (
+        "counter",
+        {"receiver"},
+        "Notices given up: the receiver's queue was full (oldest first), or it refused them.",
+    ),
 }
+
+
+@attrs.frozen
+class Deliveries:
+    """A notifier's counts, as condo.notify.Notifier.counts() gives them."""
+
+    sent: int
+    failed: int
+    dropped: int
+
+
+class Receivers:
+    def __init__(self, counts: dict[str, Deliveries]) -> None:
+        self._counts = counts
+
+    def counts(self) -> dict[str, Deliveries]:
+        return self._counts
 
 
 def families(text: str) -> dict[str, Metric]:
@@ -112,6 +141,7 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
     )
     metrics.observe_consul_publish('a"b\\c\nd', "refused")  # label values are escaped
     metrics.web_waiters.inc()
+    metrics.notify.source = Receivers({"https://hooks.example": Deliveries(3, 2, 1)})
 
     text = metrics.render()
     assert text.endswith("\n")
@@ -134,6 +164,9 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
         "condo_consul_publish_failing",
         "condo_web_open_waits",
         "condo_web_open_feeds",
+        "condo_notify_sent_total",
+        "condo_notify_failed_total",
+        "condo_notify_dropped_total",
         *(
             f"condo_{h}_{part}"
             for h in ("deploy_duration_seconds", "docker_call_duration_seconds")
@@ -176,6 +209,10 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
     )
     assert value("condo_web_open_waits", "condo_web_open_waits") == 1
     assert value("condo_web_open_feeds", "condo_web_open_feeds") == 0
+    receiver = {"receiver": "https://hooks.example"}
+    assert value("condo_notify_sent", "condo_notify_sent_total", **receiver) == 3
+    assert value("condo_notify_failed", "condo_notify_failed_total", **receiver) == 2
+    assert value("condo_notify_dropped", "condo_notify_dropped_total", **receiver) == 1
 
 
 def test_two_condos_in_one_process_keep_their_own_series() -> None:

@@ -30,6 +30,7 @@ from condo.config import (
     DEFAULT_SERVER,
     Config,
     parse_allowed_host,
+    parse_notify_url,
     parse_server,
 )
 from condo.docker import ContainerId, open_docker
@@ -74,7 +75,7 @@ def main() -> None:
 
 
 def _commas(_type: object, value: str, delimiter: str | None = None) -> list[str]:
-    """CONDO_ALLOWED_HOST: a comma-separated list (cyclopts would split on blanks)."""
+    """CONDO_ALLOWED_HOST, CONDO_NOTIFY: a comma-separated list (cyclopts would split on blanks)."""
     del _type, delimiter  # cyclopts' env_var_split signature
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -100,6 +101,7 @@ async def run(
     allowed_host: Annotated[list[str] | None, Parameter(negative=(), env_var_split=_commas)] = None,
     max_waits: int = DEFAULT_MAX_WAITS,
     max_feeds: int = DEFAULT_MAX_FEEDS,
+    notify: Annotated[list[str] | None, Parameter(negative=(), env_var_split=_commas)] = None,
     stop_on_exit: bool = False,
     log_format: Literal["auto", "console", "json"] = "auto",
 ) -> int:
@@ -145,6 +147,10 @@ async def run(
     max_feeds
         At most this many /v1/feed websockets at once (503 beyond; fewer if the open-files limit
         is low).
+    notify
+        POST a JSON notice to this URL on every deploy started, stable or failed and every
+        service removed (repeat the option for several; CONDO_NOTIFY takes a comma-separated
+        list).
     stop_on_exit
         Stop and remove every workload on SIGTERM/SIGINT (the original condo's behaviour).
     log_format
@@ -171,6 +177,7 @@ async def run(
             allowed_hosts=tuple(parse_allowed_host(name) for name in allowed_host or ()),
             max_waits=max_waits,
             max_feeds=max_feeds,
+            notify_urls=tuple(parse_notify_url(url) for url in notify or ()),
         )
         config.check()
         await serve(config)

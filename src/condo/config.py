@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -67,6 +68,22 @@ def parse_allowed_host(value: str) -> str:
     return name
 
 
+def parse_notify_url(value: str) -> str:
+    """A `--notify` URL: absolute http(s), with a host. The error never shows the URL (a
+    webhook's path is often its secret)."""
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        valid = valid and text.isprintable() and " " not in text
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError("--notify: expected an absolute http:// or https:// URL")
+    return text
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything `condo run` was told."""
@@ -87,6 +104,8 @@ class Config:
     max_waits: int = DEFAULT_MAX_WAITS
     max_feeds: int = DEFAULT_MAX_FEEDS
     rescan_interval: float = 1.0
+    # Webhooks for deploy notices (parsed); not in the repr: a webhook URL may hold a secret.
+    notify_urls: tuple[str, ...] = attrs.field(default=(), repr=False)
 
     def check(self) -> None:
         """Raise ConfigError for what cannot work (checked before anything starts)."""

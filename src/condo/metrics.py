@@ -1,6 +1,7 @@
 """condo's Prometheus metrics, on `prometheus_client`: the service metrics derived from the Store,
-the Docker call latency fed by the engine client's call observer, and the Consul publisher's
-per-service failures fed by its failure observer.
+the Docker call latency fed by the engine client's call observer, the Consul publisher's
+per-service failures fed by its failure observer, and the `--notify` receivers' deliveries read
+from the notifier's counts at scrape time.
 
 Owns: `Metrics` (every metric condo exports, on a `CollectorRegistry` of its own, rendered with
 `generate_latest` in the text format 0.0.4), `ServiceMetrics` (subscribes to a `Store` and diffs
@@ -23,13 +24,13 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from condo.fsm import Phase
 from condo.store import ServiceEntry, Store
@@ -38,6 +39,20 @@ CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
 
 DEPLOY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 DOCKER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# The --notify deliveries: family name (without `_total`) and HELP, one counter per receiver.
+NOTIFY_COUNTERS = {
+    "sent": ("condo_notify_sent", "Notices a --notify receiver accepted (2xx)."),
+    "failed": (
+        "condo_notify_failed",
+        "Attempts to deliver a notice that did not succeed (no answer in time, 5xx, 408, 429,"
+        " refused); every retry counts.",
+    ),
+    "dropped": (
+        "condo_notify_dropped",
+        "Notices given up: the receiver's queue was full (oldest first), or it refused them.",
+    ),
+}
 
 SERVICE_STATE = "condo_service_state"
 SERVICE_STATE_HELP = "1 for the phase each service is in, 0 for the others."
@@ -58,6 +73,23 @@ class DockerCall(Protocol):
     def outcome(self) -> str: ...
     @property
     def took(self) -> float: ...
+
+
+class DeliveryCounts(Protocol):
+    """One receiver's deliveries (condo.notify.Counts has this shape)."""
+
+    @property
+    def sent(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+
+
+class NotifyReceivers(Protocol):
+    """condo.notify.Notifier, as far as /metrics cares."""
+
+    def counts(self) -> Mapping[str, DeliveryCounts]: ...
 
 
 class Metrics:
@@ -116,6 +148,8 @@ class Metrics:
         self.web_feeds = Gauge(
             "condo_web_open_feeds", "Open /v1/feed websockets.", registry=registry
         )
+        self.notify = NotifyDeliveries()
+        registry.register(self.notify)
 
     def observe_docker_call(self, call: DockerCall) -> None:
         """A call observer for the Docker client (`add_call_observer`)."""
@@ -140,6 +174,26 @@ class Metrics:
     def render(self) -> str:
         """The whole registry in the Prometheus text format 0.0.4 (ends with a newline)."""
         return generate_latest(self.registry).decode()
+
+
+class NotifyDeliveries:
+    """`condo_notify_{sent,failed,dropped}_total` per receiver, read from the notifier at scrape
+    time (a prometheus_client collector): what was counted before the web server started is
+    there too, and without --notify the families are empty."""
+
+    def __init__(self) -> None:
+        self.source: NotifyReceivers | None = None
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return self.collect()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = {} if self.source is None else self.source.counts()
+        for field, (name, help_text) in NOTIFY_COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=("receiver",))
+            for receiver, count in sorted(counts.items()):
+                family.add_metric([receiver], float(getattr(count, field)))
+            yield family
 
 
 class ServiceStates:

@@ -13,6 +13,7 @@
     │                  self.edn to the self-deployer
     ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
     ├─ leftovers       services known only from the state file or the engine's labels
+    ├─ notifier        deploy notices to each --notify URL (condo.notify), when given
     └─ web             the HTTP API (condo.web), when --server is not off
 
 Every arrow points one way: the supervisor knows neither the self-deployer nor the web app; the
@@ -44,6 +45,7 @@ from condo.docker import ContainerEvent, DockerClient, EventsResumed, RegistryAu
 from condo.docker import run_events as run_docker_events
 from condo.errors import ConfigError
 from condo.history import History, open_history
+from condo.notify import Notifier, run_notifier
 from condo.selfdeploy import SelfContext, SelfStatus, WantedSelf, run_self_deployer
 from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
@@ -76,6 +78,8 @@ class Running:
     consul_publisher: Publisher | None = None
     # The hosts' records (`condo forget`) when --expose consul.
     host_directory: HostDirectory | None = None
+    # The deploy notices' receivers (their counts, for /metrics) when --notify is given.
+    notifier: Notifier | None = None
 
 
 # The web task: serves the API of a running condo until `stopping` (condo.web.ApiServer).
@@ -160,6 +164,12 @@ async def _run_root(
     store.subscribe(writer.mark_dirty)
     history = open_history(config.state_path, config.host)
     store.on_transition(history.on_transition)
+    notifier: Notifier | None = None
+    if config.notify_urls:
+        # Subscribed before any service is in the store: each one's first state is a baseline.
+        secrets = (config.api_token or "", config.consul_token or "")
+        notifier = Notifier(store, config.notify_urls, secrets=secrets)
+        store.subscribe(notifier.on_change)
     wanted_self = WantedSelf()
 
     async with open_engine(config.docker_url, auth) as docker:
@@ -186,6 +196,7 @@ async def _run_root(
                     global_source=None if consul is None else consul.source,
                     consul_publisher=None if consul is None else consul.publisher,
                     host_directory=None if consul is None else consul.source,
+                    notifier=notifier,
                 )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER
@@ -232,6 +243,8 @@ async def _run_root(
                     name="self-deployer",
                 )
                 root.start_soon(supervisor.adopt_leftovers, name="leftovers")
+                if notifier is not None:
+                    await root.start(run_notifier, notifier, name="notifier")
                 if web is not None:
                     root.start_soon(web, running, stopping, name="web")
                 log.info(

@@ -47,7 +47,7 @@ from condo.config import DEFAULT_SERVER, Bind, Config, parse_server
 from condo.errors import ConfigError
 from condo.fds import RESERVE, fd_limit, web_caps
 from condo.history import History
-from condo.metrics import DockerCall, Metrics, ServiceMetrics
+from condo.metrics import DockerCall, Metrics, NotifyReceivers, ServiceMetrics
 from condo.store import Store
 from condo.waiting import HostDirectory, StateSource
 from condo.web.app import WebContext, build_app
@@ -116,6 +116,11 @@ class Condo(Protocol):
     @property
     def consul_publisher(self) -> PublishFailures | None:
         """This host's Consul publisher when exposing to Consul, else None."""
+        ...
+
+    @property
+    def notifier(self) -> NotifyReceivers | None:
+        """The --notify receivers' deliveries when --notify is given, else None."""
         ...
 
 
@@ -203,6 +208,7 @@ class ApiServer:
         remove_publish_observer = (
             publisher.add_failure_observer(metrics.observe_consul_publish) if publisher else None
         )
+        metrics.notify.source = running.notifier
         writer = running.writer
         config = running.config
         limit = fd_limit()

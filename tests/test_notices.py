@@ -1,0 +1,288 @@
+"""condo.notices: which steps of a service are deploy notices, their JSON, and no secrets in it.
+
+Each case walks one service through the states its driver would put in the Store (built as the
+fsm builds them) and compares the notices, in order, with what an operator should be told.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.notices import Kind, Notice, Track, baseline, follow, scrub, secrets_of
+from condo.spec import DeployStrategy, ServiceSpec
+
+AT = 1_700_000_000.0
+A = ServiceSpec(container={"Image": "web:1", "Env": ["TOKEN=s3cr3t-value", "MODE=on"]})
+B = ServiceSpec(container={"Image": "web:2", "Env": ["TOKEN=other-secret"]})
+C = ServiceSpec(container={"Image": "web:3"})
+B_AFTER = ServiceSpec(container={"Image": "web:2"}, deploy=DeployStrategy("After", 5.0))
+
+
+def box(spec: ServiceSpec, cid: str) -> Box:
+    return Box(id=cid, name=f"web_{cid}", spec=spec, created_at=AT, healthcheck=True)
+
+
+def failure(message: str) -> Failure:
+    return Failure(message=message, at=AT + 1)
+
+
+def stable(spec: ServiceSpec, cid: str) -> ServiceState:
+    return ServiceState(phase=Phase.Stable, desired=spec, current=box(spec, cid))
+
+
+def walk(*states: ServiceState) -> list[tuple[Kind, str | None, str | None, str | None]]:
+    """Follow `states` from the first (a baseline); the notices as (kind, image, previous,
+    error)."""
+    track = baseline(states[0])
+    found: list[Notice] = []
+    for old, new in itertools.pairwise(states):
+        track, notices = follow("web", track, old, new, AT)
+        found += notices
+    return [(n.kind, n.image, n.previous_image, n.error) for n in found]
+
+
+def test_a_first_deploy_starts_and_turns_stable() -> None:
+    init = ServiceState(desired=A)
+    assert walk(
+        init,
+        ServiceState(phase=Phase.Wait, desired=A, starting=A),
+        ServiceState(phase=Phase.Wait, desired=A, current=box(A, "a")),
+        stable(A, "a"),
+    ) == [(Kind.STARTED, "web:1", None, None), (Kind.STABLE, "web:1", None, None)]
+
+
+def test_a_before_redeploy_names_the_previous_image() -> None:
+    assert walk(
+        stable(A, "a"),
+        ServiceState(phase=Phase.Wait, desired=B, starting=B, replacing=box(A, "a")),
+        ServiceState(phase=Phase.Wait, desired=B, current=box(B, "b")),
+        stable(B, "b"),
+    ) == [(Kind.STARTED, "web:2", "web:1", None), (Kind.STABLE, "web:2", "web:1", None)]
+
+
+def test_an_after_redeploy_is_stable_once_the_old_one_is_gone() -> None:
+    old = box(A, "a")
+    assert walk(
+        stable(A, "a"),
+        ServiceState(phase=Phase.WaitNext, desired=B_AFTER, current=old, starting=B_AFTER),
+        ServiceState(phase=Phase.WaitNext, desired=B_AFTER, current=old, next=box(B_AFTER, "b")),
+        ServiceState(
+            phase=Phase.WaitNext,
+            desired=B_AFTER,
+            current=old,
+            next=box(B_AFTER, "b"),
+            draining=True,
+            deadline=5.0,
+        ),
+        stable(B_AFTER, "b"),
+    ) == [(Kind.STARTED, "web:2", "web:1", None), (Kind.STABLE, "web:2", "web:1", None)]
+
+
+def test_a_failing_deploy_fails_once_and_is_stable_when_a_retry_works() -> None:
+    old = box(A, "a")
+    first = failure("container web_b turned unhealthy")
+    second = failure("container web_c died (exit 3)")
+    assert walk(
+        stable(A, "a"),
+        ServiceState(phase=Phase.WaitNext, desired=B_AFTER, current=old, starting=B_AFTER),
+        ServiceState(
+            phase=Phase.TryAgainNext,
+            desired=B_AFTER,
+            current=old,
+            attempt=1,
+            error=first,
+            deadline=10.0,
+        ),
+        ServiceState(
+            phase=Phase.WaitNext, desired=B_AFTER, current=old, starting=B_AFTER, attempt=1
+        ),
+        ServiceState(
+            phase=Phase.TryAgainNext,
+            desired=B_AFTER,
+            current=old,
+            attempt=2,
+            error=second,
+            deadline=30.0,
+        ),
+        ServiceState(
+            phase=Phase.WaitNext, desired=B_AFTER, current=old, starting=B_AFTER, attempt=2
+        ),
+        stable(B_AFTER, "b"),
+    ) == [
+        (Kind.STARTED, "web:2", "web:1", None),
+        (Kind.FAILED, "web:2", "web:1", "container web_b turned unhealthy"),
+        (Kind.STABLE, "web:2", "web:1", None),
+    ]
+
+
+def test_a_failed_deploy_keeps_its_failure_time() -> None:
+    track = baseline(ServiceState(phase=Phase.Wait, desired=B, starting=B))
+    old = ServiceState(phase=Phase.Wait, desired=B, current=box(B, "b"))
+    new = ServiceState(phase=Phase.TryAgain, desired=B, attempt=1, error=failure("boom"))
+    _, [notice] = follow("web", track, old, new, AT + 50)
+    assert (notice.kind, notice.at) == (Kind.FAILED, AT + 1)
+
+
+def test_a_new_spec_while_retrying_is_a_new_deploy() -> None:
+    old = box(A, "a")
+    assert walk(
+        ServiceState(
+            phase=Phase.TryAgainNext, desired=B, current=old, attempt=3, error=failure("x")
+        ),
+        ServiceState(phase=Phase.Wait, desired=C, starting=C, replacing=old),
+        ServiceState(phase=Phase.Wait, desired=C, current=box(C, "c")),
+        stable(C, "c"),
+    ) == [(Kind.STARTED, "web:3", None, None), (Kind.STABLE, "web:3", None, None)]
+
+
+def test_a_superseded_deploy_keeps_what_served_before_as_previous() -> None:
+    assert walk(
+        stable(A, "a"),
+        ServiceState(phase=Phase.Wait, desired=B, starting=B, replacing=box(A, "a")),
+        ServiceState(phase=Phase.Wait, desired=C, starting=C),
+        ServiceState(phase=Phase.Wait, desired=C, current=box(C, "c")),
+        stable(C, "c"),
+    ) == [
+        (Kind.STARTED, "web:2", "web:1", None),
+        (Kind.STARTED, "web:3", "web:1", None),
+        (Kind.STABLE, "web:3", "web:1", None),
+    ]
+
+
+def test_a_stable_container_that_broke_is_redeployed_with_the_reason() -> None:
+    died = failure("container web_a died (exit 1)")
+    assert walk(
+        stable(A, "a"),
+        ServiceState(phase=Phase.Wait, desired=A, starting=A, error=died),
+        ServiceState(phase=Phase.Wait, desired=A, current=box(A, "a2"), error=died),
+        stable(A, "a2"),
+    ) == [
+        (Kind.STARTED, "web:1", "web:1", "container web_a died (exit 1)"),
+        (Kind.STABLE, "web:1", "web:1", None),
+    ]
+
+
+def test_a_container_docker_restarts_itself_is_no_news() -> None:
+    restarting = ServiceState(
+        phase=Phase.Stable,
+        desired=A,
+        current=box(A, "a"),
+        deadline=30.0,
+        error=failure("container web_a died (exit 1); Docker restarts it"),
+    )
+    assert walk(stable(A, "a"), restarting, stable(A, "a")) == []
+
+
+def test_removal_is_announced_once_with_what_ran() -> None:
+    leaving = ServiceState(phase=Phase.Stable, current=box(A, "a"), removed=True)
+    gone = ServiceState(removed=True)
+    assert walk(stable(A, "a"), leaving, gone, gone) == [(Kind.REMOVED, "web:1", None, None)]
+
+
+def test_a_removal_during_a_deploy_is_a_removal() -> None:
+    assert walk(
+        ServiceState(desired=A),
+        ServiceState(phase=Phase.Wait, desired=A, starting=A),
+        ServiceState(phase=Phase.Wait, starting=A, removed=True),
+        ServiceState(removed=True),
+    ) == [(Kind.STARTED, "web:1", None, None), (Kind.REMOVED, None, None, None)]
+
+
+def test_a_resumed_deploy_is_not_announced_again_but_ends_stable() -> None:
+    # First sight after a restart: a deploy under way. Only its end is news.
+    assert walk(
+        ServiceState(phase=Phase.Wait, desired=B, current=box(B, "b")),
+        stable(B, "b"),
+        stable(B, "b"),
+    ) == [(Kind.STABLE, "web:2", None, None)]
+
+
+def test_an_adopted_stable_service_is_no_news() -> None:
+    assert walk(ServiceState(desired=A), stable(A, "a")) == []
+
+
+def test_baseline_of_a_service_already_failing_does_not_fail_it_again() -> None:
+    retrying = ServiceState(phase=Phase.TryAgain, desired=B, attempt=2, error=failure("x"))
+    assert baseline(retrying) == Track(target=B.container_hash, image="web:2", failed=True)
+    assert (
+        walk(
+            retrying,
+            ServiceState(phase=Phase.Wait, desired=B, starting=B, attempt=2),
+            ServiceState(phase=Phase.TryAgain, desired=B, attempt=3, error=failure("y")),
+        )
+        == []
+    )
+
+
+# --- the body -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("notice", "text"),
+    [
+        (
+            Notice(kind=Kind.STARTED, service="web", image="web:2", previous_image="web:1", at=AT),
+            "Deploying web on h1: web:2 (was web:1).",
+        ),
+        (
+            Notice(kind=Kind.STARTED, service="web", image="web:1", error="it died", at=AT),
+            "Redeploying web on h1 with web:1: it died.",
+        ),
+        (
+            Notice(kind=Kind.STABLE, service="web", image="web:2", previous_image="web:2", at=AT),
+            "web on h1 is stable on web:2.",
+        ),
+        (
+            Notice(kind=Kind.FAILED, service="web", image="web:2", error="unhealthy", at=AT),
+            "Deploy of web:2 failed for web on h1: unhealthy (retrying).",
+        ),
+        (
+            Notice(
+                kind=Kind.REVERTED,
+                service="web",
+                image="web:1",
+                previous_image="web:2",
+                error="died in probation",
+                at=AT,
+            ),
+            "web on h1 reverted to web:1 from web:2: died in probation.",
+        ),
+        (
+            Notice(kind=Kind.REMOVED, service="web", image="web:1", at=AT),
+            "web on h1 was removed (it ran web:1).",
+        ),
+    ],
+)
+def test_each_notice_is_one_sentence(notice: Notice, text: str) -> None:
+    assert notice.text("h1") == text
+
+
+def test_the_json_has_exactly_the_contract_fields() -> None:
+    notice = Notice(kind=Kind.FAILED, service="web", image="web:2", error="boom", at=AT)
+    assert notice.to_json("h1") == {
+        "event": "deploy.failed",
+        "host": "h1",
+        "service": "web",
+        "image": "web:2",
+        "previous_image": None,
+        "error": "boom",
+        "at": AT,
+        "text": "Deploy of web:2 failed for web on h1: boom (retrying).",
+    }
+
+
+def test_secrets_are_every_env_value_long_enough_of_every_spec_known() -> None:
+    state = ServiceState(phase=Phase.WaitNext, desired=B, current=box(A, "a"), next=box(B, "b"))
+    # "on" is too short to be a secret (and would mangle every message it occurs in).
+    assert secrets_of(state) == {"s3cr3t-value", "other-secret"}
+    message = "create web_b: invalid value s3cr3t-value (other-secret, s3cr3t-value-2), on"
+    assert scrub(message, secrets_of(state)) == (
+        "create web_b: invalid value [redacted] ([redacted], [redacted]-2), on"
+    )
+    assert scrub("the token s3cr3t-value-long", {"s3cr3t-value", "s3cr3t-value-long"}) == (
+        "the token [redacted]"
+    )
+    assert scrub(None, {"x"}) is None
