@@ -118,7 +118,8 @@ _SCHEMAS: dict[str, Any] = {
             "options": {
                 "type": ["object", "null"],
                 "description": "the desired spec's keys that never replace a container "
-                "(deploy, health_timeout, stop_timeout, stable_after, pull)",
+                "(deploy, health_timeout, stop_timeout, stable_after, pull, on_failure, "
+                "probation)",
             },
         },
     },
