@@ -20,6 +20,7 @@ SPEC_C = ServiceSpec(
     container={"Image": "app:3"}, fixed_name="web", deploy=DeployStrategy("After", 0)
 )
 SPEC_A_AFTER = ServiceSpec(container={"Image": "app:1"}, deploy=DeployStrategy("After", 1))
+SPEC_D = ServiceSpec(container={"Image": "app:4"}, probation=5)
 
 
 @attrs.frozen
@@ -35,7 +36,7 @@ def boxes(state: fsm.ServiceState) -> list[fsm.Box]:
 
 
 def events_for(state: fsm.ServiceState) -> Iterator[fsm.Event]:
-    for spec in (SPEC_A, SPEC_B, SPEC_C, SPEC_A_AFTER, None):
+    for spec in (SPEC_A, SPEC_B, SPEC_C, SPEC_A_AFTER, SPEC_D, None):
         yield fsm.SpecChanged(spec)
     if state.starting is not None:
         # Deterministic ids keep the explored space small (equal states deduplicate).

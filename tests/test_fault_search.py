@@ -92,7 +92,7 @@ class Write:
         deploy = "[:After 1]" if self.after else "[:Before]"
         return (
             f'{{:spec {{:Image "{image}" :Env ["V={self.version}"]}}'
-            f" :deploy {deploy} :stop-timeout 2 :health-timeout 20 :stable-after 1}}\n"
+            f" :deploy {deploy} :stop-timeout 2 :health-timeout 20 :stable-after 1 :probation 3}}\n"
         )
 
     def __str__(self) -> str:

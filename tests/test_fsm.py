@@ -93,6 +93,8 @@ def test_every_phase_has_its_shape() -> None:
                 assert st.deadline is not None
         if st.draining:
             assert st.phase is Phase.WaitNext and st.next is not None and st.deadline is not None
+        if st.on_probation:
+            assert st.phase is Phase.Stable and st.deadline is not None, s
 
 
 def test_nothing_leaks_every_dropped_container_is_retired() -> None:
@@ -374,6 +376,59 @@ def test_stable_container_dying_is_redeployed_unless_docker_restarts_it() -> Non
     assert back.deadline is None
     gave_up, effects = run(waiting, fsm.DeadlineReached(), mono=1.0 + fsm.RESTART_GRACE)
     assert gave_up.phase is Phase.Wait and [type(e) for e in effects] == [fsm.Retire, fsm.Deploy]
+
+
+PROBATION = attrs.evolve(SPEC_A, probation=5.0)
+
+
+def test_probation_a_container_dying_soon_after_stable_fails_its_deploy_and_backs_off() -> None:
+    state = stable("c1", PROBATION)
+    assert state.on_probation and state.deadline == 5.0 and state.attempt == 0
+    c1 = state.current
+    state, effects = run(state, fsm.ContainerDied(id="c1", exit_code=3), mono=3.0)
+    assert state.phase is Phase.TryAgain and state.current is None and state.failed == c1
+    assert c1 is not None and effects == [fsm.Retire(box=c1, keep=True)]
+    assert state.attempt == 1 and state.deadline == 3.0 + fsm.backoff(1)
+    assert state.error is not None
+    assert state.error.message == "container web_c1 died (exit 3) during its 5 s probation"
+    # The retry turns Stable again: still on probation, so the attempts keep counting.
+    state, effects = run(state, fsm.DeadlineReached(), mono=13.0)
+    assert effects[-1] == fsm.Deploy(spec=PROBATION, name=None)
+    started = box("c2", PROBATION)
+    state, _ = run(
+        state, fsm.ContainerStarted(box=started, running=True, health="healthy"), mono=13.0
+    )
+    assert state.phase is Phase.Stable and state.on_probation and state.attempt == 1
+    state, _ = run(state, fsm.ContainerUnhealthy("c2"), mono=14.0)
+    assert state.phase is Phase.TryAgain and state.attempt == 2
+    assert state.deadline == 14.0 + fsm.backoff(2)
+
+
+def test_probation_over_makes_the_deploy_good_and_later_deaths_are_plain_replacements() -> None:
+    state = stable("c1", PROBATION)
+    state, _ = run(state, fsm.DeadlineReached(), mono=4.0)
+    assert state.on_probation  # a stale wake-up changes nothing
+    state, effects = run(state, fsm.DeadlineReached(), mono=5.0)
+    assert effects == [] and state.phase is Phase.Stable
+    assert not state.on_probation and state.deadline is None and state.attempt == 0
+    state, effects = run(state, fsm.ContainerDied(id="c1", exit_code=1), mono=60.0)
+    assert state.phase is Phase.Wait and [type(e) for e in effects] == [fsm.Retire, fsm.Deploy]
+
+
+def test_probation_gives_dockers_restart_policy_no_grace() -> None:
+    state = stable("c1", PROBATION, restart_policy="always")
+    state, _ = run(state, fsm.ContainerDied(id="c1", exit_code=0), mono=1.0)
+    assert state.phase is Phase.TryAgain and state.attempt == 1
+    # Docker restarting it afterwards only stops the failed one again.
+    failed = state.failed
+    state, effects = run(state, fsm.ContainerRestarted("c1"), mono=1.5)
+    assert failed is not None and failed.id == "c1"
+    assert state.phase is Phase.TryAgain and effects == [fsm.Retire(box=failed, keep=True)]
+
+
+def test_no_probation_keeps_todays_behaviour() -> None:
+    state = stable("c1", SPEC_A)
+    assert not state.on_probation and state.deadline is None
 
 
 def test_stable_container_removed_by_hand_is_redeployed() -> None:

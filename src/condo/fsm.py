@@ -24,6 +24,10 @@ Invariants (checked by tests over every (phase, event) pair):
 - Only a different `container_hash` redeploys; other spec changes (deploy strategy, timeouts) are
   adopted in place.
 - Retries back off from 10 s, doubling to 5 min; a new spec retries at once.
+- Probation (`:probation` seconds): a new container that turned Stable is `on_probation` until
+  `deadline`; dying or turning unhealthy before then fails its deploy like a failed candidate
+  (and Docker's RestartPolicy gets no grace). Only a completed probation resets `attempt`, so a
+  spec that keeps failing its probation backs off like any failing spec.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ class ServiceState:
     attempt: int = 0  # consecutive failed attempts
     error: Failure | None = None
     failed: Box | None = None  # the latest failed candidate, stopped, kept for `docker logs`
+    on_probation: bool = False  # Stable: `current` is new and on probation until `deadline`
 
     @property
     def retry_at(self) -> float | None:
@@ -369,7 +374,9 @@ def _converge(state: ServiceState, now: Instant) -> Step:
 def _deploy(state: ServiceState, spec: ServiceSpec, now: Instant) -> Step:
     """Emit the Deploy for `spec`, choosing [:Before] or [:After] by the *new* spec."""
     stable = state.current if state.phase in (Phase.Stable, Phase.TryAgainNext) else None
-    cleared = attrs.evolve(state, starting=spec, deadline=None, next=None, draining=False)
+    cleared = attrs.evolve(
+        state, starting=spec, deadline=None, next=None, draining=False, on_probation=False
+    )
     freed: list[Effect] = []
     failed = state.failed
     if failed is not None and failed.name in (spec.fixed_name, f"{spec.fixed_name}-next"):
@@ -473,6 +480,7 @@ def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant
             starting=None,
             replacing=None,
             draining=False,
+            on_probation=False,
             deadline=now.mono + backoff(attempt),
             attempt=attempt,
             error=Failure(message=message, at=now.wall),
@@ -483,24 +491,33 @@ def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant
 
 
 def _become_stable(state: ServiceState, box: Box, now: Instant) -> Step:
-    """`box` is Stable: it serves alone; the previous failure is forgotten."""
+    """`box` is Stable: it serves alone; the previous failure is forgotten. With a probation,
+    its deploy is good only once the probation is over (`_probation_over`)."""
     effects: list[Effect] = []
     if state.failed is not None:
         effects.append(Retire(box=state.failed))
     stable = attrs.evolve(box, stable_at=box.stable_at or now.wall)
+    probation = box.spec.probation
     after = attrs.evolve(
         state,
         phase=Phase.Stable,
         current=stable,
         next=None,
         draining=False,
-        deadline=None,
-        attempt=0,
+        deadline=now.mono + probation if probation > 0 else None,
+        on_probation=probation > 0,
         error=None,
         failed=None,
     )
+    if probation <= 0:
+        after = _deploy_good(after)
     after, more = _converge(after, now)
     return after, effects + more
+
+
+def _deploy_good(state: ServiceState) -> ServiceState:
+    """The Stable container's deploy is good (its probation, if any, is over)."""
+    return attrs.evolve(state, on_probation=False, deadline=None, attempt=0)
 
 
 def _retire_all(state: ServiceState) -> Step:
@@ -514,6 +531,7 @@ def _retire_all(state: ServiceState) -> Step:
             next=None,
             failed=None,
             draining=False,
+            on_probation=False,
             deadline=None,
             attempt=0,
             error=None,
@@ -636,6 +654,8 @@ def _on_unhealthy(state: ServiceState, cid: str, now: Instant) -> Step:
     if candidate is not None and candidate.id == cid and not state.draining:
         return _fail(state, f"container {candidate.name} turned unhealthy", candidate, now)
     if state.phase is Phase.Stable and state.current is not None and state.current.id == cid:
+        if state.on_probation:
+            return _probation_failed(state, "turned unhealthy", now)
         # Docker never acts on unhealthy; condo replaces it, by the spec's own strategy.
         return _replace_broken(state, "turned unhealthy", now)
     return state, []
@@ -650,6 +670,8 @@ def _on_died(state: ServiceState, cid: str, exit_code: int, now: Instant) -> Ste
     if current is None or current.id != cid:
         return state, []
     if state.phase is Phase.Stable:
+        if state.on_probation:
+            return _probation_failed(state, f"died (exit {exit_code})", now)
         if _docker_will_restart(current, exit_code):
             message = f"container {current.name} died (exit {exit_code}); Docker restarts it"
             return (
@@ -664,13 +686,25 @@ def _on_died(state: ServiceState, cid: str, exit_code: int, now: Instant) -> Ste
     return _on_gone(state, cid, f"died (exit {exit_code})", now)
 
 
+def _probation_failed(state: ServiceState, why: str, now: Instant) -> Step:
+    """The new Stable container broke during its probation: its deploy failed."""
+    assert state.current is not None
+    box = state.current
+    message = f"container {box.name} {why} during its {box.spec.probation:g} s probation"
+    base = attrs.evolve(state, phase=Phase.Wait, on_probation=False, deadline=None)
+    return _fail(base, message, box, now)
+
+
 def _docker_will_restart(box: Box, exit_code: int) -> bool:
     policy = box.restart_policy
     return policy in ("always", "unless-stopped") or (policy == "on-failure" and exit_code != 0)
 
 
 def _on_restarted(state: ServiceState, cid: str) -> Step:
-    if state.phase is Phase.Stable and state.current is not None and state.current.id == cid:
+    current = state.current
+    if state.phase is Phase.Stable and current is not None and current.id == cid:
+        if state.on_probation:
+            return state, []  # the deadline ends the probation (it cannot have died in it)
         return attrs.evolve(state, deadline=None), []
     if state.failed is not None and state.failed.id == cid:
         # A failed candidate started after all (a start answered too late): stop it again.
@@ -716,7 +750,14 @@ def _on_gone(state: ServiceState, cid: str, why: str, now: Instant) -> Step:
     failure = Failure(message=f"container {current.name} {why}", at=now.wall)
     match state.phase:
         case Phase.Stable:
-            base = attrs.evolve(state, phase=Phase.Init, current=None, error=failure)
+            base = attrs.evolve(
+                state,
+                phase=Phase.Init,
+                current=None,
+                error=failure,
+                on_probation=False,
+                deadline=None,
+            )
             after, effects = _converge(base, now)
             return after, [RemoveStray(id=current.id, name=current.name), *effects]
         case Phase.WaitNext:
@@ -777,6 +818,8 @@ def _on_deadline(state: ServiceState, now: Instant) -> Step:
                     state, f"container {box.name} not healthy after {timeout:g} s", box, now
                 )
             return _candidate_ready(state, box, now)
+        case Phase.Stable if state.on_probation:
+            return _converge(_deploy_good(state), now)
         case Phase.Stable:
             return _replace_broken(state, "died and Docker did not restart it", now)
         case Phase.Init:

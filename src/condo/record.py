@@ -112,6 +112,7 @@ def to_record(state: ServiceState, now: Instant) -> dict[str, Any]:
         "attempt": state.attempt,
         "error": None if state.error is None else attrs.asdict(state.error),
         "failed": _box_out(state.failed),
+        "on_probation": state.on_probation,
     }
 
 
@@ -139,6 +140,8 @@ def from_record(data: Any, now: Instant) -> ServiceState:
                 unobserved=error.get("unobserved") is True,
             ),
             failed=_box_in(data["failed"]),
+            # Absent from records written before probations existed.
+            on_probation=data.get("on_probation") is True,
         )
     except (KeyError, TypeError, ValueError, OverflowError, SpecError) as exc:
         # Every way a foreign or damaged record can fail to read ends here, as one error.
