@@ -17,10 +17,13 @@ from condo.spec import DeployStrategy, ServiceSpec
 SPEC_A = ServiceSpec(container={"Image": "app:1"})
 SPEC_B = ServiceSpec(container={"Image": "app:2"}, deploy=DeployStrategy("After", 5))
 SPEC_C = ServiceSpec(
-    container={"Image": "app:3"}, fixed_name="web", deploy=DeployStrategy("After", 0)
+    container={"Image": "app:3"},
+    fixed_name="web",
+    deploy=DeployStrategy("After", 0),
+    on_failure="revert",
 )
 SPEC_A_AFTER = ServiceSpec(container={"Image": "app:1"}, deploy=DeployStrategy("After", 1))
-SPEC_D = ServiceSpec(container={"Image": "app:4"}, probation=5)
+SPEC_D = ServiceSpec(container={"Image": "app:4"}, probation=5, on_failure="revert")
 
 
 @attrs.frozen

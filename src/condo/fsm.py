@@ -28,6 +28,13 @@ Invariants (checked by tests over every (phase, event) pair):
   `deadline`; dying or turning unhealthy before then fails its deploy like a failed candidate
   (and Docker's RestartPolicy gets no grace). Only a completed probation resets `attempt`, so a
   spec that keeps failing its probation backs off like any failing spec.
+- Revert (`:on-failure :revert`): `last_good` is the spec of the last container whose deploy
+  completed its probation, pinned to the image it ran (`Box.image_id`; its tag when unknown). A
+  failed attempt at the desired spec, with a different last good, reverts: what still serves
+  ([:After n], a [:Before] whose old container was never stopped) keeps serving, else the last
+  good is deployed by its own strategy. `reverted` then blocks the desired spec's container hash:
+  nothing deploys it again until the spec file's container part changes (no revert loop), and
+  every deploy is of the last good (`_target`). Without a last good, a failure retries.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class Box:
     created_at: float  # wall clock, unix seconds
     healthcheck: bool  # Docker runs a healthcheck for it (image's or spec's)
     restart_policy: str = ""
+    image_id: str = ""  # the engine's id of the image it runs (unknown: "")
     stable_at: float | None = None  # wall clock, unix seconds
     # Set for a container adopted from the engine's labels alone (its record was lost): the hash
     # on its `condo.spec-hash` label. Its `spec` is then only a stand-in (the desired spec, for
@@ -99,6 +107,17 @@ class Failure:
     # The engine cannot be asked at all (condo.errors.EngineUnsupported): whatever the state
     # says was last seen before, and is not evidence of anything now (never a stale Stable).
     unobserved: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Reverted:
+    """A failed deploy of `spec_hash` (image `from_image`) was reverted to `to_image`."""
+
+    from_image: str
+    to_image: str
+    reason: str
+    at: float  # wall clock, unix seconds
+    spec_hash: str  # the container hash not deployed again until the spec file changes
 
 
 @attrs.frozen(kw_only=True)
@@ -132,6 +151,8 @@ class ServiceState:
     error: Failure | None = None
     failed: Box | None = None  # the latest failed candidate, stopped, kept for `docker logs`
     on_probation: bool = False  # Stable: `current` is new and on probation until `deadline`
+    last_good: ServiceSpec | None = None  # the last good deploy's spec, pinned to its image
+    reverted: Reverted | None = None  # the desired spec failed and was reverted
 
     @property
     def retry_at(self) -> float | None:
@@ -339,7 +360,7 @@ def _converge(state: ServiceState, now: Instant) -> Step:
         return state, []  # the in-flight Deploy's result will bring us back here
     if state.removed:
         return _retire_all(state)
-    desired = state.desired
+    desired = _target(state)
     if desired is None:
         return state, []
     match state.phase:
@@ -347,20 +368,20 @@ def _converge(state: ServiceState, now: Instant) -> Step:
             return _deploy(state, desired, now)
         case Phase.Stable:
             assert state.current is not None
-            if state.current.hash != desired.container_hash:
+            if not _runs(state, state.current, desired):
                 return _deploy(state, desired, now)
             return _rename_if_needed(_adopt_spec(state, desired))
         case Phase.Wait:
             assert state.current is not None
-            if state.current.hash != desired.container_hash:
+            if not _runs(state, state.current, desired):
                 return _abandon_candidate_and_deploy(state, desired, now)
             return _adopt_spec(state, desired), []
         case Phase.WaitNext:
             assert state.current is not None
             assert state.next is not None
-            if state.next.hash == desired.container_hash:
+            if _runs(state, state.next, desired):
                 return _adopt_spec(state, desired), []
-            if state.current.hash == desired.container_hash:
+            if _runs(state, state.current, desired):
                 # Reverted to what already serves: drop the candidate, keep the stable one.
                 back = attrs.evolve(
                     state, phase=Phase.Stable, next=None, draining=False, deadline=None
@@ -369,6 +390,39 @@ def _converge(state: ServiceState, now: Instant) -> Step:
             return _abandon_candidate_and_deploy(state, desired, now)
         case Phase.TryAgain | Phase.TryAgainNext:
             return state, []  # _on_spec resets the timer; the deadline redeploys
+
+
+def _target(state: ServiceState) -> ServiceSpec | None:
+    """The spec to run: the desired one, or the last good while the desired one is reverted."""
+    desired = state.desired
+    reverted = state.reverted
+    if (
+        desired is not None
+        and reverted is not None
+        and reverted.spec_hash == desired.container_hash
+        and state.last_good is not None
+    ):
+        return state.last_good
+    return desired
+
+
+def _runs(state: ServiceState, box: Box, spec: ServiceSpec) -> bool:
+    """`box` is a container of `spec`. The last good also counts as run by the container it was
+    pinned from (a revert keeps that one serving rather than recreate it)."""
+    if box.hash == spec.container_hash:
+        return True
+    return (
+        spec == state.last_good
+        and box.label_hash is None
+        and _pinned(box).container_hash == spec.container_hash
+    )
+
+
+def _pinned(box: Box) -> ServiceSpec:
+    """`box`'s spec pinned to the image it runs (by id: a re-pushed tag cannot sneak in)."""
+    if not box.image_id or box.spec.image == box.image_id:
+        return box.spec
+    return attrs.evolve(box.spec, container={**box.spec.container, "Image": box.image_id})
 
 
 def _deploy(state: ServiceState, spec: ServiceSpec, now: Instant) -> Step:
@@ -449,8 +503,15 @@ def _rename_if_needed(state: ServiceState) -> Step:
     return attrs.evolve(state, current=attrs.evolve(box, name=fixed)), [Rename(box=box, name=fixed)]
 
 
-def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant) -> Step:
-    """The attempt failed: keep the candidate stopped for logs, back off, keep what serves."""
+def _fail(
+    state: ServiceState,
+    message: str,
+    candidate: Box | None,
+    now: Instant,
+    failing: ServiceSpec | None = None,
+) -> Step:
+    """The attempt failed: keep the candidate stopped for logs, back off, keep what serves.
+    With `:on-failure :revert` and a last good spec, revert instead (`_revert`)."""
     if state.removed:
         # Nobody wants it any more: no retry, no kept candidate; just clean up.
         serving = state.current if state.phase in (Phase.WaitNext, Phase.TryAgainNext) else None
@@ -470,6 +531,33 @@ def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant
     serving = state.current if state.phase in (Phase.WaitNext, Phase.TryAgainNext) else None
     if state.replacing is not None:
         serving = state.replacing  # [:Before] whose old box was never touched
+    failing = failing or state.starting or (candidate.spec if candidate is not None else None)
+    if failing is not None and _reverts(state, failing):
+        assert state.last_good is not None
+        reverted = Reverted(
+            from_image=failing.image,
+            to_image=serving.spec.image if serving is not None else state.last_good.image,
+            reason=message,
+            at=now.wall,
+            spec_hash=failing.container_hash,
+        )
+        base = attrs.evolve(
+            state,
+            phase=Phase.Stable if serving is not None else Phase.Init,
+            current=serving,
+            next=None,
+            starting=None,
+            replacing=None,
+            draining=False,
+            on_probation=False,
+            deadline=None,
+            attempt=0,
+            error=Failure(message=message, at=now.wall),
+            failed=failed,
+            reverted=reverted,
+        )
+        after, more = _converge(base, now)
+        return after, effects + more
     phase = Phase.TryAgainNext if serving is not None else Phase.TryAgain
     return (
         attrs.evolve(
@@ -487,6 +575,20 @@ def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant
             failed=failed,
         ),
         effects,
+    )
+
+
+def _reverts(state: ServiceState, failing: ServiceSpec) -> bool:
+    """A failure of `failing` reverts: it is the desired spec, which says `:on-failure
+    :revert`, and a different last good exists (a first deploy, or the last good itself
+    failing, retries)."""
+    desired, good = state.desired, state.last_good
+    return (
+        desired is not None
+        and good is not None
+        and desired.on_failure == "revert"
+        and failing.container_hash == desired.container_hash
+        and good.container_hash != failing.container_hash
     )
 
 
@@ -516,8 +618,13 @@ def _become_stable(state: ServiceState, box: Box, now: Instant) -> Step:
 
 
 def _deploy_good(state: ServiceState) -> ServiceState:
-    """The Stable container's deploy is good (its probation, if any, is over)."""
-    return attrs.evolve(state, on_probation=False, deadline=None, attempt=0)
+    """The Stable container's deploy is good (its probation, if any, is over): it is the last
+    good one, unless it was adopted from labels alone (its spec is unknown)."""
+    current = state.current
+    good = state.last_good
+    if current is not None and current.label_hash is None:
+        good = _pinned(current)
+    return attrs.evolve(state, on_probation=False, deadline=None, attempt=0, last_good=good)
 
 
 def _retire_all(state: ServiceState) -> Step:
@@ -532,6 +639,7 @@ def _retire_all(state: ServiceState) -> Step:
             failed=None,
             draining=False,
             on_probation=False,
+            reverted=None,
             deadline=None,
             attempt=0,
             error=None,
@@ -582,6 +690,9 @@ def _take_spec(state: ServiceState, spec: ServiceSpec | None) -> ServiceState:
         return attrs.evolve(state, desired=None, removed=True)
     changed = state.desired is None or state.desired.container_hash != spec.container_hash
     state = attrs.evolve(state, desired=spec, removed=False)
+    if state.reverted is not None and state.reverted.spec_hash != spec.container_hash:
+        # The container part changed: the reverted spec is no longer wanted; try the new one.
+        state = attrs.evolve(state, reverted=None)
     if changed and state.phase in (Phase.TryAgain, Phase.TryAgainNext):
         # A new spec retries at once, with a fresh backoff.
         if state.phase is Phase.TryAgain:
@@ -603,7 +714,8 @@ def _on_started(state: ServiceState, event: ContainerStarted, now: Instant) -> S
         state = attrs.evolve(state, next=box)
     else:
         state = attrs.evolve(state, phase=Phase.Wait, current=box)
-    if state.removed or (state.desired is not None and state.desired.container_hash != box.hash):
+    target = _target(state)
+    if state.removed or (target is not None and not _runs(state, box, target)):
         return _converge(state, now)  # a newer spec (or a removal) arrived meanwhile
     if event.health == "healthy":
         return _candidate_ready(state, box, now)
@@ -728,7 +840,7 @@ def _replace_broken(state: ServiceState, why: str, now: Instant) -> Step:
     failure = Failure(message=f"container {broken.name} {why}", at=now.wall)
     if state.removed:
         return _retire_all(state)  # nobody wants it any more: no replacement
-    spec = state.desired or broken.spec
+    spec = _target(state) or broken.spec
     state = attrs.evolve(state, error=failure, deadline=None)
     if spec.deploy.strategy == "After" and why == "turned unhealthy":
         return _deploy(state, spec, now)  # it may still serve a little; start beside it
@@ -743,7 +855,8 @@ def _on_gone(state: ServiceState, cid: str, why: str, now: Instant) -> Step:
         return attrs.evolve(state, failed=None), []
     candidate = _candidate(state)
     if candidate is not None and candidate.id == cid:
-        return _fail(_forget_candidate(state), f"container {candidate.name} {why}", None, now)
+        message = f"container {candidate.name} {why}"
+        return _fail(_forget_candidate(state), message, None, now, failing=candidate.spec)
     current = state.current
     if current is None or current.id != cid:
         return state, []

@@ -336,6 +336,7 @@ class _Driver:
                 created,
                 healthcheck=info.health is not None,
                 restart_policy=info.restart_policy,
+                image_id=info.image_id,  # what a revert to this deploy pins to
             )
             return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
         # The limit expired mid-way (a slow engine): the engine may have acted without condo

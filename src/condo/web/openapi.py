@@ -105,6 +105,19 @@ _SCHEMAS: dict[str, Any] = {
             "attempt": {"type": "integer", "description": "consecutive failed attempts"},
             "failed": {"oneOf": [{"$ref": "#/components/schemas/Container"}, {"type": "null"}]},
             "removed": {"type": "boolean"},
+            "reverted": {
+                "type": ["object", "null"],
+                "description": "the desired spec failed and `:on-failure :revert` went back to "
+                "the last good one; the desired spec is not tried again until its container "
+                "part changes",
+                "required": ["from", "to", "reason", "at"],
+                "properties": {
+                    "from": {"type": "string", "description": "the failed image"},
+                    "to": {"type": "string", "description": "the image serving again"},
+                    "reason": {"type": "string"},
+                    "at": {"type": "number", "description": "unix seconds"},
+                },
+            },
             "spec_hash": {
                 "type": ["string", "null"],
                 "description": "the desired spec's container hash (label condo.spec-hash): "
