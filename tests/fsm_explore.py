@@ -103,6 +103,7 @@ def _deploy_outcomes(spec: ServiceSpec, serial: str, healthcheck: bool) -> Itera
         yield fsm.DeployFailed(message="boom", replaced=replaced)
         yield fsm.DeployFailed(message="boom", replaced=replaced, leftover=box)
     yield fsm.DeployFailed(message="superseded", replaced=False, cancelled=True)
+    yield fsm.DeployFailed(message="pull: no such image", replaced=False, permanent=True)
 
 
 def explore(depth: int = 5) -> list[Step]:

@@ -107,6 +107,9 @@ class Failure:
     # The engine cannot be asked at all (condo.errors.EngineUnsupported): whatever the state
     # says was last seen before, and is not evidence of anything now (never a stale Stable).
     unobserved: bool = False
+    # The spec itself cannot be deployed (its image does not exist, the engine rejects its
+    # body): retrying changes nothing until somebody acts (`condo wait` fails at once).
+    permanent: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -195,6 +198,7 @@ class DeployFailed:
     replaced: bool
     leftover: Box | None = None
     cancelled: bool = False  # the pull was cancelled because a newer spec arrived
+    permanent: bool = False  # the spec cannot be deployed as it is (Failure.permanent)
 
 
 @attrs.frozen
@@ -509,6 +513,8 @@ def _fail(
     candidate: Box | None,
     now: Instant,
     failing: ServiceSpec | None = None,
+    *,
+    permanent: bool = False,
 ) -> Step:
     """The attempt failed: keep the candidate stopped for logs, back off, keep what serves.
     With `:on-failure :revert` and a last good spec, revert instead (`_revert`)."""
@@ -552,7 +558,7 @@ def _fail(
             on_probation=False,
             deadline=None,
             attempt=0,
-            error=Failure(message=message, at=now.wall),
+            error=Failure(message=message, at=now.wall, permanent=permanent),
             failed=failed,
             reverted=reverted,
         )
@@ -571,7 +577,7 @@ def _fail(
             on_probation=False,
             deadline=now.mono + backoff(attempt),
             attempt=attempt,
-            error=Failure(message=message, at=now.wall),
+            error=Failure(message=message, at=now.wall, permanent=permanent),
             failed=failed,
         ),
         effects,
@@ -751,7 +757,7 @@ def _on_deploy_failed(state: ServiceState, event: DeployFailed, now: Instant) ->
         return base, leftover
     if event.replaced:
         state = attrs.evolve(state, replacing=None)
-    return _fail(state, event.message, event.leftover, now)
+    return _fail(state, event.message, event.leftover, now, permanent=event.permanent)
 
 
 def _on_healthy(state: ServiceState, cid: str, now: Instant) -> Step:

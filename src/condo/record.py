@@ -140,6 +140,7 @@ def from_record(data: Any, now: Instant) -> ServiceState:
                 message=str(error["message"]),
                 at=_finite(error["at"]),
                 unobserved=error.get("unobserved") is True,
+                permanent=error.get("permanent") is True,
             ),
             failed=_box_in(data["failed"]),
             # Absent from records written before probations existed.
@@ -173,6 +174,10 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         "failed": _box_view(state.failed),
         "removed": state.removed,
         "reverted": _reverted_view(state.reverted),
+        # Stable, but its deploy is good only after this (wall clock; null: not on probation).
+        "probation_until": None
+        if not state.on_probation or state.deadline is None
+        else now.wall_at(state.deadline),
         # What `condo plan` compares spec files with (condo.plan): fingerprints and the keys
         # adopted in place, never the create body itself (Env and labels stay hidden).
         "spec_hash": None if state.desired is None else state.desired.container_hash,
@@ -187,6 +192,8 @@ def _failure_view(failure: Failure | None) -> dict[str, Any] | None:
     view: dict[str, Any] = {"message": failure.message, "at": failure.at}
     if failure.unobserved:
         view["unobserved"] = True  # the state could not be confirmed by the engine
+    if failure.permanent:
+        view["permanent"] = True  # the spec cannot be deployed as it is: retries will fail too
     return view
 
 

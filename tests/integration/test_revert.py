@@ -2,21 +2,28 @@
 
 A bad image that turns healthy and dies seconds later, under `:probation 5 :on-failure :revert`,
 brings the previous image back, pinned to the image it ran, and is never tried again; a
-`[:Before]` spec that never turns healthy lets the previous spec serve again.
+`[:Before]` spec that never turns healthy lets the previous spec serve again. `condo wait` on an
+image that failed for good (reverted, or an image that does not exist) exits 3 at once.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from condo import labels
+from condo.config import Bind
 from condo.docker import DockerClient
-from tests.integration.harness import CondoUnderTest, condo_files, running_condo
+from condo.run import run_condo
+from condo.web import ApiServer
+from tests.integration.harness import CondoUnderTest, condo_files
 
 pytestmark = pytest.mark.docker
 
@@ -32,9 +39,34 @@ NEVER_HEALTHY = """{:spec {:Image "condo-test/unhealthy:1"}
 
 
 @pytest.fixture
-async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnderTest]:
-    async with condo_files(tmp_path, docker) as files, running_condo(files) as running:
-        yield running
+async def api() -> ApiServer:
+    """condo's HTTP API on a port of its own (for `condo wait`)."""
+    return await ApiServer.listen(Bind(host="127.0.0.1", port=0))
+
+
+@pytest.fixture
+async def condo(
+    tmp_path: Path, docker: DockerClient, api: ApiServer
+) -> AsyncIterator[CondoUnderTest]:
+    async with condo_files(tmp_path, docker) as files, trio.open_nursery() as nursery:
+        config = attrs.evolve(files.config(), server=Bind(host="127.0.0.1", port=0))
+        files.running = await nursery.start(functools.partial(run_condo, config, web=api))
+        try:
+            yield files
+        finally:
+            files.running.shutdown()
+
+
+async def condo_wait(url: str, image: str) -> tuple[int, str]:
+    """`condo wait` (the real command) for web on `image`: its exit code and stderr."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "condo", "wait", "--name", "web", "--image", image,
+         "--timeout", "120", "--url", url],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )  # fmt: skip
+    return result.returncode, result.stderr.decode()
 
 
 def reverted(view: dict[str, Any]) -> bool:
@@ -50,10 +82,16 @@ async def serve_good(condo: CondoUnderTest, docker: DockerClient) -> str:
 
 
 async def test_a_container_dying_in_its_probation_is_reverted_to_the_previous_image(
-    condo: CondoUnderTest, docker: DockerClient
+    condo: CondoUnderTest, docker: DockerClient, api: ApiServer
 ) -> None:
     good_image = await serve_good(condo, docker)
     condo.write("web", DIES_SOON)
+    # `condo wait` on the bad image, started before the revert, ends at once with exit 3.
+    with trio.fail_after(40):
+        code, stderr = await condo_wait(api.url, "condo-test/busybox:2")
+    assert code == 3, stderr
+    assert f"condo-test/busybox:2 failed on {condo.host}: reverted to {good_image}" in stderr
+    assert "during its 5 s probation" in stderr
     view = await condo.wait(reverted, limit=30)
     web = view["services"]["web"]
     # Back on the image the previous spec ran, pinned by its id (a re-pushed tag cannot sneak in).
@@ -95,3 +133,13 @@ async def test_before_a_spec_that_never_turns_healthy_lets_the_previous_one_serv
     assert web["current"]["image"] == good_image
     assert web["reverted"]["from"] == "condo-test/unhealthy:1"
     assert await condo.running_ids("web") == {web["current"]["id"]}
+
+
+async def test_condo_wait_fails_at_once_for_an_image_that_does_not_exist(
+    condo: CondoUnderTest, api: ApiServer
+) -> None:
+    condo.write("web", '{:spec {:Image "condo-test/nope:1"} :pull :never}')
+    with trio.fail_after(40):
+        code, stderr = await condo_wait(api.url, "condo-test/nope:1")
+    assert code == 3, stderr
+    assert f"condo-test/nope:1 failed on {condo.host}: pull condo-test/nope:1:" in stderr
