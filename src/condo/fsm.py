@@ -517,7 +517,7 @@ def _fail(
     permanent: bool = False,
 ) -> Step:
     """The attempt failed: keep the candidate stopped for logs, back off, keep what serves.
-    With `:on-failure :revert` and a last good spec, revert instead (`_revert`)."""
+    With `:on-failure :revert` and a last good spec, revert instead (`_reverts`)."""
     if state.removed:
         # Nobody wants it any more: no retry, no kept candidate; just clean up.
         serving = state.current if state.phase in (Phase.WaitNext, Phase.TryAgainNext) else None
@@ -600,7 +600,7 @@ def _reverts(state: ServiceState, failing: ServiceSpec) -> bool:
 
 def _become_stable(state: ServiceState, box: Box, now: Instant) -> Step:
     """`box` is Stable: it serves alone; the previous failure is forgotten. With a probation,
-    its deploy is good only once the probation is over (`_probation_over`)."""
+    its deploy is good only once the probation is over (`_deploy_good`)."""
     effects: list[Effect] = []
     if state.failed is not None:
         effects.append(Retire(box=state.failed))
