@@ -17,9 +17,13 @@ from condo.spec import DeployStrategy, ServiceSpec
 SPEC_A = ServiceSpec(container={"Image": "app:1"})
 SPEC_B = ServiceSpec(container={"Image": "app:2"}, deploy=DeployStrategy("After", 5))
 SPEC_C = ServiceSpec(
-    container={"Image": "app:3"}, fixed_name="web", deploy=DeployStrategy("After", 0)
+    container={"Image": "app:3"},
+    fixed_name="web",
+    deploy=DeployStrategy("After", 0),
+    on_failure="revert",
 )
 SPEC_A_AFTER = ServiceSpec(container={"Image": "app:1"}, deploy=DeployStrategy("After", 1))
+SPEC_D = ServiceSpec(container={"Image": "app:4"}, probation=5, on_failure="revert")
 
 
 @attrs.frozen
@@ -35,7 +39,7 @@ def boxes(state: fsm.ServiceState) -> list[fsm.Box]:
 
 
 def events_for(state: fsm.ServiceState) -> Iterator[fsm.Event]:
-    for spec in (SPEC_A, SPEC_B, SPEC_C, SPEC_A_AFTER, None):
+    for spec in (SPEC_A, SPEC_B, SPEC_C, SPEC_A_AFTER, SPEC_D, None):
         yield fsm.SpecChanged(spec)
     if state.starting is not None:
         # Deterministic ids keep the explored space small (equal states deduplicate).
@@ -99,6 +103,7 @@ def _deploy_outcomes(spec: ServiceSpec, serial: str, healthcheck: bool) -> Itera
         yield fsm.DeployFailed(message="boom", replaced=replaced)
         yield fsm.DeployFailed(message="boom", replaced=replaced, leftover=box)
     yield fsm.DeployFailed(message="superseded", replaced=False, cancelled=True)
+    yield fsm.DeployFailed(message="pull: no such image", replaced=False, permanent=True)
 
 
 def explore(depth: int = 5) -> list[Step]:

@@ -103,6 +103,26 @@ def test_before_a_failing_deploy_replaced_the_old_one_and_failed_itself() -> Non
     assert old.outcome == "replaced" and old.error is None
 
 
+def test_a_deploy_that_failed_its_probation_and_was_reverted_says_so() -> None:
+    bad = ServiceSpec(container={"Image": "app:bad"}, probation=5, on_failure="revert")
+    walk = Walk().deploy(SPEC_A, "a1").deploy(bad, "x1")
+    assert walk.outcomes() == [("app:bad", "stable", "x1"), ("app:1", "replaced", "a1")]
+    walk.step(fsm.ContainerDied(id="x1", exit_code=1))
+    assert walk.outcomes()[:2] == [("app:1", "deploying", None), ("app:bad", "reverted", "x1")]
+    assert walk.entries[1].error == "container web_x1 died (exit 1) during its 5 s probation"
+    walk.started("a2")
+    assert walk.outcomes()[:2] == [("app:1", "stable", "a2"), ("app:bad", "reverted", "x1")]
+
+
+def test_an_after_deploy_reverted_before_stable_says_so_and_the_old_one_serves_on() -> None:
+    bad = ServiceSpec(
+        container={"Image": "app:bad"}, deploy=DeployStrategy("After", 1), on_failure="revert"
+    )
+    walk = Walk().deploy(SPEC_A, "a1").deploy(bad, "x1", health="starting")
+    walk.step(fsm.DeadlineReached())
+    assert walk.outcomes() == [("app:bad", "reverted", "x1"), ("app:1", "stable", "a1")]
+
+
 def test_retries_of_a_failing_spec_are_one_entry() -> None:
     walk = Walk().deploy(SPEC_A, "a1")
     walk.step(fsm.SpecChanged(SPEC_B_AFTER))

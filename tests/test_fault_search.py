@@ -10,10 +10,12 @@ RuleBasedStateMachine: a program shrinks well and prints as a readable script.
 Invariants after quiescence (each raises its own exception type, so hypothesis reports every
 distinct failure separately):
 - nothing touched (start/stop/remove/rename) that lacks the acting condo's host label;
-- no container created from a spec that was obsolete or removed before that condo started;
+- no container created from a spec that was obsolete or removed before that condo started
+  (under `:on-failure :revert`, a spec the service had before may come back: the last good);
 - no serving container (the only running one of a service that has a spec) killed as a stray;
-- exactly the desired containers of this host: one running per spec, of its current hash,
-  nothing of a removed service; no duplicate;
+- exactly the desired containers of this host: one running per spec, of its current hash (of
+  its last good spec when the state file says the current one was reverted), nothing of a
+  removed service; no duplicate;
 - no orphan: every container of this host is known to the state file;
 - a readable state file of this host.
 
@@ -54,7 +56,7 @@ from condo import labels
 from condo.config import Config
 from condo.record import RECORD_VERSION
 from condo.run import Running, run_condo
-from condo.spec import parse_spec
+from condo.spec import ServiceSpec, parse_spec
 from tests.faultsim.engine import (
     CLIENT_TIMEOUT,
     EPOCH,
@@ -86,18 +88,25 @@ class Write:
     version: int
     healthcheck: bool
     after: bool
+    revert: bool = False
 
     def text(self) -> str:
         image = "faultsim/hc:1" if self.healthcheck else "faultsim/plain:1"
         deploy = "[:After 1]" if self.after else "[:Before]"
+        on_failure = ":revert" if self.revert else ":retry"
         return (
             f'{{:spec {{:Image "{image}" :Env ["V={self.version}"]}}'
-            f" :deploy {deploy} :stop-timeout 2 :health-timeout 20 :stable-after 1}}\n"
+            f" :deploy {deploy} :stop-timeout 2 :health-timeout 20 :stable-after 1 :probation 10"
+            f" :on-failure {on_failure}}}\n"
         )
 
     def __str__(self) -> str:
         how = "hc" if self.healthcheck else "plain"
-        return f"write {self.service} v{self.version} {how} {'After' if self.after else 'Before'}"
+        revert = " revert" if self.revert else ""
+        return (
+            f"write {self.service} v{self.version} {how}"
+            f" {'After' if self.after else 'Before'}{revert}"
+        )
 
 
 @attrs.frozen
@@ -181,7 +190,7 @@ faults = st.builds(
     count=st.integers(1, 6),
 )
 steps: st.SearchStrategy[Step] = st.one_of(
-    st.builds(Write, services, st.integers(1, 3), st.booleans(), st.booleans()),
+    st.builds(Write, services, st.integers(1, 3), st.booleans(), st.booleans(), st.booleans()),
     st.builds(Break, services),
     st.builds(Remove, services),
     st.builds(Wait, st.sampled_from([0.5, 1.5, 3.0, 10.0, 29.0, 45.0, 120.0])),
@@ -226,12 +235,25 @@ class BadStateFile(AssertionError):
 
 @attrs.define
 class History:
-    """The latest valid spec hash of each service over virtual time (None: removed)."""
+    """The latest valid spec hash of each service over virtual time (None: removed), and
+    whether that spec says `:on-failure :revert`."""
 
     changes: dict[str, list[tuple[float, str | None]]] = attrs.Factory(dict)
+    reverting: dict[str, list[tuple[float, bool]]] = attrs.Factory(dict)
 
-    def record(self, service: str, spec_hash: str | None) -> None:
+    def record(self, service: str, spec_hash: str | None, revert: bool = False) -> None:
         self.changes.setdefault(service, []).append((trio.current_time(), spec_hash))
+        self.reverting.setdefault(service, []).append((trio.current_time(), revert))
+
+    def ever_before(self, service: str, when: float) -> set[str | None]:
+        """Every spec hash the service had up to `when` (a last good spec is one of them)."""
+        return {h for at, h in self.changes.get(service, []) if at <= when}
+
+    def reverts_during(self, service: str, start: float, end: float) -> bool:
+        """Some spec of the service valid between `start` and `end` said `:on-failure :revert`."""
+        flags = [(at, r) for at, r in self.reverting.get(service, []) if at <= end]
+        before = [r for at, r in flags if at <= start][-1:]
+        return any(before) or any(r for at, r in flags if start <= at)
 
     def at(self, service: str, when: float) -> str | None:
         latest = None
@@ -335,7 +357,7 @@ class Lab:
                 (self.specs / f"{step.service}.edn").write_text(text)
                 self.valid_text[step.service] = text
                 spec = parse_spec(text.encode(), f"{step.service}.edn")
-                self.history.record(step.service, spec.container_hash)
+                self.history.record(step.service, spec.container_hash, step.revert)
             case Break(service=service):
                 path = self.specs / f"{service}.edn"
                 # Only while condo runs, so that it has seen the latest valid content first.
@@ -407,7 +429,8 @@ def _simulated() -> Iterator[None]:
         yield
 
 
-def run_program(program: list[Step]) -> None:
+def run_program(program: list[Step]) -> Lab:
+    """Run `program` and check the invariants; the lab, for a test's own look at the end."""
     root = Path(tempfile.mkdtemp(prefix="condo-faultsim-"))
     try:
         with _simulated():
@@ -417,6 +440,7 @@ def run_program(program: list[Step]) -> None:
             check(lab)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return lab
 
 
 async def _execute(program: list[Step], root: Path) -> Lab:
@@ -457,7 +481,11 @@ def check(lab: Lab) -> None:
     # creating condo is the one that asked: a slow engine may act after it died.
     for made in world.created:
         started = max(at for at, h in lab.starts if at <= made.asked_at and h == made.by)
-        if made.spec_hash not in lab.history.valid_during(made.service, started, made.asked_at):
+        valid = lab.history.valid_during(made.service, started, made.asked_at)
+        if lab.history.reverts_during(made.service, started, made.asked_at):
+            # `:on-failure :revert` deploys the last good spec: one the service had before.
+            valid |= lab.history.ever_before(made.service, made.asked_at)
+        if made.spec_hash not in valid:
             raise ObsoleteCreate(
                 f"{made.by} created {made.service} {made.spec_hash[:8]} at {made.at:g}, obsolete"
                 f" since before its start at {started:g}"
@@ -477,8 +505,10 @@ def check(lab: Lab) -> None:
                 f"{touch.by} killed {touch.service}'s running container at {touch.at:g} (grace 0)"
             )
     mine = [b for b in world.containers.values() if b.host == host]
+    records = _records(lab.final_state)
     for service in SERVICES:
         wanted = lab.history.latest(service)
+        wanted = _reverted_to(records.get(service), wanted) or wanted
         boxes = [b for b in mine if b.labels.get(labels.SERVICE) == service]
         running = [b for b in boxes if b.running]
         if wanted is None:
@@ -506,6 +536,25 @@ def check(lab: Lab) -> None:
     for box in mine:
         if box.id not in known:
             raise Orphan(f"{box.name} ({'running' if box.running else 'stopped'}) is unknown")
+
+
+def _records(state_file: bytes | None) -> dict[str, Any]:
+    try:
+        records = json.loads(state_file or b"").get("services")
+    except (ValueError, AttributeError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _reverted_to(record: Any, wanted: str | None) -> str | None:
+    """The container hash a reverted service must run instead of `wanted` (its last good
+    spec), or None when the service is not reverted away from `wanted`."""
+    if not isinstance(record, dict) or wanted is None:
+        return None
+    reverted, good = record.get("reverted"), record.get("last_good")
+    if not isinstance(reverted, dict) or reverted.get("spec_hash") != wanted or good is None:
+        return None
+    return ServiceSpec.from_json(good).container_hash
 
 
 def describe(program: list[Step]) -> str:
@@ -588,3 +637,41 @@ FOUND: dict[str, list[Step]] = {
 @pytest.mark.parametrize("name", list(FOUND))
 def test_what_the_search_found_stays_fixed(name: str) -> None:
     run_program(FOUND[name])
+
+
+# --- :on-failure :revert, driven where the search rarely goes -----------------------------------
+
+R1, R2, R3 = (Write("alpha", v, True, False, revert=True) for v in (1, 2, 3))
+R2_AFTER = Write("alpha", 2, True, True, revert=True)
+PROBATION = Wait(15.0)  # longer than the writes' :probation: v1 is the last good spec
+
+
+def _hash(write: Write) -> str:
+    return parse_spec(write.text().encode(), "alpha.edn").container_hash
+
+
+@pytest.mark.parametrize(
+    ("program", "reverted", "attempts"),
+    [
+        # Crashed in its probation: v1 again; a restart keeps the revert.
+        ([R1, PROBATION, R2, Crash("alpha"), Wait(30.0), Kill(), Start("same")], True, 1),
+        # Every create refused: under [:After 1] v1 simply serves on.
+        ([R1, PROBATION, _error("create", "e500", 6), R2_AFTER, Wait(30.0)], True, 0),
+        # A new version after a revert is deployed.
+        ([R1, PROBATION, R2, Crash("alpha"), Wait(30.0), R3], False, 1),
+    ],
+    ids=["probation crash and restart", "after create refused", "new version after revert"],
+)
+def test_a_revert_runs_the_last_good_spec_and_never_retries_the_reverted_one(
+    program: list[Step], reverted: bool, attempts: int
+) -> None:
+    lab = run_program(program)  # its invariants accept a revert, and only to a former spec
+    record = _records(lab.final_state)["alpha"]
+    bad = _hash(program[2] if isinstance(program[2], Write) else R2_AFTER)
+    # The bad spec's containers: its one attempt, never a retry (none when its creates failed).
+    assert len([made for made in lab.world.created if made.spec_hash == bad]) == attempts
+    if reverted:
+        assert record["reverted"]["spec_hash"] == bad
+        assert ServiceSpec.from_json(record["last_good"]).container_hash == _hash(R1)
+    else:
+        assert record["reverted"] is None

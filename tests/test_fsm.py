@@ -93,6 +93,8 @@ def test_every_phase_has_its_shape() -> None:
                 assert st.deadline is not None
         if st.draining:
             assert st.phase is Phase.WaitNext and st.next is not None and st.deadline is not None
+        if st.on_probation:
+            assert st.phase is Phase.Stable and st.deadline is not None, s
 
 
 def test_nothing_leaks_every_dropped_container_is_retired() -> None:
@@ -153,6 +155,36 @@ def test_a_stable_container_is_never_stopped_before_its_successor_is_ready_with_
             continue  # the candidate became ready (healthy with n = 0), or nobody wants either
         retired = {e.box.id for e in s.effects if isinstance(e, fsm.Retire)}
         assert cur.id not in retired, s
+
+
+def test_a_revert_deploys_nothing_but_the_last_good_and_never_the_reverted_spec() -> None:
+    reverts = 0
+    for s in reachable():
+        after, reverted = s.after, s.after.reverted
+        if reverted is not None and reverted != s.before.reverted:
+            reverts += 1
+            # Only a desired spec that asks for it, failing, with a last good to go back to.
+            assert after.desired is not None and after.desired.on_failure == "revert", s
+            assert s.before.last_good is not None, s
+            assert reverted.spec_hash == after.desired.container_hash, s
+        desired = after.desired
+        if (
+            reverted is not None
+            and desired is not None
+            and reverted.spec_hash == desired.container_hash
+        ):
+            for e in s.effects:
+                if isinstance(e, fsm.Deploy):
+                    assert e.spec == after.last_good, s
+                    assert e.spec.container_hash != reverted.spec_hash, s
+    assert reverts > 100
+
+
+def test_with_retry_nothing_is_ever_reverted() -> None:
+    for s in reachable():
+        desired = s.after.desired
+        if desired is not None and desired.on_failure == "retry":
+            assert s.after.reverted is None or s.after.reverted == s.before.reverted, s
 
 
 # --- the drawing -----------------------------------------------------------------------------
@@ -374,6 +406,183 @@ def test_stable_container_dying_is_redeployed_unless_docker_restarts_it() -> Non
     assert back.deadline is None
     gave_up, effects = run(waiting, fsm.DeadlineReached(), mono=1.0 + fsm.RESTART_GRACE)
     assert gave_up.phase is Phase.Wait and [type(e) for e in effects] == [fsm.Retire, fsm.Deploy]
+
+
+PROBATION = attrs.evolve(SPEC_A, probation=5.0)
+
+
+def test_probation_a_container_dying_soon_after_stable_fails_its_deploy_and_backs_off() -> None:
+    state = stable("c1", PROBATION)
+    assert state.on_probation and state.deadline == 5.0 and state.attempt == 0
+    c1 = state.current
+    state, effects = run(state, fsm.ContainerDied(id="c1", exit_code=3), mono=3.0)
+    assert state.phase is Phase.TryAgain and state.current is None and state.failed == c1
+    assert c1 is not None and effects == [fsm.Retire(box=c1, keep=True)]
+    assert state.attempt == 1 and state.deadline == 3.0 + fsm.backoff(1)
+    assert state.error is not None
+    assert state.error.message == "container web_c1 died (exit 3) during its 5 s probation"
+    # The retry turns Stable again: still on probation, so the attempts keep counting.
+    state, effects = run(state, fsm.DeadlineReached(), mono=13.0)
+    assert effects[-1] == fsm.Deploy(spec=PROBATION, name=None)
+    started = box("c2", PROBATION)
+    state, _ = run(
+        state, fsm.ContainerStarted(box=started, running=True, health="healthy"), mono=13.0
+    )
+    assert state.phase is Phase.Stable and state.on_probation and state.attempt == 1
+    state, _ = run(state, fsm.ContainerUnhealthy("c2"), mono=14.0)
+    assert state.phase is Phase.TryAgain and state.attempt == 2
+    assert state.deadline == 14.0 + fsm.backoff(2)
+
+
+def test_probation_over_makes_the_deploy_good_and_later_deaths_are_plain_replacements() -> None:
+    state = stable("c1", PROBATION)
+    state, _ = run(state, fsm.DeadlineReached(), mono=4.0)
+    assert state.on_probation  # a stale wake-up changes nothing
+    state, effects = run(state, fsm.DeadlineReached(), mono=5.0)
+    assert effects == [] and state.phase is Phase.Stable
+    assert not state.on_probation and state.deadline is None and state.attempt == 0
+    state, effects = run(state, fsm.ContainerDied(id="c1", exit_code=1), mono=60.0)
+    assert state.phase is Phase.Wait and [type(e) for e in effects] == [fsm.Retire, fsm.Deploy]
+
+
+def test_probation_gives_dockers_restart_policy_no_grace() -> None:
+    state = stable("c1", PROBATION, restart_policy="always")
+    state, _ = run(state, fsm.ContainerDied(id="c1", exit_code=0), mono=1.0)
+    assert state.phase is Phase.TryAgain and state.attempt == 1
+    # Docker restarting it afterwards only stops the failed one again.
+    failed = state.failed
+    state, effects = run(state, fsm.ContainerRestarted("c1"), mono=1.5)
+    assert failed is not None and failed.id == "c1"
+    assert state.phase is Phase.TryAgain and effects == [fsm.Retire(box=failed, keep=True)]
+
+
+def test_no_probation_keeps_todays_behaviour() -> None:
+    state = stable("c1", SPEC_A)
+    assert not state.on_probation and state.deadline is None
+
+
+# --- revert ------------------------------------------------------------------------------------
+
+GOOD = attrs.evolve(SPEC_A, deploy=DeployStrategy("After", 2))
+PINNED = attrs.evolve(GOOD, container={"Image": "sha256:aaa"})
+BAD = ServiceSpec(container={"Image": "app:bad"}, probation=5.0, on_failure="revert")
+
+
+def good_stable() -> fsm.ServiceState:
+    """GOOD serves and its deploy is good; its container runs image sha256:aaa."""
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(GOOD))
+    started = attrs.evolve(box("c1", GOOD), image_id="sha256:aaa")
+    state, _ = run(state, fsm.ContainerStarted(box=started, running=True, health="healthy"))
+    assert state.phase is Phase.Stable and state.last_good == PINNED
+    return state
+
+
+def test_revert_after_a_failed_probation_brings_the_last_good_back_pinned_and_stays() -> None:
+    before = attrs.evolve(BAD, deploy=DeployStrategy("Before"))
+    state, effects = run(good_stable(), fsm.SpecChanged(before), mono=10.0)
+    assert effects == [fsm.Deploy(spec=before, name=None, replace=good_stable().current)]
+    started = box("c2", before)
+    state, _ = run(
+        state, fsm.ContainerStarted(box=started, running=True, health="healthy"), mono=11.0
+    )
+    assert state.on_probation and state.deadline == 16.0
+    bad = state.current
+    assert bad is not None and bad.id == "c2"
+    state, effects = run(state, fsm.ContainerDied(id="c2", exit_code=1), mono=14.0)
+    # Back on the last good, by the image it ran, with its own strategy (nothing serves: plain).
+    assert effects == [fsm.Retire(box=bad, keep=True), fsm.Deploy(spec=PINNED, name=None)]
+    assert state.phase is Phase.Wait and state.starting == PINNED and state.attempt == 0
+    message = "container web_c2 died (exit 1) during its 5 s probation"
+    assert state.reverted == fsm.Reverted(
+        from_image="app:bad",
+        to_image="sha256:aaa",
+        reason=message,
+        at=14.0 + 1_000_000.0,
+        spec_hash=before.container_hash,
+    )
+    back = box("c3", PINNED)
+    state, effects = run(state, fsm.ContainerStarted(box=back, running=True, health="healthy"))
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.id == "c3" and effects == [fsm.Retire(box=bad)]
+    assert state.reverted is not None and state.last_good == PINNED
+    # No revert loop: the bad spec is not tried again, not even when its options change.
+    for event in (
+        fsm.SpecChanged(attrs.evolve(before, stop_timeout=3.0)),
+        fsm.DeadlineReached(),
+        fsm.Observed(
+            containers=(
+                fsm.Seen(
+                    id="c3",
+                    name="web_c3",
+                    spec_hash=PINNED.container_hash,
+                    running=True,
+                    health="healthy",
+                    created_at=1.0,
+                ),
+            )
+        ),
+    ):
+        state, effects = run(state, event, mono=500.0)
+        assert effects == [] and state.phase is Phase.Stable, event
+    # The last good breaking is replaced by itself, never by the reverted spec.
+    state, effects = run(state, fsm.ContainerDied(id="c3", exit_code=1), mono=600.0)
+    assert effects[-1] == fsm.Deploy(spec=PINNED, name=None)
+    # A change of the container part ends the revert: the new spec is deployed.
+    fixed = attrs.evolve(before, container={"Image": "app:fixed"})
+    state, effects = run(state, fsm.SpecChanged(fixed), mono=601.0)
+    assert state.reverted is None
+    state, effects = run(
+        state, fsm.ContainerStarted(box=box("c4", PINNED), running=True, health="healthy")
+    )
+    assert effects[-1] == fsm.Deploy(spec=fixed, name=None, replace=state.current)
+
+
+def test_revert_under_after_keeps_the_old_container_serving_and_retries_nothing() -> None:
+    after = attrs.evolve(BAD, deploy=DeployStrategy("After", 1))
+    state, effects = run(good_stable(), fsm.SpecChanged(after), mono=10.0)
+    assert state.phase is Phase.WaitNext and effects == [fsm.Deploy(spec=after, name=None)]
+    bad = box("c2", after)
+    state, _ = run(state, fsm.ContainerStarted(box=bad, running=True, health="starting"))
+    state, effects = run(state, fsm.DeadlineReached(), mono=10.0 + after.health_timeout)
+    assert effects == [fsm.Retire(box=bad, keep=True)]
+    assert state.phase is Phase.Stable and state.current is not None
+    assert state.current.id == "c1" and state.deadline is None
+    assert state.reverted is not None and state.reverted.to_image == "app:1"
+    state, effects = run(state, fsm.DeadlineReached(), mono=1000.0)
+    assert effects == [] and state.phase is Phase.Stable
+
+
+def test_revert_when_the_pull_fails_keeps_the_untouched_old_container() -> None:
+    before = attrs.evolve(BAD, deploy=DeployStrategy("Before"))
+    state, _ = run(good_stable(), fsm.SpecChanged(before))
+    state, effects = run(state, fsm.DeployFailed(message="pull app:bad: not found", replaced=False))
+    assert effects == [] and state.phase is Phase.Stable
+    assert state.current is not None and state.current.id == "c1"
+    assert state.reverted is not None and state.reverted.reason == "pull app:bad: not found"
+
+
+def test_revert_without_a_last_good_retries() -> None:
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(BAD))
+    state, _ = run(state, fsm.DeployFailed(message="pull app:bad: not found", replaced=False))
+    assert state.phase is Phase.TryAgain and state.reverted is None and state.attempt == 1
+
+
+def test_a_failing_last_good_after_a_revert_is_retried_not_reverted_again() -> None:
+    before = attrs.evolve(BAD, deploy=DeployStrategy("Before"))
+    state, _ = run(good_stable(), fsm.SpecChanged(before))
+    state, effects = run(state, fsm.DeployFailed(message="boom", replaced=True))
+    assert effects == [fsm.Deploy(spec=PINNED, name=None)] and state.reverted is not None
+    state, _ = run(state, fsm.DeployFailed(message="no image", replaced=False), mono=1.0)
+    assert state.phase is Phase.TryAgain and state.attempt == 1
+    state, effects = run(state, fsm.DeadlineReached(), mono=11.0)
+    assert effects == [fsm.Deploy(spec=PINNED, name=None)]
+
+
+def test_a_default_retry_spec_never_reverts() -> None:
+    retry = attrs.evolve(BAD, on_failure="retry", deploy=DeployStrategy("Before"))
+    state, _ = run(good_stable(), fsm.SpecChanged(retry))
+    state, effects = run(state, fsm.DeployFailed(message="boom", replaced=True))
+    assert effects == [] and state.phase is Phase.TryAgain and state.reverted is None
 
 
 def test_stable_container_removed_by_hand_is_redeployed() -> None:

@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 
+from condo import fsm
 from condo.fsm import Box, Failure, Phase, ServiceState
 from condo.notices import Kind, Notice, Track, baseline, follow, scrub, secrets_of
 from condo.spec import DeployStrategy, ServiceSpec
@@ -115,6 +116,37 @@ def test_a_failing_deploy_fails_once_and_is_stable_when_a_retry_works() -> None:
         (Kind.STARTED, "web:2", "web:1", None),
         (Kind.FAILED, "web:2", "web:1", "container web_b turned unhealthy"),
         (Kind.STABLE, "web:2", "web:1", None),
+    ]
+
+
+def test_a_revert_is_announced_once_and_the_last_good_coming_back_is_a_deploy() -> None:
+    good = Box(id="a", name="web_a", spec=A, created_at=AT, healthcheck=True, image_id="sha256:aaa")
+    bad = ServiceSpec(container={"Image": "web:bad"}, probation=5, on_failure="revert")
+    states = [ServiceState(desired=A)]
+
+    def step(event: fsm.Event) -> None:
+        state, _ = fsm.step(states[-1], event, fsm.Instant(mono=1.0, wall=AT + 1))
+        states.append(state)
+
+    step(fsm.SpecChanged(A))
+    step(fsm.ContainerStarted(box=good, running=True, health="healthy"))
+    step(fsm.SpecChanged(bad))
+    step(fsm.ContainerStarted(box=box(bad, "x"), running=True, health="healthy"))
+    step(fsm.ContainerDied(id="x", exit_code=1))
+    step(
+        fsm.ContainerStarted(
+            box=box(states[-1].starting or bad, "b"), running=True, health="healthy"
+        )
+    )
+    why = "container web_x died (exit 1) during its 5 s probation"
+    assert walk(*states) == [
+        (Kind.STARTED, "web:1", None, None),
+        (Kind.STABLE, "web:1", None, None),
+        (Kind.STARTED, "web:bad", "web:1", None),
+        (Kind.STABLE, "web:bad", "web:1", None),
+        (Kind.REVERTED, "sha256:aaa", "web:bad", why),
+        (Kind.STARTED, "sha256:aaa", "web:bad", None),
+        (Kind.STABLE, "sha256:aaa", "web:bad", None),
     ]
 
 

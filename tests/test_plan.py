@@ -91,6 +91,15 @@ def view(text: str | None, **state: Any) -> dict[str, Any]:
                 OptionChange("stable_after", 0.0, 1.5),
             ),
         ),
+        (
+            with_options(":on-failure :revert :probation 30"),
+            Action.update,
+            (),
+            (
+                OptionChange("on_failure", "retry", "revert"),
+                OptionChange("probation", 0.0, 30.0),
+            ),
+        ),
     ],
 )
 def test_a_changed_file_is_judged_by_condos_own_rule(

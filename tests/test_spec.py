@@ -59,15 +59,19 @@ GOOD: list[tuple[str, str, dict[str, Any]]] = [
     (
         "all options",
         '{:spec {:Image "app:1"} :deploy [:After 5] :health-timeout 20 :stop-timeout 2.5'
-        " :stable-after 3 :pull :never}",
+        " :stable-after 3 :pull :never :on-failure :revert :probation 30}",
         {
             "deploy": DeployStrategy("After", 5.0),
             "health_timeout": 20.0,
             "stop_timeout": 2.5,
             "stable_after": 3.0,
             "pull": "never",
+            "on_failure": "revert",
+            "probation": 30.0,
         },
     ),
+    ("on failure retry", '{:spec {:Image "a"} :on-failure :retry}', {"on_failure": "retry"}),
+    ("probation float", '{:spec {:Image "a"} :probation 2.5}', {"probation": 2.5}),
     (
         "deploy before",
         '{:spec {:Image "a"} :deploy [:Before]}',
@@ -86,13 +90,15 @@ GOOD: list[tuple[str, str, dict[str, Any]]] = [
     (
         "nil means default",
         '{:spec {:Image "a"} :deploy nil :health-timeout nil :stop-timeout nil :stable-after nil'
-        " :pull nil}",
+        " :pull nil :on-failure nil :probation nil}",
         {
             "deploy": DeployStrategy("Before"),
             "health_timeout": DEFAULT_HEALTH_TIMEOUT,
             "stop_timeout": DEFAULT_STOP_TIMEOUT,
             "stable_after": 0.0,
             "pull": None,
+            "on_failure": "retry",
+            "probation": 0.0,
         },
     ),
     (
@@ -248,6 +254,20 @@ BAD: list[tuple[str, str | bytes, str, int | None]] = [
         2,
     ),
     ("pull string", '{:spec {:Image "a"}\n :pull "always"}', ":pull must be one of", 2),
+    (
+        "on failure unknown",
+        '{:spec {:Image "a"}\n :on-failure :rollback}',
+        ":on-failure must be :retry or :revert, found :rollback",
+        2,
+    ),
+    ("on failure string", '{:spec {:Image "a"}\n\n :on-failure "revert"}', ":on-failure must", 3),
+    (
+        "probation negative",
+        '{:spec {:Image "a"}\n :probation -1}',
+        ":probation must be a finite number of seconds >= 0",
+        2,
+    ),
+    ("probation boolean", '{:spec {:Image "a"}\n :probation true}', "a boolean", 2),
     (
         "unknown key typo",
         '{:spec {:Image "a"}\n :deplyo [:Before]}',
@@ -413,7 +433,7 @@ def test_container_hash_ignores_deploy_and_timeouts() -> None:
     base = parse('{:spec {:Image "a"}}')
     tuned = parse(
         '{:spec {:Image "a"} :deploy [:After 9] :health-timeout 1 :stop-timeout 2'
-        " :stable-after 3 :pull :never}"
+        " :stable-after 3 :pull :never :on-failure :revert :probation 5}"
     )
     assert base != tuned
     assert base.container_hash == tuned.container_hash
@@ -444,12 +464,19 @@ def test_to_json_shape() -> None:
         "stop_timeout": 10.0,
         "stable_after": 0.0,
         "pull": "missing",
+        "on_failure": "retry",
+        "probation": 0.0,
     }
 
 
 @pytest.mark.parametrize(
     "text",
-    [PLAIN, REWRITTEN, '{:spec {:Image "a" :Name "ab"} :pull :never :stable-after 2.5}'],
+    [
+        PLAIN,
+        REWRITTEN,
+        '{:spec {:Image "a" :Name "ab"} :pull :never :stable-after 2.5}',
+        '{:spec {:Image "a"} :on-failure :revert :probation 7.5}',
+    ],
 )
 def test_json_round_trip(text: str) -> None:
     spec = parse(text)
@@ -633,6 +660,8 @@ def test_from_json_reads_the_original_condo_state_format() -> None:
         ({"spec": {"Image": "a"}, "stable_after": True}, "a boolean"),
         ({"spec": {"Image": "a"}, "pull": "sometimes"}, "pull must be one of"),
         ({"spec": {"Image": "a"}, "pull": 1}, "pull must be one of"),
+        ({"spec": {"Image": "a"}, "on_failure": "undo"}, "on_failure must be :retry or :revert"),
+        ({"spec": {"Image": "a"}, "probation": -3}, "probation must be a finite number"),
     ],
 )
 def test_from_json_rejects_junk(data: object, message: str) -> None:
@@ -790,6 +819,9 @@ EDN_ATOMS = [
     ":health-timeout",
     ":stop-timeout",
     ":stable-after",
+    ":on-failure",
+    ":probation",
+    ":revert",
     ":always",
     ":x/y",
     ":a/b/c",
@@ -948,11 +980,13 @@ def valid_specs(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
         options["deploy"] = draw(
             st.sampled_from([["Before"]]) | st.tuples(st.just("After"), seconds).map(list)
         )
-    for key in ("health-timeout", "stop-timeout", "stable-after"):
+    for key in ("health-timeout", "stop-timeout", "stable-after", "probation"):
         if draw(st.booleans()):
             options[key] = draw(seconds)
     if draw(st.booleans()):
         options["pull"] = draw(st.sampled_from(["always", "missing", "never"]))
+    if draw(st.booleans()):
+        options["on-failure"] = draw(st.sampled_from(["retry", "revert"]))
     return body, options
 
 
@@ -961,7 +995,7 @@ def render(body: dict[str, Any], options: dict[str, Any], gap: str, reverse: boo
     for key, value in options.items():
         if key == "deploy":
             rendered = "[" + gap.join([f":{value[0]}", *(repr(v) for v in value[1:])]) + "]"
-        elif key == "pull":
+        elif key in ("pull", "on-failure"):
             rendered = f":{value}"
         else:
             rendered = repr(value)
@@ -990,6 +1024,8 @@ def test_valid_specs_round_trip(
     assert spec.stop_timeout == options.get("stop-timeout", DEFAULT_STOP_TIMEOUT)
     assert spec.stable_after == options.get("stable-after", 0.0)
     assert spec.pull == options.get("pull")
+    assert spec.on_failure == options.get("on-failure", "retry")
+    assert spec.probation == options.get("probation", 0.0)
 
     # parse → to_json → (real JSON text) → from_json is the identity.
     assert ServiceSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec

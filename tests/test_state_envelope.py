@@ -11,7 +11,7 @@ from condo import fsm, record
 from condo.config import Config
 from condo.run import load_state
 from condo.store import now
-from tests.fsm_explore import SPEC_A
+from tests.fsm_explore import SPEC_A, explore
 
 
 def write(path: Path, host: object, version: object) -> None:
@@ -56,3 +56,13 @@ async def test_a_file_of_another_host_or_version_is_moved_aside_unread(
     assert aside.read_bytes() == original  # kept whole for the operator
     logged = capsys.readouterr().out
     assert "state.foreign" in logged and why in logged
+
+
+def test_every_reachable_state_reads_back_from_its_record_exactly() -> None:
+    # Wall time runs exactly 1000 s ahead of Trio's, as in the explorer: deadlines are exact.
+    at = fsm.Instant(mono=100.0, wall=1100.0)
+    states = {step.after for step in explore(5)}
+    assert any(state.reverted is not None for state in states)
+    for state in states:
+        stored = json.loads(json.dumps(record.to_record(state, at)))
+        assert record.from_record(stored, at) == state

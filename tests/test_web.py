@@ -26,7 +26,7 @@ from quart.testing.connections import WebsocketDisconnectError, WebsocketRespons
 from quart_trio import QuartTrio
 
 from condo.errors import DockerUnavailable, SpecError
-from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.fsm import Box, Failure, Phase, Reverted, ServiceState
 from condo.metrics import Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
@@ -710,6 +710,79 @@ async def test_wait_for_stable_on_another_image_is_pending(
         response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=1")
     assert response.status_code == 500
     assert (await body(response))["pending"][HOST]["image"] == "img:1"
+
+
+async def test_wait_for_fails_at_once_when_the_image_was_reverted(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    web.store.set_state("web", waiting("img:2"))
+    answered_at: list[float] = []
+    responses: list[Any] = []
+
+    async def ask() -> None:
+        responses.append(await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=300"))
+        answered_at.append(trio.current_time())
+
+    reverted = Reverted(
+        from_image="img:2", to_image="img:1", reason="it died", at=1002.0, spec_hash="h"
+    )
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(5)
+            assert not responses
+            web.store.set_state("web", attrs.evolve(stable("img:1"), reverted=reverted))
+            changed_at = trio.current_time()
+    assert answered_at == [changed_at]
+    assert responses[0].status_code == 500
+    data = await body(responses[0])
+    assert data["status"] == "failed" and data["hosts"] == [HOST]
+    assert data["failed"][HOST]["reason"] == "reverted to img:1: it died"
+    assert data["failed"][HOST]["state"] == "Stable"
+    assert data["failed"][HOST]["image"] == "img:1"
+
+
+async def test_wait_for_a_container_on_probation_waits_for_its_end(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    on_probation = attrs.evolve(stable("img:2"), on_probation=True, deadline=5.0)
+    web.store.set_state("web", on_probation)
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=1")
+    data = await body(response)
+    assert data["status"] == "timeout"
+    assert data["pending"][HOST]["state"] == "Stable"
+    assert data["pending"][HOST]["probation_until"] is not None
+    web.store.set_state("web", attrs.evolve(on_probation, on_probation=False, deadline=None))
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=1")
+    assert await body(response) == {"status": "ok", "hosts": [HOST]}
+
+
+async def test_wait_for_fails_at_once_on_a_permanent_error_of_the_image(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    missing = Failure(message="pull img:9: no such image", at=1002.0, permanent=True)
+    retrying = ServiceState(
+        phase=Phase.TryAgain, desired=spec("img:9"), deadline=10.0, error=missing
+    )
+    web.store.set_state("web", retrying)
+    start = trio.current_time()
+    with trio.fail_after(CAP):
+        response = await web.client.get("/v1/wait_for?name=web&image=img:9&timeout=300")
+        other = await web.client.get("/v1/wait_for?name=web&image=img:8&timeout=1")
+    assert trio.current_time() - start == 1  # only the wait for another image waited
+    assert response.status_code == 500
+    data = await body(response)
+    assert data["status"] == "failed"
+    assert data["failed"][HOST]["reason"] == "pull img:9: no such image"
+    assert data["failed"][HOST]["error"] == {
+        "message": "pull img:9: no such image",
+        "at": 1002.0,
+        "permanent": True,
+    }
+    # A permanent error of another image than the waited one is no verdict on it.
+    assert (await body(other))["status"] == "timeout"
 
 
 @pytest.mark.parametrize(

@@ -236,7 +236,8 @@ async def wait(
     """Block until every host that runs NAME is Stable on IMAGE (for CI).
 
     Prints progress; exit 0 when done, 1 on timeout (naming the hosts still pending), 2 on usage
-    or connection errors.
+    or connection errors, 3 as soon as IMAGE failed for good on some host (reverted, or a
+    permanent error such as an image that does not exist), naming the host and the reason.
 
     Parameters
     ----------

@@ -24,7 +24,8 @@ state alone, and the old state only tells a fresh error from one that was alread
   what the state says of it; a container adopted from labels alone (its spec unknown) gets none.
 - At most `MAX_ENTRIES` per service, newest first.
 
-`reverted` is an outcome the API may show; nothing produces it yet (issue 13's `:revert`).
+- A deploy whose failure the step reverted (`ServiceState.reverted`, fresh, of its spec) ends
+  `reverted` (with the error) rather than `failed`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Final, Literal, cast, get_args
 
 import attrs
 
-from condo.fsm import Box, Phase, ServiceState
+from condo.fsm import Box, Phase, Reverted, ServiceState
 from condo.spec import DeployStrategy, ServiceSpec
 
 MAX_ENTRIES: Final = 50
@@ -127,6 +128,9 @@ def advance(
     """The service's entries after the step `old` → `new` (at wall time `at`), and the entries
     that turned stable in it (whose digest is still to be asked for)."""
     fresh = new.error is not None and (old is None or old.error != new.error)
+    reverted = new.reverted
+    if reverted is not None and old is not None and old.reverted == reverted:
+        reverted = None  # reverted in an earlier step
     replacing = None if old is None or old.replacing is None else old.replacing.id
     held = {b.id for b in (new.current, new.next, new.replacing) if b is not None}
     candidate = _candidate(new)
@@ -140,7 +144,7 @@ def advance(
         if entry.outcome == "stable":
             if entry.container not in held:
                 cause = "replaced" if entry.container == replacing else _cause(new, fresh)
-                entry = _ended(entry, cause, new, at)
+                entry = _ended(entry, _or_reverted(cause, entry, reverted), new, at)
         elif entry.outcome == "deploying":
             if serving is not None and serving.id not in owned and _made(entry, serving):
                 entry = attrs.evolve(
@@ -155,7 +159,8 @@ def advance(
                 entry = attrs.evolve(entry, container=candidate.id)
             elif new.starting is None or new.starting.container_hash != entry.spec_hash:
                 failed = new.phase in (Phase.TryAgain, Phase.TryAgainNext)
-                entry = _ended(entry, "failed" if failed else _cause(new, fresh), new, at)
+                cause = "failed" if failed else _cause(new, fresh)
+                entry = _ended(entry, _or_reverted(cause, entry, reverted), new, at)
         result.append(entry)
     result = _started(result, new, at)
     result = _unknown(result, serving, candidate, at)
@@ -210,8 +215,16 @@ def _cause(state: ServiceState, fresh_error: bool) -> Outcome:
     return "failed" if fresh_error else "replaced"
 
 
+def _or_reverted(cause: Outcome, entry: DeployEntry, reverted: Reverted | None) -> Outcome:
+    """A failure that the step reverted is the outcome `reverted`."""
+    if cause == "failed" and reverted is not None and reverted.spec_hash == entry.spec_hash:
+        return "reverted"
+    return cause
+
+
 def _ended(entry: DeployEntry, outcome: Outcome, state: ServiceState, at: float) -> DeployEntry:
-    error = state.error.message if outcome == "failed" and state.error is not None else None
+    failed = outcome in ("failed", "reverted")
+    error = state.error.message if failed and state.error is not None else None
     return attrs.evolve(entry, outcome=outcome, ended_at=at, error=error)
 
 

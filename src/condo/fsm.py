@@ -24,6 +24,17 @@ Invariants (checked by tests over every (phase, event) pair):
 - Only a different `container_hash` redeploys; other spec changes (deploy strategy, timeouts) are
   adopted in place.
 - Retries back off from 10 s, doubling to 5 min; a new spec retries at once.
+- Probation (`:probation` seconds): a new container that turned Stable is `on_probation` until
+  `deadline`; dying or turning unhealthy before then fails its deploy like a failed candidate
+  (and Docker's RestartPolicy gets no grace). Only a completed probation resets `attempt`, so a
+  spec that keeps failing its probation backs off like any failing spec.
+- Revert (`:on-failure :revert`): `last_good` is the spec of the last container whose deploy
+  completed its probation, pinned to the image it ran (`Box.image_id`; its tag when unknown). A
+  failed attempt at the desired spec, with a different last good, reverts: what still serves
+  ([:After n], a [:Before] whose old container was never stopped) keeps serving, else the last
+  good is deployed by its own strategy. `reverted` then blocks the desired spec's container hash:
+  nothing deploys it again until the spec file's container part changes (no revert loop), and
+  every deploy is of the last good (`_target`). Without a last good, a failure retries.
 """
 
 from __future__ import annotations
@@ -75,6 +86,7 @@ class Box:
     created_at: float  # wall clock, unix seconds
     healthcheck: bool  # Docker runs a healthcheck for it (image's or spec's)
     restart_policy: str = ""
+    image_id: str = ""  # the engine's id of the image it runs (unknown: "")
     stable_at: float | None = None  # wall clock, unix seconds
     # Set for a container adopted from the engine's labels alone (its record was lost): the hash
     # on its `condo.spec-hash` label. Its `spec` is then only a stand-in (the desired spec, for
@@ -95,6 +107,20 @@ class Failure:
     # The engine cannot be asked at all (condo.errors.EngineUnsupported): whatever the state
     # says was last seen before, and is not evidence of anything now (never a stale Stable).
     unobserved: bool = False
+    # The spec itself cannot be deployed (its image does not exist, the engine rejects its
+    # body): retrying changes nothing until somebody acts (`condo wait` fails at once).
+    permanent: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Reverted:
+    """A failed deploy of `spec_hash` (image `from_image`) was reverted to `to_image`."""
+
+    from_image: str
+    to_image: str
+    reason: str
+    at: float  # wall clock, unix seconds
+    spec_hash: str  # the container hash not deployed again until the spec file changes
 
 
 @attrs.frozen(kw_only=True)
@@ -127,6 +153,9 @@ class ServiceState:
     attempt: int = 0  # consecutive failed attempts
     error: Failure | None = None
     failed: Box | None = None  # the latest failed candidate, stopped, kept for `docker logs`
+    on_probation: bool = False  # Stable: `current` is new and on probation until `deadline`
+    last_good: ServiceSpec | None = None  # the last good deploy's spec, pinned to its image
+    reverted: Reverted | None = None  # the desired spec failed and was reverted
 
     @property
     def retry_at(self) -> float | None:
@@ -169,6 +198,7 @@ class DeployFailed:
     replaced: bool
     leftover: Box | None = None
     cancelled: bool = False  # the pull was cancelled because a newer spec arrived
+    permanent: bool = False  # the spec cannot be deployed as it is (Failure.permanent)
 
 
 @attrs.frozen
@@ -334,7 +364,7 @@ def _converge(state: ServiceState, now: Instant) -> Step:
         return state, []  # the in-flight Deploy's result will bring us back here
     if state.removed:
         return _retire_all(state)
-    desired = state.desired
+    desired = _target(state)
     if desired is None:
         return state, []
     match state.phase:
@@ -342,20 +372,20 @@ def _converge(state: ServiceState, now: Instant) -> Step:
             return _deploy(state, desired, now)
         case Phase.Stable:
             assert state.current is not None
-            if state.current.hash != desired.container_hash:
+            if not _runs(state, state.current, desired):
                 return _deploy(state, desired, now)
             return _rename_if_needed(_adopt_spec(state, desired))
         case Phase.Wait:
             assert state.current is not None
-            if state.current.hash != desired.container_hash:
+            if not _runs(state, state.current, desired):
                 return _abandon_candidate_and_deploy(state, desired, now)
             return _adopt_spec(state, desired), []
         case Phase.WaitNext:
             assert state.current is not None
             assert state.next is not None
-            if state.next.hash == desired.container_hash:
+            if _runs(state, state.next, desired):
                 return _adopt_spec(state, desired), []
-            if state.current.hash == desired.container_hash:
+            if _runs(state, state.current, desired):
                 # Reverted to what already serves: drop the candidate, keep the stable one.
                 back = attrs.evolve(
                     state, phase=Phase.Stable, next=None, draining=False, deadline=None
@@ -366,10 +396,45 @@ def _converge(state: ServiceState, now: Instant) -> Step:
             return state, []  # _on_spec resets the timer; the deadline redeploys
 
 
+def _target(state: ServiceState) -> ServiceSpec | None:
+    """The spec to run: the desired one, or the last good while the desired one is reverted."""
+    desired = state.desired
+    reverted = state.reverted
+    if (
+        desired is not None
+        and reverted is not None
+        and reverted.spec_hash == desired.container_hash
+        and state.last_good is not None
+    ):
+        return state.last_good
+    return desired
+
+
+def _runs(state: ServiceState, box: Box, spec: ServiceSpec) -> bool:
+    """`box` is a container of `spec`. The last good also counts as run by the container it was
+    pinned from (a revert keeps that one serving rather than recreate it)."""
+    if box.hash == spec.container_hash:
+        return True
+    return (
+        spec == state.last_good
+        and box.label_hash is None
+        and _pinned(box).container_hash == spec.container_hash
+    )
+
+
+def _pinned(box: Box) -> ServiceSpec:
+    """`box`'s spec pinned to the image it runs (by id: a re-pushed tag cannot sneak in)."""
+    if not box.image_id or box.spec.image == box.image_id:
+        return box.spec
+    return attrs.evolve(box.spec, container={**box.spec.container, "Image": box.image_id})
+
+
 def _deploy(state: ServiceState, spec: ServiceSpec, now: Instant) -> Step:
     """Emit the Deploy for `spec`, choosing [:Before] or [:After] by the *new* spec."""
     stable = state.current if state.phase in (Phase.Stable, Phase.TryAgainNext) else None
-    cleared = attrs.evolve(state, starting=spec, deadline=None, next=None, draining=False)
+    cleared = attrs.evolve(
+        state, starting=spec, deadline=None, next=None, draining=False, on_probation=False
+    )
     freed: list[Effect] = []
     failed = state.failed
     if failed is not None and failed.name in (spec.fixed_name, f"{spec.fixed_name}-next"):
@@ -442,8 +507,17 @@ def _rename_if_needed(state: ServiceState) -> Step:
     return attrs.evolve(state, current=attrs.evolve(box, name=fixed)), [Rename(box=box, name=fixed)]
 
 
-def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant) -> Step:
-    """The attempt failed: keep the candidate stopped for logs, back off, keep what serves."""
+def _fail(
+    state: ServiceState,
+    message: str,
+    candidate: Box | None,
+    now: Instant,
+    failing: ServiceSpec | None = None,
+    *,
+    permanent: bool = False,
+) -> Step:
+    """The attempt failed: keep the candidate stopped for logs, back off, keep what serves.
+    With `:on-failure :revert` and a last good spec, revert instead (`_reverts`)."""
     if state.removed:
         # Nobody wants it any more: no retry, no kept candidate; just clean up.
         serving = state.current if state.phase in (Phase.WaitNext, Phase.TryAgainNext) else None
@@ -463,6 +537,33 @@ def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant
     serving = state.current if state.phase in (Phase.WaitNext, Phase.TryAgainNext) else None
     if state.replacing is not None:
         serving = state.replacing  # [:Before] whose old box was never touched
+    failing = failing or state.starting or (candidate.spec if candidate is not None else None)
+    if failing is not None and _reverts(state, failing):
+        assert state.last_good is not None
+        reverted = Reverted(
+            from_image=failing.image,
+            to_image=serving.spec.image if serving is not None else state.last_good.image,
+            reason=message,
+            at=now.wall,
+            spec_hash=failing.container_hash,
+        )
+        base = attrs.evolve(
+            state,
+            phase=Phase.Stable if serving is not None else Phase.Init,
+            current=serving,
+            next=None,
+            starting=None,
+            replacing=None,
+            draining=False,
+            on_probation=False,
+            deadline=None,
+            attempt=0,
+            error=Failure(message=message, at=now.wall, permanent=permanent),
+            failed=failed,
+            reverted=reverted,
+        )
+        after, more = _converge(base, now)
+        return after, effects + more
     phase = Phase.TryAgainNext if serving is not None else Phase.TryAgain
     return (
         attrs.evolve(
@@ -473,34 +574,63 @@ def _fail(state: ServiceState, message: str, candidate: Box | None, now: Instant
             starting=None,
             replacing=None,
             draining=False,
+            on_probation=False,
             deadline=now.mono + backoff(attempt),
             attempt=attempt,
-            error=Failure(message=message, at=now.wall),
+            error=Failure(message=message, at=now.wall, permanent=permanent),
             failed=failed,
         ),
         effects,
     )
 
 
+def _reverts(state: ServiceState, failing: ServiceSpec) -> bool:
+    """A failure of `failing` reverts: it is the desired spec, which says `:on-failure
+    :revert`, and a different last good exists (a first deploy, or the last good itself
+    failing, retries)."""
+    desired, good = state.desired, state.last_good
+    return (
+        desired is not None
+        and good is not None
+        and desired.on_failure == "revert"
+        and failing.container_hash == desired.container_hash
+        and good.container_hash != failing.container_hash
+    )
+
+
 def _become_stable(state: ServiceState, box: Box, now: Instant) -> Step:
-    """`box` is Stable: it serves alone; the previous failure is forgotten."""
+    """`box` is Stable: it serves alone; the previous failure is forgotten. With a probation,
+    its deploy is good only once the probation is over (`_deploy_good`)."""
     effects: list[Effect] = []
     if state.failed is not None:
         effects.append(Retire(box=state.failed))
     stable = attrs.evolve(box, stable_at=box.stable_at or now.wall)
+    probation = box.spec.probation
     after = attrs.evolve(
         state,
         phase=Phase.Stable,
         current=stable,
         next=None,
         draining=False,
-        deadline=None,
-        attempt=0,
+        deadline=now.mono + probation if probation > 0 else None,
+        on_probation=probation > 0,
         error=None,
         failed=None,
     )
+    if probation <= 0:
+        after = _deploy_good(after)
     after, more = _converge(after, now)
     return after, effects + more
+
+
+def _deploy_good(state: ServiceState) -> ServiceState:
+    """The Stable container's deploy is good (its probation, if any, is over): it is the last
+    good one, unless it was adopted from labels alone (its spec is unknown)."""
+    current = state.current
+    good = state.last_good
+    if current is not None and current.label_hash is None:
+        good = _pinned(current)
+    return attrs.evolve(state, on_probation=False, deadline=None, attempt=0, last_good=good)
 
 
 def _retire_all(state: ServiceState) -> Step:
@@ -514,6 +644,8 @@ def _retire_all(state: ServiceState) -> Step:
             next=None,
             failed=None,
             draining=False,
+            on_probation=False,
+            reverted=None,
             deadline=None,
             attempt=0,
             error=None,
@@ -564,6 +696,9 @@ def _take_spec(state: ServiceState, spec: ServiceSpec | None) -> ServiceState:
         return attrs.evolve(state, desired=None, removed=True)
     changed = state.desired is None or state.desired.container_hash != spec.container_hash
     state = attrs.evolve(state, desired=spec, removed=False)
+    if state.reverted is not None and state.reverted.spec_hash != spec.container_hash:
+        # The container part changed: the reverted spec is no longer wanted; try the new one.
+        state = attrs.evolve(state, reverted=None)
     if changed and state.phase in (Phase.TryAgain, Phase.TryAgainNext):
         # A new spec retries at once, with a fresh backoff.
         if state.phase is Phase.TryAgain:
@@ -585,7 +720,8 @@ def _on_started(state: ServiceState, event: ContainerStarted, now: Instant) -> S
         state = attrs.evolve(state, next=box)
     else:
         state = attrs.evolve(state, phase=Phase.Wait, current=box)
-    if state.removed or (state.desired is not None and state.desired.container_hash != box.hash):
+    target = _target(state)
+    if state.removed or (target is not None and not _runs(state, box, target)):
         return _converge(state, now)  # a newer spec (or a removal) arrived meanwhile
     if event.health == "healthy":
         return _candidate_ready(state, box, now)
@@ -621,7 +757,7 @@ def _on_deploy_failed(state: ServiceState, event: DeployFailed, now: Instant) ->
         return base, leftover
     if event.replaced:
         state = attrs.evolve(state, replacing=None)
-    return _fail(state, event.message, event.leftover, now)
+    return _fail(state, event.message, event.leftover, now, permanent=event.permanent)
 
 
 def _on_healthy(state: ServiceState, cid: str, now: Instant) -> Step:
@@ -636,6 +772,8 @@ def _on_unhealthy(state: ServiceState, cid: str, now: Instant) -> Step:
     if candidate is not None and candidate.id == cid and not state.draining:
         return _fail(state, f"container {candidate.name} turned unhealthy", candidate, now)
     if state.phase is Phase.Stable and state.current is not None and state.current.id == cid:
+        if state.on_probation:
+            return _probation_failed(state, "turned unhealthy", now)
         # Docker never acts on unhealthy; condo replaces it, by the spec's own strategy.
         return _replace_broken(state, "turned unhealthy", now)
     return state, []
@@ -650,6 +788,8 @@ def _on_died(state: ServiceState, cid: str, exit_code: int, now: Instant) -> Ste
     if current is None or current.id != cid:
         return state, []
     if state.phase is Phase.Stable:
+        if state.on_probation:
+            return _probation_failed(state, f"died (exit {exit_code})", now)
         if _docker_will_restart(current, exit_code):
             message = f"container {current.name} died (exit {exit_code}); Docker restarts it"
             return (
@@ -664,13 +804,25 @@ def _on_died(state: ServiceState, cid: str, exit_code: int, now: Instant) -> Ste
     return _on_gone(state, cid, f"died (exit {exit_code})", now)
 
 
+def _probation_failed(state: ServiceState, why: str, now: Instant) -> Step:
+    """The new Stable container broke during its probation: its deploy failed."""
+    assert state.current is not None
+    box = state.current
+    message = f"container {box.name} {why} during its {box.spec.probation:g} s probation"
+    base = attrs.evolve(state, phase=Phase.Wait, on_probation=False, deadline=None)
+    return _fail(base, message, box, now)
+
+
 def _docker_will_restart(box: Box, exit_code: int) -> bool:
     policy = box.restart_policy
     return policy in ("always", "unless-stopped") or (policy == "on-failure" and exit_code != 0)
 
 
 def _on_restarted(state: ServiceState, cid: str) -> Step:
-    if state.phase is Phase.Stable and state.current is not None and state.current.id == cid:
+    current = state.current
+    if state.phase is Phase.Stable and current is not None and current.id == cid:
+        if state.on_probation:
+            return state, []  # the deadline ends the probation (it cannot have died in it)
         return attrs.evolve(state, deadline=None), []
     if state.failed is not None and state.failed.id == cid:
         # A failed candidate started after all (a start answered too late): stop it again.
@@ -694,7 +846,7 @@ def _replace_broken(state: ServiceState, why: str, now: Instant) -> Step:
     failure = Failure(message=f"container {broken.name} {why}", at=now.wall)
     if state.removed:
         return _retire_all(state)  # nobody wants it any more: no replacement
-    spec = state.desired or broken.spec
+    spec = _target(state) or broken.spec
     state = attrs.evolve(state, error=failure, deadline=None)
     if spec.deploy.strategy == "After" and why == "turned unhealthy":
         return _deploy(state, spec, now)  # it may still serve a little; start beside it
@@ -709,14 +861,22 @@ def _on_gone(state: ServiceState, cid: str, why: str, now: Instant) -> Step:
         return attrs.evolve(state, failed=None), []
     candidate = _candidate(state)
     if candidate is not None and candidate.id == cid:
-        return _fail(_forget_candidate(state), f"container {candidate.name} {why}", None, now)
+        message = f"container {candidate.name} {why}"
+        return _fail(_forget_candidate(state), message, None, now, failing=candidate.spec)
     current = state.current
     if current is None or current.id != cid:
         return state, []
     failure = Failure(message=f"container {current.name} {why}", at=now.wall)
     match state.phase:
         case Phase.Stable:
-            base = attrs.evolve(state, phase=Phase.Init, current=None, error=failure)
+            base = attrs.evolve(
+                state,
+                phase=Phase.Init,
+                current=None,
+                error=failure,
+                on_probation=False,
+                deadline=None,
+            )
             after, effects = _converge(base, now)
             return after, [RemoveStray(id=current.id, name=current.name), *effects]
         case Phase.WaitNext:
@@ -777,6 +937,8 @@ def _on_deadline(state: ServiceState, now: Instant) -> Step:
                     state, f"container {box.name} not healthy after {timeout:g} s", box, now
                 )
             return _candidate_ready(state, box, now)
+        case Phase.Stable if state.on_probation:
+            return _converge(_deploy_good(state), now)
         case Phase.Stable:
             return _replace_broken(state, "died and Docker did not restart it", now)
         case Phase.Init:

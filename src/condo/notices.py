@@ -15,7 +15,11 @@ replaced by a newer deploy, or removed with the service. The rules, per step fro
 - `deploy.failed`    the current target's first failed attempt (TryAgain / TryAgainNext).
 - `deploy.stable`    the service is Stable again while a deploy was under way.
 - `service.removed`  the spec file is gone and every container of the service is retired.
-- `deploy.reverted`  defined for the safe-deploy revert (issue 13); nothing produces it yet.
+- `deploy.reverted`  the current target failed and `:on-failure :revert` went back to the last
+                     good spec (`ServiceState.reverted` is new): `image` is what serves again,
+                     `previous_image` the failed one. It ends that deploy (no deploy.failed);
+                     bringing the last good back, when it must be recreated, is a deploy of its
+                     own (deploy.started, then deploy.stable).
 
 The first state seen of a service is a baseline, never a notice: after a restart condo does not
 announce what it merely adopted (a deploy it resumes still ends with `deploy.stable`).
@@ -144,6 +148,19 @@ def follow(
             )
         return attrs.evolve(track, target=None, failed=False, removed=True), notices
     track = attrs.evolve(track, removed=False)
+    reverted = new.reverted
+    if reverted is not None and reverted != old.reverted:
+        notices.append(
+            Notice(
+                kind=Kind.REVERTED,
+                service=service,
+                image=reverted.to_image,
+                previous_image=reverted.from_image,
+                error=reverted.reason,
+                at=reverted.at,
+            )
+        )
+        track = attrs.evolve(track, target=None, image=None, previous_image=None, failed=False)
     target = _target(new)
     if target is not None and target.container_hash != track.target:
         # A new deploy: from rest (previous = what served), or superseding one under way (the

@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from condo.errors import SpecError
-from condo.fsm import Box, Failure, Instant, Phase, ServiceState
+from condo.fsm import Box, Failure, Instant, Phase, Reverted, ServiceState
 from condo.spec import ServiceSpec
 
 RECORD_VERSION = 1
@@ -112,6 +112,9 @@ def to_record(state: ServiceState, now: Instant) -> dict[str, Any]:
         "attempt": state.attempt,
         "error": None if state.error is None else attrs.asdict(state.error),
         "failed": _box_out(state.failed),
+        "on_probation": state.on_probation,
+        "last_good": _spec_out(state.last_good),
+        "reverted": _reverted_out(state.reverted),
     }
 
 
@@ -137,8 +140,13 @@ def from_record(data: Any, now: Instant) -> ServiceState:
                 message=str(error["message"]),
                 at=_finite(error["at"]),
                 unobserved=error.get("unobserved") is True,
+                permanent=error.get("permanent") is True,
             ),
             failed=_box_in(data["failed"]),
+            # Absent from records written before probations existed.
+            on_probation=data.get("on_probation") is True,
+            last_good=_spec_in(data.get("last_good")),
+            reverted=_reverted_in(data.get("reverted")),
         )
     except (KeyError, TypeError, ValueError, OverflowError, SpecError) as exc:
         # Every way a foreign or damaged record can fail to read ends here, as one error.
@@ -165,6 +173,11 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         "attempt": state.attempt,
         "failed": _box_view(state.failed),
         "removed": state.removed,
+        "reverted": _reverted_view(state.reverted),
+        # Stable, but its deploy is good only after this (wall clock; null: not on probation).
+        "probation_until": None
+        if not state.on_probation or state.deadline is None
+        else now.wall_at(state.deadline),
         # What `condo plan` compares spec files with (condo.plan): fingerprints and the keys
         # adopted in place, never the create body itself (Env and labels stay hidden).
         "spec_hash": None if state.desired is None else state.desired.container_hash,
@@ -179,7 +192,40 @@ def _failure_view(failure: Failure | None) -> dict[str, Any] | None:
     view: dict[str, Any] = {"message": failure.message, "at": failure.at}
     if failure.unobserved:
         view["unobserved"] = True  # the state could not be confirmed by the engine
+    if failure.permanent:
+        view["permanent"] = True  # the spec cannot be deployed as it is: retries will fail too
     return view
+
+
+def _reverted_out(reverted: Reverted | None) -> dict[str, Any] | None:
+    if reverted is None:
+        return None
+    return {**_revert_fields(reverted), "spec_hash": reverted.spec_hash}
+
+
+def _reverted_view(reverted: Reverted | None) -> dict[str, Any] | None:
+    return None if reverted is None else _revert_fields(reverted)
+
+
+def _revert_fields(reverted: Reverted) -> dict[str, Any]:
+    return {
+        "from": reverted.from_image,
+        "to": reverted.to_image,
+        "reason": reverted.reason,
+        "at": reverted.at,
+    }
+
+
+def _reverted_in(data: Any) -> Reverted | None:
+    if data is None:
+        return None
+    return Reverted(
+        from_image=str(data["from"]),
+        to_image=str(data["to"]),
+        reason=str(data["reason"]),
+        at=_finite(data["at"]),
+        spec_hash=str(data["spec_hash"]),
+    )
 
 
 def _finite(value: Any) -> float:
@@ -210,6 +256,7 @@ def _box_out(box: Box | None) -> dict[str, Any] | None:
         "restart_policy": box.restart_policy,
         "stable_at": box.stable_at,
         "label_hash": box.label_hash,
+        "image_id": box.image_id,
     }
 
 
@@ -227,6 +274,7 @@ def _box_in(data: Any) -> Box | None:
         stable_at=None if stable_at is None else _finite(stable_at),
         # Absent from records written before it existed.
         label_hash=None if data.get("label_hash") is None else str(data["label_hash"]),
+        image_id=str(data.get("image_id") or ""),
     )
 
 

@@ -44,6 +44,7 @@ from condo.waiting import UNREACHABLE, HostRecord, HostsView, evaluate, read_hos
 DEFAULT_URL = "http://127.0.0.1:4280"
 PROGRESS_INTERVAL = 1.0
 EXIT_OK, EXIT_TIMEOUT, EXIT_ERROR = 0, 1, 2
+EXIT_FAILED = 3  # `condo wait`: the image failed for good on some host
 
 
 class ClientError(Exception):
@@ -209,6 +210,12 @@ async def wait(
             why = f"{body.get('error')} (last read {_clock(body.get('read_at'))}); {why}"
         print(f"condo wait: timed out after {wait_seconds:g}s; pending: {why}", file=sys.stderr)
         return EXIT_TIMEOUT
+    if status == 500 and body.get("status") == "failed":
+        failed = body.get("failed") or {}
+        for host in sorted(failed):
+            said = failed[host] if isinstance(failed[host], dict) else {}
+            print(f"condo wait: {image} failed on {host}: {said.get('reason')}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"condo wait: HTTP {status}: {body.get('error', body)}", file=sys.stderr)
     return EXIT_ERROR
 

@@ -40,6 +40,7 @@ import trio
 from condo import fsm, labels
 from condo.docker.models import Container, ContainerId, ContainerSummary
 from condo.errors import (
+    BadRequest,
     ContainerNotFound,
     DockerApiError,
     DockerError,
@@ -292,7 +293,9 @@ class _Driver:
         try:
             cancelled = await self._pull_unless_superseded(spec)
         except DockerError as exc:
-            return fsm.DeployFailed(message=f"pull {spec.image}: {exc}", replaced=False)
+            return fsm.DeployFailed(
+                message=f"pull {spec.image}: {exc}", replaced=False, permanent=_permanent(exc)
+            )
         if cancelled:
             return fsm.DeployFailed(message="superseded", replaced=False, cancelled=True)
 
@@ -317,7 +320,10 @@ class _Driver:
             except DockerError as exc:
                 leftover = await self._created_anyway(name, exc, spec)
                 return fsm.DeployFailed(
-                    message=f"create {name}: {exc}", replaced=replaced, leftover=leftover
+                    message=f"create {name}: {exc}",
+                    replaced=replaced,
+                    leftover=leftover,
+                    permanent=_permanent(exc),
                 )
             created = fsm.Box(
                 id=cid, name=name, spec=spec, created_at=time.time(), healthcheck=False
@@ -336,6 +342,7 @@ class _Driver:
                 created,
                 healthcheck=info.health is not None,
                 restart_policy=info.restart_policy,
+                image_id=info.image_id,  # what a revert to this deploy pins to
             )
             return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
         # The limit expired mid-way (a slow engine): the engine may have acted without condo
@@ -507,6 +514,12 @@ class _Driver:
                 # a dead container (the original made duplicates that way).
                 log.warning("service.observe_failed", error=str(exc))
                 await trio.sleep(OBSERVE_RETRY_DELAY)
+
+
+def _permanent(error: DockerError) -> bool:
+    """The spec cannot be deployed as it is: its image does not exist, or the engine rejects
+    its create body. (A name conflict or a vanished container is condo's to sort out.)"""
+    return isinstance(error, ImageNotFound | BadRequest)
 
 
 def _unheard(error: DockerError) -> bool:

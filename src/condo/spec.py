@@ -56,6 +56,9 @@ RESERVED_LABEL_PREFIX: Final = "condo."
 PullPolicy = Literal["always", "missing", "never"]
 PULL_POLICIES: Final[tuple[PullPolicy, ...]] = get_args(PullPolicy)
 
+OnFailure = Literal["retry", "revert"]
+ON_FAILURES: Final[tuple[OnFailure, ...]] = get_args(OnFailure)
+
 JsonObject = dict[str, Any]
 """Plain JSON, what Docker gets."""
 
@@ -67,7 +70,16 @@ _SERVICE_NAME_RE: Final = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _CONTAINER_NAME_RE: Final = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 
 # Top-level keys of a service spec; anything else is a typo worth an error.
-_SERVICE_KEYS: Final = ("spec", "deploy", "health-timeout", "stop-timeout", "stable-after", "pull")
+_SERVICE_KEYS: Final = (
+    "spec",
+    "deploy",
+    "health-timeout",
+    "stop-timeout",
+    "stable-after",
+    "pull",
+    "on-failure",
+    "probation",
+)
 # Keys of the create body that condo itself reads. Docker matches JSON keys case-insensitively,
 # so `:labels` would reach Docker as Labels while escaping condo's checks: demand the exact case.
 _READ_KEYS: Final = {"image": "Image", "name": "Name", "labels": "Labels", "env": "Env"}
@@ -137,6 +149,11 @@ class ServiceSpec:
     )
     stable_after: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
     pull: PullPolicy | None = None
+    # What a failed deploy does: `retry` with backoff, or `revert` to the last good spec.
+    on_failure: OnFailure = "retry"
+    # Seconds a new container must stay running (and healthy) after it turned Stable before
+    # its deploy counts as good.
+    probation: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
 
     @property
     def image(self) -> str:
@@ -148,7 +165,8 @@ class ServiceSpec:
     def container_hash(self) -> str:
         """Hex sha256 of the canonical create body (with `Name`): what decides a redeploy.
 
-        `deploy` and the timeouts do not enter it: changing them never replaces a container.
+        `deploy`, the timeouts, `on_failure` and `probation` do not enter it: changing them never
+        replaces a container.
         """
         return _sha256(_body(self.container, self.fixed_name))
 
@@ -183,6 +201,8 @@ class ServiceSpec:
             "stop_timeout": self.stop_timeout,
             "stable_after": self.stable_after,
             "pull": self.pull,
+            "on_failure": self.on_failure,
+            "probation": self.probation,
         }
 
     @classmethod
@@ -265,6 +285,8 @@ def parse_spec(data: bytes, file: str) -> ServiceSpec:
             options.get("stable-after"), 0.0, src.option_error("stable-after")
         ),
         pull=_check_pull(options.get("pull"), src.option_error("pull")),
+        on_failure=_check_on_failure(options.get("on-failure"), src.option_error("on-failure")),
+        probation=_check_seconds(options.get("probation"), 0.0, src.option_error("probation")),
     )
 
 
@@ -416,6 +438,15 @@ def _check_pull(value: Any, fail: OptionFail) -> PullPolicy | None:
     raise fail(f"must be one of :always, :missing or :never, found {edn.show(value)}")
 
 
+def _check_on_failure(value: Any, fail: OptionFail) -> OnFailure:
+    if value is None:
+        return "retry"
+    for choice in ON_FAILURES:
+        if value == Keyword(choice):
+            return choice
+    raise fail(f"must be :retry or :revert, found {edn.show(value)}")
+
+
 def _service_from_json(data: object, file: str) -> ServiceSpec:
     def fail(message: str, _at: KeyPath = ()) -> SpecError:
         return SpecError(file, message)
@@ -435,6 +466,7 @@ def _service_from_json(data: object, file: str) -> ServiceSpec:
     if isinstance(deploy_value, list) and deploy_value and isinstance(deploy_value[0], str):
         deploy_value = [Keyword(deploy_value[0]), *deploy_value[1:]]
     pull = data.get("pull")
+    on_failure = data.get("on_failure")
     return ServiceSpec(
         container=container,
         fixed_name=fixed_name,
@@ -447,6 +479,11 @@ def _service_from_json(data: object, file: str) -> ServiceSpec:
         ),
         stable_after=_check_seconds(data.get("stable_after"), 0.0, option_fail("stable_after")),
         pull=_check_pull(Keyword(pull) if isinstance(pull, str) else pull, option_fail("pull")),
+        on_failure=_check_on_failure(
+            Keyword(on_failure) if isinstance(on_failure, str) else on_failure,
+            option_fail("on_failure"),
+        ),
+        probation=_check_seconds(data.get("probation"), 0.0, option_fail("probation")),
     )
 
 

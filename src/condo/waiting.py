@@ -1,13 +1,16 @@
 """What "deployed everywhere" means, and where the state of every host comes from.
 
 `evaluate(name, image, hosts, records)` is the one rule behind `/v1/wait_for` and `condo wait`: the
-service is done when at least one host runs it and every host that runs it has it Stable on
-`image`. A host "runs" a service when it has an entry for it that is not `Init` (a host whose spec
-for the service is gone, or never had it, does not count), or when its `HostRecord` says it ran
-it. The record (Consul only) outlives the host's session: a host that is cut off, whose condo was
-killed or whose agent died still runs what it ran, so it is pending ("unreachable since T") and
-never done, until it says otherwise (its spec for the service is removed) or an operator forgets
-it (`condo forget HOST`). Pure: no I/O.
+service is done when at least one host runs it and every host that runs it has it Stable on `image`
+(past its probation: `probation_until` is null). A host "runs" a service when it has an entry for
+it that is not `Init` (a host whose spec for the service is gone, or never had it, does not count),
+or when its `HostRecord` says it ran it. The record (Consul only) outlives the host's session: a
+host that is cut off, whose condo was killed or whose agent died still runs what it ran, so it is
+pending ("unreachable since T") and never done, until it says otherwise (its spec for the service
+is removed) or an operator forgets it (`condo forget HOST`). The image has *failed* on a host, for
+good, when that host reverted a deploy of it (`reverted.from`), or its deploy of it met a permanent
+error (`error.permanent`: the image does not exist, the engine rejects the body): waiting longer
+cannot help. Pure: no I/O.
 
 `StateSource` is the port the web app reads through: the local store (no Consul) or Consul's view
 of every host (condo.consul). Both wait without polling: the local one on the store's change
@@ -47,6 +50,8 @@ class Verdict:
     pending: Mapping[str, Mapping[str, Any]]
     # every host that runs the service
     hosts: tuple[str, ...]
+    # host -> {"state", "image", "reason", ...} of every host where `image` failed for good
+    failed: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
 
 
 def evaluate(
@@ -56,6 +61,7 @@ def evaluate(
     records = records or {}
     running: list[str] = []
     pending: dict[str, Mapping[str, Any]] = {}
+    failed: dict[str, Mapping[str, Any]] = {}
     for host in sorted(hosts.keys() | records.keys()):
         record = records.get(host)
         recorded = record.services.get(name) if record is not None else None
@@ -87,14 +93,33 @@ def evaluate(
         on_image = current.get("image") == image
         # A state the engine could not confirm (it refuses condo's API version) is no verdict.
         unobserved = bool((service.get("error") or {}).get("unobserved"))
-        if not (service.get("state") == "Stable" and on_image) or unobserved:
+        on_probation = service.get("probation_until") is not None
+        if not (service.get("state") == "Stable" and on_image) or unobserved or on_probation:
             pending[host] = {
                 "state": service.get("state"),
                 "image": current.get("image"),
                 "deploying": service.get("deploying"),
                 "error": service.get("error"),
             }
-    return Verdict(done=bool(running) and not pending, pending=pending, hosts=tuple(running))
+            if on_probation:
+                pending[host] = {**pending[host], "probation_until": service["probation_until"]}
+            reason = _failed_for_good(service, image)
+            if reason is not None:
+                failed[host] = {**pending[host], "reason": reason}
+    return Verdict(
+        done=bool(running) and not pending, pending=pending, hosts=tuple(running), failed=failed
+    )
+
+
+def _failed_for_good(service: Mapping[str, Any], image: str) -> str | None:
+    """Why `image` will not turn Stable on this host without somebody acting (None: it may)."""
+    reverted = service.get("reverted") or {}
+    if reverted.get("from") == image:
+        return f"reverted to {reverted.get('to')}: {reverted.get('reason')}"
+    error = service.get("error") or {}
+    if error.get("permanent") and service.get("image") == image:
+        return str(error.get("message"))
+    return None
 
 
 @attrs.frozen(kw_only=True)

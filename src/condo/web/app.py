@@ -243,6 +243,12 @@ def build_app(context: WebContext) -> QuartTrio:
         finally:
             context.metrics.web_waiters.dec()
             waits.release()
+        if verdict is not None and verdict.failed:
+            # Failed for good on some host (reverted, or a permanent error): no use waiting.
+            failed = {host: dict(why) for host, why in verdict.failed.items()}
+            return jsonify(
+                {"status": "failed", "hosts": list(verdict.hosts), "failed": failed}
+            ), 500
         if verdict is not None:
             return jsonify({"status": "ok", "hosts": list(verdict.hosts)})
         if guard.cancelled_caught:

@@ -105,6 +105,24 @@ _SCHEMAS: dict[str, Any] = {
             "attempt": {"type": "integer", "description": "consecutive failed attempts"},
             "failed": {"oneOf": [{"$ref": "#/components/schemas/Container"}, {"type": "null"}]},
             "removed": {"type": "boolean"},
+            "probation_until": {
+                "type": ["number", "null"],
+                "description": "unix seconds: the Stable container is on probation until then "
+                "(`condo wait` waits for it); null otherwise",
+            },
+            "reverted": {
+                "type": ["object", "null"],
+                "description": "the desired spec failed and `:on-failure :revert` went back to "
+                "the last good one; the desired spec is not tried again until its container "
+                "part changes",
+                "required": ["from", "to", "reason", "at"],
+                "properties": {
+                    "from": {"type": "string", "description": "the failed image"},
+                    "to": {"type": "string", "description": "the image serving again"},
+                    "reason": {"type": "string"},
+                    "at": {"type": "number", "description": "unix seconds"},
+                },
+            },
             "spec_hash": {
                 "type": ["string", "null"],
                 "description": "the desired spec's container hash (label condo.spec-hash): "
@@ -118,7 +136,8 @@ _SCHEMAS: dict[str, Any] = {
             "options": {
                 "type": ["object", "null"],
                 "description": "the desired spec's keys that never replace a container "
-                "(deploy, health_timeout, stop_timeout, stable_after, pull)",
+                "(deploy, health_timeout, stop_timeout, stable_after, pull, on_failure, "
+                "probation)",
             },
         },
     },
@@ -224,6 +243,24 @@ _SCHEMAS: dict[str, Any] = {
             "error": {"type": "string"},
             "stale": {"const": True, "description": "no verdict: Consul could not be read"},
             "read_at": {"type": ["number", "null"]},
+        },
+    },
+    "WaitFailed": {
+        "type": "object",
+        "required": ["status", "failed"],
+        "properties": {
+            "status": {"const": "failed"},
+            "failed": {
+                "type": "object",
+                "description": "the hosts where the image failed for good (reverted, or a "
+                "permanent error such as an image that does not exist), with `reason`",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["reason"],
+                    "properties": {"reason": {"type": "string"}},
+                },
+            },
+            "hosts": {"type": "array", "items": {"type": "string"}},
         },
     },
     "Forgotten": {
@@ -443,7 +480,20 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
                 "responses": {
                     "200": _json("WaitDone", "deployed everywhere it runs"),
                     "400": _error("missing or bad parameters"),
-                    "500": _json("WaitTimeout", "the timeout passed; the pending hosts"),
+                    "500": {
+                        "description": "the timeout passed (the pending hosts), or the image "
+                        "failed for good on some host (answered at once)",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/WaitTimeout"},
+                                        {"$ref": "#/components/schemas/WaitFailed"},
+                                    ]
+                                }
+                            }
+                        },
+                    },
                     "503": _error(
                         "condo is shutting down, or too many waits are open (--max-waits); "
                         "answered at once"

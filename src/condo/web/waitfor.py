@@ -58,7 +58,8 @@ def parse_wait_params(args: Mapping[str, str]) -> WaitParams:
 
 
 async def wait_deployed(source: StateSource, name: str, image: str) -> Verdict:
-    """Return the first verdict that says `name` is Stable on `image` on every host running it.
+    """Return the first verdict that says `name` is Stable on `image` on every host running it,
+    or that `image` failed for good on some host (`Verdict.failed`).
 
     A stale picture (its source could not be read lately) is never a verdict: the wait goes on
     until a fresh one says so (the source wakes its waiters when it is fresh again).
@@ -67,6 +68,6 @@ async def wait_deployed(source: StateSource, name: str, image: str) -> Verdict:
         picture = source.picture()
         if not source.stale:
             verdict = evaluate(name, image, picture.hosts, picture.records)
-            if verdict.done:
+            if verdict.done or verdict.failed:
                 return verdict
         await source.wait_beyond(picture.token)
