@@ -9,8 +9,9 @@ host that is cut off, whose condo was killed or whose agent died still runs what
 pending ("unreachable since T") and never done, until it says otherwise (its spec for the service
 is removed) or an operator forgets it (`condo forget HOST`). The image has *failed* on a host, for
 good, when that host reverted a deploy of it (`reverted.from`), or its deploy of it met a permanent
-error (`error.permanent`: the image does not exist, the engine rejects the body): waiting longer
-cannot help. Pure: no I/O.
+error (`error.permanent`: the image does not exist, the engine rejects the body) and it waits to
+retry it (a deploy in flight, of a fixed spec or of an image pushed since, is no verdict yet):
+waiting longer cannot help. Pure: no I/O.
 
 `StateSource` is the port the web app reads through: the local store (no Consul) or Consul's view
 of every host (condo.consul). Both wait without polling: the local one on the store's change
@@ -117,7 +118,10 @@ def _failed_for_good(service: Mapping[str, Any], image: str) -> str | None:
     if reverted.get("from") == image:
         return f"reverted to {reverted.get('to')}: {reverted.get('reason')}"
     error = service.get("error") or {}
-    if error.get("permanent") and service.get("image") == image:
+    # The error stays shown until a deploy turns Stable, but it is a verdict only while the host
+    # waits to retry that spec: a fixed spec, or a retry of an image pushed since, may succeed.
+    retrying = service.get("state") in ("TryAgain", "TryAgainNext")
+    if error.get("permanent") and retrying and service.get("image") == image:
         return str(error.get("message"))
     return None
 
