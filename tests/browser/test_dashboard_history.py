@@ -81,10 +81,17 @@ async def test_a_reverted_deploy_and_the_history_show_and_survive_a_reload(
         await page.expect_text(cell.locator(".cell-head .chip-reverted"), "reverted")
         line = cell.locator(".line.reverted")
         await page.expect_text(
-            line, re.compile(rf"reverted from {BAD} → back to sha256:\w+: .*died \(exit 7\)")
+            line,
+            re.compile(rf"reverted from {BAD} → back to sha256:[0-9a-f]{{12}}…: .*died \(exit 7\)"),
         )
         await page.expect_text(line, re.compile(r"\(\d+s ago\)"))
+        # The image id is shown short, whole on hover.
+        title = await page.thread.call(line.locator("code.image").nth(1).get_attribute, "title")
+        assert title is not None and re.fullmatch(r"sha256:[0-9a-f]{64}", title), title
         await page.expect_state("web", "Stable")
+        # The held-off spec is not shown as on its way: only the image that serves.
+        image = cell.locator(".line.image")
+        await page.expect_text(image, re.compile(r"^sha256:[0-9a-f]{12}…$"))
         await expect_history(page)
 
         # A reload starts a new page: the history comes from condo again, the revert too.
