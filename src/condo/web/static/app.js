@@ -9,8 +9,10 @@
 //   URL of the page. It goes out as `Authorization: Bearer` (fetch) and `?token=` (the feed).
 // - The feed reconnects by itself with exponential backoff (0.5 s doubling up to 10 s, jittered);
 //   the header says "disconnected" meanwhile and the table is dimmed as stale.
-// - Timelines are built here, from consecutive views of the same service on the same host: they
-//   start when the page opens (a reconnect compares with the last view before the gap).
+// - Each service's deploy history (this host's) comes from the feed's `history` messages, so it
+//   is there again after a reload; below it, the transitions this page saw, built here from
+//   consecutive views of the same service on the same host: they start when the page opens (a
+//   reconnect compares with the last view before the gap).
 // - The first snapshot comes from the feed; /v1/state is only read to learn why a websocket was
 //   refused (browsers hide the HTTP status of a failed handshake), and /healthz for the header.
 "use strict";
@@ -24,6 +26,7 @@
   const HEALTH_EVERY_MS = 5000;
   const TIMELINE_KEEP = 20;
   const TIMELINE_SHOW = 5;
+  const HISTORY_SHOW = 5;
   const FAILING = new Set(["TryAgain", "TryAgainNext"]);
   const UNREACHABLE = "unreachable";
   const SAFE_ATTRIBUTE = /^(class|title|data-[a-z-]+)$/;
@@ -33,6 +36,7 @@
     global: null, // the last "global" message: {hosts, stale}, or null without Consul
     seen: new Map(), // host -> Map(service -> view): the last view, to spot transitions
     timelines: new Map(), // service -> [{at, host, from, to, why}], oldest first
+    history: new Map(), // service -> [DEPLOY], newest first: this host's, from the feed
     token: null, // the API token, in memory only
     filter: [], // lower-case words that must all match a row
   };
@@ -114,6 +118,11 @@
     if (message.type === "snapshot") {
       model.local = message.state;
       observe(message.state.host, message.state.services || {}, at);
+    } else if (message.type === "history") {
+      // Each list is the service's whole history: it replaces what the page had.
+      for (const [name, deploys] of Object.entries(message.services || {})) {
+        if (Array.isArray(deploys)) model.history.set(name, deploys);
+      }
     } else if (message.type === "global") {
       model.global = {hosts: message.hosts || {}, stale: Boolean(message.stale)};
       for (const [host, body] of Object.entries(model.global.hosts)) {
@@ -274,6 +283,13 @@
     return el("code", {class: cls || null, title: text}, text);
   }
 
+  // An image by id (a revert pins one) is 71 characters: shown short, whole on hover.
+  function imageCode(text) {
+    const node = mono(text, "image");
+    if (/^sha256:[0-9a-f]{64}$/.test(text)) setText(node, text.slice(0, 19) + "\u2026");
+    return node;
+  }
+
   function line(cls, ...children) {
     return el("div", {class: `line ${cls}`}, ...children);
   }
@@ -288,10 +304,11 @@
     if (view.removed) head.appendChild(el("span", {class: "chip"}, "removing"));
     if (view.draining) head.appendChild(el("span", {class: "chip"}, "draining"));
     if (view.attempt) head.appendChild(el("span", {class: "chip chip-bad"}, `attempt ${view.attempt}`));
+    if (view.reverted) head.appendChild(el("span", {class: "chip chip-bad chip-reverted"}, "reverted"));
     td.appendChild(head);
 
     if (state === UNREACHABLE) {
-      if (view.image) td.appendChild(line("image", mono(view.image, "image")));
+      if (view.image) td.appendChild(line("image", imageCode(view.image)));
       td.appendChild(line("unreachable", el("span", {class: "label"}, "last seen"), " ",
         view.last_seen ? since(view.last_seen, " ago") : el("span", {class: "muted"}, "never, from here"),
         view.last_state ? el("span", {class: "muted"}, ` (${view.last_state})`) : null));
@@ -300,9 +317,10 @@
     const current = view.current;
     const image = current ? current.image : view.image;
     if (image) {
-      const row = line("image", mono(image, "image"));
-      if (current && view.image && view.image !== current.image && state !== "WaitNext") {
-        row.append(" \u2192 ", mono(view.image, "image"));
+      const row = line("image", imageCode(image));
+      // Under a revert the desired spec is held off: nothing is on its way to it.
+      if (current && view.image && view.image !== current.image && state !== "WaitNext" && !view.reverted) {
+        row.append(" \u2192 ", imageCode(view.image));
       }
       td.appendChild(row);
     }
@@ -314,10 +332,22 @@
     }
     if (view.next && state === "WaitNext") {
       td.appendChild(line("next", el("span", {class: "label"}, view.draining ? "replacing with" : "candidate"),
-        " ", mono(view.next.name, "cname"), " ", mono(view.next.image, "image"), " ",
+        " ", mono(view.next.name, "cname"), " ", imageCode(view.next.image), " ",
         since(view.next.created_at, " old")));
     } else if (view.deploying && !view.next && state !== "Wait") {
-      td.appendChild(line("next", el("span", {class: "label"}, "deploying"), " ", mono(view.deploying, "image")));
+      td.appendChild(line("next", el("span", {class: "label"}, "deploying"), " ", imageCode(view.deploying)));
+    }
+    if (view.probation_until) {
+      td.appendChild(line("probation", el("span", {class: "label"}, "probation until"), " ",
+        el("time", {class: "when"}, clock(view.probation_until * 1000)), " ",
+        el("span", {class: "muted"}, "(", until(view.probation_until), " left)")));
+    }
+    if (view.reverted) {
+      const reverted = view.reverted;
+      td.appendChild(line("reverted", el("span", {class: "label"}, "reverted"), " from ",
+        imageCode(String(reverted.from)), " \u2192 back to ", imageCode(String(reverted.to)),
+        reverted.reason ? [": ", el("span", {class: "message"}, reverted.reason)] : null, " ",
+        el("span", {class: "muted"}, "(", since(reverted.at, " ago"), ")")));
     }
     if (FAILING.has(state) && view.retry_at) {
       td.appendChild(line("retry", el("span", {class: "label"}, "retry in"), " ", until(view.retry_at)));
@@ -339,13 +369,47 @@
     return td;
   }
 
+  // One DEPLOY of the history: image, outcome, its times, its error.
+  function deployItem(deploy) {
+    const times = [];
+    for (const [label, at] of [["started", deploy.started_at], ["stable", deploy.stable_at],
+      ["ended", deploy.ended_at]]) {
+      if (typeof at === "number") times.push(`${label} ${clock(at * 1000)}`);
+    }
+    const item = el("li", {class: "deploy-entry", "data-outcome": deploy.outcome},
+      el("span", {class: `badge mini outcome outcome-${deploy.outcome}`}, deploy.outcome), " ",
+      imageCode(String(deploy.image)),
+      deploy.attempts > 1 ? el("span", {class: "muted"}, ` \u00d7${deploy.attempts}`) : null,
+      el("div", {class: "deploy-times muted"}, times.join(" \u00b7 ")));
+    if (deploy.error) {
+      item.appendChild(el("div", {class: "deploy-error"}, el("span", {class: "icon"}, "\u26a0"), " ",
+        el("span", {class: "message"}, deploy.error)));
+    }
+    return item;
+  }
+
+  function historyList(name) {
+    const deploys = model.history.get(name) || [];
+    if (!deploys.length) return null;
+    const list = el("ol", {class: "deploys"});
+    for (const deploy of deploys.slice(0, HISTORY_SHOW)) list.appendChild(deployItem(deploy));
+    const box = el("div", {class: "history"}, list);
+    if (deploys.length > HISTORY_SHOW) {
+      box.appendChild(el("div", {class: "muted more"}, `+ ${deploys.length - HISTORY_SHOW} earlier deploys`));
+    }
+    return box;
+  }
+
   function timelineCell(name, many) {
     const entries = (model.timelines.get(name) || []).slice().reverse();
     const td = el("td", {class: "timeline"});
+    const history = historyList(name);
+    if (history) td.appendChild(history);
     if (!entries.length) {
-      td.appendChild(el("span", {class: "muted"}, "no change seen yet"));
+      td.appendChild(el("span", {class: "muted"}, history ? "" : "no change seen yet"));
       return td;
     }
+    if (history) td.appendChild(el("div", {class: "label seen"}, "seen by this page"));
     const list = el("ol", {class: "events"});
     for (const entry of entries.slice(0, TIMELINE_SHOW)) {
       const item = el("li", {class: "event"}, el("time", {class: "when"}, clock(entry.at)), " ");
@@ -373,6 +437,7 @@
       for (const box of [view.current, view.next, view.failed]) if (box) parts.push(box.name, box.image);
       if (view.error) parts.push(view.error.message);
       if (view.spec_error) parts.push(specErrorText(view.spec_error));
+      if (view.reverted) parts.push("reverted");
     }
     return parts.filter(Boolean).join("\n").toLowerCase();
   }
@@ -387,7 +452,7 @@
       ...columns.map((host) => el("th", {class: "col-host", "data-host": host},
         el("span", {class: "mono"}, host), host === local && many ? el("span", {class: "muted"}, " (this condo)") : null,
         unreachable(host) ? el("span", {class: "chip chip-bad"}, "unreachable") : null)),
-      el("th", {class: "col-timeline"}, "recent transitions"));
+      el("th", {class: "col-timeline"}, "deploys and transitions"));
 
     const rows = document.createDocumentFragment();
     const counts = new Map();
