@@ -136,14 +136,14 @@ def _change(name: str, spec: ServiceSpec | SpecError, view: Mapping[str, Any] | 
         return Change(service=name, action=Action.invalid, image_before=before, error=spec)
     if view is None:
         return Change(service=name, action=Action.create, image_after=spec.image)
-    options = _option_changes(spec.options_json(), view.get("options") or {})
+    options = _option_changes(spec.options_json, view.get("options") or {})
     if spec.container_hash != view["spec_hash"]:
         return Change(
             service=name,
             action=Action.redeploy,
             image_before=before,
             image_after=spec.image,
-            fields=_field_changes(spec.field_hashes(), view.get("spec_fields") or {}),
+            fields=_field_changes(spec.field_hashes, view.get("spec_fields") or {}),
             options=options,
         )
     action = Action.update if options else Action.unchanged

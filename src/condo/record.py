@@ -181,8 +181,8 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         # What `condo plan` compares spec files with (condo.plan): fingerprints and the keys
         # adopted in place, never the create body itself (Env and labels stay hidden).
         "spec_hash": None if state.desired is None else state.desired.container_hash,
-        "spec_fields": None if state.desired is None else state.desired.field_hashes(),
-        "options": None if state.desired is None else state.desired.options_json(),
+        "spec_fields": None if state.desired is None else state.desired.field_hashes,
+        "options": None if state.desired is None else state.desired.options_json,
     }
 
 

@@ -170,12 +170,16 @@ class ServiceSpec:
         """
         return _sha256(_body(self.container, self.fixed_name))
 
+    # Computed once, like container_hash: every /v1/state view of every service shows both, and
+    # the views are rebuilt for all services on any change (readers share them, never change them).
+    @functools.cached_property
     def field_hashes(self) -> dict[str, str]:
         """16 hex chars of each top-level key of the create body (with `Name`): which parts of
         the container differ between two specs, without saying what they hold (Env, Labels)."""
         body = _body(self.container, self.fixed_name)
         return {key: _sha256([key, value])[:16] for key, value in body.items()}
 
+    @functools.cached_property
     def options_json(self) -> JsonObject:
         """`to_json` without the create body: the keys that never replace a container."""
         options = self.to_json()
