@@ -23,6 +23,7 @@ drops a connection whose sent data has not moved for that long.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -324,15 +325,14 @@ def _close_answered_connections() -> None:
     async def close(self: TCPServer) -> None:
         with trio.move_on_after(HOUSEKEEPING_LIMIT, shield=True):
             async with self.send_lock:
-                try:
-                    await self.stream.send_eof()
-                except (
+                # Gone already, or a TLS stream (no half-close): aclose does it all.
+                with contextlib.suppress(
                     trio.BrokenResourceError,
                     trio.BusyResourceError,
                     trio.ClosedResourceError,
                     AttributeError,
                 ):
-                    pass  # gone already, or a TLS stream (no half-close): aclose does it all
+                    await self.stream.send_eof()
         await self.stream.aclose()
 
     protocol_send._condo_shielded = True  # type: ignore[attr-defined]
