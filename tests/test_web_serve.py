@@ -11,9 +11,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import attrs
+import pytest
 import trio
+import trio.testing
 
 from condo.metrics import Metrics
 from condo.store import Store
@@ -22,7 +25,10 @@ from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.serve import closing_connections, hypercorn_config, serve_app
-from tests.test_web import stable
+from condo.web.waitfor import SharedWaits
+from tests.test_web import TOKEN, MakeWeb, Web, make_web, stable, waiting
+
+__all__ = ["make_web"]  # the fixture, shared with test_web
 
 CAP = 20  # seconds, real
 
@@ -141,3 +147,83 @@ async def test_closing_a_keep_alive_connection_never_cuts_an_answer() -> None:
     assert errors == []
     assert len(answered) == clients
     assert all(body.startswith(b'{"host":"h1"') for body in answered)
+
+
+# --- /v1/wait_for: the shared verdicts and their layer in front of quart ----------------------
+
+
+async def test_waiters_of_one_service_share_one_evaluation_per_picture(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    waiters = 100
+    async with make_web() as web:
+        web.store.set_state("web", waiting("img:2"))
+        shared: SharedWaits = web.app.extensions["condo.waits"]
+        responses: list[Any] = []
+
+        async def ask() -> None:
+            path = "/v1/wait_for?name=web&image=img:2&timeout=30"
+            responses.append(await web.client.get(path))
+
+        with trio.fail_after(CAP):
+            async with trio.open_nursery() as nursery:
+                for _ in range(waiters):
+                    nursery.start_soon(ask)
+                await trio.sleep(1)
+                assert shared.evaluations == 1  # the first waiter's; the others joined it
+                web.store.set_state("other", stable("img:9"))  # a picture change: 1 more
+                await trio.sleep(1)
+                web.store.set_state("web", waiting("img:2", "c3"))  # still not there: 1 more
+                await trio.sleep(1)
+                assert shared.evaluations == 3
+                web.store.set_state("web", stable("img:2", "c3"))  # done: 1, then every answer
+        assert shared.evaluations == 4
+        assert shared.keys == {}  # the last waiter took the key with it
+    assert len(responses) == waiters
+    assert {(r.status_code, await r.get_data()) for r in responses} == {
+        (200, b'{"hosts":["h1"],"status":"ok"}\n')
+    }
+
+
+async def answers(web: Web, path: str, *, close: bool = False) -> list[tuple[int, Any, bytes]]:
+    """(status, headers, body) of `path` asked at once, after 5 s, and of a wait cut by closing."""
+    got: list[tuple[int, Any, bytes]] = []
+
+    async def ask() -> None:
+        response = await web.client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+        got.append(
+            (response.status_code, list(response.headers.items()), await response.get_data())
+        )
+
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(5)
+            if close:
+                web.context.closing.close()
+    return got
+
+
+@pytest.mark.parametrize(
+    ("path", "close"),
+    [
+        ("/v1/wait_for?name=web&image=img:1&timeout=0", False),  # done at once
+        ("/v1/wait_for?name=web&image=img:2&timeout=1", False),  # timeout, pending
+        ("/v1/wait_for?name=ghost&image=img:2&timeout=1", False),  # runs nowhere
+        ("/v1/wait_for?name=web&image=img:2&timeout=60", True),  # cut by shutdown
+        ("/v1/wait_for?name=web&image=img:2&timeout=x", False),  # a 400 (quart's)
+    ],
+)
+async def test_the_layer_answers_byte_for_byte_like_the_route(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, path: str, close: bool
+) -> None:
+    results = []
+    for layered in (True, False):
+        async with make_web(token=TOKEN) as web:
+            if not layered:
+                del web.app.asgi_app  # back to quart's own: the route answers everything
+            web.store.set_state("web", stable("img:1"))
+            results.append(await answers(web, path, close=close))
+    with_layer, route_only = results
+    assert with_layer == route_only
+    assert len(with_layer) == 1
