@@ -192,7 +192,7 @@ async def answers(web: Web, path: str, *, close: bool = False) -> list[tuple[int
     async def ask() -> None:
         response = await web.client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
         got.append(
-            (response.status_code, list(response.headers.items()), await response.get_data())
+            (response.status_code, list(response.headers.items()), await response.get_data(False))
         )
 
     with trio.fail_after(CAP):
