@@ -1,18 +1,19 @@
-"""condo.notices: which steps of a service are deploy notices, their JSON, and no secrets in it.
+"""condo.notices: which changes of the deploy history are deploy notices, their JSON, and no
+secrets in it.
 
 Each case walks one service through the states its driver would put in the Store (built as the
-fsm builds them) and compares the notices, in order, with what an operator should be told.
+fsm builds them), through the deploy history's rules (condo.deploys) as condo.history runs them,
+and compares the notices, in order, with what an operator should be told.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from condo import fsm
+from condo import deploys, fsm
+from condo.deploys import Entries
 from condo.fsm import Box, Failure, Phase, ServiceState
-from condo.notices import Kind, Notice, Track, baseline, follow, scrub, secrets_of
+from condo.notices import Kind, Notice, project, scrub, secrets_of
 from condo.spec import DeployStrategy, ServiceSpec
 
 AT = 1_700_000_000.0
@@ -34,14 +35,25 @@ def stable(spec: ServiceSpec, cid: str) -> ServiceState:
     return ServiceState(phase=Phase.Stable, desired=spec, current=box(spec, cid))
 
 
-def walk(*states: ServiceState) -> list[tuple[Kind, str | None, str | None, str | None]]:
-    """Follow `states` from the first (a baseline); the notices as (kind, image, previous,
-    error)."""
-    track = baseline(states[0])
+def told(
+    *states: ServiceState, entries: Entries = (), at: float = AT
+) -> tuple[Entries, list[Notice]]:
+    """Follow `states` from the first (first seen: a baseline) with the history `entries`; the
+    history after them and the notices told."""
     found: list[Notice] = []
-    for old, new in itertools.pairwise(states):
-        track, notices = follow("web", track, old, new, AT)
-        found += notices
+    old: ServiceState | None = None
+    for new in states:
+        entries, changes = deploys.advance(entries, old, new, at)
+        found += project("web", old, new, entries, changes, at)
+        old = new
+    return entries, found
+
+
+def walk(
+    *states: ServiceState, entries: Entries = ()
+) -> list[tuple[Kind, str | None, str | None, str | None]]:
+    """The notices of `states` as (kind, image, previous, error)."""
+    _, found = told(*states, entries=entries)
     return [(n.kind, n.image, n.previous_image, n.error) for n in found]
 
 
@@ -151,14 +163,19 @@ def test_a_revert_is_announced_once_and_the_last_good_coming_back_is_a_deploy() 
 
 
 def test_a_failed_deploy_keeps_its_failure_time() -> None:
-    track = baseline(ServiceState(phase=Phase.Wait, desired=B, starting=B))
-    old = ServiceState(phase=Phase.Wait, desired=B, current=box(B, "b"))
-    new = ServiceState(phase=Phase.TryAgain, desired=B, attempt=1, error=failure("boom"))
-    _, [notice] = follow("web", track, old, new, AT + 50)
+    _, [_, notice] = told(
+        ServiceState(desired=B),
+        ServiceState(phase=Phase.Wait, desired=B, starting=B),
+        ServiceState(phase=Phase.Wait, desired=B, current=box(B, "b")),
+        ServiceState(phase=Phase.TryAgain, desired=B, attempt=1, error=failure("boom")),
+        at=AT + 50,
+    )
     assert (notice.kind, notice.at) == (Kind.FAILED, AT + 1)
 
 
 def test_a_new_spec_while_retrying_is_a_new_deploy() -> None:
+    # First seen serving web:1 while web:2 fails beside it: the history records web:1 as what
+    # served, so it is the new deploy's previous image.
     old = box(A, "a")
     assert walk(
         ServiceState(
@@ -167,7 +184,7 @@ def test_a_new_spec_while_retrying_is_a_new_deploy() -> None:
         ServiceState(phase=Phase.Wait, desired=C, starting=C, replacing=old),
         ServiceState(phase=Phase.Wait, desired=C, current=box(C, "c")),
         stable(C, "c"),
-    ) == [(Kind.STARTED, "web:3", None, None), (Kind.STABLE, "web:3", None, None)]
+    ) == [(Kind.STARTED, "web:3", "web:1", None), (Kind.STABLE, "web:3", "web:1", None)]
 
 
 def test_a_superseded_deploy_keeps_what_served_before_as_previous() -> None:
@@ -236,14 +253,21 @@ def test_an_adopted_stable_service_is_no_news() -> None:
     assert walk(ServiceState(desired=A), stable(A, "a")) == []
 
 
-def test_baseline_of_a_service_already_failing_does_not_fail_it_again() -> None:
+def test_a_restarted_condo_does_not_fail_a_failing_deploy_again() -> None:
+    # The history kept across the restart knows the deploy and its first failure.
+    kept, notices = told(
+        ServiceState(desired=B),
+        ServiceState(phase=Phase.Wait, desired=B, starting=B),
+        ServiceState(phase=Phase.TryAgain, desired=B, attempt=1, error=failure("x")),
+    )
+    assert [n.kind for n in notices] == [Kind.STARTED, Kind.FAILED]
     retrying = ServiceState(phase=Phase.TryAgain, desired=B, attempt=2, error=failure("x"))
-    assert baseline(retrying) == Track(target=B.container_hash, image="web:2", failed=True)
     assert (
         walk(
             retrying,
             ServiceState(phase=Phase.Wait, desired=B, starting=B, attempt=2),
             ServiceState(phase=Phase.TryAgain, desired=B, attempt=3, error=failure("y")),
+            entries=kept,
         )
         == []
     )
