@@ -152,7 +152,7 @@ def advance(
     entries: Entries, old: ServiceState | None, new: ServiceState, at: float
 ) -> tuple[Entries, tuple[Change, ...]]:
     """The service's entries after the step `old` → `new` (at wall time `at`), and what changed
-    in it (in the order of `entries`, the added ones last)."""
+    in it (newest first)."""
     fresh = new.error is not None and (old is None or old.error != new.error)
     reverted = new.reverted
     if reverted is not None and old is not None and old.reverted == reverted:
@@ -165,9 +165,7 @@ def advance(
     # (a broken container replaced beside itself) is never mistaken for it.
     owned = {e.container for e in entries if e.outcome == "stable" and e.container in held}
     result: list[DeployEntry] = []
-    changes: list[Change] = []
-    for before in entries:
-        entry = before
+    for entry in entries:
         if entry.outcome == "stable":
             if entry.container not in held:
                 cause = "replaced" if entry.container == replacing else _cause(new, fresh)
@@ -187,11 +185,12 @@ def advance(
                 failed = new.phase in (Phase.TryAgain, Phase.TryAgainNext)
                 cause = "failed" if failed else _cause(new, fresh)
                 entry = _ended(entry, _or_reverted(cause, entry, reverted), new, at)
-        if entry != before:
-            changes.append(Change(before, entry))
         result.append(entry)
-    result = _started(result, new, at, changes)
-    result = _unknown(result, serving, candidate, at, changes)
+    result = _unknown(_started(result, new, at), serving, candidate, at)
+    # Entries are only changed in place or added in front: the step's changes, by position.
+    added = len(result) - len(entries)
+    changes = [Change(None, entry) for entry in result[:added]]
+    changes += [Change(b, a) for b, a in zip(entries, result[added:], strict=True) if a != b]
     return tuple(result[:MAX_ENTRIES]), tuple(changes)
 
 
@@ -256,9 +255,7 @@ def _ended(entry: DeployEntry, outcome: Outcome, state: ServiceState, at: float)
     return attrs.evolve(entry, outcome=outcome, ended_at=at, error=error)
 
 
-def _started(
-    entries: list[DeployEntry], state: ServiceState, at: float, changes: list[Change]
-) -> list[DeployEntry]:
+def _started(entries: list[DeployEntry], state: ServiceState, at: float) -> list[DeployEntry]:
     """A deploy the state starts and no open entry follows: a new entry, or a retry."""
     spec = state.starting
     if spec is None or any(
@@ -281,18 +278,12 @@ def _started(
             container=None,
             strategy=spec.deploy,
         )
-        changes.append(Change(newest, retry))
         return [retry, *entries[1:]]
-    changes.append(Change(None, _entry(spec, at)))
-    return [changes[-1].after, *entries]
+    return [_entry(spec, at), *entries]
 
 
 def _unknown(
-    entries: list[DeployEntry],
-    serving: Box | None,
-    candidate: Box | None,
-    at: float,
-    changes: list[Change],
+    entries: list[DeployEntry], serving: Box | None, candidate: Box | None, at: float
 ) -> list[DeployEntry]:
     """Containers the state holds that no open entry knows (the history was lost)."""
     known = {e.container for e in entries if e.open}
@@ -307,7 +298,6 @@ def _unknown(
             container=box.id,
             stable_at=(box.stable_at or at) if outcome == "stable" else None,
         )
-        changes.append(Change(None, entry))
         entries = [entry, *entries]
     return entries
 

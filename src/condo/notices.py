@@ -8,12 +8,12 @@ secrets out of it. No I/O and no clock: `project` is handed one step's `Change`s
 The projection, per change of one step (an entry before → after):
 
 - `deploy.started`   a deploy the state started (`Change.started`: a new entry, not a retry of
-                     a failed one, not a container the history adopted); its `error` is the
-                     breakage of the stable deploy that failed in the same step (a Stable
-                     container that broke and is replaced by its own spec).
+                     a failed one, not a container the history adopted); when it redeploys the
+                     spec that served (a container that broke), `error` is the state's why.
 - `deploy.failed`    an entry turned `failed`: a deploy's first attempt (its retries reopen the
                      entry and fail quietly: /v1/state and the log show every attempt), or a
-                     deploy that served and broke, unless a deploy started in the same step.
+                     deploy that served and broke, unless its spec is redeployed in the same
+                     step (that `deploy.started` says why).
 - `deploy.stable`    an entry turned from `deploying` to `stable`.
 - `deploy.reverted`  an entry turned `reverted`: `image` is what serves again
                      (`ServiceState.reverted`), `previous_image` the failed one.
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import attrs
 
@@ -118,23 +118,27 @@ def project(
     history's `changes` in it, `entries` being the history after it."""
     if old is None:
         return []
-    broke = next((c.after.error for c in changes if _broke(c)), None)
-    starts = any(c.started for c in changes)
+    restarted = {c.after.spec_hash for c in changes if c.started}
+    broken = [c.after for c in changes if _broke(c)]
     found: list[Notice] = []
-    for change in changes:
+    # Oldest first: what ended or turned stable, then what started.
+    for change in reversed(changes):
         entry = change.after
+        served = _served_before(entries, entry)
         base = Notice(
             kind=Kind.STARTED,
             service=service,
             image=entry.image,
-            previous_image=_served_before(entries, entry),
+            previous_image=None if served is None else served.image,
             at=at,
         )
         if change.started:
-            found.append(attrs.evolve(base, error=broke))
+            again = _redeploys(entry, served, broken) and new.error is not None
+            error = new.error.message if again and new.error is not None else None
+            found.append(attrs.evolve(base, error=error))
         elif change.stabilized:
             found.append(attrs.evolve(base, kind=Kind.STABLE))
-        elif _failed(change, starts):
+        elif entry.outcome == "failed" and _failed(change, restarted):
             when = at if new.error is None else new.error.at
             found.append(attrs.evolve(base, kind=Kind.FAILED, error=entry.error, at=when))
         elif entry.outcome == "reverted":
@@ -151,29 +155,32 @@ def project(
                 )
             )
         elif entry.outcome == "removed" and _last_removed(entries, found):
-            image = _served_before(entries, None)
+            last = _served_before(entries, None)
+            image = None if last is None else last.image
             found.append(Notice(kind=Kind.REMOVED, service=service, image=image, at=at))
-    return sorted(found, key=lambda notice: _ORDER[notice.kind])
+    return found
 
 
-# A step's notices in the order things happened: what ended, what turned stable, what started.
-_ORDER: Final = {
-    Kind.FAILED: 0,
-    Kind.REVERTED: 0,
-    Kind.REMOVED: 0,
-    Kind.STABLE: 1,
-    Kind.STARTED: 2,
-}
+def _failed(change: Change, restarted: set[str]) -> bool:
+    """A deploy's first attempt failed (its retries reopen the entry and fail quietly), or a
+    deploy that served broke and is not redeployed in the same step (that deploy says why)."""
+    if _broke(change):
+        return change.after.spec_hash not in restarted
+    return change.after.attempts == 1
 
 
-def _failed(change: Change, starts: bool) -> bool:
-    """A deploy's first attempt failed, or a deploy that served broke and no deploy started in
-    the same step (the one that did carries the breakage)."""
-    if change.before is None or change.after.outcome != "failed":
+def _broke(change: Change) -> bool:
+    """A deploy that served failed."""
+    was = None if change.before is None else change.before.outcome
+    return was == "stable" and change.after.outcome == "failed"
+
+
+def _redeploys(entry: DeployEntry, served: DeployEntry | None, broken: list[DeployEntry]) -> bool:
+    """`entry` deploys again the spec that serves, or served until it broke in this step: the
+    state's error says why."""
+    if served is None or served.spec_hash != entry.spec_hash:
         return False
-    if change.before.outcome == "deploying":
-        return change.after.attempts == 1
-    return not starts
+    return served.outcome == "stable" or served in broken
 
 
 def _last_removed(entries: Entries, found: Sequence[Notice]) -> bool:
@@ -181,22 +188,13 @@ def _last_removed(entries: Entries, found: Sequence[Notice]) -> bool:
     return not any(e.open for e in entries) and all(n.kind is not Kind.REMOVED for n in found)
 
 
-def _broke(change: Change) -> bool:
-    """A deploy that served failed."""
-    return (
-        change.before is not None
-        and change.before.outcome == "stable"
-        and change.after.outcome == "failed"
-    )
-
-
-def _served_before(entries: Entries, entry: DeployEntry | None) -> str | None:
-    """The image of the newest entry older than `entry` (any, when None) that turned stable."""
+def _served_before(entries: Entries, entry: DeployEntry | None) -> DeployEntry | None:
+    """The newest entry older than `entry` (any, when None) that turned stable: what served."""
     older = entries
     if entry is not None:
         index = next((i for i, e in enumerate(entries) if e is entry), len(entries))
         older = entries[index + 1 :]
-    return next((e.image for e in older if e.stable_at is not None), None)
+    return next((e for e in older if e.stable_at is not None), None)
 
 
 # --- secrets ----------------------------------------------------------------------------------
