@@ -8,13 +8,19 @@ and compares the notices, in order, with what an operator should be told.
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from condo import deploys, fsm
 from condo.deploys import Entries
 from condo.fsm import Box, Failure, Phase, ServiceState
 from condo.notices import Kind, Notice, project, scrub, secrets_of
 from condo.spec import DeployStrategy, ServiceSpec
+from tests.fsm_explore import events_for
 
 AT = 1_700_000_000.0
 A = ServiceSpec(container={"Image": "web:1", "Env": ["TOKEN=s3cr3t-value", "MODE=on"]})
@@ -342,3 +348,74 @@ def test_secrets_are_every_env_value_long_enough_of_every_spec_known() -> None:
         "the token [redacted]"
     )
     assert scrub(None, {"x"}) is None
+
+
+# --- one truth: every notice is one change of the history, and back ---------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(5, 40))
+def test_every_notice_is_one_history_change_and_every_notified_change_one_notice(
+    rng: random.Random, steps: int
+) -> None:
+    # A walk of the state machine (any event `events_for` offers), now and then a restart: the
+    # history, kept, first sees the state again.
+    state, mono = ServiceState(), 100.0
+    entries: Entries = ()
+    for _ in range(steps):
+        if rng.random() < 0.05:  # first sight is a baseline, whatever the history catches up
+            entries, changes = deploys.advance(entries, None, state, mono)
+            assert project("web", None, state, entries, changes, mono) == []
+            continue
+        event = rng.choice(list(events_for(state)))
+        if isinstance(event, fsm.DeadlineReached) and state.deadline is not None:
+            mono = max(mono, state.deadline)
+        new, _ = fsm.step(state, event, fsm.Instant(mono=mono, wall=mono + 1000))
+        mono += 1.0
+        before = entries
+        entries, changes = deploys.advance(entries, state, new, mono)
+        told = project("web", state, new, entries, changes, mono)
+        assert Counter(_keys(told)) == Counter(_notified(before, entries)), (state, new)
+        state = new
+
+
+Key = tuple[Kind, str | None, str | None]
+
+
+def _keys(notices: list[Notice]) -> list[Key]:
+    """What names a notice's history change: its kind, the deploy's image and error."""
+    keys: list[Key] = []
+    for notice in notices:
+        match notice.kind:
+            case Kind.REVERTED:  # image: what serves again; the reverted deploy's is previous
+                keys.append((notice.kind, notice.previous_image, notice.error))
+            case Kind.REMOVED:
+                keys.append((notice.kind, None, None))
+            case Kind.STARTED | Kind.STABLE:
+                keys.append((notice.kind, notice.image, None))
+            case Kind.FAILED:
+                keys.append((notice.kind, notice.image, notice.error))
+    return keys
+
+
+def _notified(before: Entries, after: Entries) -> list[Key]:
+    """The history's changes between `before` and `after` (read from the two lists alone: entries
+    are changed in place or added in front) that are news, keyed as `_keys` keys notices."""
+    added = after[: len(after) - len(before)]
+    pairs = [(b, a) for b, a in zip(before, after[len(added) :], strict=True) if a != b]
+    started = [e for e in added if e.outcome == "deploying" and e.container is None]
+    keys: list[Key] = [(Kind.STARTED, e.image, None) for e in started]
+    for old, new in pairs:
+        if (old.outcome, new.outcome) == ("deploying", "stable"):
+            keys.append((Kind.STABLE, new.image, None))
+        elif new.outcome == "reverted":
+            keys.append((Kind.REVERTED, new.image, new.error))
+        elif new.outcome == "failed":
+            # A first attempt failed; or a deploy that served broke, told unless its spec
+            # starts again (that start says why).
+            first = old.outcome == "deploying" and new.attempts == 1
+            broke = old.outcome == "stable" and all(e.spec_hash != new.spec_hash for e in started)
+            keys += [(Kind.FAILED, new.image, new.error)] if first or broke else []
+    if any(a.outcome == "removed" for _, a in pairs) and not any(e.open for e in after):
+        keys.append((Kind.REMOVED, None, None))
+    return keys
