@@ -168,6 +168,36 @@ def test_a_revert_is_announced_once_and_the_last_good_coming_back_is_a_deploy() 
     ]
 
 
+def test_a_deploy_that_fails_its_probation_is_told_failed_as_the_history_says() -> None:
+    # Under :retry, backing off. The notices once had rules of their own, and told a
+    # deploy.started here too: a deploy the history does not have (nothing started).
+    bad = ServiceSpec(container={"Image": "web:bad"}, probation=5)
+    states = [ServiceState(desired=A)]
+
+    def step(event: fsm.Event) -> None:
+        state, _ = fsm.step(states[-1], event, fsm.Instant(mono=1.0, wall=AT + 1))
+        states.append(state)
+
+    step(fsm.SpecChanged(A))
+    step(fsm.ContainerStarted(box=box(A, "a"), running=True, health="healthy"))
+    step(fsm.SpecChanged(bad))
+    step(fsm.ContainerStarted(box=box(bad, "x"), running=True, health="healthy"))
+    step(fsm.ContainerDied(id="x", exit_code=1))
+    entries, found = told(*states)
+    why = "container web_x died (exit 1) during its 5 s probation"
+    assert [(e.image, e.outcome, e.error) for e in entries] == [
+        ("web:bad", "failed", why),
+        ("web:1", "replaced", None),
+    ]
+    assert [(n.kind, n.image, n.previous_image, n.error) for n in found] == [
+        (Kind.STARTED, "web:1", None, None),
+        (Kind.STABLE, "web:1", None, None),
+        (Kind.STARTED, "web:bad", "web:1", None),
+        (Kind.STABLE, "web:bad", "web:1", None),
+        (Kind.FAILED, "web:bad", "web:1", why),
+    ]
+
+
 def test_a_failed_deploy_keeps_its_failure_time() -> None:
     _, [_, notice] = told(
         ServiceState(desired=B),
