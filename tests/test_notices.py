@@ -50,7 +50,7 @@ def told(
     old: ServiceState | None = None
     for new in states:
         entries, changes = deploys.advance(entries, old, new, at)
-        found += project("web", old, new, entries, changes, at)
+        found += project(deploys.Step("web", old, new, entries, changes, at))
         old = new
     return entries, found
 
@@ -395,7 +395,7 @@ def test_every_notice_is_one_history_change_and_every_notified_change_one_notice
     for _ in range(steps):
         if rng.random() < 0.05:  # first sight is a baseline, whatever the history catches up
             entries, changes = deploys.advance(entries, None, state, mono)
-            assert project("web", None, state, entries, changes, mono) == []
+            assert project(deploys.Step("web", None, state, entries, changes, mono)) == []
             continue
         event = rng.choice(list(events_for(state)))
         if isinstance(event, fsm.DeadlineReached) and state.deadline is not None:
@@ -404,7 +404,7 @@ def test_every_notice_is_one_history_change_and_every_notified_change_one_notice
         mono += 1.0
         before = entries
         entries, changes = deploys.advance(entries, state, new, mono)
-        told = project("web", state, new, entries, changes, mono)
+        told = project(deploys.Step("web", state, new, entries, changes, mono))
         assert Counter(_keys(told)) == Counter(_notified(before, entries)), (state, new)
         state = new
 

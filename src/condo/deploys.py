@@ -148,6 +148,18 @@ class Change:
         return was == "deploying" and self.after.outcome == "stable"
 
 
+@attrs.frozen
+class Step:
+    """One step of a service and its entries' changes in it (what the history tells)."""
+
+    service: str
+    old: ServiceState | None  # None: the first state seen of the service
+    new: ServiceState
+    entries: Entries  # after the step
+    changes: tuple[Change, ...]
+    at: float  # its wall time
+
+
 def advance(
     entries: Entries, old: ServiceState | None, new: ServiceState, at: float
 ) -> tuple[Entries, tuple[Change, ...]]:

@@ -27,7 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ import structlog
 import trio
 
 from condo import deploys, persist
-from condo.deploys import Change, DeployEntry, Entries
+from condo.deploys import DeployEntry, Entries, Step
 from condo.errors import DockerError
 from condo.fsm import ServiceState
 
@@ -44,13 +44,6 @@ log = structlog.get_logger(__name__)
 HISTORY_VERSION = 1
 MAX_GONE = 100
 LOOKUP_LIMIT = 30.0
-
-
-# listener(service, old, new, entries, changes, at): one step of a service (`old` None: the first
-# state seen of it) and its history's changes in it (`entries` after it; `at` its wall time).
-Listener = Callable[
-    [str, ServiceState | None, ServiceState, Entries, Sequence[Change], float], None
-]
 
 
 def history_path(state_path: Path) -> Path:
@@ -93,7 +86,7 @@ class History:
         self._changed = trio.Event()
         self._lookups: dict[str, str] = {}  # service -> container whose digest is wanted
         self._lookup_wanted = trio.Event()
-        self._listeners: list[Listener] = []
+        self._listeners: list[Callable[[Step], None]] = []
         self._writer = None if path is None else persist.StateWriter(path, self.document)
 
     @property
@@ -130,7 +123,7 @@ class History:
                 log.warning("history.service_dropped", service=name, error=str(exc))
         self._changed_at = dict.fromkeys(self._entries, 0)
 
-    def listen(self, listener: Listener) -> None:
+    def listen(self, listener: Callable[[Step], None]) -> None:
         """Call `listener` (synchronously, it must not block) after every step of a service
         that changed its entries."""
         self._listeners.append(listener)
@@ -150,8 +143,9 @@ class History:
                 self._forget_gone()
             self._bump((service,))
         if changes:
+            step = Step(service, old, new, after, changes, at)
             for listener in self._listeners:
-                listener(service, old, new, after, changes, at)
+                listener(step)
 
     def view(self, name: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """`/v1/history`'s `services`: every service, or the one named (empty when unknown)."""

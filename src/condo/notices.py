@@ -38,7 +38,7 @@ from typing import Any
 
 import attrs
 
-from condo.deploys import Change, DeployEntry, Entries
+from condo.deploys import Change, DeployEntry, Entries, Step
 from condo.fsm import ServiceState
 
 # Env values shorter than this are not scrubbed: "1", "on" or "dev" would mangle every message
@@ -106,44 +106,35 @@ class Notice:
         }
 
 
-def project(
-    service: str,
-    old: ServiceState | None,
-    new: ServiceState,
-    entries: Entries,
-    changes: Sequence[Change],
-    at: float,
-) -> list[Notice]:
-    """The notices of one step of `service` from `old` to `new` (at wall time `at`): its
-    history's `changes` in it, `entries` being the history after it."""
-    if old is None:
+def project(step: Step) -> list[Notice]:
+    """The notices of one step of a service: its history's changes in it."""
+    if step.old is None:
         return []
-    restarted = {c.after.spec_hash for c in changes if c.started}
-    broken = [c.after for c in changes if _broke(c)]
+    restarted = {c.after.spec_hash for c in step.changes if c.started}
+    broken = [c.after for c in step.changes if _broke(c)]
+    error, reverted = step.new.error, step.new.reverted
     found: list[Notice] = []
     # Oldest first: what ended or turned stable, then what started.
-    for change in reversed(changes):
+    for change in reversed(step.changes):
         entry = change.after
-        served = _served_before(entries, entry)
+        served = _served_before(step.entries, entry)
         base = Notice(
             kind=Kind.STARTED,
-            service=service,
+            service=step.service,
             image=entry.image,
             previous_image=None if served is None else served.image,
-            at=at,
+            at=step.at,
         )
         if change.started:
-            again = _redeploys(entry, served, broken) and new.error is not None
-            error = new.error.message if again and new.error is not None else None
-            found.append(attrs.evolve(base, error=error))
+            again = error is not None and _redeploys(entry, served, broken)
+            found.append(attrs.evolve(base, error=error.message if again and error else None))
         elif change.stabilized:
             found.append(attrs.evolve(base, kind=Kind.STABLE))
         elif entry.outcome == "failed" and _failed(change, restarted):
-            when = at if new.error is None else new.error.at
+            when = step.at if error is None else error.at
             found.append(attrs.evolve(base, kind=Kind.FAILED, error=entry.error, at=when))
         elif entry.outcome == "reverted":
-            back = new.reverted
-            image, when = (None, at) if back is None else (back.to_image, back.at)
+            image, when = (None, step.at) if reverted is None else (reverted.to_image, reverted.at)
             found.append(
                 attrs.evolve(
                     base,
@@ -154,10 +145,10 @@ def project(
                     at=when,
                 )
             )
-        elif entry.outcome == "removed" and _last_removed(entries, found):
-            last = _served_before(entries, None)
+        elif entry.outcome == "removed" and _last_removed(step.entries, found):
+            last = _served_before(step.entries, None)
             image = None if last is None else last.image
-            found.append(Notice(kind=Kind.REMOVED, service=service, image=image, at=at))
+            found.append(attrs.evolve(base, kind=Kind.REMOVED, image=image, previous_image=None))
     return found
 
 

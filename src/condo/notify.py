@@ -34,8 +34,7 @@ import structlog
 import trio
 
 from condo import notices
-from condo.deploys import Change, Entries
-from condo.fsm import ServiceState
+from condo.deploys import Step
 from condo.notices import Notice
 
 log = structlog.get_logger(__name__)
@@ -167,23 +166,15 @@ class Notifier:
             total.dropped += outbox.counts.dropped
         return totals
 
-    def on_step(
-        self,
-        service: str,
-        old: ServiceState | None,
-        new: ServiceState,
-        entries: Entries,
-        changes: Sequence[Change],
-        at: float,
-    ) -> None:
-        """History listener: queue the notices of one step of `service`."""
-        for notice in notices.project(service, old, new, entries, changes, at):
-            self._send(notice, old, new)
+    def on_step(self, step: Step) -> None:
+        """History listener: queue the notices of one step of a service."""
+        for notice in notices.project(step):
+            self._send(notice, step)
 
-    def _send(self, notice: Notice, old: ServiceState | None, new: ServiceState) -> None:
-        secrets = self._secrets | notices.secrets_of(new)
-        if old is not None:
-            secrets |= notices.secrets_of(old)
+    def _send(self, notice: Notice, step: Step) -> None:
+        secrets = self._secrets | notices.secrets_of(step.new)
+        if step.old is not None:
+            secrets |= notices.secrets_of(step.old)
         clean = attrs.evolve(notice, error=notices.scrub(notice.error, secrets))
         body = json.dumps(clean.to_json(self._host)).encode()
         log.info("notify.notice", notice=clean.kind.value, service=clean.service)
