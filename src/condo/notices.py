@@ -3,7 +3,7 @@
 Owns which changes of the deploy history (condo.deploys: the one set of rules that decides a
 deploy started, turned stable, failed, was reverted or removed) are news for `--notify`
 receivers, the notices' JSON body (doc/contract.md "Notifications") and the scrubbing that keeps
-secrets out of it. No I/O and no clock: `project` is handed one step's `Change`s.
+secrets out of it. No I/O and no clock: `project` is handed one `deploys.Step`.
 
 The projection, per change of one step (an entry before → after):
 

@@ -2,9 +2,9 @@
 
 Owns: `Notifier` (a listener of the deploy history, condo.history, that tells every step's
 changes of a service's deploys as notices with condo.notices and puts each notice's JSON body
-into one `Outbox` per URL), `Outbox` (one
-receiver's bounded queue, its delivery loop and its counts) and `run_notifier` (the "notifier"
-task: one httpx client, one delivery loop per receiver).
+into one `Outbox` per URL), `Outbox` (one receiver's bounded queue, its delivery loop and its
+counts) and `run_notifier` (the "notifier" task: one httpx client, one delivery loop per
+receiver).
 
 Invariants:
 - Nothing here blocks the supervisor: the history calls `Notifier.on_step` inline, which only
