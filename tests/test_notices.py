@@ -276,6 +276,26 @@ def test_a_removal_during_a_deploy_is_a_removal() -> None:
     ) == [(Kind.STARTED, "web:1", None, None), (Kind.REMOVED, None, None, None)]
 
 
+def test_a_failing_service_that_is_removed_is_a_removal() -> None:
+    # Its deploy failed and waits for a retry: no deploy is open, the service still goes.
+    assert walk(
+        stable(A, "a"),
+        ServiceState(phase=Phase.Wait, desired=B, starting=B, replacing=box(A, "a")),
+        ServiceState(phase=Phase.TryAgain, desired=B, attempt=1, error=failure("boom")),
+        ServiceState(phase=Phase.TryAgain, attempt=1, removed=True),
+        ServiceState(removed=True),
+    )[-1] == (Kind.REMOVED, "web:1", None, None)
+
+
+def test_a_service_that_never_served_is_removed_too() -> None:
+    assert walk(
+        ServiceState(desired=A),
+        ServiceState(phase=Phase.TryAgain, desired=A, attempt=1, error=failure("no image")),
+        ServiceState(phase=Phase.TryAgain, attempt=1, removed=True),
+        ServiceState(removed=True),
+    ) == [(Kind.REMOVED, None, None, None)]
+
+
 def test_a_resumed_deploy_is_not_announced_again_but_ends_stable() -> None:
     # First sight after a restart: a deploy under way. Only its end is news.
     assert walk(
@@ -405,7 +425,10 @@ def test_every_notice_is_one_history_change_and_every_notified_change_one_notice
         before = entries
         entries, changes = deploys.advance(entries, state, new, mono)
         told = project(deploys.Step("web", state, new, entries, changes, mono))
-        assert Counter(_keys(told)) == Counter(_notified(before, entries)), (state, new)
+        notified = _notified(before, entries)
+        # The one service fact: it finished retiring (whatever its deploys' outcomes).
+        notified += [(Kind.REMOVED, None, None)] if new.finished and not state.finished else []
+        assert Counter(_keys(told)) == Counter(notified), (state, new)
         state = new
 
 
@@ -446,6 +469,4 @@ def _notified(before: Entries, after: Entries) -> list[Key]:
             first = old.outcome == "deploying" and new.attempts == 1
             broke = old.outcome == "stable" and all(e.spec_hash != new.spec_hash for e in started)
             keys += [(Kind.FAILED, new.image, new.error)] if first or broke else []
-    if any(a.outcome == "removed" for _, a in pairs) and not any(e.open for e in after):
-        keys.append((Kind.REMOVED, None, None))
     return keys

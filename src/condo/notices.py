@@ -17,8 +17,10 @@ The projection, per change of one step (an entry before → after):
 - `deploy.stable`    an entry turned from `deploying` to `stable`.
 - `deploy.reverted`  an entry turned `reverted`: `image` is what serves again
                      (`ServiceState.reverted`), `previous_image` the failed one.
-- `service.removed`  an entry turned `removed` and none is open any more (once per removal);
-                     `image` is what served last.
+- `service.removed`  the step in which the service finished retiring (its spec file is gone and
+                     every container of it is removed), whatever its deploys' outcomes (a
+                     service that never served, or was failing, is removed too); `image` is
+                     what served last. A service fact, not an entry's change: the only one.
 
 `previous_image` is what served before: the image of the newest older entry that turned stable.
 The first state seen of a service (`old` None) is a baseline, never a notice: after a restart
@@ -33,7 +35,7 @@ the tokens condo was given (`scrub`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -145,10 +147,10 @@ def project(step: Step) -> list[Notice]:
                     at=when,
                 )
             )
-        elif entry.outcome == "removed" and _last_removed(step.entries, found):
-            last = _served_before(step.entries, None)
-            image = None if last is None else last.image
-            found.append(attrs.evolve(base, kind=Kind.REMOVED, image=image, previous_image=None))
+    if step.new.finished and not step.old.finished:
+        last = _served_before(step.entries, None)
+        image = None if last is None else last.image
+        found.append(Notice(kind=Kind.REMOVED, service=step.service, image=image, at=step.at))
     return found
 
 
@@ -172,11 +174,6 @@ def _redeploys(entry: DeployEntry, served: DeployEntry | None, broken: list[Depl
     if served is None or served.spec_hash != entry.spec_hash:
         return False
     return served.outcome == "stable" or served in broken
-
-
-def _last_removed(entries: Entries, found: Sequence[Notice]) -> bool:
-    """The service is gone: no deploy of it is open any more, and its removal is not told yet."""
-    return not any(e.open for e in entries) and all(n.kind is not Kind.REMOVED for n in found)
 
 
 def _served_before(entries: Entries, entry: DeployEntry | None) -> DeployEntry | None:
