@@ -229,6 +229,28 @@ def test_the_digest_is_the_one_of_the_images_repository(
     assert deploys.pick_digest(image, digests) == expected
 
 
+@pytest.mark.parametrize(
+    ("image", "digests", "expected"),
+    [
+        ("reg:5000/app:1", ["reg:5000/app@sha256:2"], "reg:5000/app@sha256:2"),
+        ("reg:5000/app@sha256:2", ["reg:5000/app@sha256:2"], "reg:5000/app@sha256:2"),
+        # The same image pushed to another repository is not where the spec pulls from.
+        ("app:1", ["mirror/app@sha256:3"], None),
+        ("condo-test/app:1", ["localhost:5000/condo-test/app@sha256:3"], None),
+        ("app:1", [], None),
+        ("sha256:aaa", ["app@sha256:3"], None),
+        # Docker Hub's spellings of one repository.
+        ("docker.io/library/nginx:1", ["nginx@sha256:4"], "nginx@sha256:4"),
+        ("library/nginx", ["nginx@sha256:4"], "nginx@sha256:4"),
+        ("docker.io/me/app:1", ["me/app@sha256:5"], "me/app@sha256:5"),
+    ],
+)
+def test_a_revert_pins_only_the_digest_of_the_images_own_repository(
+    image: str, digests: list[str], expected: str | None
+) -> None:
+    assert deploys.own_digest(image, digests) == expected
+
+
 def test_entries_round_trip_through_json() -> None:
     walk = Walk().deploy(SPEC_A, "a1").deploy(SPEC_B_AFTER, "b1").step(fsm.DeadlineReached())
     entries = deploys.with_digest(walk.entries, "b1", "reg/app@sha256:1")

@@ -66,3 +66,25 @@ def test_every_reachable_state_reads_back_from_its_record_exactly() -> None:
     for state in states:
         stored = json.loads(json.dumps(record.to_record(state, at)))
         assert record.from_record(stored, at) == state
+
+
+async def test_a_boxs_image_digest_survives_the_state_file() -> None:
+    """What a revert pins to (the digest, else the id) is in the file: a kill -9 keeps it."""
+    box = fsm.Box(
+        id="c1",
+        name="web_c1",
+        spec=SPEC_A,
+        created_at=1.0,
+        healthcheck=False,
+        image_id="sha256:aaa",
+        image_digest="app@sha256:" + "d" * 64,
+    )
+    state = fsm.ServiceState(phase=fsm.Phase.Stable, desired=SPEC_A, current=box)
+    text = json.dumps(record.to_record(state, now()))
+    back = record.from_record(json.loads(text), now())
+    assert back.current == box
+    # A record written before the digest existed reads back without one.
+    old = json.loads(text)
+    del old["current"]["image_digest"]
+    legacy = record.from_record(old, now()).current
+    assert legacy is not None and legacy.image_digest == "" and legacy.image_id == "sha256:aaa"

@@ -214,14 +214,33 @@ def with_digest(entries: Entries, container: str, digest: str | None) -> Entries
 def pick_digest(image: str, repo_digests: Sequence[str]) -> str | None:
     """The RepoDigests entry of `image`'s repository (an image pushed to several has several),
     else the first one; None for an image that never came from a registry."""
-    repository = image.partition("@")[0]
+    own = own_digest(image, repo_digests)
+    if own is not None:
+        return own
+    return repo_digests[0] if repo_digests else None
+
+
+def own_digest(image: str, repo_digests: Sequence[str]) -> str | None:
+    """The RepoDigests entry of `image`'s own repository, or None: what a revert pins to. Never
+    another repository's (the same image pushed elsewhere): a pin must pull from where the spec
+    says, with that registry's credentials."""
+    repository = _repository(image)
+    for digest in repo_digests:
+        if _repository(digest) == repository:
+            return digest
+    return None
+
+
+def _repository(reference: str) -> str:
+    """The repository of an image reference, without tag or digest, in one spelling for Docker
+    Hub (`nginx`, `library/nginx`, `docker.io/library/nginx` are one)."""
+    repository = reference.partition("@")[0]
     slash, colon = repository.rfind("/"), repository.rfind(":")
     if colon > slash:
         repository = repository[:colon]
-    for digest in repo_digests:
-        if digest.partition("@")[0] == repository:
-            return digest
-    return repo_digests[0] if repo_digests else None
+    for hub in ("docker.io/", "index.docker.io/"):
+        repository = repository.removeprefix(hub)
+    return repository.removeprefix("library/")
 
 
 def document(entries: Mapping[str, Entries]) -> dict[str, list[dict[str, Any]]]:

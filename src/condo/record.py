@@ -257,6 +257,7 @@ def _box_out(box: Box | None) -> dict[str, Any] | None:
         "stable_at": box.stable_at,
         "label_hash": box.label_hash,
         "image_id": box.image_id,
+        "image_digest": box.image_digest,
     }
 
 
@@ -275,6 +276,7 @@ def _box_in(data: Any) -> Box | None:
         # Absent from records written before it existed.
         label_hash=None if data.get("label_hash") is None else str(data["label_hash"]),
         image_id=str(data.get("image_id") or ""),
+        image_digest=str(data.get("image_digest") or ""),
     )
 
 

@@ -37,7 +37,7 @@ import attrs
 import structlog
 import trio
 
-from condo import fsm, labels
+from condo import deploys, fsm, labels
 from condo.docker.models import Container, ContainerId, ContainerSummary
 from condo.errors import (
     BadRequest,
@@ -62,6 +62,9 @@ OBSERVE_RETRY_DELAY = 1.0
 LEFTOVER_RESYNC_DELAY = 2.0
 # A pull that makes no headway this long (a hung registry) fails as a transient error.
 PULL_LIMIT = 600.0
+# The registry digest of a started container's image is asked for within this; past it (or on
+# an error) the deploy goes on without one, and a revert to it pins the image id instead.
+DIGEST_LIMIT = 10.0
 
 
 class ContainerEngine(Protocol):
@@ -74,6 +77,7 @@ class ContainerEngine(Protocol):
     async def stop(self, cid: ContainerId, *, grace: float) -> None: ...
     async def remove(self, cid: ContainerId) -> None: ...
     async def inspect(self, cid_or_name: str) -> Container: ...
+    async def image_digests(self, image: str) -> tuple[str, ...]: ...
     async def list_containers(self, *, labels: Mapping[str, str]) -> list[ContainerSummary]: ...
     async def rename(self, cid: ContainerId, new_name: str) -> None: ...
 
@@ -342,7 +346,9 @@ class _Driver:
                 created,
                 healthcheck=info.health is not None,
                 restart_policy=info.restart_policy,
-                image_id=info.image_id,  # what a revert to this deploy pins to
+                # What a revert to this deploy pins to: the digest, else the id.
+                image_id=info.image_id,
+                image_digest=await self._digest_of(spec.image, info.image_id),
             )
             return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
         # The limit expired mid-way (a slow engine): the engine may have acted without condo
@@ -356,6 +362,20 @@ class _Driver:
         return fsm.DeployFailed(
             message=f"deploy of {name} timed out", replaced=replaced, leftover=created
         )
+
+    async def _digest_of(self, image: str, image_id: str) -> str:
+        """The registry digest (`repo@sha256:…`) of `image`'s repository that the engine knows
+        for the image `image_id`, as the history reads it (`deploys.own_digest`); "" when there
+        is none (built or loaded locally) or the engine cannot say now."""
+        if not image_id:
+            return ""
+        try:
+            with trio.fail_after(DIGEST_LIMIT):
+                digests = await self._ctx.engine.image_digests(image_id)
+        except (DockerError, trio.TooSlowError) as exc:
+            log.warning("service.digest_failed", image=image, error=str(exc) or "timed out")
+            return ""
+        return deploys.own_digest(image, digests) or ""
 
     async def _created_anyway(
         self, name: str, error: DockerError, spec: ServiceSpec
