@@ -118,7 +118,11 @@ _SCHEMAS: dict[str, Any] = {
                 "required": ["from", "to", "reason", "at"],
                 "properties": {
                     "from": {"type": "string", "description": "the failed image"},
-                    "to": {"type": "string", "description": "the image serving again"},
+                    "to": {
+                        "type": "string",
+                        "description": "the image serving again, as pinned: repo@sha256:... "
+                        "(its registry digest), else its image id",
+                    },
                     "reason": {"type": "string"},
                     "at": {"type": "number", "description": "unix seconds"},
                 },
