@@ -16,9 +16,10 @@ state alone, and the old state only tells a fresh error from one that was alread
   newest entry is a failed attempt of the same spec that never turned Stable: the retry reopens
   it (`attempts` + 1), so retries of a bad spec cannot push what serves out of the history.
 - `deploying` follows its candidate container (`container`) and turns `stable` when the state
-  serves it alone (`Stable`, or serving beside a later candidate); the digest is filled in later
-  by whoever asks the engine (`with_digest`): `Change.stabilized` tells the entries that just
-  turned stable.
+  serves it alone (`Stable`, or serving beside a later candidate), with the registry digest its
+  container's record carries (`Box.image_digest`, what a revert pins to); without one, the
+  digest is filled in later by whoever asks the engine (`with_digest`): `Change.stabilized`
+  tells the entries that just turned stable.
 - An open entry that the state no longer holds ends (`ended_at`): `removed` when the spec file
   is gone; `failed` (with the error) when the step brought a fresh error or a retry timer, unless
   a newer deploy was replacing it; `replaced` otherwise (a newer deploy took its place).
@@ -143,7 +144,7 @@ class Change:
 
     @property
     def stabilized(self) -> bool:
-        """A deploy under way turned stable (its digest is still to be asked for)."""
+        """A deploy under way turned stable (its digest is asked for unless it came along)."""
         was = None if self.before is None else self.before.outcome
         return was == "deploying" and self.after.outcome == "stable"
 
@@ -190,6 +191,7 @@ def advance(
                     container=serving.id,
                     stable_at=serving.stable_at or at,
                     error=None,
+                    digest=serving.image_digest or entry.digest,
                 )
             elif candidate is not None and _made(entry, candidate):
                 entry = attrs.evolve(entry, container=candidate.id)
@@ -328,6 +330,7 @@ def _unknown(
             outcome=cast("Outcome", outcome),
             container=box.id,
             stable_at=(box.stable_at or at) if outcome == "stable" else None,
+            digest=(box.image_digest or None) if outcome == "stable" else None,
         )
         entries = [entry, *entries]
     return entries

@@ -20,8 +20,10 @@ Invariants:
   ended `removed` (the oldest removals are forgotten first).
 - A file of another host or version is moved aside (`.foreign-<time>`), an unreadable one
   (`.corrupt-<time>`), as the state file is; an unreadable service's entries are dropped alone.
-- The digest of a deploy that turned stable is asked of the engine once (`run`), off the
-  supervision path: one pending lookup per service at most (a newer one replaces it).
+- The digest of a deploy that turned stable is the one its container's record carries (the
+  driver asks the engine at start, for a revert's pin); else it is asked of the engine once
+  (`run`), off the supervision path: one pending lookup per service at most (a newer one
+  replaces it).
 """
 
 from __future__ import annotations
@@ -134,7 +136,12 @@ class History:
         at = time.time()
         after, changes = deploys.advance(before, old, new, at)
         for change in changes:
-            if change.stabilized and change.after.container is not None:
+            # A digest the driver learned already came with the state: no second lookup.
+            if (
+                change.stabilized
+                and change.after.container is not None
+                and change.after.digest is None
+            ):
                 self._lookups[service] = change.after.container
                 self._lookup_wanted.set()
         if after != before:

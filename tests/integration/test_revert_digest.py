@@ -21,9 +21,12 @@ import httpx
 import pytest
 import trio
 
-from condo.docker import DockerClient
+from condo import deploys
+from condo.docker import DockerClient, RegistryAuth, open_docker
+from condo.errors import DockerApiError
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import CondoUnderTest, condo_files, free_port, running_condo
+from tests.integration.test_docker_client import PASSWORD, PRIVATE_REGISTRY, USER
 
 pytestmark = pytest.mark.docker
 
@@ -184,3 +187,39 @@ async def test_a_kill9_in_the_probation_of_the_next_spec_still_reverts_by_digest
         assert web["current"]["image"] == old_digest
         assert (await docker.inspect(web["current"]["id"])).image_id == old_id
         assert web["reverted"]["to"] == old_digest
+
+
+async def test_a_pinned_digest_is_pulled_with_its_registrys_credentials(
+    tmp_path: Path, docker: DockerClient, docker_cli: DockerCli
+) -> None:
+    """What a revert deploys, `repo@sha256:…`, is pulled by digest from the repository's own
+    registry, with that registry's credentials (the private one on localhost:5001)."""
+    private = f"{PRIVATE_REGISTRY}/condo-test/pin:{uuid.uuid4().hex[:12]}"
+    login = {"DOCKER_CONFIG": str(tmp_path)}
+    await docker_cli(
+        "login", "--username", USER, "--password-stdin", PRIVATE_REGISTRY,
+        stdin=PASSWORD.encode(), env=login,
+    )  # fmt: skip
+    dockerfile = f"FROM condo-test/busybox:1\nLABEL condo-test.pin={private}\n"
+    await docker_cli(
+        "build", "-q", "-t", private, "-", stdin=dockerfile.encode(), env={"DOCKER_BUILDKIT": "0"}
+    )
+    image_id = await image_id_of(docker_cli, private)
+    try:
+        await docker_cli("push", "-q", private, env=login)
+        pinned = deploys.own_digest(private, await docker.image_digests(image_id))
+        assert pinned is not None and pinned.startswith(f"{PRIVATE_REGISTRY}/condo-test/pin@")
+        await docker_cli("rmi", "-f", image_id)
+        assert not await docker.image_present(pinned)
+        with trio.fail_after(60):
+            with pytest.raises(DockerApiError, match="no basic auth credentials"):
+                await docker.pull(pinned)  # the client without credentials
+            auth = RegistryAuth.load(tmp_path / "config.json")  # what `docker login` wrote
+            async with open_docker(auth=auth) as client:
+                await client.pull(pinned)
+        assert await docker.image_present(pinned)
+        assert await image_id_of(docker_cli, pinned) == image_id
+    finally:
+        with trio.move_on_after(30, shield=True):
+            if await docker.image_present(image_id):
+                await trio.run_process(["docker", "rmi", "-f", image_id], capture_stdout=True)
