@@ -283,10 +283,12 @@
     return el("code", {class: cls || null, title: text}, text);
   }
 
-  // An image by id (a revert pins one) is 71 characters: shown short, whole on hover.
+  // A pinned image (a revert pins the digest, repo@sha256:…, or the id, sha256:…, of what ran)
+  // carries 64 hex digits: shown with 12 of them, whole on hover.
   function imageCode(text) {
     const node = mono(text, "image");
-    if (/^sha256:[0-9a-f]{64}$/.test(text)) setText(node, text.slice(0, 19) + "\u2026");
+    const pinned = /^(.*?)(sha256:[0-9a-f]{12})[0-9a-f]{52}$/.exec(text);
+    if (pinned) setText(node, pinned[1] + pinned[2] + "\u2026");
     return node;
   }
 
