@@ -390,12 +390,14 @@
     return item;
   }
 
-  function historyList(name) {
+  // The history is this condo's (/v1/history): with several hosts shown, it says whose.
+  function historyList(name, many) {
     const deploys = model.history.get(name) || [];
     if (!deploys.length) return null;
     const list = el("ol", {class: "deploys"});
     for (const deploy of deploys.slice(0, HISTORY_SHOW)) list.appendChild(deployItem(deploy));
-    const box = el("div", {class: "history"}, list);
+    const box = el("div", {class: "history"},
+      many ? el("div", {class: "label whose"}, `deploys on ${localHost()}`) : null, list);
     if (deploys.length > HISTORY_SHOW) {
       box.appendChild(el("div", {class: "muted more"}, `+ ${deploys.length - HISTORY_SHOW} earlier deploys`));
     }
@@ -405,7 +407,7 @@
   function timelineCell(name, many) {
     const entries = (model.timelines.get(name) || []).slice().reverse();
     const td = el("td", {class: "timeline"});
-    const history = historyList(name);
+    const history = historyList(name, many);
     if (history) td.appendChild(history);
     if (!entries.length) {
       td.appendChild(el("span", {class: "muted"}, history ? "" : "no change seen yet"));
