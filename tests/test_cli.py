@@ -58,7 +58,8 @@ def test_invalid_file(specs: Path) -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
-        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation\n"
+        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation,"
+        " :proxy\n"
     )
 
 
@@ -70,7 +71,8 @@ def test_mixed_files_report_each_and_fail(specs: Path) -> None:
     assert result.stdout.splitlines() == ["./web.edn: ok", "self.edn: ok"]
     assert result.stderr.splitlines() == [
         "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
-        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation",
+        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation,"
+        " :proxy",
         "empty.edn: the file is empty",
         "missing.edn: cannot read the file: No such file or directory",
     ]

@@ -363,10 +363,23 @@ def validate_files(files: Sequence[str], out: TextIO, err: TextIO) -> int:
         problem = check_file(file)
         if problem is None:
             print(f"{file}: ok", file=out)
+            for warning in spec_warnings(file):
+                print(f"{file}: warning: {warning}", file=err)
         else:
             failed = True
             print(problem, file=err)
     return 1 if failed else 0
+
+
+def spec_warnings(file: str) -> tuple[str, ...]:
+    """What a valid service spec allows but will not work as hoped (ServiceSpec.warnings)."""
+    path = Path(file)
+    if path.name == SELF_SPEC_NAME:
+        return ()
+    try:
+        return parse_spec(path.read_bytes(), file).warnings
+    except (OSError, SpecError):  # check_file just read and parsed it: a race, nothing to warn
+        return ()
 
 
 def check_file(file: str) -> SpecError | None:
