@@ -49,7 +49,7 @@ class Route:
     service: str
     listener: ProxyListener
     servers: tuple[Server, ...]
-    hold_timeout: float  # how long a connection waits for a ready server (the health timeout)
+    hold_timeout: float  # how long a connection waits for a ready server (see service_routes)
 
     @property
     def ready(self) -> Server | None:
@@ -90,7 +90,10 @@ def service_routes(name: str, state: ServiceState) -> tuple[Route, ...]:
                 service=name,
                 listener=listener,
                 servers=tuple(servers),
-                hold_timeout=desired.health_timeout,
+                # A [:Before] gap is the old container's stop, then the new one's start and
+                # health check: a connection arriving at its start waits through both.
+                hold_timeout=desired.health_timeout
+                + (desired.stop_timeout if desired.deploy.strategy == "Before" else 0.0),
             )
         )
     return tuple(routes)
