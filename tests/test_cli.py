@@ -63,6 +63,18 @@ def test_invalid_file(specs: Path) -> None:
     )
 
 
+def test_validate_warns_of_after_with_a_fixed_host_port(tmp_path: Path) -> None:
+    (tmp_path / "web.edn").write_text(
+        '{:spec {:Image "web:1" :HostConfig {:PortBindings {"80/tcp" [{:HostPort "8080"}]}}}\n'
+        " :deploy [:After 5]}"
+    )
+    result = condo_command("validate", "web.edn", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == "web.edn: ok\n"
+    assert result.stderr.startswith("web.edn: warning: [:After n] starts the new container")
+    assert "use :proxy" in result.stderr
+
+
 def test_mixed_files_report_each_and_fail(specs: Path) -> None:
     result = condo_command(
         "validate", "./web.edn", "typo.edn", "empty.edn", "self.edn", "missing.edn", cwd=specs
