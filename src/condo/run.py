@@ -83,6 +83,8 @@ class Running:
     host_directory: HostDirectory | None = None
     # The deploy notices' receivers (their counts, for /metrics) when --notify is given.
     notifier: Notifier | None = None
+    # The :proxy listeners' connections (for /metrics).
+    proxy: ProxyReconciler | None = None
 
 
 # The web task: serves the API of a running condo until `stopping` (condo.web.ApiServer).
@@ -201,6 +203,7 @@ async def _run_root(
                     consul_publisher=None if consul is None else consul.publisher,
                     host_directory=None if consul is None else consul.source,
                     notifier=notifier,
+                    proxy=proxy,
                 )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER

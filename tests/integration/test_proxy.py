@@ -171,6 +171,12 @@ async def test_switch_only_on_stable_drain_bad_spec_and_removal(condo: CondoUnde
             assert poller.failures == []
             assert collapse(poller.answers) == ["one", "two"]
 
+            # /metrics counts the connections per service and listener (HAProxy's count).
+            assert condo.running is not None and condo.running.proxy is not None
+            counts = condo.running.proxy.connections()
+            opened, accepted = counts["web", f"127.0.0.1:{port}"]
+            assert accepted >= 1 and opened >= 0
+
             # The old container's server is gone once it stopped.
             proxy = HAProxy(proxy_directory(condo.state_path))
             with trio.fail_after(15):

@@ -14,6 +14,7 @@ already is adopted as it is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,7 @@ from condo.store import Store
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY = 1.0
+STATS_DELAY = 5.0
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
 
 
@@ -51,16 +53,25 @@ class ProxyReconciler:
         self.proxy = proxy
         self._engine = engine
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
-        self._services: dict[str, str] = {}  # frontend name → service, for the metrics
+        # frontend name → (service, listen), for the metrics
+        self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
 
-    def services(self) -> Mapping[str, str]:
-        return self._services
+    def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
+        """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
+        found = {}
+        for name, (service, listen) in self._services.items():
+            stats = self.stats.get(name)
+            if stats is not None:
+                found[service, listen] = (stats.current, stats.total)
+        return found
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
         frontends = [await self._frontend(route) for route in routes]
-        self._services = {f.name: r.service for f, r in zip(frontends, routes, strict=True)}
+        self._services = {
+            f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
+        }
         wanted = haproxy.signature(frontends)
         if self._signature is None:
             self._signature = await self.proxy.running_signature()
@@ -173,8 +184,8 @@ async def run_proxy(
             # pass, and what runs keeps running meanwhile.
             log.warning("proxy.reconcile_failed", error=str(exc))
             pending = True
-        if pending:
-            with trio.move_on_after(RETRY_DELAY):
-                await store.wait_changed(seen)
-        else:
+        # Something left: try again soon. Listeners: look again now and then for the
+        # connection counts (/metrics). Else: only a change of the store matters.
+        delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
+        with trio.move_on_after(delay):
             await store.wait_changed(seen)
