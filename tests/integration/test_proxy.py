@@ -252,3 +252,45 @@ async def test_kill9_and_restart_of_condo_refuses_and_cuts_nothing(
         assert slow_answer == ["one"]
         assert poller.failures == []
         assert collapse(poller.answers) == ["one", "two"]
+
+
+async def test_a_new_listener_reloads_without_refusing_or_cutting(condo: CondoUnderTest) -> None:
+    port, other_port = free_port(), free_port()
+    with trio.fail_after(60):
+        condo.write("web", spec("one", port))
+        async with running_condo(condo):
+            await condo.wait_state("web", "Stable")
+            await wait_answer(port, "one")
+            poller = Poller(port)
+            slow_answer: list[str] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poller.run)
+
+                async def slow_get() -> None:
+                    slow_answer.append(await get(port, "/cgi-bin/slow"))
+
+                nursery.start_soon(slow_get)
+                await trio.sleep(0.3)
+                # Another service's listener: HAProxy reloads with both.
+                condo.write("api", spec("api", other_port))
+                await wait_answer(other_port, "api")
+                while not slow_answer:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+            assert slow_answer == ["one"]
+            assert poller.failures == []
+            assert set(poller.answers) == {"one"}
+
+
+async def test_a_dead_haproxy_is_started_again(condo: CondoUnderTest) -> None:
+    port = free_port()
+    with trio.fail_after(60):
+        condo.write("web", spec("one", port))
+        async with running_condo(condo):
+            await condo.wait_state("web", "Stable")
+            await wait_answer(port, "one")
+            proxy = HAProxy(proxy_directory(condo.state_path))
+            first = proxy.master_pid()
+            stop_haproxy(condo)
+            await wait_answer(port, "one", limit=15)
+            assert proxy.master_pid() not in (None, first)

@@ -57,6 +57,10 @@ class ProxyReconciler:
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
 
+    def forget(self) -> None:
+        """Look for the running HAProxy again at the next pass (after a failure)."""
+        self._signature = None
+
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
         found = {}
@@ -181,8 +185,10 @@ async def run_proxy(
             pending = await reconciler.reconcile(routes)
         except ProxyError as exc:
             # HAProxy away, a command refused, the engine not answering: all worth another
-            # pass, and what runs keeps running meanwhile.
+            # pass, and what runs keeps running meanwhile. The next pass looks for HAProxy
+            # afresh: one that died is started again.
             log.warning("proxy.reconcile_failed", error=str(exc))
+            reconciler.forget()
             pending = True
         # Something left: try again soon. Listeners: look again now and then for the
         # connection counts (/metrics). Else: only a change of the store matters.
