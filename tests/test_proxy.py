@@ -17,6 +17,7 @@ from condo.proxy import haproxy
 from condo.routes import Server, desired_routes, listener_views, service_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.specdir import SpecScanner
+from condo.store import Store
 
 FILE = "web.edn"
 
@@ -256,3 +257,16 @@ def test_inspect_gives_the_ports_published_on_loopback() -> None:
         }
     )
     assert dict(info.loopback_ports) == {"80/tcp": 32768}
+
+
+async def test_the_state_view_shows_listeners_and_warnings() -> None:
+    store = Store("h")
+    s = spec()
+    store.set_state("web", ServiceState(phase=Phase.Stable, desired=s, current=box("a", s)))
+    fixed = '{:spec {:Image "a" :HostConfig {:PortBindings {"80/tcp" [{:HostPort "80"}]}}}'
+    store.set_state("old", ServiceState(desired=parse(fixed + " :deploy [:After 1]}")))
+    web, old = store.view()["services"]["web"], store.view()["services"]["old"]
+    assert web["proxy"][0]["to"] == {"id": "a", "name": "web_a"}
+    assert web["warnings"] == []
+    assert old["proxy"] == []
+    assert "use :proxy" in old["warnings"][0]

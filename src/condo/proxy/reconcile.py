@@ -190,6 +190,12 @@ async def run_proxy(
             log.warning("proxy.reconcile_failed", error=str(exc))
             reconciler.forget()
             pending = True
+        except Exception:
+            # A bug (or an answer of a shape nobody foresaw) must not take condo down with
+            # it: the services run on, and the proxy task tries again from scratch.
+            log.exception("proxy.reconcile_crashed")
+            reconciler.forget()
+            pending = True
         # Something left: try again soon. Listeners: look again now and then for the
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
