@@ -270,3 +270,10 @@ async def test_the_state_view_shows_listeners_and_warnings() -> None:
     assert web["warnings"] == []
     assert old["proxy"] == []
     assert "use :proxy" in old["warnings"][0]
+
+
+def test_the_sockets_are_absolute_paths_for_a_relative_state_file() -> None:
+    # HAProxy reads `stats socket condo-state.json.proxy/admin.sock` as HOST:PORT.
+    proxy = haproxy.HAProxy(Path("condo-state.json.proxy"))
+    assert proxy.admin_socket.is_absolute() and proxy.config.is_absolute()
+    assert f"stats socket {proxy.admin_socket} " in haproxy.render_config(proxy.directory, [])

@@ -147,13 +147,14 @@ class HAProxy:
     """The HAProxy of one condo: its directory, its master's pid, its admin socket."""
 
     def __init__(self, directory: Path, binary: str = "haproxy") -> None:
-        self.directory = directory
+        # Absolute: HAProxy reads a socket path without a "/" as HOST:PORT (`--state x.json`).
+        self.directory = directory.absolute()
         self.binary = binary
-        self.config = directory / "haproxy.cfg"
-        self.pidfile = directory / "haproxy.pid"
-        self.master_socket = directory / "master.sock"
-        self.admin_socket = directory / "admin.sock"
-        self.logfile = directory / "haproxy.log"
+        self.config = self.directory / "haproxy.cfg"
+        self.pidfile = self.directory / "haproxy.pid"
+        self.master_socket = self.directory / "master.sock"
+        self.admin_socket = self.directory / "admin.sock"
+        self.logfile = self.directory / "haproxy.log"
 
     # --- the process ----------------------------------------------------------------------
 
@@ -238,11 +239,15 @@ class HAProxy:
         candidate = self.directory / "haproxy.cfg.new"
         await trio.to_thread.run_sync(candidate.write_text, text)
         result = await trio.run_process(
-            [self.binary, "-c", "-q", "-f", str(candidate)], capture_stderr=True, check=False
+            [self.binary, "-c", "-f", str(candidate)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         if result.returncode != 0:
-            message = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
-            raise ProxyError(f"haproxy refused its config: {' '.join(message)}")
+            output = (result.stdout + result.stderr).decode(errors="replace").splitlines()
+            alerts = [line for line in output if "ALERT" in line][:2] or output[-2:]
+            raise ProxyError(f"haproxy refused its config: {' '.join(alerts)}")
         await trio.to_thread.run_sync(os.replace, candidate, self.config)
 
     async def _worker_pid(self) -> str | None:
