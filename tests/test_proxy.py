@@ -205,8 +205,8 @@ def test_two_files_sharing_a_listen_address_are_both_errors(tmp_path: Path) -> N
     api, web = snapshot.entries["api"].error, snapshot.entries["web"].error
     assert api is not None and web is not None
     assert (api.line, web.line) == (2, 3)
-    assert "also a listener of service web" in api.message
-    assert "127.0.0.1:8080 is also a listener of service api" in web.message
+    assert f"8080 is also a listener in {tmp_path / 'web.edn'}" in api.message
+    assert f"127.0.0.1:8080 is also a listener in {tmp_path / 'api.edn'}" in web.message
     assert snapshot.entries["other"].spec is not None
 
 

@@ -661,6 +661,29 @@ def _check_proxy(value: object, container: JsonObject, fail: Fail) -> tuple[Prox
     return tuple(listeners)
 
 
+def shared_listener_errors(specs: Mapping[str, tuple[str, ServiceSpec]]) -> dict[str, SpecError]:
+    """Services (name → (file, spec)) whose `:proxy` listen addresses clash with another's: an
+    error for each, at its listener's line, naming the other's file."""
+    errors: dict[str, SpecError] = {}
+    ordered = sorted(specs.items())
+    for index, (name, (file, spec)) in enumerate(ordered):
+        for other_name, (other_file, other) in ordered[index + 1 :]:
+            for mine in spec.proxy:
+                theirs = next((t for t in other.proxy if mine.clashes(t)), None)
+                if theirs is None:
+                    continue
+                for who, where, listener, rival_file in (
+                    (name, file, mine, other_file),
+                    (other_name, other_file, theirs, file),
+                ):
+                    message = (
+                        f":proxy :listen {listener.listen} is also a listener in {rival_file}:"
+                        " a listen address belongs to one service"
+                    )
+                    errors.setdefault(who, SpecError(where, message, listener.line))
+    return errors
+
+
 def _service_from_json(data: object, file: str) -> ServiceSpec:
     def fail(message: str, _at: KeyPath = ()) -> SpecError:
         return SpecError(file, message)

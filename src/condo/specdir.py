@@ -44,6 +44,7 @@ from condo.spec import (
     check_service_name,
     parse_self_spec,
     parse_spec,
+    shared_listener_errors,
 )
 
 log = structlog.get_logger(__name__)
@@ -375,29 +376,9 @@ def _not_regular(mode: int) -> str:
 def _without_shared_listeners(entries: dict[str, SpecEntry]) -> dict[str, SpecEntry]:
     """Two services whose `:proxy` claim one listen address are both errors (file:line, naming
     the other): neither file changes what runs until one of them gives it up."""
-    valid = [(name, e) for name, e in sorted(entries.items()) if e.spec is not None]
-    errors: dict[str, SpecError] = {}
-    for index, (name, entry) in enumerate(valid):
-        assert entry.spec is not None
-        for other_name, other in valid[index + 1 :]:
-            assert other.spec is not None
-            for mine in entry.spec.proxy:
-                theirs = next((t for t in other.spec.proxy if mine.clashes(t)), None)
-                if theirs is None:
-                    continue
-                for who, at, listener, rival, rival_path in (
-                    (name, entry, mine, other_name, other.path),
-                    (other_name, other, theirs, name, entry.path),
-                ):
-                    errors.setdefault(
-                        who,
-                        SpecError(
-                            str(at.path),
-                            f":proxy :listen {listener.listen} is also a listener of service"
-                            f" {rival} ({rival_path}): a listen address belongs to one service",
-                            listener.line,
-                        ),
-                    )
+    errors = shared_listener_errors(
+        {name: (str(e.path), e.spec) for name, e in entries.items() if e.spec is not None}
+    )
     return {
         name: attrs.evolve(entry, spec=None, error=errors[name]) if name in errors else entry
         for name, entry in entries.items()
