@@ -43,8 +43,8 @@ class Walk:
 
     def observe(self, old: fsm.ServiceState | None, new: fsm.ServiceState | None = None) -> None:
         new = new or self.state
-        self.entries, stabilized = deploys.advance(self.entries, old, new, self.at().wall)
-        self.stabilized += stabilized
+        self.entries, changes = deploys.advance(self.entries, old, new, self.at().wall)
+        self.stabilized += [change.after for change in changes if change.stabilized]
         self.state = new
         self.first = False
         self.mono += 1.0
@@ -195,8 +195,8 @@ def test_a_container_adopted_from_labels_alone_gets_no_entry() -> None:
         id="x", name="web_x", spec=SPEC_A, created_at=1.0, healthcheck=False, label_hash="old"
     )
     state = fsm.ServiceState(phase=fsm.Phase.Stable, desired=SPEC_A, current=box)
-    entries, stabilized = deploys.advance((), None, state, 5.0)
-    assert (entries, stabilized) == ((), ())
+    entries, changes = deploys.advance((), None, state, 5.0)
+    assert (entries, changes) == ((), ())
 
 
 def test_the_history_keeps_the_last_fifty() -> None:

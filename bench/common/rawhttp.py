@@ -20,6 +20,9 @@ class HttpConnection:
         self._stream = stream
         self._host = host
         self._buffer = bytearray()
+        # The last answer said `Connection: close`: the server takes no further request here
+        # (hypercorn says so on the 1,000th answer of a keep-alive connection).
+        self.closing = False
 
     @classmethod
     async def open(cls, url: str) -> HttpConnection:
@@ -48,6 +51,7 @@ class HttpConnection:
         for line in lines[1:]:
             key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
+        self.closing = "close" in headers.get("connection", "").lower()
         if "content-length" in headers:
             body = await self._read_exactly(int(headers["content-length"]))
         elif headers.get("transfer-encoding", "").lower() == "chunked":

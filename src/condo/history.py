@@ -2,8 +2,10 @@
 
 `History` owns the entries (condo.deploys) of every service this condo ran, and their file,
 `<state file>.history.json`: `{"version": 1, "host": H, "services": {NAME: [DEPLOY...]}}`.
-It hears every new `ServiceState` from the Store (`on_transition`, synchronous, never blocks) and
-lets readers (`/v1/history`, the feed) wait for its version to move, latest-value, like the Store.
+It hears every new `ServiceState` from the Store (`on_transition`, synchronous, never blocks),
+tells every step's changes of the entries to its listeners (`listen`: condo.notify's notices are
+told from them, so the history and the notices never disagree) and lets readers (`/v1/history`,
+the feed) wait for its version to move, latest-value, like the Store.
 
 Why a file of its own, not a part of the state file: the state file is written ahead of every
 Docker call (the hot path), and up to 50 entries per service would multiply those bytes; the
@@ -25,7 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +35,7 @@ import structlog
 import trio
 
 from condo import deploys, persist
-from condo.deploys import DeployEntry, Entries
+from condo.deploys import DeployEntry, Entries, Step
 from condo.errors import DockerError
 from condo.fsm import ServiceState
 
@@ -69,6 +71,7 @@ class History:
         history = History(path, host)
         history.load()                              # before the first transition
         store.on_transition(history.on_transition)
+        history.listen(notifier.on_step)           # optional: told every step's changes
         await nursery.start(history.run, engine)    # writes the file, asks for digests
         ...
         await history.close(limit)                  # at shutdown: the last write
@@ -83,6 +86,7 @@ class History:
         self._changed = trio.Event()
         self._lookups: dict[str, str] = {}  # service -> container whose digest is wanted
         self._lookup_wanted = trio.Event()
+        self._listeners: list[Callable[[Step], None]] = []
         self._writer = None if path is None else persist.StateWriter(path, self.document)
 
     @property
@@ -119,19 +123,29 @@ class History:
                 log.warning("history.service_dropped", service=name, error=str(exc))
         self._changed_at = dict.fromkeys(self._entries, 0)
 
+    def listen(self, listener: Callable[[Step], None]) -> None:
+        """Call `listener` (synchronously, it must not block) after every step of a service
+        that changed its entries."""
+        self._listeners.append(listener)
+
     def on_transition(self, service: str, old: ServiceState | None, new: ServiceState) -> None:
         """A service's state changed (synchronous, O(entries)): update its deploys."""
         before = self._entries.get(service, ())
-        after, stabilized = deploys.advance(before, old, new, time.time())
-        for entry in stabilized:
-            if entry.container is not None:
-                self._lookups[service] = entry.container
+        at = time.time()
+        after, changes = deploys.advance(before, old, new, at)
+        for change in changes:
+            if change.stabilized and change.after.container is not None:
+                self._lookups[service] = change.after.container
                 self._lookup_wanted.set()
         if after != before:
             self._entries[service] = after
             if after and after[0].outcome == "removed":
                 self._forget_gone()
             self._bump((service,))
+        if changes:
+            step = Step(service, old, new, after, changes, at)
+            for listener in self._listeners:
+                listener(step)
 
     def view(self, name: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """`/v1/history`'s `services`: every service, or the one named (empty when unknown)."""

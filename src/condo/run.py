@@ -171,10 +171,10 @@ async def _run_root(
     store.on_transition(history.on_transition)
     notifier: Notifier | None = None
     if config.notify_urls:
-        # Subscribed before any service is in the store: each one's first state is a baseline.
+        # The notices are the history's changes told: one set of rules for both.
         secrets = (config.api_token or "", config.consul_token or "")
-        notifier = Notifier(store, config.notify_urls, secrets=secrets)
-        store.subscribe(notifier.on_change)
+        notifier = Notifier(config.host, config.notify_urls, secrets=secrets)
+        history.listen(notifier.on_step)
     wanted_self = WantedSelf()
 
     async with open_engine(config.docker_url, auth) as docker:

@@ -23,6 +23,7 @@ drops a connection whose sent data has not moved for that long.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -298,7 +299,7 @@ def closing_connections(app: ASGIFramework, closing: Closing) -> ASGIFramework:
 
 
 def _close_answered_connections() -> None:
-    """Make hypercorn's connection housekeeping happen after an answer.
+    """Make hypercorn's connection housekeeping happen after an answer, and never cut one.
 
     hypercorn closes a connection whose answer said `Connection: close` (or an HTTP/1.0 one),
     and arms its keep-alive timeout on an idle one, from inside the app's task, which
@@ -306,6 +307,14 @@ def _close_answered_connections() -> None:
     closed, and the idle timer is never armed. Such a client (a refused long-poll included)
     would hold its descriptor for as long as it likes. Shielded, with a bound, both happen.
     Data writes are left alone (hypercorn shields them itself; TCP_USER_TIMEOUT bounds them).
+
+    hypercorn's close (`TCPServer._close`: send_eof, then aclose) does not take the lock its
+    data writes take. When the reading task closes (the client sent more after an answer that
+    said `Connection: close` — its 1,000th on one keep-alive connection — or hung up) while the
+    app task is between writes of an answer, the app's next write meets the half-closed stream
+    busy in send_eof: BusyResourceError, "Error in ASGI Framework", and the rest of the answer
+    is lost. The close therefore waits for the write in flight (bounded and shielded, like the
+    rest); a write that comes after it finds the stream closed, which hypercorn handles quietly.
     Idempotent; patched once per process, since hypercorn offers no hook for it.
     """
     if getattr(TCPServer.protocol_send, "_condo_shielded", False):
@@ -319,8 +328,22 @@ def _close_answered_connections() -> None:
         with trio.move_on_after(HOUSEKEEPING_LIMIT, shield=True):
             await original(self, event)
 
+    async def close(self: TCPServer) -> None:
+        with trio.move_on_after(HOUSEKEEPING_LIMIT, shield=True):
+            async with self.send_lock:
+                # Gone already, or a TLS stream (no half-close): aclose does it all.
+                with contextlib.suppress(
+                    trio.BrokenResourceError,
+                    trio.BusyResourceError,
+                    trio.ClosedResourceError,
+                    AttributeError,
+                ):
+                    await self.stream.send_eof()
+        await self.stream.aclose()
+
     protocol_send._condo_shielded = True  # type: ignore[attr-defined]
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    TCPServer._close = close  # type: ignore[method-assign]
 
 
 async def serve_app(

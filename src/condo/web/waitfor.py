@@ -5,16 +5,21 @@
 everywhere; the caller owns the deadline (its cancel scope) and the shutdown guard. The picture is
 checked before the first checkpoint, so a timeout of 0 still answers "done" when it is. A stale
 picture answers nothing: the wait goes on (and its timeout says why).
+
+`SharedWaits` is how the route waits: however many requests wait for one (name, image), the
+verdict is evaluated once per picture by one task, and a final one wakes them all at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import attrs
+import trio
 
-from condo.waiting import StateSource, Verdict, evaluate
+from condo.waiting import Picture, StateSource, Verdict, evaluate
 
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 3600.0
@@ -71,3 +76,81 @@ async def wait_deployed(source: StateSource, name: str, image: str) -> Verdict:
             if verdict.done or verdict.failed:
                 return verdict
         await source.wait_beyond(picture.token)
+
+
+@attrs.define(eq=False)
+class SharedVerdict:
+    """The waits of one (name, image): evaluated once per picture, however many wait on it.
+
+    `verdict` is set once final (done, or failed for good); `answer` then holds what the web app
+    made of it (its encoded response, built once and sent to every waiter as is). Each waiter
+    holds a cancel scope in `scopes`: a final verdict cancels them all, which is their wake-up.
+    """
+
+    name: str
+    image: str
+    scopes: set[trio.CancelScope] = attrs.Factory(set)
+    evaluated: tuple[int, bool] | None = None  # (picture token, stale) of the last evaluation
+    verdict: Verdict | None = None
+    answer: object = None
+
+
+class SharedWaits:
+    """Every open wait of a source, grouped by (name, image) (see `SharedVerdict`).
+
+    `run()` is the one task that follows the source: on each new picture it evaluates every key
+    with waiters once (`evaluations` counts them), and wakes the waiters of the keys whose
+    verdict is final. A key joined between pictures is evaluated at once by `join`, so a wait
+    whose service is already deployed answers before any checkpoint.
+    """
+
+    def __init__(self, source: StateSource) -> None:
+        self.source = source
+        self.keys: dict[tuple[str, str], SharedVerdict] = {}
+        self.evaluations = 0
+
+    def join(self, name: str, image: str) -> SharedVerdict:
+        """The shared verdict of (name, image), evaluated on the current picture."""
+        key = self.keys.get((name, image))
+        if key is None:
+            key = self.keys[(name, image)] = SharedVerdict(name=name, image=image)
+        self._evaluate(key, self.source.picture())
+        return key
+
+    @contextmanager
+    def waiting(self, key: SharedVerdict) -> Iterator[trio.CancelScope]:
+        """A cancel scope that a final verdict of `key` cancels; the key goes when its last
+        waiter leaves."""
+        scope = trio.CancelScope()
+        if key.verdict is not None:
+            scope.cancel()
+        key.scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            key.scopes.discard(scope)
+            if not key.scopes and self.keys.get((key.name, key.image)) is key:
+                del self.keys[(key.name, key.image)]
+
+    async def run(self) -> None:
+        """Follow the source until cancelled."""
+        while True:
+            picture = self.source.picture()
+            for key in list(self.keys.values()):
+                self._evaluate(key, picture)
+            await self.source.wait_beyond(picture.token)
+
+    def _evaluate(self, key: SharedVerdict, picture: Picture) -> None:
+        stale = self.source.stale
+        if key.verdict is not None or key.evaluated == (picture.token, stale):
+            return
+        key.evaluated = (picture.token, stale)
+        if stale:  # a stale picture is no verdict: wait for a fresh one
+            return
+        self.evaluations += 1
+        verdict = evaluate(key.name, key.image, picture.hosts, picture.records)
+        if verdict.done or verdict.failed:
+            key.verdict = verdict
+            for scope in key.scopes:
+                scope.cancel()
