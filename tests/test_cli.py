@@ -58,8 +58,39 @@ def test_invalid_file(specs: Path) -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
-        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation\n"
+        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation,"
+        " :proxy\n"
     )
+
+
+def test_validate_warns_of_after_with_a_fixed_host_port(tmp_path: Path) -> None:
+    (tmp_path / "web.edn").write_text(
+        '{:spec {:Image "web:1" :HostConfig {:PortBindings {"80/tcp" [{:HostPort "8080"}]}}}\n'
+        " :deploy [:After 5]}"
+    )
+    result = condo_command("validate", "web.edn", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == "web.edn: ok\n"
+    assert result.stderr.startswith("web.edn: warning: [:After n] starts the new container")
+    assert "use :proxy" in result.stderr
+
+
+def test_validate_refuses_two_files_sharing_a_listen_address(tmp_path: Path) -> None:
+    (tmp_path / "a.edn").write_text('{:spec {:Image "a"}\n :proxy [{:listen "8080" :port 80}]}')
+    (tmp_path / "b.edn").write_text('{:spec {:Image "b"} :proxy [{:listen "8081" :port 80}]}')
+    (tmp_path / "c.edn").write_text(
+        '{:spec {:Image "c"}\n :proxy [{:listen "9000" :port 80}\n'
+        ' {:listen "127.0.0.1:8080" :port 80}]}'
+    )
+    result = condo_command("validate", "a.edn", "b.edn", "c.edn", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == "b.edn: ok\n"
+    assert result.stderr.splitlines() == [
+        "a.edn:2: :proxy :listen 8080 is also a listener in c.edn: a listen address belongs to"
+        " one service",
+        "c.edn:3: :proxy :listen 127.0.0.1:8080 is also a listener in a.edn: a listen address"
+        " belongs to one service",
+    ]
 
 
 def test_mixed_files_report_each_and_fail(specs: Path) -> None:
@@ -70,7 +101,8 @@ def test_mixed_files_report_each_and_fail(specs: Path) -> None:
     assert result.stdout.splitlines() == ["./web.edn: ok", "self.edn: ok"]
     assert result.stderr.splitlines() == [
         "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
-        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation",
+        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation,"
+        " :proxy",
         "empty.edn: the file is empty",
         "missing.edn: cannot read the file: No such file or directory",
     ]

@@ -26,6 +26,7 @@ import attrs
 
 from condo.errors import SpecError
 from condo.fsm import Box, Failure, Instant, Phase, Reverted, ServiceState
+from condo.routes import listener_views
 from condo.spec import ServiceSpec
 
 RECORD_VERSION = 1
@@ -183,6 +184,9 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         "spec_hash": None if state.desired is None else state.desired.container_hash,
         "spec_fields": None if state.desired is None else state.desired.field_hashes,
         "options": None if state.desired is None else state.desired.options_json,
+        # `:proxy`: each listener and the container it leads to (condo.routes).
+        "proxy": listener_views(state),
+        "warnings": [] if state.desired is None else list(state.desired.warnings),
     }
 
 

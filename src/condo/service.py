@@ -306,7 +306,7 @@ class _Driver:
         replaced = False
         created: fsm.Box | None = None
         name = effect.name or labels.generated_name(self._ctx.name)
-        body = dict(spec.container)
+        body = dict(spec.create_body)  # the container, plus the ports `:proxy` publishes
         body["Labels"] = {
             **(spec.container.get("Labels") or {}),
             **labels.for_container(self._ctx.host, self._ctx.name, spec.container_hash),

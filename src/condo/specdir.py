@@ -44,6 +44,7 @@ from condo.spec import (
     check_service_name,
     parse_self_spec,
     parse_spec,
+    shared_listener_errors,
 )
 
 log = structlog.get_logger(__name__)
@@ -245,6 +246,7 @@ class SpecScanner:
                     self_spec = scanned.self_spec
                 else:
                     problems.append(_clash(SELF_SERVICE, scanned.self_spec[0], self_spec[0]))
+        entries = _without_shared_listeners(entries)
         return SpecSnapshot(
             entries=MappingProxyType(dict(sorted(entries.items()))),
             self_spec=None if self_spec is None else self_spec[1],
@@ -369,6 +371,18 @@ def _not_regular(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "is a named pipe, not a spec file"
     return "is not a regular file"
+
+
+def _without_shared_listeners(entries: dict[str, SpecEntry]) -> dict[str, SpecEntry]:
+    """Two services whose `:proxy` claim one listen address are both errors (file:line, naming
+    the other): neither file changes what runs until one of them gives it up."""
+    errors = shared_listener_errors(
+        {name: (str(e.path), e.spec) for name, e in entries.items() if e.spec is not None}
+    )
+    return {
+        name: attrs.evolve(entry, spec=None, error=errors[name]) if name in errors else entry
+        for name, entry in entries.items()
+    }
 
 
 def _clash(name: str, loser: Path, winner: Path) -> SpecError:
