@@ -85,7 +85,7 @@ async def test_a_reverted_deploy_and_the_history_show_and_survive_a_reload(
         line = cell.locator(".line.reverted")
         await page.expect_text(
             line,
-            re.compile(rf"reverted from {BAD} → back to {PINNED}[0-9a-f]{{12}}…: .*died \(exit 7\)"),
+            re.compile(rf"reverted from {BAD} → back to {PINNED}[0-9a-f]{{12}}…: .*\(exit 7\)"),
         )
         await page.expect_text(line, re.compile(r"\(\d+s ago\)"))
         # The pinned digest is shown short, whole on hover.
