@@ -98,11 +98,7 @@ async def main(run: Run) -> Report:
                     max(s.rss for s in samples),
                 )
             )
-            span = after.at - before.at
-            threads = {
-                kind: (threads_after[kind] - threads_before.get(kind, 0.0)) / span * 100
-                for kind in threads_after
-            }
+            threads = thread_split(threads_before, threads_after, after.at - before.at)
 
         # The reaction with every service present, right after the idle windows.
         first = await events.next_after(0, lambda e: e.action == "start" and e.service == REACTING)
@@ -122,12 +118,12 @@ async def main(run: Run) -> Report:
 _TRAILING_NUMBER = re.compile(r"[\s_-]*\d+$")
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds so far of each kind of thread of `pid`: the main (Trio) thread as `main`,
-    the others by name with a trailing number dropped (Trio's workers are one kind). A thread
-    that ended between two readings takes its seconds with it: the split is a lower bound."""
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of `pid` now: its kind and its CPU seconds so far. The kind is `main` for the
+    main (Trio) thread, else the thread's name without a trailing number (Trio's workers are one
+    kind)."""
     ticks = _clock_ticks()
-    found: dict[str, float] = {}
+    found: dict[int, tuple[str, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -136,8 +132,21 @@ def thread_cpu(pid: int) -> dict[str, float]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         kind = "main" if task.name == str(pid) else _TRAILING_NUMBER.sub("", name) or name
-        found[kind] = found.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        found[int(task.name)] = (kind, (int(fields[11]) + int(fields[12])) / ticks)
     return found
+
+
+def thread_split(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], span: float
+) -> dict[str, float]:
+    """CPU % of one core of each kind of thread between two `thread_cpu` readings. A thread that
+    ended meanwhile takes its seconds with it (Trio's idle workers end after 10 s): a lower bound;
+    one that started meanwhile counts whole."""
+    split: dict[str, float] = {}
+    for tid, (kind, seconds) in after.items():
+        used = seconds - before[tid][1] if tid in before else seconds
+        split[kind] = split.get(kind, 0.0) + used / span * 100
+    return split
 
 
 def _clock_ticks() -> int:
