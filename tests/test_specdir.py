@@ -8,6 +8,7 @@ one path only, which exercises the real error path.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
@@ -750,3 +751,33 @@ def _event(mask: int, name: bytes = b"") -> bytes:
 )
 def test_inotify_events_that_wake_a_scan(events: list[bytes], wanted: bool) -> None:
     assert condo.specdir._any_wanted(b"".join(events)) is wanted
+
+
+async def test_a_prefix_inotify_cannot_watch_leaves_the_others_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = folders(tmp_path, "first", "second")
+    real = condo.specdir._libc()
+
+    class OneWatchFails:
+        inotify_init1 = real.inotify_init1
+
+        @staticmethod
+        def inotify_add_watch(fd: int, path: bytes, mask: int) -> int:
+            if path == os.fsencode(first):
+                ctypes.set_errno(errno.ENOSPC)
+                return -1
+            return int(real.inotify_add_watch(fd, path, mask))
+
+    monkeypatch.setattr(condo.specdir, "_libc", OneWatchFails)
+    published = Published()
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher([first, second], published, 60.0))
+            (second / "web.edn").write_bytes(WEB)
+            with trio.fail_after(1):
+                await published.wait_for(lambda s: "web" in s.entries)
+            nursery.cancel_scope.cancel()
+    failures = [entry for entry in logs if entry["event"] == "specdir.inotify_unavailable"]
+    assert len(failures) == 1
+    assert str(first) in failures[0]["error"]

@@ -521,18 +521,22 @@ class _Inotify:
 
     @classmethod
     def open(cls, paths: Sequence[Path]) -> _Inotify:
-        """Watch `paths`; OSError when inotify is unavailable or a path cannot be watched."""
+        """Watch `paths`; OSError when inotify is unavailable or no path can be watched. A
+        path that cannot be watched while others can is logged and left to the rescan."""
         libc = _libc()
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             raise _errno_error("inotify_init1")
-        try:
-            for path in paths:
-                if libc.inotify_add_watch(fd, os.fsencode(path), _WATCH_MASK) < 0:
-                    raise _errno_error(f"inotify_add_watch {path}")
-        except BaseException:
+        failures = [
+            _errno_error(f"inotify_add_watch {path}")  # errno is read right after the call
+            for path in paths
+            if libc.inotify_add_watch(fd, os.fsencode(path), _WATCH_MASK) < 0
+        ]
+        if len(failures) == len(paths):
             os.close(fd)
-            raise
+            raise failures[0]
+        for failure in failures:
+            log.warning("specdir.inotify_unavailable", error=str(failure))
         return cls(fd)
 
     def __enter__(self) -> _Inotify:
