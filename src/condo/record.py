@@ -10,6 +10,7 @@ One module owns both directions so that what condo writes it can always read bac
   of the same host and this version (`ForeignDocument` otherwise): anything else belongs to
   somebody else (another `--host` sharing the path, a condo of another version) and its records
   must not steer this one.
+- `StateEncoder`: the state file's bytes, re-encoding only the records whose state changed.
 - `to_view(state, now, spec_error)`: a SERVICE object of the HTTP API (doc/contract.md): `state`,
   `current`, `next`, `retry_at`, `error`, `spec_error`, plus condo's extensions.
 
@@ -18,8 +19,9 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -64,6 +66,59 @@ def state_document(
         # A failed self-deploy is remembered across restarts (not retried until it changes).
         document["self"] = dict(self_deploy)
     return document
+
+
+def _json(value: object, depth: int) -> str:
+    """`value` as it appears `depth` levels deep in the state file (condo.persist.encode_state:
+    two-space indent, UTF-8 as is, no NaN). JSON text has no raw newline inside a string, so
+    indenting every line after the first is nesting it."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False)
+    return text.replace("\n", "\n" + "  " * depth) if depth else text
+
+
+class StateEncoder:
+    """The state file's bytes: exactly `persist.encode_state(state_document(...))`, but each
+    record is encoded again only when its service's state is another object (or carries a
+    deadline: its wall-clock form moves with `now`).
+
+    Why: JSON with an indent is CPython's pure-Python encoder, about 0.1 ms per record; the
+    state is written before every Docker call (write-ahead), so with 200 services each write
+    re-encoded 200 unchanged records in the Trio thread (~25 ms) ahead of the one that changed.
+    """
+
+    def __init__(self) -> None:
+        self._fragments: dict[str, tuple[ServiceState, str]] = {}
+        self.encoded = 0  # records encoded so far (tests count them)
+
+    def encode(
+        self,
+        host: str,
+        states: Iterable[tuple[str, ServiceState]],
+        self_deploy: Mapping[str, Any] | None,
+        now: Instant,
+    ) -> bytes:
+        fragments: dict[str, tuple[ServiceState, str]] = {}
+        for name, state in states:
+            cached = self._fragments.get(name)
+            if cached is not None and cached[0] is state and state.deadline is None:
+                fragments[name] = cached
+            else:
+                fragments[name] = (state, _json(to_record(state, now), 2))
+                self.encoded += 1
+        self._fragments = fragments
+        services = (
+            "{\n    "
+            + ",\n    ".join(f"{_json(name, 0)}: {text}" for name, (_, text) in fragments.items())
+            + "\n  }"
+            if fragments
+            else "{}"
+        )
+        envelope = state_document(host, {}, self_deploy)
+        members = [
+            f"{_json(key, 0)}: {services if key == 'services' else _json(value, 1)}"
+            for key, value in envelope.items()
+        ]
+        return ("{\n  " + ",\n  ".join(members) + "\n}\n").encode()
 
 
 def read_document(document: object, host: str, now: Instant) -> Restored:

@@ -165,7 +165,7 @@ async def _run_root(
     """The root nursery, until `stopping`; then the final write."""
     store = Store(config.host)
     restored = load_state(config)
-    writer = persist.StateWriter(config.state_path, store.state_document)
+    writer = persist.StateWriter(config.state_path, store.state_bytes)
     store.subscribe(writer.mark_dirty)
     history = open_history(config.state_path, config.host)
     store.on_transition(history.on_transition)

@@ -115,6 +115,13 @@ class Mailbox:
         self._spec_changed.set()
         self._wake()
 
+    def offer_spec(self, spec: ServiceSpec | None) -> None:
+        """`set_spec`, unless `spec` is the very object already set: an unchanged spec file
+        parses to the same object (condo.specdir), and each snapshot offers every service its
+        spec; waking 200 drivers for nothing put the one that changed behind them."""
+        if not (self._spec_set and spec is self._spec):
+            self.set_spec(spec)
+
     def resend_spec(self) -> None:
         """Deliver the latest spec again (after a driver restart), if one was ever set."""
         if self._spec_set:
