@@ -140,6 +140,11 @@ class Seen:
     created_at: float
     restart_policy: str = ""
     exit_code: int = 0
+    # The image it runs, as `Box.image_id` / `Box.image_digest`: an adopted container pins a
+    # revert to it like one condo saw start (the driver asks the digest only for containers
+    # the state does not record: "" for the others).
+    image_id: str = ""
+    image_digest: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -1079,6 +1084,8 @@ def _resume_interrupted_deploy(
             created_at=adopted.created_at,
             healthcheck=adopted.health is not None,
             restart_policy=adopted.restart_policy,
+            image_id=adopted.image_id,
+            image_digest=adopted.image_digest,
         )
         started = ContainerStarted(box=box, running=True, health=adopted.health)
         after, more = _on_started(state, started, now)
