@@ -428,11 +428,11 @@ def _runs(state: ServiceState, box: Box, spec: ServiceSpec) -> bool:
     return (
         spec == state.last_good
         and box.label_hash is None
-        and _pinned(box).container_hash == spec.container_hash
+        and pinned(box).container_hash == spec.container_hash
     )
 
 
-def _pinned(box: Box) -> ServiceSpec:
+def pinned(box: Box) -> ServiceSpec:
     """`box`'s spec pinned to the image it runs, so that a re-pushed tag cannot sneak in: by its
     registry digest, which the engine pulls again if the image was removed meanwhile; by the
     engine's image id when it has no digest (never pushed nor pulled: nothing to pull it from)."""
@@ -642,7 +642,7 @@ def _deploy_good(state: ServiceState) -> ServiceState:
     current = state.current
     good = state.last_good
     if current is not None and current.label_hash is None:
-        good = _pinned(current)
+        good = pinned(current)
     return attrs.evolve(state, on_probation=False, deadline=None, attempt=0, last_good=good)
 
 
