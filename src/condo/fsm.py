@@ -140,6 +140,11 @@ class Seen:
     created_at: float
     restart_policy: str = ""
     exit_code: int = 0
+    # The image it runs, as `Box.image_id` / `Box.image_digest`: an adopted container pins a
+    # revert to it like one condo saw start (the driver asks the digest only for containers
+    # the state does not record: "" for the others).
+    image_id: str = ""
+    image_digest: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -423,11 +428,11 @@ def _runs(state: ServiceState, box: Box, spec: ServiceSpec) -> bool:
     return (
         spec == state.last_good
         and box.label_hash is None
-        and _pinned(box).container_hash == spec.container_hash
+        and pinned(box).container_hash == spec.container_hash
     )
 
 
-def _pinned(box: Box) -> ServiceSpec:
+def pinned(box: Box) -> ServiceSpec:
     """`box`'s spec pinned to the image it runs, so that a re-pushed tag cannot sneak in: by its
     registry digest, which the engine pulls again if the image was removed meanwhile; by the
     engine's image id when it has no digest (never pushed nor pulled: nothing to pull it from)."""
@@ -637,7 +642,7 @@ def _deploy_good(state: ServiceState) -> ServiceState:
     current = state.current
     good = state.last_good
     if current is not None and current.label_hash is None:
-        good = _pinned(current)
+        good = pinned(current)
     return attrs.evolve(state, on_probation=False, deadline=None, attempt=0, last_good=good)
 
 
@@ -1079,6 +1084,8 @@ def _resume_interrupted_deploy(
             created_at=adopted.created_at,
             healthcheck=adopted.health is not None,
             restart_policy=adopted.restart_policy,
+            image_id=adopted.image_id,
+            image_digest=adopted.image_digest,
         )
         started = ContainerStarted(box=box, running=True, health=adopted.health)
         after, more = _on_started(state, started, now)

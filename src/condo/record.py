@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from condo.errors import SpecError
-from condo.fsm import Box, Failure, Instant, Phase, Reverted, ServiceState
+from condo.fsm import Box, Failure, Instant, Phase, Reverted, ServiceState, pinned
 from condo.routes import listener_views
 from condo.spec import ServiceSpec
 
@@ -201,12 +201,23 @@ def from_record(data: Any, now: Instant) -> ServiceState:
             failed=_box_in(data["failed"]),
             # Absent from records written before probations existed.
             on_probation=data.get("on_probation") is True,
-            last_good=_spec_in(data.get("last_good")),
+            last_good=_spec_in(data["last_good"]) if "last_good" in data else _good_of(data),
             reverted=_reverted_in(data.get("reverted")),
         )
     except (KeyError, TypeError, ValueError, OverflowError, SpecError) as exc:
         # Every way a foreign or damaged record can fail to read ends here, as one error.
         raise RecordError(f"unreadable service record: {exc!r}") from exc
+
+
+def _good_of(data: Any) -> ServiceSpec | None:
+    """The last good spec of a record written before reverts existed: the container that served
+    then (every Stable container's deploy was good: there were no probations), so that the
+    first `:on-failure :revert` after an upgrade has something to go back to."""
+    current = _box_in(data["current"])
+    serving = Phase(data["phase"]) in (Phase.Stable, Phase.WaitNext, Phase.TryAgainNext)
+    if current is None or not serving or current.label_hash is not None:
+        return None
+    return pinned(current)
 
 
 def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> dict[str, Any]:

@@ -509,11 +509,21 @@ class _Driver:
                     labels=labels.owned_by(self._ctx.host, self._ctx.name)
                 )
                 seen = []
+                state = self._state
+                recorded = {
+                    b.id for b in (state.current, state.next, state.failed, state.replacing) if b
+                }
                 for row in rows:
                     try:
                         info = await engine.inspect(row.id)
                     except ContainerNotFound:
                         continue  # removed between the list and the inspect
+                    # One the state does not record may be adopted (a deploy interrupted by a
+                    # kill -9) and become the last good: learn what a revert would pin it to.
+                    # (Its image as created, `Config.Image`, is its spec's.)
+                    digest = ""
+                    if info.id not in recorded and info.running:
+                        digest = await self._digest_of(info.image, info.image_id)
                     seen.append(
                         fsm.Seen(
                             id=info.id,
@@ -524,6 +534,8 @@ class _Driver:
                             created_at=info.created_at,
                             restart_policy=info.restart_policy,
                             exit_code=info.exit_code,
+                            image_id=info.image_id,
+                            image_digest=digest,
                         )
                     )
                 return tuple(seen)

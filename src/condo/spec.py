@@ -270,7 +270,12 @@ class ServiceSpec:
         return options
 
     def effective_pull(self) -> PullPolicy:
-        """`pull` if set, else `always` for a floating tag (none or `latest`), else `missing`."""
+        """`pull` if set, else `always` for a floating tag (none or `latest`), else `missing`;
+        `never` for an image id (`sha256:…`, what a revert pins an image without a registry
+        digest to): no registry has it by that name, and the engine would read it as the Docker
+        Hub repository `sha256`."""
+        if self.image.startswith("sha256:"):
+            return "never"
         if self.pull is not None:
             return self.pull
         return "always" if _is_floating(self.image) else "missing"
