@@ -10,7 +10,7 @@ import attrs
 import pytest
 import trio
 
-from condo import fsm, history
+from condo import fsm, history, persist
 from condo.history import History, history_path, open_history
 from condo.spec import ServiceSpec
 
@@ -33,6 +33,20 @@ def test_what_was_written_is_read_back(tmp_path: Path) -> None:
     again = open_history(tmp_path / "s.json", "h1")
     assert again.entries == kept.entries
     assert [e.outcome for e in again.entries["web"]] == ["stable"]
+
+
+def test_the_file_bytes_are_the_document_encoding_only_changed_services_again() -> None:
+    kept = History(None, "h\u00e9")
+    assert kept.file_bytes() == persist.encode_state(kept.document())
+    for i in range(5):
+        kept.on_transition(f"s{i}", None, serving(f"app:{i}", f"a{i}"))
+    assert kept.file_bytes() == persist.encode_state(kept.document())
+    encoded = kept.encoded
+    kept.on_transition("s2", serving("app:2", "a2"), fsm.ServiceState(removed=True))
+    assert kept.file_bytes() == persist.encode_state(kept.document())
+    assert kept.encoded == encoded + 1  # s2 alone
+    assert kept.file_bytes() == persist.encode_state(kept.document())
+    assert kept.encoded == encoded + 1  # nothing changed: nothing encoded
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def state_document(
     return document
 
 
-def _json(value: object, depth: int) -> str:
+def nested_json(value: object, depth: int) -> str:
     """`value` as it appears `depth` levels deep in the state file (condo.persist.encode_state:
     two-space indent, UTF-8 as is, no NaN). JSON text has no raw newline inside a string, so
     indenting every line after the first is nesting it."""
@@ -103,19 +103,21 @@ class StateEncoder:
             if cached is not None and cached[0] is state and state.deadline is None:
                 fragments[name] = cached
             else:
-                fragments[name] = (state, _json(to_record(state, now), 2))
+                fragments[name] = (state, nested_json(to_record(state, now), 2))
                 self.encoded += 1
         self._fragments = fragments
         services = (
             "{\n    "
-            + ",\n    ".join(f"{_json(name, 0)}: {text}" for name, (_, text) in fragments.items())
+            + ",\n    ".join(
+                f"{nested_json(name, 0)}: {text}" for name, (_, text) in fragments.items()
+            )
             + "\n  }"
             if fragments
             else "{}"
         )
         envelope = state_document(host, {}, self_deploy)
         members = [
-            f"{_json(key, 0)}: {services if key == 'services' else _json(value, 1)}"
+            f"{nested_json(key, 0)}: {services if key == 'services' else nested_json(value, 1)}"
             for key, value in envelope.items()
         ]
         return ("{\n  " + ",\n  ".join(members) + "\n}\n").encode()
