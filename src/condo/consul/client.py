@@ -81,6 +81,7 @@ class Listing:
 
     index: int
     entries: tuple[Entry, ...]
+    size: int = 0  # the bytes of Consul's answer (its body as condo parsed it: after gzip)
 
 
 def parse_endpoint(endpoint: str) -> str:
@@ -293,13 +294,14 @@ class ConsulClient:
         except ValueError:
             raise ConsulError(f"GET {path}: an X-Consul-Index that is not a number") from None
         if response.status_code == 404:
-            return Listing(index=new_index, entries=())
+            return Listing(index=new_index, entries=(), size=len(response.content))
         if response.status_code != 200:
             raise _error_for("GET", path, response)
         data = self._json("GET", path, response)
         if not isinstance(data, list):
             raise ConsulError(f"GET {path}: an answer that is not a list", status=200)
-        return Listing(index=new_index, entries=tuple(_entries(data)))
+        entries = tuple(_entries(data))
+        return Listing(index=new_index, entries=entries, size=len(response.content))
 
 
 def _entries(data: list[Any]) -> Iterator[Entry]:
