@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import random
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from logging import WARNING
+from pathlib import Path
 
 import attrs
 import httpx
+import structlog
 import trio
 
 from bench.common.condos import Condo, CondoSpec, Transition, condo_python, open_condos, stable
@@ -35,8 +40,13 @@ from bench.common.rawhttp import HttpConnection, wait_metric_at_least
 from bench.common.report import Bar, Report
 from bench.common.run import BUSYBOX, BUSYBOX_2, Run
 from bench.common.specs import spec_text, write_spec
-from bench.common.stats import ms
+from bench.common.stats import Scalar, ms
 from bench.common.wait import BenchError, deadline, wall
+from condo.consul import ConsulClient, ConsulSource, KeyLayout, Publisher
+from condo.fsm import Box, Phase, ServiceState
+from condo.spec import ServiceSpec
+from condo.store import Store
+from condo.waiting import Picture
 
 HOSTS, QUICK_HOSTS = 20, 3
 SERVICES, QUICK_SERVICES = 20, 3
@@ -125,6 +135,7 @@ async def main(run: Run) -> Report:
                     break
                 await trio.sleep(5.0)  # someone else paused Consul: give it time
 
+    sim_rows, sim_figures, sim_bar = await simulated(run)
     rollout = attempts[-1]
     answer_delay = ms(rollout.answered - rollout.last_stable)
     wait_delay = ms(rollout.waited - rollout.last_stable)
@@ -175,6 +186,7 @@ async def main(run: Run) -> Report:
                 f"{len(writes) / window:.1f} /s ({len(writes)}, {kv} KV)",
             ),
             ("Consul writes per host at rest", f"{rest_rate / hosts:.2f} /s"),
+            *sim_rows,
         ),
         figures={
             "hosts": hosts,
@@ -190,6 +202,7 @@ async def main(run: Run) -> Report:
             "discarded_attempts": len(attempts) - 1,
             "consul_stall_rollout_s": round(rollout.stall, 2),
             "consul_stall_converge_s": round(converge_stall, 2),
+            **sim_figures,
         },
         bars=(
             Bar(
@@ -204,6 +217,7 @@ async def main(run: Run) -> Report:
                 limit=ANSWER_BAR,
                 unit="ms",
             ),
+            sim_bar,
         ),
         notes=tuple(notes),
     )
@@ -366,3 +380,284 @@ async def _wait_for(url: str, name: str, image: str) -> None:
         await connection.aclose()
     if status != 200:
         raise BenchError(f"/v1/wait_for {name} {image} answered {status}: {body[:300]!r}")
+
+
+# --- the simulated cell: many hosts, a few real condos ----------------------------------------
+
+SIM_HOSTS, QUICK_SIM_HOSTS = 200, 5
+SIM_SERVICES, QUICK_SIM_SERVICES = 20, 3
+SIM_REAL = 2  # real condos among the simulated hosts (the first serves the API)
+SIM_BAR = 250.0  # ms after the last host's → Stable
+SIM_SPREAD = 2.0  # the simulated hosts turn Stable within this many seconds of the rewrite
+SIM_DEPLOY = 0.3  # seconds a simulated host spends deploying the new image
+SIM_PUBLISHED = 120.0  # bound on every simulated key showing in Consul
+SIM_SEED = 12
+
+
+@attrs.frozen(kw_only=True)
+class _SimRollout:
+    updated: float
+    last_stable: float  # the last host's → Stable: a real condo's log line or a simulated store
+    answered: float
+    waited: float
+    reads: int  # the observer's reads (one per wake-up) during the rollout
+    read_bytes: int
+    decodes: int
+    agent_cpu: float  # seconds of CPU
+    condo_cpu: float
+    simulator_cpu: float  # this process: the simulated hosts' publishers (and the observer)
+    window: float
+
+
+def _box(service: str, image: str) -> Box:
+    spec = ServiceSpec(container={"Image": image})
+    return Box(id=f"sim-{service}-{image}", name=service, spec=spec, created_at=1.0,
+               healthcheck=False, stable_at=1.0)  # fmt: skip
+
+
+def _sim_stable(service: str, image: str) -> ServiceState:
+    box = _box(service, image)
+    return ServiceState(phase=Phase.Stable, desired=box.spec, current=box)
+
+
+def _sim_deploying(service: str, old: str, image: str) -> ServiceState:
+    current, candidate = _box(service, old), _box(service, image)
+    return ServiceState(phase=Phase.Wait, desired=candidate.spec, current=current, next=candidate)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def consul_agent_pid() -> int | None:
+    """The Consul dev agent's pid (scripts/test-env starts `consul agent -dev ...`)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[0].endswith(b"consul") and argv[1] == b"agent":
+            return int(proc.name)
+    return None
+
+
+async def simulated(run: Run) -> tuple[list[tuple[str, str]], dict[str, Scalar], Bar]:
+    """SIM_HOSTS hosts of SIM_SERVICES Stable services, published by condo's own Publisher (one
+    session each, real Consul traffic, no containers) beside SIM_REAL real condos running TARGET;
+    one rollout of TARGET everywhere; the rows, figures and bar of it."""
+    hosts = QUICK_SIM_HOSTS if run.quick else SIM_HOSTS
+    size = QUICK_SIM_SERVICES if run.quick else SIM_SERVICES
+    real = 1 if run.quick else SIM_REAL
+    names = [TARGET, *(f"m{i:02d}" for i in range(1, size))]
+    prefix = run.consul_prefix("multisim")
+    layout = KeyLayout.of(prefix)
+    stores: dict[str, Store] = {}
+    for i in range(1, hosts + 1):
+        store = Store(run.host(f"s{i}"))
+        for name in names:
+            store.set_state(name, _sim_stable(name, BUSYBOX))
+        store.mark_settled()
+        stores[store.host] = store
+    agent = consul_agent_pid()
+    # The publishers log as condo does (debug: every call): this process prints the report only.
+    logging = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(WARNING))
+    try:
+        rollout = await _simulating(run, stores, layout, real, agent)
+    finally:
+        structlog.configure(**logging)
+    answer = ms(rollout.answered - rollout.last_stable)
+    waited = ms(rollout.waited - rollout.last_stable)
+    wakes = max(rollout.reads, 1)
+    label = f"{hosts} simulated + {real} real hosts x {size} services"
+    rows = [
+        (f"{label}: last host Stable → /v1/wait_for answered", f"{answer} ms"),
+        (f"{label}: last host Stable → `condo wait` exited 0", f"{waited} ms"),
+        (
+            "… a watcher's wake-ups in the rollout; bytes read and values decoded per wake-up",
+            f"{rollout.reads}; {rollout.read_bytes / wakes / 1024:.0f} KiB; "
+            f"{rollout.decodes / wakes:.1f} of {hosts * size + 2 * hosts} keys",
+        ),
+        (
+            f"… CPU in the rollout ({rollout.window:.1f} s): Consul agent, condo (API), simulator",
+            f"{100 * rollout.agent_cpu / rollout.window:.0f} %, "
+            f"{100 * rollout.condo_cpu / rollout.window:.0f} %, "
+            f"{100 * rollout.simulator_cpu / rollout.window:.0f} % of a core",
+        ),
+    ]
+    figures: dict[str, Scalar] = {
+        "sim_hosts": hosts,
+        "sim_services_per_host": size,
+        "sim_real_condos": real,
+        "sim_answer_after_last_stable_ms": answer,
+        "sim_condo_wait_after_last_stable_ms": waited,
+        "sim_wakeups": rollout.reads,
+        "sim_read_bytes_per_wakeup": round(rollout.read_bytes / wakes),
+        "sim_decodes_per_wakeup": round(rollout.decodes / wakes, 2),
+        "sim_agent_cpu_pct": round(100 * rollout.agent_cpu / rollout.window, 1),
+        "sim_condo_cpu_pct": round(100 * rollout.condo_cpu / rollout.window, 1),
+        "sim_simulator_cpu_pct": round(100 * rollout.simulator_cpu / rollout.window, 1),
+    }
+    bar = Bar(
+        label=f"condo wait exits after the last of {hosts + real} hosts Stable",
+        value=waited,
+        limit=SIM_BAR,
+        unit="ms",
+    )
+    return rows, figures, bar
+
+
+async def _simulating(
+    run: Run, stores: Mapping[str, Store], layout: KeyLayout, real: int, agent: int | None
+) -> _SimRollout:
+    """The simulated hosts' publishers, a watcher like each condo's, the real condos; the
+    rollout."""
+    hosts = len(stores)
+    size = len(next(iter(stores.values())).entries)
+    limits = httpx.Limits(max_connections=hosts + 20, max_keepalive_connections=hosts + 20)
+    endpoint = f"http://{CONSUL_HOST}:{CONSUL_PORT}"
+    async with (
+        httpx.AsyncClient(base_url=endpoint, limits=limits, trust_env=False) as http,
+        trio.open_nursery() as simulator,
+    ):
+        client = ConsulClient(http)
+        # condo's own watcher, as each real condo runs it: counts its reads, bytes and decodes.
+        observer = ConsulSource(client, layout)
+        await simulator.start(observer.run)
+        for host, store in stores.items():
+            await simulator.start(Publisher(client, store, layout, host).run)
+        specs = [
+            CondoSpec(
+                name=f"r{i}",
+                host=run.host(f"r{i}"),
+                server=i == 1,
+                extra=("--expose", "consul", "--consul-prefix", layout.prefix),
+                profile=i == 1,
+            )
+            for i in range(1, real + 1)
+        ]
+        async with open_condos(run, specs) as condos:
+            api = condos[0]
+            with deadline(120, f"{real} condos ready"):
+                for one in condos:
+                    await one.wait_ready()
+            assert api.url is not None
+            text = spec_text(run, BUSYBOX, deploy="[:After 0]")
+            for one in condos:
+                write_spec(one.specs, TARGET, text)
+            with deadline(LIMIT, f"{real} real condos Stable"):
+                old = {k: t.container for k, t in (await _all_stable(condos, [TARGET], {})).items()}
+            with deadline(SIM_PUBLISHED, f"{hosts} x {size} simulated keys in Consul"):
+                await _until_pictured(observer, lambda p: _counted(p, stores, size))
+                await _wait_for(api.url, TARGET, BUSYBOX)
+            await trio.sleep(1.0)
+            rollout = await _sim_rollout(run, condos, old, stores, observer, agent)
+        simulator.cancel_scope.cancel()
+    return rollout
+
+
+async def _until_pictured(source: ConsulSource, predicate: Callable[[Picture], bool]) -> None:
+    while not predicate(picture := source.picture()):
+        await source.wait_beyond(picture.token)
+
+
+def _counted(picture: Picture, stores: Mapping[str, Store], size: int) -> bool:
+    return all(len(picture.hosts.get(host, ())) == size for host in stores)
+
+
+async def _sim_rollout(
+    run: Run,
+    condos: list[Condo],
+    old: Mapping[tuple[str, str], str | None],
+    stores: Mapping[str, Store],
+    observer: ConsulSource,
+    agent: int | None,
+) -> _SimRollout:
+    """Hold a long-poll and a `condo wait` for TARGET on BUSYBOX_2; rewrite the real condos'
+    spec, and turn the simulated hosts Stable on it in a random order within SIM_SPREAD."""
+    api = condos[0]
+    assert api.url is not None
+    image = BUSYBOX_2
+    query = urllib.parse.urlencode({"name": TARGET, "image": image, "timeout": "600"})
+    argv = [condo_python(), "-m", "condo", "wait", "--name", TARGET, "--image", image]
+    argv += ["--url", api.url, "--timeout", "600"]
+    waited: list[float] = []
+    turned: list[float] = []
+    order = random.Random(SIM_SEED)
+    offsets = {host: order.uniform(0, SIM_SPREAD) for host in stores}
+
+    async def simulate(store: Store, offset: float) -> None:
+        await trio.sleep(offset)
+        store.set_state(TARGET, _sim_deploying(TARGET, BUSYBOX, image))
+        await trio.sleep(SIM_DEPLOY)
+        store.set_state(TARGET, _sim_stable(TARGET, image))
+        turned.append(wall())
+
+    connection = await HttpConnection.open(api.url)
+    try:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process, argv, capture_stdout=True, capture_stderr=True, check=False
+                )
+            )
+            nursery.start_soon(_exited, process, waited)
+            await connection.send_get(f"/v1/wait_for?{query}")
+            with deadline(60, "the long-poll and condo wait held"):
+                await wait_metric_at_least(api.url, "condo_web_open_waits", 2)
+            cpu = _Cpu(agent, api.pid)
+            reads, read_bytes, decodes = observer.reads, observer.read_bytes, observer.decodes
+            text = spec_text(run, image, deploy="[:After 0]")
+            updated = wall()
+            for one in condos:
+                write_spec(one.specs, TARGET, text)
+            async with trio.open_nursery() as hosts:
+                for host, store in stores.items():
+                    hosts.start_soon(simulate, store, offsets[host])
+            with deadline(LIMIT, "the update answered"):
+                status, body = await connection.read_response()
+                answered = wall()
+                await process.wait()
+            spent = cpu.spent()
+            reads = observer.reads - reads
+            read_bytes, decodes = observer.read_bytes - read_bytes, observer.decodes - decodes
+    finally:
+        await connection.aclose()
+    if status != 200 or b'"ok"' not in body:
+        raise BenchError(f"/v1/wait_for answered {status}: {body[:300]!r}")
+    if process.returncode != 0:
+        raise BenchError(f"condo wait exited {process.returncode}")
+    with deadline(LIMIT, "every real condo Stable on the new image"):
+        done = await _all_stable(condos, [TARGET], old)
+    last_stable = max([*turned, *(t.at for t in done.values())])
+    return _SimRollout(
+        updated=updated,
+        last_stable=last_stable,
+        answered=answered,
+        waited=waited[0],
+        reads=reads,
+        read_bytes=read_bytes,
+        decodes=decodes,
+        agent_cpu=spent[0],
+        condo_cpu=spent[1],
+        simulator_cpu=spent[2],
+        window=max(answered - updated, 1e-3),
+    )
+
+
+class _Cpu:
+    """CPU seconds spent by the Consul agent, a condo and this process since construction."""
+
+    def __init__(self, agent: int | None, condo: int) -> None:
+        self._pids = (agent, condo, os.getpid())
+        self._start = self._now()
+
+    def _now(self) -> tuple[float, ...]:
+        return tuple(0.0 if pid is None else _cpu_seconds(pid) for pid in self._pids)
+
+    def spent(self) -> tuple[float, ...]:
+        return tuple(b - a for a, b in zip(self._start, self._now(), strict=True))
