@@ -23,6 +23,8 @@ import contextlib
 import functools
 import os
 import random
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from logging import WARNING
@@ -447,46 +449,41 @@ def consul_agent_pid() -> int | None:
 
 async def simulated(run: Run) -> tuple[list[tuple[str, str]], dict[str, Scalar], Bar]:
     """SIM_HOSTS hosts of SIM_SERVICES Stable services, published by condo's own Publisher (one
-    session each, real Consul traffic, no containers) beside SIM_REAL real condos running TARGET;
-    one rollout of TARGET everywhere; the rows, figures and bar of it."""
+    session each, real Consul traffic, no containers; in a child process: `simulate`) beside
+    SIM_REAL real condos running TARGET; one rollout of TARGET everywhere; the rows, figures and
+    bar of it. A watcher like each condo's (condo's ConsulSource, in this process) counts the
+    reads, bytes and decodes of every wake-up."""
     hosts = QUICK_SIM_HOSTS if run.quick else SIM_HOSTS
     size = QUICK_SIM_SERVICES if run.quick else SIM_SERVICES
     real = 1 if run.quick else SIM_REAL
-    names = [TARGET, *(f"m{i:02d}" for i in range(1, size))]
-    prefix = run.consul_prefix("multisim")
-    layout = KeyLayout.of(prefix)
-    stores: dict[str, Store] = {}
-    for i in range(1, hosts + 1):
-        store = Store(run.host(f"s{i}"))
-        for name in names:
-            store.set_state(name, _sim_stable(name, BUSYBOX))
-        store.mark_settled()
-        stores[store.host] = store
-    agent = consul_agent_pid()
-    # The publishers log as condo does (debug: every call): this process prints the report only.
+    layout = KeyLayout.of(run.consul_prefix("multisim"))
+    names = {run.host(f"s{i}") for i in range(1, hosts + 1)}
+    argv = [condo_python(), "-m", "bench.multihost", "simulate", layout.prefix]
+    argv += [run.host("s"), str(hosts), str(size)]
+    # condo's code logs every Consul call (debug): this process prints the report only.
     logging = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(WARNING))
     try:
-        rollout = await _simulating(run, stores, layout, real, agent)
+        rollout = await _simulating(run, layout, real, argv, names, size)
     finally:
         structlog.configure(**logging)
     answer = ms(rollout.answered - rollout.last_stable)
     waited = ms(rollout.waited - rollout.last_stable)
     wakes = max(rollout.reads, 1)
     label = f"{hosts} simulated + {real} real hosts x {size} services"
+    window = rollout.window
     rows = [
         (f"{label}: last host Stable → /v1/wait_for answered", f"{answer} ms"),
         (f"{label}: last host Stable → `condo wait` exited 0", f"{waited} ms"),
         (
             "… a watcher's wake-ups in the rollout; bytes read and values decoded per wake-up",
             f"{rollout.reads}; {rollout.read_bytes / wakes / 1024:.0f} KiB; "
-            f"{rollout.decodes / wakes:.1f} of {hosts * size + 2 * hosts} keys",
+            f"{rollout.decodes / wakes:.1f} of {hosts * (size + 2)} keys",
         ),
         (
-            f"… CPU in the rollout ({rollout.window:.1f} s): Consul agent, condo (API), simulator",
-            f"{100 * rollout.agent_cpu / rollout.window:.0f} %, "
-            f"{100 * rollout.condo_cpu / rollout.window:.0f} %, "
-            f"{100 * rollout.simulator_cpu / rollout.window:.0f} % of a core",
+            f"… CPU in the rollout ({window:.1f} s): Consul agent, condo (API), simulator",
+            f"{100 * rollout.agent_cpu / window:.0f} %, {100 * rollout.condo_cpu / window:.0f} %, "
+            f"{100 * rollout.simulator_cpu / window:.0f} % of a core",
         ),
     ]
     figures: dict[str, Scalar] = {
@@ -498,9 +495,9 @@ async def simulated(run: Run) -> tuple[list[tuple[str, str]], dict[str, Scalar],
         "sim_wakeups": rollout.reads,
         "sim_read_bytes_per_wakeup": round(rollout.read_bytes / wakes),
         "sim_decodes_per_wakeup": round(rollout.decodes / wakes, 2),
-        "sim_agent_cpu_pct": round(100 * rollout.agent_cpu / rollout.window, 1),
-        "sim_condo_cpu_pct": round(100 * rollout.condo_cpu / rollout.window, 1),
-        "sim_simulator_cpu_pct": round(100 * rollout.simulator_cpu / rollout.window, 1),
+        "sim_agent_cpu_pct": round(100 * rollout.agent_cpu / window, 1),
+        "sim_condo_cpu_pct": round(100 * rollout.condo_cpu / window, 1),
+        "sim_simulator_cpu_pct": round(100 * rollout.simulator_cpu / window, 1),
     }
     bar = Bar(
         label=f"condo wait exits after the last of {hosts + real} hosts Stable",
@@ -512,52 +509,88 @@ async def simulated(run: Run) -> tuple[list[tuple[str, str]], dict[str, Scalar],
 
 
 async def _simulating(
-    run: Run, stores: Mapping[str, Store], layout: KeyLayout, real: int, agent: int | None
+    run: Run, layout: KeyLayout, real: int, argv: list[str], names: set[str], size: int
 ) -> _SimRollout:
-    """The simulated hosts' publishers, a watcher like each condo's, the real condos; the
-    rollout."""
-    hosts = len(stores)
-    size = len(next(iter(stores.values())).entries)
-    limits = httpx.Limits(max_connections=hosts + 20, max_keepalive_connections=hosts + 20)
+    hosts = len(names)
     endpoint = f"http://{CONSUL_HOST}:{CONSUL_PORT}"
     async with (
-        httpx.AsyncClient(base_url=endpoint, limits=limits, trust_env=False) as http,
-        trio.open_nursery() as simulator,
+        httpx.AsyncClient(base_url=endpoint, trust_env=False) as http,
+        trio.open_nursery() as nursery,
     ):
-        client = ConsulClient(http)
-        # condo's own watcher, as each real condo runs it: counts its reads, bytes and decodes.
-        observer = ConsulSource(client, layout)
-        await simulator.start(observer.run)
-        for host, store in stores.items():
-            await simulator.start(Publisher(client, store, layout, host).run)
-        specs = [
-            CondoSpec(
-                name=f"r{i}",
-                host=run.host(f"r{i}"),
-                server=i == 1,
-                extra=("--expose", "consul", "--consul-prefix", layout.prefix),
-                profile=i == 1,
-            )
-            for i in range(1, real + 1)
-        ]
-        async with open_condos(run, specs) as condos:
-            api = condos[0]
-            with deadline(120, f"{real} condos ready"):
+        observer = ConsulSource(ConsulClient(http), layout)
+        await nursery.start(observer.run)
+        simulator = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=str(Path(__file__).parent.parent),
+        )
+        try:
+            assert simulator.stdin is not None
+            assert simulator.stdout is not None
+            lines = _Lines(simulator.stdout)
+            specs = [
+                CondoSpec(
+                    name=f"r{i}",
+                    host=run.host(f"r{i}"),
+                    server=i == 1,
+                    extra=("--expose", "consul", "--consul-prefix", layout.prefix),
+                    profile=i == 1,
+                )
+                for i in range(1, real + 1)
+            ]
+            async with open_condos(run, specs) as condos:
+                api = condos[0]
+                with deadline(120, f"{real} condos ready"):
+                    for one in condos:
+                        await one.wait_ready()
+                assert api.url is not None
+                text = spec_text(run, BUSYBOX, deploy="[:After 0]")
                 for one in condos:
-                    await one.wait_ready()
-            assert api.url is not None
-            text = spec_text(run, BUSYBOX, deploy="[:After 0]")
-            for one in condos:
-                write_spec(one.specs, TARGET, text)
-            with deadline(LIMIT, f"{real} real condos Stable"):
-                old = {k: t.container for k, t in (await _all_stable(condos, [TARGET], {})).items()}
-            with deadline(SIM_PUBLISHED, f"{hosts} x {size} simulated keys in Consul"):
-                await _until_pictured(observer, lambda p: _counted(p, stores, size))
-                await _wait_for(api.url, TARGET, BUSYBOX)
-            await trio.sleep(1.0)
-            rollout = await _sim_rollout(run, condos, old, stores, observer, agent)
-        simulator.cancel_scope.cancel()
+                    write_spec(one.specs, TARGET, text)
+                with deadline(LIMIT, f"{real} real condos Stable"):
+                    done = await _all_stable(condos, [TARGET], {})
+                with deadline(SIM_PUBLISHED, f"{hosts} x {size} simulated keys in Consul"):
+                    await lines.expect("ready")
+                    await _until_pictured(
+                        observer,
+                        lambda p: all(len(p.hosts.get(h, ())) == size for h in names),
+                    )
+                    await _wait_for(api.url, TARGET, BUSYBOX)
+                await trio.sleep(1.0)
+                old = {key: t.container for key, t in done.items()}
+                rollout = await _sim_rollout(run, condos, old, simulator, lines, observer)
+        finally:
+            if simulator.stdin is not None:
+                await simulator.stdin.aclose()  # the simulator ends its sessions and exits
+            with trio.move_on_after(10):
+                await simulator.wait()
+            simulator.kill()
+        nursery.cancel_scope.cancel()
     return rollout
+
+
+class _Lines:
+    """Lines from a child's stdout."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some()
+            if not chunk:
+                raise BenchError("the simulator exited")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    async def expect(self, word: str) -> str:
+        line = await self.next()
+        if not line.startswith(word):
+            raise BenchError(f"the simulator said {line!r}, not {word}")
+        return line.removeprefix(word).strip()
 
 
 async def _until_pictured(source: ConsulSource, predicate: Callable[[Picture], bool]) -> None:
@@ -565,38 +598,24 @@ async def _until_pictured(source: ConsulSource, predicate: Callable[[Picture], b
         await source.wait_beyond(picture.token)
 
 
-def _counted(picture: Picture, stores: Mapping[str, Store], size: int) -> bool:
-    return all(len(picture.hosts.get(host, ())) == size for host in stores)
-
-
 async def _sim_rollout(
     run: Run,
     condos: list[Condo],
     old: Mapping[tuple[str, str], str | None],
-    stores: Mapping[str, Store],
+    simulator: trio.Process,
+    lines: _Lines,
     observer: ConsulSource,
-    agent: int | None,
 ) -> _SimRollout:
     """Hold a long-poll and a `condo wait` for TARGET on BUSYBOX_2; rewrite the real condos'
-    spec, and turn the simulated hosts Stable on it in a random order within SIM_SPREAD."""
+    spec, and have the simulated hosts turn Stable on it (in a random order within SIM_SPREAD)."""
     api = condos[0]
     assert api.url is not None
+    assert simulator.stdin is not None
     image = BUSYBOX_2
     query = urllib.parse.urlencode({"name": TARGET, "image": image, "timeout": "600"})
     argv = [condo_python(), "-m", "condo", "wait", "--name", TARGET, "--image", image]
     argv += ["--url", api.url, "--timeout", "600"]
     waited: list[float] = []
-    turned: list[float] = []
-    order = random.Random(SIM_SEED)
-    offsets = {host: order.uniform(0, SIM_SPREAD) for host in stores}
-
-    async def simulate(store: Store, offset: float) -> None:
-        await trio.sleep(offset)
-        store.set_state(TARGET, _sim_deploying(TARGET, BUSYBOX, image))
-        await trio.sleep(SIM_DEPLOY)
-        store.set_state(TARGET, _sim_stable(TARGET, image))
-        turned.append(wall())
-
     connection = await HttpConnection.open(api.url)
     try:
         async with trio.open_nursery() as nursery:
@@ -609,15 +628,13 @@ async def _sim_rollout(
             await connection.send_get(f"/v1/wait_for?{query}")
             with deadline(60, "the long-poll and condo wait held"):
                 await wait_metric_at_least(api.url, "condo_web_open_waits", 2)
-            cpu = _Cpu(agent, api.pid)
+            cpu = _Cpu(consul_agent_pid(), api.pid, simulator.pid)
             reads, read_bytes, decodes = observer.reads, observer.read_bytes, observer.decodes
             text = spec_text(run, image, deploy="[:After 0]")
             updated = wall()
+            await simulator.stdin.send_all(f"rollout {image}\n".encode())
             for one in condos:
                 write_spec(one.specs, TARGET, text)
-            async with trio.open_nursery() as hosts:
-                for host, store in stores.items():
-                    hosts.start_soon(simulate, store, offsets[host])
             with deadline(LIMIT, "the update answered"):
                 status, body = await connection.read_response()
                 answered = wall()
@@ -625,6 +642,8 @@ async def _sim_rollout(
             spent = cpu.spent()
             reads = observer.reads - reads
             read_bytes, decodes = observer.read_bytes - read_bytes, observer.decodes - decodes
+            with deadline(LIMIT, "the simulated hosts Stable"):
+                last_simulated = float(await lines.expect("stable"))
     finally:
         await connection.aclose()
     if status != 200 or b'"ok"' not in body:
@@ -633,10 +652,9 @@ async def _sim_rollout(
         raise BenchError(f"condo wait exited {process.returncode}")
     with deadline(LIMIT, "every real condo Stable on the new image"):
         done = await _all_stable(condos, [TARGET], old)
-    last_stable = max([*turned, *(t.at for t in done.values())])
     return _SimRollout(
         updated=updated,
-        last_stable=last_stable,
+        last_stable=max(last_simulated, *(t.at for t in done.values())),
         answered=answered,
         waited=waited[0],
         reads=reads,
@@ -650,10 +668,10 @@ async def _sim_rollout(
 
 
 class _Cpu:
-    """CPU seconds spent by the Consul agent, a condo and this process since construction."""
+    """CPU seconds spent by some processes (None: not found, counted 0) since construction."""
 
-    def __init__(self, agent: int | None, condo: int) -> None:
-        self._pids = (agent, condo, os.getpid())
+    def __init__(self, *pids: int | None) -> None:
+        self._pids = pids
         self._start = self._now()
 
     def _now(self) -> tuple[float, ...]:
@@ -661,3 +679,69 @@ class _Cpu:
 
     def spent(self) -> tuple[float, ...]:
         return tuple(b - a for a, b in zip(self._start, self._now(), strict=True))
+
+
+# --- the simulator (a child process: `python -m bench.multihost simulate ...`) ----------------
+
+
+async def simulate(prefix: str, stem: str, count: int, size: int) -> None:
+    """`count` hosts (`<stem>1`...) of `size` Stable services on BUSYBOX, each published by its
+    own condo Publisher (its own session); says `ready` once every key is written. On `rollout
+    IMAGE` (stdin), each host deploys TARGET on IMAGE, at a random moment within SIM_SPREAD, and
+    says `stable <wall time of the last>` once all are Stable. Ends (destroying the sessions) when
+    stdin closes."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(WARNING))
+    layout = KeyLayout.of(prefix)
+    names = [TARGET, *(f"m{i:02d}" for i in range(1, size))]
+    stores = [Store(f"{stem}{i}") for i in range(1, count + 1)]
+    for store in stores:
+        for name in names:
+            store.set_state(name, _sim_stable(name, BUSYBOX))
+        store.mark_settled()
+    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
+    endpoint = f"http://{CONSUL_HOST}:{CONSUL_PORT}"
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    async with (
+        httpx.AsyncClient(base_url=endpoint, limits=limits, trust_env=False) as http,
+        trio.open_nursery() as nursery,
+    ):
+        client = ConsulClient(http)
+        publishers = [Publisher(client, store, layout, store.host) for store in stores]
+        for publisher in publishers:
+            await nursery.start(publisher.run)
+        # Polling: the publishers have no event for "confirmed"; a tenth of a second is nothing.
+        while not all(len(p.published) == size for p in publishers):  # noqa: ASYNC110
+            await trio.sleep(0.1)
+        print("ready", flush=True)
+        commands = _Lines(stdin)
+        while True:
+            try:
+                command = (await commands.next()).split()
+            except BenchError:
+                break  # stdin closed: the end
+            if command[:1] == ["rollout"]:
+                await _deploy(stores, command[1])
+        nursery.cancel_scope.cancel()
+
+
+async def _deploy(stores: list[Store], image: str) -> None:
+    order = random.Random(SIM_SEED)
+    turned: list[float] = []
+
+    async def one(store: Store, offset: float) -> None:
+        await trio.sleep(offset)
+        store.set_state(TARGET, _sim_deploying(TARGET, BUSYBOX, image))
+        await trio.sleep(SIM_DEPLOY)
+        store.set_state(TARGET, _sim_stable(TARGET, image))
+        turned.append(wall())
+
+    async with trio.open_nursery() as nursery:
+        for store in stores:
+            nursery.start_soon(one, store, order.uniform(0, SIM_SPREAD))
+    print(f"stable {max(turned)!r}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["simulate"]:
+        prefix, stem, count, size = sys.argv[2:6]
+        trio.run(simulate, prefix, stem, int(count), int(size))
