@@ -394,6 +394,7 @@ SIM_SPREAD = 2.0  # the simulated hosts turn Stable within this many seconds of 
 SIM_DEPLOY = 0.3  # seconds a simulated host spends deploying the new image
 SIM_PUBLISHED = 120.0  # bound on every simulated key showing in Consul
 SIM_SEED = 12
+SIM_BATCH = 10  # simulated hosts started at a time
 
 
 @attrs.frozen(kw_only=True)
@@ -690,7 +691,11 @@ async def simulate(prefix: str, stem: str, count: int, size: int) -> None:
     IMAGE` (stdin), each host deploys TARGET on IMAGE, at a random moment within SIM_SPREAD, and
     says `stable <wall time of the last>` once all are Stable. Ends (destroying the sessions) when
     stdin closes."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(WARNING))
+    # stdout carries the protocol: condo's log lines (warnings only) go to stderr.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
     layout = KeyLayout.of(prefix)
     names = [TARGET, *(f"m{i:02d}" for i in range(1, size))]
     stores = [Store(f"{stem}{i}") for i in range(1, count + 1)]
@@ -707,11 +712,16 @@ async def simulate(prefix: str, stem: str, count: int, size: int) -> None:
     ):
         client = ConsulClient(http)
         publishers = [Publisher(client, store, layout, store.host) for store in stores]
-        for publisher in publishers:
-            await nursery.start(publisher.run)
-        # Polling: the publishers have no event for "confirmed"; a tenth of a second is nothing.
-        while not all(len(p.published) == size for p in publishers):  # noqa: ASYNC110
-            await trio.sleep(0.1)
+        # A few hosts at a time, as a fleet comes up: 200 first rounds of 22 writes at once
+        # outlast the sessions' TTL (a round renews only when it starts).
+        for first in range(0, count, SIM_BATCH):
+            batch = publishers[first : first + SIM_BATCH]
+            for publisher in batch:
+                await nursery.start(publisher.run)
+            # Polling: the publishers have no event for "confirmed"; a tenth of a second is
+            # nothing here.
+            while not all(len(p.published) == size for p in batch):  # noqa: ASYNC110
+                await trio.sleep(0.1)
         print("ready", flush=True)
         commands = _Lines(stdin)
         while True:

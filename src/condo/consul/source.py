@@ -40,7 +40,7 @@ import attrs
 import structlog
 import trio
 
-from condo.consul.client import ConsulClient, Entry, Listing, SessionId
+from condo.consul.client import ConsulClient, Entry, Folders, Listing, SessionId
 from condo.consul.layout import (
     LIVE,
     RECORDS,
@@ -103,6 +103,8 @@ class ConsulSource:
         self._read_observers: list[Callable[[], None]] = []
         self._reading: trio.CancelScope | None = None  # the read in flight, if any
         self._decoded: dict[str, _Decoded] = {}  # key -> its value as of the last read
+        self._entries: dict[str, Entry] = {}  # key -> its entry as of its folder's last read
+        self._probed: dict[str, int] = {}  # folder -> its index when it was last read
         # Counters (tests, the multihost bench): good reads applied, the bytes of their answers
         # (what condo parsed: Consul's body after gzip), and the values decoded from JSON.
         self.reads = 0
@@ -162,7 +164,7 @@ class ConsulSource:
             try:
                 with trio.CancelScope() as reading:
                     self._reading = reading
-                    listing = await self._client.read_prefix(self._layout.folder, index=index)
+                    listing = await self._read(index)
                 self._reading = None
                 if reading.cancelled_caught:
                     index = 0  # abandoned (see _unanswered): read afresh, without blocking
@@ -188,9 +190,77 @@ class ConsulSource:
                 failing_since = None
             delay = FIRST_RETRY_DELAY
             self._apply(listing)
-            # Backwards: a restarted agent. Read afresh (without blocking) at once.
-            index = 0 if listing.index < index else max(listing.index, 1)
+            # (An index gone backwards, a restarted agent, was read afresh by `_read`.)
+            index = max(listing.index, 1)
             await trio.sleep_until(started + MIN_READ_INTERVAL)
+
+    async def _read(self, index: int) -> Listing:
+        """The whole prefix as it is now, reading only what changed since `index`.
+
+        With index 0: every key, in one read. Otherwise a blocking `?keys&separator=/` on the
+        prefix waits for any change and names its folders (`<prefix>/<service>/`, `.live/`,
+        `.hosts/`: a few bytes each); each folder's own index (a probe of the folder's path
+        without its `/`: a few bytes) tells which folders changed, and only those are read
+        again; the others keep the entries of their last read."""
+        if index == 0:
+            return await self._read_whole()
+        root = await self._client.list_folders(self._layout.folder, index=index)
+        if root.index < index:
+            return await self._read_whole()  # backwards: a restarted agent
+        probed = await self._probe(root)
+        size = root.size + sum(probe.size for probe in probed.values())
+        changed = [name for name, probe in probed.items() if self._probed.get(name) != probe.index]
+        kept = {name for name in probed if name not in changed}
+        entries = {k: e for k, e in self._entries.items() if self._folder_of(k) in kept}
+        for name in changed:
+            part = await self._client.read_prefix(name)
+            size += part.size
+            entries |= {entry.key: entry for entry in part.entries}
+        self._entries = {key: entries[key] for key in sorted(entries)}
+        self._probed = {name: probe.index for name, probe in probed.items()}
+        return Listing(index=root.index, entries=tuple(self._entries.values()), size=size)
+
+    async def _read_whole(self) -> Listing:
+        listing = await self._client.read_prefix(self._layout.folder)
+        self._entries = {entry.key: entry for entry in listing.entries}
+        # What each folder's probe will answer if nothing changes: its newest ModifyIndex (a
+        # probe of `<prefix>/web` also covers `<prefix>/webapp/`). A change after this read has
+        # a higher index, so that its folder is read again; an older delete (a tombstone) may
+        # cost one needless read of its folder.
+        newest: dict[str, int] = {}
+        for entry in listing.entries:
+            name = self._folder_of(entry.key)
+            newest[name] = max(newest.get(name, 0), entry.modify_index)
+        self._probed = {
+            name: max(i for other, i in newest.items() if other.startswith(name.removesuffix("/")))
+            for name in newest
+        }
+        return listing
+
+    async def _probe(self, root: Folders) -> dict[str, Folders]:
+        """Each folder's index (concurrently: one round trip for all)."""
+        probed: dict[str, Folders] = {}
+        failed: list[ConsulError] = []
+
+        async def probe(name: str, cancel: trio.CancelScope) -> None:
+            try:
+                probed[name] = await self._client.list_folders(name.removesuffix("/"))
+            except ConsulError as exc:  # raised as itself below, not in an exception group
+                failed.append(exc)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for name in root.names:
+                nursery.start_soon(probe, name, nursery.cancel_scope)
+        if failed:
+            raise failed[0]
+        return {name: probed[name] for name in root.names}
+
+    def _folder_of(self, key: str) -> str:
+        """The name the prefix's `?keys&separator=/` gives `key`: its folder, or itself."""
+        rest = key[len(self._layout.folder) :]
+        cut = rest.find("/")
+        return key if cut < 0 else key[: len(self._layout.folder) + cut + 1]
 
     def _unanswered(self) -> None:
         """A call got no answer from Consul: the picture is stale (`stale` says so from now on);
