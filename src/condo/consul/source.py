@@ -60,6 +60,11 @@ MIN_READ_INTERVAL = 0.02
 FIRST_RETRY_DELAY = 0.1
 # Capped so that a read after Consul comes back happens within ~1 s (catch-up within 2 s).
 MAX_RETRY_DELAY = 1.0
+PROBES_IN_FLIGHT = 1  # probes one after the other, on one connection: cheapest here
+# A whole read of the prefix costs this process about as much per this many bytes of answer as
+# one probe of a folder (measured: ~1 ms of CPU per request, ~20 us per KiB of a whole read:
+# Python and httpx on a 2-core machine); below that the prefix is read whole.
+PROBE_WORTH = 64 * 1024
 
 
 class _Kind(enum.Enum):
@@ -88,9 +93,12 @@ class _Decoded:
 class ConsulSource:
     """The global picture from Consul; `run` (one task) keeps it fresh."""
 
-    def __init__(self, client: ConsulClient, layout: KeyLayout) -> None:
+    def __init__(
+        self, client: ConsulClient, layout: KeyLayout, *, probe_worth: int = PROBE_WORTH
+    ) -> None:
         self._client = client
         self._layout = layout
+        self._probe_worth = probe_worth
         self._picture = Picture(token=0, hosts={})
         # (service, host) -> the session that holds its key: what the publisher checks itself by
         self._holders: Mapping[tuple[str, str], SessionId | None] = {}
@@ -105,6 +113,7 @@ class ConsulSource:
         self._decoded: dict[str, _Decoded] = {}  # key -> its value as of the last read
         self._entries: dict[str, Entry] = {}  # key -> its entry as of its folder's last read
         self._probed: dict[str, int] = {}  # folder -> its index when it was last read
+        self._whole_size = 0  # bytes of a whole read of the prefix (the last one, or estimated)
         # Counters (tests, the multihost bench): good reads applied, the bytes of their answers
         # (what condo parsed: Consul's body after gzip), and the values decoded from JSON.
         self.reads = 0
@@ -195,18 +204,23 @@ class ConsulSource:
             await trio.sleep_until(started + MIN_READ_INTERVAL)
 
     async def _read(self, index: int) -> Listing:
-        """The whole prefix as it is now, reading only what changed since `index`.
+        """The whole prefix as it is now, read afresh (index 0) or once it changed beyond
+        `index`, reading as little as pays.
 
-        With index 0: every key, in one read. Otherwise a blocking `?keys&separator=/` on the
-        prefix waits for any change and names its folders (`<prefix>/<service>/`, `.live/`,
-        `.hosts/`: a few bytes each); each folder's own index (a probe of the folder's path
-        without its `/`: a few bytes) tells which folders changed, and only those are read
-        again; the others keep the entries of their last read."""
+        A small prefix is read whole, with one blocking query, as before. A large one (its whole
+        answer worth more than PROBE_WORTH bytes per folder) is followed by folder: a blocking
+        `?keys&separator=/` on the prefix waits for any change and names its folders
+        (`<prefix>/<service>/`, `.live/`, `.hosts/`: a few bytes each); each folder's own index
+        (a probe of the folder's path without its `/`: a few bytes) tells which folders changed,
+        and only those are read again; the others keep the entries of their last read. So the
+        bytes of a wake-up grow with the folders that changed, not with the prefix."""
         if index == 0:
-            return await self._read_whole()
+            return await self._read_whole(0)
+        if self._whole_size <= self._probe_worth * max(len(self._probed), 1):
+            return await self._read_whole(index)
         root = await self._client.list_folders(self._layout.folder, index=index)
         if root.index < index:
-            return await self._read_whole()  # backwards: a restarted agent
+            return await self._read_whole(0)  # backwards: a restarted agent
         probed = await self._probe(root)
         size = root.size + sum(probe.size for probe in probed.values())
         changed = [name for name, probe in probed.items() if self._probed.get(name) != probe.index]
@@ -218,10 +232,15 @@ class ConsulSource:
             entries |= {entry.key: entry for entry in part.entries}
         self._entries = {key: entries[key] for key in sorted(entries)}
         self._probed = {name: probe.index for name, probe in probed.items()}
+        # What a whole read would bring now (the values, base64, and Consul's framing).
+        self._whole_size = sum(len(e.value or b"") * 4 // 3 + 200 for e in self._entries.values())
         return Listing(index=root.index, entries=tuple(self._entries.values()), size=size)
 
-    async def _read_whole(self) -> Listing:
-        listing = await self._client.read_prefix(self._layout.folder)
+    async def _read_whole(self, index: int) -> Listing:
+        listing = await self._client.read_prefix(self._layout.folder, index=index)
+        if listing.index < index:  # backwards: a restarted agent; read afresh at once
+            listing = await self._client.read_prefix(self._layout.folder)
+        self._whole_size = listing.size
         self._entries = {entry.key: entry for entry in listing.entries}
         # What each folder's probe will answer if nothing changes: its newest ModifyIndex (a
         # probe of `<prefix>/web` also covers `<prefix>/webapp/`). A change after this read has
@@ -249,9 +268,15 @@ class ConsulSource:
                 failed.append(exc)
                 cancel.cancel()
 
+        limiter = trio.CapacityLimiter(PROBES_IN_FLIGHT)
+
+        async def limited(name: str, cancel: trio.CancelScope) -> None:
+            async with limiter:
+                await probe(name, cancel)
+
         async with trio.open_nursery() as nursery:
             for name in root.names:
-                nursery.start_soon(probe, name, nursery.cancel_scope)
+                nursery.start_soon(limited, name, nursery.cancel_scope)
         if failed:
             raise failed[0]
         return {name: probed[name] for name in root.names}
