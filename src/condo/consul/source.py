@@ -6,10 +6,22 @@ sessions; records: every host's record, whether it is live, and when it was last
 change swaps in a fresh `trio.Event`, so any number of `wait_beyond` callers cost one query in
 flight.
 
+What a wake-up costs (many hosts: 200 x 20 keys is ~5 MB of answer): a key whose ModifyIndex and
+bytes are those of the last read is not decoded again (its decoded objects are reused, so that
+comparing pictures is cheap too); a small prefix is read whole, one blocking query; a large one
+(over PROBE_WORTH bytes per folder) by folder: a blocking `?keys&separator=/` on the prefix (the
+folders' names), one probe per folder (`?keys&separator=/` on the folder's path without its `/`:
+Consul's index of everything under it), and a read of each folder whose index moved. `reads`,
+`read_bytes` and `decodes` count what it did.
+
 Invariants:
 - Blocking-query index rules (Consul's HTTP API docs, "Blocking Queries"): start at 0 (no
   blocking), then pass the last `X-Consul-Index`; an index that goes backwards (a restarted
-  agent) or any failed read resets to 0; never block with 0. Reads start at most every
+  agent) or any failed read resets to 0; never block with 0. By folder, a folder is read again
+  whenever its probe's index differs from the one it had when last read (any difference: a
+  restarted agent's smaller index too). A probe comes before the read it guards (after a whole
+  read, the folder's newest ModifyIndex stands for it), so a change in between is read again
+  at the next wake-up, never lost. Reads start at most every
   MIN_READ_INTERVAL (Consul may answer a blocking query at once, again and again).
 - A foreign or broken value skips that key only (logged once per key and version), never the
   whole read. An empty prefix (Consul's 404) is an empty picture, not an error.
