@@ -15,6 +15,15 @@ Consul write rate at rest (before the update) and during the rollout. A direct p
 agent tells a rollout during which Consul itself was paused (another test SIGSTOPs it): such an
 attempt is repeated (up to 3), and reported VOID if all were hit.
 With --quick: 3 hosts x 3 services.
+
+The simulated cell (`simulated`): 200 hosts x 20 services published by condo's own Publisher (one
+session per host, real Consul traffic, no containers) from a child process (`python -m
+bench.multihost simulate ...`), beside 2 real condos; one rollout of m00 everywhere (each
+simulated host deploys at a random moment within 2 s). Measured: the last host's → Stable to the
+long-poll's answer and to `condo wait`'s exit (the bar: ≤ 250 ms), a watcher's (condo's
+ConsulSource, in this process) wake-ups, bytes read and values decoded per wake-up, and the CPU
+of the Consul agent, the API condo and the simulator during the rollout. With --quick: 5 hosts x
+3 services beside 1 real condo.
 """
 
 from __future__ import annotations
