@@ -9,6 +9,7 @@ evidence that condo works with Consul: tests/integration/test_consul_*.py are.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 import time
@@ -342,6 +343,35 @@ async def test_renews_every_half_ttl(
             await trio.sleep(31)
     renewals = [at - start for at, call in fake.calls if call.startswith("PUT /v1/session/renew/")]
     assert renewals == pytest.approx([5.0, 10.0, 15.0, 20.0, 25.0, 30.0], abs=1e-6)
+
+
+async def test_a_long_round_renews_between_its_writes(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """12 keys on a Consul that takes 2 s per write: the first round lasts 24 s, over the TTL;
+    the session is renewed within it, every TTL/2 (plus the write in flight), never left to
+    expire."""
+    store = Store(HOST)
+    for i in range(12):
+        store.set_state(f"s{i:02d}", stable(f"s:{i}"))
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and "acquire" in request.url.params:
+            await trio.sleep(2)
+        return await fake.handle(request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(slow), base_url="http://consul")
+    publisher = Publisher(ConsulClient(http), store, LAYOUT, HOST)
+    start = trio.current_time()
+    with trio.fail_after(60):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            await fake.until(lambda: len(fake.services) == 12)
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - start >= 24
+    times = [at - start for at, call in fake.calls if call.startswith("PUT /v1/session/")]
+    assert len(times) >= 5  # created, then renewed at least 4 times within the round
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 5.0 + 2.0
 
 
 async def test_outage_is_logged_once_and_caught_up_within_a_second(
