@@ -80,6 +80,8 @@ async def test_quick_suite_prints_every_benchmark(tmp_path: Path) -> None:
     assert figures["api"]["state_req_per_s"] > 0
     assert figures["multihost"]["hosts"] == 3
     assert figures["multihost"]["answer_after_last_stable_ms"] >= 0
+    assert figures["multihost"]["sim_hosts"] == 5
+    assert figures["multihost"]["sim_read_bytes_per_wakeup"] > 0
 
     text = results.read_text()
     for name in BENCHMARKS:

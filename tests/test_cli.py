@@ -3,9 +3,12 @@ files, exit codes and output."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -241,3 +244,45 @@ def test_condo_notify_is_a_comma_separated_list(
     [config] = seen
     assert config.notify_urls == ("https://hooks.example/a/b", "http://127.0.0.1:9/x")
     assert "hooks.example" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "code", "said"),
+    [
+        (200, {"status": "ok", "hosts": ["h1"]}, 0, "web is Stable on web:2 on 1 host(s)"),
+        (500, {"status": "timeout", "pending": {"h1": {"state": "Wait"}}}, 1, "pending: h1=Wait"),
+    ],
+)
+def test_condo_wait_exits_with_its_verdict_and_all_its_output(
+    status: int, answer: dict[str, object], code: int, said: str
+) -> None:
+    """`condo wait` leaves without tearing the interpreter down (os._exit, for CI's sake): its
+    exit code and every line it printed still come out."""
+
+    class Condo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            wait = self.path.startswith("/v1/wait_for")
+            body = json.dumps(answer if wait else {"hosts": {}, "stale": False}).encode()
+            self.send_response(status if wait else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Condo) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        argv = [sys.executable, "-m", "condo", "wait", "--name", "web", "--image", "web:2"]
+        done = subprocess.run(
+            [*argv, "--url", url, "--timeout", "5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        server.shutdown()
+    assert done.returncode == code
+    assert said in done.stdout + done.stderr
