@@ -45,14 +45,14 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import structlog
 import trio
 
-from condo.consul.client import ConsulClient, Entry, Folders, Listing, SessionId
+from condo.consul.client import ConsulClient, Entry, Listing, SessionId
 from condo.consul.layout import (
     LIVE,
     RECORDS,
@@ -72,7 +72,6 @@ MIN_READ_INTERVAL = 0.02
 FIRST_RETRY_DELAY = 0.1
 # Capped so that a read after Consul comes back happens within ~1 s (catch-up within 2 s).
 MAX_RETRY_DELAY = 1.0
-PROBES_IN_FLIGHT = 1  # probes one after the other, on one connection: cheapest here
 # A whole read of the prefix costs this process about as much per this many bytes of answer as
 # one probe of a folder (measured: ~1 ms of CPU per request, ~20 us per KiB of a whole read:
 # Python and httpx on a 2-core machine); below that the prefix is read whole.
@@ -113,7 +112,7 @@ class ConsulSource:
         self._probe_worth = probe_worth
         self._picture = Picture(token=0, hosts={})
         # (service, host) -> the session that holds its key: what the publisher checks itself by
-        self._holders: Mapping[tuple[str, str], SessionId | None] = {}
+        self._holders: dict[tuple[str, str], SessionId | None] = {}
         self._changed = trio.Event()
         self._read_ok = False  # the last read (if any) succeeded
         self._fresh_at: float | None = None  # Trio time of the last good read
@@ -122,14 +121,19 @@ class ConsulSource:
         self._reported: dict[str, int] = {}  # key -> ModifyIndex of a foreign value logged once
         self._read_observers: list[Callable[[], None]] = []
         self._reading: trio.CancelScope | None = None  # the read in flight, if any
-        self._decoded: dict[str, _Decoded] = {}  # key -> its value as of the last read
-        self._entries: dict[str, Entry] = {}  # key -> its entry as of its folder's last read
-        self._probed: dict[str, int] = {}  # folder -> its index when it was last read
-        self._whole_size = 0  # bytes of a whole read of the prefix (the last one, or estimated)
-        # Counters (tests, the multihost bench): good reads applied, the bytes of their answers
-        # (what condo parsed: Consul's body after gzip), and the values decoded from JSON.
+        # folder (a name of the prefix's `?keys&separator=/`) -> key -> its value as last decoded
+        # and the session holding it: what the picture is built from, folder by folder
+        self._folders: dict[str, dict[str, tuple[_Decoded, SessionId | None]]] = {}
+        self._services: dict[str, dict[str, Mapping[str, Any]]] = {}  # host -> service -> SERVICE
+        self._held: dict[str, int] = {}  # host -> how many of its keys a session holds (live)
+        self._recorded: dict[str, tuple[Mapping[str, Mapping[str, Any]], float]] = {}
+        self._failure: ConsulError | None = None  # why the folder watches stopped, if a call
+        self._whole_size = 0  # bytes of the last whole read of the prefix
+        # Counters (tests, the multihost bench): good reads applied (changes), the bytes of every
+        # answer (what condo parsed: Consul's body after gzip), and the values decoded from JSON.
         self.reads = 0
         self.read_bytes = 0
+        self.requests = 0  # every answer Consul gave this watcher (a wait that ran out too)
         self.decodes = 0
 
     def __repr__(self) -> str:
@@ -182,16 +186,26 @@ class ConsulSource:
         failing_since: float | None = None
         while True:
             started = trio.current_time()
+            listing: Listing | None = None
             try:
                 with trio.CancelScope() as reading:
                     self._reading = reading
-                    listing = await self._read(index)
+                    if index > 0 and self._whole_size > self._probe_worth * max(
+                        len(self._folders), 1
+                    ):
+                        await self._watch_folders(index)  # returns on an index gone backwards
+                    else:
+                        listing = await self._read_whole(index)
                 self._reading = None
-                if reading.cancelled_caught:
-                    index = 0  # abandoned (see _unanswered): read afresh, without blocking
+                failure, self._failure = self._failure, None
+                if failure is not None:
+                    raise failure
+                if reading.cancelled_caught or listing is None:
+                    index = 0  # abandoned (see _unanswered) or reset: read afresh, at once
                     await trio.sleep_until(started + MIN_READ_INTERVAL)
                     continue
             except ConsulError as exc:
+                self._reading = None
                 if self._read_ok:
                     self._read_ok = False
                     self._wake()  # `stale` changed: a (spurious) wake-up lets readers see it
@@ -211,87 +225,98 @@ class ConsulSource:
                 failing_since = None
             delay = FIRST_RETRY_DELAY
             self._apply(listing)
-            # (An index gone backwards, a restarted agent, was read afresh by `_read`.)
+            # (An index gone backwards, a restarted agent, was read afresh by `_read_whole`.)
             index = max(listing.index, 1)
             await trio.sleep_until(started + MIN_READ_INTERVAL)
 
-    async def _read(self, index: int) -> Listing:
-        """The whole prefix as it is now, read afresh (index 0) or once it changed beyond
-        `index`, reading as little as pays.
-
-        A small prefix is read whole, with one blocking query, as before. A large one (its whole
-        answer worth more than PROBE_WORTH bytes per folder) is followed by folder: a blocking
-        `?keys&separator=/` on the prefix waits for any change and names its folders
-        (`<prefix>/<service>/`, `.live/`, `.hosts/`: a few bytes each); each folder's own index
-        (a probe of the folder's path without its `/`: a few bytes) tells which folders changed,
-        and only those are read again; the others keep the entries of their last read. So the
-        bytes of a wake-up grow with the folders that changed, not with the prefix."""
-        if index == 0:
-            return await self._read_whole(0)
-        if self._whole_size <= self._probe_worth * max(len(self._probed), 1):
-            return await self._read_whole(index)
-        root = await self._client.list_folders(self._layout.folder, index=index)
-        if root.index < index:
-            return await self._read_whole(0)  # backwards: a restarted agent
-        probed = await self._probe(root)
-        size = root.size + sum(probe.size for probe in probed.values())
-        changed = [name for name, probe in probed.items() if self._probed.get(name) != probe.index]
-        kept = {name for name in probed if name not in changed}
-        entries = {k: e for k, e in self._entries.items() if self._folder_of(k) in kept}
-        for name in changed:
-            part = await self._client.read_prefix(name)
-            size += part.size
-            entries |= {entry.key: entry for entry in part.entries}
-        self._entries = {key: entries[key] for key in sorted(entries)}
-        self._probed = {name: probe.index for name, probe in probed.items()}
-        # What a whole read would bring now (the values, base64, and Consul's framing).
-        self._whole_size = sum(len(e.value or b"") * 4 // 3 + 200 for e in self._entries.values())
-        return Listing(index=root.index, entries=tuple(self._entries.values()), size=size)
-
     async def _read_whole(self, index: int) -> Listing:
+        """The whole prefix, at once (index 0) or once it changed beyond `index` (a blocking
+        query: a small prefix is followed this way)."""
         listing = await self._client.read_prefix(self._layout.folder, index=index)
+        self.requests += 1
         if listing.index < index:  # backwards: a restarted agent; read afresh at once
             listing = await self._client.read_prefix(self._layout.folder)
+            self.requests += 1
         self._whole_size = listing.size
-        self._entries = {entry.key: entry for entry in listing.entries}
-        # What each folder's probe will answer if nothing changes: its newest ModifyIndex (a
-        # probe of `<prefix>/web` also covers `<prefix>/webapp/`). A change after this read has
-        # a higher index, so that its folder is read again; an older delete (a tombstone) may
-        # cost one needless read of its folder.
-        newest: dict[str, int] = {}
-        for entry in listing.entries:
-            name = self._folder_of(entry.key)
-            newest[name] = max(newest.get(name, 0), entry.modify_index)
-        self._probed = {
-            name: max(i for other, i in newest.items() if other.startswith(name.removesuffix("/")))
-            for name in newest
-        }
         return listing
 
-    async def _probe(self, root: Folders) -> dict[str, Folders]:
-        """Each folder's index (concurrently: one round trip for all)."""
-        probed: dict[str, Folders] = {}
-        failed: list[ConsulError] = []
+    async def _watch_folders(self, index: int) -> None:
+        """Follow a large prefix folder by folder, from `index` (that of a whole read just
+        applied), until a watch sees an index go backwards (then it returns: read afresh) or a
+        call fails (its ConsulError).
 
-        async def probe(name: str, cancel: trio.CancelScope) -> None:
-            try:
-                probed[name] = await self._client.list_folders(name.removesuffix("/"))
-            except ConsulError as exc:  # raised as itself below, not in an exception group
-                failed.append(exc)
-                cancel.cancel()
-
-        limiter = trio.CapacityLimiter(PROBES_IN_FLIGHT)
-
-        async def limited(name: str, cancel: trio.CancelScope) -> None:
-            async with limiter:
-                await probe(name, cancel)
+        One blocking `?recurse` per folder (`<prefix>/<service>/`, `.live/`, `.hosts/`; a key
+        right under the prefix is watched alone), all in flight at once: Consul answers the one
+        whose folder changed (its index is that of the folder: its newest write or delete), with
+        that folder's keys, and the change is applied from that folder alone. One blocking
+        `?keys&separator=/` on the prefix (a few bytes) says when folders appear or go. So a
+        change costs a request or two and the bytes of its folder, not of the prefix."""
+        reset = False
+        watches: dict[str, trio.CancelScope] = {}
 
         async with trio.open_nursery() as nursery:
-            for name in root.names:
-                nursery.start_soon(limited, name, nursery.cancel_scope)
-        if failed:
-            raise failed[0]
-        return {name: probed[name] for name in root.names}
+
+            def stop(exc: ConsulError | None) -> None:
+                nonlocal reset
+                if exc is None:
+                    reset = True
+                elif self._failure is None:
+                    self._failure = exc  # raised by `run`, as a read's failure
+                nursery.cancel_scope.cancel()
+
+            async def watch(name: str, since: int, scope: trio.CancelScope) -> None:
+                with scope:
+                    while True:
+                        started = trio.current_time()
+                        try:
+                            part = await self._client.read_prefix(name, index=since)
+                        except ConsulError as exc:
+                            stop(exc)
+                            return
+                        self.requests += 1
+                        if part.index < since:
+                            stop(None)  # backwards: a restarted agent (or tombstones reaped)
+                            return
+                        if since == 0 or part.index > since:
+                            entries = part.entries
+                            if not name.endswith("/"):  # a key alone: not its namesakes
+                                entries = tuple(e for e in entries if e.key == name)
+                            self._apply_folders({name: entries}, part.size, part.index)
+                        else:
+                            self._answered(part.size)  # the wait ran out: nothing changed
+                        since = max(part.index, 1)
+                        await trio.sleep_until(started + MIN_READ_INTERVAL)
+
+            def follow(name: str, since: int) -> None:
+                watches[name] = scope = trio.CancelScope()
+                nursery.start_soon(watch, name, since, scope)
+
+            for name in self._folders:
+                follow(name, index)
+            since = index
+            while True:
+                started = trio.current_time()
+                try:
+                    root = await self._client.list_folders(self._layout.folder, index=since)
+                except ConsulError as exc:
+                    stop(exc)
+                    break
+                self.requests += 1
+                self.read_bytes += root.size
+                if root.index < since:
+                    stop(None)
+                    break
+                names = set(root.names)
+                gone = [name for name in watches if name not in names]
+                for name in gone:
+                    watches.pop(name).cancel()
+                if gone:  # its keys were deleted (its watch may not have told yet)
+                    self._apply_folders(dict.fromkeys(gone, ()), 0, root.index)
+                for name in sorted(names - watches.keys()):
+                    follow(name, 0)  # a new folder: read at once, then followed
+                since = max(root.index, 1)
+                await trio.sleep_until(started + MIN_READ_INTERVAL)
+        assert reset or self._failure is not None
 
     def _folder_of(self, key: str) -> str:
         """The name the prefix's `?keys&separator=/` gives `key`: its folder, or itself."""
@@ -308,73 +333,157 @@ class ConsulSource:
         self._wake()
 
     def _apply(self, listing: Listing) -> None:
-        self.reads += 1
-        self.read_bytes += listing.size
-        hosts: dict[str, dict[str, Mapping[str, Any]]] = {}
-        holders: dict[tuple[str, str], SessionId | None] = {}
-        recorded: dict[str, tuple[Mapping[str, Mapping[str, Any]], float]] = {}
-        live: set[str] = set()
-        seen: set[str] = set()
-        decoded: dict[str, _Decoded] = {}
+        """A whole read: every folder as it brings them (folders it lacks are gone)."""
+        folders: dict[str, list[Entry]] = {name: [] for name in self._folders}
         for entry in listing.entries:
-            seen.add(entry.key)
-            known = self._decoded.get(entry.key)
-            if known is None or not known.same(entry):
-                known = self._decode(entry)
-            decoded[entry.key] = known
-            kind, what = known.kind, known.what
-            if kind is _Kind.FOREIGN:
-                self._report(entry.key, entry.modify_index, str(what))
-            elif kind is _Kind.RECORD:
-                assert isinstance(what, Record)
-                recorded[what.host] = (what.services, what.at)
-            elif kind is _Kind.LIVE:
-                assert isinstance(what, str)
-                holders[LIVE, what] = entry.session
-                if entry.session is not None:
-                    live.add(what)
-            else:
-                assert isinstance(what, Published)
-                hosts.setdefault(what.host, {})[what.service] = what.state
-                holders[what.service, what.host] = entry.session
-                if entry.session is not None:
-                    live.add(what.host)
-        # Only the keys of this read: a key gone from Consul leaves the cache with it.
-        self._decoded = decoded
-        # Forget reports of keys that are gone, so the set never grows without bound.
-        self._reported = {k: i for k, i in self._reported.items() if k in seen}
+            folders.setdefault(self._folder_of(entry.key), []).append(entry)
+        self._apply_folders(folders, listing.size, listing.index)
+
+    def _answered(self, size: int) -> None:
+        """A good read that changed nothing (a blocking query's wait ran out)."""
+        self.read_bytes += size
+        self._fresh_at = trio.current_time()
+        self._read_at = time.time()
+        for observer in self._read_observers:
+            observer()
+
+    def _apply_folders(self, folders: Mapping[str, Sequence[Entry]], size: int, index: int) -> None:
+        """Apply what a read says of some folders (each one whole: its keys as they are now);
+        the others keep what they had. Costs the keys of those folders, not of the prefix."""
+        self.reads += 1
+        self.read_bytes += size
+        holders = self._holders
+        touched: set[str] = set()  # hosts whose services or liveness may have changed
+        slots: dict[tuple[str, str], SessionId | None] = {}  # holder slots before this read
+        for name, entries in folders.items():
+            old = self._folders.pop(name, {})
+            new: dict[str, tuple[_Decoded, SessionId | None]] = {}
+            for entry in entries:
+                known = old.pop(entry.key, None)
+                if known is not None and known[0].same(entry) and known[1] == entry.session:
+                    new[entry.key] = known
+                    continue
+                decoded = known[0] if known is not None and known[0].same(entry) else None
+                if decoded is None:
+                    decoded = self._decode(entry)
+                if known is not None:
+                    self._remove(*known, touched, slots)
+                new[entry.key] = (decoded, entry.session)
+                self._add(entry.key, decoded, entry.session, touched, slots)
+            for key, known in old.items():  # gone from Consul: it leaves the cache with it
+                self._remove(*known, touched, slots)
+                self._reported.pop(key, None)  # so that the reports never grow without bound
+            if new:
+                self._folders[name] = new
         # Stale for any reason (this read's failures or the publisher's): a waiter that would
         # not decide from the picture then is woken now that it is fresh again.
         was_stale, self._read_ok = self.stale, True
+        last_read, self._read_at = self._read_at, time.time()
         self._fresh_at = trio.current_time()
-        self._read_at = time.time()
-        for host in live:
-            self._seen_live[host] = self._read_at
-        self._seen_live = {h: t for h, t in self._seen_live.items() if h in recorded or h in live}
-        records = {
-            host: HostRecord(
-                services=services,
-                live=host in live,
-                last_seen=None if host in live else self._seen_live.get(host, at),
+        picture = self._picture
+        hosts = dict(picture.hosts)
+        records = dict(picture.records)
+        for host in touched:
+            services = self._services.get(host)
+            if services:
+                hosts[host] = dict(services)
+            else:
+                hosts.pop(host, None)
+            live = self._held.get(host, 0) > 0
+            if live:
+                self._seen_live[host] = -1.0  # live now: its time is that of the last read
+            elif self._seen_live.get(host) == -1.0:
+                # It was live until this read: the last read that saw it live is the one before.
+                self._seen_live[host] = last_read if last_read is not None else self._read_at
+            recorded = self._recorded.get(host)
+            if recorded is None:
+                records.pop(host, None)
+                if not live:
+                    self._seen_live.pop(host, None)
+                continue
+            seen = self._seen_live.get(host)
+            records[host] = HostRecord(
+                services=recorded[0],
+                live=live,
+                last_seen=None if live else (recorded[1] if seen is None else seen),
             )
-            for host, (services, at) in recorded.items()
-        }
         if (
-            hosts != self._picture.hosts
-            or holders != self._holders
-            or records != self._picture.records
+            any(hosts.get(h) != picture.hosts.get(h) for h in touched)
+            or any(records.get(h) != picture.records.get(h) for h in touched)
+            or any(holders.get(slot) != before for slot, before in slots.items())
         ):
-            token = (
-                listing.index if listing.index > self._picture.token else self._picture.token + 1
-            )
+            token = index if index > picture.token else picture.token + 1
             self._picture = Picture(token=token, hosts=hosts, records=records)
-            self._holders = holders
             self._wake()
         elif was_stale:
             self._wake()  # the same picture, but no longer stale (or no longer unknown)
         # else: a wake-up with nothing new for waiters (another key, a mere index bump)
         for observer in self._read_observers:
             observer()
+
+    def _remove(
+        self,
+        decoded: _Decoded,
+        session: SessionId | None,
+        touched: set[str],
+        slots: dict[tuple[str, str], SessionId | None],
+    ) -> None:
+        """Take one key's part out of the picture being built."""
+        if decoded.kind is _Kind.FOREIGN:
+            return
+        if decoded.kind is _Kind.RECORD:
+            assert isinstance(decoded.what, Record)
+            self._recorded.pop(decoded.what.host, None)
+            touched.add(decoded.what.host)
+            return
+        if decoded.kind is _Kind.LIVE:
+            assert isinstance(decoded.what, str)
+            slot, host = (LIVE, decoded.what), decoded.what
+        else:
+            assert isinstance(decoded.what, Published)
+            slot, host = (decoded.what.service, decoded.what.host), decoded.what.host
+            services = self._services.get(host, {})
+            services.pop(decoded.what.service, None)
+            if not services:
+                self._services.pop(host, None)
+        slots.setdefault(slot, self._holders.get(slot))
+        self._holders.pop(slot, None)
+        if session is not None:
+            self._held[host] -= 1
+            if not self._held[host]:
+                del self._held[host]
+        touched.add(host)
+
+    def _add(
+        self,
+        key: str,
+        decoded: _Decoded,
+        session: SessionId | None,
+        touched: set[str],
+        slots: dict[tuple[str, str], SessionId | None],
+    ) -> None:
+        """Put one key's part into the picture being built."""
+        what = decoded.what
+        if decoded.kind is _Kind.FOREIGN:
+            self._report(key, decoded.modify_index, str(what))
+            return
+        if decoded.kind is _Kind.RECORD:
+            assert isinstance(what, Record)
+            self._recorded[what.host] = (what.services, what.at)
+            touched.add(what.host)
+            return
+        if decoded.kind is _Kind.LIVE:
+            assert isinstance(what, str)
+            slot, host = (LIVE, what), what
+        else:
+            assert isinstance(what, Published)
+            slot, host = (what.service, what.host), what.host
+            self._services.setdefault(host, {})[what.service] = what.state
+        slots.setdefault(slot, self._holders.get(slot))
+        self._holders[slot] = session
+        if session is not None:
+            self._held[host] = self._held.get(host, 0) + 1
+        touched.add(host)
 
     # --- HostDirectory ----------------------------------------------------------------------
 
