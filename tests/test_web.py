@@ -30,7 +30,7 @@ from condo.fsm import Box, Failure, Phase, Reverted, ServiceState
 from condo.metrics import Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
-from condo.waiting import HostRecord
+from condo.waiting import HostRecord, evaluate, read_hosts_document
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
@@ -951,6 +951,33 @@ async def test_global_state_shows_every_host(
         }
 
 
+async def test_global_state_of_one_service_holds_that_service_alone(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    """`?name=` (`condo wait`'s progress, once a second): every host, with that service alone in
+    its `services` and `runs`; the verdict read from it is the whole document's."""
+    views = {
+        "a": service_view({"web": stable("img:1"), "db": stable("pg:1")}),
+        "b": service_view({"db": waiting("pg:2")}),
+    }
+    records = {"c": lapsed(), "a": HostRecord(services=RAN_WEB_1, live=True)}
+    async with make_web(global_source=FakeHosts(views, records=records)) as web:
+        with trio.fail_after(CAP):
+            whole = await body(await web.client.get("/v1/global_state"))
+            one = await body(await web.client.get("/v1/global_state?name=web"))
+            blank = await web.client.get("/v1/global_state?name=%20")
+    assert one["hosts"] == {
+        "a": {**whole["hosts"]["a"], "services": {"web": views["a"]["web"]}},
+        "b": {**whole["hosts"]["b"], "services": {}},
+        "c": whole["hosts"]["c"],
+    }
+    assert whole["hosts"]["a"]["services"] != one["hosts"]["a"]["services"]
+    for doc in (whole, one):
+        hosts, recorded = read_hosts_document(doc["hosts"])
+        assert evaluate("web", "img:1", hosts, recorded).pending.keys() == {"c"}
+    assert blank.status_code == 400
+
+
 # --- multi-host truth: unreachable hosts, stale pictures, forgetting ---------------------------
 
 RAN_WEB_1 = {"web": {"state": "Stable", "image": "img:1"}}
@@ -1340,7 +1367,9 @@ async def test_openapi_documents_what_global_state_answers(
             response = await web.client.get("/v1/global_state")
     assert response.status_code == status
     document = openapi_document(token=False, consul=consul)
-    assert set(document["paths"]["/v1/global_state"]["get"]["responses"]) == {str(status), "403"}
+    # With Consul, a blank or too long `name` is a 400 (see the test of `?name=`).
+    statuses = {str(status), "403"} | ({"400"} if consul else set())
+    assert set(document["paths"]["/v1/global_state"]["get"]["responses"]) == statuses
 
 
 async def test_healthz_answers_other_methods_405_even_with_a_token(

@@ -7,9 +7,9 @@ GET, nothing else: it never changes anything); condo.plan decides and words the 
 `condo wait` asks `/v1/wait_for` (one long-poll; the server decides, with Consul's blocking
 queries or the local store, and answers within milliseconds of the last host turning Stable).
 While it waits, it shows progress: the hosts still pending and their states, from
-`/v1/global_state` (or `/v1/state` when exposing is off) once a second — display only, the exit
-code comes from `/v1/wait_for`. On a terminal the progress is one rewritten line; otherwise a
-plain line whenever it changes.
+`/v1/global_state?name=` (that service alone; `/v1/state` when exposing is off) once a second —
+display only, the exit code comes from `/v1/wait_for`. On a terminal the progress is one
+rewritten line; otherwise a plain line whenever it changes.
 
 A host whose liveness lapsed (cut off, its condo killed, its agent dead) is pending as
 "unreachable since T" until it comes back or is forgotten (`condo forget HOST`, refused while
@@ -83,8 +83,10 @@ class Fleet:
     global_: bool = False  # from /v1/global_state (Consul), not /v1/state
 
 
-async def _fleet(client: httpx.AsyncClient) -> Fleet:
-    status, body = await _get_json(client, "/v1/global_state")
+async def _fleet(client: httpx.AsyncClient, name: str | None = None) -> Fleet:
+    """With `name`, only that service of each host (enough to evaluate a wait on it)."""
+    params = {} if name is None else {"name": name}
+    status, body = await _get_json(client, "/v1/global_state", **params)
     if status == 200:
         hosts, records = read_hosts_document(body["hosts"])
         return Fleet(hosts, records, stale=bool(body.get("stale")), global_=True)
@@ -150,7 +152,7 @@ async def wait(
         task_status.started()
         while True:
             try:
-                fleet = await _fleet(client)
+                fleet = await _fleet(client, name)  # its service alone: not 5 MB a second
             except ClientError:
                 pass  # progress is best effort; the long-poll reports real errors
             else:

@@ -172,24 +172,32 @@ class HostDirectory(Protocol):
         ...
 
 
-def hosts_document(picture: Picture) -> dict[str, dict[str, Any]]:
+def hosts_document(picture: Picture, only: str | None = None) -> dict[str, dict[str, Any]]:
     """`/v1/global_state`'s `hosts` (and the feed's): every host of the picture, live or not.
 
     `{H: {"services": {NAME: SERVICE}, "live": bool, "last_seen": T|null, "runs": {NAME:
     {"state", "image"}}}}`; `runs` (the host's record) is absent for a host that keeps none.
+    With `only`, every host still, but `services` and `runs` hold that service alone (if any):
+    all that `evaluate` reads of it.
     """
     document: dict[str, dict[str, Any]] = {}
     for host in sorted(picture.hosts.keys() | picture.records.keys()):
         record = picture.records.get(host)
+        services = picture.hosts.get(host, {})
         body: dict[str, Any] = {
-            "services": dict(picture.hosts.get(host, {})),
+            "services": dict(services) if only is None else _one(services, only),
             "live": True if record is None else record.live,
             "last_seen": None if record is None else record.last_seen,
         }
         if record is not None:
-            body["runs"] = {name: dict(said) for name, said in record.services.items()}
+            ran = record.services if only is None else _one(record.services, only)
+            body["runs"] = {name: dict(said) for name, said in ran.items()}
         document[host] = body
     return document
+
+
+def _one(services: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, Any]:
+    return {name: services[name]} if name in services else {}
 
 
 def read_hosts_document(document: Mapping[str, Any]) -> tuple[HostsView, dict[str, HostRecord]]:

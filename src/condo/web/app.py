@@ -219,9 +219,14 @@ def build_app(context: WebContext) -> QuartTrio:
         if context.global_source is None:
             return _error(400, "global state needs Consul: run condo with --expose consul")
         source = context.global_source
+        name: str | None = None
+        if "name" in request.args:  # one service's part (`condo wait`'s progress): a few kB
+            name = request.args["name"].strip()
+            if not name or len(name) > MAX_NAME:
+                return _error(400, f"name must be 1 to {MAX_NAME} characters, not blank")
         return jsonify(
             {
-                "hosts": hosts_document(source.picture()),
+                "hosts": hosts_document(source.picture(), name),
                 "stale": source.stale,
                 "read_at": source.read_at,
             }

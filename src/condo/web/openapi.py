@@ -459,8 +459,17 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
         "/v1/global_state": {
             "get": {
                 "summary": "Every host's services, from Consul",
+                "parameters": [
+                    {
+                        **_text_parameter("name", MAX_NAME, "only this service of each host"),
+                        "required": False,
+                    }
+                ],
                 "responses": (
-                    {"200": _json("GlobalState", "every host's state")}
+                    {
+                        "200": _json("GlobalState", "every host's state"),
+                        "400": _error("a blank or too long name"),
+                    }
                     if consul
                     else {"400": _error("this condo runs without --expose consul: always 400")}
                 ),
