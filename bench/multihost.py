@@ -21,9 +21,9 @@ session per host, real Consul traffic, no containers) from a child process (`pyt
 bench.multihost simulate ...`), beside 2 real condos; one rollout of m00 everywhere (each
 simulated host deploys at a random moment within 2 s). Measured: the last host's → Stable to the
 long-poll's answer and to `condo wait`'s exit (the bar: ≤ 250 ms), a watcher's (condo's
-ConsulSource, in this process) wake-ups, bytes read and values decoded per wake-up, and the CPU
-of the Consul agent, the API condo and the simulator during the rollout. With --quick: 5 hosts x
-3 services beside 1 real condo.
+ConsulSource, in this process) wake-ups, requests, bytes read and values decoded per wake-up,
+and the CPU of the Consul agent, the API condo and the simulator during the rollout. With
+--quick: 5 hosts x 3 services beside 1 real condo.
 """
 
 from __future__ import annotations
@@ -415,6 +415,7 @@ class _SimRollout:
     reads: int  # the observer's reads (one per wake-up) during the rollout
     read_bytes: int
     decodes: int
+    requests: int  # the observer's requests answered by Consul (a watch per folder, the prefix's)
     agent_cpu: float  # seconds of CPU
     condo_cpu: float
     simulator_cpu: float  # this process: the simulated hosts' publishers (and the observer)
@@ -486,8 +487,10 @@ async def simulated(run: Run) -> tuple[list[tuple[str, str]], dict[str, Scalar],
         (f"{label}: last host Stable → /v1/wait_for answered", f"{answer} ms"),
         (f"{label}: last host Stable → `condo wait` exited 0", f"{waited} ms"),
         (
-            "… a watcher's wake-ups in the rollout; bytes read and values decoded per wake-up",
-            f"{rollout.reads}; {rollout.read_bytes / wakes / 1024:.0f} KiB; "
+            "… a watcher's wake-ups in the rollout; requests, bytes read and values decoded per"
+            " wake-up",
+            f"{rollout.reads}; {rollout.requests / wakes:.1f}; "
+            f"{rollout.read_bytes / wakes / 1024:.0f} KiB; "
             f"{rollout.decodes / wakes:.1f} of {hosts * (size + 2)} keys",
         ),
         (
@@ -503,6 +506,7 @@ async def simulated(run: Run) -> tuple[list[tuple[str, str]], dict[str, Scalar],
         "sim_answer_after_last_stable_ms": answer,
         "sim_condo_wait_after_last_stable_ms": waited,
         "sim_wakeups": rollout.reads,
+        "sim_requests_per_wakeup": round(rollout.requests / wakes, 2),
         "sim_read_bytes_per_wakeup": round(rollout.read_bytes / wakes),
         "sim_decodes_per_wakeup": round(rollout.decodes / wakes, 2),
         "sim_agent_cpu_pct": round(100 * rollout.agent_cpu / window, 1),
@@ -640,6 +644,7 @@ async def _sim_rollout(
                 await wait_metric_at_least(api.url, "condo_web_open_waits", 2)
             cpu = _Cpu(consul_agent_pid(), api.pid, simulator.pid)
             reads, read_bytes, decodes = observer.reads, observer.read_bytes, observer.decodes
+            requests = observer.requests
             text = spec_text(run, image, deploy="[:After 0]")
             updated = wall()
             await simulator.stdin.send_all(f"rollout {image}\n".encode())
@@ -652,6 +657,7 @@ async def _sim_rollout(
             spent = cpu.spent()
             reads = observer.reads - reads
             read_bytes, decodes = observer.read_bytes - read_bytes, observer.decodes - decodes
+            requests = observer.requests - requests
             with deadline(LIMIT, "the simulated hosts Stable"):
                 last_simulated = float(await lines.expect("stable"))
     finally:
@@ -670,6 +676,7 @@ async def _sim_rollout(
         reads=reads,
         read_bytes=read_bytes,
         decodes=decodes,
+        requests=requests,
         agent_cpu=spent[0],
         condo_cpu=spent[1],
         simulator_cpu=spent[2],

@@ -6,23 +6,29 @@ sessions; records: every host's record, whether it is live, and when it was last
 change swaps in a fresh `trio.Event`, so any number of `wait_beyond` callers cost one query in
 flight.
 
-What a wake-up costs (many hosts: 200 x 20 keys is ~5 MB of answer): a key whose ModifyIndex and
-bytes are those of the last read is not decoded again (its decoded objects are reused, so that
-comparing pictures is cheap too); a small prefix is read whole, one blocking query; a large one
-(over PROBE_WORTH bytes per folder) by folder: a blocking `?keys&separator=/` on the prefix (the
-folders' names), one probe per folder (`?keys&separator=/` on the folder's path without its `/`:
-Consul's index of everything under it), and a read of each folder whose index moved. `reads`,
-`read_bytes` and `decodes` count what it did.
+What a change costs (many hosts: 200 x 20 keys is ~5 MB of answer): a key whose ModifyIndex and
+bytes are those of the last read is not decoded again (its decoded objects are reused), and a
+read is applied from the folders it brought alone (the picture is rebuilt for the hosts they
+touch). A small prefix is read whole, one blocking query; a large one (over PROBE_WORTH bytes per
+folder) is followed by folder: one blocking `?recurse` watch per folder (`<prefix>/<service>/`,
+`.live/`, `.hosts/`), all in flight at once, and one blocking `?keys&separator=/` on the prefix
+(the folders' names: folders come and go). A change wakes its folder's watch (Consul's index of
+a prefix is its newest write or delete) and the prefix's: two answers, the bytes of one folder.
+`requests`, `reads`, `read_bytes` and `decodes` count what it did.
 
 Invariants:
 - Blocking-query index rules (Consul's HTTP API docs, "Blocking Queries"): start at 0 (no
   blocking), then pass the last `X-Consul-Index`; an index that goes backwards (a restarted
-  agent) or any failed read resets to 0; never block with 0. By folder, a folder is read again
-  whenever its probe's index differs from the one it had when last read (any difference: a
-  restarted agent's smaller index too). A probe comes before the read it guards (after a whole
-  read, the folder's newest ModifyIndex stands for it), so a change in between is read again
-  at the next wake-up, never lost. Reads start at most every
-  MIN_READ_INTERVAL (Consul may answer a blocking query at once, again and again).
+  agent, tombstones reaped) or any failed read resets to 0 (a whole read, then the watches
+  again); never block with 0. By folder, every watch starts from the index of the whole read
+  before it (everything under the prefix is at most that: a later change is beyond it, never
+  lost); a folder that appears is read at once (index 0), then followed. A watch starts a read
+  at most every MIN_READ_INTERVAL (Consul may answer a blocking query at once, again and
+  again).
+- By folder, the keys of one change that spans folders (a session ending deletes its host's
+  keys in every folder) arrive folder by folder, milliseconds apart; each in-between picture
+  is one a whole read could not give, but the truth rules hold for it (a host live by its
+  `.live` key whose service key went first is pending, never done: its record names it).
 - A foreign or broken value skips that key only (logged once per key and version), never the
   whole read. An empty prefix (Consul's 404) is an empty picture, not an error.
 - The token only moves when the picture (or a key's holder) changes, and only forwards, even
