@@ -32,6 +32,7 @@ from condo.consul import (
     decode_value,
     encode_value,
 )
+from condo.consul import source as source_module
 from condo.consul.layout import RECORDS, encode_live, encode_record, summary
 from condo.consul.publisher import (
     MAX_RETRY_DELAY,
@@ -1097,7 +1098,7 @@ async def test_a_change_to_one_key_decodes_that_key_alone(
         return response
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://consul")
-    source = ConsulSource(ConsulClient(http), LAYOUT, probe_worth=0 if by_folder else 10**9)
+    source = ConsulSource(ConsulClient(http), LAYOUT, watch_worth=0 if by_folder else 10**9)
     with trio.fail_after(30):
         async with http, trio.open_nursery() as nursery:
             await nursery.start(source.run)
@@ -1138,4 +1139,43 @@ async def test_a_change_to_one_key_decodes_that_key_alone(
             assert source.decodes == 221
             assert source.reads == 2
             assert source.picture().token == picture.token
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_prefix_of_too_many_folders_is_read_whole(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every folder's watch holds a connection to the agent (which takes 200 at once from one
+    address): beyond MAX_WATCHES folders, however large the prefix, it is read whole (one
+    blocking read in flight); a folder that appears while followed by folder switches too."""
+    monkeypatch.setattr(source_module, "MAX_WATCHES", 4)
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    fake.sessions["session-h"] = LAYOUT.session_name("h")
+    for service in ("s1", "s2"):
+        fake.kv[LAYOUT.key(service, "h")] = (encode_value("h", service, view, 1.0), "session-h")
+    flying = 0  # requests in flight
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal flying
+        flying += 1
+        try:
+            return await fake.handle(request)
+        finally:
+            flying -= 1
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://consul")
+    source = ConsulSource(ConsulClient(http), LAYOUT, watch_worth=0)
+    with trio.fail_after(30):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: len(p.hosts.get("h", {})) == 2)
+            await trio.sleep(1)
+            assert flying == 3  # two folders' watches and the prefix's
+            for service in ("s3", "s4", "s5"):
+                key = LAYOUT.key(service, "h")
+                fake.kv[key] = (encode_value("h", service, view, 1.0), "session-h")
+                fake.bump()
+            await until_pictured(source, lambda p: len(p.hosts["h"]) == 5)
+            await trio.sleep(1)
+            assert flying == 1  # one whole read, blocking
             nursery.cancel_scope.cancel()

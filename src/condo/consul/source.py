@@ -9,11 +9,12 @@ flight.
 What a change costs (many hosts: 200 x 20 keys is ~5 MB of answer): a key whose ModifyIndex and
 bytes are those of the last read is not decoded again (its decoded objects are reused), and a
 read is applied from the folders it brought alone (the picture is rebuilt for the hosts they
-touch). A small prefix is read whole, one blocking query; a large one (over PROBE_WORTH bytes per
-folder) is followed by folder: one blocking `?recurse` watch per folder (`<prefix>/<service>/`,
-`.live/`, `.hosts/`), all in flight at once, and one blocking `?keys&separator=/` on the prefix
-(the folders' names: folders come and go). A change wakes its folder's watch (Consul's index of
-a prefix is its newest write or delete) and the prefix's: two answers, the bytes of one folder.
+touch). A small prefix is read whole, one blocking query; a large one (over WATCH_WORTH bytes,
+in at most MAX_WATCHES folders) is followed by folder: one blocking `?recurse` watch per folder
+(`<prefix>/<service>/`, `.live/`, `.hosts/`), all in flight at once, and one blocking
+`?keys&separator=/` on the prefix (the folders' names: folders come and go). A change wakes its
+folder's watch (Consul's index of a prefix is its newest write or delete) and the prefix's: two
+answers, the bytes of one folder.
 `requests`, `reads`, `read_bytes` and `decodes` count what it did.
 
 Invariants:
@@ -78,10 +79,14 @@ MIN_READ_INTERVAL = 0.02
 FIRST_RETRY_DELAY = 0.1
 # Capped so that a read after Consul comes back happens within ~1 s (catch-up within 2 s).
 MAX_RETRY_DELAY = 1.0
-# A whole read of the prefix costs this process about as much per this many bytes of answer as
-# one probe of a folder (measured: ~1 ms of CPU per request, ~20 us per KiB of a whole read:
-# Python and httpx on a 2-core machine); below that the prefix is read whole.
-PROBE_WORTH = 64 * 1024
+# A prefix whose whole answer is over this many bytes is followed by folder: a whole read costs
+# this process ~20 us of CPU per KiB of answer (Python and httpx on a 2-core machine), an answer
+# ~1 ms; below this, one whole read per change is as cheap as two small answers.
+WATCH_WORTH = 64 * 1024
+# ... unless it has more folders than this: every folder's watch holds a connection to the agent,
+# and Consul's agent takes at most 200 at once from one address (`http_max_conns_per_client`),
+# the publisher's and other clients' included. Beyond it the prefix is read whole.
+MAX_WATCHES = 100
 
 
 class _Kind(enum.Enum):
@@ -111,11 +116,11 @@ class ConsulSource:
     """The global picture from Consul; `run` (one task) keeps it fresh."""
 
     def __init__(
-        self, client: ConsulClient, layout: KeyLayout, *, probe_worth: int = PROBE_WORTH
+        self, client: ConsulClient, layout: KeyLayout, *, watch_worth: int = WATCH_WORTH
     ) -> None:
         self._client = client
         self._layout = layout
-        self._probe_worth = probe_worth
+        self._watch_worth = watch_worth
         self._picture = Picture(token=0, hosts={})
         # (service, host) -> the session that holds its key: what the publisher checks itself by
         self._holders: dict[tuple[str, str], SessionId | None] = {}
@@ -196,8 +201,10 @@ class ConsulSource:
             try:
                 with trio.CancelScope() as reading:
                     self._reading = reading
-                    if index > 0 and self._whole_size > self._probe_worth * max(
-                        len(self._folders), 1
+                    if (
+                        index > 0
+                        and self._whole_size > self._watch_worth
+                        and len(self._folders) <= MAX_WATCHES
                     ):
                         await self._watch_folders(index)  # returns on an index gone backwards
                     else:
@@ -313,6 +320,9 @@ class ConsulSource:
                     stop(None)
                     break
                 names = set(root.names)
+                if len(names) > MAX_WATCHES:
+                    stop(None)  # too many connections: read whole from now on
+                    break
                 gone = [name for name in watches if name not in names]
                 for name in gone:
                     watches.pop(name).cancel()
