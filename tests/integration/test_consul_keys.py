@@ -21,6 +21,7 @@ import structlog
 import trio
 
 from condo.consul import ConsulClient, ConsulSource, KeyLayout, Publisher, open_consul_client
+from condo.consul.layout import encode_live, encode_record, encode_value, summary
 from condo.consul.publisher import MAX_VALUE_SIZE
 from condo.fsm import Failure
 from condo.metrics import Metrics
@@ -255,3 +256,52 @@ async def test_a_service_removed_while_the_publisher_rechecks_loses_its_key(area
             keys = await area.keys()
             assert db not in keys, "the removed service's key was left behind"
             assert keys[web]["Value"]["state"]["current"]["image"] == "condo-test/healthy:2"
+
+
+async def test_a_change_costs_its_folder_on_the_real_agent(area: Area) -> None:
+    """Followed by folder on the real agent (one held query per folder, all at once): one key
+    rewritten costs two answers (its folder's watch and the folder names'), the bytes of its
+    folder (its 8 hosts, not the 8 x 6 keys), and one decode; a key of another prefix costs
+    nothing."""
+    layout = KeyLayout.of(area.prefix)
+    hosts, services = [f"h{i}" for i in range(8)], [f"s{j}" for j in range(4)]
+    answers: list[int] = []
+
+    async def count(response: httpx.Response) -> None:
+        answers.append(len(await response.aread()))
+
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    async with (
+        httpx.AsyncClient(base_url=AGENT, event_hooks={"response": [count]}) as http,
+        trio.open_nursery() as nursery,
+    ):
+        client = ConsulClient(area.http)  # the writer; `answers` are the watcher's alone
+        session = await client.create_session(layout.session_name("bench"), 10)
+        for host in hosts:
+            await client.acquire(layout.live_key(host), encode_live(host, 1.0), session)
+            record = {s: summary(view) for s in services}
+            await client.put(layout.record_key(host), encode_record(host, record, 1.0))
+            for service in services:
+                value = encode_value(host, service, view, 1.0)
+                await client.acquire(layout.key(service, host), value, session)
+        source = ConsulSource(ConsulClient(http), layout, watch_worth=0)
+        with trio.fail_after(CAP):
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: len(p.hosts) == len(hosts))
+            await trio.sleep(0.5)  # the watches are in flight
+            whole, before, decodes = source.read_bytes, len(answers), source.decodes
+            assert decodes == len(hosts) * (len(services) + 2)
+            moved = dict(view, state="Deploying")
+            value = encode_value("h5", "s2", moved, 2.0)
+            await client.acquire(layout.key("s2", "h5"), value, session)
+            await until_pictured(source, lambda p: p.hosts["h5"]["s2"] == moved)
+            await trio.sleep(0.5)  # every answer of that change is in
+            assert len(answers) - before == 2
+            assert source.decodes == decodes + 1
+            assert 0 < source.read_bytes - whole < whole / 4
+            changed = source.read_bytes
+            await area.http.put(f"/v1/kv/{area.prefix}-elsewhere", content=b"x")
+            await trio.sleep(0.5)
+            assert source.read_bytes == changed
+            await area.http.delete(f"/v1/kv/{area.prefix}-elsewhere")
+        nursery.cancel_scope.cancel()
