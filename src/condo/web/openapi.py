@@ -132,6 +132,11 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "the desired spec's container hash (label condo.spec-hash): "
                 "a different one redeploys",
             },
+            "serving_hash": {
+                "type": ["string", "null"],
+                "description": "the container hash of the container that serves (null: none); "
+                "after a revert it is the last good spec's, not the desired one's",
+            },
             "spec_fields": {
                 "type": ["object", "null"],
                 "description": "a fingerprint of each top-level key of the desired create body",
