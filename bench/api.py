@@ -54,7 +54,7 @@ WAIT_TIMEOUT = 900  # the long-polls' own timeout parameter, seconds: far beyond
 
 async def main(run: Run) -> Report:
     size = QUICK_SERVICES if run.quick else SERVICES
-    tier_sizes = QUICK_TIERS if run.quick else TIERS
+    tier_sizes: tuple[int, ...] = QUICK_TIERS if run.quick else TIERS
     if os.environ.get(TIERS_ENV):
         tier_sizes = tuple(int(t) for t in os.environ[TIERS_ENV].split(","))
     seconds = QUICK_LOAD_SECONDS if run.quick else LOAD_SECONDS

@@ -13,7 +13,7 @@ verdict is evaluated once per picture by one task, and a final one wakes them al
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import attrs
@@ -84,7 +84,8 @@ class SharedVerdict:
 
     `verdict` is set once final (done, or failed for good); `answer` then holds what the web app
     made of it (its encoded response, built once and sent to every waiter as is). Each waiter
-    holds a cancel scope in `scopes`: a final verdict cancels them all, which is their wake-up.
+    holds a cancel scope in `scopes`: a final verdict cancels them all, which is their wake-up;
+    the front door's waiters are in `parked` instead, and `SharedWaits.on_final` wakes them.
     """
 
     name: str
@@ -93,6 +94,7 @@ class SharedVerdict:
     evaluated: tuple[int, bool] | None = None  # (picture token, stale) of the last evaluation
     verdict: Verdict | None = None
     answer: object = None
+    parked: set[object] = attrs.Factory(set)  # condo.web.door's waiters (no task, no scope)
 
 
 class SharedWaits:
@@ -108,6 +110,8 @@ class SharedWaits:
         self.source = source
         self.keys: dict[tuple[str, str], SharedVerdict] = {}
         self.evaluations = 0
+        # Called with each key whose verdict turns final (condo.web.door answers its waiters).
+        self.on_final: Callable[[SharedVerdict], None] | None = None
 
     def join(self, name: str, image: str) -> SharedVerdict:
         """The shared verdict of (name, image), evaluated on the current picture."""
@@ -130,8 +134,12 @@ class SharedWaits:
                 yield scope
         finally:
             key.scopes.discard(scope)
-            if not key.scopes and self.keys.get((key.name, key.image)) is key:
-                del self.keys[(key.name, key.image)]
+            self.leave(key)
+
+    def leave(self, key: SharedVerdict) -> None:
+        """Forget `key` if nobody waits on it any more (its waiters call this as they go)."""
+        if not key.scopes and not key.parked and self.keys.get((key.name, key.image)) is key:
+            del self.keys[(key.name, key.image)]
 
     async def run(self) -> None:
         """Follow the source until cancelled."""
@@ -154,3 +162,5 @@ class SharedWaits:
             key.verdict = verdict
             for scope in key.scopes:
                 scope.cancel()
+            if self.on_final is not None:
+                self.on_final(key)

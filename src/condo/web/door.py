@@ -1,0 +1,454 @@
+"""The API's front door: plain `/v1/wait_for` long-polls parked below hypercorn, answered in bulk.
+
+Owns: the first look at every new connection (`Door.admit`, called from hypercorn's TCPServer
+before it builds anything), the long-polls it parks, their answers, and the keep-alive
+connections it answered until they send their next request (then hypercorn serves them).
+
+Thousands of long-polls wait at once and are answered at once when a deploy turns Stable.
+Through hypercorn each held a TCPServer, its h11 state, its tasks and quart's request objects
+(≈ 20 kB), and each answer went alone through h11, a send lock, `send_all` and the keep-alive
+timer (≈ 0.35 ms each, so the 10,000th came seconds after the first). Here a parked long-poll
+is a `_Conn` (its socket, its key, its deadline) with no task and no hypercorn object; when
+its (name, image)'s verdict is final (`SharedWaits`), one loop writes the same bytes, encoded
+once, to every parked socket with a non-blocking write, and yields to the scheduler every
+`BATCH` writes so that supervision runs in between. One task watches every parked socket for
+a hang-up (an epoll of their own: a client that goes away frees its slot at once), and one
+task keeps their deadlines.
+
+What the door takes: the first request of a connection (or the next one after a door answer),
+read whole in one peek, that is exactly `GET /v1/wait_for?...` over HTTP/1.1 with one Host
+that is allowed, the token when one is required, no body, no `Connection` other than
+keep-alive, good parameters and a free slot. Anything else (a bad parameter too: its 400 is
+quart's) is left untouched in the socket and hypercorn serves it as ever; so does every
+request on a connection hypercorn already served. The answers are byte for byte what hypercorn
+and quart's route would send (tests/test_web_serve.py compares them): the same body, headers
+in the same order, h11's own encoding (`wire`), hypercorn's `date` header, and
+`connection: close` once closing (then the door closes the connection, as hypercorn would).
+
+After an answer the connection is idle: its next request (readable) goes through `admit` again;
+a hang-up, or `keep_alive_timeout` without a request (hypercorn's own keep-alive), closes it.
+Linux only (epoll); elsewhere there is no door and hypercorn serves everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import math
+import os
+import re
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+from urllib.parse import parse_qsl
+from wsgiref.handlers import format_date_time
+
+import h11
+import structlog
+import trio
+from werkzeug.datastructures import MultiDict
+
+from condo.web.auth import bearer, token_matches
+from condo.web.hosts import AllowedHosts
+from condo.web.lifecycle import Closing
+from condo.web.slots import Slots
+from condo.web.waitfor import BadParams, SharedVerdict, SharedWaits, WaitParams, parse_wait_params
+
+log = structlog.get_logger(__name__)
+
+BATCH = 256  # writes between two checkpoints of the answering loop
+MAX_HEAD = 16 * 1024  # a longer head (or one not whole in the first read) goes to hypercorn
+
+# The headers of every JSON answer of the API, after the app's own hardening, in quart's order
+# (content-length goes second).
+JSON_HEADERS = (
+    (b"content-type", b"application/json"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?")
+
+WAITING, IDLE, DONE = 0, 1, 2
+
+Answer = tuple[dict[str, Any], int]  # body, status (condo.web.app.wait_answer)
+
+
+class Hypercorn(Protocol):
+    """hypercorn's TCPServer, as far as the door cares: what it needs to serve a connection."""
+
+    app: Any
+    config: Any
+    context: Any
+    state: Any
+    stream: Any
+
+
+def wire(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """The bytes hypercorn's h11 protocol writes for this answer to a keep-alive HTTP/1.1 GET."""
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    connection.next_event()  # the request
+    connection.next_event()  # its end
+    parts = [
+        connection.send(h11.Response(status_code=status, headers=headers)),
+        connection.send(h11.Data(data=body)),
+        connection.send(h11.EndOfMessage()),
+    ]
+    return b"".join(part or b"" for part in parts)
+
+
+class _Conn:
+    """One connection the door holds: waiting for its verdict, or idle after its answer."""
+
+    __slots__ = ("deadline", "fd", "key", "params", "sock", "state")
+
+    def __init__(
+        self, sock: trio.socket.SocketType, key: SharedVerdict, params: WaitParams
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.key: SharedVerdict | None = key
+        self.params = params
+        self.deadline = math.inf
+        self.state = WAITING
+
+
+class Door:
+    """The front door of one served app (see the module's docstring)."""
+
+    def __init__(
+        self,
+        *,
+        shared: SharedWaits,
+        slots: Slots,
+        closing: Closing,
+        allowed_hosts: AllowedHosts,
+        api_token: str | None,
+        answer: Callable[[WaitParams, Any, bool], Answer],
+        dumps: Callable[[Any], str],
+        gauge: Any,
+    ) -> None:
+        self.shared = shared
+        self.slots = slots
+        self.closing = closing
+        self.allowed_hosts = allowed_hosts
+        self.api_token = api_token
+        self._answer = answer
+        self._dumps = dumps
+        self._gauge = gauge
+        self.conns: dict[int, _Conn] = {}  # by descriptor: every connection the door holds
+        self.encodes = 0  # answers encoded (tests: one per final verdict, not per waiter)
+        self.writes = 0  # answers written
+        self._epoll: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._serve: Callable[[trio.SocketStream], Any] | None = None
+        self._ready: list[SharedVerdict] = []
+        self._wake = trio.Event()
+        self._timers: list[tuple[float, int, _Conn]] = []
+        self._timer_moved = trio.Event()
+        self._seq = itertools.count()
+        self._keep_alive = 5.0  # hypercorn's keep_alive_timeout, read from its config
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(select, "epoll")
+
+    # --- the first look at a connection ------------------------------------------------------
+
+    async def admit(self, server: Hypercorn) -> bool:
+        """Take `server`'s connection if its first request is a plain long-poll: True when the
+        door owns it now (hypercorn must do nothing more), False to let hypercorn serve it."""
+        if self._nursery is None or not isinstance(server.stream, trio.SocketStream):
+            return False
+        if self._serve is None:
+            factory: Any = type(server)
+            app, config, context, state = server.app, server.config, server.context, server.state
+            self._serve = lambda stream: factory(app, config, context, state, stream).run()
+        self._keep_alive = float(server.config.keep_alive_timeout)
+        return await self._look(server.stream.socket)
+
+    async def _look(self, sock: trio.socket.SocketType) -> bool:
+        head = b""
+        with trio.move_on_after(self._keep_alive):
+            try:
+                head = await sock.recv(MAX_HEAD + 1, socket.MSG_PEEK)
+            except OSError:
+                head = b""
+            if not head:  # hung up before asking anything
+                sock.close()
+                return True
+        if not head:  # nothing asked within the keep-alive timeout: what hypercorn does too
+            sock.close()
+            return True
+        end = head.find(b"\r\n\r\n")
+        if end < 0 or self.closing.closed:
+            return False
+        params = self._plain_wait(head[:end])
+        if params is None or not self.slots.try_take():
+            return False
+        # Take the request itself out of the socket (it was only peeked at): what follows it,
+        # if anything, is the connection's next request.
+        os.read(sock.fileno(), end + 4)
+        # The socket leaves its stream (which Trio's serve_listeners closes when hypercorn's
+        # handler returns) for a socket object of the door's own on the same descriptor.
+        own = trio.socket.from_stdlib_socket(socket.socket(fileno=sock.detach()))
+        self._park(_Conn(own, self.shared.join(params.name, params.image), params))
+        return True
+
+    def _plain_wait(self, head: bytes) -> WaitParams | None:
+        """The parameters of a long-poll the door may take, or None: hypercorn serves it."""
+        line, *lines = head.split(b"\r\n")
+        method, _, rest = line.partition(b" ")
+        target, _, version = rest.partition(b" ")
+        if method != b"GET" or version != b"HTTP/1.1" or not _TARGET.fullmatch(target):
+            return None
+        host: bytes | None = None
+        authorization: bytes | None = None
+        for header in lines:
+            name, colon, value = header.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name):
+                return None  # a folded line, a space before the colon: h11 judges it
+            value = value.strip(b" \t")
+            if not _VALUE.fullmatch(value):
+                return None
+            name = name.lower()
+            if name == b"host":
+                if host is not None:
+                    return None
+                host = value
+            elif name == b"authorization":
+                if authorization is not None:
+                    return None
+                authorization = value
+            elif name == b"connection":
+                if value.lower() != b"keep-alive":
+                    return None
+            elif name in (b"transfer-encoding", b"expect", b"upgrade") or (
+                name == b"content-length" and value != b"0"
+            ):
+                return None  # a body, or a protocol switch: hypercorn and quart decide
+        if host is None or not self.allowed_hosts.allows(host.decode("latin-1")):
+            return None
+        if self.api_token is not None and not token_matches(
+            self.api_token, bearer(None if authorization is None else authorization.decode())
+        ):
+            return None
+        _, _, query = target.partition(b"?")
+        try:
+            # What werkzeug's request.args does, so that both read the same parameters.
+            args = MultiDict(
+                parse_qsl(query.decode(), keep_blank_values=True, errors="werkzeug.url_quote")
+            )
+            params = parse_wait_params(args)
+        except (BadParams, UnicodeError, LookupError, ValueError):
+            return None  # quart answers it (a 400, with the reason)
+        if not math.isfinite(params.timeout):
+            return None
+        return params
+
+    # --- parked long-polls ------------------------------------------------------------------
+
+    def _park(self, conn: _Conn) -> None:
+        key = conn.key
+        assert key is not None
+        self._gauge.inc()
+        self.conns[conn.fd] = conn
+        key.parked.add(conn)
+        self._epoll.register(conn.fd, select.EPOLLRDHUP)
+        if key.verdict is not None:
+            self._answer_one(conn, self._shared_answer(key), close=False)
+        else:
+            self._arm(conn, trio.current_time() + conn.params.timeout)
+
+    def _unpark(self, conn: _Conn) -> None:
+        """`conn` no longer waits: its slot, its gauge and its key go."""
+        if conn.state != WAITING:
+            return
+        conn.state = IDLE
+        key, conn.key = conn.key, None
+        assert key is not None
+        key.parked.discard(conn)
+        self.shared.leave(key)
+        self.slots.release()
+        self._gauge.dec()
+
+    def _drop(self, conn: _Conn) -> None:
+        """Close `conn` (hung up, timed out idle, or answered for the last time)."""
+        if conn.state == DONE:
+            return  # closed already, or handed to hypercorn
+        self._unpark(conn)
+        conn.state = DONE
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            self._epoll.unregister(conn.fd)
+        with contextlib.suppress(OSError):  # gone already
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.sock.close()
+
+    def _arm(self, conn: _Conn, deadline: float) -> None:
+        conn.deadline = deadline
+        if deadline == math.inf:
+            return
+        if not self._timers or deadline < self._timers[0][0]:
+            self._timer_moved.set()
+        heapq.heappush(self._timers, (deadline, next(self._seq), conn))
+
+    # --- answers ------------------------------------------------------------------------------
+
+    def on_final(self, key: SharedVerdict) -> None:
+        """`SharedWaits`' hook: `key`'s verdict is final; answer its parked waiters."""
+        if key.parked:
+            self._ready.append(key)
+            self._wake.set()
+
+    def _encode(self, answer: Answer, *, close: bool) -> bytes:
+        body, status = answer
+        self.encodes += 1
+        data = (self._dumps(body) + "\n").encode()
+        headers = [JSON_HEADERS[0], (b"content-length", str(len(data)).encode()), *JSON_HEADERS[1:]]
+        if close:  # condo.web.serve.closing_connections' header, before hypercorn's own
+            headers.append((b"connection", b"close"))
+        headers.append((b"date", format_date_time(time.time()).encode()))  # as hypercorn does
+        return wire(status, headers, data)
+
+    def _shared_answer(self, key: SharedVerdict) -> bytes:
+        if key.answer is None:
+            params = WaitParams(name=key.name, image=key.image, timeout=0.0)
+            key.answer = self._encode(self._answer(params, key.verdict, False), close=False)
+        answer = key.answer
+        assert isinstance(answer, bytes)
+        return answer
+
+    def _answer_one(self, conn: _Conn, data: bytes, *, close: bool) -> None:
+        """Write `data` to `conn` without blocking; a rest goes to a task of its own."""
+        self._unpark(conn)
+        self.writes += 1
+        try:
+            sent = os.write(conn.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client went away
+            self._drop(conn)
+            return
+        if sent < len(data):
+            assert self._nursery is not None
+            self._epoll.modify(conn.fd, 0)  # not idle yet: the rest is written first
+            self._nursery.start_soon(self._finish, conn, data[sent:], close)
+        else:
+            self._after(conn, close)
+
+    async def _finish(self, conn: _Conn, rest: bytes, close: bool) -> None:
+        try:
+            while rest:
+                sent = await conn.sock.send(rest)
+                rest = rest[sent:]
+        except (OSError, trio.ClosedResourceError):  # gone, dropped by TCP_USER_TIMEOUT
+            self._drop(conn)
+            return
+        self._after(conn, close)
+
+    def _after(self, conn: _Conn, close: bool) -> None:
+        """An answer is out: close, or wait idle for the connection's next request."""
+        if close or conn.state == DONE:
+            self._drop(conn)
+            return
+        self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._arm(conn, trio.current_time() + self._keep_alive)
+
+    async def _answering(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            ready, self._ready = self._ready, []
+            for key in ready:
+                data = self._shared_answer(key)
+                for index, conn in enumerate(cast("list[_Conn]", list(key.parked))):
+                    if conn.state == WAITING:
+                        self._answer_one(conn, data, close=False)
+                    if index % BATCH == BATCH - 1:
+                        await trio.lowlevel.checkpoint()
+
+    async def _watching(self) -> None:
+        """Hang-ups of parked connections, and the next requests of idle ones."""
+        while True:
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            for fd, events in self._epoll.poll(0, 1024):
+                conn = self.conns.get(fd)
+                if conn is None:
+                    continue
+                if conn.state == IDLE and events & select.EPOLLIN:
+                    # Its next request (or its hang-up, which admit reads as such).
+                    del self.conns[fd]
+                    self._epoll.unregister(fd)
+                    conn.state = DONE
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._next_request, conn.sock)
+                else:
+                    self._drop(conn)  # hung up (or half-closed: hypercorn drops those too)
+
+    async def _next_request(self, sock: trio.socket.SocketType) -> None:
+        # Through hypercorn's TCPServer.run, so through `admit`: a long-poll again is the door's.
+        assert self._serve is not None
+        await self._serve(trio.SocketStream(sock))
+
+    async def _timing(self) -> None:
+        while True:
+            now = trio.current_time()
+            while self._timers and self._timers[0][0] <= now:
+                deadline, _, conn = heapq.heappop(self._timers)
+                if conn.deadline != deadline or conn.state == DONE:
+                    continue  # re-armed since, or gone
+                if conn.state == WAITING:
+                    key = conn.key
+                    assert key is not None
+                    data = self._encode(self._answer(conn.params, None, False), close=False)
+                    self._answer_one(conn, data, close=False)
+                else:
+                    self._drop(conn)  # idle for keep_alive_timeout
+            self._timer_moved = trio.Event()
+            with trio.move_on_at(self._timers[0][0] if self._timers else math.inf):
+                await self._timer_moved.wait()
+
+    # --- serving ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the door open until `closing`; then answer every parked long-poll 503 (with
+        `connection: close`) and close the idle connections. Connections handed to hypercorn
+        after a door answer run in this task's nursery until they end."""
+        self._epoll = select.epoll()
+        self.shared.on_final = self.on_final
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                async with trio.open_nursery() as loops:
+                    loops.start_soon(self._answering)
+                    loops.start_soon(self._watching)
+                    loops.start_soon(self._timing)
+                    task_status.started()
+                    with self.closing.guard():
+                        await trio.sleep(math.inf)  # until closing
+                    loops.cancel_scope.cancel()
+                self._close_all()
+        finally:
+            self._nursery = None
+            self.shared.on_final = None
+            for conn in list(self.conns.values()):
+                self._drop(conn)
+            self._epoll.close()
+
+    def _close_all(self) -> None:
+        shutting_down: bytes | None = None
+        for conn in list(self.conns.values()):
+            if conn.state == WAITING:
+                if shutting_down is None:
+                    params = conn.params
+                    shutting_down = self._encode(self._answer(params, None, True), close=True)
+                self._answer_one(conn, shutting_down, close=True)
+            elif conn.state == IDLE:
+                self._drop(conn)
