@@ -298,6 +298,10 @@ class Door:
         if not self._timers or deadline < self._timers[0][0]:
             self._timer_moved.set()
         heapq.heappush(self._timers, (deadline, next(self._seq), conn))
+        if len(self._timers) > 2 * len(self.conns) + 64:
+            # Mostly deadlines of answered long-polls (each held its connection): drop them.
+            self._timers = [t for t in self._timers if t[2].deadline == t[0] and t[2].state != DONE]
+            heapq.heapify(self._timers)
 
     # --- answers ------------------------------------------------------------------------------
 
@@ -367,12 +371,22 @@ class Door:
             self._wake = trio.Event()
             ready, self._ready = self._ready, []
             for key in ready:
+                began = time.monotonic()
                 data = self._shared_answer(key)
+                answered = 0
                 for index, conn in enumerate(cast("list[_Conn]", list(key.parked))):
                     if conn.state == WAITING:
                         self._answer_one(conn, data, close=False)
+                        answered += 1
                     if index % BATCH == BATCH - 1:
                         await trio.lowlevel.checkpoint()
+                log.info(
+                    "web.door.answered",
+                    service=key.name,
+                    image=key.image,
+                    waiters=answered,
+                    seconds=round(time.monotonic() - began, 4),
+                )
 
     async def _watching(self) -> None:
         """Hang-ups of parked connections, and the next requests of idle ones."""
