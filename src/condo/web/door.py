@@ -75,6 +75,7 @@ _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?")
 
 WAITING, IDLE, DONE = 0, 1, 2
+HANG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
 
 Answer = tuple[dict[str, Any], int]  # body, status (condo.web.app.wait_answer)
 
@@ -396,15 +397,17 @@ class Door:
                 conn = self.conns.get(fd)
                 if conn is None:
                     continue
-                if conn.state == IDLE and events & select.EPOLLIN:
-                    # Its next request (or its hang-up, which admit reads as such).
+                if conn.state == IDLE and events & HANG_UP == 0 and events & select.EPOLLIN:
+                    # Its next request: through `admit` again (a task, as hypercorn's is).
                     del self.conns[fd]
                     self._epoll.unregister(fd)
                     conn.state = DONE
                     assert self._nursery is not None
                     self._nursery.start_soon(self._next_request, conn.sock)
                 else:
-                    self._drop(conn)  # hung up (or half-closed: hypercorn drops those too)
+                    # Hung up, or half-closed (hypercorn drops those too): closed right here, with
+                    # no task, since every client of a bulk answer may do it at once.
+                    self._drop(conn)
 
     async def _next_request(self, sock: trio.socket.SocketType) -> None:
         # Through hypercorn's TCPServer.run, so through `admit`: a long-poll again is the door's.
