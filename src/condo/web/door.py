@@ -146,6 +146,7 @@ class Door:
         self.conns: dict[int, _Conn] = {}  # by descriptor: every connection the door holds
         self.encodes = 0  # answers encoded (tests: one per final verdict, not per waiter)
         self.writes = 0  # answers written
+        self.handed = 0  # idle connections whose next request went through hypercorn's server
         self._epoll: Any = None
         self._nursery: trio.Nursery | None = None
         self._serve: Callable[[trio.SocketStream], Any] | None = None
@@ -412,6 +413,7 @@ class Door:
     async def _next_request(self, sock: trio.socket.SocketType) -> None:
         # Through hypercorn's TCPServer.run, so through `admit`: a long-poll again is the door's.
         assert self._serve is not None
+        self.handed += 1
         await self._serve(trio.SocketStream(sock))
 
     async def _timing(self) -> None:
