@@ -32,6 +32,7 @@ Linux only (epoll); elsewhere there is no door and hypercorn serves everything.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import itertools
@@ -74,7 +75,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?")
 
-WAITING, IDLE, DONE = 0, 1, 2
+# A connection's states: its long-poll waits; its answer is being written by a task of its own
+# (the socket took only part of it); idle after its answer; closed or handed to hypercorn.
+WAITING, SENDING, IDLE, DONE = 0, 1, 2, 3
 HANG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
 
 Answer = tuple[dict[str, Any], int]  # body, status (condo.web.app.wait_answer)
@@ -107,7 +110,7 @@ def wire(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
 class _Conn:
     """One connection the door holds: waiting for its verdict, or idle after its answer."""
 
-    __slots__ = ("deadline", "fd", "key", "params", "sock", "state")
+    __slots__ = ("deadline", "fd", "key", "params", "pending", "sock", "state")
 
     def __init__(
         self, sock: trio.socket.SocketType, key: SharedVerdict, params: WaitParams
@@ -118,6 +121,7 @@ class _Conn:
         self.params = params
         self.deadline = math.inf
         self.state = WAITING
+        self.pending = False  # its next request came before its answer went
 
 
 class Door:
@@ -152,7 +156,12 @@ class Door:
         self._serve: Callable[[trio.SocketStream], Any] | None = None
         self._ready: list[SharedVerdict] = []
         self._wake = trio.Event()
-        self._timers: list[tuple[float, int, _Conn]] = []
+        self._timers: list[tuple[float, int, _Conn]] = []  # the long-polls' deadlines
+        # Idle connections' keep-alive deadlines: now + a constant, so in order (no heap).
+        self._idle: collections.deque[tuple[float, _Conn]] = collections.deque()
+        self._answering_now = False
+        self._quiet = trio.Event()  # set while no bulk answer is being written
+        self._quiet.set()
         self._timer_moved = trio.Event()
         self._seq = itertools.count()
         self._keep_alive = 5.0  # hypercorn's keep_alive_timeout, read from its config
@@ -262,7 +271,8 @@ class Door:
         self._gauge.inc()
         self.conns[conn.fd] = conn
         key.parked.add(conn)
-        self._epoll.register(conn.fd, select.EPOLLRDHUP)
+        # Edge-triggered: a hang-up, or the next request (which waits until the answer is out).
+        self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         if key.verdict is not None:
             self._answer_one(conn, self._shared_answer(key), close=False)
         else:
@@ -272,7 +282,7 @@ class Door:
         """`conn` no longer waits: its slot, its gauge and its key go."""
         if conn.state != WAITING:
             return
-        conn.state = IDLE
+        conn.state = SENDING
         key, conn.key = conn.key, None
         assert key is not None
         key.parked.discard(conn)
@@ -280,7 +290,7 @@ class Door:
         self.slots.release()
         self._gauge.dec()
 
-    def _drop(self, conn: _Conn) -> None:
+    def _drop(self, conn: _Conn, *, hung_up: bool = False) -> None:
         """Close `conn` (hung up, timed out idle, or answered for the last time)."""
         if conn.state == DONE:
             return  # closed already, or handed to hypercorn
@@ -288,9 +298,10 @@ class Door:
         conn.state = DONE
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
-            self._epoll.unregister(conn.fd)
-        with contextlib.suppress(OSError):  # gone already
-            conn.sock.shutdown(socket.SHUT_WR)
+            # (closing the descriptor takes it out of the epoll too)
+        if not hung_up:  # a graceful close, as hypercorn's: our side's EOF first
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
         conn.sock.close()
 
     def _arm(self, conn: _Conn, deadline: float) -> None:
@@ -302,7 +313,9 @@ class Door:
         heapq.heappush(self._timers, (deadline, next(self._seq), conn))
         if len(self._timers) > 2 * len(self.conns) + 64:
             # Mostly deadlines of answered long-polls (each held its connection): drop them.
-            self._timers = [t for t in self._timers if t[2].deadline == t[0] and t[2].state != DONE]
+            self._timers = [
+                t for t in self._timers if t[2].deadline == t[0] and t[2].state == WAITING
+            ]
             heapq.heapify(self._timers)
 
     # --- answers ------------------------------------------------------------------------------
@@ -344,7 +357,6 @@ class Door:
             return
         if sent < len(data):
             assert self._nursery is not None
-            self._epoll.modify(conn.fd, 0)  # not idle yet: the rest is written first
             self._nursery.start_soon(self._finish, conn, data[sent:], close)
         else:
             self._after(conn, close)
@@ -363,15 +375,21 @@ class Door:
         """An answer is out: close, or wait idle for the connection's next request."""
         if close or conn.state == DONE:
             self._drop(conn)
-            return
-        self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._arm(conn, trio.current_time() + self._keep_alive)
+        elif conn.pending:
+            self._hand_over(conn)
+        else:
+            conn.state = IDLE
+            conn.deadline = deadline = trio.current_time() + self._keep_alive
+            if not self._idle:
+                self._timer_moved.set()
+            self._idle.append((deadline, conn))
 
     async def _answering(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             ready, self._ready = self._ready, []
+            self._quiet = trio.Event()  # hang-ups wait: the answers go first
             for key in ready:
                 began = time.monotonic()
                 data = self._shared_answer(key)
@@ -389,26 +407,33 @@ class Door:
                     waiters=answered,
                     seconds=round(time.monotonic() - began, 4),
                 )
+            self._quiet.set()
 
     async def _watching(self) -> None:
         """Hang-ups of parked connections, and the next requests of idle ones."""
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
+            await self._quiet.wait()
             for fd, events in self._epoll.poll(0, 1024):
                 conn = self.conns.get(fd)
                 if conn is None:
                     continue
-                if conn.state == IDLE and events & HANG_UP == 0 and events & select.EPOLLIN:
-                    # Its next request: through `admit` again (a task, as hypercorn's is).
-                    del self.conns[fd]
-                    self._epoll.unregister(fd)
-                    conn.state = DONE
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._next_request, conn.sock)
-                else:
+                if events & HANG_UP:
                     # Hung up, or half-closed (hypercorn drops those too): closed right here, with
                     # no task, since every client of a bulk answer may do it at once.
-                    self._drop(conn)
+                    self._drop(conn, hung_up=True)
+                elif conn.state == IDLE:
+                    self._hand_over(conn)  # its next request
+                else:
+                    conn.pending = True  # its next request, once its answer is out
+
+    def _hand_over(self, conn: _Conn) -> None:
+        """`conn`'s next request goes through `admit` again (a task, as hypercorn's is)."""
+        del self.conns[conn.fd]
+        self._epoll.unregister(conn.fd)
+        conn.state = DONE
+        assert self._nursery is not None
+        self._nursery.start_soon(self._next_request, conn.sock)
 
     async def _next_request(self, sock: trio.socket.SocketType) -> None:
         # Through hypercorn's TCPServer.run, so through `admit`: a long-poll again is the door's.
@@ -424,14 +449,18 @@ class Door:
                 if conn.deadline != deadline or conn.state == DONE:
                     continue  # re-armed since, or gone
                 if conn.state == WAITING:
-                    key = conn.key
-                    assert key is not None
                     data = self._encode(self._answer(conn.params, None, False), close=False)
                     self._answer_one(conn, data, close=False)
-                else:
-                    self._drop(conn)  # idle for keep_alive_timeout
+            while self._idle and self._idle[0][0] <= now:
+                deadline, conn = self._idle.popleft()
+                if conn.deadline == deadline and conn.state == IDLE:
+                    self._drop(conn)  # idle for keep_alive_timeout, as hypercorn would
             self._timer_moved = trio.Event()
-            with trio.move_on_at(self._timers[0][0] if self._timers else math.inf):
+            soonest = min(
+                self._timers[0][0] if self._timers else math.inf,
+                self._idle[0][0] if self._idle else math.inf,
+            )
+            with trio.move_on_at(soonest):
                 await self._timer_moved.wait()
 
     # --- serving ------------------------------------------------------------------------------
@@ -470,4 +499,4 @@ class Door:
                     shutting_down = self._encode(self._answer(params, None, True), close=True)
                 self._answer_one(conn, shutting_down, close=True)
             elif conn.state == IDLE:
-                self._drop(conn)
+                self._drop(conn)  # (SENDING ones close once their answer is out)
