@@ -9,9 +9,9 @@ One `condo run` with 200 Stable busybox services (3 with --quick), API on a free
    connections each send `GET /v1/wait_for?name=<the service>&image=<its next image>`; once
    condo's own gauge `condo_web_open_waits` counts them all, the service's spec is changed to
    the image. Each answer's latency is its arrival here (read by one epoll loop, not a Trio task
-   per connection) minus condo's log line of the `→ Stable` transition; all must be 200 `ok`. condo's RSS is read with everything held, and
-   after; (held - before) / polls is the memory each waiting long-poll holds. The bars are judged
-   on the largest tier (the issue's 10,000).
+   per connection) minus condo's log line of the `→ Stable` transition; all must be 200 `ok`.
+   condo's RSS is read with everything held, and after; (held - before) / polls is the memory
+   each waiting long-poll holds. The bars are judged on the largest tier (the issue's 10,000).
 `BENCH_API_TIERS=10000` runs only the tiers named (comma-separated).
 Both this process and condo get the highest open-files limit allowed (condo inherits it).
 Bars: ≥ 1,000 req/s; all long-polls answered; p99 ≤ 200 ms after the transition; ≤ 10 kB held

@@ -132,9 +132,13 @@ async def main(run: Run) -> Report:
         assert condo.url is not None
         loaded = LoadedChanges(change_once, changes + 1)
         load = "polls"
-        await _under_long_polls(run, condo, loaded, polls)
+        async with condo.window("polls"):  # (a profile of its own under --profile)
+            await _under_long_polls(run, condo, loaded, polls)
         load = "state"
-        async with open_load("state", condo.url, str(STATE_CONNECTIONS)):
+        async with (
+            condo.window("state"),
+            open_load("state", condo.url, str(STATE_CONNECTIONS)),
+        ):
             await trio.sleep(1.0)  # the load under way
             for _ in range(loaded_changes):
                 await trio.sleep(random.uniform(0.05, 0.25))

@@ -14,6 +14,7 @@ proxy's timestamps and be counted as condo's reaction.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -118,5 +119,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # load only: nothing to clean up
     main(sys.argv[1:])
