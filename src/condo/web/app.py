@@ -249,6 +249,7 @@ def build_app(context: WebContext) -> QuartTrio:
         answer=lambda params, verdict, closing: wait_answer(source, params, verdict, closing),
         dumps=lambda body: app.json.dumps(body, separators=(",", ":")),
         gauge=context.metrics.web_waiters,
+        state=lambda: (context.store.version, state_body.value),
     )
 
     @app.get("/v1/wait_for")

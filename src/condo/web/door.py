@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import heapq
 import itertools
 import math
-import os
 import re
 import select
 import socket
@@ -73,7 +73,7 @@ JSON_HEADERS = (
 )
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?")
+_TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?|/v1/state")
 
 # A connection's states: its long-poll waits; its answer is being written by a task of its own
 # (the socket took only part of it); idle after its answer; closed or handed to hypercorn.
@@ -108,20 +108,29 @@ def wire(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
 
 
 class _Conn:
-    """One connection the door holds: waiting for its verdict, or idle after its answer."""
+    """One connection the door holds: waiting for its verdict, sending, or idle between requests.
 
-    __slots__ = ("deadline", "fd", "key", "params", "pending", "sock", "state")
+    Its socket is a plain (non-blocking) one: a Trio socket only while a task finishes a write
+    (`sending`) or once it goes to hypercorn.
+    """
 
-    def __init__(
-        self, sock: trio.socket.SocketType, key: SharedVerdict, params: WaitParams
-    ) -> None:
+    __slots__ = ("deadline", "fd", "key", "params", "pending", "sending", "served", "sock", "state")
+
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.key: SharedVerdict | None = key
-        self.params = params
+        self.key: SharedVerdict | None = None
+        self.params: WaitParams | None = None
         self.deadline = math.inf
-        self.state = WAITING
+        self.state = IDLE
         self.pending = False  # its next request came before its answer went
+        self.served = 0  # requests answered on this connection (hypercorn's keep-alive count)
+        self.sending: trio.socket.SocketType | None = None
+
+
+# What `Door._route` found in a request head: a long-poll's parameters, or the state route.
+STATE = "state"
+Route = WaitParams | str
 
 
 class Door:
@@ -138,6 +147,7 @@ class Door:
         answer: Callable[[WaitParams, Any, bool], Answer],
         dumps: Callable[[Any], str],
         gauge: Any,
+        state: Callable[[], tuple[int, bytes]] | None = None,
     ) -> None:
         self.shared = shared
         self.slots = slots
@@ -147,6 +157,8 @@ class Door:
         self._answer = answer
         self._dumps = dumps
         self._gauge = gauge
+        self._state = state
+        self._state_answer: tuple[tuple[int, int], bytes] | None = None
         self.conns: dict[int, _Conn] = {}  # by descriptor: every connection the door holds
         self.encodes = 0  # answers encoded (tests: one per final verdict, not per waiter)
         self.writes = 0  # answers written
@@ -159,12 +171,12 @@ class Door:
         self._timers: list[tuple[float, int, _Conn]] = []  # the long-polls' deadlines
         # Idle connections' keep-alive deadlines: now + a constant, so in order (no heap).
         self._idle: collections.deque[tuple[float, _Conn]] = collections.deque()
-        self._answering_now = False
         self._quiet = trio.Event()  # set while no bulk answer is being written
         self._quiet.set()
         self._timer_moved = trio.Event()
         self._seq = itertools.count()
         self._keep_alive = 5.0  # hypercorn's keep_alive_timeout, read from its config
+        self._max_requests = 1000  # hypercorn's keep_alive_max_requests, likewise
 
     @staticmethod
     def available() -> bool:
@@ -173,18 +185,17 @@ class Door:
     # --- the first look at a connection ------------------------------------------------------
 
     async def admit(self, server: Hypercorn) -> bool:
-        """Take `server`'s connection if its first request is a plain long-poll: True when the
-        door owns it now (hypercorn must do nothing more), False to let hypercorn serve it."""
+        """Take `server`'s connection if its first request is the door's: True when the door
+        owns it now (hypercorn must do nothing more), False to let hypercorn serve it."""
         if self._nursery is None or not isinstance(server.stream, trio.SocketStream):
             return False
         if self._serve is None:
             factory: Any = type(server)
             app, config, context, state = server.app, server.config, server.context, server.state
             self._serve = lambda stream: factory(app, config, context, state, stream).run()
-        self._keep_alive = float(server.config.keep_alive_timeout)
-        return await self._look(server.stream.socket)
-
-    async def _look(self, sock: trio.socket.SocketType) -> bool:
+            self._keep_alive = float(config.keep_alive_timeout)
+            self._max_requests = int(config.keep_alive_max_requests)
+        sock = server.stream.socket
         head = b""
         with trio.move_on_after(self._keep_alive):
             try:
@@ -197,23 +208,73 @@ class Door:
         if not head:  # nothing asked within the keep-alive timeout: what hypercorn does too
             sock.close()
             return True
-        end = head.find(b"\r\n\r\n")
-        if end < 0 or self.closing.closed:
+        found = self._route(head)
+        if found is None:
             return False
-        params = self._plain_wait(head[:end])
-        if params is None or not self.slots.try_take():
-            return False
-        # Take the request itself out of the socket (it was only peeked at): what follows it,
-        # if anything, is the connection's next request.
-        os.read(sock.fileno(), end + 4)
+        route, size = found
         # The socket leaves its stream (which Trio's serve_listeners closes when hypercorn's
-        # handler returns) for a socket object of the door's own on the same descriptor.
-        own = trio.socket.from_stdlib_socket(socket.socket(fileno=sock.detach()))
-        self._park(_Conn(own, self.shared.join(params.name, params.image), params))
+        # handler returns) for a plain socket of the door's own on the same descriptor.
+        conn = _Conn(socket.socket(fileno=sock.detach()))
+        conn.sock.setblocking(False)
+        self.conns[conn.fd] = conn
+        # Edge-triggered: a hang-up, or the next request (taken once the answer is out).
+        self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._take(conn, route, size)
         return True
 
-    def _plain_wait(self, head: bytes) -> WaitParams | None:
-        """The parameters of a long-poll the door may take, or None: hypercorn serves it."""
+    def _next(self, conn: _Conn) -> None:
+        """The next request of an idle connection, read without waiting (its edge came)."""
+        for _ in range(4):  # a few pipelined ones at most; then hypercorn reads the rest
+            if conn.state != IDLE:
+                return
+            try:
+                head = conn.sock.recv(MAX_HEAD + 1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return  # nothing yet
+            except OSError:
+                head = b""
+            if not head:
+                self._drop(conn, hung_up=True)
+                return
+            found = self._route(head)
+            if found is None:
+                self._hand_over(conn)
+                return
+            self._take(conn, *found)
+        if conn.state == IDLE:
+            self._hand_over(conn)
+
+    def _take(self, conn: _Conn, route: Route, size: int) -> None:
+        """Serve the request `route` (its head, `size` bytes, is still in the socket)."""
+        # Take the request out of the socket (it was only peeked at): what follows it, if
+        # anything, is the connection's next request.
+        conn.sock.recv(size)
+        conn.served += 1
+        close = conn.served >= self._max_requests  # hypercorn's keep-alive limit
+        if isinstance(route, WaitParams):
+            self._park(conn, route)
+        else:
+            conn.state = SENDING
+            self._write(conn, self._state_bytes() if not close else self._state_bytes(True), close)
+
+    def _route(self, data: bytes) -> tuple[Route, int] | None:
+        """What the door does with the request at the start of `data` (and its head's size),
+        or None: hypercorn serves it. A long-poll takes its slot here."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or self.closing.closed:
+            return None
+        target = self._plain_get(data[:end])
+        if target is None:
+            return None
+        if target == b"/v1/state":
+            return (STATE, end + 4) if self._state is not None else None
+        params = self._wait_params(target)
+        if params is None or not self.slots.try_take():
+            return None
+        return params, end + 4
+
+    def _plain_get(self, head: bytes) -> bytes | None:
+        """The target of a plain GET the door may answer (Host, token, no body), or None."""
         line, *lines = head.split(b"\r\n")
         method, _, rest = line.partition(b" ")
         target, _, version = rest.partition(b" ")
@@ -250,6 +311,10 @@ class Door:
             self.api_token, bearer(None if authorization is None else authorization.decode())
         ):
             return None
+        return target
+
+    @staticmethod
+    def _wait_params(target: bytes) -> WaitParams | None:
         _, _, query = target.partition(b"?")
         try:
             # What werkzeug's request.args does, so that both read the same parameters.
@@ -265,18 +330,15 @@ class Door:
 
     # --- parked long-polls ------------------------------------------------------------------
 
-    def _park(self, conn: _Conn) -> None:
-        key = conn.key
-        assert key is not None
+    def _park(self, conn: _Conn, params: WaitParams) -> None:
+        key = self.shared.join(params.name, params.image)
+        conn.key, conn.params, conn.state = key, params, WAITING
         self._gauge.inc()
-        self.conns[conn.fd] = conn
         key.parked.add(conn)
-        # Edge-triggered: a hang-up, or the next request (which waits until the answer is out).
-        self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         if key.verdict is not None:
-            self._answer_one(conn, self._shared_answer(key), close=False)
+            self._answer_one(conn, self._shared_answer(key))
         else:
-            self._arm(conn, trio.current_time() + conn.params.timeout)
+            self._arm(conn, trio.current_time() + params.timeout)
 
     def _unpark(self, conn: _Conn) -> None:
         """`conn` no longer waits: its slot, its gauge and its key go."""
@@ -302,7 +364,10 @@ class Door:
         if not hung_up:  # a graceful close, as hypercorn's: our side's EOF first
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
-        conn.sock.close()
+        if conn.sending is not None:
+            conn.sending.close()  # wakes the task writing the rest (Trio knows the socket)
+        else:
+            conn.sock.close()
 
     def _arm(self, conn: _Conn, deadline: float) -> None:
         conn.deadline = deadline
@@ -338,51 +403,90 @@ class Door:
 
     def _shared_answer(self, key: SharedVerdict) -> bytes:
         if key.answer is None:
-            params = WaitParams(name=key.name, image=key.image, timeout=0.0)
-            key.answer = self._encode(self._answer(params, key.verdict, False), close=False)
+            key.answer = self._encode(self._final_answer(key), close=False)
         answer = key.answer
         assert isinstance(answer, bytes)
         return answer
 
-    def _answer_one(self, conn: _Conn, data: bytes, *, close: bool) -> None:
-        """Write `data` to `conn` without blocking; a rest goes to a task of its own."""
+    def _final_answer(self, key: SharedVerdict) -> Answer:
+        params = WaitParams(name=key.name, image=key.image, timeout=0.0)
+        return self._answer(params, key.verdict, False)
+
+    def _state_bytes(self, close: bool = False) -> bytes:
+        """`GET /v1/state`'s answer: the body encoded once per store version (the app's), the
+        whole answer once per version and second (its `date`)."""
+        assert self._state is not None
+        version, body = self._state()
+        stamp = (version, int(time.time()))
+        if not close and self._state_answer is not None and self._state_answer[0] == stamp:
+            return self._state_answer[1]
+        headers = [JSON_HEADERS[0], (b"content-length", str(len(body)).encode()), *JSON_HEADERS[1:]]
+        if close:
+            headers.append((b"connection", b"close"))
+        headers.append((b"date", format_date_time(stamp[1]).encode()))
+        data = wire(200, headers, body)
+        if not close:
+            self._state_answer = (stamp, data)
+        return data
+
+    def _answer_one(
+        self,
+        conn: _Conn,
+        data: bytes,
+        remake: Callable[[], Answer] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        """Write a long-poll's answer; `remake` gives its body and status again when the
+        connection is at hypercorn's keep-alive limit (that answer says `connection: close`)."""
         self._unpark(conn)
+        if not close and conn.served >= self._max_requests and remake is not None:
+            data, close = self._encode(remake(), close=True), True
+        self._write(conn, data, close)
+
+    def _write(self, conn: _Conn, data: bytes, close: bool) -> None:
+        """Write `data` to `conn` without blocking; a rest goes to a task of its own."""
         self.writes += 1
         try:
-            sent = os.write(conn.fd, data)
+            sent = conn.sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:  # the client went away
-            self._drop(conn)
+            self._drop(conn, hung_up=True)
             return
         if sent < len(data):
             assert self._nursery is not None
-            self._nursery.start_soon(self._finish, conn, data[sent:], close)
+            conn.sending = trio.socket.from_stdlib_socket(conn.sock)
+            self._nursery.start_soon(self._finish, conn, memoryview(data)[sent:], close)
         else:
             self._after(conn, close)
 
-    async def _finish(self, conn: _Conn, rest: bytes, close: bool) -> None:
+    async def _finish(self, conn: _Conn, rest: memoryview, close: bool) -> None:
+        sock = conn.sending
+        assert sock is not None
         try:
             while rest:
-                sent = await conn.sock.send(rest)
+                sent = await sock.send(rest)
                 rest = rest[sent:]
         except (OSError, trio.ClosedResourceError):  # gone, dropped by TCP_USER_TIMEOUT
-            self._drop(conn)
+            self._drop(conn, hung_up=True)
             return
+        conn.sending = None
         self._after(conn, close)
 
     def _after(self, conn: _Conn, close: bool) -> None:
         """An answer is out: close, or wait idle for the connection's next request."""
         if close or conn.state == DONE:
             self._drop(conn)
-        elif conn.pending:
-            self._hand_over(conn)
-        else:
-            conn.state = IDLE
-            conn.deadline = deadline = trio.current_time() + self._keep_alive
-            if not self._idle:
-                self._timer_moved.set()
-            self._idle.append((deadline, conn))
+            return
+        conn.state = IDLE
+        conn.deadline = deadline = trio.current_time() + self._keep_alive
+        if not self._idle:
+            self._timer_moved.set()
+        self._idle.append((deadline, conn))
+        if conn.pending:  # its next request came meanwhile (its edge is spent: read it now)
+            conn.pending = False
+            self._next(conn)
 
     async def _answering(self) -> None:
         while True:
@@ -396,7 +500,7 @@ class Door:
                 answered = 0
                 for index, conn in enumerate(cast("list[_Conn]", list(key.parked))):
                     if conn.state == WAITING:
-                        self._answer_one(conn, data, close=False)
+                        self._answer_one(conn, data, functools.partial(self._final_answer, key))
                         answered += 1
                     if index % BATCH == BATCH - 1:
                         await trio.lowlevel.checkpoint()
@@ -410,7 +514,7 @@ class Door:
             self._quiet.set()
 
     async def _watching(self) -> None:
-        """Hang-ups of parked connections, and the next requests of idle ones."""
+        """Hang-ups of the door's connections, and the next requests of idle ones."""
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
             await self._quiet.wait()
@@ -423,23 +527,23 @@ class Door:
                     # no task, since every client of a bulk answer may do it at once.
                     self._drop(conn, hung_up=True)
                 elif conn.state == IDLE:
-                    self._hand_over(conn)  # its next request
+                    self._next(conn)
                 else:
                     conn.pending = True  # its next request, once its answer is out
 
     def _hand_over(self, conn: _Conn) -> None:
-        """`conn`'s next request goes through `admit` again (a task, as hypercorn's is)."""
+        """`conn`'s next request is hypercorn's (a task and a TCPServer, as for a new one)."""
         del self.conns[conn.fd]
         self._epoll.unregister(conn.fd)
         conn.state = DONE
         assert self._nursery is not None
         self._nursery.start_soon(self._next_request, conn.sock)
 
-    async def _next_request(self, sock: trio.socket.SocketType) -> None:
-        # Through hypercorn's TCPServer.run, so through `admit`: a long-poll again is the door's.
+    async def _next_request(self, sock: socket.socket) -> None:
+        # Through hypercorn's TCPServer.run, so through `admit` (which finds it is hypercorn's).
         assert self._serve is not None
         self.handed += 1
-        await self._serve(trio.SocketStream(sock))
+        await self._serve(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
     async def _timing(self) -> None:
         while True:
@@ -449,8 +553,11 @@ class Door:
                 if conn.deadline != deadline or conn.state == DONE:
                     continue  # re-armed since, or gone
                 if conn.state == WAITING:
-                    data = self._encode(self._answer(conn.params, None, False), close=False)
-                    self._answer_one(conn, data, close=False)
+                    assert conn.params is not None
+                    answer = self._answer(conn.params, None, False)
+                    self._answer_one(
+                        conn, self._encode(answer, close=False), functools.partial(_same, answer)
+                    )
             while self._idle and self._idle[0][0] <= now:
                 deadline, conn = self._idle.popleft()
                 if conn.deadline == deadline and conn.state == IDLE:
@@ -495,8 +602,13 @@ class Door:
         for conn in list(self.conns.values()):
             if conn.state == WAITING:
                 if shutting_down is None:
-                    params = conn.params
-                    shutting_down = self._encode(self._answer(params, None, True), close=True)
+                    assert conn.params is not None
+                    answer = self._answer(conn.params, None, True)
+                    shutting_down = self._encode(answer, close=True)
                 self._answer_one(conn, shutting_down, close=True)
             elif conn.state == IDLE:
                 self._drop(conn)  # (SENDING ones close once their answer is out)
+
+
+def _same(answer: Answer) -> Answer:
+    return answer
