@@ -1,32 +1,34 @@
-"""The API's front door: plain `/v1/wait_for` long-polls parked below hypercorn, answered in bulk.
+"""The API's front door: plain long-polls parked below hypercorn and answered in bulk, and the hot
+`GET /v1/state`, both without hypercorn's or quart's per-request machinery.
 
 Owns: the first look at every new connection (`Door.admit`, called from hypercorn's TCPServer
-before it builds anything), the long-polls it parks, their answers, and the keep-alive
-connections it answered until they send their next request (then hypercorn serves them).
+before it builds anything), the connections it takes (`conns`), their answers, and their next
+requests until one is not the door's (then hypercorn serves that connection from there on).
 
 Thousands of long-polls wait at once and are answered at once when a deploy turns Stable.
 Through hypercorn each held a TCPServer, its h11 state, its tasks and quart's request objects
 (≈ 20 kB), and each answer went alone through h11, a send lock, `send_all` and the keep-alive
 timer (≈ 0.35 ms each, so the 10,000th came seconds after the first). Here a parked long-poll
-is a `_Conn` (its socket, its key, its deadline) with no task and no hypercorn object; when
-its (name, image)'s verdict is final (`SharedWaits`), one loop writes the same bytes, encoded
-once, to every parked socket with a non-blocking write, and yields to the scheduler every
-`BATCH` writes so that supervision runs in between. One task watches every parked socket for
-a hang-up (an epoll of their own: a client that goes away frees its slot at once), and one
-task keeps their deadlines.
+is a `_Conn` (a plain socket, its key, its deadline) with no task and no hypercorn object; when
+its (name, image)'s verdict is final (`SharedWaits.on_final`), one loop writes the same bytes,
+encoded once, to every parked socket with a non-blocking send, and yields to the scheduler every
+`BATCH` writes so that supervision runs in between. One task watches every door connection
+(an epoll of their own, edge-triggered): a hang-up closes it at once (its slot is free), a next
+request is read without a task; one task keeps the deadlines.
+`/v1/state` under load (8 clients asking as fast as they can) starved supervision: each answer
+of quart and hypercorn took a millisecond of the one Trio thread. The door answers it with bytes
+built once per store version and second (the body is the app's own, `encoded_state`).
 
-What the door takes: the first request of a connection (or the next one after a door answer),
-read whole in one peek, that is exactly `GET /v1/wait_for?...` over HTTP/1.1 with one Host
-that is allowed, the token when one is required, no body, no `Connection` other than
-keep-alive, good parameters and a free slot. Anything else (a bad parameter too: its 400 is
-quart's) is left untouched in the socket and hypercorn serves it as ever; so does every
-request on a connection hypercorn already served. The answers are byte for byte what hypercorn
-and quart's route would send (tests/test_web_serve.py compares them): the same body, headers
-in the same order, h11's own encoding (`wire`), hypercorn's `date` header, and
-`connection: close` once closing (then the door closes the connection, as hypercorn would).
-
-After an answer the connection is idle: its next request (readable) goes through `admit` again;
-a hang-up, or `keep_alive_timeout` without a request (hypercorn's own keep-alive), closes it.
+What the door takes: a request read whole in one peek that is exactly `GET /v1/wait_for?...`
+or `GET /v1/state` over HTTP/1.1, with one Host that is allowed, the token when one is
+required, no body, no `Connection` other than keep-alive, and for a long-poll good parameters
+and a free slot. Anything else (a bad parameter too: its 400 is quart's) is left untouched in
+the socket and hypercorn serves it, and the connection from then on. The answers are byte for
+byte what hypercorn and quart would send (tests/test_web_serve.py compares them): the same
+body, headers in the same order, h11's own encoding (`wire`), hypercorn's `date` header,
+`connection: close` once closing or at hypercorn's keep-alive limit (then the door closes the
+connection, as hypercorn would). An idle connection is closed after hypercorn's
+`keep_alive_timeout`, as hypercorn would.
 Linux only (epoll); elsewhere there is no door and hypercorn serves everything.
 """
 

@@ -1,13 +1,13 @@
 """`/v1/wait_for`: its parameters and the wait itself.
 
 `parse_wait_params` turns the query into a `WaitParams` or raises `BadParams` (a 400, never a
-500). `wait_deployed` waits, without polling, until `evaluate` says the service is deployed
-everywhere; the caller owns the deadline (its cancel scope) and the shutdown guard. The picture is
-checked before the first checkpoint, so a timeout of 0 still answers "done" when it is. A stale
-picture answers nothing: the wait goes on (and its timeout says why).
-
-`SharedWaits` is how the route waits: however many requests wait for one (name, image), the
-verdict is evaluated once per picture by one task, and a final one wakes them all at once.
+500). `SharedWaits` is how every long-poll waits, without polling: however many requests wait for
+one (name, image), the verdict is evaluated once per picture by one task, and a final one (the
+service Stable on the image on every host running it, or the image failed for good on one) wakes
+them all at once: quart's route through cancel scopes, condo.web.door's parked waiters through
+`on_final`. A key is evaluated as it is joined, so a timeout of 0 still answers "done" when it
+is. A stale picture answers nothing: the wait goes on (and its timeout says why). The caller owns
+the deadline and the shutdown guard.
 """
 
 from __future__ import annotations
@@ -60,22 +60,6 @@ def parse_wait_params(args: Mapping[str, str]) -> WaitParams:
         if not math.isfinite(timeout) or not 0 <= timeout <= MAX_TIMEOUT:
             raise BadParams(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds")
     return WaitParams(name=name, image=image, timeout=timeout)
-
-
-async def wait_deployed(source: StateSource, name: str, image: str) -> Verdict:
-    """Return the first verdict that says `name` is Stable on `image` on every host running it,
-    or that `image` failed for good on some host (`Verdict.failed`).
-
-    A stale picture (its source could not be read lately) is never a verdict: the wait goes on
-    until a fresh one says so (the source wakes its waiters when it is fresh again).
-    """
-    while True:
-        picture = source.picture()
-        if not source.stale:
-            verdict = evaluate(name, image, picture.hosts, picture.records)
-            if verdict.done or verdict.failed:
-                return verdict
-        await source.wait_beyond(picture.token)
 
 
 @attrs.define(eq=False)
