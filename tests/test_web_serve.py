@@ -333,3 +333,24 @@ async def test_a_parked_waiter_that_hangs_up_frees_its_slot() -> None:
             assert door.conns == {}
             assert door.shared.keys == {}
             assert door.slots.taken == 0
+
+
+async def test_the_door_keeps_hypercorns_keep_alive_limit_byte_for_byte() -> None:
+    # hypercorn's last answer on a connection (keep_alive_max_requests) says `connection: close`
+    # and closes it: the door's answers do the same, whichever route is the last.
+    results = []
+    for with_door in (True, False):
+        async with served(with_door=with_door, keep_alive_max_requests=2) as server:
+            server.store.set_state("web", stable("img:1"))
+            with trio.fail_after(CAP):
+                async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    got = []
+                    for path in ("/v1/state", "/v1/wait_for?name=web&image=img:1"):
+                        await stream.send_all(get(path, server.port))
+                        got.append(masked(await read_answer(stream)))
+                    assert await stream.receive_some(100) == b""  # closed by the server
+            assert door_of(server).writes == (2 if with_door else 0)
+            results.append(got)
+    by_door, by_hypercorn = results
+    assert by_door == by_hypercorn
+    assert [b"connection: close" in answer for answer in by_door] == [False, True]

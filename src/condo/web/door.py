@@ -252,12 +252,12 @@ class Door:
         # anything, is the connection's next request.
         conn.sock.recv(size)
         conn.served += 1
-        close = conn.served >= self._max_requests  # hypercorn's keep-alive limit
+        last = conn.served >= self._max_requests  # hypercorn's keep-alive limit
         if isinstance(route, WaitParams):
             self._park(conn, route)
         else:
             conn.state = SENDING
-            self._write(conn, self._state_bytes() if not close else self._state_bytes(True), close)
+            self._write(conn, self._state_bytes(last), last)
 
     def _route(self, data: bytes) -> tuple[Route, int] | None:
         """What the door does with the request at the start of `data` (and its head's size),
@@ -338,7 +338,9 @@ class Door:
         self._gauge.inc()
         key.parked.add(conn)
         if key.verdict is not None:
-            self._answer_one(conn, self._shared_answer(key))
+            self._answer_one(
+                conn, self._shared_answer(key), functools.partial(self._final_answer, key)
+            )
         else:
             self._arm(conn, trio.current_time() + params.timeout)
 
@@ -393,19 +395,27 @@ class Door:
             self._ready.append(key)
             self._wake.set()
 
-    def _encode(self, answer: Answer, *, close: bool) -> bytes:
+    def _encode(self, answer: Answer, *, closing: bool = False, last: bool = False) -> bytes:
+        """The whole answer: `closing` (shutdown) or `last` (hypercorn's keep-alive limit) add
+        `connection: close`, each where its author (the app, or hypercorn) puts it."""
         body, status = answer
         self.encodes += 1
         data = (self._dumps(body) + "\n").encode()
-        headers = [JSON_HEADERS[0], (b"content-length", str(len(data)).encode()), *JSON_HEADERS[1:]]
-        if close:  # condo.web.serve.closing_connections' header, before hypercorn's own
+        return self._wire(status, data, closing=closing, last=last, stamp=time.time())
+
+    @staticmethod
+    def _wire(status: int, body: bytes, *, closing: bool, last: bool, stamp: float) -> bytes:
+        headers = [JSON_HEADERS[0], (b"content-length", str(len(body)).encode()), *JSON_HEADERS[1:]]
+        if closing:  # condo.web.serve.closing_connections' header, before hypercorn's own
             headers.append((b"connection", b"close"))
-        headers.append((b"date", format_date_time(time.time()).encode()))  # as hypercorn does
-        return wire(status, headers, data)
+        headers.append((b"date", format_date_time(stamp).encode()))  # as hypercorn does
+        if last:  # hypercorn's own, after its date
+            headers.append((b"connection", b"close"))
+        return wire(status, headers, body)
 
     def _shared_answer(self, key: SharedVerdict) -> bytes:
         if key.answer is None:
-            key.answer = self._encode(self._final_answer(key), close=False)
+            key.answer = self._encode(self._final_answer(key))
         answer = key.answer
         assert isinstance(answer, bytes)
         return answer
@@ -414,20 +424,16 @@ class Door:
         params = WaitParams(name=key.name, image=key.image, timeout=0.0)
         return self._answer(params, key.verdict, False)
 
-    def _state_bytes(self, close: bool = False) -> bytes:
+    def _state_bytes(self, last: bool = False) -> bytes:
         """`GET /v1/state`'s answer: the body encoded once per store version (the app's), the
         whole answer once per version and second (its `date`)."""
         assert self._state is not None
         version, body = self._state()
         stamp = (version, int(time.time()))
-        if not close and self._state_answer is not None and self._state_answer[0] == stamp:
+        if not last and self._state_answer is not None and self._state_answer[0] == stamp:
             return self._state_answer[1]
-        headers = [JSON_HEADERS[0], (b"content-length", str(len(body)).encode()), *JSON_HEADERS[1:]]
-        if close:
-            headers.append((b"connection", b"close"))
-        headers.append((b"date", format_date_time(stamp[1]).encode()))
-        data = wire(200, headers, body)
-        if not close:
+        data = self._wire(200, body, closing=False, last=last, stamp=stamp[1])
+        if not last:
             self._state_answer = (stamp, data)
         return data
 
@@ -437,14 +443,16 @@ class Door:
         data: bytes,
         remake: Callable[[], Answer] | None = None,
         *,
-        close: bool = False,
+        closing: bool = False,
     ) -> None:
-        """Write a long-poll's answer; `remake` gives its body and status again when the
-        connection is at hypercorn's keep-alive limit (that answer says `connection: close`)."""
+        """Write a long-poll's answer (`closing`: the shutdown's, which closes the connection);
+        `remake` gives its body and status again when the connection is at hypercorn's
+        keep-alive limit (that answer says `connection: close` too, and closes it)."""
         self._unpark(conn)
-        if not close and conn.served >= self._max_requests and remake is not None:
-            data, close = self._encode(remake(), close=True), True
-        self._write(conn, data, close)
+        last = conn.served >= self._max_requests
+        if last and remake is not None:
+            data = self._encode(remake(), closing=closing, last=True)
+        self._write(conn, data, closing or last)
 
     def _write(self, conn: _Conn, data: bytes, close: bool) -> None:
         """Write `data` to `conn` without blocking; a rest goes to a task of its own."""
@@ -559,9 +567,7 @@ class Door:
                 if conn.state == WAITING:
                     assert conn.params is not None
                     answer = self._answer(conn.params, None, False)
-                    self._answer_one(
-                        conn, self._encode(answer, close=False), functools.partial(_same, answer)
-                    )
+                    self._answer_one(conn, self._encode(answer), functools.partial(_same, answer))
             while self._idle and self._idle[0][0] <= now:
                 deadline, conn = self._idle.popleft()
                 if conn.deadline == deadline and conn.state == IDLE:
@@ -602,14 +608,15 @@ class Door:
             self._epoll.close()
 
     def _close_all(self) -> None:
-        shutting_down: bytes | None = None
+        shutting_down: tuple[bytes, Callable[[], Answer]] | None = None
         for conn in list(self.conns.values()):
             if conn.state == WAITING:
                 if shutting_down is None:
                     assert conn.params is not None
-                    answer = self._answer(conn.params, None, True)
-                    shutting_down = self._encode(answer, close=True)
-                self._answer_one(conn, shutting_down, close=True)
+                    answer = self._answer(conn.params, None, True)  # the same for every wait
+                    remake = functools.partial(_same, answer)
+                    shutting_down = self._encode(answer, closing=True), remake
+                self._answer_one(conn, *shutting_down, closing=True)
             elif conn.state == IDLE:
                 self._drop(conn)  # (SENDING ones close once their answer is out)
 
