@@ -33,7 +33,7 @@ import trio
 from bench.common.apiload import open_load
 from bench.common.condos import Condo, CondoSpec, Transition, open_condo, stable
 from bench.common.engine import CASE_LABEL, HOST_LABEL, RUN_LABEL, EngineEvent, recording_events
-from bench.common.proxy import open_unix_proxy
+from bench.common.proxy import RecordingProxy, open_unix_proxy
 from bench.common.rawhttp import wait_metric_at_least
 from bench.common.report import Bar, Report
 from bench.common.run import BUSYBOX, BUSYBOX_2, Run, raise_open_files_limit
@@ -99,26 +99,16 @@ async def main(run: Run) -> Report:
         old_id = first.container_id
 
         async def change_once(change: int) -> float:
-            """One change of the service; its first Docker call after the spec write."""
+            """One change of the service; its first Docker call after the spec write (the
+            engine's part is kept for the idle changes only)."""
             nonlocal old_id
-            events_mark, proxy_mark = len(events.items), len(proxy.requests.items)
-            write_spec(condo.specs, SERVICE, spec(change))
-            written = wall()
-            with deadline(CHANGE_LIMIT, f"change {change}"):
-                created = await events.next_after(events_mark, _is("create"))
-                started = await events.next_after(events_mark, _is("start", created.container_id))
-                await condo.wait_services([SERVICE], _stable_on(created.name))
-                await events.next_after(events_mark, _is("destroy", old_id))
-            requests = proxy.requests.items[proxy_mark:]
-            create_call = next((r for r in requests if "/containers/create" in r.target), None)
-            if not requests or create_call is None:
-                raise BenchError(f"change {change}: the proxy saw no create request")
-            old_id = created.container_id
+            timing = await one_change(condo, events, proxy, SERVICE, spec(change), old_id, change)
+            old_id = timing.container_id
             if load is None:
-                create.append(created.at - written)
-                start.append(started.at - written)
-                engine_part.append(started.at - create_call.at)
-            return requests[0].at - written
+                create.append(timing.create)
+                start.append(timing.start)
+                engine_part.append(timing.engine_part)
+            return timing.first_call
 
         load: str | None = None
         for change in range(1, changes + 1):
@@ -145,6 +135,49 @@ async def main(run: Run) -> Report:
                 loaded.state.append(await loaded.next())
 
     return _report(run, changes, first_call, create, start, engine_part, floor, loaded)
+
+
+@attrs.frozen(kw_only=True)
+class ChangeTiming:
+    """One spec change, in seconds from the spec file's rename."""
+
+    first_call: float  # condo's first Docker call (through the proxy)
+    create: float  # the engine's `create` event
+    start: float  # the engine's `start` event
+    engine_part: float  # the create request (through the proxy) → the `start` event
+    container_id: str  # the new container
+
+
+async def one_change(
+    condo: Condo,
+    events: Feed[EngineEvent],
+    proxy: RecordingProxy,
+    service: str,
+    text: str,
+    old_id: str,
+    label: object,
+) -> ChangeTiming:
+    """Rewrite `service`'s spec (an `[:After 0]` one) with `text` and time condo's reaction, until
+    the new container is Stable and `old_id` destroyed."""
+    events_mark, proxy_mark = len(events.items), len(proxy.requests.items)
+    write_spec(condo.specs, service, text)
+    written = wall()
+    with deadline(CHANGE_LIMIT, f"change {label}"):
+        created = await events.next_after(events_mark, _is("create"))
+        started = await events.next_after(events_mark, _is("start", created.container_id))
+        await condo.wait_services([service], _stable_on(created.name))
+        await events.next_after(events_mark, _is("destroy", old_id))
+    requests = proxy.requests.items[proxy_mark:]
+    create_call = next((r for r in requests if "/containers/create" in r.target), None)
+    if not requests or create_call is None:
+        raise BenchError(f"change {label}: the proxy saw no create request")
+    return ChangeTiming(
+        first_call=requests[0].at - written,
+        create=created.at - written,
+        start=started.at - written,
+        engine_part=started.at - create_call.at,
+        container_id=created.container_id,
+    )
 
 
 def _is(action: str, container_id: str | None = None) -> Callable[[EngineEvent], bool]:

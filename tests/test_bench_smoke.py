@@ -74,10 +74,14 @@ async def test_quick_suite_prints_every_benchmark(tmp_path: Path) -> None:
     assert figures["rolling"]["floor_s"] >= 0.9  # the first probe runs ~1 s after start
     assert figures["rolling"]["condo_s"] >= 0.9
     assert figures["idle"]["n6_rss_mb"] > 10
+    assert figures["idle"]["changes"] == 3
+    assert figures["idle"]["n6_first_call_p50_ms"] > 0
     assert figures["api"]["polls_ok"] == figures["api"]["polls"] == 100
     assert figures["api"]["state_req_per_s"] > 0
     assert figures["multihost"]["hosts"] == 3
     assert figures["multihost"]["answer_after_last_stable_ms"] >= 0
+    assert figures["multihost"]["sim_hosts"] == 5
+    assert figures["multihost"]["sim_read_bytes_per_wakeup"] > 0
 
     text = results.read_text()
     for name in BENCHMARKS:

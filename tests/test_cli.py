@@ -3,9 +3,12 @@ files, exit codes and output."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,8 +61,39 @@ def test_invalid_file(specs: Path) -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
-        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation\n"
+        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation,"
+        " :proxy\n"
     )
+
+
+def test_validate_warns_of_after_with_a_fixed_host_port(tmp_path: Path) -> None:
+    (tmp_path / "web.edn").write_text(
+        '{:spec {:Image "web:1" :HostConfig {:PortBindings {"80/tcp" [{:HostPort "8080"}]}}}\n'
+        " :deploy [:After 5]}"
+    )
+    result = condo_command("validate", "web.edn", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == "web.edn: ok\n"
+    assert result.stderr.startswith("web.edn: warning: [:After n] starts the new container")
+    assert "use :proxy" in result.stderr
+
+
+def test_validate_refuses_two_files_sharing_a_listen_address(tmp_path: Path) -> None:
+    (tmp_path / "a.edn").write_text('{:spec {:Image "a"}\n :proxy [{:listen "8080" :port 80}]}')
+    (tmp_path / "b.edn").write_text('{:spec {:Image "b"} :proxy [{:listen "8081" :port 80}]}')
+    (tmp_path / "c.edn").write_text(
+        '{:spec {:Image "c"}\n :proxy [{:listen "9000" :port 80}\n'
+        ' {:listen "127.0.0.1:8080" :port 80}]}'
+    )
+    result = condo_command("validate", "a.edn", "b.edn", "c.edn", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == "b.edn: ok\n"
+    assert result.stderr.splitlines() == [
+        "a.edn:2: :proxy :listen 8080 is also a listener in c.edn: a listen address belongs to"
+        " one service",
+        "c.edn:3: :proxy :listen 127.0.0.1:8080 is also a listener in a.edn: a listen address"
+        " belongs to one service",
+    ]
 
 
 def test_mixed_files_report_each_and_fail(specs: Path) -> None:
@@ -70,7 +104,8 @@ def test_mixed_files_report_each_and_fail(specs: Path) -> None:
     assert result.stdout.splitlines() == ["./web.edn: ok", "self.edn: ok"]
     assert result.stderr.splitlines() == [
         "typo.edn:2: unknown key :deplyo (did you mean :deploy?); the keys are :spec, :deploy,"
-        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation",
+        " :health-timeout, :stop-timeout, :stable-after, :pull, :on-failure, :probation,"
+        " :proxy",
         "empty.edn: the file is empty",
         "missing.edn: cannot read the file: No such file or directory",
     ]
@@ -209,3 +244,45 @@ def test_condo_notify_is_a_comma_separated_list(
     [config] = seen
     assert config.notify_urls == ("https://hooks.example/a/b", "http://127.0.0.1:9/x")
     assert "hooks.example" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "code", "said"),
+    [
+        (200, {"status": "ok", "hosts": ["h1"]}, 0, "web is Stable on web:2 on 1 host(s)"),
+        (500, {"status": "timeout", "pending": {"h1": {"state": "Wait"}}}, 1, "pending: h1=Wait"),
+    ],
+)
+def test_condo_wait_exits_with_its_verdict_and_all_its_output(
+    status: int, answer: dict[str, object], code: int, said: str
+) -> None:
+    """`condo wait` leaves without tearing the interpreter down (os._exit, for CI's sake): its
+    exit code and every line it printed still come out."""
+
+    class Condo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            wait = self.path.startswith("/v1/wait_for")
+            body = json.dumps(answer if wait else {"hosts": {}, "stale": False}).encode()
+            self.send_response(status if wait else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Condo) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        argv = [sys.executable, "-m", "condo", "wait", "--name", "web", "--image", "web:2"]
+        done = subprocess.run(
+            [*argv, "--url", url, "--timeout", "5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        server.shutdown()
+    assert done.returncode == code
+    assert said in done.stdout + done.stderr

@@ -9,6 +9,7 @@ evidence that condo works with Consul: tests/integration/test_consul_*.py are.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 import time
@@ -23,8 +24,15 @@ import structlog
 import trio
 import trio.testing
 
-from condo.consul import ConsulClient, ConsulSource, KeyLayout, Publisher, decode_value
-from condo.consul.layout import RECORDS
+from condo.consul import (
+    ConsulClient,
+    ConsulSource,
+    KeyLayout,
+    Publisher,
+    decode_value,
+    encode_value,
+)
+from condo.consul.layout import RECORDS, encode_live, encode_record, summary
 from condo.consul.publisher import (
     MAX_RETRY_DELAY,
     MAX_VALUE_SIZE,
@@ -60,9 +68,23 @@ class FakeConsul:
     changed: trio.Event = attrs.Factory(trio.Event)
     denied: set[str] = attrs.Factory(set)  # keys an ACL refuses to write or delete (403)
     hidden: set[str] = attrs.Factory(set)  # keys left out of reads (a read from before a write)
+    deleted: dict[str, int] = attrs.Factory(dict)  # key -> the index that deleted it (tombstones)
+    # kv as of the last bump (None: before the first call; what a test put in before is old)
+    _seen: dict[str, tuple[bytes, str | None]] | None = None
 
     def bump(self) -> None:
         self.index += 1
+        if self._seen is None:
+            self._seen = dict(self.kv)
+        # What changed since the last bump, whoever changed it (a handler, or a test writing
+        # `kv` directly): the per-prefix indexes of `?keys` reads follow, tombstones included.
+        # A hidden key counts as changed (a read that misses it is one from another moment).
+        for key in self._seen.keys() - self.kv.keys():
+            self.deleted[key] = self.index
+        for key, value in self.kv.items():
+            if self._seen.get(key) != value or key in self.hidden:
+                self.modified[key] = self.index
+        self._seen = dict(self.kv)
         self.wake()
 
     def wake(self) -> None:
@@ -109,6 +131,8 @@ class FakeConsul:
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        if self._seen is None:
+            self._seen = dict(self.kv)
         self.calls.append((trio.current_time(), f"{request.method} {path}"))
         if self.hung:
             await trio.sleep_forever()
@@ -162,7 +186,14 @@ class FakeConsul:
                 return await self._read("/".join(parts), request.url.params)
         raise AssertionError(f"unexpected call {request.method} {path}")
 
+    def prefix_index(self, prefix: str) -> int:
+        """Consul's index of a prefix: its newest write or delete (the agent's when none)."""
+        under = [i for k, i in (self.modified | self.deleted).items() if k.startswith(prefix)]
+        return max(under, default=self.index)
+
     async def _read(self, prefix: str, params: httpx.QueryParams) -> httpx.Response:
+        if params.get("keys") == "true":
+            return await self._keys(prefix, params)
         assert params["recurse"] == "true"
         self.reads.append(int(params["index"]) if "index" in params else None)
         if "index" in params:
@@ -185,6 +216,29 @@ class FakeConsul:
         if not body:
             return httpx.Response(404, headers=headers)
         return httpx.Response(200, json=body, headers=headers)
+
+    async def _keys(self, prefix: str, params: httpx.QueryParams) -> httpx.Response:
+        """`?keys&separator=/`, blocking on the prefix's own index as Consul does."""
+        assert params["separator"] == "/"
+        if "index" in params:
+            self.reads.append(int(params["index"]))
+            with trio.move_on_after(float(params["wait"].rstrip("s"))):
+                while self.prefix_index(prefix) <= int(params["index"]) and not self.down:
+                    await self.changed.wait()
+            if self.down:
+                raise httpx.ReadError("connection reset")
+        names: list[str] = []
+        for key in sorted(self.kv):
+            if not key.startswith(prefix) or key in self.hidden:
+                continue
+            rest = key[len(prefix) :]
+            name = prefix + rest[: rest.index("/") + 1] if "/" in rest else key
+            if name not in names:
+                names.append(name)
+        headers = {"X-Consul-Index": str(self.prefix_index(prefix))}
+        if not names:
+            return httpx.Response(404, headers=headers)
+        return httpx.Response(200, json=names, headers=headers)
 
 
 @attrs.frozen
@@ -289,6 +343,35 @@ async def test_renews_every_half_ttl(
             await trio.sleep(31)
     renewals = [at - start for at, call in fake.calls if call.startswith("PUT /v1/session/renew/")]
     assert renewals == pytest.approx([5.0, 10.0, 15.0, 20.0, 25.0, 30.0], abs=1e-6)
+
+
+async def test_a_long_round_renews_between_its_writes(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """12 keys on a Consul that takes 2 s per write: the first round lasts 24 s, over the TTL;
+    the session is renewed within it, every TTL/2 (plus the write in flight), never left to
+    expire."""
+    store = Store(HOST)
+    for i in range(12):
+        store.set_state(f"s{i:02d}", stable(f"s:{i}"))
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and "acquire" in request.url.params:
+            await trio.sleep(2)
+        return await fake.handle(request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(slow), base_url="http://consul")
+    publisher = Publisher(ConsulClient(http), store, LAYOUT, HOST)
+    start = trio.current_time()
+    with trio.fail_after(60):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            await fake.until(lambda: len(fake.services) == 12)
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - start >= 24
+    times = [at - start for at, call in fake.calls if call.startswith("PUT /v1/session/")]
+    assert len(times) >= 5  # created, then renewed at least 4 times within the round
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 5.0 + 2.0
 
 
 async def test_outage_is_logged_once_and_caught_up_within_a_second(
@@ -608,10 +691,12 @@ async def test_thousands_of_waiters_cost_one_query(
             await trio.sleep(1)
             async with open_crowd(consul.source, 5000) as crowd:
                 await trio.sleep(1)
-                reads_before = fake.count("GET /v1/kv/")
+                reads_before = consul.source.reads
                 store.set_state("web", stable("web:2"))
             assert crowd.woken == 5000
-            assert fake.count("GET /v1/kv/") - reads_before <= 2
+            # One wake-up of the watcher (two at most: the key, then the record), whatever
+            # the number of waiters.
+            assert consul.source.reads - reads_before <= 2
             assert consul.source.picture().token > crowd.token
 
 
@@ -635,6 +720,7 @@ async def test_an_index_that_goes_backwards_reads_afresh(
             live = LAYOUT.live_key(HOST)
             fake.kv = {"condo/web/h2": (json.dumps(h2).encode(), None), live: fake.kv[live]}
             fake.index = 3
+            fake.modified, fake.deleted = {}, {}
             while "h2" not in source.picture().hosts:
                 await source.wait_beyond(source.picture().token)
             assert source.picture().token > old  # tokens only move forward
@@ -976,3 +1062,68 @@ async def test_a_picture_behind_a_leader_election_is_stale_until_read_again(
             await until_pictured(consul.source, lambda p: image_of(p, "web") == "web:2")
             assert trio.current_time() - elected < 1.5
             assert not consul.source.stale
+
+
+@pytest.mark.parametrize("by_folder", [True, False], ids=["by-folder", "whole"])
+async def test_a_change_to_one_key_decodes_that_key_alone(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock, by_folder: bool
+) -> None:
+    """The watcher decodes only the keys whose ModifyIndex moved: of 220 keys (10 hosts x 20
+    services, with their `.live` and `.hosts` keys), one rewrite costs one decode. Followed by
+    folder (a large prefix), a wake-up reads only the folder that changed; its counters say how
+    many bytes each read brought."""
+    hosts, services = [f"h{i}" for i in range(10)], [f"s{j:02d}" for j in range(20)]
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    for host in hosts:
+        session = f"session-{host}"
+        fake.sessions[session] = LAYOUT.session_name(host)
+        fake.kv[LAYOUT.live_key(host)] = (encode_live(host, 1.0), session)
+        fake.kv[LAYOUT.record_key(host)] = (
+            encode_record(host, {s: summary(view) for s in services}, 1.0),
+            None,
+        )
+        for service in services:
+            fake.kv[LAYOUT.key(service, host)] = (encode_value(host, service, view, 1.0), session)
+    fake.modified = {key: n for n, key in enumerate(sorted(fake.kv), start=1)}
+    sizes: list[int] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        response = await fake.handle(request)
+        sizes.append(len(response.content))
+        return response
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://consul")
+    source = ConsulSource(ConsulClient(http), LAYOUT, probe_worth=0 if by_folder else 10**9)
+    with trio.fail_after(30):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: len(p.hosts) == len(hosts))
+            assert source.decodes == len(fake.kv) == 220
+            assert source.reads == 1
+            assert source.read_bytes == sum(sizes) > 200 * 200
+            whole = source.read_bytes
+            token = source.picture().token
+            moved = dict(view, state="Deploying")
+            key = LAYOUT.key("s07", "h3")
+            fake.kv[key] = (encode_value("h3", "s07", moved, 2.0), "session-h3")
+            fake.bump()
+            fake.modified[key] = fake.index
+            picture = await until_pictured(source, lambda p: p.token != token)
+            assert picture.hosts["h3"]["s07"] == moved
+            assert picture.hosts["h4"]["s07"] == view
+            assert source.decodes == 221  # that key alone
+            assert source.reads == 2 and source.read_bytes == sum(sizes)
+            if by_folder:
+                # Read again: the names of the folders, their indexes, and the one folder that
+                # changed (its 10 hosts), not the 220 values.
+                assert source.read_bytes - whole < whole / 10
+            else:
+                assert source.read_bytes - whole > whole * 0.9
+            # An index bump outside the prefix (a session renewed, created): by folder, no
+            # wake-up at all (the fake's whole reads wake on any index); nothing decoded.
+            fake.bump()
+            await trio.sleep(1)
+            assert source.decodes == 221
+            assert source.reads == 2 or not by_folder
+            assert source.picture().token == picture.token
+            nursery.cancel_scope.cancel()

@@ -43,8 +43,8 @@ class Walk:
 
     def observe(self, old: fsm.ServiceState | None, new: fsm.ServiceState | None = None) -> None:
         new = new or self.state
-        self.entries, stabilized = deploys.advance(self.entries, old, new, self.at().wall)
-        self.stabilized += stabilized
+        self.entries, changes = deploys.advance(self.entries, old, new, self.at().wall)
+        self.stabilized += [change.after for change in changes if change.stabilized]
         self.state = new
         self.first = False
         self.mono += 1.0
@@ -195,8 +195,8 @@ def test_a_container_adopted_from_labels_alone_gets_no_entry() -> None:
         id="x", name="web_x", spec=SPEC_A, created_at=1.0, healthcheck=False, label_hash="old"
     )
     state = fsm.ServiceState(phase=fsm.Phase.Stable, desired=SPEC_A, current=box)
-    entries, stabilized = deploys.advance((), None, state, 5.0)
-    assert (entries, stabilized) == ((), ())
+    entries, changes = deploys.advance((), None, state, 5.0)
+    assert (entries, changes) == ((), ())
 
 
 def test_the_history_keeps_the_last_fifty() -> None:
@@ -227,6 +227,28 @@ def test_the_digest_is_the_one_of_the_images_repository(
     image: str, digests: list[str], expected: str | None
 ) -> None:
     assert deploys.pick_digest(image, digests) == expected
+
+
+@pytest.mark.parametrize(
+    ("image", "digests", "expected"),
+    [
+        ("reg:5000/app:1", ["reg:5000/app@sha256:2"], "reg:5000/app@sha256:2"),
+        ("reg:5000/app@sha256:2", ["reg:5000/app@sha256:2"], "reg:5000/app@sha256:2"),
+        # The same image pushed to another repository is not where the spec pulls from.
+        ("app:1", ["mirror/app@sha256:3"], None),
+        ("condo-test/app:1", ["localhost:5000/condo-test/app@sha256:3"], None),
+        ("app:1", [], None),
+        ("sha256:aaa", ["app@sha256:3"], None),
+        # Docker Hub's spellings of one repository.
+        ("docker.io/library/nginx:1", ["nginx@sha256:4"], "nginx@sha256:4"),
+        ("library/nginx", ["nginx@sha256:4"], "nginx@sha256:4"),
+        ("docker.io/me/app:1", ["me/app@sha256:5"], "me/app@sha256:5"),
+    ],
+)
+def test_a_revert_pins_only_the_digest_of_the_images_own_repository(
+    image: str, digests: list[str], expected: str | None
+) -> None:
+    assert deploys.own_digest(image, digests) == expected
 
 
 def test_entries_round_trip_through_json() -> None:

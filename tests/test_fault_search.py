@@ -20,9 +20,9 @@ distinct failure separately):
 - a readable state file of this host.
 
 How condo runs here: `run_condo` with its `open_engine` seam; the real spec watcher on real
-files in a tmp dir, rescanning every second of virtual time (inotify hints are off: watchfiles'
-thread waits on the real clock); `trio.to_thread.run_sync` runs inline, so that a scan or a state
-write takes no virtual time (under autojump a thread would let deadlines fire around it); the
+files in a tmp dir, rescanning every second of virtual time (inotify hints are off: the rescan
+alone decides when a write is seen); `trio.to_thread.run_sync` runs inline, so that a scan or a
+state write takes no virtual time (under autojump a thread would let deadlines fire around it); the
 store's wall clock follows Trio's (records carry wall-clock deadlines across restarts).
 
 CI runs 150 examples from a fixed seed; CONDO_FUZZ_EXAMPLES=N runs N fresh ones; the README

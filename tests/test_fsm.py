@@ -578,6 +578,64 @@ def test_a_failing_last_good_after_a_revert_is_retried_not_reverted_again() -> N
     assert effects == [fsm.Deploy(spec=PINNED, name=None)]
 
 
+# The registry digest of GOOD's image (app:1 came from a registry).
+GOOD_DIGEST = "app@sha256:" + "d" * 64
+BY_DIGEST = attrs.evolve(GOOD, container={"Image": GOOD_DIGEST})
+
+
+def good_stable_by_digest() -> fsm.ServiceState:
+    """GOOD serves and its deploy is good; the engine knows its image's registry digest."""
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(GOOD))
+    started = attrs.evolve(box("c1", GOOD), image_id="sha256:aaa", image_digest=GOOD_DIGEST)
+    state, _ = run(state, fsm.ContainerStarted(box=started, running=True, health="healthy"))
+    assert state.phase is Phase.Stable
+    return state
+
+
+def test_the_last_good_is_pinned_to_its_registry_digest_not_the_image_id() -> None:
+    # The digest can be pulled back if the image was removed; the image id cannot.
+    assert good_stable_by_digest().last_good == BY_DIGEST
+
+
+def test_the_last_good_is_pinned_when_its_probation_completes_by_digest() -> None:
+    on_probation = attrs.evolve(GOOD, probation=5.0)
+    state, _ = run(fsm.ServiceState(), fsm.SpecChanged(on_probation))
+    started = attrs.evolve(box("c1", on_probation), image_id="sha256:aaa", image_digest=GOOD_DIGEST)
+    state, _ = run(state, fsm.ContainerStarted(box=started, running=True, health="healthy"))
+    assert state.on_probation and state.last_good is None
+    state, _ = run(state, fsm.DeadlineReached(), mono=5.0)
+    assert state.last_good == attrs.evolve(on_probation, container={"Image": GOOD_DIGEST})
+
+
+def test_a_revert_deploys_the_last_good_by_digest_and_keeps_it() -> None:
+    before = attrs.evolve(BAD, deploy=DeployStrategy("Before"))
+    state, effects = run(good_stable_by_digest(), fsm.SpecChanged(before), mono=10.0)
+    state, effects = run(state, fsm.DeployFailed(message="boom", replaced=True), mono=11.0)
+    assert effects == [fsm.Deploy(spec=BY_DIGEST, name=None)]
+    assert state.reverted is not None and state.reverted.to_image == GOOD_DIGEST
+    # The container made from the pinned spec is the last good's: Stable, nothing redeployed,
+    # and its own deploy pins to the same digest (no drift to the id, no redeploy loop).
+    back = attrs.evolve(box("c2", BY_DIGEST), image_id="sha256:aaa", image_digest=GOOD_DIGEST)
+    state, effects = run(state, fsm.ContainerStarted(box=back, running=True, health="healthy"))
+    assert state.phase is Phase.Stable and effects == [] and state.last_good == BY_DIGEST
+    state, effects = run(state, fsm.SpecChanged(before), fsm.DeadlineReached(), mono=500.0)
+    assert effects == [] and state.phase is Phase.Stable
+
+
+def test_under_after_a_revert_keeps_the_container_pinned_by_digest_serving() -> None:
+    after = attrs.evolve(BAD, deploy=DeployStrategy("After", 1))
+    state, _ = run(good_stable_by_digest(), fsm.SpecChanged(after), mono=10.0)
+    bad = box("c2", after)
+    state, _ = run(state, fsm.ContainerStarted(box=bad, running=True, health="starting"))
+    state, effects = run(state, fsm.DeadlineReached(), mono=10.0 + after.health_timeout)
+    assert effects == [fsm.Retire(box=bad, keep=True)]
+    assert state.current is not None and state.current.id == "c1"
+    # The old container runs the pinned image already: it is not replaced by the pinned spec.
+    state, effects = run(state, fsm.DeadlineReached(), fsm.SpecChanged(after), mono=1000.0)
+    assert effects == [] and state.phase is Phase.Stable
+    assert state.current is not None and state.current.id == "c1"
+
+
 def test_a_default_retry_spec_never_reverts() -> None:
     retry = attrs.evolve(BAD, on_failure="retry", deploy=DeployStrategy("Before"))
     state, _ = run(good_stable(), fsm.SpecChanged(retry))

@@ -2,7 +2,8 @@
 
 A scripted receiver (httpx.MockTransport) is up, down (connection refused), hanging (never
 answers) or answers a fixed status; every attempt's virtual time is recorded, so the backoff
-and the timeout are asserted to the second. The Store drives the notifier as the drivers do.
+and the timeout are asserted to the second. The Store drives the deploy history, and the history
+the notifier, as in condo.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import trio
 import trio.testing
 
 from condo.fsm import Box, Failure, Phase, ServiceState
+from condo.history import History
 from condo.notify import QUEUE_LIMIT, SEND_TIMEOUT, Notifier, origin, run_notifier
 from condo.spec import ServiceSpec
 from condo.store import Store
@@ -64,12 +66,21 @@ def deploy(store: Store, spec: ServiceSpec, cid: str) -> None:
     store.set_state("web", ServiceState(phase=Phase.Stable, desired=spec, current=box(spec, cid)))
 
 
+def wired(urls: list[str], *, secrets: tuple[str, ...] = ()) -> tuple[Store, Notifier]:
+    """A Store, its deploy history and a notifier told the history's changes, as condo.run
+    wires them."""
+    store = Store("h1")
+    history = History()
+    store.on_transition(history.on_transition)
+    notifier = Notifier("h1", urls, secrets=secrets)
+    history.listen(notifier.on_step)
+    return store, notifier
+
+
 async def start(
     nursery: trio.Nursery, receiver: Receiver, *, secrets: tuple[str, ...] = ()
 ) -> tuple[Store, Notifier]:
-    store = Store("h1")
-    notifier = Notifier(store, [URL], secrets=secrets)
-    store.subscribe(notifier.on_change)
+    store, notifier = wired([URL], secrets=secrets)
     await nursery.start(
         lambda task_status: run_notifier(
             notifier, transport=httpx.MockTransport(receiver), task_status=task_status
@@ -268,9 +279,7 @@ async def test_a_url_httpx_cannot_use_never_ends_the_notifier(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # (condo.config refuses such a URL; the notifier must survive one all the same.)
-    store = Store("h1")
-    notifier = Notifier(store, ["http://ex\tample.com/hook"])
-    store.subscribe(notifier.on_change)
+    store, notifier = wired(["http://ex\tample.com/hook"])
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
             await nursery.start(run_notifier, notifier)

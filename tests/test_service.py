@@ -191,6 +191,24 @@ def test_mailbox_keeps_only_the_latest_spec(newer: bool) -> None:
     assert trio.run(first) == fsm.SpecChanged(spec("app:2") if newer else None)
 
 
+def test_mailbox_offer_of_the_spec_it_holds_wakes_nothing() -> None:
+    """Every snapshot offers every service its spec; an unchanged file parses to the very same
+    object, which must not wake the driver (200 drivers woken for nothing made the one that
+    changed wait behind them). An equal but new object is delivered: the fsm decides."""
+    held = spec("app:1")
+    mailbox = Mailbox()
+    mailbox.offer_spec(held)
+    assert mailbox.take_spec() == fsm.SpecChanged(held)
+    mailbox.offer_spec(held)
+    assert not mailbox.has_input
+    mailbox.offer_spec(spec("app:1"))
+    assert mailbox.take_spec() == fsm.SpecChanged(spec("app:1"))
+    mailbox.offer_spec(None)
+    assert mailbox.take_spec() == fsm.SpecChanged(None)
+    mailbox.offer_spec(None)
+    assert not mailbox.has_input
+
+
 async def test_a_hung_pull_times_out_and_retries(autojump_clock: trio.testing.MockClock) -> None:
     engine = FakeEngine(local_images={"app:1"}, registry_images={"app:9"}, pull_hangs=True)
     with trio.fail_after(10_000):

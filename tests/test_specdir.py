@@ -8,16 +8,17 @@ one path only, which exercises the real error path.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import structlog
 import trio
-import watchfiles
 
 import condo.specdir
 from condo.errors import SpecError
@@ -157,6 +158,22 @@ def test_unchanged_directory_gives_equal_snapshot_without_reparsing(
     assert second == first
     assert second.entries["web"].spec is first.entries["web"].spec
     assert sorted(count_parses) == [str(specs / "bad.edn"), str(specs / "web.edn")]
+
+
+def test_unchanged_files_keep_their_very_entries_when_another_changes(specs: Path) -> None:
+    """Identity, not just equality: comparing snapshots, and offering each service its spec,
+    then costs nothing for the files that did not change (no spec compared by value)."""
+    (specs / "web.edn").write_bytes(WEB)
+    (specs / "bad.edn").write_bytes(b"{:spec")
+    (specs / "db.edn").write_bytes(DB)
+    scanner = SpecScanner([specs])
+    first = scanner.scan()
+    (specs / "db.edn").write_bytes(WEB_2)
+    second = scanner.scan()
+    assert second.entries["web"] is first.entries["web"]
+    assert second.entries["bad"] is first.entries["bad"]
+    assert second.entries["db"] is not first.entries["db"]
+    assert valid(second, "db").image == "condo-test/busybox:2"
 
 
 def test_touch_without_content_change_gives_same_entry(
@@ -588,10 +605,10 @@ async def test_watcher_publishes_an_error_state_not_a_removal(specs: Path) -> No
 async def test_watcher_runs_on_timer_alone_when_inotify_fails(
     specs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_inotify(*_paths: Path, **_options: object) -> AsyncIterator[object]:
+    def no_inotify(_paths: object) -> object:
         raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(watchfiles, "awatch", no_inotify)
+    monkeypatch.setattr(condo.specdir._Inotify, "open", no_inotify)
     published = Published()
     with trio.fail_after(10), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
@@ -606,3 +623,161 @@ async def test_watcher_runs_on_timer_alone_when_inotify_fails(
     failures = [entry for entry in logs if entry["event"] == "specdir.inotify_unavailable"]
     assert len(failures) == 1  # logged once, not once per rescan
     assert "inotify watch limit reached" in failures[0]["error"]
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler steps of every task but the ones named in `ignore`."""
+
+    def __init__(self, ignore: set[str]) -> None:
+        self.ignore = ignore
+        self.steps: list[str] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name not in self.ignore:
+            self.steps.append(task.name)
+
+
+async def test_idle_watcher_holds_no_thread_and_never_wakes(
+    specs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle cost: between rescans a watcher with nothing changing runs nothing at all (watchfiles
+    kept a worker thread polling its stop event every 10 ms and woke its task every 2 s), yet a
+    write still wakes it at once."""
+    (specs / "web.edn").write_bytes(WEB)
+    in_flight = 0
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(fn: Callable[..., object], *args: object, **kw: object) -> object:
+        nonlocal in_flight
+        in_flight += 1
+        try:
+            return await real_run_sync(fn, *args, **kw)  # type: ignore[arg-type]
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    published = Published()
+    me = trio.lowlevel.current_task().name
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher([specs], published, 60.0))
+            await trio.sleep(0.1)  # the first scan's thread has reported back
+            steps = _Steps({me})
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await trio.sleep(2.5)  # longer than watchfiles' 2 s round trip
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert in_flight == 0  # no thread held while idle
+            assert steps.steps == []  # and no task of the watcher woke up
+            (specs / "web.edn").write_bytes(WEB_2)
+            with trio.fail_after(1):
+                await published.wait_for(lambda s: _image("web")(s) == "condo-test/busybox:2")
+            nursery.cancel_scope.cancel()
+
+
+async def test_idle_rescan_reads_and_parses_nothing(
+    specs: Path, monkeypatch: pytest.MonkeyPatch, count_parses: list[str]
+) -> None:
+    """The periodic rescan of an unchanged directory only stats: no file is opened, nothing
+    parsed, nothing published (it is what an idle condo does every rescan interval)."""
+    for index in range(20):
+        (specs / f"s{index:02d}.edn").write_bytes(WEB)
+    monkeypatch.setattr(condo.specdir, "_RACY_WINDOW_NS", -(10**18))  # every file counts as old
+    opened: list[str] = []
+    real_open = os.open
+
+    def spying_open(file: str | os.PathLike[str], flags: int, *args: int, **kwargs: int) -> int:
+        opened.append(os.fspath(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    scans = 0
+    real_scan = SpecScanner.scan
+
+    def counting_scan(self: SpecScanner) -> SpecSnapshot:
+        nonlocal scans
+        scans += 1
+        return real_scan(self)
+
+    monkeypatch.setattr(SpecScanner, "scan", counting_scan)
+    published = Published()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher([specs], published, 0.01))
+            assert len(opened) == 0  # os.open not spied yet: the first scan read every file
+            assert len(count_parses) == 20
+            monkeypatch.setattr(os, "open", spying_open)
+            first = scans
+            while scans < first + 10:
+                await trio.sleep(0.01)
+            assert opened == []
+            assert len(count_parses) == 20
+            assert len(published.snapshots) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_change_inotify_missed_is_seen_by_the_rescan(
+    specs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify runs but does not report this write (written through another mount, or the
+    event was lost): the periodic rescan still publishes it."""
+    (specs / "web.edn").write_bytes(WEB)
+    monkeypatch.setattr(condo.specdir._Inotify, "read_wanted", lambda _self: False)
+    published = Published()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher([specs], published, 0.2))
+            (specs / "web.edn").write_bytes(WEB_2)
+            with trio.fail_after(2):
+                await published.wait_for(lambda s: _image("web")(s) == "condo-test/busybox:2")
+            nursery.cancel_scope.cancel()
+
+
+def _event(mask: int, name: bytes = b"") -> bytes:
+    padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+    # struct inotify_event: int wd; uint32_t mask, cookie, len; char name[len] (NUL-padded).
+    return struct.pack("iIII", 1, mask, 0, len(padded)) + padded
+
+
+@pytest.mark.parametrize(
+    ("events", "wanted"),
+    [
+        ([_event(0x80, b"web.edn")], True),  # IN_MOVED_TO of a spec
+        ([_event(0x8, b".web.edn.swp"), _event(0x100, b"notes.txt")], False),  # not specs
+        ([_event(0x8, b"4913"), _event(0x200, b"db.edn")], True),  # a spec among others
+        ([_event(0x4000)], True),  # IN_Q_OVERFLOW: events were lost, rescan everything
+        ([_event(0x400)], True),  # IN_DELETE_SELF: the PREFIX itself went away
+    ],
+)
+def test_inotify_events_that_wake_a_scan(events: list[bytes], wanted: bool) -> None:
+    assert condo.specdir._any_wanted(b"".join(events)) is wanted
+
+
+async def test_a_prefix_inotify_cannot_watch_leaves_the_others_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = folders(tmp_path, "first", "second")
+    real = condo.specdir._libc()
+
+    class OneWatchFails:
+        inotify_init1 = real.inotify_init1
+
+        @staticmethod
+        def inotify_add_watch(fd: int, path: bytes, mask: int) -> int:
+            if path == os.fsencode(first):
+                ctypes.set_errno(errno.ENOSPC)
+                return -1
+            return int(real.inotify_add_watch(fd, path, mask))
+
+    monkeypatch.setattr(condo.specdir, "_libc", OneWatchFails)
+    published = Published()
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher([first, second], published, 60.0))
+            (second / "web.edn").write_bytes(WEB)
+            with trio.fail_after(1):
+                await published.wait_for(lambda s: "web" in s.entries)
+            nursery.cancel_scope.cancel()
+    failures = [entry for entry in logs if entry["event"] == "specdir.inotify_unavailable"]
+    assert len(failures) == 1
+    assert str(first) in failures[0]["error"]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from condo import fsm, record
+from condo import fsm, persist, record
 from condo.config import Config
 from condo.run import load_state
-from condo.store import now
+from condo.store import Store, now
 from tests.fsm_explore import SPEC_A, explore
 
 
@@ -66,3 +66,66 @@ def test_every_reachable_state_reads_back_from_its_record_exactly() -> None:
     for state in states:
         stored = json.loads(json.dumps(record.to_record(state, at)))
         assert record.from_record(stored, at) == state
+
+
+async def test_a_boxs_image_digest_survives_the_state_file() -> None:
+    """What a revert pins to (the digest, else the id) is in the file: a kill -9 keeps it."""
+    box = fsm.Box(
+        id="c1",
+        name="web_c1",
+        spec=SPEC_A,
+        created_at=1.0,
+        healthcheck=False,
+        image_id="sha256:aaa",
+        image_digest="app@sha256:" + "d" * 64,
+    )
+    state = fsm.ServiceState(phase=fsm.Phase.Stable, desired=SPEC_A, current=box)
+    text = json.dumps(record.to_record(state, now()))
+    back = record.from_record(json.loads(text), now())
+    assert back.current == box
+    # A record written before the digest existed reads back without one.
+    old = json.loads(text)
+    del old["current"]["image_digest"]
+    legacy = record.from_record(old, now()).current
+    assert legacy is not None and legacy.image_digest == "" and legacy.image_id == "sha256:aaa"
+
+
+def _encoded(
+    items: list[tuple[str, fsm.ServiceState]], self_deploy: object, at: fsm.Instant
+) -> bytes:
+    records = {name: record.to_record(state, at) for name, state in items}
+    return persist.encode_state(record.state_document("h", records, self_deploy))  # type: ignore[arg-type]
+
+
+def test_the_state_encoder_writes_encode_states_bytes_and_re_encodes_only_what_changed() -> None:
+    """The state is written before every Docker call: re-encoding 200 unchanged records each time
+    (CPython's pure-Python encoder, for an indented document) delayed the one that changed."""
+    at = fsm.Instant(mono=100.0, wall=1100.0)
+    states = sorted({step.after for step in explore(4)}, key=repr)
+    assert any(state.deadline is not None for state in states)
+    items = sorted(
+        [(f"s{i:04d}", state) for i, state in enumerate(states)] + [("wéb ☃", states[0])]
+    )
+    self_deploy = {"hash": "abc", "state": "failed", "error": "no\nway ☃"}
+    encoder = record.StateEncoder()
+    assert encoder.encode("h", items, self_deploy, at) == _encoded(items, self_deploy, at)
+    assert encoder.encoded == len(items)
+
+    changed = [(items[0][0], fsm.ServiceState()), *items[1:]]
+    later = fsm.Instant(mono=160.0, wall=1160.0)  # deadlines move on the wall clock
+    assert encoder.encode("h", changed, None, later) == _encoded(changed, None, later)
+    with_deadline = sum(1 for _, state in changed[1:] if state.deadline is not None)
+    assert encoder.encoded == len(items) + 1 + with_deadline  # the changed one and the deadlines
+
+    gone = changed[1:]
+    assert encoder.encode("h", gone, None, later) == _encoded(gone, None, later)
+    assert record.StateEncoder().encode("h", [], None, at) == _encoded([], None, at)
+
+
+async def test_the_store_gives_the_state_writer_encode_states_bytes() -> None:
+    store = Store("h")
+    box = fsm.Box(id="c1", name="web_c1", spec=SPEC_A, created_at=1.0, healthcheck=False)
+    store.set_state("web", fsm.ServiceState(phase=fsm.Phase.Stable, desired=SPEC_A, current=box))
+    store.set_state("db", fsm.ServiceState())
+    store.set_self_deploy({"hash": "abc", "state": "ok"})
+    assert store.state_bytes() == persist.encode_state(store.state_document())

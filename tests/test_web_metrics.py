@@ -94,6 +94,17 @@ FAMILIES = {
         {"receiver"},
         "Notices given up: the receiver's queue was full (oldest first), or it refused them.",
     ),
+    "condo_proxy_connections": (
+        "counter",
+        {"service", "listen"},
+        "Connections each :proxy listener accepted (HAProxy's frontend count: it starts again at 0"
+        " when a change of listeners reloads HAProxy).",
+    ),
+    "condo_proxy_open_connections": (
+        "gauge",
+        {"service", "listen"},
+        "Connections open through each :proxy listener (in HAProxy's current worker).",
+    ),
 }
 
 
@@ -104,6 +115,11 @@ class Deliveries:
     sent: int
     failed: int
     dropped: int
+
+
+class Listeners:
+    def connections(self) -> dict[tuple[str, str], tuple[int, int]]:
+        return {("web", "127.0.0.1:8080"): (2, 17)}
 
 
 class Receivers:
@@ -142,6 +158,7 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
     metrics.observe_consul_publish('a"b\\c\nd', "refused")  # label values are escaped
     metrics.web_waiters.inc()
     metrics.notify.source = Receivers({"https://hooks.example": Deliveries(3, 2, 1)})
+    metrics.proxy.source = Listeners()
 
     text = metrics.render()
     assert text.endswith("\n")
@@ -167,6 +184,8 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
         "condo_notify_sent_total",
         "condo_notify_failed_total",
         "condo_notify_dropped_total",
+        "condo_proxy_connections_total",
+        "condo_proxy_open_connections",
         *(
             f"condo_{h}_{part}"
             for h in ("deploy_duration_seconds", "docker_call_duration_seconds")
@@ -213,6 +232,9 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
     assert value("condo_notify_sent", "condo_notify_sent_total", **receiver) == 3
     assert value("condo_notify_failed", "condo_notify_failed_total", **receiver) == 2
     assert value("condo_notify_dropped", "condo_notify_dropped_total", **receiver) == 1
+    listener = {"service": "web", "listen": "127.0.0.1:8080"}
+    assert value("condo_proxy_connections", "condo_proxy_connections_total", **listener) == 17
+    assert value("condo_proxy_open_connections", "condo_proxy_open_connections", **listener) == 2
 
 
 def test_two_condos_in_one_process_keep_their_own_series() -> None:

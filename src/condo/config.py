@@ -103,7 +103,7 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()  # besides loopback and the bind address (parsed)
     max_waits: int = DEFAULT_MAX_WAITS
     max_feeds: int = DEFAULT_MAX_FEEDS
-    rescan_interval: float = 1.0
+    rescan_interval: float = 10.0  # seconds; README "Spec files" promises it
     # Webhooks for deploy notices (parsed); not in the repr: a webhook URL may hold a secret.
     notify_urls: tuple[str, ...] = attrs.field(default=(), repr=False)
 

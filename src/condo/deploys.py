@@ -4,8 +4,10 @@ A DEPLOY (doc/contract.md, `GET /v1/history`) is one spec's container on its way
 serving, then gone: `image`, `digest`, `spec_hash`, `strategy`, `started_at`, `stable_at`,
 `ended_at`, `outcome`, `error`, plus `attempts` and `container` (extensions). `advance(entries,
 old, new, at)` turns one transition of a `ServiceState` into the service's new entries (newest
-first); it needs nothing else, so the history can be rebuilt from any sequence of states,
-including the first one a restarted condo sees.
+first) and the `Change`s of the step; it needs nothing else, so the history can be rebuilt from
+any sequence of states, including the first one a restarted condo sees. These rules are the only
+ones that decide a deploy started, turned stable, failed, was reverted or removed: the `--notify`
+notices are told from the changes (condo.notices), never from the states.
 
 The rules are level-triggered: each open entry (`deploying`, `stable`) is checked against the new
 state alone, and the old state only tells a fresh error from one that was already there.
@@ -14,9 +16,10 @@ state alone, and the old state only tells a fresh error from one that was alread
   newest entry is a failed attempt of the same spec that never turned Stable: the retry reopens
   it (`attempts` + 1), so retries of a bad spec cannot push what serves out of the history.
 - `deploying` follows its candidate container (`container`) and turns `stable` when the state
-  serves it alone (`Stable`, or serving beside a later candidate); the digest is filled in later
-  by whoever asks the engine (`with_digest`): `advance` reports the entries that just turned
-  stable.
+  serves it alone (`Stable`, or serving beside a later candidate), with the registry digest its
+  container's record carries (`Box.image_digest`, what a revert pins to); without one, the
+  digest is filled in later by whoever asks the engine (`with_digest`): `Change.stabilized`
+  tells the entries that just turned stable.
 - An open entry that the state no longer holds ends (`ended_at`): `removed` when the spec file
   is gone; `failed` (with the error) when the step brought a fresh error or a retry timer, unless
   a newer deploy was replacing it; `replaced` otherwise (a newer deploy took its place).
@@ -122,11 +125,47 @@ def _optional_float(value: Any) -> float | None:
 Entries = tuple[DeployEntry, ...]
 
 
+@attrs.frozen
+class Change:
+    """One entry's change in one step: `before` is None for an entry the step added."""
+
+    before: DeployEntry | None
+    after: DeployEntry
+
+    @property
+    def started(self) -> bool:
+        """A deploy the state started: a new entry with no container yet (one the history
+        finds already running, adopted or its history lost, has its container)."""
+        return (
+            self.before is None
+            and self.after.outcome == "deploying"
+            and self.after.container is None
+        )
+
+    @property
+    def stabilized(self) -> bool:
+        """A deploy under way turned stable (its digest is asked for unless it came along)."""
+        was = None if self.before is None else self.before.outcome
+        return was == "deploying" and self.after.outcome == "stable"
+
+
+@attrs.frozen
+class Step:
+    """One step of a service and its entries' changes in it (what the history tells)."""
+
+    service: str
+    old: ServiceState | None  # None: the first state seen of the service
+    new: ServiceState
+    entries: Entries  # after the step
+    changes: tuple[Change, ...]
+    at: float  # its wall time
+
+
 def advance(
     entries: Entries, old: ServiceState | None, new: ServiceState, at: float
-) -> tuple[Entries, tuple[DeployEntry, ...]]:
-    """The service's entries after the step `old` → `new` (at wall time `at`), and the entries
-    that turned stable in it (whose digest is still to be asked for)."""
+) -> tuple[Entries, tuple[Change, ...]]:
+    """The service's entries after the step `old` → `new` (at wall time `at`), and what changed
+    in it (newest first)."""
     fresh = new.error is not None and (old is None or old.error != new.error)
     reverted = new.reverted
     if reverted is not None and old is not None and old.reverted == reverted:
@@ -139,7 +178,6 @@ def advance(
     # (a broken container replaced beside itself) is never mistaken for it.
     owned = {e.container for e in entries if e.outcome == "stable" and e.container in held}
     result: list[DeployEntry] = []
-    stabilized: list[DeployEntry] = []
     for entry in entries:
         if entry.outcome == "stable":
             if entry.container not in held:
@@ -153,8 +191,8 @@ def advance(
                     container=serving.id,
                     stable_at=serving.stable_at or at,
                     error=None,
+                    digest=serving.image_digest or entry.digest,
                 )
-                stabilized.append(entry)
             elif candidate is not None and _made(entry, candidate):
                 entry = attrs.evolve(entry, container=candidate.id)
             elif new.starting is None or new.starting.container_hash != entry.spec_hash:
@@ -162,9 +200,12 @@ def advance(
                 cause = "failed" if failed else _cause(new, fresh)
                 entry = _ended(entry, _or_reverted(cause, entry, reverted), new, at)
         result.append(entry)
-    result = _started(result, new, at)
-    result = _unknown(result, serving, candidate, at)
-    return tuple(result[:MAX_ENTRIES]), tuple(stabilized)
+    result = _unknown(_started(result, new, at), serving, candidate, at)
+    # Entries are only changed in place or added in front: the step's changes, by position.
+    added = len(result) - len(entries)
+    changes = [Change(None, entry) for entry in result[:added]]
+    changes += [Change(b, a) for b, a in zip(entries, result[added:], strict=True) if a != b]
+    return tuple(result[:MAX_ENTRIES]), tuple(changes)
 
 
 def with_digest(entries: Entries, container: str, digest: str | None) -> Entries:
@@ -175,14 +216,33 @@ def with_digest(entries: Entries, container: str, digest: str | None) -> Entries
 def pick_digest(image: str, repo_digests: Sequence[str]) -> str | None:
     """The RepoDigests entry of `image`'s repository (an image pushed to several has several),
     else the first one; None for an image that never came from a registry."""
-    repository = image.partition("@")[0]
+    own = own_digest(image, repo_digests)
+    if own is not None:
+        return own
+    return repo_digests[0] if repo_digests else None
+
+
+def own_digest(image: str, repo_digests: Sequence[str]) -> str | None:
+    """The RepoDigests entry of `image`'s own repository, or None: what a revert pins to. Never
+    another repository's (the same image pushed elsewhere): a pin must pull from where the spec
+    says, with that registry's credentials."""
+    repository = _repository(image)
+    for digest in repo_digests:
+        if _repository(digest) == repository:
+            return digest
+    return None
+
+
+def _repository(reference: str) -> str:
+    """The repository of an image reference, without tag or digest, in one spelling for Docker
+    Hub (`nginx`, `library/nginx`, `docker.io/library/nginx` are one)."""
+    repository = reference.partition("@")[0]
     slash, colon = repository.rfind("/"), repository.rfind(":")
     if colon > slash:
         repository = repository[:colon]
-    for digest in repo_digests:
-        if digest.partition("@")[0] == repository:
-            return digest
-    return repo_digests[0] if repo_digests else None
+    for hub in ("docker.io/", "index.docker.io/"):
+        repository = repository.removeprefix(hub)
+    return repository.removeprefix("library/")
 
 
 def document(entries: Mapping[str, Entries]) -> dict[str, list[dict[str, Any]]]:
@@ -270,6 +330,7 @@ def _unknown(
             outcome=cast("Outcome", outcome),
             container=box.id,
             stable_at=(box.stable_at or at) if outcome == "stable" else None,
+            digest=(box.image_digest or None) if outcome == "stable" else None,
         )
         entries = [entry, *entries]
     return entries

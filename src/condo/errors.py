@@ -19,6 +19,8 @@ once, at the module that meets them; nothing else in condo catches a foreign exc
     │       └─ BadRequest         (permanent) the engine rejected the create body or parameters
     ├─ ConsulError                raised only by condo.consul; transient iff Consul did not answer
     │                             or answered >= 500 (an ACL refusal or a bad request is permanent)
+    ├─ ProxyError                 raised only by condo.proxy.haproxy: the data plane cannot be
+    │                             started, reloaded or asked (retried by the proxy's task)
     ├─ ForgetRefused              `condo forget HOST` refused: unknown, live, or Consul away
     └─ SelfDeployFailed           a successor did not take over (shown under /v1/state "self")
 """
@@ -132,6 +134,10 @@ class ConsulError(CondoError):
         self.status = status
         self.transient = transient
         super().__init__(message)
+
+
+class ProxyError(CondoError):
+    """The proxy's data plane (HAProxy) cannot be started, reloaded or asked."""
 
 
 class ForgetRefused(CondoError):

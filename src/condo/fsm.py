@@ -29,7 +29,9 @@ Invariants (checked by tests over every (phase, event) pair):
   (and Docker's RestartPolicy gets no grace). Only a completed probation resets `attempt`, so a
   spec that keeps failing its probation backs off like any failing spec.
 - Revert (`:on-failure :revert`): `last_good` is the spec of the last container whose deploy
-  completed its probation, pinned to the image it ran (`Box.image_id`; its tag when unknown). A
+  completed its probation, pinned to the image it ran: by its registry digest (`Box.image_digest`,
+  `repo@sha256:…`, which the engine can pull back if the image is removed), else by the engine's
+  image id (`Box.image_id`: an image that never came from a registry), else its tag. A
   failed attempt at the desired spec, with a different last good, reverts: what still serves
   ([:After n], a [:Before] whose old container was never stopped) keeps serving, else the last
   good is deployed by its own strategy. `reverted` then blocks the desired spec's container hash:
@@ -87,6 +89,9 @@ class Box:
     healthcheck: bool  # Docker runs a healthcheck for it (image's or spec's)
     restart_policy: str = ""
     image_id: str = ""  # the engine's id of the image it runs (unknown: "")
+    # The registry digest (`repo@sha256:…`, of the spec's own repository) of the image it runs;
+    # "" when unknown or when the image never came from (or went to) that registry.
+    image_digest: str = ""
     stable_at: float | None = None  # wall clock, unix seconds
     # Set for a container adopted from the engine's labels alone (its record was lost): the hash
     # on its `condo.spec-hash` label. Its `spec` is then only a stand-in (the desired spec, for
@@ -135,6 +140,11 @@ class Seen:
     created_at: float
     restart_policy: str = ""
     exit_code: int = 0
+    # The image it runs, as `Box.image_id` / `Box.image_digest`: an adopted container pins a
+    # revert to it like one condo saw start (the driver asks the digest only for containers
+    # the state does not record: "" for the others).
+    image_id: str = ""
+    image_digest: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -418,15 +428,18 @@ def _runs(state: ServiceState, box: Box, spec: ServiceSpec) -> bool:
     return (
         spec == state.last_good
         and box.label_hash is None
-        and _pinned(box).container_hash == spec.container_hash
+        and pinned(box).container_hash == spec.container_hash
     )
 
 
-def _pinned(box: Box) -> ServiceSpec:
-    """`box`'s spec pinned to the image it runs (by id: a re-pushed tag cannot sneak in)."""
-    if not box.image_id or box.spec.image == box.image_id:
+def pinned(box: Box) -> ServiceSpec:
+    """`box`'s spec pinned to the image it runs, so that a re-pushed tag cannot sneak in: by its
+    registry digest, which the engine pulls again if the image was removed meanwhile; by the
+    engine's image id when it has no digest (never pushed nor pulled: nothing to pull it from)."""
+    image = box.image_digest or box.image_id
+    if not image or box.spec.image == image:
         return box.spec
-    return attrs.evolve(box.spec, container={**box.spec.container, "Image": box.image_id})
+    return attrs.evolve(box.spec, container={**box.spec.container, "Image": image})
 
 
 def _deploy(state: ServiceState, spec: ServiceSpec, now: Instant) -> Step:
@@ -629,7 +642,7 @@ def _deploy_good(state: ServiceState) -> ServiceState:
     current = state.current
     good = state.last_good
     if current is not None and current.label_hash is None:
-        good = _pinned(current)
+        good = pinned(current)
     return attrs.evolve(state, on_probation=False, deadline=None, attempt=0, last_good=good)
 
 
@@ -1071,6 +1084,8 @@ def _resume_interrupted_deploy(
             created_at=adopted.created_at,
             healthcheck=adopted.health is not None,
             restart_policy=adopted.restart_policy,
+            image_id=adopted.image_id,
+            image_digest=adopted.image_digest,
         )
         started = ContainerStarted(box=box, running=True, health=adopted.health)
         after, more = _on_started(state, started, now)

@@ -1,7 +1,8 @@
 """condo's Prometheus metrics, on `prometheus_client`: the service metrics derived from the Store,
 the Docker call latency fed by the engine client's call observer, the Consul publisher's
-per-service failures fed by its failure observer, and the `--notify` receivers' deliveries read
-from the notifier's counts at scrape time.
+per-service failures fed by its failure observer, the `--notify` receivers' deliveries read
+from the notifier's counts at scrape time, and the `:proxy` listeners' connections read from the
+proxy task's last look at HAProxy.
 
 Owns: `Metrics` (every metric condo exports, on a `CollectorRegistry` of its own, rendered with
 `generate_latest` in the text format 0.0.4), `ServiceMetrics` (subscribes to a `Store` and diffs
@@ -54,6 +55,17 @@ NOTIFY_COUNTERS = {
     ),
 }
 
+# `:proxy`: connections through each listener, read from HAProxy's frontends.
+PROXY_CONNECTIONS = (
+    "condo_proxy_connections",
+    "Connections each :proxy listener accepted (HAProxy's frontend count: it starts again at 0"
+    " when a change of listeners reloads HAProxy).",
+)
+PROXY_OPEN = (
+    "condo_proxy_open_connections",
+    "Connections open through each :proxy listener (in HAProxy's current worker).",
+)
+
 SERVICE_STATE = "condo_service_state"
 SERVICE_STATE_HELP = "1 for the phase each service is in, 0 for the others."
 
@@ -90,6 +102,14 @@ class NotifyReceivers(Protocol):
     """condo.notify.Notifier, as far as /metrics cares."""
 
     def counts(self) -> Mapping[str, DeliveryCounts]: ...
+
+
+class ProxyListeners(Protocol):
+    """The proxy's connection counts (condo.proxy.reconcile.ProxyReconciler has this method)."""
+
+    def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
+        """(service, listen) → (open connections, connections accepted)."""
+        ...
 
 
 class Metrics:
@@ -150,6 +170,8 @@ class Metrics:
         )
         self.notify = NotifyDeliveries()
         registry.register(self.notify)
+        self.proxy = ProxyConnections()
+        registry.register(self.proxy)
 
     def observe_docker_call(self, call: DockerCall) -> None:
         """A call observer for the Docker client (`add_call_observer`)."""
@@ -194,6 +216,28 @@ class NotifyDeliveries:
             for receiver, count in sorted(counts.items()):
                 family.add_metric([receiver], float(getattr(count, field)))
             yield family
+
+
+class ProxyConnections:
+    """`condo_proxy_connections_total` and `condo_proxy_open_connections` per service and
+    listener, read at scrape time from the proxy task's last look at HAProxy (a
+    prometheus_client collector). Without `:proxy` the families are empty."""
+
+    def __init__(self) -> None:
+        self.source: ProxyListeners | None = None
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        return self.collect()
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        counts = {} if self.source is None else self.source.connections()
+        total = CounterMetricFamily(*PROXY_CONNECTIONS, labels=("service", "listen"))
+        current = GaugeMetricFamily(*PROXY_OPEN, labels=("service", "listen"))
+        for (service, listen), (open_now, accepted) in sorted(counts.items()):
+            total.add_metric([service, listen], float(accepted))
+            current.add_metric([service, listen], float(open_now))
+        yield total
+        yield current
 
 
 class ServiceStates:

@@ -1,28 +1,31 @@
-"""Deploy notices: what a change of one service's state means for the people watching (pure).
+"""Deploy notices: a service's deploy history's changes told to the people watching (pure).
 
-Owns the rules that turn consecutive states of one service (`fsm.ServiceState`, as the Store
-holds them after every step) into notices for `--notify` receivers, the notices' JSON body
-(doc/contract.md "Notifications") and the scrubbing that keeps secrets out of it. No I/O and no
-clock: the caller (condo.notify) passes the wall-clock time in.
+Owns which changes of the deploy history (condo.deploys: the one set of rules that decides a
+deploy started, turned stable, failed, was reverted or removed) are news for `--notify`
+receivers, the notices' JSON body (doc/contract.md "Notifications") and the scrubbing that keeps
+secrets out of it. No I/O and no clock: `project` is handed one `deploys.Step`.
 
-One *deploy* is the attempts at one container hash (the `target`): it starts once, fails at most
-once (its retries back off quietly; /v1/state and the log show every attempt) and ends Stable,
-replaced by a newer deploy, or removed with the service. The rules, per step from `old` to `new`:
+The projection, per change of one step (an entry before → after):
 
-- `deploy.started`   a new target is being deployed (from rest, or superseding another
-                     target); a Stable container that broke and is being replaced by its own
-                     spec is a new deploy too, with the breakage as `error`.
-- `deploy.failed`    the current target's first failed attempt (TryAgain / TryAgainNext).
-- `deploy.stable`    the service is Stable again while a deploy was under way.
-- `service.removed`  the spec file is gone and every container of the service is retired.
-- `deploy.reverted`  the current target failed and `:on-failure :revert` went back to the last
-                     good spec (`ServiceState.reverted` is new): `image` is what serves again,
-                     `previous_image` the failed one. It ends that deploy (no deploy.failed);
-                     bringing the last good back, when it must be recreated, is a deploy of its
-                     own (deploy.started, then deploy.stable).
+- `deploy.started`   a deploy the state started (`Change.started`: a new entry, not a retry of
+                     a failed one, not a container the history adopted); when it redeploys the
+                     spec that served (a container that broke), `error` is the state's why.
+- `deploy.failed`    an entry turned `failed`: a deploy's first attempt (its retries reopen the
+                     entry and fail quietly: /v1/state and the log show every attempt), or a
+                     deploy that served and broke, unless its spec is redeployed in the same
+                     step (that `deploy.started` says why).
+- `deploy.stable`    an entry turned from `deploying` to `stable`.
+- `deploy.reverted`  an entry turned `reverted`: `image` is what serves again
+                     (`ServiceState.reverted`), `previous_image` the failed one.
+- `service.removed`  the step in which the service finished retiring (its spec file is gone and
+                     every container of it is removed), whatever its deploys' outcomes (a
+                     service that never served, or was failing, is removed too); `image` is
+                     what served last. A service fact, not an entry's change: the only one.
 
-The first state seen of a service is a baseline, never a notice: after a restart condo does not
-announce what it merely adopted (a deploy it resumes still ends with `deploy.stable`).
+`previous_image` is what served before: the image of the newest older entry that turned stable.
+The first state seen of a service (`old` None) is a baseline, never a notice: after a restart
+condo does not announce what the history merely catches up with (a deploy it resumes still ends
+with `deploy.stable`).
 
 Invariant: a notice carries an image reference, an error message and names, never a spec's
 `Env` or labels; error messages are scrubbed of every Env value of the service's specs and of
@@ -37,15 +40,13 @@ from typing import Any
 
 import attrs
 
-from condo.fsm import Box, Phase, ServiceState
-from condo.spec import ServiceSpec
+from condo.deploys import Change, DeployEntry, Entries, Step
+from condo.fsm import ServiceState
 
 # Env values shorter than this are not scrubbed: "1", "on" or "dev" would mangle every message
 # they occur in, and are no secrets.
 MIN_SECRET_LENGTH = 4
 REDACTED = "[redacted]"
-
-_RETRYING = (Phase.TryAgain, Phase.TryAgainNext)
 
 
 class Kind(enum.Enum):
@@ -107,142 +108,81 @@ class Notice:
         }
 
 
-@attrs.frozen(kw_only=True)
-class Track:
-    """What the rules remember of one service between steps."""
-
-    target: str | None = None  # container hash of the deploy under way (None at rest)
-    image: str | None = None  # its image
-    previous_image: str | None = None  # what served when it started
-    failed: bool = False  # its deploy.failed was sent
-    serving_hash: str | None = None  # the last Stable container's hash and image
-    serving_image: str | None = None
-    removed: bool = False  # service.removed was sent
-
-
-def baseline(state: ServiceState) -> Track:
-    """The track of a service first seen in `state` (no notice for it)."""
-    track = _at_rest(Track(), state)
-    target = _target(state)
-    if target is None:
-        return track
-    return attrs.evolve(
-        track,
-        target=target.container_hash,
-        image=target.image,
-        previous_image=track.serving_image,
-        failed=state.phase in _RETRYING,
-        removed=state.finished,
-    )
-
-
-def follow(
-    service: str, track: Track, old: ServiceState, new: ServiceState, at: float
-) -> tuple[Track, list[Notice]]:
-    """The notices of one step of `service` from `old` to `new` (at wall time `at`)."""
-    notices: list[Notice] = []
-    if new.finished:
-        if not track.removed:
-            notices.append(
-                Notice(kind=Kind.REMOVED, service=service, image=track.serving_image, at=at)
-            )
-        return attrs.evolve(track, target=None, failed=False, removed=True), notices
-    track = attrs.evolve(track, removed=False)
-    reverted = new.reverted
-    if reverted is not None and reverted != old.reverted:
-        notices.append(
-            Notice(
-                kind=Kind.REVERTED,
-                service=service,
-                image=reverted.to_image,
-                previous_image=reverted.from_image,
-                error=reverted.reason,
-                at=reverted.at,
-            )
+def project(step: Step) -> list[Notice]:
+    """The notices of one step of a service: its history's changes in it."""
+    if step.old is None:
+        return []
+    restarted = {c.after.spec_hash for c in step.changes if c.started}
+    broken = [c.after for c in step.changes if _broke(c)]
+    error, reverted = step.new.error, step.new.reverted
+    found: list[Notice] = []
+    # Oldest first: what ended or turned stable, then what started.
+    for change in reversed(step.changes):
+        entry = change.after
+        served = _served_before(step.entries, entry)
+        base = Notice(
+            kind=Kind.STARTED,
+            service=step.service,
+            image=entry.image,
+            previous_image=None if served is None else served.image,
+            at=step.at,
         )
-        track = attrs.evolve(track, target=None, image=None, previous_image=None, failed=False)
-    target = _target(new)
-    if target is not None and target.container_hash != track.target:
-        # A new deploy: from rest (previous = what served), or superseding one under way (the
-        # previous image stays what served before the first of them).
-        previous = track.previous_image if track.target is not None else track.serving_image
-        broken = target.container_hash == track.serving_hash and track.target is None
-        error = new.error.message if broken and new.error is not None else None
-        track = attrs.evolve(
-            track,
-            target=target.container_hash,
-            image=target.image,
-            previous_image=previous,
-            failed=False,
-        )
-        notices.append(
-            Notice(
-                kind=Kind.STARTED,
-                service=service,
-                image=target.image,
-                previous_image=previous,
-                error=error,
-                at=at,
+        if change.started:
+            again = error is not None and _redeploys(entry, served, broken)
+            found.append(attrs.evolve(base, error=error.message if again and error else None))
+        elif change.stabilized:
+            found.append(attrs.evolve(base, kind=Kind.STABLE))
+        elif entry.outcome == "failed" and _failed(change, restarted):
+            when = step.at if error is None else error.at
+            found.append(attrs.evolve(base, kind=Kind.FAILED, error=entry.error, at=when))
+        elif entry.outcome == "reverted":
+            image, when = (None, step.at) if reverted is None else (reverted.to_image, reverted.at)
+            found.append(
+                attrs.evolve(
+                    base,
+                    kind=Kind.REVERTED,
+                    image=image,
+                    previous_image=entry.image,
+                    error=entry.error,
+                    at=when,
+                )
             )
-        )
-    attempt_failed = new.phase in _RETRYING and (
-        old.phase not in _RETRYING or new.attempt > old.attempt
-    )
-    if attempt_failed and track.target is not None and not track.failed:
-        notices.append(
-            Notice(
-                kind=Kind.FAILED,
-                service=service,
-                image=track.image,
-                previous_image=track.previous_image,
-                error=None if new.error is None else new.error.message,
-                at=new.error.at if new.error is not None else at,
-            )
-        )
-        track = attrs.evolve(track, failed=True)
-    if new.phase is Phase.Stable and new.current is not None and track.target is not None:
-        image = new.current.spec.image
-        notices.append(
-            Notice(
-                kind=Kind.STABLE,
-                service=service,
-                image=image,
-                previous_image=track.previous_image,
-                at=at,
-            )
-        )
-        track = attrs.evolve(track, target=None, image=None, previous_image=None, failed=False)
-    return _at_rest(track, new), notices
+    if step.new.finished and not step.old.finished:
+        last = _served_before(step.entries, None)
+        image = None if last is None else last.image
+        found.append(Notice(kind=Kind.REMOVED, service=step.service, image=image, at=step.at))
+    return found
 
 
-def _target(state: ServiceState) -> ServiceSpec | None:
-    """The spec being deployed (or retried) in `state`; None at rest."""
-    if state.finished:
-        return None
-    if state.starting is not None:
-        return state.starting
-    candidate = _box_spec(state.current if state.phase is Phase.Wait else None)
-    if state.phase is Phase.WaitNext:
-        candidate = _box_spec(state.next)
-    if state.phase in (Phase.Wait, Phase.WaitNext, *_RETRYING):
-        return candidate or state.desired
-    return None
+def _failed(change: Change, restarted: set[str]) -> bool:
+    """A deploy's first attempt failed (its retries reopen the entry and fail quietly), or a
+    deploy that served broke and is not redeployed in the same step (that deploy says why)."""
+    if _broke(change):
+        return change.after.spec_hash not in restarted
+    return change.after.attempts == 1
 
 
-def _box_spec(box: Box | None) -> ServiceSpec | None:
-    # A box adopted from labels alone carries a stand-in spec whose hash is not its own.
-    if box is None or box.label_hash is not None:
-        return None
-    return box.spec
+def _broke(change: Change) -> bool:
+    """A deploy that served failed."""
+    was = None if change.before is None else change.before.outcome
+    return was == "stable" and change.after.outcome == "failed"
 
 
-def _at_rest(track: Track, state: ServiceState) -> Track:
-    """Remember what serves, once it serves Stable."""
-    if state.phase is not Phase.Stable or state.current is None:
-        return track
-    return attrs.evolve(
-        track, serving_hash=state.current.hash, serving_image=state.current.spec.image
-    )
+def _redeploys(entry: DeployEntry, served: DeployEntry | None, broken: list[DeployEntry]) -> bool:
+    """`entry` deploys again the spec that serves, or served until it broke in this step: the
+    state's error says why."""
+    if served is None or served.spec_hash != entry.spec_hash:
+        return False
+    return served.outcome == "stable" or served in broken
+
+
+def _served_before(entries: Entries, entry: DeployEntry | None) -> DeployEntry | None:
+    """The newest entry older than `entry` (any, when None) that turned stable: what served."""
+    older = entries
+    if entry is not None:
+        index = next((i for i, e in enumerate(entries) if e is entry), len(entries))
+        older = entries[index + 1 :]
+    return next((e for e in older if e.stable_at is not None), None)
 
 
 # --- secrets ----------------------------------------------------------------------------------

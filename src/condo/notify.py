@@ -1,13 +1,14 @@
 """`--notify URL`: POSTing deploy notices to webhooks without ever holding up supervision.
 
-Owns: `Notifier` (a Store listener that turns every service's steps into notices with
-condo.notices and puts each notice's JSON body into one `Outbox` per URL), `Outbox` (one
-receiver's bounded queue, its delivery loop and its counts) and `run_notifier` (the "notifier"
-task: one httpx client, one delivery loop per receiver).
+Owns: `Notifier` (a listener of the deploy history, condo.history, that tells every step's
+changes of a service's deploys as notices with condo.notices and puts each notice's JSON body
+into one `Outbox` per URL), `Outbox` (one receiver's bounded queue, its delivery loop and its
+counts) and `run_notifier` (the "notifier" task: one httpx client, one delivery loop per
+receiver).
 
 Invariants:
-- Nothing here blocks the supervisor: the Store calls `Notifier.on_change` inline, which only
-  diffs states and appends to deques (O(services changed)). Delivery runs in its own tasks.
+- Nothing here blocks the supervisor: the history calls `Notifier.on_step` inline, which only
+  projects the step's changes and appends to deques (O(changes)). Delivery runs in its own tasks.
 - Each receiver has its own queue of at most `QUEUE_LIMIT` bodies, sent in order, one at a time.
   When it is full the *oldest* body is dropped (the newest say more about now) and counted; a
   body the receiver refuses outright (a 4xx other than 408 and 429) is dropped and counted too.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -34,9 +34,8 @@ import structlog
 import trio
 
 from condo import notices
-from condo.fsm import ServiceState
-from condo.notices import Notice, Track
-from condo.store import Store
+from condo.deploys import Step
+from condo.notices import Notice
 
 log = structlog.get_logger(__name__)
 
@@ -147,21 +146,15 @@ class Outbox:
 
 
 class Notifier:
-    """Turns the Store's changes into notices for every receiver.
+    """Tells every receiver the deploy history's changes as notices.
 
-    Build it before anything writes the Store (its first sight of a service is a baseline) and
-    `store.subscribe(notifier.on_change)`; `run_notifier` delivers.
+    `history.listen(notifier.on_step)` before anything writes the Store; `run_notifier` delivers.
     """
 
-    def __init__(self, store: Store, urls: Sequence[str], *, secrets: Iterable[str] = ()) -> None:
-        self._store = store
+    def __init__(self, host: str, urls: Sequence[str], *, secrets: Iterable[str] = ()) -> None:
+        self._host = host
         self.outboxes = tuple(Outbox(url) for url in urls)
         self._secrets = frozenset(secret for secret in secrets if secret)
-        self._seen: dict[str, ServiceState] = {}
-        self._tracks: dict[str, Track] = {}
-        for name, entry in store.entries.items():
-            self._seen[name] = entry.state
-            self._tracks[name] = notices.baseline(entry.state)
 
     def counts(self) -> Mapping[str, Counts]:
         """The deliveries per receiver (URLs with one origin add up), for /metrics."""
@@ -173,31 +166,17 @@ class Notifier:
             total.dropped += outbox.counts.dropped
         return totals
 
-    def on_change(self) -> None:
-        """Store listener: diff every changed service's state against the last one seen."""
-        entries = self._store.entries
-        at = time.time()
-        for name, entry in entries.items():
-            old = self._seen.get(name)
-            new = entry.state
-            if old is new:
-                continue  # unchanged (a spec error or another service changed)
-            self._seen[name] = new
-            track = self._tracks.get(name)
-            if old is None or track is None:
-                self._tracks[name] = notices.baseline(new)
-                continue
-            self._tracks[name], found = notices.follow(name, track, old, new, at)
-            for notice in found:
-                self._send(notice, old, new)
-        for name in [name for name in self._seen if name not in entries]:
-            del self._seen[name]
-            self._tracks.pop(name, None)
+    def on_step(self, step: Step) -> None:
+        """History listener: queue the notices of one step of a service."""
+        for notice in notices.project(step):
+            self._send(notice, step)
 
-    def _send(self, notice: Notice, old: ServiceState, new: ServiceState) -> None:
-        secrets = self._secrets | notices.secrets_of(old) | notices.secrets_of(new)
+    def _send(self, notice: Notice, step: Step) -> None:
+        secrets = self._secrets | notices.secrets_of(step.new)
+        if step.old is not None:
+            secrets |= notices.secrets_of(step.old)
         clean = attrs.evolve(notice, error=notices.scrub(notice.error, secrets))
-        body = json.dumps(clean.to_json(self._store.host)).encode()
+        body = json.dumps(clean.to_json(self._host)).encode()
         log.info("notify.notice", notice=clean.kind.value, service=clean.service)
         for outbox in self.outboxes:
             outbox.put(body)

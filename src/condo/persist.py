@@ -177,7 +177,8 @@ class StateWriter:
       self-deploy under way: a successor may already have read the file and be writing its
       own) `run()` writes nothing; `close` still writes (a stop-then-start hand-over stops this
       condo with SIGTERM, and its last word must be on disk before the successor starts).
-    - `snapshot()` must return plain JSON data; anything else is a bug and crashes `run()`.
+    - `snapshot()` must return plain JSON data, or the file's bytes already encoded (exactly
+      what `encode_state` gives); anything else is a bug and crashes `run()`.
     """
 
     def __init__(
@@ -271,7 +272,8 @@ class StateWriter:
     async def _write(self) -> bool:
         """Write the newest state once; False (and `last_error`) when the write failed."""
         version = self._version
-        payload = encode_state(self._snapshot())
+        data = self._snapshot()
+        payload = data if isinstance(data, bytes) else encode_state(data)
         try:
             await trio.to_thread.run_sync(write_state_bytes, self._path, payload)
         except StateFileError as exc:

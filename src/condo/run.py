@@ -9,6 +9,7 @@
     ├─ event router    the events to the services' mailboxes (condo.supervisor)
     ├─ services        one supervised driver per service (condo.supervisor, condo.service)
     ├─ history         the deploy history's file and its digest lookups (condo.history)
+    ├─ proxy           `:proxy`: HAProxy's listeners and servers follow the store (condo.proxy)
     ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir): specs to the supervisor,
     │                  self.edn to the self-deployer
     ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
@@ -46,6 +47,8 @@ from condo.docker import run_events as run_docker_events
 from condo.errors import ConfigError
 from condo.history import History, open_history
 from condo.notify import Notifier, run_notifier
+from condo.proxy.haproxy import HAProxy
+from condo.proxy.reconcile import ProxyReconciler, proxy_directory, run_proxy
 from condo.selfdeploy import SelfContext, SelfStatus, WantedSelf, run_self_deployer
 from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
@@ -80,6 +83,8 @@ class Running:
     host_directory: HostDirectory | None = None
     # The deploy notices' receivers (their counts, for /metrics) when --notify is given.
     notifier: Notifier | None = None
+    # The :proxy listeners' connections (for /metrics).
+    proxy: ProxyReconciler | None = None
 
 
 # The web task: serves the API of a running condo until `stopping` (condo.web.ApiServer).
@@ -160,20 +165,21 @@ async def _run_root(
     """The root nursery, until `stopping`; then the final write."""
     store = Store(config.host)
     restored = load_state(config)
-    writer = persist.StateWriter(config.state_path, store.state_document)
+    writer = persist.StateWriter(config.state_path, store.state_bytes)
     store.subscribe(writer.mark_dirty)
     history = open_history(config.state_path, config.host)
     store.on_transition(history.on_transition)
     notifier: Notifier | None = None
     if config.notify_urls:
-        # Subscribed before any service is in the store: each one's first state is a baseline.
+        # The notices are the history's changes told: one set of rules for both.
         secrets = (config.api_token or "", config.consul_token or "")
-        notifier = Notifier(store, config.notify_urls, secrets=secrets)
-        store.subscribe(notifier.on_change)
+        notifier = Notifier(config.host, config.notify_urls, secrets=secrets)
+        history.listen(notifier.on_step)
     wanted_self = WantedSelf()
 
     async with open_engine(config.docker_url, auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, restored.records)
+        proxy = ProxyReconciler(HAProxy(proxy_directory(config.state_path)), docker)
 
         def on_snapshot(snapshot: SpecSnapshot) -> None:
             if isinstance(snapshot.self_spec, SelfSpec):
@@ -197,6 +203,7 @@ async def _run_root(
                     consul_publisher=None if consul is None else consul.publisher,
                     host_directory=None if consul is None else consul.source,
                     notifier=notifier,
+                    proxy=proxy,
                 )
                 send, receive = trio.open_memory_channel[ContainerEvent | EventsResumed](
                     EVENTS_BUFFER
@@ -211,6 +218,7 @@ async def _run_root(
                 root.start_soon(supervisor.run_event_router, receive, name="event router")
                 await root.start(supervisor.run_services, name="services")
                 await root.start(functools.partial(history.run, docker), name="history")
+                await root.start(functools.partial(run_proxy, store, docker, proxy), name="proxy")
                 # Before the self-deployer: a self.edn present at start-up is offered too.
                 await root.start(
                     functools.partial(

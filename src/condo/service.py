@@ -37,7 +37,7 @@ import attrs
 import structlog
 import trio
 
-from condo import fsm, labels
+from condo import deploys, fsm, labels
 from condo.docker.models import Container, ContainerId, ContainerSummary
 from condo.errors import (
     BadRequest,
@@ -62,6 +62,9 @@ OBSERVE_RETRY_DELAY = 1.0
 LEFTOVER_RESYNC_DELAY = 2.0
 # A pull that makes no headway this long (a hung registry) fails as a transient error.
 PULL_LIMIT = 600.0
+# The registry digest of a started container's image is asked for within this; past it (or on
+# an error) the deploy goes on without one, and a revert to it pins the image id instead.
+DIGEST_LIMIT = 10.0
 
 
 class ContainerEngine(Protocol):
@@ -74,6 +77,7 @@ class ContainerEngine(Protocol):
     async def stop(self, cid: ContainerId, *, grace: float) -> None: ...
     async def remove(self, cid: ContainerId) -> None: ...
     async def inspect(self, cid_or_name: str) -> Container: ...
+    async def image_digests(self, image: str) -> tuple[str, ...]: ...
     async def list_containers(self, *, labels: Mapping[str, str]) -> list[ContainerSummary]: ...
     async def rename(self, cid: ContainerId, new_name: str) -> None: ...
 
@@ -110,6 +114,13 @@ class Mailbox:
         self._spec_dirty = True
         self._spec_changed.set()
         self._wake()
+
+    def offer_spec(self, spec: ServiceSpec | None) -> None:
+        """`set_spec`, unless `spec` is the very object already set: an unchanged spec file
+        parses to the same object (condo.specdir), and each snapshot offers every service its
+        spec; waking 200 drivers for nothing put the one that changed behind them."""
+        if not (self._spec_set and spec is self._spec):
+            self.set_spec(spec)
 
     def resend_spec(self) -> None:
         """Deliver the latest spec again (after a driver restart), if one was ever set."""
@@ -302,7 +313,7 @@ class _Driver:
         replaced = False
         created: fsm.Box | None = None
         name = effect.name or labels.generated_name(self._ctx.name)
-        body = dict(spec.container)
+        body = dict(spec.create_body)  # the container, plus the ports `:proxy` publishes
         body["Labels"] = {
             **(spec.container.get("Labels") or {}),
             **labels.for_container(self._ctx.host, self._ctx.name, spec.container_hash),
@@ -342,7 +353,9 @@ class _Driver:
                 created,
                 healthcheck=info.health is not None,
                 restart_policy=info.restart_policy,
-                image_id=info.image_id,  # what a revert to this deploy pins to
+                # What a revert to this deploy pins to: the digest, else the id.
+                image_id=info.image_id,
+                image_digest=await self._digest_of(spec.image, info.image_id),
             )
             return fsm.ContainerStarted(box=box, running=info.running, health=info.health)
         # The limit expired mid-way (a slow engine): the engine may have acted without condo
@@ -356,6 +369,20 @@ class _Driver:
         return fsm.DeployFailed(
             message=f"deploy of {name} timed out", replaced=replaced, leftover=created
         )
+
+    async def _digest_of(self, image: str, image_id: str) -> str:
+        """The registry digest (`repo@sha256:…`) of `image`'s repository that the engine knows
+        for the image `image_id`, as the history reads it (`deploys.own_digest`); "" when there
+        is none (built or loaded locally) or the engine cannot say now."""
+        if not image_id:
+            return ""
+        try:
+            with trio.fail_after(DIGEST_LIMIT):
+                digests = await self._ctx.engine.image_digests(image_id)
+        except (DockerError, trio.TooSlowError) as exc:
+            log.warning("service.digest_failed", image=image, error=str(exc) or "timed out")
+            return ""
+        return deploys.own_digest(image, digests) or ""
 
     async def _created_anyway(
         self, name: str, error: DockerError, spec: ServiceSpec
@@ -482,11 +509,21 @@ class _Driver:
                     labels=labels.owned_by(self._ctx.host, self._ctx.name)
                 )
                 seen = []
+                state = self._state
+                recorded = {
+                    b.id for b in (state.current, state.next, state.failed, state.replacing) if b
+                }
                 for row in rows:
                     try:
                         info = await engine.inspect(row.id)
                     except ContainerNotFound:
                         continue  # removed between the list and the inspect
+                    # One the state does not record may be adopted (a deploy interrupted by a
+                    # kill -9) and become the last good: learn what a revert would pin it to.
+                    # (Its image as created, `Config.Image`, is its spec's.)
+                    digest = ""
+                    if info.id not in recorded and info.running:
+                        digest = await self._digest_of(info.image, info.image_id)
                     seen.append(
                         fsm.Seen(
                             id=info.id,
@@ -497,6 +534,8 @@ class _Driver:
                             created_at=info.created_at,
                             restart_policy=info.restart_policy,
                             exit_code=info.exit_code,
+                            image_id=info.image_id,
+                            image_digest=digest,
                         )
                     )
                 return tuple(seen)

@@ -31,6 +31,7 @@ import difflib
 import fractions
 import functools
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -59,6 +60,12 @@ PULL_POLICIES: Final[tuple[PullPolicy, ...]] = get_args(PullPolicy)
 OnFailure = Literal["retry", "revert"]
 ON_FAILURES: Final[tuple[OnFailure, ...]] = get_args(OnFailure)
 
+ProxyMode = Literal["tcp", "http"]
+PROXY_MODES: Final[tuple[ProxyMode, ...]] = get_args(ProxyMode)
+PROXY_BIND_HOST: Final = "127.0.0.1"
+"""Where a proxied container publishes its port (an ephemeral host port): loopback only."""
+_PROXY_KEYS: Final = ("listen", "port", "mode")
+
 JsonObject = dict[str, Any]
 """Plain JSON, what Docker gets."""
 
@@ -79,6 +86,7 @@ _SERVICE_KEYS: Final = (
     "pull",
     "on-failure",
     "probation",
+    "proxy",
 )
 # Keys of the create body that condo itself reads. Docker matches JSON keys case-insensitively,
 # so `:labels` would reach Docker as Labels while escaping condo's checks: demand the exact case.
@@ -123,6 +131,58 @@ def _body(container: JsonObject, fixed_name: str | None) -> JsonObject:
     return container if fixed_name is None else {**container, "Name": fixed_name}
 
 
+@attrs.frozen
+class ProxyListener:
+    """One `:proxy` listener: the proxy listens on `host:port` (`host` "" = every interface)
+    and forwards each connection to the Stable container's `target` port."""
+
+    host: str
+    port: int
+    target: int
+    mode: ProxyMode = "tcp"
+    line: int | None = attrs.field(default=None, eq=False)  # where the spec file names it
+
+    def clashes(self, other: ProxyListener) -> bool:
+        """Both cannot listen at once: one port, and one host or either on every interface."""
+        return self.port == other.port and (
+            not self.host or not other.host or self.host == other.host
+        )
+
+    @property
+    def listen(self) -> str:
+        """`[HOST:]PORT` as the spec writes it (an IPv6 host in brackets)."""
+        if not self.host:
+            return str(self.port)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def to_json(self) -> JsonObject:
+        return {"listen": self.listen, "port": self.target, "mode": self.mode}
+
+
+def _with_proxy_ports(container: JsonObject, proxy: tuple[ProxyListener, ...]) -> JsonObject:
+    """`container` plus, for each proxied port, a binding on 127.0.0.1 to an ephemeral host port
+    (the proxy's way in: never the bridge address) and its ExposedPorts entry."""
+    if not proxy:
+        return container
+    body = copy.deepcopy(container)
+    exposed = body.setdefault("ExposedPorts", {})
+    host_config = body.setdefault("HostConfig", {})
+    bindings = host_config.setdefault("PortBindings", {})
+    for target in sorted({listener.target for listener in proxy}):
+        key = f"{target}/tcp"
+        if not isinstance(exposed, dict) or not isinstance(bindings, dict):
+            break  # a malformed body: the engine will say so, with its own words
+        exposed.setdefault(key, {})
+        wanted = {"HostIp": PROXY_BIND_HOST, "HostPort": ""}
+        existing = bindings.get(key)
+        entries = list(existing) if isinstance(existing, list) else []
+        if wanted not in entries:
+            entries.append(wanted)
+        bindings[key] = entries
+    return body
+
+
 def _is_floating(image: str) -> bool:
     """True when `image` names no tag or `latest`: what it means can change under condo."""
     if "@" in image:  # a digest pins the content, whatever the tag says
@@ -154,6 +214,8 @@ class ServiceSpec:
     # Seconds a new container must stay running (and healthy) after it turned Stable before
     # its deploy counts as good.
     probation: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
+    # `:proxy`: the listeners of condo's proxy that lead to this service's Stable container.
+    proxy: tuple[ProxyListener, ...] = ()
 
     @property
     def image(self) -> str:
@@ -168,7 +230,28 @@ class ServiceSpec:
         `deploy`, the timeouts, `on_failure` and `probation` do not enter it: changing them never
         replaces a container.
         """
-        return _sha256(_body(self.container, self.fixed_name))
+        return _sha256(_body(self.create_body, self.fixed_name))
+
+    @functools.cached_property
+    def create_body(self) -> JsonObject:
+        """`container` as the engine gets it: with `:proxy`, each proxied port is also published
+        on 127.0.0.1 to an ephemeral host port. Read-only, like `container`."""
+        return _with_proxy_ports(self.container, self.proxy)
+
+    @functools.cached_property
+    def warnings(self) -> tuple[str, ...]:
+        """What is valid but will not work as the file hopes (`condo validate`, /v1/state)."""
+        if self.deploy.strategy != "After" or self.proxy:
+            return ()
+        fixed = sorted(_fixed_host_ports(self.container))
+        if not fixed:
+            return ()
+        return (
+            f"[:After n] starts the new container beside the old one, but both cannot bind the"
+            f" fixed host port{'s' if len(fixed) > 1 else ''} {', '.join(fixed)}: the new one"
+            ' will fail to start; use :proxy (e.g. :proxy [{:listen "8080" :port 80}]) and'
+            " drop the HostPort",
+        )
 
     # Computed once, like container_hash: every /v1/state view of every service shows both, and
     # the views are rebuilt for all services on any change (readers share them, never change them).
@@ -176,7 +259,7 @@ class ServiceSpec:
     def field_hashes(self) -> dict[str, str]:
         """16 hex chars of each top-level key of the create body (with `Name`): which parts of
         the container differ between two specs, without saying what they hold (Env, Labels)."""
-        body = _body(self.container, self.fixed_name)
+        body = _body(self.create_body, self.fixed_name)
         return {key: _sha256([key, value])[:16] for key, value in body.items()}
 
     @functools.cached_property
@@ -187,7 +270,12 @@ class ServiceSpec:
         return options
 
     def effective_pull(self) -> PullPolicy:
-        """`pull` if set, else `always` for a floating tag (none or `latest`), else `missing`."""
+        """`pull` if set, else `always` for a floating tag (none or `latest`), else `missing`;
+        `never` for an image id (`sha256:…`, what a revert pins an image without a registry
+        digest to): no registry has it by that name, and the engine would read it as the Docker
+        Hub repository `sha256`."""
+        if self.image.startswith("sha256:"):
+            return "never"
         if self.pull is not None:
             return self.pull
         return "always" if _is_floating(self.image) else "missing"
@@ -198,7 +286,7 @@ class ServiceSpec:
         The shape extends the original condo's (`spec`, `deploy`, `health_timeout`,
         `stop_timeout`), so `from_json` also reads the original's state files.
         """
-        return {
+        shape: JsonObject = {
             "spec": copy.deepcopy(_body(self.container, self.fixed_name)),
             "deploy": self.deploy.to_json(),
             "health_timeout": self.health_timeout,
@@ -208,6 +296,9 @@ class ServiceSpec:
             "on_failure": self.on_failure,
             "probation": self.probation,
         }
+        if self.proxy:  # only when set: specs without it keep the shape older condos wrote
+            shape["proxy"] = [listener.to_json() for listener in self.proxy]
+        return shape
 
     @classmethod
     def from_json(cls, data: object, *, file: str = STORED_SPEC_FILE) -> ServiceSpec:
@@ -291,6 +382,11 @@ def parse_spec(data: bytes, file: str) -> ServiceSpec:
         pull=_check_pull(options.get("pull"), src.option_error("pull")),
         on_failure=_check_on_failure(options.get("on-failure"), src.option_error("on-failure")),
         probation=_check_seconds(options.get("probation"), 0.0, src.option_error("probation")),
+        proxy=_check_proxy(
+            src.to_plain(options["proxy"], ("proxy",)) if "proxy" in options else None,
+            container,
+            src.error,
+        ),
     )
 
 
@@ -451,6 +547,148 @@ def _check_on_failure(value: Any, fail: OptionFail) -> OnFailure:
     raise fail(f"must be :retry or :revert, found {edn.show(value)}")
 
 
+def _fixed_host_ports(container: JsonObject) -> set[str]:
+    """The fixed host ports `HostConfig.PortBindings` publishes, as "[IP:]PORT" ("" and "0"
+    are ephemeral, not fixed)."""
+    host_config = container.get("HostConfig")
+    bindings = host_config.get("PortBindings") if isinstance(host_config, dict) else None
+    found: set[str] = set()
+    if not isinstance(bindings, dict):
+        return found
+    for entries in bindings.values():
+        for entry in entries if isinstance(entries, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            port = str(entry.get("HostPort") or "").strip()
+            if port in ("", "0"):
+                continue
+            ip = str(entry.get("HostIp") or "")
+            found.add(f"{ip}:{port}" if ip not in ("", "0.0.0.0", "::") else port)
+    return found
+
+
+def _overlaps(listener: ProxyListener, published: str) -> bool:
+    """Whether a fixed host binding "[IP:]PORT" takes the listener's address."""
+    ip, _, port = published.rpartition(":")
+    if port != str(listener.port):
+        return False
+    ip = ip.strip("[]")
+    return not ip or not listener.host or ip == listener.host
+
+
+def _parse_listen(value: object) -> tuple[str, int] | None:
+    """`"[HOST:]PORT"` (HOST an IP literal, IPv6 in brackets) or a bare port number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host = ""
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        return None
+    if host:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and not sep:
+            return None
+        host = str(address)
+    return host, int(port_text)
+
+
+def _check_proxy(value: object, container: JsonObject, fail: Fail) -> tuple[ProxyListener, ...]:
+    """`:proxy`, already plain JSON: a vector of `{:listen "[HOST:]PORT" :port N :mode M}`.
+
+    A listen address twice in the vector, or also published by the body's own PortBindings, is
+    an error (the proxy and the container cannot both bind it)."""
+    if value is None:
+        return ()
+    example = '[{:listen "127.0.0.1:8080" :port 80}]'
+    if not isinstance(value, list):
+        raise fail(f":proxy must be a vector of listeners like {example}", ("proxy",))
+    published = _fixed_host_ports(container)
+    listeners: list[ProxyListener] = []
+    for index, item in enumerate(value):
+        at: KeyPath = ("proxy", index)
+        if not isinstance(item, dict):
+            raise fail(f":proxy [{index}] must be a map like {example[1:-1]}", at)
+        for key in item:
+            if key not in _PROXY_KEYS:
+                raise fail(
+                    f":proxy [{index}] has the unknown key {_show_key(key)}; the keys are"
+                    " :listen, :port and :mode",
+                    (*at, key),
+                )
+        listen = _parse_listen(item.get("listen"))
+        if listen is None:
+            raise fail(
+                f':proxy [{index}] :listen must be "[HOST:]PORT" (HOST an IP address, PORT'
+                f" 1-65535), found {json.dumps(item.get('listen'))}",
+                (*at, "listen") if "listen" in item else at,
+            )
+        target = item.get("port")
+        if isinstance(target, bool) or not isinstance(target, int) or not 1 <= target <= 65535:
+            raise fail(
+                f":proxy [{index}] :port must be the container's port, 1-65535, found"
+                f" {json.dumps(target)}",
+                (*at, "port") if "port" in item else at,
+            )
+        mode = item.get("mode", "tcp")
+        if mode not in PROXY_MODES:
+            raise fail(
+                f":proxy [{index}] :mode must be :tcp or :http, found {json.dumps(mode)}",
+                (*at, "mode"),
+            )
+        line = fail("", (*at, "listen") if "listen" in item else at).line
+        listener = ProxyListener(listen[0], listen[1], target, mode, line)
+        for other in listeners:
+            if listener.clashes(other):
+                raise fail(
+                    f":proxy [{index}] :listen {listener.listen} is also {other.listen}, an"
+                    " earlier listener of this spec",
+                    (*at, "listen"),
+                )
+        for binding in sorted(published):
+            if _overlaps(listener, binding):
+                raise fail(
+                    f":proxy [{index}] :listen {listener.listen} is also published by"
+                    f" :HostConfig :PortBindings ({binding}): the proxy listens there; drop"
+                    " that HostPort",
+                    (*at, "listen"),
+                )
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def shared_listener_errors(specs: Mapping[str, tuple[str, ServiceSpec]]) -> dict[str, SpecError]:
+    """Services (name → (file, spec)) whose `:proxy` listen addresses clash with another's: an
+    error for each, at its listener's line, naming the other's file."""
+    errors: dict[str, SpecError] = {}
+    ordered = sorted(specs.items())
+    for index, (name, (file, spec)) in enumerate(ordered):
+        for other_name, (other_file, other) in ordered[index + 1 :]:
+            for mine in spec.proxy:
+                theirs = next((t for t in other.proxy if mine.clashes(t)), None)
+                if theirs is None:
+                    continue
+                for who, where, listener, rival_file in (
+                    (name, file, mine, other_file),
+                    (other_name, other_file, theirs, file),
+                ):
+                    message = (
+                        f":proxy :listen {listener.listen} is also a listener in {rival_file}:"
+                        " a listen address belongs to one service"
+                    )
+                    errors.setdefault(who, SpecError(where, message, listener.line))
+    return errors
+
+
 def _service_from_json(data: object, file: str) -> ServiceSpec:
     def fail(message: str, _at: KeyPath = ()) -> SpecError:
         return SpecError(file, message)
@@ -488,6 +726,7 @@ def _service_from_json(data: object, file: str) -> ServiceSpec:
             option_fail("on_failure"),
         ),
         probation=_check_seconds(data.get("probation"), 0.0, option_fail("probation")),
+        proxy=_check_proxy(data.get("proxy"), container, fail),
     )
 
 

@@ -17,14 +17,18 @@ Invariants (each one is a bug of the original condo we must not repeat):
 - First PREFIX wins a name clash; the loser is reported in `problems`, never silently merged.
 - Parsing is cached on the file's stat key and its bytes: an unchanged file gives the very same
   entry, so an unchanged directory gives an equal snapshot and nothing is re-published.
-- inotify (watchfiles) is only a wake-up hint; the periodic rescan is the source of truth.
+- inotify (Linux, read in Trio's own event loop) is only a wake-up hint; the periodic rescan is the
+  source of truth, and it is cheap: an unchanged file is only stat'ed, never read nor parsed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +38,6 @@ from typing import NoReturn
 import attrs
 import structlog
 import trio
-import watchfiles
 
 from condo.errors import SpecError
 from condo.spec import (
@@ -44,6 +47,7 @@ from condo.spec import (
     check_service_name,
     parse_self_spec,
     parse_spec,
+    shared_listener_errors,
 )
 
 log = structlog.get_logger(__name__)
@@ -57,14 +61,11 @@ SELF_SERVICE = "self"
 # systems.
 _RACY_WINDOW_NS = 2_000_000_000
 
-# watchfiles tuning: a write wakes us ~10-20 ms after it lands (step); a burst of writes is
-# grouped for at most `_HINT_DEBOUNCE_MS`. `_HINT_RUST_TIMEOUT_MS` bounds how long the watcher
-# thread can ignore a cancellation (watchfiles checks Trio's cancellation only between
-# waits of that length), but we set its stop event on cancel, which
-# the thread sees within a step; so it only sets how often an idle watcher wakes up (idle cost).
-_HINT_DEBOUNCE_MS = 100
-_HINT_STEP_MS = 10
-_HINT_RUST_TIMEOUT_MS = 2000
+# inotify wake-ups: a burst of events (an editor's temp file, write, rename) is grouped until
+# `_HINT_QUIET` passes without one, for at most `_HINT_DEBOUNCE`; a rename wakes a scan
+# ~`_HINT_QUIET` after it lands.
+_HINT_QUIET = 0.005
+_HINT_DEBOUNCE = 0.1
 
 
 def _error_key(error: SpecError | None) -> tuple[str, str, int | None, str] | None:
@@ -188,6 +189,7 @@ class SpecScanner:
             unique.setdefault(Path(os.path.abspath(prefix)), None)
         self._prefixes = tuple(unique)
         self._cache: dict[Path, _Cached] = {}
+        self._entries: dict[Path, SpecEntry] = {}  # the last entry of each file, to reuse
         self._last_good: dict[Path, _PrefixScan] = {}
         self._listed: dict[Path, tuple[int, int]] = {}
 
@@ -229,6 +231,8 @@ class SpecScanner:
         # `_last_good`; they are re-read when their directory comes back).
         for path in self._cache.keys() - seen_paths:
             del self._cache[path]
+        for path in self._entries.keys() - seen_paths:
+            del self._entries[path]
         self._listed = listed
 
         entries: dict[str, SpecEntry] = {}
@@ -245,6 +249,7 @@ class SpecScanner:
                     self_spec = scanned.self_spec
                 else:
                     problems.append(_clash(SELF_SERVICE, scanned.self_spec[0], self_spec[0]))
+        entries = _without_shared_listeners(entries)
         return SpecSnapshot(
             entries=MappingProxyType(dict(sorted(entries.items()))),
             self_spec=None if self_spec is None else self_spec[1],
@@ -286,12 +291,30 @@ class SpecScanner:
             except _Gone:
                 continue
             seen_paths.add(path)
-            if isinstance(result, SpecError):
-                services[name] = SpecEntry(service=name, path=path, spec=None, error=result)
-            else:
-                assert isinstance(result, ServiceSpec)
-                services[name] = SpecEntry(service=name, path=path, spec=result, error=None)
+            services[name] = self._entry(name, path, result)
         return _PrefixScan(MappingProxyType(services), self_spec), (st.st_dev, st.st_ino)
+
+    def _entry(self, name: str, path: Path, result: _Parsed) -> SpecEntry:
+        """The entry of a loaded file: the very same object as last scan when its parse is.
+
+        Snapshots are compared on every scan; an identical entry compares by identity (dicts do),
+        where an equal one would compare its spec by value (the create body as canonical JSON).
+        """
+        last = self._entries.get(path)
+        # Identity, not equality: comparing specs by value is the cost this avoids.
+        if (
+            last is not None
+            and last.service == name
+            and (result is last.spec or result is last.error)
+        ):
+            return last
+        if isinstance(result, SpecError):
+            entry = SpecEntry(service=name, path=path, spec=None, error=result)
+        else:
+            assert isinstance(result, ServiceSpec)
+            entry = SpecEntry(service=name, path=path, spec=result, error=None)
+        self._entries[path] = entry
+        return entry
 
     def _load(self, path: Path, parse: Callable[[bytes, str], _Parsed]) -> _Parsed:
         """Parse one file, through the cache. Raises `_Gone` when it vanished meanwhile."""
@@ -371,6 +394,18 @@ def _not_regular(mode: int) -> str:
     return "is not a regular file"
 
 
+def _without_shared_listeners(entries: dict[str, SpecEntry]) -> dict[str, SpecEntry]:
+    """Two services whose `:proxy` claim one listen address are both errors (file:line, naming
+    the other): neither file changes what runs until one of them gives it up."""
+    errors = shared_listener_errors(
+        {name: (str(e.path), e.spec) for name, e in entries.items() if e.spec is not None}
+    )
+    return {
+        name: attrs.evolve(entry, spec=None, error=errors[name]) if name in errors else entry
+        for name, entry in entries.items()
+    }
+
+
 def _clash(name: str, loser: Path, winner: Path) -> SpecError:
     return SpecError(
         str(loser), f"service {name!r} is already defined by {winner}; this file is ignored"
@@ -384,7 +419,7 @@ async def run_spec_watcher(
     prefixes: Sequence[Path],
     publish: Callable[[SpecSnapshot], None],
     *,
-    rescan_interval: float = 1.0,
+    rescan_interval: float = 10.0,
     task_status: trio.TaskStatus[SpecSnapshot] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Keep publishing the snapshot of `prefixes` whenever it changes.
@@ -428,6 +463,11 @@ async def _run_change_hints(
 ) -> None:
     """Send a wake-up on `hints` whenever inotify sees a spec-looking change under `paths`.
 
+    The inotify descriptor sits in Trio's own epoll set: an idle watcher holds no thread and
+    never wakes (watchfiles' thread woke every step to poll its stop event: most of the idle
+    CPU). A burst of events is grouped until `_HINT_QUIET` passes without one (at most
+    `_HINT_DEBOUNCE`), so an in-place write is scanned once it is complete, not half-written.
+
     Returns quietly when there is nothing to watch or watching fails (logged): the periodic
     rescan still covers everything. Reports the cancel scope that stops it.
     """
@@ -435,49 +475,128 @@ async def _run_change_hints(
         task_status.started(scope)
         if not paths:
             return
-        watched = {str(p) for p in paths}
+        try:
+            watch = _Inotify.open(paths)
+        except OSError as exc:
+            # ENOSPC (the watch limit), EMFILE, a path gone meanwhile: inotify is only a hint,
+            # carry on by timer alone.
+            log.warning(
+                "specdir.inotify_unavailable", paths=sorted(map(str, paths)), error=str(exc)
+            )
+            return
+        with watch:
+            while True:
+                await trio.lowlevel.wait_readable(watch.fd)
+                if not watch.read_wanted():
+                    continue
+                deadline = trio.current_time() + _HINT_DEBOUNCE
+                while (left := deadline - trio.current_time()) > 0:
+                    with trio.move_on_after(min(_HINT_QUIET, left)) as quiet:
+                        await trio.lowlevel.wait_readable(watch.fd)
+                    if quiet.cancelled_caught:
+                        break
+                    watch.read_wanted()
+                with contextlib.suppress(trio.WouldBlock):
+                    # Full means a wake-up is already pending; it covers this change too.
+                    hints.send_nowait(None)
 
-        def wanted(_change: watchfiles.Change, path: str) -> bool:
-            return path in watched or spec_service_name(os.path.basename(path)) is not None
 
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_set_when_cancelled, stop)
+# inotify(7), through libc: the constants of <sys/inotify.h> (the same on every Linux ABI).
+_IN_MODIFY = 0x2
+_IN_ATTRIB = 0x4
+_IN_CLOSE_WRITE = 0x8
+_IN_MOVED_FROM = 0x40
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_UNMOUNT = 0x2000
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
+_IN_ONLYDIR = 0x1000000
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_WATCH_MASK = (
+    _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
+    | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+)  # fmt: skip
+# About the directory itself, or "events were lost": always worth a rescan.
+_ALWAYS_WANTED = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_Q_OVERFLOW | _IN_IGNORED
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then `len` bytes of NUL-padded name
+_READ_SIZE = 64 * 1024
+
+
+class _Inotify:
+    """One inotify descriptor watching some directories (not recursively); non-blocking."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, paths: Sequence[Path]) -> _Inotify:
+        """Watch `paths`; OSError when inotify is unavailable or no path can be watched. A
+        path that cannot be watched while others can is logged and left to the rescan."""
+        libc = _libc()
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            raise _errno_error("inotify_init1")
+        failures = [
+            _errno_error(f"inotify_add_watch {path}")  # errno is read right after the call
+            for path in paths
+            if libc.inotify_add_watch(fd, os.fsencode(path), _WATCH_MASK) < 0
+        ]
+        if len(failures) == len(paths):
+            os.close(fd)
+            raise failures[0]
+        for failure in failures:
+            log.warning("specdir.inotify_unavailable", error=str(failure))
+        return cls(fd)
+
+    def __enter__(self) -> _Inotify:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        trio.lowlevel.notify_closing(self.fd)
+        os.close(self.fd)
+
+    def read_wanted(self) -> bool:
+        """Drain the pending events; whether any of them may change a snapshot."""
+        wanted = False
+        while True:
             try:
-                async with contextlib.aclosing(
-                    watchfiles.awatch(
-                        *paths,
-                        watch_filter=wanted,
-                        debounce=_HINT_DEBOUNCE_MS,
-                        step=_HINT_STEP_MS,
-                        rust_timeout=_HINT_RUST_TIMEOUT_MS,
-                        stop_event=stop,
-                        recursive=False,
-                        ignore_permission_denied=True,
-                    )
-                ) as changes:
-                    async for _batch in changes:
-                        with contextlib.suppress(trio.WouldBlock):
-                            # Full means a wake-up is already pending; it covers this change too.
-                            hints.send_nowait(None)
-            except* (OSError, RuntimeError) as group:
-                # watchfiles raises FileNotFoundError for a vanished path and a RuntimeError
-                # subclass for its own failures. inotify is only a hint: carry on by timer alone.
-                log.warning(
-                    "specdir.inotify_unavailable",
-                    paths=sorted(watched),
-                    error="; ".join(str(e) for e in group.exceptions),
-                )
-            nursery.cancel_scope.cancel()
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return wanted
+            wanted = wanted or _any_wanted(data)
 
 
-async def _set_when_cancelled(event: trio.Event) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        # The watchfiles thread polls this event every step; without it a cancellation would wait
-        # for the thread's rust_timeout (watchfiles' Rust thread does not see Trio's cancel).
-        event.set()
+def _any_wanted(data: bytes) -> bool:
+    """Whether a buffer of inotify events holds one about a spec-looking name or the folder."""
+    offset = 0
+    found = False
+    while offset + _EVENT.size <= len(data):
+        _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+        raw = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+        offset += _EVENT.size + length
+        if mask & _ALWAYS_WANTED or spec_service_name(os.fsdecode(raw)) is not None:
+            found = True
+    return found
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.inotify_init1.argtypes = [ctypes.c_int]
+    libc.inotify_init1.restype = ctypes.c_int
+    libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    libc.inotify_add_watch.restype = ctypes.c_int
+    return libc
+
+
+def _errno_error(what: str) -> OSError:
+    code = ctypes.get_errno()
+    return OSError(code, f"{what}: {os.strerror(code)}")
 
 
 def _log_news(before: SpecSnapshot | None, after: SpecSnapshot) -> None:

@@ -19,7 +19,7 @@ import trio
 from condo.errors import SpecError
 from condo.fsm import Instant, ServiceState
 from condo.memo import PerVersion
-from condo.record import state_document, to_record, to_view
+from condo.record import StateEncoder, state_document, to_record, to_view
 
 
 @attrs.frozen(kw_only=True)
@@ -53,6 +53,7 @@ class Store:
         self._self_deploy: Mapping[str, Any] | None = None
         self._settled = False
         self._view = PerVersion(lambda: self._version, lambda _: self._build_view(now()))
+        self._encoder = StateEncoder()
 
     @property
     def version(self) -> int:
@@ -126,6 +127,12 @@ class Store:
     def state_document(self) -> dict[str, Any]:
         """The state file's whole content, as of now."""
         return state_document(self.host, self.records(), self._self_deploy)
+
+    def state_bytes(self) -> bytes:
+        """`persist.encode_state(self.state_document())`, re-encoding only the records that
+        changed since the last call (the state writer's source)."""
+        entries = sorted((name, e.state) for name, e in self._entries.items())
+        return self._encoder.encode(self.host, entries, self._self_deploy, now())
 
     def view(self, at: Instant | None = None) -> dict[str, Any]:
         """The `/v1/state` body (built once per version: readers may share it, not change it)."""

@@ -203,7 +203,7 @@ class Supervisor:
             self._store.set_spec_error(name, entry.error, str(entry.path))
             mailbox = self._mailboxes.get(name) or self._spawn(name, entry.spec)
             if entry.spec is not None:
-                mailbox.set_spec(entry.spec)
+                mailbox.offer_spec(entry.spec)
             # An invalid file changes nothing that runs: the driver keeps its last good spec.
         if not snapshot.complete:
             return  # a missing entry may be in a PREFIX never listed: it says nothing
@@ -211,7 +211,7 @@ class Supervisor:
         for name, mailbox in self._mailboxes.items():
             if name not in snapshot.entries:
                 self._store.set_spec_error(name, None, None)
-                mailbox.set_spec(None)
+                mailbox.offer_spec(None)
 
     def stop_all(self) -> None:
         """--stop-on-exit: retire every service (their drivers end when done)."""

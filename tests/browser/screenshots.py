@@ -1,7 +1,8 @@
 """The README's two dashboard screenshots, taken from a real system: two condos (two hosts on one
 engine, sharing a Consul prefix) with a handful of services, watched by the page while they
 deploy. `doc/dashboard-healthy.png`: everything Stable after a rolling update. Then a failing
-deploy (an unhealthy image, a container that exits, a broken spec file) for
+deploy (an unhealthy image, a container that exits, a broken spec file, a deploy that dies in its
+probation and is reverted) for
 `doc/dashboard-failing.png`.
 
     .venv/bin/python -m tests.browser.screenshots [OUT_DIR]      # default: doc/
@@ -36,6 +37,11 @@ from tests.integration.harness import REPO, CondoUnderTest, remove_host_containe
 from tests.integration.test_consul_session import consul_area
 
 SCENE_LIMIT = 240.0  # s: the whole scenario, both screenshots
+# Healthy at its first check, dies 2 s after it started: during its probation.
+DIES_IN_PROBATION = """{:spec {:Image "condo-test/busybox:2" :Labels {"condo-test" "1"}
+        :Cmd ["sh" "-c" "sleep 2; exit 7"]
+        :Healthcheck {:Test ["CMD" "true"] :Interval 100000000}}
+ :stop-timeout 1 :probation 5 :on-failure :revert}"""
 
 
 @attrs.frozen
@@ -132,10 +138,17 @@ async def _failing(page: Dashboard, a: CondoUnderTest, b: CondoUnderTest) -> Non
         "worker",
         '{:spec {:Image "condo-test/busybox:2"\n        :Labels {"condo-test" 1}}}\n',
     )
+    # A deploy that turns healthy and dies in its probation, under :on-failure :revert: back on
+    # the last good image, pinned, and the history says so.
+    b.write("cache", DIES_IN_PROBATION)
     await page.expect_state("api", "TryAgainNext", a.host)
     await page.expect_state("scheduler", "TryAgain", b.host)
     await page.expect_text(page.cell("worker", a.host).locator(".spec-error"), "worker.edn:2")
     await page.expect_text(page.cell("api", a.host).locator(".line.retry"), "retry in")
+    await page.expect_text(page.cell("cache", b.host).locator(".chip-reverted"), "reverted")
+    await page.expect_state("cache", "Stable", b.host)
+    # The history column is this condo's (a's): with two hosts it says whose.
+    await page.expect_text(page.row("cache").locator(".timeline .whose"), f"deploys on {a.host}")
 
 
 def main(argv: list[str]) -> int:

@@ -23,11 +23,14 @@ pytestmark = [pytest.mark.browser, pytest.mark.docker]
 CAP = 90
 OpenDashboard = Callable[[str], Awaitable[Dashboard]]
 
-GOOD = "condo-test/healthy:1"
+# The registry's copy (pulled when a test removed the local one): it has a digest, which the
+# revert pins.
+GOOD = "localhost:5000/condo-test/healthy:1"
+PINNED = r"localhost:5000/condo-test/healthy@sha256:"
 # A probation of its own, so that the page has a few seconds of countdown to show; it must end
 # before the bad spec comes, or GOOD would not be a last good spec to revert to.
 GOOD_SPEC = f"""{{:spec {{:Image "{GOOD}" :Labels {{"condo-test" "1"}}}}
- :pull :never :stop-timeout 1 :probation 3}}"""
+ :pull :missing :stop-timeout 1 :probation 3}}"""
 BAD = "condo-test/busybox:2"
 # Healthy at its first check (0.1 s), dies 2 s after it started: after turning Stable, during
 # its probation (as in tests/integration/test_revert.py).
@@ -48,7 +51,7 @@ async def expect_history(page: Dashboard) -> None:
     # A list: exactly these badges, in this order.
     badges = entries.locator(".outcome")
     await page.expect(lambda: expect(badges).to_have_text(OUTCOMES, timeout=UI_LIMIT))
-    await page.expect_text(entries.nth(0), re.compile(r"stable sha256:\w+"))
+    await page.expect_text(entries.nth(0), re.compile(rf"stable {PINNED}[0-9a-f]{{12}}…"))
     await page.expect_text(entries.nth(0), re.compile(r"started \d\d:\d\d:\d\d · stable \d\d:"))
     await page.expect_text(entries.nth(1), f"reverted {BAD}")
     await page.expect_text(entries.nth(1), re.compile(r"· ended \d\d:\d\d:\d\d"))
@@ -82,16 +85,16 @@ async def test_a_reverted_deploy_and_the_history_show_and_survive_a_reload(
         line = cell.locator(".line.reverted")
         await page.expect_text(
             line,
-            re.compile(rf"reverted from {BAD} → back to sha256:[0-9a-f]{{12}}…: .*died \(exit 7\)"),
+            re.compile(rf"reverted from {BAD} → back to {PINNED}[0-9a-f]{{12}}…: .*\(exit 7\)"),
         )
         await page.expect_text(line, re.compile(r"\(\d+s ago\)"))
-        # The image id is shown short, whole on hover.
+        # The pinned digest is shown short, whole on hover.
         title = await page.thread.call(line.locator("code.image").nth(1).get_attribute, "title")
-        assert title is not None and re.fullmatch(r"sha256:[0-9a-f]{64}", title), title
+        assert title is not None and re.fullmatch(rf"{PINNED}[0-9a-f]{{64}}", title), title
         await page.expect_state("web", "Stable")
         # The held-off spec is not shown as on its way: only the image that serves.
         image = cell.locator(".line.image")
-        await page.expect_text(image, re.compile(r"^sha256:[0-9a-f]{12}…$"))
+        await page.expect_text(image, re.compile(rf"^{PINNED}[0-9a-f]{{12}}…$"))
         await expect_history(page)
 
         # A reload starts a new page: the history comes from condo again, the revert too.

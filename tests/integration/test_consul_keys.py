@@ -74,7 +74,8 @@ class Hiding(httpx.AsyncBaseTransport):
         if request.method != "GET" or not self.hidden or response.status_code != 200:
             return response
         body = json.loads(await response.aread())
-        kept = [entry for entry in body if entry["Key"] not in self.hidden]
+        # Values (`?recurse`) or names (`?keys`: a watcher following a large prefix by folder).
+        kept = [e for e in body if (e["Key"] if isinstance(e, dict) else e) not in self.hidden]
         index = response.headers["X-Consul-Index"]
         return httpx.Response(200, json=kept, headers={"X-Consul-Index": index}, request=request)
 

@@ -1,14 +1,16 @@
 """README, "Two commands": `scripts/run-example` runs condo on examples/, exactly as written.
 
-It owns what the script owns: port 4280, the host name `condo-example`, `condo-state.json` in the
-repository, and the fixed container name `condo-example-named`. Cleanup removes them, whatever
-happened.
+It owns what the script owns: ports 4280 and 4288 (examples/site.edn's proxy), the host name
+`condo-example`, `condo-state.json` in the repository (and the proxy's files beside it), and the
+fixed container name `condo-example-named`. Cleanup removes them, whatever happened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ import trio
 from condo import labels
 from condo.docker import ContainerId, DockerClient
 from condo.errors import ContainerNotFound
+from condo.proxy.haproxy import HAProxy
+from condo.proxy.reconcile import proxy_directory
 from tests.integration.harness import remove_host_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -35,6 +39,12 @@ async def cleanup(docker: DockerClient) -> None:
         with contextlib.suppress(ContainerNotFound):
             await docker.remove(ContainerId("condo-example-named"))
         STATE.unlink(missing_ok=True)
+        proxy = proxy_directory(STATE)
+        pid = HAProxy(proxy).master_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(proxy, ignore_errors=True)
 
 
 async def state() -> dict[str, Any] | None:
@@ -61,7 +71,7 @@ async def test_run_example_runs_condo_on_the_examples(docker: DockerClient) -> N
                         capture_stderr=True,
                     )
                 )
-                wanted = {"named", "web", "worker"}
+                wanted = {"named", "site", "web", "worker"}
                 while True:
                     view = await state() or {}
                     services = view.get("services", {})
@@ -72,6 +82,14 @@ async def test_run_example_runs_condo_on_the_examples(docker: DockerClient) -> N
                     await trio.sleep(0.3)
                 rows = await docker.list_containers(labels=labels.owned_by(HOST))
                 assert sorted(r.labels[labels.SERVICE] for r in rows) == sorted(wanted)
+                # site.edn's fixed port answers through the proxy.
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+                            answer = await client.get("http://127.0.0.1:4288/")
+                        if answer.text.strip() == "condo-test http":
+                            break
+                    await trio.sleep(0.2)
                 # Ctrl-C stops condo and leaves the containers running (README).
                 process.send_signal(signal.SIGINT)
                 assert await process.wait() == 0

@@ -81,6 +81,17 @@ class Listing:
 
     index: int
     entries: tuple[Entry, ...]
+    size: int = 0  # the bytes of Consul's answer (its body as condo parsed it: after gzip)
+
+
+@attrs.frozen(kw_only=True)
+class Folders:
+    """A `?keys&separator=/` read: the names one level under a prefix (`<prefix>x/` for a
+    folder, the key itself otherwise) and the `X-Consul-Index` of everything under it."""
+
+    index: int
+    names: tuple[str, ...]
+    size: int = 0  # the bytes of Consul's answer
 
 
 def parse_endpoint(endpoint: str) -> str:
@@ -283,8 +294,22 @@ class ConsulClient:
     async def read_prefix(self, prefix: str, *, index: int = 0) -> Listing:
         """Every key under `prefix`; with `index` > 0 a blocking query (returns on a change or
         after BLOCKING_WAIT). An empty prefix is an empty listing (Consul answers 404)."""
+        new_index, data, size = await self._list(prefix, {"recurse": "true"}, index)
+        return Listing(index=new_index, entries=tuple(_entries(data)), size=size)
+
+    async def list_folders(self, prefix: str, *, index: int = 0) -> Folders:
+        """The names one level under `prefix` (`?keys&separator=/`: a few bytes each, no values);
+        with `index` > 0 a blocking query. Consul's index here covers every key under `prefix`
+        (a deleted one too), whatever the separator hides: a `prefix` without its trailing `/`
+        thus tells in a few bytes whether anything in that folder changed."""
+        new_index, data, size = await self._list(prefix, {"keys": "true", "separator": "/"}, index)
+        names = tuple(name for name in data if isinstance(name, str))
+        return Folders(index=new_index, names=names, size=size)
+
+    async def _list(
+        self, prefix: str, params: dict[str, str], index: int
+    ) -> tuple[int, list[Any], int]:
         path = f"/v1/kv/{_quoted(prefix)}"
-        params = {"recurse": "true"}
         if index > 0:
             params |= {"index": str(index), "wait": f"{BLOCKING_WAIT:g}s"}
         response = await self._call("GET", path, params=params, guard=BLOCKING_TIMEOUT)
@@ -293,13 +318,13 @@ class ConsulClient:
         except ValueError:
             raise ConsulError(f"GET {path}: an X-Consul-Index that is not a number") from None
         if response.status_code == 404:
-            return Listing(index=new_index, entries=())
+            return new_index, [], len(response.content)
         if response.status_code != 200:
             raise _error_for("GET", path, response)
         data = self._json("GET", path, response)
         if not isinstance(data, list):
             raise ConsulError(f"GET {path}: an answer that is not a list", status=200)
-        return Listing(index=new_index, entries=tuple(_entries(data)))
+        return new_index, data, len(response.content)
 
 
 def _entries(data: list[Any]) -> Iterator[Entry]:

@@ -6,7 +6,8 @@ with the store:
 
     round:  no session?  → take over stale sessions of this host (first time only), create one,
                            forget what was published (republish everything)
-            renew due?   → renew (404: the session is lost → a new one, everything again)
+            renew due?   → renew (404: the session is lost → a new one, everything again);
+                           checked again before each write of a long round
             sync         → hold `.live/<host>`, delete the keys of services that left the store,
                            acquire-write every service whose entry changed since it was last
                            confirmed, then write the host's record if what it runs changed
@@ -219,12 +220,22 @@ class Publisher:
         session = self._session
         if session is None:
             session = await self._open_session()
-        elif trio.current_time() >= self._renew_at:
-            if not await self._client.renew_session(session):
-                self._lost("the renewal answered 404")
-                return
-            self._renew_at = trio.current_time() + self._ttl / 2
+        elif not await self._renewed(session):
+            return
         await self._sync(session)
+
+    async def _renewed(self, session: SessionId) -> bool:
+        """Renew the session if it is due; False when it turned out to be lost. Also called
+        between the writes of a round: a long round (many keys, a slow Consul) must not outlast
+        the TTL, or the session expires under it and every key goes (as 200 simulated hosts on
+        one busy agent showed)."""
+        if trio.current_time() < self._renew_at:
+            return True
+        if not await self._client.renew_session(session):
+            self._lost("the renewal answered 404")
+            return False
+        self._renew_at = trio.current_time() + self._ttl / 2
+        return True
 
     async def _sync(self, session: SessionId) -> None:
         # One instant, and one reading of the store, for every value of the round: the keys and
@@ -267,6 +278,8 @@ class Publisher:
         for name, entry in sorted(entries.items()):
             if self._published.get(name) == entry or self._waiting(name, entry):
                 continue
+            if not await self._renewed(session):
+                return
             key = self._layout.key(name, self._host)
             value = encode_value(self._host, name, services[name], at.wall)
             if len(value) > self._max_value_size:

@@ -36,6 +36,10 @@ def _frozen_mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
     return MappingProxyType(dict(value or {}))
 
 
+def _frozen_ports(value: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(value))
+
+
 @attrs.frozen(kw_only=True)
 class Container:
     """One container as `GET /containers/{id}/json` describes it."""
@@ -64,6 +68,9 @@ class Container:
     binds: tuple[str, ...] = ()
     """`HostConfig.Binds`, as given at creation."""
     auto_remove: bool = False
+    loopback_ports: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_ports)
+    """`NetworkSettings.Ports`' bindings on 127.0.0.1, as "PORT/PROTO" → the host port the engine
+    chose (what condo's proxy connects to); empty while the container does not run."""
     health_interval: float = DEFAULT_HEALTH_INTERVAL
     """Seconds between two healthchecks (`Config.Healthcheck.Interval`; the engine's 30 s when
     unset). Podman without systemd never runs the checks itself: condo runs them at this pace."""
@@ -178,6 +185,7 @@ def parse_container(data: Any) -> Container:
         host_ports=published_host_ports(host_config.get("PortBindings")),
         binds=tuple(str(b) for b in host_config.get("Binds") or ()),
         auto_remove=bool(host_config.get("AutoRemove", False)),
+        loopback_ports=loopback_ports(_mapping(data.get("NetworkSettings"), "NetworkSettings")),
         health_interval=interval / 1e9
         if isinstance(interval, int) and interval > 0
         else DEFAULT_HEALTH_INTERVAL,
@@ -206,6 +214,24 @@ def published_host_ports(port_bindings: Any) -> frozenset[str]:
             if host_port not in (None, "", "0", 0):
                 ports.add(f"{host_port}/{proto}")
     return frozenset(ports)
+
+
+def loopback_ports(network_settings: Mapping[str, Any]) -> dict[str, int]:
+    """`{"Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "32768"}]}}` → {"80/tcp":
+    32768}: the ports the engine really published on 127.0.0.1 (ephemeral ones included)."""
+    ports = network_settings.get("Ports")
+    found: dict[str, int] = {}
+    if not isinstance(ports, Mapping):
+        return found
+    for container_port, bindings in ports.items():
+        for binding in bindings if isinstance(bindings, list) else ():
+            if not isinstance(binding, Mapping) or binding.get("HostIp") != "127.0.0.1":
+                continue
+            host_port = str(binding.get("HostPort", ""))
+            if host_port.isdigit() and 0 < int(host_port) < 65536:
+                found[str(container_port)] = int(host_port)
+                break
+    return found
 
 
 def _primary_name(names: Any) -> str:

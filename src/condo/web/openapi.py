@@ -118,7 +118,11 @@ _SCHEMAS: dict[str, Any] = {
                 "required": ["from", "to", "reason", "at"],
                 "properties": {
                     "from": {"type": "string", "description": "the failed image"},
-                    "to": {"type": "string", "description": "the image serving again"},
+                    "to": {
+                        "type": "string",
+                        "description": "the image serving again, as pinned: repo@sha256:... "
+                        "(its registry digest), else its image id",
+                    },
                     "reason": {"type": "string"},
                     "at": {"type": "number", "description": "unix seconds"},
                 },
@@ -137,7 +141,31 @@ _SCHEMAS: dict[str, Any] = {
                 "type": ["object", "null"],
                 "description": "the desired spec's keys that never replace a container "
                 "(deploy, health_timeout, stop_timeout, stable_after, pull, on_failure, "
-                "probation)",
+                "probation, proxy)",
+            },
+            "proxy": {
+                "type": "array",
+                "description": "each `:proxy` listener and the container it leads to (`to`: "
+                "the Stable one, null while none is; `draining`: the old one of an [:After n])",
+                "items": {
+                    "type": "object",
+                    "required": ["listen", "port", "mode", "to", "draining"],
+                    "properties": {
+                        "listen": {"type": "string"},
+                        "port": {"type": "integer"},
+                        "mode": {"type": "string", "enum": ["tcp", "http"]},
+                        "to": {
+                            "type": ["object", "null"],
+                            "properties": {"id": {"type": "string"}, "name": {"type": "string"}},
+                        },
+                        "draining": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+            },
+            "warnings": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "what the desired spec allows but will not work as hoped",
             },
         },
     },

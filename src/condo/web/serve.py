@@ -49,7 +49,7 @@ from condo.config import DEFAULT_SERVER, Bind, Config, parse_server
 from condo.errors import ConfigError
 from condo.fds import RESERVE, fd_limit, web_caps
 from condo.history import History
-from condo.metrics import DockerCall, Metrics, NotifyReceivers, ServiceMetrics
+from condo.metrics import DockerCall, Metrics, NotifyReceivers, ProxyListeners, ServiceMetrics
 from condo.store import Store
 from condo.waiting import HostDirectory, StateSource
 from condo.web.app import WebContext, build_app
@@ -125,6 +125,11 @@ class Condo(Protocol):
     @property
     def notifier(self) -> NotifyReceivers | None:
         """The --notify receivers' deliveries when --notify is given, else None."""
+        ...
+
+    @property
+    def proxy(self) -> ProxyListeners | None:
+        """The `:proxy` listeners' connection counts (None in tests without a proxy)."""
         ...
 
 
@@ -213,6 +218,7 @@ class ApiServer:
             publisher.add_failure_observer(metrics.observe_consul_publish) if publisher else None
         )
         metrics.notify.source = running.notifier
+        metrics.proxy.source = running.proxy
         writer = running.writer
         config = running.config
         limit = fd_limit()

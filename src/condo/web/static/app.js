@@ -283,10 +283,12 @@
     return el("code", {class: cls || null, title: text}, text);
   }
 
-  // An image by id (a revert pins one) is 71 characters: shown short, whole on hover.
+  // A pinned image (a revert pins the digest, repo@sha256:…, or the id, sha256:…, of what ran)
+  // carries 64 hex digits: shown with 12 of them, whole on hover.
   function imageCode(text) {
     const node = mono(text, "image");
-    if (/^sha256:[0-9a-f]{64}$/.test(text)) setText(node, text.slice(0, 19) + "\u2026");
+    const pinned = /^(.*?)(sha256:[0-9a-f]{12})[0-9a-f]{52}$/.exec(text);
+    if (pinned) setText(node, pinned[1] + pinned[2] + "\u2026");
     return node;
   }
 
@@ -388,12 +390,14 @@
     return item;
   }
 
-  function historyList(name) {
+  // The history is this condo's (/v1/history): with several hosts shown, it says whose.
+  function historyList(name, many) {
     const deploys = model.history.get(name) || [];
     if (!deploys.length) return null;
     const list = el("ol", {class: "deploys"});
     for (const deploy of deploys.slice(0, HISTORY_SHOW)) list.appendChild(deployItem(deploy));
-    const box = el("div", {class: "history"}, list);
+    const box = el("div", {class: "history"},
+      many ? el("div", {class: "label whose"}, `deploys on ${localHost()}`) : null, list);
     if (deploys.length > HISTORY_SHOW) {
       box.appendChild(el("div", {class: "muted more"}, `+ ${deploys.length - HISTORY_SHOW} earlier deploys`));
     }
@@ -403,7 +407,7 @@
   function timelineCell(name, many) {
     const entries = (model.timelines.get(name) || []).slice().reverse();
     const td = el("td", {class: "timeline"});
-    const history = historyList(name);
+    const history = historyList(name, many);
     if (history) td.appendChild(history);
     if (!entries.length) {
       td.appendChild(el("span", {class: "muted"}, history ? "" : "no change seen yet"));

@@ -1,0 +1,337 @@
+"""The HAProxy process behind `:proxy`: its files, its start or adoption, its admin socket.
+
+This is the only code that touches HAProxy. The process is not condo's: it is started detached
+(`-D`, its own session) in master-worker mode, so a `kill -9`, a SIGTERM or a restart of condo
+never touches it or its connections; a condo that starts finds it by its pid file and its admin
+socket, and adopts it. Its files live in one directory beside the state file
+(`<state>.proxy/`): `haproxy.cfg`, `haproxy.pid` (the master), `master.sock`, `admin.sock`,
+`haproxy.log` (its own stderr).
+
+Servers change over the admin socket with no reload (`add server`, `enable server`, `disable
+server`, `del server`). A listener cannot be added that way in HAProxy 2.6: a change of
+listeners rewrites the config, which also holds the servers of the moment, and reloads the
+master (SIGUSR2): the new worker takes the listening sockets over from the old one (`expose-fd
+listeners`: no connection is refused) and the old worker keeps its open connections until they
+end.
+
+Each backend also holds a `hold` server, a backup at an address where nothing listens: while no
+container is ready, a connection is sent there, refused, and retried (one second apart,
+redispatched each time) until a ready server appears or its retries run out. That is how a
+connection arriving in a `[:Before]` gap waits instead of being refused.
+
+Invariants:
+- Every admin command is one connection, bounded by `COMMAND_LIMIT`; every failure to start,
+  reload or ask is a `ProxyError` (never an OSError or a Trio error).
+- A config is checked by `haproxy -c` before it replaces the running one: a bad one never
+  reaches the master.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import structlog
+import trio
+
+from condo.errors import ProxyError
+
+log = structlog.get_logger(__name__)
+
+COMMAND_LIMIT = 5.0
+START_LIMIT = 10.0
+HOLD_ADDRESS = "127.0.0.1:1"  # tcpmux's port: nothing listens there, a connect is refused
+SERVER_HOST = "127.0.0.1"
+SIGNATURE_PREFIX = "# condo-listeners: "
+# Retries a held connection gets beyond its health timeout: one second apart, so a connection
+# arriving at the start of a gap outlasts a candidate that turns healthy at its deadline.
+HOLD_EXTRA_RETRIES = 3
+
+ServerState = Literal["ready", "drain"]
+
+
+@attrs.frozen
+class ServerLine:
+    """A server of a backend: a container's port on 127.0.0.1."""
+
+    name: str
+    port: int
+    state: ServerState
+
+
+@attrs.frozen
+class Frontend:
+    """One listener and its backend."""
+
+    name: str  # also its backend's name (frontends and backends are separate namespaces)
+    bind: str  # "HOST:PORT", "[V6]:PORT" or ":PORT" (every interface)
+    mode: Literal["tcp", "http"]
+    hold_timeout: float
+    servers: tuple[ServerLine, ...] = ()
+
+    @property
+    def retries(self) -> int:
+        return math.ceil(self.hold_timeout) + HOLD_EXTRA_RETRIES
+
+    def signature(self) -> list[object]:
+        """What only a reload can change (the servers change over the socket)."""
+        return [self.name, self.bind, self.mode, self.retries]
+
+
+@attrs.frozen
+class ServerStatus:
+    """A server as `show servers state` reports it."""
+
+    backend: str
+    name: str
+    port: int
+    ready: bool  # no maintenance flag (forced or from the config)
+
+
+@attrs.frozen
+class FrontendStats:
+    current: int  # open connections
+    total: int  # connections since the worker started (a reload starts again at 0)
+
+
+def signature(frontends: Sequence[Frontend]) -> str:
+    return json.dumps(sorted(f.signature() for f in frontends), separators=(",", ":"))
+
+
+def render_config(directory: Path, frontends: Sequence[Frontend]) -> str:
+    """The whole `haproxy.cfg` for these listeners and their servers of the moment."""
+    lines = [
+        "# Written by condo (condo.proxy) on every change of listeners: do not edit.",
+        SIGNATURE_PREFIX + signature(frontends),
+        "global",
+        f"    stats socket {directory / 'admin.sock'} mode 600 level admin expose-fd listeners",
+        "    stats timeout 1m",
+        "defaults",
+        "    timeout connect 2s",
+        # Long-lived TCP and WebSocket connections: a connection ends when its peers end it,
+        # or when the drained container is stopped.
+        "    timeout client 1h",
+        "    timeout server 1h",
+        "    timeout tunnel 1h",
+        "    option redispatch 1",
+    ]
+    for f in sorted(frontends, key=lambda f: f.name):
+        lines += [
+            f"frontend {f.name}",
+            f"    bind {f.bind}",
+            f"    mode {f.mode}",
+            f"    default_backend {f.name}",
+            f"backend {f.name}",
+            f"    mode {f.mode}",
+            "    balance roundrobin",
+            f"    retries {f.retries}",
+            f"    server hold {HOLD_ADDRESS} backup",
+        ]
+        for s in f.servers:
+            # A draining server is in maintenance: no new connection, open ones continue (condo
+            # uses no persistence, so this is HAProxy's drain without its sticky sessions).
+            disabled = " disabled" if s.state == "drain" else ""
+            lines.append(f"    server {s.name} {SERVER_HOST}:{s.port}{disabled}")
+    return "\n".join(lines) + "\n"
+
+
+class HAProxy:
+    """The HAProxy of one condo: its directory, its master's pid, its admin socket."""
+
+    def __init__(self, directory: Path, binary: str = "haproxy") -> None:
+        # Absolute: HAProxy reads a socket path without a "/" as HOST:PORT (`--state x.json`).
+        self.directory = directory.absolute()
+        self.binary = binary
+        self.config = self.directory / "haproxy.cfg"
+        self.pidfile = self.directory / "haproxy.pid"
+        self.master_socket = self.directory / "master.sock"
+        self.admin_socket = self.directory / "admin.sock"
+        self.logfile = self.directory / "haproxy.log"
+
+    # --- the process ----------------------------------------------------------------------
+
+    def master_pid(self) -> int | None:
+        """The master's pid from the pid file, if that process exists."""
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):  # no file, garbage in it, no such process
+            return None
+        return pid
+
+    async def running_signature(self) -> str | None:
+        """The listeners' signature of the running HAProxy (its config file's), or None when
+        no HAProxy of this directory answers: one to adopt as it is, or to replace."""
+        if self.master_pid() is None:
+            return None
+        try:
+            await self.command("show info")
+        except ProxyError:
+            return None
+        try:
+            text = await trio.to_thread.run_sync(self.config.read_text)
+        except OSError:  # the config is gone: a reload puts the wanted one in place
+            return ""
+        for line in text.splitlines():
+            if line.startswith(SIGNATURE_PREFIX):
+                return line.removeprefix(SIGNATURE_PREFIX)
+        return ""
+
+    async def start(self, frontends: Sequence[Frontend]) -> None:
+        """Write the config and start a detached master-worker HAProxy; return once its admin
+        socket answers."""
+        await trio.to_thread.run_sync(lambda: self.directory.mkdir(mode=0o700, exist_ok=True))
+        await self._write_checked(frontends)
+        for stale in (self.admin_socket, self.master_socket):
+            stale.unlink(missing_ok=True)
+        argv = [self.binary, "-W", "-D", "-f", str(self.config), "-p", str(self.pidfile)]
+        argv += ["-S", str(self.master_socket)]
+        with open(self.logfile, "ab") as stderr:  # noqa: ASYNC230 (a local file, opened once)
+            try:
+                # The launcher exits once the daemon forked; the daemon is in its own session,
+                # so nothing sent to condo's process group reaches it.
+                result = await trio.run_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    check=False,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ProxyError(f"cannot run {self.binary}: {exc}") from exc
+        if result.returncode != 0:
+            raise ProxyError(f"haproxy exited {result.returncode}: {self._log_tail()}")
+        await self._wait_answering(None)
+        log.info("proxy.started", pid=self.master_pid(), directory=str(self.directory))
+
+    async def reload(self, frontends: Sequence[Frontend]) -> None:
+        """Write the config and reload the master: new listeners, closed ones, the same
+        connections. Returns once the new worker answers."""
+        pid = self.master_pid()
+        if pid is None:
+            raise ProxyError("no HAProxy master to reload")
+        before = await self._worker_pid()
+        await self._write_checked(frontends)
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except OSError as exc:
+            raise ProxyError(f"cannot signal the HAProxy master {pid}: {exc}") from exc
+        await self._wait_answering(before)
+        log.info("proxy.reloaded", pid=pid, listeners=len(frontends))
+
+    async def stop(self) -> None:
+        """Stop the master and its workers (tests; condo itself never stops its proxy)."""
+        pid = self.master_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+
+    async def _write_checked(self, frontends: Sequence[Frontend]) -> None:
+        text = render_config(self.directory, frontends)
+        candidate = self.directory / "haproxy.cfg.new"
+        await trio.to_thread.run_sync(candidate.write_text, text)
+        result = await trio.run_process(
+            [self.binary, "-c", "-f", str(candidate)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode(errors="replace").splitlines()
+            alerts = [line for line in output if "ALERT" in line][:2] or output[-2:]
+            raise ProxyError(f"haproxy refused its config: {' '.join(alerts)}")
+        await trio.to_thread.run_sync(os.replace, candidate, self.config)
+
+    async def _worker_pid(self) -> str | None:
+        try:
+            info = await self.command("show info")
+        except ProxyError:
+            return None
+        found = re.search(r"^Pid: (\d+)$", info, re.MULTILINE)
+        return found.group(1) if found else None
+
+    async def _wait_answering(self, old_worker: str | None) -> None:
+        """Wait until a worker other than `old_worker` answers on the admin socket."""
+        with trio.move_on_after(START_LIMIT):
+            while True:
+                worker = await self._worker_pid()
+                if worker is not None and worker != old_worker:
+                    return
+                await trio.sleep(0.05)
+        raise ProxyError(f"haproxy did not answer in {START_LIMIT:g} s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.logfile.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:]) or "(empty log)"
+
+    # --- the admin socket -------------------------------------------------------------------
+
+    async def command(self, line: str) -> str:
+        """One admin command, its whole answer."""
+        try:
+            with trio.fail_after(COMMAND_LIMIT):
+                stream = await trio.open_unix_socket(str(self.admin_socket))
+                async with stream:
+                    await stream.send_all(line.encode() + b"\n")
+                    chunks = []
+                    while chunk := await stream.receive_some(65536):
+                        chunks.append(chunk)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            raise ProxyError(f"haproxy admin socket: {line.split()[0]}: {exc!r}") from exc
+        return b"".join(chunks).decode(errors="replace")
+
+    async def servers(self) -> dict[str, dict[str, ServerStatus]]:
+        """Every backend's servers, `hold` included."""
+        text = await self.command("show servers state")
+        found: dict[str, dict[str, ServerStatus]] = {}
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 19 or line.startswith("#"):
+                continue
+            backend, name, admin = fields[1], fields[3], int(fields[6])
+            # srv_admin_state: 0x01 forced maintenance, 0x02 inherited, 0x04 from the config.
+            status = ServerStatus(backend, name, int(fields[18]), ready=admin & 0x07 == 0)
+            found.setdefault(backend, {})[name] = status
+        return found
+
+    async def frontend_stats(self) -> dict[str, FrontendStats]:
+        """Open and total connections of each frontend of the current worker."""
+        text = await self.command("show stat -1 1 -1")
+        header: list[str] = []
+        stats: dict[str, FrontendStats] = {}
+        for line in text.splitlines():
+            if line.startswith("# "):
+                header = line[2:].split(",")
+                continue
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("svname") == "FRONTEND":
+                stats[row["pxname"]] = FrontendStats(
+                    current=int(row.get("scur") or 0), total=int(row.get("stot") or 0)
+                )
+        return stats
+
+    async def apply(self, command: str) -> str:
+        """A server change; its answer (HAProxy answers errors in words, not codes)."""
+        return (await self.command(command)).strip()
+
+
+def bind_address(host: str, port: int) -> str:
+    if not host:
+        return f":{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def frontend_name(host: str, port: int) -> str:
+    """A name HAProxy accepts, unique per listen address."""
+    return "l_" + re.sub(r"[^A-Za-z0-9]", "_", host or "any") + f"_{port}"

@@ -1,0 +1,203 @@
+"""The proxy task: keeps condo's HAProxy equal to the routes the services' states call for.
+
+Level-triggered: on every change of the store (and every `RETRY_DELAY` while something is left
+to do: a drained server with open connections, a failed command) it computes the wanted
+listeners and servers from scratch (condo.proxy.routes), looks each routed container's published
+127.0.0.1 port up on the engine, and brings HAProxy there: a reload when the listeners differ,
+admin commands for the servers. It waits until the store is settled first: before that, a
+service missing from the store may only not be restored yet, and closing its listener would
+refuse connections across a restart of condo.
+
+Nothing here starts HAProxy until a listener is wanted; a HAProxy of this state file that runs
+already is adopted as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+import trio
+
+from condo.docker.models import Container
+from condo.errors import ContainerNotFound, DockerError, ProxyError
+from condo.proxy import haproxy
+from condo.routes import Route, desired_routes
+from condo.store import Store
+
+log = structlog.get_logger(__name__)
+
+RETRY_DELAY = 1.0
+STATS_DELAY = 5.0
+_AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
+
+
+class ContainerLookup(Protocol):
+    """The part of the Docker client the proxy uses (condo.docker.DockerClient)."""
+
+    async def inspect(self, cid_or_name: str) -> Container: ...
+
+
+def proxy_directory(state_path: Path) -> Path:
+    """Where the proxy's files live: beside the state file (contract: `<state>.proxy/`)."""
+    return state_path.with_name(state_path.name + ".proxy")
+
+
+class ProxyReconciler:
+    """One pass at a time: wanted routes → HAProxy. Remembers what it knows of HAProxy."""
+
+    def __init__(self, proxy: haproxy.HAProxy, engine: ContainerLookup) -> None:
+        self.proxy = proxy
+        self._engine = engine
+        self._signature: str | None = None  # of the running HAProxy's listeners, once known
+        # frontend name → (service, listen), for the metrics
+        self._services: dict[str, tuple[str, str]] = {}
+        self.stats: dict[str, haproxy.FrontendStats] = {}
+
+    def forget(self) -> None:
+        """Look for the running HAProxy again at the next pass (after a failure)."""
+        self._signature = None
+
+    def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
+        """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
+        found = {}
+        for name, (service, listen) in self._services.items():
+            stats = self.stats.get(name)
+            if stats is not None:
+                found[service, listen] = (stats.current, stats.total)
+        return found
+
+    async def reconcile(self, routes: Sequence[Route]) -> bool:
+        """One pass; True when something is left for a later pass."""
+        frontends = [await self._frontend(route) for route in routes]
+        self._services = {
+            f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
+        }
+        wanted = haproxy.signature(frontends)
+        if self._signature is None:
+            self._signature = await self.proxy.running_signature()
+            if self._signature is None:
+                if not frontends:
+                    return False  # nothing runs and nothing is wanted
+                await self.proxy.start(frontends)
+                self._signature = wanted
+            else:
+                log.info("proxy.adopted", pid=self.proxy.master_pid())
+        if wanted != self._signature:
+            await self.proxy.reload(frontends)
+            self._signature = wanted
+        pending = await self._sync_servers(frontends)
+        self.stats = await self.proxy.frontend_stats()
+        return pending
+
+    async def _frontend(self, route: Route) -> haproxy.Frontend:
+        listener = route.listener
+        servers = []
+        for server in route.servers:
+            port = await self._published_port(server.container, server.target)
+            if port is not None:
+                servers.append(haproxy.ServerLine(server.key, port, server.state))
+        return haproxy.Frontend(
+            name=haproxy.frontend_name(listener.host, listener.port),
+            bind=haproxy.bind_address(listener.host, listener.port),
+            mode=listener.mode,
+            hold_timeout=route.hold_timeout,
+            servers=tuple(servers),
+        )
+
+    async def _published_port(self, container: str, target: int) -> int | None:
+        # Asked on every pass: an ephemeral host port changes when the engine restarts the
+        # container (its RestartPolicy), and a pass is one inspect per routed container.
+        try:
+            info = await self._engine.inspect(container)
+        except ContainerNotFound:
+            return None
+        except DockerError as exc:
+            raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
+        return info.loopback_ports.get(f"{target}/tcp") if info.running else None
+
+    async def _sync_servers(self, frontends: Sequence[haproxy.Frontend]) -> bool:
+        actual = await self.proxy.servers()
+        pending = False
+        for frontend in frontends:
+            have = actual.get(frontend.name, {})
+            backend = frontend.name
+            for server in frontend.servers:
+                ref = f"{backend}/{server.name}"
+                status = have.get(server.name)
+                ready = server.state == "ready"
+                if status is None:
+                    await self._do(f"add server {ref} {haproxy.SERVER_HOST}:{server.port}")
+                    # An added server starts in maintenance: a draining one stays there.
+                    if ready:
+                        await self._do(f"enable server {ref}")
+                    continue
+                if status.port != server.port:
+                    await self._do(
+                        f"set server {ref} addr {haproxy.SERVER_HOST} port {server.port}"
+                    )
+                if status.ready != ready:
+                    await self._do(f"{'enable' if ready else 'disable'} server {ref}")
+            wanted = {s.name for s in frontend.servers}
+            for name, status in have.items():
+                if name == "hold" or name in wanted:
+                    continue
+                ref = f"{backend}/{name}"
+                if status.ready:
+                    await self._do(f"disable server {ref}")
+                # Refused while the server has connections: those end when its container is
+                # stopped (the drain), and the next pass deletes it.
+                answer = await self.proxy.apply(f"del server {ref}")
+                if not answer.startswith("Server deleted"):
+                    pending = True
+                else:
+                    log.info("proxy.server_removed", backend=backend, server=name)
+        return pending
+
+    async def _do(self, command: str) -> None:
+        answer = await self.proxy.apply(command)
+        log.info("proxy.command", command=command, answer=answer)
+        # Success is an empty answer or one of these sentences; anything else is HAProxy's
+        # refusal in words.
+        if answer and not answer.startswith(_AGREED):
+            raise ProxyError(f"{command}: {answer}")
+
+
+async def run_proxy(
+    store: Store,
+    engine: ContainerLookup,
+    reconciler: ProxyReconciler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep HAProxy equal to the store's routes until cancelled (never stops HAProxy)."""
+    task_status.started()
+    seen = -1
+    while not store.settled:
+        seen = await store.wait_changed(seen)
+    while True:
+        seen = store.version
+        routes, _conflicts = desired_routes({n: e.state for n, e in store.entries.items()})
+        try:
+            pending = await reconciler.reconcile(routes)
+        except ProxyError as exc:
+            # HAProxy away, a command refused, the engine not answering: all worth another
+            # pass, and what runs keeps running meanwhile. The next pass looks for HAProxy
+            # afresh: one that died is started again.
+            log.warning("proxy.reconcile_failed", error=str(exc))
+            reconciler.forget()
+            pending = True
+        except Exception:
+            # A bug (or an answer of a shape nobody foresaw) must not take condo down with
+            # it: the services run on, and the proxy task tries again from scratch.
+            log.exception("proxy.reconcile_crashed")
+            reconciler.forget()
+            pending = True
+        # Something left: try again soon. Listeners: look again now and then for the
+        # connection counts (/metrics). Else: only a change of the store matters.
+        delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
+        with trio.move_on_after(delay):
+            await store.wait_changed(seen)
