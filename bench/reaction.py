@@ -92,11 +92,14 @@ async def main(run: Run) -> Report:
     ):
         await condo.wait_ready()
         write_spec(condo.specs, SERVICE, spec(0))
-        write_spec(condo.specs, POLLED, spec_text(run, BUSYBOX, deploy="[:After 0]"))
         with deadline(CHANGE_LIMIT, "the first deploy"):
-            await condo.wait_services([SERVICE, POLLED], stable)
+            await condo.wait_services([SERVICE], stable)
             first = await events.next_after(0, _is("start"))
         old_id = first.container_id
+        # The long-polls' service, after (the first start event above is the service's own).
+        write_spec(condo.specs, POLLED, spec_text(run, BUSYBOX, deploy="[:After 0]"))
+        with deadline(CHANGE_LIMIT, f"{POLLED}'s first deploy"):
+            await condo.wait_services([POLLED], stable)
 
         async def change_once(change: int) -> float:
             """One change of the service; its first Docker call after the spec write (the
