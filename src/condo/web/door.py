@@ -309,8 +309,11 @@ class Door:
                 return None  # a body, or a protocol switch: hypercorn and quart decide
         if host is None or not self.allowed_hosts.allows(host.decode("latin-1")):
             return None
+        # Header values are latin-1 to quart (obs-text bytes too): read them alike, or a token
+        # that is not UTF-8 would raise here, out of hypercorn's connection handler.
         if self.api_token is not None and not token_matches(
-            self.api_token, bearer(None if authorization is None else authorization.decode())
+            self.api_token,
+            bearer(None if authorization is None else authorization.decode("latin-1")),
         ):
             return None
         return target

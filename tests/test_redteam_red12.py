@@ -1,0 +1,81 @@
+"""Red team of issue 12 (performance): hostile clients of the API's front door (condo.web.door),
+in process over real loopback sockets, each answer compared with what hypercorn and quart give
+for the same bytes (the door must never answer otherwise, nor fail).
+
+Real time (sockets): each test is a fraction of a second of work, capped.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from tests.test_web import TOKEN, stable, waiting
+from tests.test_web_serve import CAP, door_of, get, masked, read_answer, served, wait_until
+
+
+async def test_a_non_utf8_authorization_gets_quarts_401_and_the_door_keeps_serving() -> None:
+    # Header values may carry obs-text (bytes 0x80-0xff): h11 takes them and quart reads them as
+    # latin-1. The door decoded the token as UTF-8: UnicodeDecodeError out of hypercorn's handler.
+    request = b"GET /v1/state HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"
+    results = []
+    for with_door in (True, False):
+        async with served(with_door=with_door, token=TOKEN) as server:
+            with trio.fail_after(CAP):
+                async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    await stream.send_all(request)
+                    results.append(masked(await read_answer(stream)))
+                # and the server still serves
+                async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    await stream.send_all(
+                        get("/v1/state", server.port).replace(
+                            b"\r\n\r\n", f"\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+                        )
+                    )
+                    head, _ = await read_answer(stream)
+                    assert head.startswith(b"HTTP/1.1 200 ")
+    by_door, by_hypercorn = results
+    assert by_door.startswith(b"HTTP/1.1 401 ")
+    assert by_door == by_hypercorn
+
+
+async def test_a_request_pipelined_behind_a_long_poll_on_a_kept_connection_is_answered() -> None:
+    # A kept-alive connection sends a long-poll and, in the same segment, the next request
+    # (pipelining). The door parks the long-poll; once it is answered, the request behind it
+    # (already in the socket: no new epoll edge comes for it) must be read and answered too.
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        with trio.fail_after(CAP):
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(get("/v1/state", server.port))
+                head, _ = await read_answer(stream)  # the connection is the door's, idle now
+                assert head.startswith(b"HTTP/1.1 200 ")
+                await stream.send_all(
+                    get("/v1/wait_for?name=web&image=img:2&timeout=0.3", server.port)
+                    + get("/v1/state", server.port)
+                )
+                head, body = await read_answer(stream)
+                assert head.startswith(b"HTTP/1.1 500 ") and b'"timeout"' in body
+                with trio.fail_after(2):  # (the keep-alive timeout is 5 s)
+                    head, body = await read_answer(stream)
+                assert head.startswith(b"HTTP/1.1 200 ") and body.startswith(b'{"host":"h1"')
+        assert server.context.metrics.value("condo_web_open_waits") == 0
+
+
+async def test_a_request_pipelined_behind_a_long_poll_answered_at_once_is_answered() -> None:
+    # The same with the long-poll answered right away (done already) and a third request.
+    async with served() as server:
+        server.store.set_state("web", stable("img:1"))
+        door = door_of(server)
+        with trio.fail_after(CAP):
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(get("/v1/state", server.port))
+                await read_answer(stream)
+                await stream.send_all(
+                    get("/v1/state", server.port)
+                    + get("/v1/wait_for?name=web&image=img:2&timeout=0.3", server.port)
+                    + get("/v1/state", server.port)
+                )
+                with trio.fail_after(2):
+                    for _ in range(3):
+                        head, _ = await read_answer(stream)
+                await wait_until(lambda: door.slots.taken == 0)
