@@ -243,6 +243,10 @@ class Door:
                 self._hand_over(conn)
                 return
             self._take(conn, *found)
+            if conn.state != IDLE and len(head) > found[1]:
+                # A pipelined request is in the socket already: no edge will come for it, so
+                # it is read once this answer is out.
+                conn.pending = True
         if conn.state == IDLE:
             self._hand_over(conn)
 
