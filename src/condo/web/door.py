@@ -81,6 +81,7 @@ _TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?|/v1/state")
 # (the socket took only part of it); idle after its answer; closed or handed to hypercorn.
 WAITING, SENDING, IDLE, DONE = 0, 1, 2, 3
 HANG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
+GONE = select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0  # not a half-close
 
 Answer = tuple[dict[str, Any], int]  # body, status (condo.web.app.wait_answer)
 
@@ -116,7 +117,18 @@ class _Conn:
     (`sending`) or once it goes to hypercorn.
     """
 
-    __slots__ = ("deadline", "fd", "key", "params", "pending", "sending", "served", "sock", "state")
+    __slots__ = (
+        "deadline",
+        "eof",
+        "fd",
+        "key",
+        "params",
+        "pending",
+        "sending",
+        "served",
+        "sock",
+        "state",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -126,6 +138,7 @@ class _Conn:
         self.deadline = math.inf
         self.state = IDLE
         self.pending = False  # its next request came before its answer went
+        self.eof = False  # half-closed by the client while its answer was being written
         self.served = 0  # requests answered on this connection (hypercorn's keep-alive count)
         self.sending: trio.socket.SocketType | None = None
 
@@ -493,7 +506,7 @@ class Door:
 
     def _after(self, conn: _Conn, close: bool) -> None:
         """An answer is out: close, or wait idle for the connection's next request."""
-        if close or conn.state == DONE:
+        if close or conn.eof or conn.state == DONE:
             self._drop(conn)
             return
         conn.state = IDLE
@@ -541,7 +554,11 @@ class Door:
                 conn = self.conns.get(fd)
                 if conn is None:
                     continue
-                if events & HANG_UP:
+                if events & HANG_UP and conn.state == SENDING and not events & GONE:
+                    # Half-closed after its request (`nc -N`): hypercorn finishes an answer it
+                    # is writing, and so does the door; then it closes.
+                    conn.eof = True
+                elif events & HANG_UP:
                     # Hung up, or half-closed (hypercorn drops those too): closed right here, with
                     # no task, since every client of a bulk answer may do it at once.
                     self._drop(conn, hung_up=True)
