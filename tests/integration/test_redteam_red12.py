@@ -60,9 +60,7 @@ async def test_by_folder_the_picture_follows_deletes_and_a_folder_recreated(area
         response = await area.http.put("/v1/txn", content=json.dumps(list(ops)))
         assert response.status_code == 200, response.text
 
-    expected = {
-        (s, h): "img:1" for s in ("s1", "s2", "s3") for h in ("h1", "h2")
-    }
+    expected = {(s, h): "img:1" for s in ("s1", "s2", "s3") for h in ("h1", "h2")}
     await txn(*(put(s, h, i) for (s, h), i in expected.items()))
     with trio.fail_after(CAP):
         async with open_consul_client(AGENT) as client, trio.open_nursery() as nursery:
