@@ -212,7 +212,9 @@ class Door:
             self._max_requests = int(config.keep_alive_max_requests)
         sock = server.stream.socket
         head = b""
-        with trio.move_on_after(self._keep_alive):
+        # Nothing asked within the keep-alive timeout, or condo stopping: closed, as hypercorn
+        # closes an idle connection (it would hold shutdown for the graceful timeout).
+        with self.closing.guard(), trio.move_on_after(self._keep_alive):
             try:
                 head = await sock.recv(MAX_HEAD + 1, socket.MSG_PEEK)
             except OSError:
@@ -220,7 +222,7 @@ class Door:
             if not head:  # hung up before asking anything
                 sock.close()
                 return True
-        if not head:  # nothing asked within the keep-alive timeout: what hypercorn does too
+        if not head:
             sock.close()
             return True
         found = self._route(head)
