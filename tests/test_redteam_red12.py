@@ -7,8 +7,11 @@ Real time (sockets): each test is a fraction of a second of work, capped.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
+from condo.consul.layout import ForeignValue, KeyLayout, decode_value, encode_value
+from condo.waiting import evaluate
 from tests.test_web import TOKEN, stable, waiting
 from tests.test_web_serve import CAP, door_of, get, masked, read_answer, served, wait_until
 
@@ -150,3 +153,22 @@ async def test_a_connection_that_never_asks_anything_does_not_hold_shutdown() ->
         assert await silent.receive_some(10) == b""  # closed by the server
         await silent.aclose()
     assert took < 0.3
+
+
+@pytest.mark.parametrize("field", ["current", "error", "reverted"])
+async def test_a_consul_value_with_a_broken_state_is_foreign_and_waits_go_on(field: str) -> None:
+    # A value under the prefix that is JSON, names its own key and has a state, but whose
+    # `current`, `error` or `reverted` is not an object (another version, a hand edit): it
+    # passed as a SERVICE and condo.waiting.evaluate failed on it (AttributeError) for every
+    # wait on that service: out of the door's first look, that took the API server down.
+    layout = KeyLayout.of("condo")
+    broken = {"state": "Stable", "current": {"image": "img:1"}, field: "oops"}
+    raw = encode_value("h2", "web", broken, 1.0)
+    with pytest.raises(ForeignValue, match=f"{field} is not an object"):
+        decode_value(layout, layout.key("web", "h2"), raw)
+    good = decode_value(
+        layout,
+        layout.key("web", "h1"),
+        encode_value("h1", "web", {"state": "Stable", "current": {"image": "img:1"}}, 1.0),
+    )
+    assert evaluate("web", "img:1", {"h1": {"web": good.state}}).done
