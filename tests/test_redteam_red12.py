@@ -7,9 +7,12 @@ Real time (sockets): each test is a fraction of a second of work, capped.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
+import condo.web.door as door_module
 from condo.consul.layout import ForeignValue, KeyLayout, decode_value, encode_value
 from condo.waiting import evaluate
 from tests.test_web import TOKEN, stable, waiting
@@ -172,3 +175,37 @@ async def test_a_consul_value_with_a_broken_state_is_foreign_and_waits_go_on(fie
         encode_value("h1", "web", {"state": "Stable", "current": {"image": "img:1"}}, 1.0),
     )
     assert evaluate("web", "img:1", {"h1": {"web": good.state}}).done
+
+
+async def test_long_polls_that_time_out_together_are_answered_in_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI jobs started together with one timeout: their long-polls end at the same instant, each
+    # with an answer of its own. The deadline loop wrote them all without a checkpoint (10,000:
+    # ~0.6 s of the one Trio thread, supervision waiting); it yields every BATCH, as the bulk
+    # answers do.
+    monkeypatch.setattr(door_module, "BATCH", 4)
+    waiters = 12
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        with trio.fail_after(CAP):
+            streams = []
+            for _ in range(waiters):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                await stream.send_all(
+                    get("/v1/wait_for?name=web&image=img:2&timeout=0.3", server.port)
+                )
+                streams.append(stream)
+            await wait_until(lambda: door.slots.taken == waiters)
+            # The Trio thread busy: every deadline has passed when the door looks.
+            time.sleep(0.4)  # noqa: ASYNC251 -- blocking on purpose
+            seen: set[int] = set()
+            while door.writes < waiters:  # sampled between the other tasks' steps
+                seen.add(door.writes)
+                await trio.lowlevel.checkpoint()
+            heads = [(await read_answer(stream))[0] for stream in streams]
+            for stream in streams:
+                await stream.aclose()
+    assert all(head.startswith(b"HTTP/1.1 500 ") for head in heads)
+    assert seen & {4, 8}, f"no checkpoint between the timeouts' answers: {sorted(seen)}"
