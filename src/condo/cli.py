@@ -11,6 +11,8 @@ Exit codes: 0 success, 1 the command's own failure (e.g. an invalid spec), 2 usa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import stat
@@ -84,8 +86,10 @@ def main() -> None:
             # CI waits on this exit: tearing down the interpreter (every module condo imports)
             # took 150-300 ms after the answer. Nothing is left to clean up but the output.
             code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                # None when closed (`>&-`); a reader gone (EPIPE): the verdict's code stands.
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    stream.flush()
             os._exit(code)
         raise
 
@@ -268,8 +272,10 @@ async def wait(
     api_token
         The condo's --api-token, if it has one.
     """
+    # No stdout at all (`condo wait ... >&-`): the exit code alone says the verdict.
+    out = sys.stdout if sys.stdout is not None else io.StringIO()
     return await remote.wait(
-        name, image, wait_seconds=timeout, url=url, api_token=api_token, out=sys.stdout
+        name, image, wait_seconds=timeout, url=url, api_token=api_token, out=out
     )
 
 

@@ -81,6 +81,7 @@ _TARGET = re.compile(rb"/v1/wait_for(\?[\x21-\x7e]*)?|/v1/state")
 # (the socket took only part of it); idle after its answer; closed or handed to hypercorn.
 WAITING, SENDING, IDLE, DONE = 0, 1, 2, 3
 HANG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
+GONE = select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0  # not a half-close
 
 Answer = tuple[dict[str, Any], int]  # body, status (condo.web.app.wait_answer)
 
@@ -116,7 +117,18 @@ class _Conn:
     (`sending`) or once it goes to hypercorn.
     """
 
-    __slots__ = ("deadline", "fd", "key", "params", "pending", "sending", "served", "sock", "state")
+    __slots__ = (
+        "deadline",
+        "eof",
+        "fd",
+        "key",
+        "params",
+        "pending",
+        "sending",
+        "served",
+        "sock",
+        "state",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -126,6 +138,7 @@ class _Conn:
         self.deadline = math.inf
         self.state = IDLE
         self.pending = False  # its next request came before its answer went
+        self.eof = False  # half-closed by the client while its answer was being written
         self.served = 0  # requests answered on this connection (hypercorn's keep-alive count)
         self.sending: trio.socket.SocketType | None = None
 
@@ -199,7 +212,9 @@ class Door:
             self._max_requests = int(config.keep_alive_max_requests)
         sock = server.stream.socket
         head = b""
-        with trio.move_on_after(self._keep_alive):
+        # Nothing asked within the keep-alive timeout, or condo stopping: closed, as hypercorn
+        # closes an idle connection (it would hold shutdown for the graceful timeout).
+        with self.closing.guard(), trio.move_on_after(self._keep_alive):
             try:
                 head = await sock.recv(MAX_HEAD + 1, socket.MSG_PEEK)
             except OSError:
@@ -207,7 +222,7 @@ class Door:
             if not head:  # hung up before asking anything
                 sock.close()
                 return True
-        if not head:  # nothing asked within the keep-alive timeout: what hypercorn does too
+        if not head:
             sock.close()
             return True
         found = self._route(head)
@@ -243,6 +258,10 @@ class Door:
                 self._hand_over(conn)
                 return
             self._take(conn, *found)
+            if conn.state != IDLE and len(head) > found[1]:
+                # A pipelined request is in the socket already: no edge will come for it, so
+                # it is read once this answer is out.
+                conn.pending = True
         if conn.state == IDLE:
             self._hand_over(conn)
 
@@ -309,8 +328,11 @@ class Door:
                 return None  # a body, or a protocol switch: hypercorn and quart decide
         if host is None or not self.allowed_hosts.allows(host.decode("latin-1")):
             return None
+        # Header values are latin-1 to quart (obs-text bytes too): read them alike, or a token
+        # that is not UTF-8 would raise here, out of hypercorn's connection handler.
         if self.api_token is not None and not token_matches(
-            self.api_token, bearer(None if authorization is None else authorization.decode())
+            self.api_token,
+            bearer(None if authorization is None else authorization.decode("latin-1")),
         ):
             return None
         return target
@@ -486,7 +508,7 @@ class Door:
 
     def _after(self, conn: _Conn, close: bool) -> None:
         """An answer is out: close, or wait idle for the connection's next request."""
-        if close or conn.state == DONE:
+        if close or conn.eof or conn.state == DONE:
             self._drop(conn)
             return
         conn.state = IDLE
@@ -534,7 +556,11 @@ class Door:
                 conn = self.conns.get(fd)
                 if conn is None:
                     continue
-                if events & HANG_UP:
+                if events & HANG_UP and conn.state == SENDING and not events & GONE:
+                    # Half-closed after its request (`nc -N`): hypercorn finishes an answer it
+                    # is writing, and so does the door; then it closes.
+                    conn.eof = True
+                elif events & HANG_UP:
                     # Hung up, or half-closed (hypercorn drops those too): closed right here, with
                     # no task, since every client of a bulk answer may do it at once.
                     self._drop(conn, hung_up=True)
@@ -560,6 +586,9 @@ class Door:
     async def _timing(self) -> None:
         while True:
             now = trio.current_time()
+            # Thousands of long-polls sent with one timeout end together, each with an answer
+            # of its own (~60 us): yield every BATCH of them, as the bulk answers do.
+            done = 0
             while self._timers and self._timers[0][0] <= now:
                 deadline, _, conn = heapq.heappop(self._timers)
                 if conn.deadline != deadline or conn.state == DONE:
@@ -568,10 +597,16 @@ class Door:
                     assert conn.params is not None
                     answer = self._answer(conn.params, None, False)
                     self._answer_one(conn, self._encode(answer), functools.partial(_same, answer))
+                    done += 1
+                    if done % BATCH == 0:
+                        await trio.lowlevel.checkpoint()
             while self._idle and self._idle[0][0] <= now:
                 deadline, conn = self._idle.popleft()
                 if conn.deadline == deadline and conn.state == IDLE:
                     self._drop(conn)  # idle for keep_alive_timeout, as hypercorn would
+                    done += 1
+                    if done % BATCH == 0:
+                        await trio.lowlevel.checkpoint()
             self._timer_moved = trio.Event()
             soonest = min(
                 self._timers[0][0] if self._timers else math.inf,
