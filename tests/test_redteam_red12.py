@@ -209,3 +209,30 @@ async def test_long_polls_that_time_out_together_are_answered_in_batches(
                 await stream.aclose()
     assert all(head.startswith(b"HTTP/1.1 500 ") for head in heads)
     assert seen & {4, 8}, f"no checkpoint between the timeouts' answers: {sorted(seen)}"
+
+
+async def test_a_bug_of_the_door_costs_one_connection_never_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Defence in depth: whatever the door's code raises, hypercorn serves the connection (a bug
+    # when routing) or that connection alone is closed (a bug once the door holds it).
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug of the door")
+
+    async with served() as server:
+        with trio.fail_after(CAP):
+            monkeypatch.setattr(door_module.Door, "_route", broken)
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(get("/v1/state", server.port))
+                head, _ = await read_answer(stream)
+                assert head.startswith(b"HTTP/1.1 200 ")  # quart's answer
+            monkeypatch.undo()
+            monkeypatch.setattr(door_module.Door, "_take", broken)
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(get("/v1/state", server.port))
+                assert await stream.receive_some(65536) == b""  # that connection closed
+            monkeypatch.undo()
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(get("/v1/state", server.port))
+                head, _ = await read_answer(stream)
+                assert head.startswith(b"HTTP/1.1 200 ")  # and the door serves on

@@ -225,7 +225,13 @@ class Door:
         if not head:
             sock.close()
             return True
-        found = self._route(head)
+        try:
+            found = self._route(head)
+        except Exception:
+            # A bug of the door never takes the API down: hypercorn serves this connection (the
+            # request is still in the socket, only peeked at).
+            log.exception("door.route_failed")
+            return False
         if found is None:
             return False
         route, size = found
@@ -236,8 +242,18 @@ class Door:
         self.conns[conn.fd] = conn
         # Edge-triggered: a hang-up, or the next request (taken once the answer is out).
         self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
-        self._take(conn, route, size)
+        self._guarded(self._take, conn, route, size)
         return True
+
+    def _guarded(self, handle: Callable[..., None], conn: _Conn, *args: Any) -> None:
+        """`handle(conn, *args)`; a bug of the door (an exception) closes that one connection and
+        is logged: it never takes the API, or condo, down."""
+        try:
+            handle(conn, *args)
+        except Exception:
+            log.exception("door.connection_failed")
+            with contextlib.suppress(Exception):
+                self._drop(conn)
 
     def _next(self, conn: _Conn) -> None:
         """The next request of an idle connection, read without waiting (its edge came)."""
@@ -565,7 +581,7 @@ class Door:
                     # no task, since every client of a bulk answer may do it at once.
                     self._drop(conn, hung_up=True)
                 elif conn.state == IDLE:
-                    self._next(conn)
+                    self._guarded(self._next, conn)
                 else:
                     conn.pending = True  # its next request, once its answer is out
 
