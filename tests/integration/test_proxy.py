@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -294,3 +295,21 @@ async def test_a_dead_haproxy_is_started_again(condo: CondoUnderTest) -> None:
             stop_haproxy(condo)
             await wait_answer(port, "one", limit=15)
             assert proxy.master_pid() not in (None, first)
+
+
+async def test_a_listener_haproxy_cannot_bind_is_an_error_in_the_state(
+    condo: CondoUnderTest,
+) -> None:
+    with socket.socket() as taken, trio.fail_after(60):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        condo.write("web", spec("one", port))
+        async with running_condo(condo):
+            await condo.wait_state("web", "Stable")
+            view = await condo.wait(lambda v: "proxy" in v)
+            assert "cannot bind socket" in view["proxy"]["error"], view["proxy"]
+            assert f"127.0.0.1:{port}" in view["proxy"]["error"]
+            taken.close()  # the port is free: the next pass starts HAProxy, the error goes
+            await condo.wait(lambda v: "proxy" not in v)
+            await wait_answer(port, "one")

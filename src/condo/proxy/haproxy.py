@@ -54,6 +54,8 @@ SIGNATURE_PREFIX = "# condo-listeners: "
 # Retries a held connection gets beyond its health timeout: one second apart, so a connection
 # arriving at the start of a gap outlasts a candidate that turns healthy at its deadline.
 HOLD_EXTRA_RETRIES = 3
+# HAProxy 2.6 refuses a unix socket path longer than this (sun_path less its temporary suffix).
+SOCKET_PATH_LIMIT = 97
 
 ServerState = Literal["ready", "drain"]
 
@@ -156,6 +158,10 @@ class HAProxy:
         self.admin_socket = self.directory / "admin.sock"
         self.logfile = self.directory / "haproxy.log"
 
+    def socket_problem(self) -> str | None:
+        """Why HAProxy cannot make its sockets in this directory (a path too long), or None."""
+        return socket_path_problem(self.directory)
+
     # --- the process ----------------------------------------------------------------------
 
     def master_pid(self) -> int | None:
@@ -188,6 +194,8 @@ class HAProxy:
     async def start(self, frontends: Sequence[Frontend]) -> None:
         """Write the config and start a detached master-worker HAProxy; return once its admin
         socket answers."""
+        if (problem := self.socket_problem()) is not None:
+            raise ProxyError(problem)
         await trio.to_thread.run_sync(lambda: self.directory.mkdir(mode=0o700, exist_ok=True))
         await self._write_checked(frontends)
         for stale in (self.admin_socket, self.master_socket):
@@ -207,7 +215,7 @@ class HAProxy:
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise ProxyError(f"cannot run {self.binary}: {exc}") from exc
+                raise ProxyError(self._cannot_run(exc)) from exc
         if result.returncode != 0:
             raise ProxyError(f"haproxy exited {result.returncode}: {self._log_tail()}")
         await self._wait_answering(None)
@@ -238,12 +246,15 @@ class HAProxy:
         text = render_config(self.directory, frontends)
         candidate = self.directory / "haproxy.cfg.new"
         await trio.to_thread.run_sync(candidate.write_text, text)
-        result = await trio.run_process(
-            [self.binary, "-c", "-f", str(candidate)],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        try:
+            result = await trio.run_process(
+                [self.binary, "-c", "-f", str(candidate)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        except OSError as exc:
+            raise ProxyError(self._cannot_run(exc)) from exc
         if result.returncode != 0:
             output = (result.stdout + result.stderr).decode(errors="replace").splitlines()
             alerts = [line for line in output if "ALERT" in line][:2] or output[-2:]
@@ -267,6 +278,12 @@ class HAProxy:
                     return
                 await trio.sleep(0.05)
         raise ProxyError(f"haproxy did not answer in {START_LIMIT:g} s: {self._log_tail()}")
+
+    def _cannot_run(self, exc: OSError) -> str:
+        return (
+            f"cannot run {self.binary} ({exc.strerror or exc}): :proxy needs HAProxy 2.6 on the"
+            " host (apt-get install haproxy)"
+        )
 
     def _log_tail(self) -> str:
         try:
@@ -324,6 +341,19 @@ class HAProxy:
     async def apply(self, command: str) -> str:
         """A server change; its answer (HAProxy answers errors in words, not codes)."""
         return (await self.command(command)).strip()
+
+
+def socket_path_problem(directory: Path) -> str | None:
+    """Why HAProxy could not make its sockets in `directory` (the proxy directory of a state
+    file): the longest socket path is over HAProxy's limit. None when it fits."""
+    longest = directory.absolute() / "master.sock"
+    size = len(os.fsencode(longest))
+    if size <= SOCKET_PATH_LIMIT:
+        return None
+    return (
+        f"the proxy's socket path {longest} is {size} bytes, HAProxy allows {SOCKET_PATH_LIMIT}:"
+        " give condo a --state file in a shorter directory"
+    )
 
 
 def bind_address(host: str, port: int) -> str:

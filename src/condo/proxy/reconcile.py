@@ -183,21 +183,34 @@ async def run_proxy(
         routes, _conflicts = desired_routes({n: e.state for n, e in store.entries.items()})
         try:
             pending = await reconciler.reconcile(routes)
+            error = None
         except ProxyError as exc:
             # HAProxy away, a command refused, the engine not answering: all worth another
             # pass, and what runs keeps running meanwhile. The next pass looks for HAProxy
             # afresh: one that died is started again.
             log.warning("proxy.reconcile_failed", error=str(exc))
+            error = str(exc)
             reconciler.forget()
             pending = True
-        except Exception:
+        except Exception as exc:
             # A bug (or an answer of a shape nobody foresaw) must not take condo down with
             # it: the services run on, and the proxy task tries again from scratch.
             log.exception("proxy.reconcile_crashed")
+            error = f"the proxy task failed: {exc!r} (condo's log has more)"
             reconciler.forget()
             pending = True
+        seen = _report(store, error, seen)
         # Something left: try again soon. Listeners: look again now and then for the
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
         with trio.move_on_after(delay):
             await store.wait_changed(seen)
+
+
+def _report(store: Store, error: str | None, seen: int) -> int:
+    """Show the pass's error in `/v1/state` (None: the data plane is fine). The report is a
+    change of the store the task itself made: when nothing else changed meanwhile, it is no
+    reason for another pass (the version the task has seen moves past it)."""
+    unchanged = store.version == seen
+    store.set_proxy_error(error)
+    return store.version if unchanged else seen
