@@ -273,6 +273,7 @@ async def test_a_new_listener_reloads_without_refusing_or_cutting(condo: CondoUn
                 nursery.start_soon(slow_get)
                 await trio.sleep(0.3)
                 # Another service's listener: HAProxy reloads with both.
+                accepted = len(poller.answers) + 2  # wait_answer's GET, the slow one
                 condo.write("api", spec("api", other_port))
                 await wait_answer(other_port, "api")
                 while not slow_answer:
@@ -281,6 +282,14 @@ async def test_a_new_listener_reloads_without_refusing_or_cutting(condo: CondoUn
             assert slow_answer == ["one"]
             assert poller.failures == []
             assert set(poller.answers) == {"one"}
+
+            # The counter did not go back to the new worker's count: the old worker's
+            # connections are still in it (a Prometheus counter never decreases).
+            assert condo.running is not None and condo.running.proxy is not None
+            reconciler = condo.running.proxy
+            reported = reconciler.connections()["web", f"127.0.0.1:{port}"][1]
+            new_worker = reconciler.stats[f"l_127_0_0_1_{port}"].total  # read with `reported`
+            assert reported - new_worker >= accepted, (reported, new_worker, accepted)
 
 
 async def test_a_dead_haproxy_is_started_again(condo: CondoUnderTest) -> None:

@@ -106,7 +106,7 @@ class ServerStatus:
 @attrs.frozen
 class FrontendStats:
     current: int  # open connections
-    total: int  # connections since the worker started (a reload starts again at 0)
+    total: int  # connections since the worker started (a reload's new worker starts at 0)
 
 
 def signature(frontends: Sequence[Frontend]) -> str:
