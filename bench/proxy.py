@@ -7,6 +7,8 @@ answers 3 bytes, `/big` is a 32 MiB file. Every figure is wrk's (`wrk` from Debi
 - HTTP, small responses: requests/s and p99 through the proxy's listener and straight to the
   port the container publishes on 127.0.0.1, alternating, ROUNDS rounds each (the medians);
   bars: proxy ≥ 0.8x direct, p99 added ≤ 1 ms.
+- The kernel's NAT, the other candidate data plane, for the same HTTP figure: an nftables
+  DNAT rule (a table of the run's own, loopback only) from a free port to the published one.
 - Bulk TCP: one connection downloading `/big` over and over (wrk's transfer/s); bar ≥ 0.8x.
 - DEPLOYS consecutive `[:After 1]` deploys under wrk load, each request on a new connection
   (`Connection: close`: an open connection stays with its container until the drain ends, so a
@@ -91,13 +93,15 @@ async def main(run: Run) -> Report:
             with deadline(LIMIT, "web Stable"):
                 [first] = await condo.wait_services(["web"], stable)
             proxied = f"http://127.0.0.1:{listen}"
-            direct = f"http://127.0.0.1:{await published(first.container or '')}"
+            direct_port = await published(first.container or "")
+            direct = f"http://127.0.0.1:{direct_port}"
             await wait_answering(listen)
 
             small_proxy, small_direct = [], []
             for _ in range(rounds):
                 small_direct.append(await wrk(direct + "/", seconds, CONNECTIONS))
                 small_proxy.append(await wrk(proxied + "/", seconds, CONNECTIONS))
+            small_nat = await nat_rounds(run, direct_port, rounds, seconds)
             bulk_direct = await wrk(direct + "/big", seconds, 1)
             bulk_proxy = await wrk(proxied + "/big", seconds, 1)
 
@@ -114,6 +118,13 @@ async def main(run: Run) -> Report:
     p99_proxy = statistics.median(r.p99_ms for r in small_proxy)
     p99_direct = statistics.median(r.p99_ms for r in small_direct)
     ratio = rps_proxy / rps_direct
+    rps_nat = statistics.median(r.rps for r in small_nat) if small_nat else None
+    nat_row = (
+        "kernel NAT candidate (nftables DNAT, loopback), requests/s",
+        "n/a (no nft)" if rps_nat is None else f"{rps_nat:,.0f}",
+        f"{rps_direct:,.0f}",
+        "" if rps_nat is None else f"{rps_nat / rps_direct:.2f}x",
+    )
     bulk_ratio = bulk_proxy.bytes_per_s / bulk_direct.bytes_per_s
     mb = 1 / 1e6
     return Report(
@@ -127,6 +138,7 @@ async def main(run: Run) -> Report:
                 f"{rps_direct:,.0f}",
                 f"{ratio:.2f}x",
             ),
+            nat_row,
             (
                 "HTTP `/` p99 (ms)",
                 f"{p99_proxy:.2f}",
@@ -162,6 +174,8 @@ async def main(run: Run) -> Report:
             "rps_proxy": round(rps_proxy),
             "rps_direct": round(rps_direct),
             "rps_ratio": round(ratio, 3),
+            "rps_nat": None if rps_nat is None else round(rps_nat),
+            "nat_ratio": None if rps_nat is None else round(rps_nat / rps_direct, 3),
             "p99_proxy_ms": round(p99_proxy, 3),
             "p99_direct_ms": round(p99_direct, 3),
             "p99_added_ms": round(p99_proxy - p99_direct, 3),
@@ -295,6 +309,34 @@ def stop_haproxy(state: Path) -> None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int((state.parent / "state.json.proxy" / "haproxy.pid").read_text().split()[0])
         os.kill(pid, signal.SIGTERM)
+
+
+async def nat_rounds(run: Run, port: int, rounds: int, seconds: float) -> list[Wrk]:
+    """The kernel's NAT as the data plane (the other candidate): a table of the run's own with
+    one DNAT rule from a free loopback port to the published one, wrk through it; the table is
+    deleted after. Nothing is measured without `nft` (or the right to use it)."""
+    if shutil.which("nft") is None:
+        return []
+    table = f"condo_bench_{run.id}"
+    listen = free_port()
+    rule = f"ip daddr 127.0.0.1 tcp dport {listen} dnat to 127.0.0.1:{port}"
+    script = [
+        f"add table ip {table}",
+        f"add chain ip {table} out {{ type nat hook output priority -100 ; }}",
+        f"add rule ip {table} out {rule}",
+    ]
+    made = await trio.run_process(
+        ["nft", "-f", "-"], stdin="\n".join(script).encode(), check=False, capture_stderr=True
+    )
+    if made.returncode != 0:
+        return []
+    try:
+        return [
+            await wrk(f"http://127.0.0.1:{listen}/", seconds, CONNECTIONS) for _ in range(rounds)
+        ]
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.run_process(["nft", "delete", "table", "ip", table], check=False)
 
 
 # --- wrk ------------------------------------------------------------------------------------------
