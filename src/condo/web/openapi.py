@@ -193,6 +193,13 @@ _SCHEMAS: dict[str, Any] = {
                     "error": {"type": ["string", "null"], "description": "why it failed"},
                 },
             },
+            "proxy": {
+                "type": "object",
+                "description": "present while the :proxy data plane (HAProxy) cannot run or be"
+                " reached: why, since when (unix seconds)",
+                "required": ["error", "at"],
+                "properties": {"error": {"type": "string"}, "at": {"type": "number"}},
+            },
         },
     },
     "GlobalState": {
