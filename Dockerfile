@@ -1,6 +1,6 @@
 # condo's container image. Build it with `scripts/build-image [TAG]` (default condo:dev), offline.
 #
-# The build context is a folder that holds only `wheels/`: condo's wheel and its pinned
+# The build context is a folder that holds `wheels/` and `haproxy/` (below): condo's wheel and its pinned
 # dependencies, built on the host (`pip wheel -w CONTEXT/wheels .`), because nothing inside a build
 # here reaches a package index. BASE is any Debian-like image with python3 (the wheels' minor
 # version, 3.11) and its venv module; scripts/build-image makes condo-base:bookworm with
@@ -34,6 +34,10 @@ assert (pathlib.Path(edn_format.__file__).parent / "parsetab.py").is_file(), "no
 # --- stage 2: the runtime, only /opt/condo on top of the base --------------------------------
 FROM ${BASE}
 COPY --from=install /opt/condo /opt/condo
+# HAProxy for `:proxy` (the host's Debian binary and the libraries the base lacks, copied into
+# the context by scripts/build-image): condo in a container runs it as a container of this image.
+COPY haproxy/ /
+RUN haproxy -v | head -n1
 
 # PATH is spelled out rather than extended with $PATH: an imported base may have none set.
 #

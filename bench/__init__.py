@@ -4,4 +4,4 @@
 sections in it. Each name is a module of this package with `async def main(run) -> Report`.
 """
 
-BENCHMARKS = ("reaction", "converge", "rolling", "idle", "api", "multihost")
+BENCHMARKS = ("reaction", "converge", "rolling", "idle", "api", "multihost", "proxy")

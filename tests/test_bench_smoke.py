@@ -82,6 +82,11 @@ async def test_quick_suite_prints_every_benchmark(tmp_path: Path) -> None:
     assert figures["multihost"]["answer_after_last_stable_ms"] >= 0
     assert figures["multihost"]["sim_hosts"] == 5
     assert figures["multihost"]["sim_read_bytes_per_wakeup"] > 0
+    proxy = figures["proxy"]
+    assert proxy["rps_proxy"] > 0 and proxy["rps_direct"] > 0
+    assert proxy["bulk_proxy_mb_s"] > 0 and proxy["bulk_direct_mb_s"] > 0
+    assert proxy["deploy_requests"] > 0 and proxy["kill9_requests"] > 0
+    assert proxy["open"] == 20
 
     text = results.read_text()
     for name in BENCHMARKS:

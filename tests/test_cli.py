@@ -286,3 +286,18 @@ def test_condo_wait_exits_with_its_verdict_and_all_its_output(
         server.shutdown()
     assert done.returncode == code
     assert said in done.stdout + done.stderr
+
+
+def test_validate_warns_when_the_proxy_sockets_path_is_too_long(tmp_path: Path) -> None:
+    (tmp_path / "web.edn").write_text('{:spec {:Image "w"} :proxy [{:listen "8080" :port 80}]}')
+    (tmp_path / "plain.edn").write_text('{:spec {:Image "p"}}')
+    deep = tmp_path / ("d" * 100) / "state.json"
+    result = condo_command("validate", "web.edn", "plain.edn", "--state", str(deep), cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == "web.edn: ok\nplain.edn: ok\n"
+    assert result.stderr.startswith(
+        f"web.edn: warning: :proxy cannot run: the proxy's socket path {deep}.proxy/master.sock"
+    )
+    assert "plain.edn" not in result.stderr  # no :proxy, no sockets
+    short = condo_command("validate", "web.edn", "--state", "s.json", cwd=tmp_path)
+    assert short.stderr == ""

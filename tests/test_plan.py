@@ -177,3 +177,27 @@ def test_a_condo_without_spec_hashes_cannot_be_planned_against() -> None:
     del old["spec_hash"]
     with pytest.raises(ViewTooOld):
         make_plan({"web": spec(BASE)}, {"web": old})
+
+
+def test_the_file_back_on_what_serves_after_a_revert_is_no_redeploy() -> None:
+    # [:After n] kept the last good's own container serving and reverted the bad spec: writing
+    # the last good spec back into the file keeps that container (fsm._runs), so no redeploy.
+    good, bad = spec(BASE), spec(BASE.replace("app:1", "app:2"))
+    serving = fsm.Box(id="a", name="web_a", spec=good, created_at=1.0, healthcheck=False)
+    reverted = fsm.Reverted(
+        spec_hash=bad.container_hash, from_image="app:2", to_image="app:1", reason="died", at=2.0
+    )
+    held_off = view(
+        BASE.replace("app:1", "app:2"),
+        phase=fsm.Phase.Stable,
+        current=serving,
+        last_good=good,
+        reverted=reverted,
+    )
+    assert held_off["serving_hash"] == good.container_hash != held_off["spec_hash"]
+    [change] = make_plan({"web": good}, {"web": held_off}).changes
+    assert (change.action, change.image_after) == (Action.update, "app:1")
+    # Without a revert the same views are a redeploy, as before.
+    plain = {**held_off, "reverted": None}
+    [change] = make_plan({"web": good}, {"web": plain}).changes
+    assert change.action is Action.redeploy

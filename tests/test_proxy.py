@@ -9,11 +9,13 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 
-from condo.docker.models import parse_container
+from condo.docker.models import Container, parse_container
 from condo.errors import SpecError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy
+from condo.proxy.reconcile import RETRY_DELAY, ProxyReconciler, run_proxy
 from condo.routes import Server, desired_routes, listener_views, service_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.specdir import SpecScanner
@@ -277,3 +279,81 @@ def test_the_sockets_are_absolute_paths_for_a_relative_state_file() -> None:
     proxy = haproxy.HAProxy(Path("condo-state.json.proxy"))
     assert proxy.admin_socket.is_absolute() and proxy.config.is_absolute()
     assert f"stats socket {proxy.admin_socket} " in haproxy.render_config(proxy.directory, [])
+
+
+# --- an error a user sees -------------------------------------------------------------------------
+
+
+class OneContainer:
+    """The engine's inspect answer for every container: running, port 80 published on
+    127.0.0.1:32768."""
+
+    async def inspect(self, cid_or_name: str) -> Container:
+        return parse_container(
+            {
+                "Id": cid_or_name,
+                "Created": "2026-01-01T00:00:00.000000000Z",
+                "Config": {},
+                "State": {"Running": True},
+                "HostConfig": {},
+                "NetworkSettings": {
+                    "Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "32768"}]}
+                },
+            }
+        )
+
+
+def stable_store() -> Store:
+    store = Store("h")
+    s = spec()
+    store.set_state("web", ServiceState(phase=Phase.Stable, desired=s, current=box("a", s)))
+    store.mark_settled()
+    return store
+
+
+async def proxy_error_of(store: Store, proxy: haproxy.HAProxy) -> str:
+    """Run the proxy task until `/v1/state` shows its error; check that the same error again
+    changes nothing (the task does not spin on its own report), then give the error."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            run_proxy, store, OneContainer(), ProxyReconciler(proxy, OneContainer())
+        )
+        with trio.fail_after(10):
+            while "proxy" not in store.view():
+                await store.wait_changed(store.version)
+        shown = store.view()["proxy"]
+        version = store.version
+        await trio.sleep(RETRY_DELAY * 1.5)  # another pass, the same error
+        assert store.version == version
+        assert store.view()["proxy"] == shown
+        nursery.cancel_scope.cancel()
+    assert shown["at"] > 0
+    return str(shown["error"])
+
+
+async def test_a_missing_haproxy_is_an_error_in_the_state(tmp_path: Path) -> None:
+    proxy = haproxy.HAProxy(tmp_path / "s.proxy", binary=str(tmp_path / "no-haproxy"))
+    error = await proxy_error_of(stable_store(), proxy)
+    assert f"cannot run {tmp_path / 'no-haproxy'}" in error
+    assert "apt-get install haproxy" in error
+
+
+async def test_a_socket_path_too_long_is_an_error_in_the_state(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * (haproxy.SOCKET_PATH_LIMIT - len(str(tmp_path))))
+    proxy = haproxy.HAProxy(deep / "s.proxy", binary=str(tmp_path / "never-run"))
+    error = await proxy_error_of(stable_store(), proxy)
+    assert error.startswith(f"the proxy's socket path {deep / 's.proxy' / 'master.sock'} is ")
+    assert "give condo a --state file in a shorter directory" in error
+    assert haproxy.socket_path_problem(tmp_path / "s.proxy") is None
+
+
+async def test_the_proxy_error_comes_and_goes_in_the_state() -> None:
+    store = Store("h")
+    assert "proxy" not in store.view()
+    store.set_proxy_error("haproxy refused its config: bad")
+    version = store.version
+    assert store.view()["proxy"]["error"] == "haproxy refused its config: bad"
+    store.set_proxy_error("haproxy refused its config: bad")
+    assert store.version == version  # the same error: no change, its first `at` stays
+    store.set_proxy_error(None)
+    assert "proxy" not in store.view()

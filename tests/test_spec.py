@@ -1063,3 +1063,6 @@ def test_the_readme_spec_example_is_valid_and_means_what_it_says() -> None:
     assert spec.image == "registry.example.com/web:1.2"
     assert spec.deploy.strategy == "After" and spec.deploy.delay == 5
     assert spec.health_timeout == 30 and spec.stop_timeout == 10
+    # The front door's example is the right way to a fixed port under [:After n]: no warning.
+    assert [(p.host, p.port, p.target) for p in spec.proxy] == [("127.0.0.1", 8080, 80)]
+    assert spec.warnings == ()

@@ -97,8 +97,8 @@ FAMILIES = {
     "condo_proxy_connections": (
         "counter",
         {"service", "listen"},
-        "Connections each :proxy listener accepted (HAProxy's frontend count: it starts again at 0"
-        " when a change of listeners reloads HAProxy).",
+        "Connections each :proxy listener accepted (HAProxy's frontend counts, summed across its"
+        " reloads and restarts).",
     ),
     "condo_proxy_open_connections": (
         "gauge",

@@ -8,25 +8,31 @@ Real time (sockets), so each test is kept to well under a second of work and cap
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import logging
+import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import attrs
 import pytest
 import trio
 import trio.testing
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
 
 from condo.metrics import Metrics
 from condo.store import Store
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.assets import StaticFiles
+from condo.web.door import Door
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.serve import closing_connections, hypercorn_config, serve_app
 from condo.web.waitfor import SharedWaits
-from tests.test_web import TOKEN, MakeWeb, Web, make_web, stable, waiting
+from tests.test_web import TOKEN, MakeWeb, make_web, stable, waiting
 
 __all__ = ["make_web"]  # the fixture, shared with test_web
 
@@ -42,10 +48,13 @@ class Served:
     store: Store
     context: WebContext
     port: int
+    app: Any
 
 
 @contextlib.asynccontextmanager
-async def served(*, keep_alive_max_requests: int | None = None) -> AsyncIterator[Served]:
+async def served(
+    *, keep_alive_max_requests: int | None = None, with_door: bool = True, token: str | None = None
+) -> AsyncIterator[Served]:
     """The app of a fresh Store, served by hypercorn on a free loopback port."""
     store = Store("h1")
     context = WebContext(
@@ -57,6 +66,7 @@ async def served(*, keep_alive_max_requests: int | None = None) -> AsyncIterator
         metrics=Metrics(),
         closing=Closing(),
         static=StaticFiles.scan(),
+        api_token=token,
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -66,11 +76,15 @@ async def served(*, keep_alive_max_requests: int | None = None) -> AsyncIterator
     if keep_alive_max_requests is not None:
         config.keep_alive_max_requests = keep_alive_max_requests
     stopping = trio.Event()
-    app = closing_connections(build_app(context), context.closing)
+    quart = build_app(context)
+    app = closing_connections(quart, context.closing)
+    door = quart.extensions["condo.door"] if with_door else None
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_app, app, config, context.closing, stopping)
+        await nursery.start(
+            functools.partial(serve_app, app, config, context.closing, stopping, door=door)
+        )
         try:
-            yield Served(store, context, port)
+            yield Served(store, context, port, quart)
         finally:
             stopping.set()
 
@@ -185,45 +199,158 @@ async def test_waiters_of_one_service_share_one_evaluation_per_picture(
     }
 
 
-async def answers(web: Web, path: str, *, close: bool = False) -> list[tuple[int, Any, bytes]]:
-    """(status, headers, body) of `path` asked at once, after 5 s, and of a wait cut by closing."""
-    got: list[tuple[int, Any, bytes]] = []
+# --- the front door (condo.web.door): long-polls parked below hypercorn -----------------------
 
-    async def ask() -> None:
-        response = await web.client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
-        got.append(
-            (response.status_code, list(response.headers.items()), await response.get_data(False))
-        )
+DATE = re.compile(rb"\r\ndate: [^\r]*")
 
-    with trio.fail_after(CAP):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask)
-            await trio.sleep(5)
-            if close:
-                web.context.closing.close()
-    return got
+
+def door_of(server: Served) -> Door:
+    door: Door = server.app.extensions["condo.door"]
+    return door
+
+
+def masked(answer: tuple[bytes, bytes]) -> bytes:
+    """The whole answer, its `date` header (the second it was sent) masked."""
+    head, body = answer
+    return DATE.sub(b"\r\ndate: -", head) + b"\r\n\r\n" + body
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await trio.sleep(0.01)
 
 
 @pytest.mark.parametrize(
     ("path", "close"),
     [
         ("/v1/wait_for?name=web&image=img:1&timeout=0", False),  # done at once
-        ("/v1/wait_for?name=web&image=img:2&timeout=1", False),  # timeout, pending
-        ("/v1/wait_for?name=ghost&image=img:2&timeout=1", False),  # runs nowhere
+        ("/v1/wait_for?name=web&image=img:2&timeout=0.2", False),  # timeout, pending
+        ("/v1/wait_for?name=ghost&image=img:2&timeout=0.2", False),  # runs nowhere
         ("/v1/wait_for?name=web&image=img:2&timeout=60", True),  # cut by shutdown
         ("/v1/wait_for?name=web&image=img:2&timeout=x", False),  # a 400 (quart's)
+        ("/v1/state", False),  # the hot route, answered by the door too
+        ("/v1/state?x=1", False),  # (quart's)
     ],
 )
-async def test_the_layer_answers_byte_for_byte_like_the_route(
-    autojump_clock: trio.testing.MockClock, make_web: MakeWeb, path: str, close: bool
+async def test_the_door_answers_byte_for_byte_like_hypercorn_and_the_route(
+    path: str, close: bool
 ) -> None:
     results = []
-    for layered in (True, False):
-        async with make_web(token=TOKEN) as web:
-            if not layered:
-                del web.app.asgi_app  # back to quart's own: the route answers everything
-            web.store.set_state("web", stable("img:1"))
-            results.append(await answers(web, path, close=close))
-    with_layer, route_only = results
-    assert with_layer == route_only
-    assert len(with_layer) == 1
+    for with_door in (True, False):
+        async with served(with_door=with_door, token=TOKEN) as server:
+            server.store.set_state("web", stable("img:1"))
+            with trio.fail_after(CAP):
+                async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    request = get(path, server.port).replace(
+                        b"\r\n\r\n", f"\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+                    )
+                    await stream.send_all(request)
+                    if close:
+                        await wait_until(
+                            lambda: server.context.metrics.value("condo_web_open_waits") == 1
+                        )
+                        server.context.closing.close()
+                    results.append(masked(await read_answer(stream)))
+            door_answers = door_of(server).writes
+            assert door_answers == (1 if with_door and "x" not in path else 0)
+    by_door, by_hypercorn = results
+    assert by_door == by_hypercorn
+    assert (b"connection: close" in by_door) == close
+
+
+async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hypercorn_object() -> (
+    None
+):
+    waiters = 50
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        streams: list[trio.SocketStream] = []
+        with trio.fail_after(CAP):
+            for _ in range(waiters):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                streams.append(stream)
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+            await wait_until(
+                lambda: server.context.metrics.value("condo_web_open_waits") == waiters
+            )
+            assert len(door.conns) == waiters
+            gc.collect()
+            assert not [o for o in gc.get_objects() if isinstance(o, (TCPServer, H11Protocol))]
+            encodes = door.encodes
+            server.store.set_state("web", stable("img:2", "c3"))
+            bodies = [(await read_answer(stream))[1] for stream in streams]
+            assert door.encodes == encodes + 1  # one answer for all
+            assert door.writes == waiters
+            assert bodies == [b'{"hosts":["h1"],"status":"ok"}\n'] * waiters
+            assert server.context.metrics.value("condo_web_open_waits") == 0
+            for stream in streams:
+                await stream.aclose()
+            # Their hang-ups are closed by the door itself: no server built to find EOF.
+            await wait_until(lambda: door.conns == {})
+            assert door.handed == 0
+
+
+async def test_a_keep_alive_connection_goes_on_after_a_door_answer_and_then_through_quart() -> None:
+    async with served() as server:
+        server.store.set_state("web", stable("img:1"))
+        door = door_of(server)
+        with trio.fail_after(CAP):
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:1", server.port))
+                head, body = await read_answer(stream)
+                assert head.startswith(b"HTTP/1.1 200 ") and body.endswith(b'"status":"ok"}\n')
+                assert door.writes == 1
+                assert door.handed == 0
+                # the state route and the next long-polls are the door's too
+                for path in ("/v1/state", "/v1/wait_for?name=web&image=img:1", "/v1/state"):
+                    await stream.send_all(get(path, server.port))
+                    head, body = await read_answer(stream)
+                    assert head.startswith(b"HTTP/1.1 200 ")
+                assert (door.writes, door.handed) == (4, 0)
+                # a route of quart's: hypercorn serves it, and the connection from then on
+                await stream.send_all(get("/healthz", server.port))
+                head, body = await read_answer(stream)
+                assert head.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in body
+                assert door.handed == 1
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:1", server.port))
+                head, body = await read_answer(stream)
+                assert body.endswith(b'"status":"ok"}\n')
+                assert (door.writes, door.handed) == (4, 1)
+
+
+async def test_a_parked_waiter_that_hangs_up_frees_its_slot() -> None:
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        metrics = server.context.metrics
+        with trio.fail_after(CAP):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == 1)
+            await stream.aclose()
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == 0)
+            assert door.conns == {}
+            assert door.shared.keys == {}
+            assert door.slots.taken == 0
+
+
+async def test_the_door_keeps_hypercorns_keep_alive_limit_byte_for_byte() -> None:
+    # hypercorn's last answer on a connection (keep_alive_max_requests) says `connection: close`
+    # and closes it: the door's answers do the same, whichever route is the last.
+    results = []
+    for with_door in (True, False):
+        async with served(with_door=with_door, keep_alive_max_requests=2) as server:
+            server.store.set_state("web", stable("img:1"))
+            with trio.fail_after(CAP):
+                async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    got = []
+                    for path in ("/v1/state", "/v1/wait_for?name=web&image=img:1"):
+                        await stream.send_all(get(path, server.port))
+                        got.append(masked(await read_answer(stream)))
+                    assert await stream.receive_some(100) == b""  # closed by the server
+            assert door_of(server).writes == (2 if with_door else 0)
+            results.append(got)
+    by_door, by_hypercorn = results
+    assert by_door == by_hypercorn
+    assert [b"connection: close" in answer for answer in by_door] == [False, True]

@@ -31,6 +31,10 @@ class HttpConnection:
         stream = await trio.open_tcp_stream(parsed.host, port)
         return cls(stream, f"{parsed.host}:{port}")
 
+    @property
+    def stream(self) -> trio.SocketStream:
+        return self._stream
+
     async def aclose(self) -> None:
         await self._stream.aclose()
 

@@ -11,6 +11,8 @@ Exit codes: 0 success, 1 the command's own failure (e.g. an invalid spec), 2 usa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import stat
@@ -37,6 +39,8 @@ from condo.config import (
 from condo.docker import ContainerId, open_docker
 from condo.errors import ConfigError, SpecError
 from condo.fds import raise_fd_limit
+from condo.proxy.haproxy import socket_path_problem
+from condo.proxy.reconcile import proxy_directory
 from condo.run import serve
 from condo.selfdeploy import HandOverPlan, run_hand_over
 from condo.spec import (
@@ -84,8 +88,10 @@ def main() -> None:
             # CI waits on this exit: tearing down the interpreter (every module condo imports)
             # took 150-300 ms after the answer. Nothing is left to clean up but the output.
             code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                # None when closed (`>&-`); a reader gone (EPIPE): the verdict's code stands.
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    stream.flush()
             os._exit(code)
         raise
 
@@ -268,8 +274,10 @@ async def wait(
     api_token
         The condo's --api-token, if it has one.
     """
+    # No stdout at all (`condo wait ... >&-`): the exit code alone says the verdict.
+    out = sys.stdout if sys.stdout is not None else io.StringIO()
     return await remote.wait(
-        name, image, wait_seconds=timeout, url=url, api_token=api_token, out=sys.stdout
+        name, image, wait_seconds=timeout, url=url, api_token=api_token, out=out
     )
 
 
@@ -357,7 +365,12 @@ async def plan(
 # --- validate -------------------------------------------------------------------------------------
 
 
-def validate(files: Annotated[list[str], Parameter(negative=())], /) -> int:
+def validate(
+    files: Annotated[list[str], Parameter(negative=())],
+    /,
+    *,
+    state: Path = Path("condo-state.json"),
+) -> int:
     """Check spec files without running anything.
 
     Prints "FILE: ok" for each valid file and "FILE:LINE: message" on stderr for each invalid
@@ -368,19 +381,26 @@ def validate(files: Annotated[list[str], Parameter(negative=())], /) -> int:
     ----------
     files
         Spec files (*.edn) to check.
+    state
+        The state file `condo run` is given: a `:proxy` spec is warned when the proxy's sockets
+        beside it would have too long a path.
     """
-    return validate_files(files, sys.stdout, sys.stderr)
+    return validate_files(files, sys.stdout, sys.stderr, state=state)
 
 
-def validate_files(files: Sequence[str], out: TextIO, err: TextIO) -> int:
+def validate_files(
+    files: Sequence[str], out: TextIO, err: TextIO, *, state: Path = Path("condo-state.json")
+) -> int:
     """Check each file, report on `out` / `err` (naming files as given); 0 when all are valid."""
     failed = False
     clashes = _shared_listeners(files)
+    # Known without running anything: HAProxy could not make its sockets beside this state.
+    sockets = socket_path_problem(proxy_directory(state))
     for file in files:
         problem = check_file(file) or clashes.get(file)
         if problem is None:
             print(f"{file}: ok", file=out)
-            for warning in spec_warnings(file):
+            for warning in spec_warnings(file, sockets):
                 print(f"{file}: warning: {warning}", file=err)
         else:
             failed = True
@@ -403,15 +423,19 @@ def _shared_listeners(files: Sequence[str]) -> dict[str, SpecError]:
     return shared_listener_errors(specs)
 
 
-def spec_warnings(file: str) -> tuple[str, ...]:
-    """What a valid service spec allows but will not work as hoped (ServiceSpec.warnings)."""
+def spec_warnings(file: str, sockets: str | None = None) -> tuple[str, ...]:
+    """What a valid service spec allows but will not work as hoped (ServiceSpec.warnings);
+    `sockets`: why the proxy cannot run, a warning of every spec with `:proxy`."""
     path = Path(file)
     if path.name == SELF_SPEC_NAME:
         return ()
     try:
-        return parse_spec(path.read_bytes(), file).warnings
+        spec = parse_spec(path.read_bytes(), file)
     except (OSError, SpecError):  # check_file just read and parsed it: a race, nothing to warn
         return ()
+    if spec.proxy and sockets is not None:
+        return (*spec.warnings, f":proxy cannot run: {sockets}")
+    return spec.warnings
 
 
 def check_file(file: str) -> SpecError | None:

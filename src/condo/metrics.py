@@ -58,8 +58,8 @@ NOTIFY_COUNTERS = {
 # `:proxy`: connections through each listener, read from HAProxy's frontends.
 PROXY_CONNECTIONS = (
     "condo_proxy_connections",
-    "Connections each :proxy listener accepted (HAProxy's frontend count: it starts again at 0"
-    " when a change of listeners reloads HAProxy).",
+    "Connections each :proxy listener accepted (HAProxy's frontend counts, summed across its"
+    " reloads and restarts).",
 )
 PROXY_OPEN = (
     "condo_proxy_open_connections",

@@ -137,6 +137,13 @@ def _change(name: str, spec: ServiceSpec | SpecError, view: Mapping[str, Any] | 
     if view is None:
         return Change(service=name, action=Action.create, image_after=spec.image)
     options = _option_changes(spec.options_json, view.get("options") or {})
+    if _back_to_what_serves(spec, view):
+        # The file names again what serves while the desired spec is reverted: condo keeps that
+        # container and drops the held-off spec, nothing is created.
+        return Change(
+            service=name, action=Action.update, image_before=before, image_after=spec.image,
+            options=options,
+        )  # fmt: skip
     if spec.container_hash != view["spec_hash"]:
         return Change(
             service=name,
@@ -150,6 +157,12 @@ def _change(name: str, spec: ServiceSpec | SpecError, view: Mapping[str, Any] | 
     return Change(
         service=name, action=action, image_before=before, image_after=spec.image, options=options
     )
+
+
+def _back_to_what_serves(spec: ServiceSpec, view: Mapping[str, Any]) -> bool:
+    """The desired spec is held off by a revert (`reverted` is shown only then) and `spec` is what
+    the serving container runs."""
+    return view.get("reverted") is not None and spec.container_hash == view.get("serving_hash")
 
 
 def _field_changes(local: Mapping[str, str], remote: Mapping[str, Any]) -> tuple[str, ...]:

@@ -251,6 +251,8 @@ def to_view(state: ServiceState, now: Instant, spec_error: SpecError | None) -> 
         # adopted in place, never the create body itself (Env and labels stay hidden).
         "spec_hash": None if state.desired is None else state.desired.container_hash,
         "spec_fields": None if state.desired is None else state.desired.field_hashes,
+        # The container hash of what serves (after a revert: the last good's, not the desired's).
+        "serving_hash": None if state.current is None else state.current.hash,
         "options": None if state.desired is None else state.desired.options_json,
         # `:proxy`: each listener and the container it leads to (condo.routes).
         "proxy": listener_views(state),

@@ -22,6 +22,7 @@ specs or errors).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -136,17 +137,23 @@ async def wait(
     started = time.monotonic()
     is_tty = out.isatty()
     last_line = ""
+    writable = True
 
     def show(line: str) -> None:
-        nonlocal last_line
-        if line == last_line:
+        nonlocal last_line, writable
+        if line == last_line or not writable:
             return
         last_line = line
-        if is_tty:
-            out.write(f"\r\x1b[2K{line}")
-        else:
-            out.write(line + "\n")
-        out.flush()
+        try:
+            if is_tty:
+                out.write(f"\r\x1b[2K{line}")
+            else:
+                out.write(line + "\n")
+            out.flush()
+        except (OSError, ValueError):
+            # The reader went away (`condo wait ... | head -1`): progress is a courtesy, the
+            # verdict (the exit code) is what the wait is for.
+            writable = False
 
     async def progress(client: httpx.AsyncClient, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -193,13 +200,13 @@ async def wait(
             status, body = answer
     if failure is not None:
         _finish_line(out, is_tty)
-        print(f"condo wait: {failure}", file=sys.stderr)
+        _say(f"condo wait: {failure}", file=sys.stderr)
         return EXIT_ERROR
     _finish_line(out, is_tty)
     elapsed = time.monotonic() - started
     if status == 200 and body.get("status") == "ok":
         hosts = body.get("hosts") or []
-        print(
+        _say(
             f"{name} is Stable on {image} on {len(hosts)} host(s) after {elapsed:.1f}s: "
             f"{', '.join(hosts)}",
             file=out,
@@ -210,22 +217,30 @@ async def wait(
         why = _describe_pending(pending) or "no host runs " + name
         if body.get("stale"):
             why = f"{body.get('error')} (last read {_clock(body.get('read_at'))}); {why}"
-        print(f"condo wait: timed out after {wait_seconds:g}s; pending: {why}", file=sys.stderr)
+        _say(f"condo wait: timed out after {wait_seconds:g}s; pending: {why}", file=sys.stderr)
         return EXIT_TIMEOUT
     if status == 500 and body.get("status") == "failed":
         failed = body.get("failed") or {}
         for host in sorted(failed):
             said = failed[host] if isinstance(failed[host], dict) else {}
-            print(f"condo wait: {image} failed on {host}: {said.get('reason')}", file=sys.stderr)
+            _say(f"condo wait: {image} failed on {host}: {said.get('reason')}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"condo wait: HTTP {status}: {body.get('error', body)}", file=sys.stderr)
+    _say(f"condo wait: HTTP {status}: {body.get('error', body)}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def _say(*text: str, file: TextIO) -> None:
+    """`print`, for the verdict of `condo wait`: a reader that went away loses the line, and the
+    exit code still says it (a BrokenPipeError would turn it into a traceback and 1)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(*text, file=file)
 
 
 def _finish_line(out: TextIO, is_tty: bool) -> None:
     if is_tty:
-        out.write("\n")
-        out.flush()
+        with contextlib.suppress(OSError, ValueError):  # (a terminal gone: see `show`)
+            out.write("\n")
+            out.flush()
 
 
 async def state(

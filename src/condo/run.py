@@ -47,9 +47,15 @@ from condo.docker import run_events as run_docker_events
 from condo.errors import ConfigError
 from condo.history import History, open_history
 from condo.notify import Notifier, run_notifier
-from condo.proxy.haproxy import HAProxy
+from condo.proxy.haproxy import HAProxy, ProxyContainer
 from condo.proxy.reconcile import ProxyReconciler, proxy_directory, run_proxy
-from condo.selfdeploy import SelfContext, SelfStatus, WantedSelf, run_self_deployer
+from condo.selfdeploy import (
+    SelfContext,
+    SelfStatus,
+    WantedSelf,
+    find_own_container,
+    run_self_deployer,
+)
 from condo.spec import SelfSpec
 from condo.specdir import SpecSnapshot, run_spec_watcher
 from condo.store import Store, now
@@ -179,7 +185,15 @@ async def _run_root(
 
     async with open_engine(config.docker_url, auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, restored.records)
-        proxy = ProxyReconciler(HAProxy(proxy_directory(config.state_path)), docker)
+        # condo in a container: HAProxy in a container of its own (a process would die with
+        # condo's container); else a detached host process.
+        own = await find_own_container(docker)
+        launcher = None
+        if own is not None:
+            launcher = ProxyContainer(docker, own.image_id or own.image, own.binds, config.host)
+        proxy = ProxyReconciler(
+            HAProxy(proxy_directory(config.state_path), launcher=launcher), docker
+        )
 
         def on_snapshot(snapshot: SpecSnapshot) -> None:
             if isinstance(snapshot.self_spec, SelfSpec):

@@ -449,6 +449,9 @@ async def run_spec_watcher(
                 watched = dict(scanner.listed_prefixes)
                 hints.cancel()
                 hints = await nursery.start(_run_change_hints, tuple(watched), hint_send)
+                # A change between that scan and the new watches has no event: scan once more.
+                with contextlib.suppress(trio.WouldBlock):
+                    hint_send.send_nowait(None)
             if latest != snapshot:
                 _log_news(snapshot, latest)
                 publish(latest)

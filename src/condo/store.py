@@ -51,6 +51,7 @@ class Store:
         self._listeners: list[Callable[[], None]] = []
         self._transition_observers: list[Transition] = []
         self._self_deploy: Mapping[str, Any] | None = None
+        self._proxy_error: Mapping[str, Any] | None = None
         self._settled = False
         self._view = PerVersion(lambda: self._version, lambda _: self._build_view(now()))
         self._encoder = StateEncoder()
@@ -96,6 +97,21 @@ class Store:
         if status != self._self_deploy:
             self._self_deploy = status
             self._bump()
+
+    @property
+    def proxy_error(self) -> Mapping[str, Any] | None:
+        """Why the proxy's data plane cannot run (`/v1/state`'s `"proxy"`: error, at), or None."""
+        return self._proxy_error
+
+    def set_proxy_error(self, error: str | None) -> None:
+        """The proxy task's last pass failed with `error` (None: it succeeded). The same error
+        again keeps its first `at` and changes nothing."""
+        if error is None and self._proxy_error is None:
+            return
+        if self._proxy_error is not None and self._proxy_error["error"] == error:
+            return
+        self._proxy_error = None if error is None else {"error": error, "at": time.time()}
+        self._bump()
 
     @property
     def settled(self) -> bool:
@@ -146,6 +162,8 @@ class Store:
         view: dict[str, Any] = {"host": self.host, "services": services}
         if self._self_deploy is not None:
             view["self"] = dict(self._self_deploy)
+        if self._proxy_error is not None:
+            view["proxy"] = dict(self._proxy_error)
         return view
 
     def _put(self, service: str, entry: ServiceEntry) -> None:

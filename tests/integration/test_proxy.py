@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -272,6 +273,7 @@ async def test_a_new_listener_reloads_without_refusing_or_cutting(condo: CondoUn
                 nursery.start_soon(slow_get)
                 await trio.sleep(0.3)
                 # Another service's listener: HAProxy reloads with both.
+                accepted = len(poller.answers) + 2  # wait_answer's GET, the slow one
                 condo.write("api", spec("api", other_port))
                 await wait_answer(other_port, "api")
                 while not slow_answer:
@@ -280,6 +282,14 @@ async def test_a_new_listener_reloads_without_refusing_or_cutting(condo: CondoUn
             assert slow_answer == ["one"]
             assert poller.failures == []
             assert set(poller.answers) == {"one"}
+
+            # The counter did not go back to the new worker's count: the old worker's
+            # connections are still in it (a Prometheus counter never decreases).
+            assert condo.running is not None and condo.running.proxy is not None
+            reconciler = condo.running.proxy
+            reported = reconciler.connections()["web", f"127.0.0.1:{port}"][1]
+            new_worker = reconciler.stats[f"l_127_0_0_1_{port}"].total  # read with `reported`
+            assert reported - new_worker >= accepted, (reported, new_worker, accepted)
 
 
 async def test_a_dead_haproxy_is_started_again(condo: CondoUnderTest) -> None:
@@ -294,3 +304,21 @@ async def test_a_dead_haproxy_is_started_again(condo: CondoUnderTest) -> None:
             stop_haproxy(condo)
             await wait_answer(port, "one", limit=15)
             assert proxy.master_pid() not in (None, first)
+
+
+async def test_a_listener_haproxy_cannot_bind_is_an_error_in_the_state(
+    condo: CondoUnderTest,
+) -> None:
+    with socket.socket() as taken, trio.fail_after(60):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        condo.write("web", spec("one", port))
+        async with running_condo(condo):
+            await condo.wait_state("web", "Stable")
+            view = await condo.wait(lambda v: "proxy" in v)
+            assert "cannot bind socket" in view["proxy"]["error"], view["proxy"]
+            assert f"127.0.0.1:{port}" in view["proxy"]["error"]
+            taken.close()  # the port is free: the next pass starts HAProxy, the error goes
+            await condo.wait(lambda v: "proxy" not in v)
+            await wait_answer(port, "one")

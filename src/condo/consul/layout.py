@@ -123,6 +123,10 @@ class ForeignValue(ValueError):
     """A value under the prefix that condo did not write (or that another version broke)."""
 
 
+# The fields of a SERVICE that readers of the picture look into (condo.waiting.evaluate).
+OBJECT_FIELDS = ("current", "error", "reverted")
+
+
 def decode_value(layout: KeyLayout, key: str, raw: bytes | None) -> Published:
     """The value at `key`, checked against the key itself; raises ForeignValue otherwise."""
     where = layout.parse(key)
@@ -137,6 +141,10 @@ def decode_value(layout: KeyLayout, key: str, raw: bytes | None) -> Published:
         raise ForeignValue(f"names {service}/{host}, not its own key")
     if not isinstance(state, dict) or not isinstance(state.get("state"), str):
         raise ForeignValue("no service state")
+    for name in OBJECT_FIELDS:
+        if not isinstance(state.get(name), dict | None):
+            # condo.waiting reads into them: one such key would fail every wait on its service.
+            raise ForeignValue(f"the service state's {name} is not an object")
     at = document.get("at")
     version = document.get("version")
     return Published(

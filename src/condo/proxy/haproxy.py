@@ -1,18 +1,20 @@
 """The HAProxy process behind `:proxy`: its files, its start or adoption, its admin socket.
 
-This is the only code that touches HAProxy. The process is not condo's: it is started detached
-(`-D`, its own session) in master-worker mode, so a `kill -9`, a SIGTERM or a restart of condo
-never touches it or its connections; a condo that starts finds it by its pid file and its admin
-socket, and adopts it. Its files live in one directory beside the state file
-(`<state>.proxy/`): `haproxy.cfg`, `haproxy.pid` (the master), `master.sock`, `admin.sock`,
-`haproxy.log` (its own stderr).
+This is the only code that touches HAProxy. The process is not condo's: it runs in master-worker
+mode, started detached (`-D`, its own session) on the host by `condo run`, or as a container of
+condo's own image with host networking by a condo that runs in a container (`ProxyContainer`),
+so a `kill -9`, a SIGTERM, a restart or a self-deploy of condo never touches it or its
+connections; a condo that starts finds it by its admin socket, and adopts it. Its files live in
+one directory beside the state file (`<state>.proxy/`): `haproxy.cfg`, `haproxy.pid` (the
+master), `master.sock`, `admin.sock`, `haproxy.log` (a host process's stderr; a container's is
+its log).
 
 Servers change over the admin socket with no reload (`add server`, `enable server`, `disable
 server`, `del server`). A listener cannot be added that way in HAProxy 2.6: a change of
 listeners rewrites the config, which also holds the servers of the moment, and reloads the
-master (SIGUSR2): the new worker takes the listening sockets over from the old one (`expose-fd
-listeners`: no connection is refused) and the old worker keeps its open connections until they
-end.
+master (its `reload` command on the master socket): the new worker takes the listening sockets
+over from the old one (`expose-fd listeners`: no connection is refused) and the old worker keeps
+its open connections until they end.
 
 Each backend also holds a `hold` server, a backup at an address where nothing listens: while no
 container is ready, a connection is sent there, refused, and retried (one second apart,
@@ -28,21 +30,23 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import structlog
 import trio
 
-from condo.errors import ProxyError
+from condo.docker.models import ContainerId
+from condo.errors import ContainerNotFound, DockerError, ProxyError
 
 log = structlog.get_logger(__name__)
 
@@ -51,9 +55,12 @@ START_LIMIT = 10.0
 HOLD_ADDRESS = "127.0.0.1:1"  # tcpmux's port: nothing listens there, a connect is refused
 SERVER_HOST = "127.0.0.1"
 SIGNATURE_PREFIX = "# condo-listeners: "
+PROXY_LABEL = "condo.proxy"  # on HAProxy's container: the host it proxies for
 # Retries a held connection gets beyond its health timeout: one second apart, so a connection
 # arriving at the start of a gap outlasts a candidate that turns healthy at its deadline.
 HOLD_EXTRA_RETRIES = 3
+# HAProxy 2.6 refuses a unix socket path longer than this (sun_path less its temporary suffix).
+SOCKET_PATH_LIMIT = 97
 
 ServerState = Literal["ready", "drain"]
 
@@ -99,7 +106,7 @@ class ServerStatus:
 @attrs.frozen
 class FrontendStats:
     current: int  # open connections
-    total: int  # connections since the worker started (a reload starts again at 0)
+    total: int  # connections since the worker started (a reload's new worker starts at 0)
 
 
 def signature(frontends: Sequence[Frontend]) -> str:
@@ -146,15 +153,22 @@ def render_config(directory: Path, frontends: Sequence[Frontend]) -> str:
 class HAProxy:
     """The HAProxy of one condo: its directory, its master's pid, its admin socket."""
 
-    def __init__(self, directory: Path, binary: str = "haproxy") -> None:
+    def __init__(
+        self, directory: Path, binary: str = "haproxy", launcher: Launcher | None = None
+    ) -> None:
         # Absolute: HAProxy reads a socket path without a "/" as HOST:PORT (`--state x.json`).
         self.directory = directory.absolute()
         self.binary = binary
+        self.launcher: Launcher = launcher or HostProcess()
         self.config = self.directory / "haproxy.cfg"
         self.pidfile = self.directory / "haproxy.pid"
         self.master_socket = self.directory / "master.sock"
         self.admin_socket = self.directory / "admin.sock"
         self.logfile = self.directory / "haproxy.log"
+
+    def socket_problem(self) -> str | None:
+        """Why HAProxy cannot make its sockets in this directory (a path too long), or None."""
+        return socket_path_problem(self.directory)
 
     # --- the process ----------------------------------------------------------------------
 
@@ -170,8 +184,6 @@ class HAProxy:
     async def running_signature(self) -> str | None:
         """The listeners' signature of the running HAProxy (its config file's), or None when
         no HAProxy of this directory answers: one to adopt as it is, or to replace."""
-        if self.master_pid() is None:
-            return None
         try:
             await self.command("show info")
         except ProxyError:
@@ -186,64 +198,47 @@ class HAProxy:
         return ""
 
     async def start(self, frontends: Sequence[Frontend]) -> None:
-        """Write the config and start a detached master-worker HAProxy; return once its admin
-        socket answers."""
+        """Write the config and start a master-worker HAProxy (by the launcher: a detached host
+        process, or a container); return once its admin socket answers."""
+        if (problem := self.socket_problem()) is not None:
+            raise ProxyError(problem)
         await trio.to_thread.run_sync(lambda: self.directory.mkdir(mode=0o700, exist_ok=True))
         await self._write_checked(frontends)
         for stale in (self.admin_socket, self.master_socket):
             stale.unlink(missing_ok=True)
-        argv = [self.binary, "-W", "-D", "-f", str(self.config), "-p", str(self.pidfile)]
-        argv += ["-S", str(self.master_socket)]
-        with open(self.logfile, "ab") as stderr:  # noqa: ASYNC230 (a local file, opened once)
-            try:
-                # The launcher exits once the daemon forked; the daemon is in its own session,
-                # so nothing sent to condo's process group reaches it.
-                result = await trio.run_process(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=stderr,
-                    stderr=stderr,
-                    check=False,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise ProxyError(f"cannot run {self.binary}: {exc}") from exc
-        if result.returncode != 0:
-            raise ProxyError(f"haproxy exited {result.returncode}: {self._log_tail()}")
+        await self.launcher.launch(self)
         await self._wait_answering(None)
-        log.info("proxy.started", pid=self.master_pid(), directory=str(self.directory))
+        log.info("proxy.started", launcher=self.launcher.kind, directory=str(self.directory))
 
     async def reload(self, frontends: Sequence[Frontend]) -> None:
-        """Write the config and reload the master: new listeners, closed ones, the same
+        """Write the config and reload the master (its `reload` command on the master socket:
+        the same for a host process and a container): new listeners, closed ones, the same
         connections. Returns once the new worker answers."""
-        pid = self.master_pid()
-        if pid is None:
-            raise ProxyError("no HAProxy master to reload")
         before = await self._worker_pid()
+        if before is None:
+            raise ProxyError("no HAProxy answers: nothing to reload")
         await self._write_checked(frontends)
-        try:
-            os.kill(pid, signal.SIGUSR2)
-        except OSError as exc:
-            raise ProxyError(f"cannot signal the HAProxy master {pid}: {exc}") from exc
+        await self.command("reload", socket=self.master_socket)
         await self._wait_answering(before)
-        log.info("proxy.reloaded", pid=pid, listeners=len(frontends))
+        log.info("proxy.reloaded", listeners=len(frontends))
 
     async def stop(self) -> None:
         """Stop the master and its workers (tests; condo itself never stops its proxy)."""
-        pid = self.master_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
+        await self.launcher.stop(self)
 
     async def _write_checked(self, frontends: Sequence[Frontend]) -> None:
         text = render_config(self.directory, frontends)
         candidate = self.directory / "haproxy.cfg.new"
         await trio.to_thread.run_sync(candidate.write_text, text)
-        result = await trio.run_process(
-            [self.binary, "-c", "-f", str(candidate)],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        try:
+            result = await trio.run_process(
+                [self.binary, "-c", "-f", str(candidate)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        except OSError as exc:
+            raise ProxyError(self.cannot_run(exc)) from exc
         if result.returncode != 0:
             output = (result.stdout + result.stderr).decode(errors="replace").splitlines()
             alerts = [line for line in output if "ALERT" in line][:2] or output[-2:]
@@ -266,9 +261,15 @@ class HAProxy:
                 if worker is not None and worker != old_worker:
                     return
                 await trio.sleep(0.05)
-        raise ProxyError(f"haproxy did not answer in {START_LIMIT:g} s: {self._log_tail()}")
+        raise ProxyError(f"haproxy did not answer in {START_LIMIT:g} s: {self.log_tail()}")
 
-    def _log_tail(self) -> str:
+    def cannot_run(self, exc: OSError) -> str:
+        return (
+            f"cannot run {self.binary} ({exc.strerror or exc}): :proxy needs HAProxy 2.6 on the"
+            " host (apt-get install haproxy)"
+        )
+
+    def log_tail(self) -> str:
         try:
             lines = self.logfile.read_text(errors="replace").strip().splitlines()
         except OSError:
@@ -277,11 +278,16 @@ class HAProxy:
 
     # --- the admin socket -------------------------------------------------------------------
 
-    async def command(self, line: str) -> str:
-        """One admin command, its whole answer."""
+    def argv(self, *, daemon: bool) -> list[str]:
+        """The master's command line (`daemon`: fork to the background, for a host process)."""
+        argv = [self.binary, "-W", "-D" if daemon else "-db", "-f", str(self.config)]
+        return [*argv, "-p", str(self.pidfile), "-S", str(self.master_socket)]
+
+    async def command(self, line: str, *, socket: Path | None = None) -> str:
+        """One admin command (or master command, on `socket`), its whole answer."""
         try:
             with trio.fail_after(COMMAND_LIMIT):
-                stream = await trio.open_unix_socket(str(self.admin_socket))
+                stream = await trio.open_unix_socket(str(socket or self.admin_socket))
                 async with stream:
                     await stream.send_all(line.encode() + b"\n")
                     chunks = []
@@ -324,6 +330,118 @@ class HAProxy:
     async def apply(self, command: str) -> str:
         """A server change; its answer (HAProxy answers errors in words, not codes)."""
         return (await self.command(command)).strip()
+
+
+class Launcher(Protocol):
+    """How the HAProxy master is started: it must outlive condo's process."""
+
+    kind: str
+
+    async def launch(self, proxy: HAProxy) -> None:
+        """Start the master of `proxy`'s config (written already); ProxyError when it cannot."""
+        ...
+
+    async def stop(self, proxy: HAProxy) -> None: ...
+
+
+class HostProcess:
+    """HAProxy as a detached host process (`condo run` on the host): its own session, so
+    nothing sent to condo's process group reaches it."""
+
+    kind = "process"
+
+    async def launch(self, proxy: HAProxy) -> None:
+        with open(proxy.logfile, "ab") as stderr:  # noqa: ASYNC230 (a local file, opened once)
+            try:
+                # The launcher exits once the daemon forked.
+                result = await trio.run_process(
+                    proxy.argv(daemon=True),
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    check=False,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ProxyError(proxy.cannot_run(exc)) from exc
+        if result.returncode != 0:
+            raise ProxyError(f"haproxy exited {result.returncode}: {proxy.log_tail()}")
+
+    async def stop(self, proxy: HAProxy) -> None:
+        pid = proxy.master_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+
+
+class ProxyEngine(Protocol):
+    """The part of the Docker client a proxy container needs (condo.docker.DockerClient)."""
+
+    async def create(self, body: Mapping[str, Any], *, name: str) -> ContainerId: ...
+    async def start(self, cid: ContainerId) -> None: ...
+    async def remove(self, cid: ContainerId) -> None: ...
+
+
+@attrs.frozen
+class ProxyContainer:
+    """HAProxy as a container of condo's own image (condo in a container: a process it
+    started would die with its container, e.g. when a self-deploy replaces it). Host
+    networking: it listens on the host's ports and reaches the ports published on 127.0.0.1.
+    It gets condo's own binds, so the proxy directory (beside the state file) is the same path
+    in both containers, and HAProxy's sockets there are condo's way in."""
+
+    engine: ProxyEngine
+    image: str  # condo's own image (its id: a tag moved meanwhile does not matter)
+    binds: tuple[str, ...]
+    host: str
+    kind = "container"
+
+    @property
+    def name(self) -> str:
+        return f"condo-proxy-{self.host}"
+
+    def body(self, proxy: HAProxy) -> dict[str, Any]:
+        argv = proxy.argv(daemon=False)
+        return {
+            "Image": self.image,
+            "Entrypoint": argv[:1],
+            "Cmd": argv[1:],
+            "Labels": {PROXY_LABEL: self.host},
+            # condo's image checks condo's API: nothing of HAProxy's.
+            "Healthcheck": {"Test": ["NONE"]},
+            "HostConfig": {
+                "NetworkMode": "host",
+                "Binds": list(self.binds),
+                # Restarted by the engine (a crash, the engine's restart); never by condo's end.
+                "RestartPolicy": {"Name": "unless-stopped"},
+            },
+        }
+
+    async def launch(self, proxy: HAProxy) -> None:
+        try:
+            # One that runs but does not answer (or a stopped one) is replaced.
+            with contextlib.suppress(ContainerNotFound):
+                await self.engine.remove(ContainerId(self.name))
+            cid = await self.engine.create(self.body(proxy), name=self.name)
+            await self.engine.start(cid)
+        except DockerError as exc:
+            raise ProxyError(f"cannot start the proxy container {self.name}: {exc}") from exc
+
+    async def stop(self, proxy: HAProxy) -> None:
+        with contextlib.suppress(ContainerNotFound):
+            await self.engine.remove(ContainerId(self.name))
+
+
+def socket_path_problem(directory: Path) -> str | None:
+    """Why HAProxy could not make its sockets in `directory` (the proxy directory of a state
+    file): the longest socket path is over HAProxy's limit. None when it fits."""
+    longest = directory.absolute() / "master.sock"
+    size = len(os.fsencode(longest))
+    if size <= SOCKET_PATH_LIMIT:
+        return None
+    return (
+        f"the proxy's socket path {longest} is {size} bytes, HAProxy allows {SOCKET_PATH_LIMIT}:"
+        " give condo a --state file in a shorter directory"
+    )
 
 
 def bind_address(host: str, port: int) -> str:

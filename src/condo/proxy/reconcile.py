@@ -56,6 +56,11 @@ class ProxyReconciler:
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
+        # A worker's accepted count starts at 0 (a reload, a HAProxy started again): what the
+        # workers before it accepted, per (service, listen), and the last count read. Their sum
+        # is a Prometheus counter, which must never go backwards.
+        self._before: dict[tuple[str, str], int] = {}
+        self._last: dict[tuple[str, str], int] = {}
 
     def forget(self) -> None:
         """Look for the running HAProxy again at the next pass (after a failure)."""
@@ -64,18 +69,30 @@ class ProxyReconciler:
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
         found = {}
-        for name, (service, listen) in self._services.items():
+        for name, key in self._services.items():
             stats = self.stats.get(name)
             if stats is not None:
-                found[service, listen] = (stats.current, stats.total)
+                found[key] = (stats.current, self._before.get(key, 0) + self._last.get(key, 0))
         return found
+
+    async def _read_stats(self) -> None:
+        self.stats = await self.proxy.frontend_stats()
+        for name, key in self._services.items():
+            stats = self.stats.get(name)
+            if stats is None:
+                continue
+            if stats.total < self._last.get(key, 0):  # a new worker condo did not start
+                self._fold(key)
+            self._last[key] = stats.total
+
+    def _fold(self, key: tuple[str, str] | None = None) -> None:
+        """A new worker counts from 0: keep what the old ones counted (every key's, or one)."""
+        for k in [key] if key is not None else list(self._last):
+            self._before[k] = self._before.get(k, 0) + self._last.pop(k, 0)
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
         frontends = [await self._frontend(route) for route in routes]
-        self._services = {
-            f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
-        }
         wanted = haproxy.signature(frontends)
         if self._signature is None:
             self._signature = await self.proxy.running_signature()
@@ -83,14 +100,21 @@ class ProxyReconciler:
                 if not frontends:
                     return False  # nothing runs and nothing is wanted
                 await self.proxy.start(frontends)
+                self._fold()  # the HAProxy that died took its counts with it
                 self._signature = wanted
             else:
-                log.info("proxy.adopted", pid=self.proxy.master_pid())
+                log.info("proxy.adopted")
         if wanted != self._signature:
+            # The old worker's last counts, then the new worker's from 0.
+            await self._read_stats()
             await self.proxy.reload(frontends)
+            self._fold()
             self._signature = wanted
+        self._services = {
+            f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
+        }
         pending = await self._sync_servers(frontends)
-        self.stats = await self.proxy.frontend_stats()
+        await self._read_stats()
         return pending
 
     async def _frontend(self, route: Route) -> haproxy.Frontend:
@@ -183,21 +207,34 @@ async def run_proxy(
         routes, _conflicts = desired_routes({n: e.state for n, e in store.entries.items()})
         try:
             pending = await reconciler.reconcile(routes)
+            error = None
         except ProxyError as exc:
             # HAProxy away, a command refused, the engine not answering: all worth another
             # pass, and what runs keeps running meanwhile. The next pass looks for HAProxy
             # afresh: one that died is started again.
             log.warning("proxy.reconcile_failed", error=str(exc))
+            error = str(exc)
             reconciler.forget()
             pending = True
-        except Exception:
+        except Exception as exc:
             # A bug (or an answer of a shape nobody foresaw) must not take condo down with
             # it: the services run on, and the proxy task tries again from scratch.
             log.exception("proxy.reconcile_crashed")
+            error = f"the proxy task failed: {exc!r} (condo's log has more)"
             reconciler.forget()
             pending = True
+        seen = _report(store, error, seen)
         # Something left: try again soon. Listeners: look again now and then for the
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
         with trio.move_on_after(delay):
             await store.wait_changed(seen)
+
+
+def _report(store: Store, error: str | None, seen: int) -> int:
+    """Show the pass's error in `/v1/state` (None: the data plane is fine). The report is a
+    change of the store the task itself made: when nothing else changed meanwhile, it is no
+    reason for another pass (the version the task has seen moves past it)."""
+    unchanged = store.version == seen
+    store.set_proxy_error(error)
+    return store.version if unchanged else seen

@@ -24,18 +24,14 @@ Invariants:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 import attrs
 import structlog
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Response, jsonify, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import WebsocketMismatch
 
@@ -49,21 +45,14 @@ from condo.store import Store
 from condo.waiting import HostDirectory, StateSource, Verdict, evaluate, hosts_document
 from condo.web.assets import INDEX, StaticFile, StaticFiles, locked_page
 from condo.web.auth import bearer, token_matches
+from condo.web.door import Door
 from condo.web.feed import GlobalSnapshots, Snapshots, run_feed
 from condo.web.health import EngineHealth
 from condo.web.hosts import AllowedHosts, same_origin
 from condo.web.lifecycle import Closing
 from condo.web.openapi import openapi_document
 from condo.web.slots import Slots
-from condo.web.waitfor import (
-    MAX_NAME,
-    BadParams,
-    SharedVerdict,
-    SharedWaits,
-    WaitParams,
-    parse_wait_params,
-    wait_deployed,
-)
+from condo.web.waitfor import MAX_NAME, BadParams, SharedWaits, WaitParams, parse_wait_params
 
 log = structlog.get_logger(__name__)
 
@@ -253,27 +242,42 @@ def build_app(context: WebContext) -> QuartTrio:
         # the app serves (cancelled with it).
         app.nursery.start_soon(shared.run)
 
-    app.asgi_app = _waits_first(app, app.asgi_app, context, shared, waits)  # type: ignore[method-assign,assignment]
+    # The plain long-polls are parked by the front door (condo.web.door) below hypercorn; the
+    # route answers the others (a connection's later requests, or a head that came in pieces)
+    # and is the reference the door's answers match byte for byte (tests/test_web_serve.py).
+    app.extensions["condo.door"] = Door(
+        shared=shared,
+        slots=waits,
+        closing=context.closing,
+        allowed_hosts=context.allowed_hosts,
+        api_token=context.api_token,
+        answer=lambda params, verdict, closing: wait_answer(source, params, verdict, closing),
+        dumps=lambda body: app.json.dumps(body, separators=(",", ":")),
+        gauge=context.metrics.web_waiters,
+        state=lambda: (context.store.version, state_body.value),
+    )
 
-    # The plain route: what the layer hands back (see `_waits_first`) and the reference its
-    # answers must match byte for byte (tests/test_web.py).
     @app.get("/v1/wait_for")
     async def wait_for() -> Any:
         try:
             params = parse_wait_params(request.args)
         except BadParams as exc:
             return _error(400, str(exc))
-        verdict = None
         if not waits.try_take():
             return _full("waits", waits.cap, "--max-waits")
         context.metrics.web_waiters.inc()
         try:
-            with context.closing.guard() as guard, trio.move_on_after(params.timeout):
-                verdict = await wait_deployed(source, params.name, params.image)
+            key = shared.join(params.name, params.image)
+            with (
+                context.closing.guard() as guard,
+                trio.move_on_after(params.timeout),
+                shared.waiting(key),
+            ):
+                await trio.sleep_forever()
         finally:
             context.metrics.web_waiters.dec()
             waits.release()
-        answer, status = wait_answer(source, params, verdict, guard.cancelled_caught)
+        answer, status = wait_answer(source, params, key.verdict, guard.cancelled_caught)
         return jsonify(answer), status
 
     @app.get("/healthz")
@@ -389,127 +393,6 @@ def wait_answer(
     elif not late.hosts:
         body["error"] = f"no host runs {params.name}"
     return body, 500
-
-
-# The headers of every JSON answer of the API, after the app's own (`harden`), in quart's order.
-JSON_HEADERS = (
-    (b"content-type", b"application/json"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"cache-control", b"no-store"),
-    (b"referrer-policy", b"no-referrer"),
-)
-
-Answer = tuple[dict[str, Any], dict[str, Any]]  # the ASGI start and body messages
-
-
-def _waits_first(
-    app: QuartTrio,
-    inner: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Any],
-    context: WebContext,
-    shared: SharedWaits,
-    waits: Slots,
-) -> Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Any]:
-    """`inner` (quart's ASGI app), with the plain `/v1/wait_for` answered before it.
-
-    Thousands of long-polls wait at once, and answer at once when the deploy turns Stable: quart's
-    per-request machinery (a request object and two tasks while waiting; a response object, its
-    hooks and three send events when answering) made that slow and fat. A GET of exactly
-    `/v1/wait_for` whose Host and token pass, that has no body and whose parameters are good is
-    answered here: one task that waits on its (name, image)'s `SharedVerdict` and on the client
-    hanging up, and answers with the bytes encoded once for every waiter of that verdict. Any
-    other request (every error included) goes to quart, whose route and guards give the same
-    answers for the same requests (tests/test_web.py compares them byte for byte).
-    """
-
-    def encode(body: dict[str, Any], status: int) -> Answer:
-        data = (app.json.dumps(body, separators=(",", ":")) + "\n").encode()
-        headers = [JSON_HEADERS[0], (b"content-length", str(len(data)).encode()), *JSON_HEADERS[1:]]
-        start = {"type": "http.response.start", "status": status, "headers": headers}
-        return start, {"type": "http.response.body", "body": data, "more_body": False}
-
-    def shared_answer(key: SharedVerdict) -> Answer:
-        if key.answer is None:
-            key.answer = encode(*wait_answer(shared.source, _params(key), key.verdict, False))
-        answer: Answer = key.answer  # type: ignore[assignment]
-        return answer
-
-    async def layer(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        params = _plain_wait(scope, context)
-        if params is None or not waits.try_take():
-            await inner(scope, receive, send)  # quart answers it (503 when the slots are full)
-            return
-        context.metrics.web_waiters.inc()
-        hung_up = False
-        try:
-            key = shared.join(params.name, params.image)
-            with (
-                context.closing.guard() as guard,
-                trio.move_on_after(params.timeout),
-                shared.waiting(key),
-            ):
-                await _hung_up(receive)
-                hung_up = True
-        finally:
-            context.metrics.web_waiters.dec()
-            waits.release()
-        if hung_up:
-            return  # nobody to answer (quart-trio, too, drops the request)
-        if key.verdict is not None:
-            start, body = shared_answer(key)
-        else:
-            start, body = encode(*wait_answer(shared.source, params, None, guard.cancelled_caught))
-        await send(start)  # type: ignore[arg-type]
-        await send(body)  # type: ignore[arg-type]
-
-    return layer
-
-
-def _params(key: SharedVerdict) -> WaitParams:
-    return WaitParams(name=key.name, image=key.image, timeout=0.0)
-
-
-async def _hung_up(receive: ASGIReceiveCallable) -> None:
-    """Return when the client hangs up (the request's body, empty, is skipped)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _plain_wait(scope: Scope, context: WebContext) -> WaitParams | None:
-    """The parameters of a `/v1/wait_for` the layer may answer, or None: quart answers it."""
-    if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/v1/wait_for":
-        return None
-    host: str | None = None
-    authorization: str | None = None
-    for name, value in scope["headers"]:
-        if name == b"host":
-            if host is not None:
-                return None  # twice: quart decides
-            host = value.decode("latin-1")
-        elif name == b"authorization" and authorization is None:
-            authorization = value.decode("latin-1")
-        elif name in (b"transfer-encoding", b"expect") or (
-            name == b"content-length" and value.strip() != b"0"
-        ):
-            return None  # a body: quart refuses or reads it
-    if not context.allowed_hosts.allows(host):
-        return None
-    if context.api_token is not None and not token_matches(
-        context.api_token, bearer(authorization)
-    ):
-        return None
-    try:
-        # What werkzeug's request.args does, so that both read the same parameters.
-        args = MultiDict(
-            parse_qsl(
-                scope["query_string"].decode(), keep_blank_values=True, errors="werkzeug.url_quote"
-            )
-        )
-        params = parse_wait_params(args)
-    except (BadParams, UnicodeError, LookupError, ValueError):
-        return None  # quart answers it (a 400, with the reason)
-    if not math.isfinite(params.timeout):
-        return None
-    return params
 
 
 def _all_history(context: WebContext) -> dict[str, Any]:

@@ -132,6 +132,11 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "the desired spec's container hash (label condo.spec-hash): "
                 "a different one redeploys",
             },
+            "serving_hash": {
+                "type": ["string", "null"],
+                "description": "the container hash of the container that serves (null: none); "
+                "after a revert it is the last good spec's, not the desired one's",
+            },
             "spec_fields": {
                 "type": ["object", "null"],
                 "description": "a fingerprint of each top-level key of the desired create body",
@@ -187,6 +192,13 @@ _SCHEMAS: dict[str, Any] = {
                     "state": {"enum": ["deploying", "waiting", "failed"]},
                     "error": {"type": ["string", "null"], "description": "why it failed"},
                 },
+            },
+            "proxy": {
+                "type": "object",
+                "description": "present while the :proxy data plane (HAProxy) cannot run or be"
+                " reached: why, since when (unix seconds)",
+                "required": ["error", "at"],
+                "properties": {"error": {"type": "string"}, "at": {"type": "number"}},
             },
         },
     },

@@ -28,6 +28,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import hypercorn.trio
@@ -53,6 +54,7 @@ from condo.store import Store
 from condo.waiting import HostDirectory, StateSource
 from condo.web.app import WebContext, build_app
 from condo.web.assets import StaticFiles
+from condo.web.door import Door
 from condo.web.health import EngineHealth
 from condo.web.hosts import AllowedHosts
 from condo.web.lifecycle import Closing
@@ -67,6 +69,7 @@ MAX_HEADERS = 16 * 1024  # request line + headers; beyond it hypercorn answers 4
 MAX_WEBSOCKET_MESSAGE = 64 * 1024
 BACKLOG = 128
 HOUSEKEEPING_LIMIT = 1.0  # closing a connection, or arming its keep-alive timer
+DOOR = "condo_door"  # the hypercorn config's attribute that names its front door
 
 
 class StateFileStatus(Protocol):
@@ -245,9 +248,11 @@ class ApiServer:
             max_feeds=caps.feeds,
             history=running.history,
         )
-        app = closing_connections(build_app(context), context.closing)
+        quart = build_app(context)
+        app = closing_connections(quart, context.closing)
+        door: Door = quart.extensions["condo.door"]
         try:
-            await serve_app(app, hypercorn_config(fd), context.closing, stopping)
+            await serve_app(app, hypercorn_config(fd), context.closing, stopping, door=door)
         finally:
             remove_observer()
             if remove_publish_observer is not None:
@@ -346,16 +351,40 @@ def _close_answered_connections() -> None:
     TCPServer._close = close  # type: ignore[method-assign]
 
 
+def _front_door() -> None:
+    """Let a served app's `Door` look at each new connection before hypercorn builds anything
+    for it (hypercorn offers no hook for it: its TCPServer.run is wrapped, once per process).
+    The door of a server is its hypercorn config's `DOOR` attribute."""
+    if getattr(TCPServer.run, "_condo_door", False):
+        return
+    original = TCPServer.run
+
+    async def run(self: TCPServer) -> None:
+        door: Door | None = getattr(self.config, DOOR, None)
+        if door is not None and await door.admit(self):
+            return  # the door holds the connection now
+        await original(self)
+
+    run._condo_door = True  # type: ignore[attr-defined]
+    TCPServer.run = run  # type: ignore[method-assign]
+
+
 async def serve_app(
     app: ASGIFramework,
     config: HypercornConfig,
     closing: Closing,
     stopping: trio.Event,
     *,
+    door: Door | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run hypercorn until `stopping` (or cancellation); then drain within DRAIN_LIMIT."""
+    """Run hypercorn (and `door`, in front of it) until `stopping` (or cancellation); then drain
+    within DRAIN_LIMIT."""
     _close_answered_connections()
+    front = door if door is not None and Door.available() else None
+    if front is not None:
+        _front_door()
+        setattr(config, DOOR, front)
     shutdown = trio.Event()
     # Shielded so that the root's cancel (right after `stopping`) does not cut the answers that
     # `closing` just produced; the deadline set below bounds it instead.
@@ -363,12 +392,13 @@ async def serve_app(
 
     async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
         with drain:
-            await hypercorn.trio.serve(
-                app,
-                config,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as nursery:
+                if front is not None:
+                    await nursery.start(front.run)
+                urls = await nursery.start(
+                    partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.wait)
+                )
+                task_status.started(urls)
 
     async with trio.open_nursery() as nursery:
         try:

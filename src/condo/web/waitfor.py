@@ -1,19 +1,19 @@
 """`/v1/wait_for`: its parameters and the wait itself.
 
 `parse_wait_params` turns the query into a `WaitParams` or raises `BadParams` (a 400, never a
-500). `wait_deployed` waits, without polling, until `evaluate` says the service is deployed
-everywhere; the caller owns the deadline (its cancel scope) and the shutdown guard. The picture is
-checked before the first checkpoint, so a timeout of 0 still answers "done" when it is. A stale
-picture answers nothing: the wait goes on (and its timeout says why).
-
-`SharedWaits` is how the route waits: however many requests wait for one (name, image), the
-verdict is evaluated once per picture by one task, and a final one wakes them all at once.
+500). `SharedWaits` is how every long-poll waits, without polling: however many requests wait for
+one (name, image), the verdict is evaluated once per picture by one task, and a final one (the
+service Stable on the image on every host running it, or the image failed for good on one) wakes
+them all at once: quart's route through cancel scopes, condo.web.door's parked waiters through
+`on_final`. A key is evaluated as it is joined, so a timeout of 0 still answers "done" when it
+is. A stale picture answers nothing: the wait goes on (and its timeout says why). The caller owns
+the deadline and the shutdown guard.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import attrs
@@ -62,29 +62,14 @@ def parse_wait_params(args: Mapping[str, str]) -> WaitParams:
     return WaitParams(name=name, image=image, timeout=timeout)
 
 
-async def wait_deployed(source: StateSource, name: str, image: str) -> Verdict:
-    """Return the first verdict that says `name` is Stable on `image` on every host running it,
-    or that `image` failed for good on some host (`Verdict.failed`).
-
-    A stale picture (its source could not be read lately) is never a verdict: the wait goes on
-    until a fresh one says so (the source wakes its waiters when it is fresh again).
-    """
-    while True:
-        picture = source.picture()
-        if not source.stale:
-            verdict = evaluate(name, image, picture.hosts, picture.records)
-            if verdict.done or verdict.failed:
-                return verdict
-        await source.wait_beyond(picture.token)
-
-
 @attrs.define(eq=False)
 class SharedVerdict:
     """The waits of one (name, image): evaluated once per picture, however many wait on it.
 
     `verdict` is set once final (done, or failed for good); `answer` then holds what the web app
     made of it (its encoded response, built once and sent to every waiter as is). Each waiter
-    holds a cancel scope in `scopes`: a final verdict cancels them all, which is their wake-up.
+    holds a cancel scope in `scopes`: a final verdict cancels them all, which is their wake-up;
+    the front door's waiters are in `parked` instead, and `SharedWaits.on_final` wakes them.
     """
 
     name: str
@@ -93,6 +78,7 @@ class SharedVerdict:
     evaluated: tuple[int, bool] | None = None  # (picture token, stale) of the last evaluation
     verdict: Verdict | None = None
     answer: object = None
+    parked: set[object] = attrs.Factory(set)  # condo.web.door's waiters (no task, no scope)
 
 
 class SharedWaits:
@@ -108,6 +94,8 @@ class SharedWaits:
         self.source = source
         self.keys: dict[tuple[str, str], SharedVerdict] = {}
         self.evaluations = 0
+        # Called with each key whose verdict turns final (condo.web.door answers its waiters).
+        self.on_final: Callable[[SharedVerdict], None] | None = None
 
     def join(self, name: str, image: str) -> SharedVerdict:
         """The shared verdict of (name, image), evaluated on the current picture."""
@@ -130,8 +118,12 @@ class SharedWaits:
                 yield scope
         finally:
             key.scopes.discard(scope)
-            if not key.scopes and self.keys.get((key.name, key.image)) is key:
-                del self.keys[(key.name, key.image)]
+            self.leave(key)
+
+    def leave(self, key: SharedVerdict) -> None:
+        """Forget `key` if nobody waits on it any more (its waiters call this as they go)."""
+        if not key.scopes and not key.parked and self.keys.get((key.name, key.image)) is key:
+            del self.keys[(key.name, key.image)]
 
     async def run(self) -> None:
         """Follow the source until cancelled."""
@@ -154,3 +146,5 @@ class SharedWaits:
             key.verdict = verdict
             for scope in key.scopes:
                 scope.cancel()
+            if self.on_final is not None:
+                self.on_final(key)

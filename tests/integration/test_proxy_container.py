@@ -1,0 +1,99 @@
+"""condo in a container with `:proxy`: HAProxy runs as a container of condo's own image (host
+networking), and a self-deploy of condo under load refuses and cuts no connection (issue 14).
+
+The first condo is started by hand as test_selfdeploy does (bridge network, the engine's socket
+and the spec folder bound, no API); the workload is test_proxy's busybox httpd behind a listener
+on a free 127.0.0.1 port. A poller GETs through the listener every 50 ms on new connections, and
+one slow request is open across the hand-over: none may fail, the slow one is answered by the
+container it reached, and the successor adopts the same HAProxy container and still routes (a
+deploy after the hand-over switches).
+
+Cleanup: the site removes the host's containers and successors; the proxy container (labelled
+`condo.proxy=<host>`) is removed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import trio
+
+from condo.docker import ContainerId, DockerClient
+from condo.errors import ContainerNotFound
+from condo.proxy.haproxy import PROXY_LABEL
+from tests.integration.conftest import DockerCli
+from tests.integration.harness import free_port
+from tests.integration.test_proxy import Poller, collapse, get, spec, wait_answer
+from tests.integration.test_selfdeploy import Site, open_site, start_first_condo
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+async def proxy_containers(docker: DockerClient, host: str) -> list[ContainerId]:
+    return [row.id for row in await docker.list_containers(labels={PROXY_LABEL: host})]
+
+
+async def test_condo_in_a_container_self_deploys_under_load_through_its_proxy(
+    condo_image: str,
+    docker: DockerClient,
+    docker_cli: DockerCli,
+    tmp_path: Path,
+    container_labels: Mapping[str, str],
+) -> None:
+    second_tag = f"{condo_image}-proxy"
+    await docker_cli("tag", condo_image, second_tag)
+    site: Site | None = None
+    try:
+        async with open_site(tmp_path, docker) as site:
+            port = free_port()
+            with trio.fail_after(180):
+                first = await start_first_condo(docker_cli, condo_image, site, container_labels)
+                (site.specs / "web.edn").write_text(spec("one", port))
+                await site.wait_stable("web", limit=90)
+                await wait_answer(port, "one", limit=60)
+
+                # HAProxy is a container of condo's image, with host networking.
+                [proxy_id] = await proxy_containers(docker, site.host)
+                proxy = await docker.inspect(proxy_id)
+                assert proxy.running and proxy.image_id == (await docker.inspect(first)).image_id
+                started = await docker_cli("inspect", "-f", "{{.State.StartedAt}}", proxy_id)
+
+                poller = Poller(port)
+                slow_answer: list[str] = []
+
+                async def slow_get() -> None:
+                    slow_answer.append(await get(port, "/cgi-bin/slow"))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(poller.run)
+                    nursery.start_soon(slow_get)
+                    await trio.sleep(0.3)  # the slow request is in
+                    (site.specs / "self.edn").write_text(site.self_spec(second_tag))
+                    while (await docker.inspect(first)).running:
+                        await trio.sleep(0.2)
+                    # The successor adopted HAProxy and routes: a deploy switches.
+                    (site.specs / "web.edn").write_text(spec("two", port))
+                    await wait_answer(port, "two", limit=90)
+                    while not slow_answer:
+                        await trio.sleep(0.05)
+                    await trio.sleep(0.3)
+                    nursery.cancel_scope.cancel()
+
+                assert poller.failures == []
+                assert slow_answer == ["one"]
+                assert collapse(poller.answers) == ["one", "two"]
+                assert await proxy_containers(docker, site.host) == [proxy_id]
+                # Never restarted: the same process served throughout.
+                assert (
+                    await docker_cli("inspect", "-f", "{{.State.StartedAt}}", proxy_id) == started
+                )
+    finally:
+        if site is not None:
+            with trio.move_on_after(30, shield=True):
+                for cid in await proxy_containers(docker, site.host):
+                    with contextlib.suppress(ContainerNotFound):
+                        await docker.remove(cid)
+        await docker_cli("rmi", "--no-prune", second_tag)
