@@ -1,5 +1,5 @@
 """Red team of issue 12 against the real Consul agent: the watcher that follows a large prefix
-folder by folder (condo.consul.source, `probe_worth=0`) keeps the multi-host truth through
+folder by folder (condo.consul.source, `watch_worth=0`) keeps the multi-host truth through
 deletes, a folder deleted and recreated between two reads, and rewrites of the same bytes."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ async def test_by_folder_the_picture_follows_deletes_and_a_folder_recreated(area
     await txn(*(put(s, h, i) for (s, h), i in expected.items()))
     with trio.fail_after(CAP):
         async with open_consul_client(AGENT) as client, trio.open_nursery() as nursery:
-            source = ConsulSource(client, layout, probe_worth=0)
+            source = ConsulSource(client, layout, watch_worth=0)
             await nursery.start(source.run)
             await until_pictured(source, lambda p: images(p) == expected)
             await trio.sleep(0.2)  # now followed by folder (its second read on)
