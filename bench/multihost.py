@@ -289,12 +289,7 @@ async def _rollout(
                 await process.wait()
     finally:
         await connection.aclose()
-    if status != 200 or b'"ok"' not in body:
-        raise BenchError(f"/v1/wait_for answered {status}: {body[:300]!r}")
-    if process.returncode != 0:
-        raise BenchError(f"condo wait exited {process.returncode}")
-    with deadline(LIMIT, "every host Stable on the new image"):
-        done = await _all_stable(condos, [TARGET], old)
+    done = await _answered_and_stable(status, body, process, condos, old)
     await trio.sleep(SETTLE)
     (last_host, _), last = max(done.items(), key=lambda item: item[1].at)
     published = next(
@@ -662,12 +657,7 @@ async def _sim_rollout(
                 last_simulated = float(await lines.expect("stable"))
     finally:
         await connection.aclose()
-    if status != 200 or b'"ok"' not in body:
-        raise BenchError(f"/v1/wait_for answered {status}: {body[:300]!r}")
-    if process.returncode != 0:
-        raise BenchError(f"condo wait exited {process.returncode}")
-    with deadline(LIMIT, "every real condo Stable on the new image"):
-        done = await _all_stable(condos, [TARGET], old)
+    done = await _answered_and_stable(status, body, process, condos, old)
     return _SimRollout(
         updated=updated,
         last_stable=max(last_simulated, *(t.at for t in done.values())),
@@ -771,3 +761,19 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["simulate"]:
         prefix, stem, count, size = sys.argv[2:6]
         trio.run(simulate, prefix, stem, int(count), int(size))
+
+
+async def _answered_and_stable(
+    status: int,
+    body: bytes,
+    process: trio.Process,
+    condos: list[Condo],
+    old: Mapping[tuple[str, str], str | None],
+) -> dict[tuple[str, str], Transition]:
+    """The wait answered ok and `condo wait` exited 0; then every real condo's Stable on TARGET."""
+    if status != 200 or b'"ok"' not in body:
+        raise BenchError(f"/v1/wait_for answered {status}: {body[:300]!r}")
+    if process.returncode != 0:
+        raise BenchError(f"condo wait exited {process.returncode}")
+    with deadline(LIMIT, "every real condo Stable on the new image"):
+        return await _all_stable(condos, [TARGET], old)
