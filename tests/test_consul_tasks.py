@@ -33,6 +33,7 @@ from condo.consul import (
     encode_value,
 )
 from condo.consul import source as source_module
+from condo.consul.client import BLOCKING_WAIT
 from condo.consul.layout import RECORDS, encode_live, encode_record, summary
 from condo.consul.publisher import (
     MAX_RETRY_DELAY,
@@ -1178,4 +1179,32 @@ async def test_a_prefix_of_too_many_folders_is_read_whole(
             await until_pictured(source, lambda p: len(p.hosts["h"]) == 5)
             await trio.sleep(1)
             assert flying == 1  # one whole read, blocking
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_quiet_folder_whose_wait_runs_out_costs_no_whole_read(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A folder's watch starts from the whole read's index, which is beyond the folder's own
+    (Consul's index of a prefix is its newest write): when its wait runs out, Consul answers
+    the folder's own, smaller index. That is no agent gone backwards: followed by folder, a
+    quiet prefix costs one answer per folder and wait, never a whole read again."""
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    fake.sessions["session-h"] = LAYOUT.session_name("h")
+    for service in ("s1", "s2"):
+        fake.kv[LAYOUT.key(service, "h")] = (encode_value("h", service, view, 1.0), "session-h")
+        fake.bump()
+    fake.kv[LAYOUT.key("s3", "h")] = (encode_value("h", "s3", view, 1.0), "session-h")
+    fake.bump()  # the newest write: the prefix's index, beyond s1's and s2's
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://consul")
+    source = ConsulSource(ConsulClient(http), LAYOUT, watch_worth=0)
+    with trio.fail_after(300):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: len(p.hosts.get("h", {})) == 3)
+            whole = fake.reads.count(None)
+            await trio.sleep(3 * BLOCKING_WAIT + 5)  # three waits run out
+            assert fake.reads.count(None) == whole  # no whole read (nor folder read) again
+            assert source.reads == 1
+            assert not source.stale
             nursery.cancel_scope.cancel()

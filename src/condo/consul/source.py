@@ -278,6 +278,9 @@ class ConsulSource:
                 nursery.cancel_scope.cancel()
 
             async def watch(name: str, since: int, scope: trio.CancelScope) -> None:
+                # `since` is the whole read's index until this folder's first answer: Consul's
+                # index of a folder is its own newest write or delete, at most that.
+                own = since == 0
                 with scope:
                     while True:
                         started = trio.current_time()
@@ -287,17 +290,20 @@ class ConsulSource:
                             stop(exc)
                             return
                         self.requests += 1
-                        if part.index < since:
+                        entries = part.entries
+                        if not name.endswith("/"):  # a key alone: not its namesakes
+                            entries = tuple(e for e in entries if e.key == name)
+                        if part.index < since and own:
                             stop(None)  # backwards: a restarted agent (or tombstones reaped)
                             return
-                        if since == 0 or part.index > since:
-                            entries = part.entries
-                            if not name.endswith("/"):  # a key alone: not its namesakes
-                                entries = tuple(e for e in entries if e.key == name)
+                        if since == 0 or part.index > since or not self._holds(name, entries):
                             self._apply_folders({name: entries}, part.size, part.index)
                         else:
-                            self._answered(part.size)  # the wait ran out: nothing changed
-                        since = max(part.index, 1)
+                            # The wait ran out: nothing changed. Below the whole read's index
+                            # (a folder quiet since before it) is the folder's own index, the
+                            # one to block on from now on, not an agent gone backwards.
+                            self._answered(part.size)
+                        since, own = max(part.index, 1), True
                         await trio.sleep_until(started + MIN_READ_INTERVAL)
 
             def follow(name: str, since: int) -> None:
@@ -333,6 +339,18 @@ class ConsulSource:
                 since = max(root.index, 1)
                 await trio.sleep_until(started + MIN_READ_INTERVAL)
         assert reset or self._failure is not None
+
+    def _holds(self, name: str, entries: Sequence[Entry]) -> bool:
+        """Whether folder `name`, as last applied, is `entries` (the same keys, versions, bytes
+        and holders)."""
+        known = self._folders.get(name, {})
+        if len(known) != len(entries):
+            return False
+        for entry in entries:
+            held = known.get(entry.key)
+            if held is None or not held[0].same(entry) or held[1] != entry.session:
+                return False
+        return True
 
     def _folder_of(self, key: str) -> str:
         """The name the prefix's `?keys&separator=/` gives `key`: its folder, or itself."""
