@@ -59,7 +59,7 @@ import attrs
 import structlog
 import trio
 
-from condo.consul.client import ConsulClient, Entry, Listing, SessionId
+from condo.consul.client import MAX_CONNECTIONS, ConsulClient, Entry, Listing, SessionId
 from condo.consul.layout import (
     LIVE,
     RECORDS,
@@ -85,8 +85,10 @@ MAX_RETRY_DELAY = 1.0
 WATCH_WORTH = 64 * 1024
 # ... unless it has more folders than this: every folder's watch holds a connection to the agent,
 # and Consul's agent takes at most 200 at once from one address (`http_max_conns_per_client`),
-# the publisher's and other clients' included. Beyond it the prefix is read whole.
+# the publisher's and other clients' included. Beyond it the prefix is read whole. (Below the
+# client's own MAX_CONNECTIONS, with room for the prefix's watch and the publisher's calls.)
 MAX_WATCHES = 100
+assert MAX_WATCHES + 1 < MAX_CONNECTIONS
 
 
 class _Kind(enum.Enum):
