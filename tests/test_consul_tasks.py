@@ -1208,3 +1208,46 @@ async def test_a_quiet_folder_whose_wait_runs_out_costs_no_whole_read(
             assert source.reads == 1
             assert not source.stale
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("by_folder", [True, False], ids=["by-folder", "whole"])
+async def test_a_forget_never_leaves_the_picture_behind_what_the_watcher_read(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock, by_folder: bool
+) -> None:
+    """`forget` reads the prefix (then the sessions) and applies that read: a change the
+    watcher applied in between is newer than it. The picture must come back to the newer one
+    at once, not stay behind until that folder changes again (its watch blocks beyond it)."""
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    fake.sessions["session-h"] = LAYOUT.session_name("h")
+    fake.kv[LAYOUT.live_key("h")] = (encode_live("h", 1.0), "session-h")
+    fake.kv[LAYOUT.key("web", "h")] = (encode_value("h", "web", view, 1.0), "session-h")
+    fake.kv[LAYOUT.record_key("gone")] = (encode_record("gone", {}, 1.0), None)
+    fake.bump()
+    moved = dict(view, current={"image": "web:2"})
+
+    def image(picture: Picture) -> str | None:
+        return image_of(picture, "web", "h")
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/session/list":  # forget's second call: a change meanwhile
+            key = LAYOUT.key("web", "h")
+            fake.kv[key] = (encode_value("h", "web", moved, 2.0), "session-h")
+            fake.bump()
+            fake.modified[key] = fake.index
+            await until_pictured(source, lambda p: image(p) == "web:2")
+        return await fake.handle(request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://consul")
+    source = ConsulSource(ConsulClient(http), LAYOUT, watch_worth=0 if by_folder else 10**9)
+    with trio.fail_after(60):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: image(p) == "web:1")
+            await trio.sleep(1)  # followed (by folder, or one whole blocking read)
+            await source.forget("gone")
+            assert fake.record("gone") is None
+            with trio.fail_after(2):
+                await until_pictured(source, lambda p: image(p) == "web:2")
+            await trio.sleep(1)
+            assert image(source.picture()) == "web:2"
+            nursery.cancel_scope.cancel()

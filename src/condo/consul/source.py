@@ -363,10 +363,14 @@ class ConsulSource:
     def _unanswered(self) -> None:
         """A call got no answer from Consul: the picture is stale (`stale` says so from now on);
         waiters hear of it, and the read in flight is abandoned for a new one."""
+        self._abandon_reading()
+        self._wake()
+
+    def _abandon_reading(self) -> None:
+        """Cancel the read in flight (whole, or the folder watches): `run` reads afresh at once."""
         reading, self._reading = self._reading, None
         if reading is not None:
             reading.cancel()
-        self._wake()
 
     def _apply(self, listing: Listing) -> None:
         """A whole read: every folder as it brings them (folders it lacks are gone)."""
@@ -534,6 +538,10 @@ class ConsulSource:
         except ConsulError as exc:
             raise ForgetRefused(f"Consul cannot be read: {exc}", reason="unavailable") from exc
         self._apply(listing)
+        # A change the watcher applied while this read was on its way is newer than it, and the
+        # watcher's reads block beyond that change: it reads afresh at once, or the picture
+        # would stay behind until that folder changes again.
+        self._abandon_reading()
         picture = self._picture
         record = picture.records.get(host)
         session = self._layout.session_name(host)
