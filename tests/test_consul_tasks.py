@@ -33,6 +33,7 @@ from condo.consul import (
     encode_value,
 )
 from condo.consul import source as source_module
+from condo.consul.client import BLOCKING_WAIT
 from condo.consul.layout import RECORDS, encode_live, encode_record, summary
 from condo.consul.publisher import (
     MAX_RETRY_DELAY,
@@ -1178,4 +1179,75 @@ async def test_a_prefix_of_too_many_folders_is_read_whole(
             await until_pictured(source, lambda p: len(p.hosts["h"]) == 5)
             await trio.sleep(1)
             assert flying == 1  # one whole read, blocking
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_quiet_folder_whose_wait_runs_out_costs_no_whole_read(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A folder's watch starts from the whole read's index, which is beyond the folder's own
+    (Consul's index of a prefix is its newest write): when its wait runs out, Consul answers
+    the folder's own, smaller index. That is no agent gone backwards: followed by folder, a
+    quiet prefix costs one answer per folder and wait, never a whole read again."""
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    fake.sessions["session-h"] = LAYOUT.session_name("h")
+    for service in ("s1", "s2"):
+        fake.kv[LAYOUT.key(service, "h")] = (encode_value("h", service, view, 1.0), "session-h")
+        fake.bump()
+    fake.kv[LAYOUT.key("s3", "h")] = (encode_value("h", "s3", view, 1.0), "session-h")
+    fake.bump()  # the newest write: the prefix's index, beyond s1's and s2's
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://consul")
+    source = ConsulSource(ConsulClient(http), LAYOUT, watch_worth=0)
+    with trio.fail_after(300):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: len(p.hosts.get("h", {})) == 3)
+            whole = fake.reads.count(None)
+            await trio.sleep(3 * BLOCKING_WAIT + 5)  # three waits run out
+            assert fake.reads.count(None) == whole  # no whole read (nor folder read) again
+            assert source.reads == 1
+            assert not source.stale
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("by_folder", [True, False], ids=["by-folder", "whole"])
+async def test_a_forget_never_leaves_the_picture_behind_what_the_watcher_read(
+    fake: FakeConsul, autojump_clock: trio.testing.MockClock, by_folder: bool
+) -> None:
+    """`forget` reads the prefix (then the sessions) and applies that read: a change the
+    watcher applied in between is newer than it. The picture must come back to the newer one
+    at once, not stay behind until that folder changes again (its watch blocks beyond it)."""
+    view = {"state": "Stable", "current": {"image": "web:1"}}
+    fake.sessions["session-h"] = LAYOUT.session_name("h")
+    fake.kv[LAYOUT.live_key("h")] = (encode_live("h", 1.0), "session-h")
+    fake.kv[LAYOUT.key("web", "h")] = (encode_value("h", "web", view, 1.0), "session-h")
+    fake.kv[LAYOUT.record_key("gone")] = (encode_record("gone", {}, 1.0), None)
+    fake.bump()
+    moved = dict(view, current={"image": "web:2"})
+
+    def image(picture: Picture) -> str | None:
+        return image_of(picture, "web", "h")
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/session/list":  # forget's second call: a change meanwhile
+            key = LAYOUT.key("web", "h")
+            fake.kv[key] = (encode_value("h", "web", moved, 2.0), "session-h")
+            fake.bump()
+            fake.modified[key] = fake.index
+            await until_pictured(source, lambda p: image(p) == "web:2")
+        return await fake.handle(request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://consul")
+    source = ConsulSource(ConsulClient(http), LAYOUT, watch_worth=0 if by_folder else 10**9)
+    with trio.fail_after(60):
+        async with http, trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await until_pictured(source, lambda p: image(p) == "web:1")
+            await trio.sleep(1)  # followed (by folder, or one whole blocking read)
+            await source.forget("gone")
+            assert fake.record("gone") is None
+            with trio.fail_after(2):
+                await until_pictured(source, lambda p: image(p) == "web:2")
+            await trio.sleep(1)
+            assert image(source.picture()) == "web:2"
             nursery.cancel_scope.cancel()

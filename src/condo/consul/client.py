@@ -49,6 +49,11 @@ DEFAULT_TIMEOUT = httpx.Timeout(5.0)
 BLOCKING_WAIT = 30.0
 # Consul adds up to wait/16 of jitter before it answers an unchanged blocking query.
 BLOCKING_TIMEOUT = httpx.Timeout(5.0, read=BLOCKING_WAIT * (1 + 1 / 16) + 5.0)
+# Connections to the agent at once: a large prefix is followed by up to 100 blocking requests
+# held open (condo.consul.source's MAX_WATCHES folders' and the prefix's), and the publisher's
+# calls (a renewal is the session's life) must never wait behind them for a connection (httpx's
+# default is 100 in all, 20 kept idle). Consul's agent takes 200 at once from one address.
+MAX_CONNECTIONS = 128
 
 
 class Acquire(enum.Enum):
@@ -362,6 +367,9 @@ async def open_consul_client(
         base_url=parse_endpoint(endpoint),
         headers=headers,
         timeout=DEFAULT_TIMEOUT,
+        limits=httpx.Limits(
+            max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
+        ),
         trust_env=False,
     ) as http:
         yield ConsulClient(http)

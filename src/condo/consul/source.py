@@ -59,7 +59,7 @@ import attrs
 import structlog
 import trio
 
-from condo.consul.client import ConsulClient, Entry, Listing, SessionId
+from condo.consul.client import MAX_CONNECTIONS, ConsulClient, Entry, Listing, SessionId
 from condo.consul.layout import (
     LIVE,
     RECORDS,
@@ -85,8 +85,10 @@ MAX_RETRY_DELAY = 1.0
 WATCH_WORTH = 64 * 1024
 # ... unless it has more folders than this: every folder's watch holds a connection to the agent,
 # and Consul's agent takes at most 200 at once from one address (`http_max_conns_per_client`),
-# the publisher's and other clients' included. Beyond it the prefix is read whole.
+# the publisher's and other clients' included. Beyond it the prefix is read whole. (Below the
+# client's own MAX_CONNECTIONS, with room for the prefix's watch and the publisher's calls.)
 MAX_WATCHES = 100
+assert MAX_WATCHES + 1 < MAX_CONNECTIONS
 
 
 class _Kind(enum.Enum):
@@ -278,6 +280,9 @@ class ConsulSource:
                 nursery.cancel_scope.cancel()
 
             async def watch(name: str, since: int, scope: trio.CancelScope) -> None:
+                # `since` is the whole read's index until this folder's first answer: Consul's
+                # index of a folder is its own newest write or delete, at most that.
+                own = since == 0
                 with scope:
                     while True:
                         started = trio.current_time()
@@ -287,17 +292,20 @@ class ConsulSource:
                             stop(exc)
                             return
                         self.requests += 1
-                        if part.index < since:
+                        entries = part.entries
+                        if not name.endswith("/"):  # a key alone: not its namesakes
+                            entries = tuple(e for e in entries if e.key == name)
+                        if part.index < since and own:
                             stop(None)  # backwards: a restarted agent (or tombstones reaped)
                             return
-                        if since == 0 or part.index > since:
-                            entries = part.entries
-                            if not name.endswith("/"):  # a key alone: not its namesakes
-                                entries = tuple(e for e in entries if e.key == name)
+                        if since == 0 or part.index > since or not self._holds(name, entries):
                             self._apply_folders({name: entries}, part.size, part.index)
                         else:
-                            self._answered(part.size)  # the wait ran out: nothing changed
-                        since = max(part.index, 1)
+                            # The wait ran out: nothing changed. Below the whole read's index
+                            # (a folder quiet since before it) is the folder's own index, the
+                            # one to block on from now on, not an agent gone backwards.
+                            self._answered(part.size)
+                        since, own = max(part.index, 1), True
                         await trio.sleep_until(started + MIN_READ_INTERVAL)
 
             def follow(name: str, since: int) -> None:
@@ -334,6 +342,18 @@ class ConsulSource:
                 await trio.sleep_until(started + MIN_READ_INTERVAL)
         assert reset or self._failure is not None
 
+    def _holds(self, name: str, entries: Sequence[Entry]) -> bool:
+        """Whether folder `name`, as last applied, is `entries` (the same keys, versions, bytes
+        and holders)."""
+        known = self._folders.get(name, {})
+        if len(known) != len(entries):
+            return False
+        for entry in entries:
+            held = known.get(entry.key)
+            if held is None or not held[0].same(entry) or held[1] != entry.session:
+                return False
+        return True
+
     def _folder_of(self, key: str) -> str:
         """The name the prefix's `?keys&separator=/` gives `key`: its folder, or itself."""
         rest = key[len(self._layout.folder) :]
@@ -343,10 +363,14 @@ class ConsulSource:
     def _unanswered(self) -> None:
         """A call got no answer from Consul: the picture is stale (`stale` says so from now on);
         waiters hear of it, and the read in flight is abandoned for a new one."""
+        self._abandon_reading()
+        self._wake()
+
+    def _abandon_reading(self) -> None:
+        """Cancel the read in flight (whole, or the folder watches): `run` reads afresh at once."""
         reading, self._reading = self._reading, None
         if reading is not None:
             reading.cancel()
-        self._wake()
 
     def _apply(self, listing: Listing) -> None:
         """A whole read: every folder as it brings them (folders it lacks are gone)."""
@@ -514,6 +538,10 @@ class ConsulSource:
         except ConsulError as exc:
             raise ForgetRefused(f"Consul cannot be read: {exc}", reason="unavailable") from exc
         self._apply(listing)
+        # A change the watcher applied while this read was on its way is newer than it, and the
+        # watcher's reads block beyond that change: it reads afresh at once, or the picture
+        # would stay behind until that folder changes again.
+        self._abandon_reading()
         picture = self._picture
         record = picture.records.get(host)
         session = self._layout.session_name(host)
