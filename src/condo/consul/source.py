@@ -291,6 +291,10 @@ class ConsulSource:
                         except ConsulError as exc:
                             stop(exc)
                             return
+                        if scope.cancel_called:
+                            # Its folder went (or the watching ended) while this answer was on
+                            # its way: applying it would bring back a folder that is gone.
+                            return
                         self.requests += 1
                         entries = part.entries
                         if not name.endswith("/"):  # a key alone: not its namesakes
