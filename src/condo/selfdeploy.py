@@ -118,7 +118,9 @@ def own_container_id(mountinfo: str) -> ContainerId | None:
 async def find_own_container(docker: DockerClient) -> Container | None:
     """This condo's own container, or None when it runs outside one (or cannot tell)."""
     try:
-        mountinfo = await trio.Path("/proc/self/mountinfo").read_text()
+        # procfs, generated in memory: read at once, without a thread (a thread would let a test's
+        # MockClock jump ahead while condo starts, and costs more than the read).
+        mountinfo = Path("/proc/self/mountinfo").read_text()  # noqa: ASYNC240
     except OSError:  # not Linux, or no /proc: then not in a container condo can see
         return None
     cid = own_container_id(mountinfo)
