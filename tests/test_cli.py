@@ -3,12 +3,9 @@ files, exit codes and output."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import pytest
 import condo
 from condo import cli, logs
 from condo.config import Config
+from tests.cli_support import stand_in_condo
 
 GOOD = '{:spec {:Image "localhost:5000/app:1"}\n :deploy [:After 5]}\n'
 BAD = '{:spec {:Image "app:1"}\n :deplyo [:Before]}\n'
@@ -259,22 +257,7 @@ def test_condo_wait_exits_with_its_verdict_and_all_its_output(
     """`condo wait` leaves without tearing the interpreter down (os._exit, for CI's sake): its
     exit code and every line it printed still come out."""
 
-    class Condo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            wait = self.path.startswith("/v1/wait_for")
-            body = json.dumps(answer if wait else {"hosts": {}, "stale": False}).encode()
-            self.send_response(status if wait else 200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Condo) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with stand_in_condo(status, answer) as url:
         argv = [sys.executable, "-m", "condo", "wait", "--name", "web", "--image", "web:2"]
         done = subprocess.run(
             [*argv, "--url", url, "--timeout", "5"],
@@ -283,7 +266,6 @@ def test_condo_wait_exits_with_its_verdict_and_all_its_output(
             timeout=30,
             check=False,
         )
-        server.shutdown()
     assert done.returncode == code
     assert said in done.stdout + done.stderr
 

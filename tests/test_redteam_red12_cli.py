@@ -4,50 +4,20 @@ written: a reader that went away (`condo wait ... | head -c0`), or no stdout at 
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-
-@contextmanager
-def condo_saying_ok() -> Iterator[str]:
-    """A stand-in condo whose /v1/wait_for answers "done" at once; its URL."""
-
-    class Condo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            wait = self.path.startswith("/v1/wait_for")
-            answer = {"status": "ok", "hosts": ["h1"]} if wait else {"hosts": {}, "stale": False}
-            body = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Condo) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-
+from tests.cli_support import stand_in_condo
 
 WAIT = [sys.executable, "-m", "condo", "wait", "--name", "web", "--image", "web:2"]
 
 
 @pytest.mark.parametrize("stdout", ["reader gone", "closed"])
 def test_condo_wait_keeps_its_verdict_when_its_output_cannot_be_written(stdout: str) -> None:
-    with condo_saying_ok() as url:
+    with stand_in_condo() as url:
         argv = [*WAIT, "--url", url, "--timeout", "5"]
         if stdout == "closed":
             done = subprocess.run(
