@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -289,6 +290,8 @@ def build_app(context: WebContext) -> QuartTrio:
             "version": condo.__version__,
             "engine": {"ok": engine.ok, "api_version": engine.api_version, "error": engine.error},
             "state_file": {"ok": file_error is None, "error": _text(file_error)},
+            # condo's clock: the dashboard counts ages and countdowns by it, not the browser's.
+            "time": time.time(),
         }
         if not engine.ok:
             body["status"] = "unavailable"

@@ -317,6 +317,7 @@ _SCHEMAS: dict[str, Any] = {
             "version": {"type": "string", "description": "condo's version"},
             "engine": {"type": "object"},
             "state_file": {"type": "object"},
+            "time": {"type": "number", "description": "condo's clock (unix seconds)"},
             "error": {"type": "string"},
         },
     },
