@@ -510,6 +510,10 @@
       td.appendChild(line("failed", el("span", {class: "label"}, "failed container"), " ",
         mono(view.failed.name, "cname")));
     }
+    if (host !== localHost() && model.global && model.global.stale) {
+      td.appendChild(line("stale-note", "as of ", model.global.read_at ? since(model.global.read_at, " ago") : "an unknown time",
+        " (Consul cannot be read)"));
+    }
     if (view.spec_error) {
       td.appendChild(line("spec-error", el("span", {class: "label"}, "spec error"), " ",
         el("code", {class: "where", title: String(view.spec_error.file || "")}, where(view.spec_error)),
