@@ -10,6 +10,7 @@ Each test is capped by `trio.fail_after(CAP)`, each Playwright wait by UI_LIMIT.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import time
@@ -48,7 +49,11 @@ async def expect_only_rows(page: Dashboard, names: list[str]) -> None:
     rows = page.page.locator("#rows tr")
     await page.expect(lambda: expect(rows).to_have_count(len(names), timeout=UI_LIMIT))
     for name in names:
-        await page.expect(lambda name=name: expect(page.row(name)).to_have_count(1))
+        await page.expect(functools.partial(_one_row, page.row(name)))
+
+
+def _one_row(row: Locator) -> None:
+    expect(row).to_have_count(1, timeout=UI_LIMIT)
 
 
 async def test_a_proxy_that_cannot_run_is_a_problem_chip_and_a_banner(
