@@ -171,6 +171,9 @@ async def _send_pictures(
         if key != sent_key:
             await send(picture.full() if sent is None else picture.delta(sent))
             sent_key, sent = key, picture.bodies
+            # Read again before waiting: a change of staleness alone during the send keeps the
+            # token, and waiting beyond that token would miss it.
+            continue
         await global_snapshots.source.wait_beyond(key[0])
 
 

@@ -371,6 +371,7 @@ _SCHEMAS: dict[str, Any] = {
         "oneOf": [
             {"$ref": "#/components/schemas/FeedSnapshot"},
             {"$ref": "#/components/schemas/FeedGlobal"},
+            {"$ref": "#/components/schemas/FeedGlobalDelta"},
             {"$ref": "#/components/schemas/FeedHistory"},
         ],
         "discriminator": {"propertyName": "type"},
@@ -387,14 +388,32 @@ _SCHEMAS: dict[str, Any] = {
     },
     "FeedGlobal": {
         "type": "object",
-        "description": "every host's state (only with --expose consul): right after the first "
-        "snapshot, then one per new picture",
+        "description": "every host's state (only with --expose consul): once, right after the "
+        "first snapshot",
         "required": ["type", "token", "stale", "hosts"],
         "properties": {
             "type": {"const": "global"},
             "token": {"type": "integer", "description": "identifies the picture"},
             "stale": {"type": "boolean", "description": "Consul could not be read lately"},
+            "read_at": {
+                "type": ["number", "null"],
+                "description": "when Consul was last read (unix seconds)",
+            },
             "hosts": {"$ref": "#/components/schemas/GlobalState/properties/hosts"},
+        },
+    },
+    "FeedGlobalDelta": {
+        "type": "object",
+        "description": "then one per new picture: the hosts whose body changed since the last "
+        "message to this client, and the hosts gone; applied to what it has, the new picture",
+        "required": ["type", "token", "stale", "hosts", "gone"],
+        "properties": {
+            "type": {"const": "global_delta"},
+            "token": {"type": "integer", "description": "identifies the picture"},
+            "stale": {"type": "boolean", "description": "Consul could not be read lately"},
+            "read_at": {"type": ["number", "null"]},
+            "hosts": {"$ref": "#/components/schemas/GlobalState/properties/hosts"},
+            "gone": {"type": "array", "items": {"type": "string"}},
         },
     },
     "FeedHistory": {
