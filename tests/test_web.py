@@ -1323,12 +1323,13 @@ def test_openapi_declares_bearer_auth_only_with_a_token() -> None:
     open_document = openapi_document(token=False, consul=False)
     assert "security" not in open_document
     assert "securitySchemes" not in open_document["components"]
-    assert "parameters" not in open_document["paths"]["/v1/feed"]["get"]
+    feed_parameters = open_document["paths"]["/v1/feed"]["get"]["parameters"]
+    assert [p["name"] for p in feed_parameters] == ["global"]  # no token
     locked = openapi_document(token=True, consul=False)
     assert locked["security"] == [{"bearer": []}]
     assert locked["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert locked["paths"]["/healthz"]["get"]["security"] == []
-    [token] = locked["paths"]["/v1/feed"]["get"]["parameters"]
+    [_, token] = locked["paths"]["/v1/feed"]["get"]["parameters"]
     assert (token["name"], token["in"]) == ("token", "query")
 
 
@@ -1614,7 +1615,7 @@ async def test_feed_sends_every_host_first_then_only_the_hosts_that_changed(
     hosts.read_at = 990.0
     async with make_web(global_source=hosts) as web:
         with trio.fail_after(CAP):
-            async with web.client.websocket("/v1/feed") as ws:
+            async with web.client.websocket("/v1/feed?global=delta") as ws:
                 assert json.loads(await ws.receive())["type"] == "snapshot"
                 text = await ws.receive()
                 first = json.loads(text)
@@ -1641,12 +1642,32 @@ async def test_feed_sends_every_host_first_then_only_the_hosts_that_changed(
                     {},
                     [],
                 )
-            # A new client gets the whole picture again, first.
+            # A new client gets the whole picture again, first; one that did not ask for
+            # deltas (the first contract's) gets a whole picture per change, as before.
             async with web.client.websocket("/v1/feed") as ws:
                 await ws.receive()
                 again = json.loads(await ws.receive())
                 assert again["type"] == "global" and again["stale"] is True
                 assert again["hosts"] == hosts_document(hosts.picture())
+                hosts.set(many)
+                whole = json.loads(await ws.receive())
+                assert whole["type"] == "global"
+                assert whole["hosts"] == hosts_document(hosts.picture())
+
+
+async def test_feed_refuses_an_unknown_global_shape(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    errors: list[WebsocketResponseError] = []
+    with trio.fail_after(CAP):
+        try:
+            async with web.client.websocket("/v1/feed", query_string={"global": "diff"}) as ws:
+                await ws.receive()
+        except* WebsocketResponseError as group:
+            errors.extend(e for e in group.exceptions if isinstance(e, WebsocketResponseError))
+    (error,) = errors
+    assert error.response.status_code == 400
+    assert "whole or delta" in json.loads(await error.response.get_data())["error"]
 
 
 async def test_healthz_says_condos_clock(autojump_clock: trio.testing.MockClock, web: Web) -> None:

@@ -12,12 +12,14 @@ Messages (JSON objects, told apart by `type`):
 - `{"type": "global", "token": T, "stale": bool, "read_at": T|null, "hosts": {H: {"services",
   "live", "last_seen", "runs"?}}}`: every host's services (the `/v1/global_state` hosts, plus the
   picture's token, whether Consul could not be read lately and when it last was). Only when
-  condo exposes to Consul, once, right after the first snapshot.
+  condo exposes to Consul: right after the first snapshot, then one per new picture (or change of
+  `stale`). Same latest-value rule, independently of the snapshots.
 - `{"type": "global_delta", "token", "stale", "read_at", "hosts": {H: BODY}, "gone": [H...]}`:
-  then one per new picture (or change of `stale`): only the hosts whose body differs from what
-  this client was last sent, and the hosts it was sent that are gone; applied to the last
-  `global`, it makes the new picture. Its size grows with what changed, not with the fleet.
-  Same latest-value rule, independently of the snapshots.
+  for a client that asked for them (`?global=delta`: the dashboard), in place of every `global`
+  after the first: only the hosts whose body differs from what this client was last sent, and the
+  hosts it was sent that are gone; applied to the last `global`, it makes the new picture. Its
+  size grows with what changed, not with the fleet. (Opt-in: a client of the first contract
+  keeps getting whole `global` messages.)
 - `{"type": "history", "version": N, "services": {NAME: [DEPLOY...]}}`: deploy history
   (`/v1/history`'s DEPLOY objects, newest first): every service's right after the first
   snapshot (when there is any), then, per change of the history, the whole list of each
@@ -132,9 +134,12 @@ async def run_feed(
     receive: Callable[[], Awaitable[object]],
     global_snapshots: GlobalSnapshots | None = None,
     history: History | None = None,
+    *,
+    deltas: bool = False,
 ) -> None:
     """Send the snapshot now and after every change, until cancelled (or the client leaves);
-    with `global_snapshots`, also every host's picture, from right after the first snapshot.
+    with `global_snapshots`, also every host's picture, from right after the first snapshot
+    (whole each time, or as `global_delta` messages after the first with `deltas`).
 
     Never returns by itself; typed `None` (not NoReturn) because callers catch its cancellation
     in their own scope and carry on.
@@ -154,7 +159,7 @@ async def run_feed(
             if version != sent:
                 await send_one(text)
                 if sent == -1 and global_snapshots is not None:
-                    nursery.start_soon(_send_pictures, global_snapshots, send_one)
+                    nursery.start_soon(_send_pictures, global_snapshots, send_one, deltas)
                 if sent == -1 and history is not None:
                     nursery.start_soon(_send_history, history, send_one)
                 sent = version
@@ -162,14 +167,14 @@ async def run_feed(
 
 
 async def _send_pictures(
-    global_snapshots: GlobalSnapshots, send: Callable[[str], Awaitable[None]]
+    global_snapshots: GlobalSnapshots, send: Callable[[str], Awaitable[None]], deltas: bool
 ) -> NoReturn:
     sent_key: tuple[int, bool] | None = None
     sent: Mapping[str, str] | None = None  # the bodies this client has: None before the first
     while True:
         key, picture = global_snapshots.latest()
         if key != sent_key:
-            await send(picture.full() if sent is None else picture.delta(sent))
+            await send(picture.full() if sent is None or not deltas else picture.delta(sent))
             sent_key, sent = key, picture.bodies
             # Read again before waiting: a change of staleness alone during the send keeps the
             # token, and waiting beyond that token would miss it.

@@ -574,6 +574,16 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
             "get": {
                 "summary": "Websocket: the state now, then after every change (latest value)",
                 "x-websocket": True,
+                "parameters": [
+                    {
+                        "name": "global",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["whole", "delta"], "default": "whole"},
+                        "description": "other hosts' pictures after the first: whole `global` "
+                        "messages, or `global_delta` messages with only the hosts that changed",
+                    }
+                ],
                 "responses": {
                     "101": {
                         "description": "upgraded; every message is a FeedMessage; closes with "
@@ -584,7 +594,9 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
                             }
                         },
                     },
-                    "400": _error("not a websocket request"),
+                    "400": _error(
+                        "not a websocket request, or a `global` other than whole or delta"
+                    ),
                     "403": _error(
                         "a foreign Host, or an Origin that is not this API's own "
                         "(no Origin is fine)"
@@ -674,12 +686,12 @@ def _require_token(document: dict[str, Any]) -> None:
                 continue
             unauthorized = _PAGE_UNAUTHORIZED if path in ("/", "/ui") else _UNAUTHORIZED
             operation["responses"]["401"] = unauthorized
-    document["paths"]["/v1/feed"]["get"]["parameters"] = [
+    document["paths"]["/v1/feed"]["get"]["parameters"] += [
         {
             "name": "token",
             "in": "query",
             "required": False,
             "schema": {"type": "string"},
             "description": "the API token, for clients that cannot set headers",
-        }
+        },
     ]

@@ -1003,7 +1003,9 @@
 
   function feedUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const query = model.token === null ? "" : "?token=" + encodeURIComponent(model.token);
+    // Other hosts' pictures as deltas: a message grows with what changed, not with the fleet.
+    let query = "?global=delta";
+    if (model.token !== null) query += "&token=" + encodeURIComponent(model.token);
     return `${scheme}//${location.host}${FEED_PATH}${query}`;
   }
 
