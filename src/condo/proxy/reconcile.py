@@ -104,17 +104,28 @@ class ProxyReconciler:
                 self._signature = wanted
             else:
                 log.info("proxy.adopted")
+        reload_failed: ProxyError | None = None
         if wanted != self._signature:
+            # The listeners it has lead to the containers of the moment before the reload is
+            # tried, and whether or not it takes: a listener that cannot be had must not keep
+            # every other service's switch waiting.
+            await self._sync_servers(frontends)
             # The old worker's last counts, then the new worker's from 0.
             await self._read_stats()
-            await self.proxy.reload(frontends)
-            self._fold()
-            self._signature = wanted
+            try:
+                await self.proxy.reload(frontends)
+            except ProxyError as exc:
+                reload_failed = exc  # the old worker runs on: its listeners, its counts
+            else:
+                self._fold()
+                self._signature = wanted
         self._services = {
             f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
         }
         pending = await self._sync_servers(frontends)
         await self._read_stats()
+        if reload_failed is not None:
+            raise reload_failed
         return pending
 
     async def _frontend(self, route: Route) -> haproxy.Frontend:
@@ -147,7 +158,10 @@ class ProxyReconciler:
         actual = await self.proxy.servers()
         pending = False
         for frontend in frontends:
-            have = actual.get(frontend.name, {})
+            if frontend.name not in actual:  # a listener a reload has yet to add
+                pending = True
+                continue
+            have = actual[frontend.name]
             backend = frontend.name
             for server in frontend.servers:
                 ref = f"{backend}/{server.name}"

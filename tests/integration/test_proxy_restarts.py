@@ -1,0 +1,224 @@
+"""The proxy task against a real HAProxy in odd states (issue 14's red team): condo killed
+between writing a config and the reload, a reload that does not take, a HAProxy stopped with
+SIGSTOP. The engine is a stand-in (each "container" is a TCP server on 127.0.0.1 that answers
+its id and closes), so these take seconds; HAProxy is the real one of scripts/test-env.
+
+Every test stops the HAProxy it started (its master; the workers follow it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from condo.docker.models import Container, parse_container
+from condo.errors import ProxyError
+from condo.fsm import Box, Phase, ServiceState
+from condo.proxy import haproxy
+from condo.proxy.reconcile import ProxyReconciler
+from condo.routes import Route, desired_routes
+from condo.spec import parse_spec
+from tests.integration.harness import free_port
+
+pytestmark = pytest.mark.docker  # the provisioned test environment: its haproxy
+
+
+class Backends:
+    """The engine's inspect answer: container id → its port 80 published on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
+
+    async def inspect(self, cid_or_name: str) -> Container:
+        port = self.ports[cid_or_name]
+        return parse_container(
+            {
+                "Id": cid_or_name,
+                "Created": "2026-01-01T00:00:00.000000000Z",
+                "Config": {},
+                "State": {"Running": True},
+                "HostConfig": {},
+                "NetworkSettings": {
+                    "Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+                },
+            }
+        )
+
+    async def serve(self, nursery: trio.Nursery, cid: str) -> None:
+        """A container `cid`: answers its id on every connection."""
+
+        async def answer(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(cid.encode())
+            await stream.aclose()
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.ports[cid] = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, answer, listeners)
+
+
+def routes(container: str, ports: Sequence[int]) -> tuple[Route, ...]:
+    """The routes of a Stable service `web` whose `:proxy` listens on `ports`."""
+    listeners = " ".join(f'{{:listen "127.0.0.1:{p}" :port 80}}' for p in ports)
+    spec = parse_spec(f'{{:spec {{:Image "web:1"}} :proxy [{listeners}]}}'.encode(), "web.edn")
+    box = Box(id=container, name=f"web_{container}", spec=spec, created_at=1.0, healthcheck=False)
+    state = ServiceState(phase=Phase.Stable, desired=spec, current=box)
+    found, _ = desired_routes({"web": state})
+    return found
+
+
+async def fetch(port: int) -> str:
+    """What answers a new connection to `port` (raises when nothing does in 3 s)."""
+    with trio.fail_after(3):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            chunks = []
+            while chunk := await stream.receive_some(1024):
+                chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def haproxy_processes(proxy: haproxy.HAProxy) -> list[int]:
+    """The live (not zombie) processes running `proxy`'s config: its master and workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            if os.fsencode(proxy.config) in argv and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def proxy() -> Iterator[haproxy.HAProxy]:
+    # A short directory: HAProxy's socket paths are limited to 97 bytes.
+    with tempfile.TemporaryDirectory(prefix="condo-red-") as directory:
+        under_test = haproxy.HAProxy(Path(directory) / "s.proxy")
+        try:
+            yield under_test
+        finally:
+            for pid in haproxy_processes(under_test):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            if (master := under_test.master_pid()) is not None:
+                os.kill(master, signal.SIGKILL)
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[tuple[Backends, trio.Nursery]]:
+    async with trio.open_nursery() as nursery:
+        yield Backends(), nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_config_written_but_never_reloaded_is_reloaded_by_the_next_condo(
+    proxy: haproxy.HAProxy, backends: tuple[Backends, trio.Nursery]
+) -> None:
+    engine, nursery = backends
+    one, two = free_port(), free_port()
+    with trio.fail_after(30):
+        await engine.serve(nursery, "a")
+        await ProxyReconciler(proxy, engine).reconcile(routes("a", [one]))
+        assert await fetch(one) == "a"
+        # condo killed -9 after writing the config of a second listener, before the reload.
+        wanted = routes("a", [one, two])
+        frontends = [
+            haproxy.Frontend(
+                haproxy.frontend_name("127.0.0.1", r.listener.port),
+                haproxy.bind_address("127.0.0.1", r.listener.port),
+                "tcp",
+                r.hold_timeout,
+            )
+            for r in wanted
+        ]
+        proxy.config.write_text(haproxy.render_config(proxy.directory, frontends))
+        # The next condo adopts that HAProxy: its worker never read the file, so it reloads.
+        await ProxyReconciler(proxy, engine).reconcile(wanted)
+        assert await fetch(two) == "a"
+        assert await fetch(one) == "a"
+
+
+async def test_a_listener_on_a_port_held_elsewhere_never_stops_the_others(
+    proxy: haproxy.HAProxy,
+    backends: tuple[Backends, trio.Nursery],
+) -> None:
+    engine, nursery = backends
+    one = free_port()
+    refused: list[str] = []
+
+    async def poll() -> None:  # the listener HAProxy has: never refused meanwhile
+        while True:
+            try:
+                await fetch(one)
+            except OSError as exc:
+                refused.append(repr(exc))
+            await trio.sleep(0.02)
+
+    with trio.fail_after(40):
+        await engine.serve(nursery, "a")
+        await engine.serve(nursery, "b")
+        reconciler = ProxyReconciler(proxy, engine)
+        await reconciler.reconcile(routes("a", [one]))
+        assert await fetch(one) == "a"
+        async with trio.open_nursery() as polling:
+            polling.start_soon(poll)
+            with trio.socket.socket() as taken:
+                await taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                two = taken.getsockname()[1]
+                # A new listener on a port another process holds, and a deploy (b is Stable).
+                wanted = routes("b", [one, two])
+                for _ in range(2):  # condo's next pass does not take the config file's word
+                    with pytest.raises(
+                        ProxyError, match=f"cannot bind socket \\[127.0.0.1:{two}\\]"
+                    ):
+                        await reconciler.reconcile(wanted)
+                    reconciler.forget()  # as run_proxy does after an error
+                    # The listener it has switched anyway.
+                    assert await fetch(one) == "b"
+            await reconciler.reconcile(wanted)  # the port is free: the reload takes
+            assert await fetch(two) == "b"
+            assert await fetch(one) == "b"
+            polling.cancel_scope.cancel()
+        assert refused == []
+
+
+async def test_a_stopped_haproxy_is_waited_for_never_doubled(
+    proxy: haproxy.HAProxy,
+    backends: tuple[Backends, trio.Nursery],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(haproxy, "COMMAND_LIMIT", 0.5)
+    engine, nursery = backends
+    port = free_port()
+    with trio.fail_after(30):
+        await engine.serve(nursery, "a")
+        await engine.serve(nursery, "b")
+        reconciler = ProxyReconciler(proxy, engine)
+        await reconciler.reconcile(routes("a", [port]))
+        master, processes = proxy.master_pid(), haproxy_processes(proxy)
+        assert master is not None and len(processes) == 2
+        workers = [pid for pid in processes if pid != master]
+        os.kill(workers[0], signal.SIGSTOP)
+        try:
+            with pytest.raises(ProxyError, match="admin socket"):
+                await reconciler.reconcile(routes("b", [port]))
+            reconciler.forget()
+            with pytest.raises(ProxyError, match=f"haproxy \\(pid {master}\\) runs but does not"):
+                await reconciler.reconcile(routes("b", [port]))
+            reconciler.forget()
+            assert haproxy_processes(proxy) == processes  # no second HAProxy on that port
+        finally:
+            os.kill(workers[0], signal.SIGCONT)
+        await reconciler.reconcile(routes("b", [port]))  # adopted again, routes followed
+        assert await fetch(port) == "b"
+        assert proxy.master_pid() == master
+        assert haproxy_processes(proxy) == processes
