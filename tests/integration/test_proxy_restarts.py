@@ -22,9 +22,10 @@ from condo.docker.models import Container, parse_container
 from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy
-from condo.proxy.reconcile import ProxyReconciler
+from condo.proxy.reconcile import ProxyReconciler, run_proxy
 from condo.routes import Route, desired_routes
-from condo.spec import parse_spec
+from condo.spec import ServiceSpec, parse_spec
+from condo.store import Store
 from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.docker  # the provisioned test environment: its haproxy
@@ -64,13 +65,21 @@ class Backends:
         nursery.start_soon(trio.serve_listeners, answer, listeners)
 
 
-def routes(container: str, ports: Sequence[int]) -> tuple[Route, ...]:
-    """The routes of a Stable service `web` whose `:proxy` listens on `ports`."""
+def route_spec(*ports: int) -> ServiceSpec:
     listeners = " ".join(f'{{:listen "127.0.0.1:{p}" :port 80}}' for p in ports)
-    spec = parse_spec(f'{{:spec {{:Image "web:1"}} :proxy [{listeners}]}}'.encode(), "web.edn")
+    return parse_spec(f'{{:spec {{:Image "web:1"}} :proxy [{listeners}]}}'.encode(), "web.edn")
+
+
+def stable(container: str, ports: Sequence[int]) -> ServiceState:
+    """A Stable service whose `:proxy` listens on `ports`, its container `container`."""
+    spec = route_spec(*ports)
     box = Box(id=container, name=f"web_{container}", spec=spec, created_at=1.0, healthcheck=False)
-    state = ServiceState(phase=Phase.Stable, desired=spec, current=box)
-    found, _ = desired_routes({"web": state})
+    return ServiceState(phase=Phase.Stable, desired=spec, current=box)
+
+
+def routes(container: str, ports: Sequence[int]) -> tuple[Route, ...]:
+    """The routes of that service, `web`."""
+    found, _ = desired_routes({"web": stable(container, ports)})
     return found
 
 
@@ -151,7 +160,7 @@ async def test_a_listener_on_a_port_held_elsewhere_never_stops_the_others(
     backends: tuple[Backends, trio.Nursery],
 ) -> None:
     engine, nursery = backends
-    one = free_port()
+    one, three = free_port(), free_port()
     refused: list[str] = []
 
     async def poll() -> None:  # the listener HAProxy has: never refused meanwhile
@@ -174,21 +183,42 @@ async def test_a_listener_on_a_port_held_elsewhere_never_stops_the_others(
                 await taken.bind(("127.0.0.1", 0))
                 taken.listen()
                 two = taken.getsockname()[1]
-                # A new listener on a port another process holds, and a deploy (b is Stable).
-                wanted = routes("b", [one, two])
+                # Two new listeners, one on a port another process holds; a deploy (b).
+                wanted = routes("b", [one, two, three])
                 for _ in range(2):  # condo's next pass does not take the config file's word
                     with pytest.raises(
                         ProxyError, match=f"cannot bind socket \\[127.0.0.1:{two}\\]"
                     ):
                         await reconciler.reconcile(wanted)
                     reconciler.forget()  # as run_proxy does after an error
-                    # The listener it has switched anyway.
+                    # The listener it has switched anyway, the other new one is open.
                     assert await fetch(one) == "b"
+                    assert await fetch(three) == "b"
             await reconciler.reconcile(wanted)  # the port is free: the reload takes
             assert await fetch(two) == "b"
             assert await fetch(one) == "b"
             polling.cancel_scope.cancel()
         assert refused == []
+
+
+async def test_a_listener_on_a_port_held_elsewhere_does_not_keep_haproxy_from_starting(
+    proxy: haproxy.HAProxy, backends: tuple[Backends, trio.Nursery]
+) -> None:
+    engine, nursery = backends
+    one = free_port()
+    with trio.fail_after(30), trio.socket.socket() as taken:
+        await engine.serve(nursery, "a")
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        two = taken.getsockname()[1]
+        reconciler = ProxyReconciler(proxy, engine)
+        with pytest.raises(ProxyError, match=f"cannot bind socket \\[127.0.0.1:{two}\\]"):
+            await reconciler.reconcile(routes("a", [one, two]))
+        assert await fetch(one) == "a"  # the other listener runs meanwhile
+        taken.close()
+        reconciler.forget()
+        await reconciler.reconcile(routes("a", [one, two]))
+        assert await fetch(two) == "a"
 
 
 async def test_a_stopped_haproxy_is_waited_for_never_doubled(
@@ -222,3 +252,39 @@ async def test_a_stopped_haproxy_is_waited_for_never_doubled(
         assert await fetch(port) == "b"
         assert proxy.master_pid() == master
         assert haproxy_processes(proxy) == processes
+
+
+async def test_a_killed_haproxy_is_started_again_within_a_second(
+    proxy: haproxy.HAProxy, backends: tuple[Backends, trio.Nursery]
+) -> None:
+    engine, nursery = backends
+    port = free_port()
+    await engine.serve(nursery, "a")
+    store = Store("h")
+    store.set_state("web", stable("a", [port]))
+    store.mark_settled()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as task:
+            await task.start(run_proxy, store, engine, ProxyReconciler(proxy, engine))
+            while True:
+                with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    if await fetch(port) == "a":
+                        break
+                await trio.sleep(0.05)
+            master = proxy.master_pid()
+            assert master is not None
+            os.kill(master, signal.SIGKILL)  # the pass just ended: the next is 5 s away
+            with contextlib.suppress(
+                OSError, trio.BrokenResourceError
+            ):  # until its workers are gone with it
+                while await fetch(port) == "a":
+                    await trio.sleep(0.01)
+            killed = trio.current_time()
+            while True:
+                with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    if await fetch(port) == "a":
+                        break
+                await trio.sleep(0.05)
+            assert trio.current_time() - killed < 2.0
+            assert proxy.master_pid() not in (None, master)
+            task.cancel_scope.cancel()

@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 RETRY_DELAY = 1.0
 STATS_DELAY = 5.0
+WATCH_DELAY = 0.2  # how often a host process's master is looked for between passes
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
 
 
@@ -53,6 +54,7 @@ class ProxyReconciler:
         self.proxy = proxy
         self._engine = engine
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
+        self._master: int | None = None  # its master's pid, a host process's, once known
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
@@ -62,9 +64,15 @@ class ProxyReconciler:
         self._before: dict[tuple[str, str], int] = {}
         self._last: dict[tuple[str, str], int] = {}
 
+    def gone(self) -> bool:
+        """The master of the HAProxy this reconciler started or adopted is gone (known for a
+        host process only: a container's pid is of another namespace)."""
+        return self._master is not None and self.proxy.master_pid() != self._master
+
     def forget(self) -> None:
         """Look for the running HAProxy again at the next pass (after a failure)."""
         self._signature = None
+        self._master = None
 
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
@@ -92,33 +100,49 @@ class ProxyReconciler:
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
+        if self.gone():
+            self.forget()  # start another at once
         frontends = [await self._frontend(route) for route in routes]
         wanted = haproxy.signature(frontends)
+        # Listeners whose address another process holds are left out (and said so at the end
+        # of the pass): HAProxy would not start with them, and a reload into one fails after
+        # refusing on every listener for seconds. The others run, and follow their services.
+        left_out: dict[str, str] = {}
         if self._signature is None:
             self._signature = await self.proxy.running_signature()
             if self._signature is None:
                 if not frontends:
                     return False  # nothing runs and nothing is wanted
-                await self.proxy.start(frontends)
+                left_out = self.proxy.left_out(frontends, running=())
+                usable = [f for f in frontends if f.name not in left_out]
+                if not usable:
+                    raise ProxyError("; ".join(left_out.values()))
+                await self.proxy.start(usable)
                 self._fold()  # the HAProxy that died took its counts with it
-                self._signature = wanted
+                self._signature = haproxy.signature(usable)
             else:
                 log.info("proxy.adopted")
+            if self.proxy.launcher.kind == "process":
+                self._master = self.proxy.master_pid()
         reload_failed: ProxyError | None = None
         if wanted != self._signature:
-            # The listeners it has lead to the containers of the moment before the reload is
-            # tried, and whether or not it takes: a listener that cannot be had must not keep
-            # every other service's switch waiting.
-            await self._sync_servers(frontends)
-            # The old worker's last counts, then the new worker's from 0.
-            await self._read_stats()
-            try:
-                await self.proxy.reload(frontends)
-            except ProxyError as exc:
-                reload_failed = exc  # the old worker runs on: its listeners, its counts
-            else:
-                self._fold()
-                self._signature = wanted
+            running = await self.proxy.frontend_stats()
+            left_out = self.proxy.left_out(frontends, running=running)
+            usable = [f for f in frontends if f.name not in left_out]
+            if haproxy.signature(usable) != self._signature:
+                # The listeners it has lead to the containers of the moment before the reload
+                # is tried, and whether or not it takes: a listener that cannot be had must
+                # not keep every other service's switch waiting.
+                await self._sync_servers(frontends)
+                # The old worker's last counts, then the new worker's from 0.
+                await self._read_stats()
+                try:
+                    await self.proxy.reload(usable)
+                except ProxyError as exc:
+                    reload_failed = exc  # the old worker runs on: its listeners, its counts
+                else:
+                    self._fold()
+                    self._signature = haproxy.signature(usable)
         self._services = {
             f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
         }
@@ -126,6 +150,8 @@ class ProxyReconciler:
         await self._read_stats()
         if reload_failed is not None:
             raise reload_failed
+        if left_out:
+            raise ProxyError("; ".join(left_out.values()) + " (the other listeners run)")
         return pending
 
     async def _frontend(self, route: Route) -> haproxy.Frontend:
@@ -242,7 +268,12 @@ async def run_proxy(
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
         with trio.move_on_after(delay):
-            await store.wait_changed(seen)
+            # A HAProxy that died refuses every listener until the next pass starts another:
+            # its master is watched meanwhile (a look at /proc), not only every STATS_DELAY.
+            while not reconciler.gone():
+                with trio.move_on_after(WATCH_DELAY):
+                    await store.wait_changed(seen)
+                    break
 
 
 def _report(store: Store, error: str | None, seen: int) -> int:
