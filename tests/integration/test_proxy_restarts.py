@@ -21,7 +21,7 @@ import trio
 from condo.docker.models import Container, parse_container
 from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
-from condo.proxy import haproxy
+from condo.proxy import haproxy, reconcile
 from condo.proxy.reconcile import ProxyReconciler, run_proxy
 from condo.routes import Route, desired_routes
 from condo.spec import ServiceSpec, parse_spec
@@ -106,8 +106,9 @@ def haproxy_processes(proxy: haproxy.HAProxy) -> list[int]:
     return found
 
 
-@pytest.fixture
-def proxy() -> Iterator[haproxy.HAProxy]:
+@contextlib.contextmanager
+def a_proxy() -> Iterator[haproxy.HAProxy]:
+    """A HAProxy of its own directory, stopped at the end (continued first, if stopped)."""
     # A short directory: HAProxy's socket paths are limited to 97 bytes.
     with tempfile.TemporaryDirectory(prefix="condo-red-") as directory:
         under_test = haproxy.HAProxy(Path(directory) / "s.proxy")
@@ -122,19 +123,29 @@ def proxy() -> Iterator[haproxy.HAProxy]:
 
 
 @pytest.fixture
-async def backends() -> AsyncIterator[tuple[Backends, trio.Nursery]]:
+def proxy() -> Iterator[haproxy.HAProxy]:
+    with a_proxy() as under_test:
+        yield under_test
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Backends]:
+    """Containers "a" and "b", serving before the test picks its free ports (their ports are
+    ephemeral too: a listen port picked first could be given to one of them)."""
     async with trio.open_nursery() as nursery:
-        yield Backends(), nursery
+        engine = Backends()
+        await engine.serve(nursery, "a")
+        await engine.serve(nursery, "b")
+        yield engine
         nursery.cancel_scope.cancel()
 
 
 async def test_a_config_written_but_never_reloaded_is_reloaded_by_the_next_condo(
-    proxy: haproxy.HAProxy, backends: tuple[Backends, trio.Nursery]
+    proxy: haproxy.HAProxy, backends: Backends
 ) -> None:
-    engine, nursery = backends
+    engine = backends
     one, two = free_port(), free_port()
     with trio.fail_after(30):
-        await engine.serve(nursery, "a")
         await ProxyReconciler(proxy, engine).reconcile(routes("a", [one]))
         assert await fetch(one) == "a"
         # condo killed -9 after writing the config of a second listener, before the reload.
@@ -157,9 +168,9 @@ async def test_a_config_written_but_never_reloaded_is_reloaded_by_the_next_condo
 
 async def test_a_listener_on_a_port_held_elsewhere_never_stops_the_others(
     proxy: haproxy.HAProxy,
-    backends: tuple[Backends, trio.Nursery],
+    backends: Backends,
 ) -> None:
-    engine, nursery = backends
+    engine = backends
     one, three = free_port(), free_port()
     refused: list[str] = []
 
@@ -172,8 +183,6 @@ async def test_a_listener_on_a_port_held_elsewhere_never_stops_the_others(
             await trio.sleep(0.02)
 
     with trio.fail_after(40):
-        await engine.serve(nursery, "a")
-        await engine.serve(nursery, "b")
         reconciler = ProxyReconciler(proxy, engine)
         await reconciler.reconcile(routes("a", [one]))
         assert await fetch(one) == "a"
@@ -202,12 +211,11 @@ async def test_a_listener_on_a_port_held_elsewhere_never_stops_the_others(
 
 
 async def test_a_listener_on_a_port_held_elsewhere_does_not_keep_haproxy_from_starting(
-    proxy: haproxy.HAProxy, backends: tuple[Backends, trio.Nursery]
+    proxy: haproxy.HAProxy, backends: Backends
 ) -> None:
-    engine, nursery = backends
+    engine = backends
     one = free_port()
     with trio.fail_after(30), trio.socket.socket() as taken:
-        await engine.serve(nursery, "a")
         await taken.bind(("127.0.0.1", 0))
         taken.listen()
         two = taken.getsockname()[1]
@@ -223,15 +231,13 @@ async def test_a_listener_on_a_port_held_elsewhere_does_not_keep_haproxy_from_st
 
 async def test_a_stopped_haproxy_is_waited_for_never_doubled(
     proxy: haproxy.HAProxy,
-    backends: tuple[Backends, trio.Nursery],
+    backends: Backends,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(haproxy, "COMMAND_LIMIT", 0.5)
-    engine, nursery = backends
+    engine = backends
     port = free_port()
     with trio.fail_after(30):
-        await engine.serve(nursery, "a")
-        await engine.serve(nursery, "b")
         reconciler = ProxyReconciler(proxy, engine)
         await reconciler.reconcile(routes("a", [port]))
         master, processes = proxy.master_pid(), haproxy_processes(proxy)
@@ -255,11 +261,10 @@ async def test_a_stopped_haproxy_is_waited_for_never_doubled(
 
 
 async def test_a_killed_haproxy_is_started_again_within_a_second(
-    proxy: haproxy.HAProxy, backends: tuple[Backends, trio.Nursery]
+    proxy: haproxy.HAProxy, backends: Backends
 ) -> None:
-    engine, nursery = backends
+    engine = backends
     port = free_port()
-    await engine.serve(nursery, "a")
     store = Store("h")
     store.set_state("web", stable("a", [port]))
     store.mark_settled()
@@ -272,7 +277,7 @@ async def test_a_killed_haproxy_is_started_again_within_a_second(
                         break
                 await trio.sleep(0.05)
             master = proxy.master_pid()
-            assert master is not None
+            assert master is not None, (proxy.pidfile.read_text(), proxy.log_tail())
             os.kill(master, signal.SIGKILL)  # the pass just ended: the next is 5 s away
             with contextlib.suppress(
                 OSError, trio.BrokenResourceError
@@ -288,3 +293,72 @@ async def test_a_killed_haproxy_is_started_again_within_a_second(
             assert trio.current_time() - killed < 2.0
             assert proxy.master_pid() not in (None, master)
             task.cancel_scope.cancel()
+
+
+async def test_a_port_another_condos_haproxy_listens_on_is_refused_not_shared(
+    proxy: haproxy.HAProxy, backends: Backends
+) -> None:
+    port = free_port()
+    with trio.fail_after(30), a_proxy() as other:
+        await ProxyReconciler(proxy, backends).reconcile(routes("a", [port]))
+        # Another condo (another state file) wants the same listen address for its service.
+        with pytest.raises(ProxyError, match=f"cannot bind socket \\[127.0.0.1:{port}\\]"):
+            await ProxyReconciler(other, backends).reconcile(routes("b", [port]))
+        assert haproxy_processes(other) == []
+        # Even a HAProxy started by other means: it cannot share the port (noreuseport).
+        frontend = haproxy.Frontend(
+            haproxy.frontend_name("127.0.0.1", port), f"127.0.0.1:{port}", "tcp", 1.0
+        )
+        with pytest.raises(ProxyError, match="cannot bind socket"):
+            await other.start([frontend])
+        assert [await fetch(port) for _ in range(20)] == ["a"] * 20
+
+
+class Contained(haproxy.HostProcess):
+    """A host process whose binds condo does not try first, as for HAProxy in a container
+    (a network namespace other than condo's)."""
+
+    kind = "container"
+
+
+async def test_a_reload_that_did_not_take_is_not_tried_again_at_once(
+    proxy: haproxy.HAProxy, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(haproxy, "START_LIMIT", 2.0)
+    monkeypatch.setattr(reconcile, "RELOAD_BACKOFF", 3.0)
+    proxy.launcher = Contained()
+    one = free_port()
+    refused: list[str] = []
+
+    async def poll() -> None:
+        while True:
+            try:
+                await fetch(one)
+            except (OSError, trio.BrokenResourceError) as exc:
+                refused.append(repr(exc))
+            await trio.sleep(0.02)
+
+    with trio.fail_after(40), trio.socket.socket() as taken:
+        reconciler = ProxyReconciler(proxy, backends)
+        await reconciler.reconcile(routes("a", [one]))
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        two = taken.getsockname()[1]
+        wanted = routes("b", [one, two])
+        # HAProxy's reload finds the port held (refusing on `one` for a while on its way).
+        with pytest.raises(ProxyError, match="reload did not take"):
+            await reconciler.reconcile(wanted)
+        reconciler.forget()
+        await trio.sleep(0.5)  # the old worker listens again
+        async with trio.open_nursery() as polling:
+            polling.start_soon(poll)
+            with pytest.raises(ProxyError, match="reload did not take"):
+                await reconciler.reconcile(wanted)  # the same error, no second try yet
+            reconciler.forget()
+            assert await fetch(one) == "b"
+            polling.cancel_scope.cancel()
+        assert refused == []
+        taken.close()
+        await trio.sleep(3.0)
+        await reconciler.reconcile(wanted)  # tried again after the backoff: it takes
+        assert await fetch(two) == "b"

@@ -124,6 +124,10 @@ def render_config(directory: Path, frontends: Sequence[Frontend]) -> str:
         "global",
         f"    stats socket {directory / 'admin.sock'} mode 600 level admin expose-fd listeners",
         "    stats timeout 1m",
+        # A port another process holds is refused, never shared: with SO_REUSEPORT a second
+        # HAProxy (another condo's, one left stopped) would take a share of its connections.
+        # A reload does not need it: the new worker takes the listening sockets over.
+        "    noreuseport",
         "defaults",
         "    timeout connect 2s",
         # Long-lived TCP and WebSocket connections: a connection ends when its peers end it,
@@ -192,6 +196,17 @@ class HAProxy:
             return None
         return pid
 
+    def unanswering(self) -> str | None:
+        """Why no HAProxy may be started (when none answers on the admin socket): the master
+        of this directory runs, hung or stopped (SIGSTOP), not dead. A second one would leave
+        it holding its ports, and once it goes on, its connections with old routes."""
+        if (pid := self.master_pid()) is None:
+            return None
+        return (
+            f"haproxy (pid {pid}) runs but does not answer on {self.admin_socket}: condo waits"
+            f" for it (kill {pid} and condo starts another)"
+        )
+
     async def running_signature(self) -> str | None:
         """The listeners' signature of the running HAProxy (the one it loaded, as condo saw it
         answer after a start or a reload), or None when no HAProxy of this directory answers:
@@ -213,13 +228,8 @@ class HAProxy:
         if (problem := self.socket_problem()) is not None:
             raise ProxyError(problem)
         await trio.to_thread.run_sync(lambda: self.directory.mkdir(mode=0o700, exist_ok=True))
-        if (pid := self.master_pid()) is not None:
-            # Hung or stopped (SIGSTOP), not dead: a second HAProxy would bind the same ports
-            # beside it (SO_REUSEPORT) and leave it holding connections, with old routes.
-            raise ProxyError(
-                f"haproxy (pid {pid}) runs but does not answer on {self.admin_socket}: condo"
-                f" waits for it (kill {pid} and condo starts another)"
-            )
+        if (problem := self.unanswering()) is not None:
+            raise ProxyError(problem)
         await self._write_checked(frontends)
         await trio.to_thread.run_sync(lambda: self.loaded.unlink(missing_ok=True))
         for stale in (self.admin_socket, self.master_socket):
@@ -494,13 +504,12 @@ def socket_path_problem(directory: Path) -> str | None:
 
 def bind_problem(bind: str) -> str | None:
     """Why HAProxy could not listen at `bind` (a `bind_address`) now, or None: the same bind as
-    HAProxy's (SO_REUSEADDR and SO_REUSEPORT), tried and let go."""
+    HAProxy's (SO_REUSEADDR; no SO_REUSEPORT: `noreuseport`), tried and let go."""
     host, _, port = bind.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host or "0.0.0.0", int(port)))  # ":PORT": every interface
         except OSError as exc:

@@ -31,6 +31,10 @@ from condo.store import Store
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY = 1.0
+# A reload of HAProxy in a container that did not take (a listen address another process holds
+# is found only by the reload, which refuses on every listener for seconds on its way) is tried
+# again this much later, or as soon as the wanted listeners change.
+RELOAD_BACKOFF = 60.0
 STATS_DELAY = 5.0
 WATCH_DELAY = 0.2  # how often a host process's master is looked for between passes
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
@@ -55,6 +59,8 @@ class ProxyReconciler:
         self._engine = engine
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
         self._master: int | None = None  # its master's pid, a host process's, once known
+        # The last reload that did not take: its listeners' signature, when, and why.
+        self._refused: tuple[str, float, ProxyError] | None = None
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
@@ -113,6 +119,8 @@ class ProxyReconciler:
             if self._signature is None:
                 if not frontends:
                     return False  # nothing runs and nothing is wanted
+                if (problem := self.proxy.unanswering()) is not None:
+                    raise ProxyError(problem)  # its ports are its own: not "held elsewhere"
                 left_out = self.proxy.left_out(frontends, running=())
                 usable = [f for f in frontends if f.name not in left_out]
                 if not usable:
@@ -136,13 +144,23 @@ class ProxyReconciler:
                 await self._sync_servers(frontends)
                 # The old worker's last counts, then the new worker's from 0.
                 await self._read_stats()
-                try:
-                    await self.proxy.reload(usable)
-                except ProxyError as exc:
-                    reload_failed = exc  # the old worker runs on: its listeners, its counts
+                target = haproxy.signature(usable)
+                refused = self._refused
+                if refused and refused[0] == target and trio.current_time() < refused[1]:
+                    reload_failed = refused[2]  # not again yet
                 else:
-                    self._fold()
-                    self._signature = haproxy.signature(usable)
+                    try:
+                        await self.proxy.reload(usable)
+                    except ProxyError as exc:
+                        reload_failed = exc  # the old worker runs on: its listeners, counts
+                        # A host process's binds were tried first: its failure is worth
+                        # another try at the next pass.
+                        if self.proxy.launcher.kind != "process":
+                            self._refused = (target, trio.current_time() + RELOAD_BACKOFF, exc)
+                    else:
+                        self._fold()
+                        self._signature = target
+                        self._refused = None
         self._services = {
             f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
         }
