@@ -357,3 +357,16 @@ async def test_the_proxy_error_comes_and_goes_in_the_state() -> None:
     assert store.version == version  # the same error: no change, its first `at` stays
     store.set_proxy_error(None)
     assert "proxy" not in store.view()
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "::1:8080",  # an IPv6 address itself: the host must be in brackets
+        "[fe80::1%eth0]:8080",  # a zone: HAProxy refuses it, and the whole config with it
+        "\u0668\u0660\u0668\u0660",  # 8080 in Arabic-Indic digits
+    ],
+)
+def test_a_listen_address_haproxy_would_not_take_is_an_error(listen: str) -> None:
+    with pytest.raises(SpecError, match=":listen must be"):
+        spec(f'[{{:listen "{listen}" :port 80}}]')
