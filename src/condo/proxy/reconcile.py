@@ -108,7 +108,8 @@ class ProxyReconciler:
         """One pass; True when something is left for a later pass."""
         if self.gone():
             self.forget()  # start another at once
-        frontends = [await self._frontend(route) for route in routes]
+        looked: dict[str, Container | None] = {}  # one inspect per container and pass
+        frontends = [await self._frontend(route, looked) for route in routes]
         wanted = haproxy.signature(frontends)
         # Listeners whose address another process holds are left out (and said so at the end
         # of the pass): HAProxy would not start with them, and a reload into one fails after
@@ -172,11 +173,13 @@ class ProxyReconciler:
             raise ProxyError("; ".join(left_out.values()) + " (the other listeners run)")
         return pending
 
-    async def _frontend(self, route: Route) -> haproxy.Frontend:
+    async def _frontend(
+        self, route: Route, looked: dict[str, Container | None]
+    ) -> haproxy.Frontend:
         listener = route.listener
         servers = []
         for server in route.servers:
-            port = await self._published_port(server.container, server.target)
+            port = await self._published_port(server.container, server.target, looked)
             if port is not None:
                 servers.append(haproxy.ServerLine(server.key, port, server.state))
         return haproxy.Frontend(
@@ -187,16 +190,23 @@ class ProxyReconciler:
             servers=tuple(servers),
         )
 
-    async def _published_port(self, container: str, target: int) -> int | None:
+    async def _published_port(
+        self, container: str, target: int, looked: dict[str, Container | None]
+    ) -> int | None:
         # Asked on every pass: an ephemeral host port changes when the engine restarts the
-        # container (its RestartPolicy), and a pass is one inspect per routed container.
-        try:
-            info = await self._engine.inspect(container)
-        except ContainerNotFound:
+        # container (its RestartPolicy), and a pass is one inspect per routed container (not
+        # per listener: a service may have many).
+        if container not in looked:
+            try:
+                looked[container] = await self._engine.inspect(container)
+            except ContainerNotFound:
+                looked[container] = None
+            except DockerError as exc:
+                raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
+        info = looked[container]
+        if info is None or not info.running:
             return None
-        except DockerError as exc:
-            raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
-        return info.loopback_ports.get(f"{target}/tcp") if info.running else None
+        return info.loopback_ports.get(f"{target}/tcp")
 
     async def _sync_servers(self, frontends: Sequence[haproxy.Frontend]) -> bool:
         actual = await self.proxy.servers()
