@@ -31,7 +31,12 @@ from condo.store import Store
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY = 1.0
+# A reload of HAProxy in a container that did not take (a listen address another process holds
+# is found only by the reload, which refuses on every listener for seconds on its way) is tried
+# again this much later, or as soon as the wanted listeners change.
+RELOAD_BACKOFF = 60.0
 STATS_DELAY = 5.0
+WATCH_DELAY = 0.2  # how often a host process's master is looked for between passes
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
 
 
@@ -53,6 +58,9 @@ class ProxyReconciler:
         self.proxy = proxy
         self._engine = engine
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
+        self._master: int | None = None  # its master's pid, a host process's, once known
+        # The last reload that did not take: its listeners' signature, when, and why.
+        self._refused: tuple[str, float, ProxyError] | None = None
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
@@ -62,9 +70,15 @@ class ProxyReconciler:
         self._before: dict[tuple[str, str], int] = {}
         self._last: dict[tuple[str, str], int] = {}
 
+    def gone(self) -> bool:
+        """The master of the HAProxy this reconciler started or adopted is gone (known for a
+        host process only: a container's pid is of another namespace)."""
+        return self._master is not None and self.proxy.master_pid() != self._master
+
     def forget(self) -> None:
         """Look for the running HAProxy again at the next pass (after a failure)."""
         self._signature = None
+        self._master = None
 
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
@@ -92,36 +106,80 @@ class ProxyReconciler:
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
-        frontends = [await self._frontend(route) for route in routes]
+        if self.gone():
+            self.forget()  # start another at once
+        looked: dict[str, Container | None] = {}  # one inspect per container and pass
+        frontends = [await self._frontend(route, looked) for route in routes]
         wanted = haproxy.signature(frontends)
+        # Listeners whose address another process holds are left out (and said so at the end
+        # of the pass): HAProxy would not start with them, and a reload into one fails after
+        # refusing on every listener for seconds. The others run, and follow their services.
+        left_out: dict[str, str] = {}
         if self._signature is None:
             self._signature = await self.proxy.running_signature()
             if self._signature is None:
                 if not frontends:
                     return False  # nothing runs and nothing is wanted
-                await self.proxy.start(frontends)
+                if (problem := self.proxy.unanswering()) is not None:
+                    raise ProxyError(problem)  # its ports are its own: not "held elsewhere"
+                left_out = self.proxy.left_out(frontends, running=())
+                usable = [f for f in frontends if f.name not in left_out]
+                if not usable:
+                    raise ProxyError("; ".join(left_out.values()))
+                await self.proxy.start(usable)
                 self._fold()  # the HAProxy that died took its counts with it
-                self._signature = wanted
+                self._signature = haproxy.signature(usable)
             else:
                 log.info("proxy.adopted")
+            if self.proxy.launcher.kind == "process":
+                self._master = self.proxy.master_pid()
+        reload_failed: ProxyError | None = None
         if wanted != self._signature:
-            # The old worker's last counts, then the new worker's from 0.
-            await self._read_stats()
-            await self.proxy.reload(frontends)
-            self._fold()
-            self._signature = wanted
+            running = await self.proxy.frontend_stats()
+            left_out = self.proxy.left_out(frontends, running=running)
+            usable = [f for f in frontends if f.name not in left_out]
+            if haproxy.signature(usable) != self._signature:
+                # The listeners it has lead to the containers of the moment before the reload
+                # is tried, and whether or not it takes: a listener that cannot be had must
+                # not keep every other service's switch waiting.
+                await self._sync_servers(frontends)
+                # The old worker's last counts, then the new worker's from 0.
+                await self._read_stats()
+                target = haproxy.signature(usable)
+                refused = self._refused
+                if refused and refused[0] == target and trio.current_time() < refused[1]:
+                    reload_failed = refused[2]  # not again yet
+                else:
+                    try:
+                        await self.proxy.reload(usable)
+                    except ProxyError as exc:
+                        reload_failed = exc  # the old worker runs on: its listeners, counts
+                        # A host process's binds were tried first: its failure is worth
+                        # another try at the next pass.
+                        if self.proxy.launcher.kind != "process":
+                            self._refused = (target, trio.current_time() + RELOAD_BACKOFF, exc)
+                    else:
+                        self._fold()
+                        self._signature = target
+                        self._refused = None
         self._services = {
             f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
         }
         pending = await self._sync_servers(frontends)
         await self._read_stats()
+        if reload_failed is not None:
+            raise reload_failed
+        if left_out:
+            raise ProxyError("; ".join(left_out.values()) + " (the other listeners run)")
         return pending
 
-    async def _frontend(self, route: Route) -> haproxy.Frontend:
+    async def _frontend(
+        self, route: Route, looked: dict[str, Container | None]
+    ) -> haproxy.Frontend:
         listener = route.listener
         servers = []
         for server in route.servers:
-            port = await self._published_port(server.container, server.target)
+            port = await self._published_port(server.container, server.target, looked)
             if port is not None:
                 servers.append(haproxy.ServerLine(server.key, port, server.state))
         return haproxy.Frontend(
@@ -132,22 +190,32 @@ class ProxyReconciler:
             servers=tuple(servers),
         )
 
-    async def _published_port(self, container: str, target: int) -> int | None:
+    async def _published_port(
+        self, container: str, target: int, looked: dict[str, Container | None]
+    ) -> int | None:
         # Asked on every pass: an ephemeral host port changes when the engine restarts the
-        # container (its RestartPolicy), and a pass is one inspect per routed container.
-        try:
-            info = await self._engine.inspect(container)
-        except ContainerNotFound:
+        # container (its RestartPolicy), and a pass is one inspect per routed container (not
+        # per listener: a service may have many).
+        if container not in looked:
+            try:
+                looked[container] = await self._engine.inspect(container)
+            except ContainerNotFound:
+                looked[container] = None
+            except DockerError as exc:
+                raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
+        info = looked[container]
+        if info is None or not info.running:
             return None
-        except DockerError as exc:
-            raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
-        return info.loopback_ports.get(f"{target}/tcp") if info.running else None
+        return info.loopback_ports.get(f"{target}/tcp")
 
     async def _sync_servers(self, frontends: Sequence[haproxy.Frontend]) -> bool:
         actual = await self.proxy.servers()
         pending = False
         for frontend in frontends:
-            have = actual.get(frontend.name, {})
+            if frontend.name not in actual:  # a listener a reload has yet to add
+                pending = True
+                continue
+            have = actual[frontend.name]
             backend = frontend.name
             for server in frontend.servers:
                 ref = f"{backend}/{server.name}"
@@ -228,7 +296,12 @@ async def run_proxy(
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
         with trio.move_on_after(delay):
-            await store.wait_changed(seen)
+            # A HAProxy that died refuses every listener until the next pass starts another:
+            # its master is watched meanwhile (a look at /proc), not only every STATS_DELAY.
+            while not reconciler.gone():
+                with trio.move_on_after(WATCH_DELAY):
+                    await store.wait_changed(seen)
+                    break
 
 
 def _report(store: Store, error: str | None, seen: int) -> int:
