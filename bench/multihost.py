@@ -709,15 +709,18 @@ async def simulate(prefix: str, stem: str, count: int, size: int) -> None:
         for name in names:
             store.set_state(name, _sim_stable(name, BUSYBOX))
         store.mark_settled()
-    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
     endpoint = f"http://{CONSUL_HOST}:{CONSUL_PORT}"
     stdin = trio.lowlevel.FdStream(os.dup(0))
-    async with (
-        httpx.AsyncClient(base_url=endpoint, limits=limits, trust_env=False) as http,
-        trio.open_nursery() as nursery,
-    ):
-        client = ConsulClient(http)
-        publishers = [Publisher(client, store, layout, store.host) for store in stores]
+    async with contextlib.AsyncExitStack() as clients, trio.open_nursery() as nursery:
+        # One HTTP client per host, as each condo has its own: one pool of 200 connections
+        # costs httpcore time per request that grows with the pool (it held this process to
+        # ~100 writes/s, and the sessions of hosts waiting their turn expired).
+        publishers = []
+        for store in stores:
+            http = await clients.enter_async_context(
+                httpx.AsyncClient(base_url=endpoint, trust_env=False)
+            )
+            publishers.append(Publisher(ConsulClient(http), store, layout, store.host))
         # A few hosts at a time, as a fleet comes up: 200 first rounds of 22 writes at once
         # outlast the sessions' TTL (a round renews only when it starts).
         for first in range(0, count, SIM_BATCH):
