@@ -1,15 +1,18 @@
-"""The proxy task: keeps condo's HAProxy equal to the routes the services' states call for.
+"""The proxy task: keeps condo's data planes equal to the routes the services' states call for.
 
 Level-triggered: on every change of the store (and every `RETRY_DELAY` while something is left
 to do: a drained server with open connections, a failed command) it computes the wanted
-listeners and servers from scratch (condo.proxy.routes), looks each routed container's published
-127.0.0.1 port up on the engine, and brings HAProxy there: a reload when the listeners differ,
-admin commands for the servers. It waits until the store is settled first: before that, a
-service missing from the store may only not be restored yet, and closing its listener would
-refuse connections across a restart of condo.
+listeners and servers from scratch (condo.routes), chooses each listener's data plane
+(`choose_plane`: the kernel's NAT for a `:tcp` listener when condo can use nftables, else
+HAProxy), looks each routed container's published 127.0.0.1 port up on the engine, and brings
+both planes there: condo's nftables table rewritten whole (condo.proxy.nat), then HAProxy (a
+reload when its listeners differ, admin commands for the servers). The NAT goes first: a
+listener that moves to it is taken over before HAProxy lets it go. The task waits until the
+store is settled first: before that, a service missing from the store may only not be restored
+yet, and closing its listener would refuse connections across a restart of condo.
 
-Nothing here starts HAProxy until a listener is wanted; a HAProxy of this state file that runs
-already is adopted as it is.
+Nothing here starts HAProxy until a listener is wanted on it; a HAProxy of this state file that
+runs already is adopted as it is.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 import trio
 
 from condo.docker.models import Container
 from condo.errors import ContainerNotFound, DockerError, ProxyError
-from condo.proxy import haproxy
+from condo.proxy import haproxy, nat
 from condo.routes import Route, desired_routes
+from condo.spec import ProxyListener
 from condo.store import Store
 
 log = structlog.get_logger(__name__)
@@ -33,6 +37,18 @@ log = structlog.get_logger(__name__)
 RETRY_DELAY = 1.0
 STATS_DELAY = 5.0
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
+
+Plane = Literal["nat", "haproxy"]
+PlaneChoice = Literal["auto", "haproxy"]  # `condo run --proxy-plane`
+
+
+def choose_plane(listener: ProxyListener, nat_usable: bool) -> Plane:
+    """The data plane of one listener: the kernel's NAT for `:tcp` (IPv4) when condo can use
+    nftables (it forwards in the kernel, with no copy); HAProxy for `:http` (a request at a
+    time), for IPv6, and when the NAT cannot be used or `--proxy-plane haproxy` says so."""
+    if nat_usable and listener.mode == "tcp" and nat.usable(listener.host):
+        return "nat"
+    return "haproxy"
 
 
 class ContainerLookup(Protocol):
@@ -47,11 +63,36 @@ def proxy_directory(state_path: Path) -> Path:
 
 
 class ProxyReconciler:
-    """One pass at a time: wanted routes → HAProxy. Remembers what it knows of HAProxy."""
+    """One pass at a time: wanted routes → the NAT table and HAProxy. Remembers what it knows
+    of both."""
 
-    def __init__(self, proxy: haproxy.HAProxy, engine: ContainerLookup) -> None:
+    def __init__(
+        self,
+        proxy: haproxy.HAProxy,
+        engine: ContainerLookup,
+        table: nat.NatTable | None = None,
+        *,
+        choice: PlaneChoice = "auto",
+        nat_refused: str | None = None,
+    ) -> None:
         self.proxy = proxy
         self._engine = engine
+        # The NAT: None without a table; `nat_refused` says why it cannot be used here (condo
+        # in a container without host networking); `--proxy-plane haproxy` uses it for
+        # nothing, but still empties a table a condo before wrote.
+        self.table = table
+        self.choice: PlaneChoice = choice
+        self._nat_refused = nat_refused
+        self._nat_why_not: str | None = None  # the last check's answer
+        self._nat_checked = False
+        self.planes: dict[str, Plane] = {}  # listen → its data plane, as of the last pass
+        # counter name → (service, listen); the counters read last; what counters that went
+        # back (a table deleted by hand) had counted before.
+        self._nat_services: dict[str, tuple[str, str]] = {}
+        self._nat_last: dict[str, int] = {}
+        self._nat_before: dict[str, int] = {}
+        self._nat_open: dict[str, int] = {}
+        self._nat_ports: dict[str, tuple[int, frozenset[int]]] = {}
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
@@ -63,8 +104,12 @@ class ProxyReconciler:
         self._last: dict[tuple[str, str], int] = {}
 
     def forget(self) -> None:
-        """Look for the running HAProxy again at the next pass (after a failure)."""
+        """Look for the running HAProxy again and write the NAT table whole at the next pass
+        (after a failure); check again whether the NAT can be used."""
         self._signature = None
+        self._nat_checked = False
+        if self.table is not None:
+            self.table.forget()
 
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
@@ -73,7 +118,21 @@ class ProxyReconciler:
             stats = self.stats.get(name)
             if stats is not None:
                 found[key] = (stats.current, self._before.get(key, 0) + self._last.get(key, 0))
+        for name, key in self._nat_services.items():
+            accepted = self._nat_before.get(name, 0) + self._nat_last.get(name, 0)
+            found[key] = (self._nat_open.get(name, 0), accepted)
         return found
+
+    async def _nat_usable(self) -> bool:
+        """Whether the NAT carries `:tcp` listeners (checked once: `nft -c` of the table)."""
+        if self.table is None or self._nat_refused is not None:
+            return False
+        if not self._nat_checked:
+            self._nat_why_not = await self.table.check()
+            self._nat_checked = True
+            if self._nat_why_not is not None:
+                log.info("proxy.nat_unusable", reason=self._nat_why_not)
+        return self._nat_why_not is None
 
     async def _read_stats(self) -> None:
         self.stats = await self.proxy.frontend_stats()
@@ -92,6 +151,60 @@ class ProxyReconciler:
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
+        nat_usable = await self._nat_usable()
+        nat_wanted = nat_usable and self.choice == "auto"
+        planes = {r.listener.listen: choose_plane(r.listener, nat_wanted) for r in routes}
+        if nat_usable:
+            await self._reconcile_nat([r for r in routes if planes[r.listener.listen] == "nat"])
+        pending = await self._reconcile_haproxy(
+            [r for r in routes if planes[r.listener.listen] == "haproxy"]
+        )
+        self.planes = planes
+        return pending
+
+    async def _reconcile_nat(self, routes: Sequence[Route]) -> None:
+        assert self.table is not None
+        rules = []
+        services: dict[str, tuple[str, str]] = {}
+        ports: dict[str, tuple[int, frozenset[int]]] = {}
+        for route in routes:
+            listener = route.listener
+            name = nat.counter_name(listener.host, listener.port)
+            local: int | None = None
+            remote: tuple[str, int] | None = None
+            replies: set[int] = set()
+            for server in route.servers:
+                found = await self._where(server.container, server.target)
+                if found is None:
+                    continue
+                published, address = found
+                replies |= {published, server.target}
+                if server.state == "ready" and local is None:
+                    local = published
+                    remote = (address, server.target) if address else None
+            rules.append(nat.NatRule(name, listener.host, listener.port, local, remote))
+            services[name] = (route.service, listener.listen)
+            ports[name] = (listener.port, frozenset(replies))
+        await self.table.apply(rules)
+        self._nat_services, self._nat_ports = services, ports
+        await self._read_nat_counts()
+
+    async def _read_nat_counts(self) -> None:
+        if not self._nat_services:
+            return
+        counts = await self.table.counters() if self.table is not None else {}
+        for name in self._nat_services:
+            count = counts.get(name, 0)
+            if count < self._nat_last.get(name, 0):  # the table was deleted and written again
+                self._nat_before[name] = self._nat_before.get(name, 0) + self._nat_last[name]
+            self._nat_last[name] = count
+        try:
+            text = await trio.to_thread.run_sync(Path(nat.CONNTRACK).read_text)
+        except OSError:  # no conntrack in /proc (a kernel built without it): none open known
+            text = ""
+        self._nat_open = nat.open_connections(text, self._nat_ports)
+
+    async def _reconcile_haproxy(self, routes: Sequence[Route]) -> bool:
         frontends = [await self._frontend(route) for route in routes]
         wanted = haproxy.signature(frontends)
         if self._signature is None:
@@ -121,9 +234,9 @@ class ProxyReconciler:
         listener = route.listener
         servers = []
         for server in route.servers:
-            port = await self._published_port(server.container, server.target)
-            if port is not None:
-                servers.append(haproxy.ServerLine(server.key, port, server.state))
+            found = await self._where(server.container, server.target)
+            if found is not None:
+                servers.append(haproxy.ServerLine(server.key, found[0], server.state))
         return haproxy.Frontend(
             name=haproxy.frontend_name(listener.host, listener.port),
             bind=haproxy.bind_address(listener.host, listener.port),
@@ -132,7 +245,9 @@ class ProxyReconciler:
             servers=tuple(servers),
         )
 
-    async def _published_port(self, container: str, target: int) -> int | None:
+    async def _where(self, container: str, target: int) -> tuple[int, str] | None:
+        """The container's port `target` as published on 127.0.0.1, and its own address (""
+        when it has none); None when it does not run or publish it."""
         # Asked on every pass: an ephemeral host port changes when the engine restarts the
         # container (its RestartPolicy), and a pass is one inspect per routed container.
         try:
@@ -141,7 +256,8 @@ class ProxyReconciler:
             return None
         except DockerError as exc:
             raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
-        return info.loopback_ports.get(f"{target}/tcp") if info.running else None
+        port = info.loopback_ports.get(f"{target}/tcp") if info.running else None
+        return None if port is None else (port, info.ip_address)
 
     async def _sync_servers(self, frontends: Sequence[haproxy.Frontend]) -> bool:
         actual = await self.proxy.servers()
@@ -197,7 +313,8 @@ async def run_proxy(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Keep HAProxy equal to the store's routes until cancelled (never stops HAProxy)."""
+    """Keep the data planes equal to the store's routes until cancelled (never stops HAProxy,
+    never deletes the NAT table)."""
     task_status.started()
     seen = -1
     while not store.settled:
@@ -223,7 +340,7 @@ async def run_proxy(
             error = f"the proxy task failed: {exc!r} (condo's log has more)"
             reconciler.forget()
             pending = True
-        seen = _report(store, error, seen)
+        seen = _report(store, error, reconciler.planes, seen)
         # Something left: try again soon. Listeners: look again now and then for the
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
@@ -231,10 +348,12 @@ async def run_proxy(
             await store.wait_changed(seen)
 
 
-def _report(store: Store, error: str | None, seen: int) -> int:
-    """Show the pass's error in `/v1/state` (None: the data plane is fine). The report is a
-    change of the store the task itself made: when nothing else changed meanwhile, it is no
-    reason for another pass (the version the task has seen moves past it)."""
+def _report(store: Store, error: str | None, planes: Mapping[str, Plane], seen: int) -> int:
+    """Show the pass's error (None: the data planes are fine) and each listener's data plane in
+    `/v1/state`. The report is a change of the store the task itself made: when nothing else
+    changed meanwhile, it is no reason for another pass (the version the task has seen moves
+    past it)."""
     unchanged = store.version == seen
     store.set_proxy_error(error)
+    store.set_proxy_planes(planes)
     return store.version if unchanged else seen
