@@ -11,7 +11,8 @@ answers 3 bytes, `/big` is a 32 MiB file. Every figure is wrk's (`wrk` from Debi
 - HAProxy, condo's other data plane (`:http` listeners, `--proxy-plane haproxy`), for the same
   HTTP and bulk figures: condo's own HAProxy config (condo.proxy.haproxy) on a free port, in
   front of the same published port.
-- Bulk TCP: one connection downloading `/big` over and over (wrk's transfer/s); bar ≥ 0.8x.
+- Bulk TCP: one connection downloading `/big` over and over (wrk's transfer/s), ROUNDS rounds
+  each (the medians); bar ≥ 0.8x.
 - DEPLOYS consecutive `[:After 1]` deploys under wrk load, each request on a new connection
   (`Connection: close`: an open connection stays with its container until the drain ends, so a
   keep-alive client is what the drain test below is about); bar: 0 failed requests.
@@ -102,13 +103,19 @@ async def main(run: Run) -> Report:
             await wait_answering(listen)
 
             plane = await listener_plane(condo)
-            small_proxy, small_direct = [], []
-            for _ in range(rounds):
-                small_direct.append(await wrk(direct + "/", seconds, CONNECTIONS))
-                small_proxy.append(await wrk(proxied + "/", seconds, CONNECTIONS))
-            bulk_direct = await wrk(direct + "/big", seconds, 1)
-            bulk_proxy = await wrk(proxied + "/big", seconds, 1)
-            small_haproxy, bulk_haproxy = await haproxy_rounds(run, direct_port, rounds, seconds)
+            # Direct, through the listener, through HAProxy: one after the other in each round
+            # (the load of a shared machine moves: each ratio compares neighbours).
+            small_direct, small_proxy, small_haproxy = [], [], []
+            bulk_direct, bulk_proxy, bulk_haproxy = [], [], []
+            async with condo_haproxy(run, direct_port) as haproxied:
+                for _ in range(rounds):
+                    small_direct.append(await wrk(direct + "/", seconds, CONNECTIONS))
+                    small_proxy.append(await wrk(proxied + "/", seconds, CONNECTIONS))
+                    small_haproxy.append(await wrk(haproxied + "/", seconds, CONNECTIONS))
+                for _ in range(rounds):
+                    bulk_direct.append(await wrk(direct + "/big", seconds, 1))
+                    bulk_proxy.append(await wrk(proxied + "/big", seconds, 1))
+                    bulk_haproxy.append(await wrk(haproxied + "/big", seconds, 1))
 
             deploys = QUICK_DEPLOYS if quick else DEPLOYS
             deployed = await deploys_under_load(run, condo, listen, deploys)
@@ -125,8 +132,8 @@ async def main(run: Run) -> Report:
     p99_direct = statistics.median(r.p99_ms for r in small_direct)
     ratio = rps_proxy / rps_direct
     rps_haproxy = statistics.median(r.rps for r in small_haproxy)
-    bulk_ratio = bulk_proxy.bytes_per_s / bulk_direct.bytes_per_s
-    bulk_haproxy_ratio = bulk_haproxy.bytes_per_s / bulk_direct.bytes_per_s
+    bulk_ratio = transfer(bulk_proxy) / transfer(bulk_direct)
+    bulk_haproxy_ratio = transfer(bulk_haproxy) / transfer(bulk_direct)
     mb = 1 / 1e6
     return Report(
         bench="proxy",
@@ -153,14 +160,14 @@ async def main(run: Run) -> Report:
             ),
             (
                 f"bulk TCP (`/big`, 1 connection), MB/s ({plane})",
-                f"{bulk_proxy.bytes_per_s * mb:,.0f}",
-                f"{bulk_direct.bytes_per_s * mb:,.0f}",
+                f"{transfer(bulk_proxy) * mb:,.0f}",
+                f"{transfer(bulk_direct) * mb:,.0f}",
                 f"{bulk_ratio:.2f}x",
             ),
             (
                 "the same through condo's HAProxy (tcp mode), MB/s",
-                f"{bulk_haproxy.bytes_per_s * mb:,.0f}",
-                f"{bulk_direct.bytes_per_s * mb:,.0f}",
+                f"{transfer(bulk_haproxy) * mb:,.0f}",
+                f"{transfer(bulk_direct) * mb:,.0f}",
                 f"{bulk_haproxy_ratio:.2f}x",
             ),
             (
@@ -189,13 +196,13 @@ async def main(run: Run) -> Report:
             "plane": plane,
             "rps_haproxy": round(rps_haproxy),
             "haproxy_ratio": round(rps_haproxy / rps_direct, 3),
-            "bulk_haproxy_mb_s": round(bulk_haproxy.bytes_per_s * mb),
+            "bulk_haproxy_mb_s": round(transfer(bulk_haproxy) * mb),
             "bulk_haproxy_ratio": round(bulk_haproxy_ratio, 3),
             "p99_proxy_ms": round(p99_proxy, 3),
             "p99_direct_ms": round(p99_direct, 3),
             "p99_added_ms": round(p99_proxy - p99_direct, 3),
-            "bulk_proxy_mb_s": round(bulk_proxy.bytes_per_s * mb),
-            "bulk_direct_mb_s": round(bulk_direct.bytes_per_s * mb),
+            "bulk_proxy_mb_s": round(transfer(bulk_proxy) * mb),
+            "bulk_direct_mb_s": round(transfer(bulk_direct) * mb),
             "bulk_ratio": round(bulk_ratio, 3),
             "deploys": deploys,
             "deploy_requests": deployed.requests,
@@ -347,9 +354,11 @@ async def delete_nat_table(host: str) -> None:
                                    check=False, capture_stderr=True)  # fmt: skip
 
 
-async def haproxy_rounds(run: Run, port: int, rounds: int, seconds: float) -> tuple[list[Wrk], Wrk]:
+@contextlib.asynccontextmanager
+async def condo_haproxy(run: Run, port: int) -> AsyncIterator[str]:
     """HAProxy, condo's other data plane, for the same figures: condo's own config (a `:tcp`
-    listener on a free port, the published port its server), started as condo starts it."""
+    listener on a free port, the published port its server), started as condo starts it; its
+    URL."""
     listen = free_port()
     proxy = HAProxy(run.folder("haproxy") / "p")
     frontend = Frontend(
@@ -361,12 +370,15 @@ async def haproxy_rounds(run: Run, port: int, rounds: int, seconds: float) -> tu
     )
     await proxy.start([frontend])
     try:
-        url = f"http://127.0.0.1:{listen}"
         await wait_answering(listen)
-        small = [await wrk(url + "/", seconds, CONNECTIONS) for _ in range(rounds)]
-        return small, await wrk(url + "/big", seconds, 1)
+        yield f"http://127.0.0.1:{listen}"
     finally:
         await proxy.stop()
+
+
+def transfer(rounds: list[Wrk]) -> float:
+    """Bytes/s: the median of the rounds."""
+    return statistics.median(r.bytes_per_s for r in rounds)
 
 
 # --- wrk ------------------------------------------------------------------------------------------

@@ -138,9 +138,10 @@ def test_inspect_gives_the_address_and_network_mode() -> None:
 class FakeTable(nat.NatTable):
     """condo's table as a list of writes; its counters as the test sets them."""
 
-    def __init__(self, refuse: str | None = None) -> None:
+    def __init__(self, refuse: str | None = None, carries: frozenset[str] = frozenset()) -> None:
         super().__init__("h")
         self.refuse = refuse
+        self.carries = set(carries)
         self.writes: list[list[nat.NatRule]] = []
         self.counts: dict[str, int] = {}
         self.checks = 0
@@ -149,8 +150,12 @@ class FakeTable(nat.NatTable):
         self.checks += 1
         return self.refuse
 
+    async def carried(self) -> set[str]:
+        return set(self.carries)
+
     async def apply(self, rules: Sequence[nat.NatRule]) -> None:
         self.writes.append(list(rules))
+        self.carries = {rule.counter for rule in rules}
 
     async def counters(self) -> dict[str, int]:
         return dict(self.counts)
@@ -272,3 +277,21 @@ async def test_haproxy_carries_what_the_nat_cannot_or_must_not(
     # A usable NAT carries nothing, but is emptied (a table a condo before wrote); an unusable
     # one is never written.
     assert table.writes == ([[]] if usable else [])
+
+
+async def test_a_listener_moving_to_haproxy_keeps_its_nat_rule_until_haproxy_listens(
+    tmp_path: Path,
+) -> None:
+    s = spec(TCP)
+    store = routes_of(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
+    routes, _ = desired_routes({n: e.state for n, e in store.entries.items()})
+    # A condo before this one carried the listener on the NAT; this one is told HAProxy.
+    table = FakeTable(carries=frozenset({"l_127_0_0_1_8080"}))
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    reconciler = ProxyReconciler(proxy, Engine(), table, choice="haproxy")
+    with pytest.raises(ProxyError, match="cannot run"):  # HAProxy cannot listen (yet)
+        await reconciler.reconcile(routes)
+    # The rule is kept (rewritten as it is): connections keep going through the NAT.
+    assert table.writes == [
+        [nat.NatRule("l_127_0_0_1_8080", "127.0.0.1", 8080, 32001, ("172.17.0.1", 80))]
+    ]

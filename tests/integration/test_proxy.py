@@ -311,6 +311,50 @@ async def test_kill9_and_restart_of_condo_refuses_and_cuts_nothing(
         assert collapse(poller.answers) == ["one", "two"]
 
 
+async def test_a_listener_on_every_interface_goes_through_the_nat(condo: CondoUnderTest) -> None:
+    port = free_port()
+    with trio.fail_after(60):
+        condo.write("web", spec("one", port).replace(f'"127.0.0.1:{port}"', f'"{port}"'))
+        async with running_condo(condo):
+            view = await condo.wait_state("web", "Stable")
+            await condo.wait(lambda v: v["services"]["web"]["proxy"][0]["plane"] == "nat")
+            await wait_answer(port, "one")  # a local client, to any local address
+            # Other hosts' connections go to the container's own address and port (these
+            # machines allow loopback traffic only: the rule is checked, not used).
+            address = (await condo.docker.inspect(view["current"]["id"])).ip_address
+            table = await nat_table(condo.host)
+            assert f"fib daddr type local tcp dport {port}" in table
+            assert f"dnat to {address}:80" in table, table
+
+
+async def test_a_listener_changes_planes_across_a_restart_without_refusing(
+    condo: CondoUnderTest,
+) -> None:
+    port = free_port()
+    with trio.fail_after(90):
+        condo.write("web", spec("one", port))
+        async with running_condo(condo):
+            await condo.wait_state("web", "Stable")
+            await wait_plane(condo, "nat")
+            await wait_answer(port, "one")
+        poller = Poller(port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            # NAT → HAProxy: the rule stays until HAProxy listens, then goes.
+            async with running_condo(condo, proxy_plane="haproxy"):
+                await wait_plane(condo, "haproxy")
+                assert "dnat" not in await nat_table(condo.host)
+                await trio.sleep(0.5)
+                # HAProxy → NAT: the rule is in before HAProxy lets the listener go.
+            async with running_condo(condo):
+                await wait_plane(condo, "nat")
+                assert "dnat to 127.0.0.1:" in await nat_table(condo.host)
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert poller.failures == []
+        assert set(poller.answers) == {"one"} and len(poller.answers) >= 10
+
+
 async def test_a_new_listener_reloads_without_refusing_or_cutting(condo: CondoUnderTest) -> None:
     port, other_port = free_port(), free_port()
     with trio.fail_after(60):

@@ -69,8 +69,10 @@ class NatRule:
             if not _loopback(self.host):
                 rules.append(f"add rule {FAMILY} {table} prerouting {self._match()} drop")
             return rules
-        rules = [f"add rule {FAMILY} {table} output {self._match()} {count} dnat to"
-                 f" 127.0.0.1:{self.local}"]  # fmt: skip
+        local = f"dnat to 127.0.0.1:{self.local}"
+        rules = [f"add rule {FAMILY} {table} output {self._match()} {count} {local}"]
+        # Other hosts' connections (never a loopback listener's): to the container itself. A
+        # container without an address of its own (host networking) gets none of them.
         if self.remote is not None and not _loopback(self.host):
             address, port = self.remote
             rules.append(
@@ -147,11 +149,13 @@ class NatTable:
     def __init__(self, host: str) -> None:
         self.table = table_name(host)
         self._written: str | None = None  # the script written last (None: not known)
-        self._counters: set[str] = set()  # the counters that table holds, as far as known
+        self._counters: set[str] | None = None  # the listeners' counters it holds (None: unread)
+        self._exists = False
 
     def forget(self) -> None:
-        """Write the table again at the next pass (after a failure)."""
+        """Read and write the table again at the next pass (after a failure)."""
         self._written = None
+        self._counters = None
 
     async def check(self) -> str | None:
         """Why condo cannot use nftables here (no `nft`, no CAP_NET_ADMIN), or None: a dry
@@ -162,23 +166,29 @@ class NatTable:
             return str(exc)
         return None
 
+    async def carried(self) -> set[str]:
+        """The listeners the table carries now, by counter name (a condo before this one may
+        have written it)."""
+        if self._counters is None:
+            existing = await self._existing_counters()
+            self._exists = existing is not None
+            self._counters = existing or set()
+        return set(self._counters)
+
     async def apply(self, rules: Sequence[NatRule]) -> None:
         """Make the table hold exactly `rules` (one transaction; nothing when unchanged). With
         no rules and no table of condo's, nothing is created."""
-        if self._written is None:
-            existing = await self._existing_counters()
-            if existing is None and not rules:
-                self._written = render(self.table, ())
-                return
-            self._counters = existing or set()
+        carried = await self.carried()
+        if not self._exists and not rules:
+            return
         wanted = {rule.counter for rule in rules}
-        script = render(self.table, rules, sorted(self._counters - wanted))
+        script = render(self.table, rules, sorted(carried - wanted))
         if script == self._written:
             return
         await nft(script)
         log.info("proxy.nat_written", table=self.table, rules=len(rules))
         self._written = render(self.table, rules)  # its stale counters are gone now
-        self._counters = wanted
+        self._counters, self._exists = wanted, True
 
     async def _existing_counters(self) -> set[str] | None:
         """The counters of condo's table as it is (a condo before this one wrote it), or None

@@ -154,11 +154,20 @@ class ProxyReconciler:
         nat_usable = await self._nat_usable()
         nat_wanted = nat_usable and self.choice == "auto"
         planes = {r.listener.listen: choose_plane(r.listener, nat_wanted) for r in routes}
+        on_nat = [r for r in routes if planes[r.listener.listen] == "nat"]
+        on_haproxy = [r for r in routes if planes[r.listener.listen] == "haproxy"]
+        # A listener changes planes without a refused connection: the one that takes it has it
+        # before the other lets it go. The NAT is written first (it takes listeners over from
+        # HAProxy); one that moves to HAProxy keeps its NAT rule until HAProxy listens.
+        moving: list[Route] = []
         if nat_usable:
-            await self._reconcile_nat([r for r in routes if planes[r.listener.listen] == "nat"])
-        pending = await self._reconcile_haproxy(
-            [r for r in routes if planes[r.listener.listen] == "haproxy"]
-        )
+            assert self.table is not None
+            carried = await self.table.carried()
+            moving = [r for r in on_haproxy if _counter(r) in carried]
+            await self._reconcile_nat([*on_nat, *moving])
+        pending = await self._reconcile_haproxy(on_haproxy)
+        if moving:
+            await self._reconcile_nat(on_nat)
         self.planes = planes
         return pending
 
@@ -169,7 +178,7 @@ class ProxyReconciler:
         ports: dict[str, tuple[int, frozenset[int]]] = {}
         for route in routes:
             listener = route.listener
-            name = nat.counter_name(listener.host, listener.port)
+            name = _counter(route)
             local: int | None = None
             remote: tuple[str, int] | None = None
             replies: set[int] = set()
@@ -304,6 +313,10 @@ class ProxyReconciler:
         # refusal in words.
         if answer and not answer.startswith(_AGREED):
             raise ProxyError(f"{command}: {answer}")
+
+
+def _counter(route: Route) -> str:
+    return nat.counter_name(route.listener.host, route.listener.port)
 
 
 async def run_proxy(
