@@ -4,10 +4,11 @@ tells nftables and `/v1/state`, and the connection counts it reads."""
 
 from __future__ import annotations
 
-import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -59,7 +60,6 @@ def test_the_table_is_one_transaction_of_flushed_chains_rules_and_counters() -> 
     assert lines[-1] == "delete counter ip condo-h1 l_gone_1"
 
 
-@pytest.mark.skipif(shutil.which("nft") is None, reason="nft is not installed")
 async def test_nftables_accepts_the_table_as_written() -> None:
     table = nat.NatTable("unit-h1")
     if await table.check() is not None:
@@ -67,6 +67,33 @@ async def test_nftables_accepts_the_table_as_written() -> None:
     await nat.nft(nat.render(table.table, [LOCAL, ANY, HELD]), "-c")
     with pytest.raises(ProxyError, match="nft refused condo's table"):
         await nat.nft("add rule ip nowhere nochain drop\n", "-c")
+
+
+async def test_the_table_is_written_whole_and_its_marker_follows_its_rules(
+    tmp_path: Path,
+) -> None:
+    host = f"unit-{uuid.uuid4().hex[:10]}"
+    marker = tmp_path / "s.proxy" / "nat-table"
+    table = nat.NatTable(host, marker)
+    try:
+        assert not table.may_hold_rules()
+        await table.apply([])  # nothing wanted, no table: none is made
+        with pytest.raises(ProxyError, match="No such file or directory"):
+            await table.counters()
+        rule = nat.NatRule("l_127_0_0_1_1", "127.0.0.1", 1, 2)
+        await table.apply([rule])
+        assert marker.exists() and await table.counters() == {"l_127_0_0_1_1": 0}
+        # A condo that starts later finds the marker: it has rules to look at.
+        assert nat.NatTable(host, marker).may_hold_rules()
+        await table.apply([attrs.evolve(rule, local=None)])  # held: the rule drops SYNs
+        assert "drop" in await nat.nft(None, "list", "table", "ip", table.table)
+        await table.apply([])  # the last listener went: its rule and counter go, the table stays
+        listed = await nat.nft(None, "list", "table", "ip", table.table)
+        assert "tcp dport" not in listed and "counter" not in listed
+        assert not marker.exists() and not nat.NatTable(host, marker).may_hold_rules()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.run_process(["nft", "delete", "table", "ip", table.table], check=False)
 
 
 def test_each_host_has_its_own_table() -> None:
@@ -295,3 +322,16 @@ async def test_a_listener_moving_to_haproxy_keeps_its_nat_rule_until_haproxy_lis
     assert table.writes == [
         [nat.NatRule("l_127_0_0_1_8080", "127.0.0.1", 8080, 32001, ("172.17.0.1", 80))]
     ]
+
+
+async def test_no_listener_and_no_rule_leaves_nftables_alone(tmp_path: Path) -> None:
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    untouched = FakeTable()
+    assert await ProxyReconciler(proxy, Engine(), untouched).reconcile([]) is False
+    assert (untouched.checks, untouched.writes) == (0, [])
+    # Rules a condo before this one left (its marker): emptied, the last listener being gone.
+    left = FakeTable(carries=frozenset({"l_127_0_0_1_8080"}))
+    left.marker = tmp_path / "nat-table"
+    left.marker.touch()
+    await ProxyReconciler(proxy, Engine(), left).reconcile([])
+    assert (left.checks, left.writes) == (1, [[]])

@@ -200,7 +200,7 @@ async def _run_root(
         proxy = ProxyReconciler(
             HAProxy(proxy_directory(config.state_path), launcher=launcher),
             docker,
-            NatTable(config.host),
+            NatTable(config.host, proxy_directory(config.state_path) / "nat-table"),
             choice=config.proxy_plane,
             nat_refused=nat_refused,
         )

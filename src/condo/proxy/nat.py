@@ -18,7 +18,9 @@ goes back). While no container is ready the listener's rule drops new connection
 client's own SYN retransmission (1 s, 3 s, 7 s …) holds them until a container is Stable.
 
 The table is never deleted by condo (an exit, a `kill -9`, a restart, a self-deploy: the kernel
-keeps forwarding); a starting condo rewrites it from its store once the store is settled.
+keeps forwarding); a starting condo rewrites it from its store once the store is settled. While
+the table holds rules, a marker file says so beside the state file (`<state>.proxy/nat-table`):
+a condo with no listener to route runs no `nft` at all unless it is there.
 
 Invariants:
 - Every failure of `nft` is a `ProxyError` (never an OSError).
@@ -33,6 +35,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import attrs
 import structlog
@@ -146,11 +149,18 @@ async def nft(script: str | None, *args: str) -> str:
 class NatTable:
     """condo's table of one `--host`: its check, its whole writes, its counters."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, marker: Path | None = None) -> None:
         self.table = table_name(host)
+        # A file beside the state file while the table holds rules: a condo that starts with
+        # no listener wanted knows whether to empty a table (or to leave nftables alone).
+        self.marker = marker
         self._written: str | None = None  # the script written last (None: not known)
         self._counters: set[str] | None = None  # the listeners' counters it holds (None: unread)
         self._exists = False
+
+    def may_hold_rules(self) -> bool:
+        """Whether the table may hold rules: written by this condo, or its marker is there."""
+        return self._exists or (self.marker is not None and self.marker.exists())
 
     def forget(self) -> None:
         """Read and write the table again at the next pass (after a failure)."""
@@ -189,6 +199,19 @@ class NatTable:
         log.info("proxy.nat_written", table=self.table, rules=len(rules))
         self._written = render(self.table, rules)  # its stale counters are gone now
         self._counters, self._exists = wanted, True
+        self._mark(bool(rules))
+
+    def _mark(self, holds_rules: bool) -> None:
+        if self.marker is None:
+            return
+        try:
+            if holds_rules:
+                self.marker.parent.mkdir(mode=0o700, exist_ok=True)
+                self.marker.touch()
+            else:
+                self.marker.unlink(missing_ok=True)
+        except OSError as exc:  # the table is right; a condo that starts will look at it anyway
+            log.warning("proxy.nat_marker_failed", path=str(self.marker), error=str(exc))
 
     async def _existing_counters(self) -> set[str] | None:
         """The counters of condo's table as it is (a condo before this one wrote it), or None

@@ -151,7 +151,9 @@ class ProxyReconciler:
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
-        nat_usable = await self._nat_usable()
+        # No listener, and no rule of condo's to remove: nftables is left alone (no `nft` run).
+        may_hold = self.table is not None and self.table.may_hold_rules()
+        nat_usable = await self._nat_usable() if routes or may_hold else False
         nat_wanted = nat_usable and self.choice == "auto"
         planes = {r.listener.listen: choose_plane(r.listener, nat_wanted) for r in routes}
         on_nat = [r for r in routes if planes[r.listener.listen] == "nat"]
