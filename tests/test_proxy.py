@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from condo.docker.models import Container, parse_container
-from condo.errors import SpecError
+from condo.errors import ProxyError, SpecError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy
 from condo.proxy.reconcile import RETRY_DELAY, ProxyReconciler, run_proxy
@@ -360,3 +360,34 @@ async def test_the_proxy_error_comes_and_goes_in_the_state() -> None:
     assert store.version == version  # the same error: no change, its first `at` stays
     store.set_proxy_error(None)
     assert "proxy" not in store.view()
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "::1:8080",  # an IPv6 address itself: the host must be in brackets
+        "[fe80::1%eth0]:8080",  # a zone: HAProxy refuses it, and the whole config with it
+        "\u0668\u0660\u0668\u0660",  # 8080 in Arabic-Indic digits
+    ],
+)
+def test_a_listen_address_haproxy_would_not_take_is_an_error(listen: str) -> None:
+    with pytest.raises(SpecError, match=":listen must be"):
+        spec(f'[{{:listen "{listen}" :port 80}}]')
+
+
+async def test_a_pass_inspects_each_container_once_however_many_listeners(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    class Counting(OneContainer):
+        async def inspect(self, cid_or_name: str) -> Container:
+            asked.append(cid_or_name)
+            return await super().inspect(cid_or_name)
+
+    many = " ".join(f'{{:listen "127.0.0.1:{9000 + i}" :port 80}}' for i in range(50))
+    s = spec(f"[{many}]")
+    state = ServiceState(phase=Phase.Stable, desired=s, current=box("a", s))
+    routes, _ = desired_routes({"web": state})
+    proxy = haproxy.HAProxy(tmp_path / "s.proxy", binary=str(tmp_path / "no-haproxy"))
+    with pytest.raises(ProxyError, match="cannot run"):  # after the lookups
+        await ProxyReconciler(proxy, Counting()).reconcile(routes)
+    assert asked == ["a"]

@@ -226,6 +226,19 @@ def routes_of(state: ServiceState) -> Store:
 TCP = '[{:listen "127.0.0.1:8080" :port 80}]'
 
 
+@pytest.fixture(autouse=True)
+def nothing_holds_the_ports(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No process holds a listen address (the tests' 8080 may be taken on the machine that runs
+    them); a test that wants one held appends its bind address."""
+    held: list[str] = []
+
+    def problem(bind: str) -> str | None:
+        return f"cannot bind socket [{bind}]" if bind in held else None
+
+    monkeypatch.setattr(haproxy, "bind_problem", problem)
+    return held
+
+
 async def one_pass(store: Store, reconciler: ProxyReconciler) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(run_proxy, store, Engine(), reconciler)
@@ -335,3 +348,26 @@ async def test_no_listener_and_no_rule_leaves_nftables_alone(tmp_path: Path) -> 
     left.marker.touch()
     await ProxyReconciler(proxy, Engine(), left).reconcile([])
     assert (left.checks, left.writes) == (1, [[]])
+
+
+async def test_an_address_another_process_holds_is_haproxys_to_leave_out(
+    tmp_path: Path, nothing_holds_the_ports: list[str]
+) -> None:
+    s = spec(TCP)
+    store = routes_of(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
+    routes, _ = desired_routes({n: e.state for n, e in store.entries.items()})
+    nothing_holds_the_ports.append("127.0.0.1:8080")
+    table = FakeTable()
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    reconciler = ProxyReconciler(proxy, Engine(), table)
+    # A rule would take that process's connections: HAProxy has it, and leaves it out.
+    with pytest.raises(ProxyError, match=r"cannot bind socket \[127.0.0.1:8080\]"):
+        await reconciler.reconcile(routes)
+    assert reconciler.planes == {"127.0.0.1:8080": "haproxy"}
+    assert table.writes == [[]]
+    # Once the NAT carries it, the address is condo's own: it stays on the NAT.
+    nothing_holds_the_ports.clear()
+    await reconciler.reconcile(routes)
+    nothing_holds_the_ports.append("127.0.0.1:8080")
+    await reconciler.reconcile(routes)
+    assert reconciler.planes == {"127.0.0.1:8080": "nat"}

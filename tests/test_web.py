@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from condo.fsm import Box, Failure, Phase, Reverted, ServiceState
 from condo.metrics import Metrics, ServiceMetrics
 from condo.spec import ServiceSpec
 from condo.store import Store
-from condo.waiting import HostRecord, evaluate, read_hosts_document
+from condo.waiting import HostRecord, evaluate, hosts_document, read_hosts_document
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.assets import StaticFiles
 from condo.web.health import EngineHealth
@@ -1322,12 +1323,13 @@ def test_openapi_declares_bearer_auth_only_with_a_token() -> None:
     open_document = openapi_document(token=False, consul=False)
     assert "security" not in open_document
     assert "securitySchemes" not in open_document["components"]
-    assert "parameters" not in open_document["paths"]["/v1/feed"]["get"]
+    feed_parameters = open_document["paths"]["/v1/feed"]["get"]["parameters"]
+    assert [p["name"] for p in feed_parameters] == ["global"]  # no token
     locked = openapi_document(token=True, consul=False)
     assert locked["security"] == [{"bearer": []}]
     assert locked["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert locked["paths"]["/healthz"]["get"]["security"] == []
-    [token] = locked["paths"]["/v1/feed"]["get"]["parameters"]
+    [_, token] = locked["paths"]["/v1/feed"]["get"]["parameters"]
     assert (token["name"], token["in"]) == ("token", "query")
 
 
@@ -1600,3 +1602,76 @@ async def test_feed_sends_history_entries(autojump_clock: trio.testing.MockClock
     assert update["version"] > first["version"]
     assert list(update["services"]) == ["db"]
     assert [d["outcome"] for d in update["services"]["db"]] == ["deploying"]
+
+
+async def test_feed_sends_every_host_first_then_only_the_hosts_that_changed(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    many = {
+        f"h{i:03d}": service_view({"web": stable("img:1"), "db": stable("pg:1")})
+        for i in range(100)
+    }
+    hosts = FakeHosts(many, {"gone": lapsed()})
+    hosts.read_at = 990.0
+    async with make_web(global_source=hosts) as web:
+        with trio.fail_after(CAP):
+            async with web.client.websocket("/v1/feed?global=delta") as ws:
+                assert json.loads(await ws.receive())["type"] == "snapshot"
+                text = await ws.receive()
+                first = json.loads(text)
+                assert first["type"] == "global"
+                assert first["hosts"] == hosts_document(hosts.picture())
+                assert (first["token"], first["stale"], first["read_at"]) == (1, False, 990.0)
+                # One host changes, one is forgotten: a picture whose other hosts' mappings
+                # are the same objects (as ConsulSource keeps them).
+                changed = {**many, "h042": service_view({"web": waiting("img:2")})}
+                hosts.set(changed)
+                delta_text = await ws.receive()
+                delta = json.loads(delta_text)
+                assert delta["type"] == "global_delta"
+                assert delta["token"] == 2 and delta["gone"] == ["gone"]
+                assert delta["hosts"] == {"h042": hosts_document(hosts.picture())["h042"]}
+                # Its size is one host's, not the fleet's.
+                assert len(delta_text) * 50 < len(text)
+                # A change of staleness alone: no host.
+                hosts.set_stale(True)
+                stale = json.loads(await ws.receive())
+                assert (stale["type"], stale["stale"], stale["hosts"], stale["gone"]) == (
+                    "global_delta",
+                    True,
+                    {},
+                    [],
+                )
+            # A new client gets the whole picture again, first; one that did not ask for
+            # deltas (the first contract's) gets a whole picture per change, as before.
+            async with web.client.websocket("/v1/feed") as ws:
+                await ws.receive()
+                again = json.loads(await ws.receive())
+                assert again["type"] == "global" and again["stale"] is True
+                assert again["hosts"] == hosts_document(hosts.picture())
+                hosts.set(many)
+                whole = json.loads(await ws.receive())
+                assert whole["type"] == "global"
+                assert whole["hosts"] == hosts_document(hosts.picture())
+
+
+async def test_feed_refuses_an_unknown_global_shape(
+    autojump_clock: trio.testing.MockClock, web: Web
+) -> None:
+    errors: list[WebsocketResponseError] = []
+    with trio.fail_after(CAP):
+        try:
+            async with web.client.websocket("/v1/feed", query_string={"global": "diff"}) as ws:
+                await ws.receive()
+        except* WebsocketResponseError as group:
+            errors.extend(e for e in group.exceptions if isinstance(e, WebsocketResponseError))
+    (error,) = errors
+    assert error.response.status_code == 400
+    assert "whole or delta" in json.loads(await error.response.get_data())["error"]
+
+
+async def test_healthz_says_condos_clock(autojump_clock: trio.testing.MockClock, web: Web) -> None:
+    before = time.time()
+    with trio.fail_after(CAP):
+        data = await body(await web.client.get("/healthz"))
+    assert before <= data["time"] <= time.time()

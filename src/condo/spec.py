@@ -585,18 +585,22 @@ def _parse_listen(value: object) -> tuple[str, int] | None:
     else:
         return None
     host, sep, port_text = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
     if not sep:
         host = ""
-    elif host.startswith("[") and host.endswith("]"):
+    elif bracketed:
         host = host[1:-1]
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # ASCII digits: int() reads other scripts' digits too.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         return None
     if host:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             return None
-        if isinstance(address, ipaddress.IPv6Address) and not sep:
+        # IPv6 in brackets only ("::1:8080" is an address itself), and with no zone
+        # ("%eth0"): HAProxy refuses it, and with it the whole config, every listener's.
+        if isinstance(address, ipaddress.IPv6Address) and (not bracketed or address.scope_id):
             return None
         host = str(address)
     return host, int(port_text)

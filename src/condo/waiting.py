@@ -180,20 +180,25 @@ def hosts_document(picture: Picture, only: str | None = None) -> dict[str, dict[
     With `only`, every host still, but `services` and `runs` hold that service alone (if any):
     all that `evaluate` reads of it.
     """
-    document: dict[str, dict[str, Any]] = {}
-    for host in sorted(picture.hosts.keys() | picture.records.keys()):
-        record = picture.records.get(host)
-        services = picture.hosts.get(host, {})
-        body: dict[str, Any] = {
-            "services": dict(services) if only is None else _one(services, only),
-            "live": True if record is None else record.live,
-            "last_seen": None if record is None else record.last_seen,
-        }
-        if record is not None:
-            ran = record.services if only is None else _one(record.services, only)
-            body["runs"] = {name: dict(said) for name, said in ran.items()}
-        document[host] = body
-    return document
+    return {
+        host: host_document(picture, host, only)
+        for host in sorted(picture.hosts.keys() | picture.records.keys())
+    }
+
+
+def host_document(picture: Picture, host: str, only: str | None = None) -> dict[str, Any]:
+    """One host's body of `hosts_document` (the feed encodes hosts one by one: condo.web.feed)."""
+    record = picture.records.get(host)
+    services = picture.hosts.get(host, {})
+    body: dict[str, Any] = {
+        "services": dict(services) if only is None else _one(services, only),
+        "live": True if record is None else record.live,
+        "last_seen": None if record is None else record.last_seen,
+    }
+    if record is not None:
+        ran = record.services if only is None else _one(record.services, only)
+        body["runs"] = {name: dict(said) for name, said in ran.items()}
+    return body
 
 
 def _one(services: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, Any]:

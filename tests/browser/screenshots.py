@@ -1,9 +1,9 @@
-"""The README's two dashboard screenshots, taken from a real system: two condos (two hosts on one
-engine, sharing a Consul prefix) with a handful of services, watched by the page while they
-deploy. `doc/dashboard-healthy.png`: everything Stable after a rolling update. Then a failing
-deploy (an unhealthy image, a container that exits, a broken spec file, a deploy that dies in its
-probation and is reverted) for
-`doc/dashboard-failing.png`.
+"""The README's three dashboard screenshots, taken from a real system: three condos (three hosts
+on one engine, sharing a Consul prefix) with a handful of services, watched by the page while
+they deploy. `doc/dashboard-healthy.png`: the fleet view, everything Stable after a rolling
+update. Then a failing deploy (an unhealthy image, a container that exits, a broken spec file, a
+deploy that dies in its probation and is reverted) and a host that goes away, for
+`doc/dashboard-failing.png`; and one service's view of its hosts, `doc/dashboard-service.png`.
 
     .venv/bin/python -m tests.browser.screenshots [OUT_DIR]      # default: doc/
 
@@ -15,6 +15,7 @@ Every container made here carries the hosts' labels and is removed at the end, w
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import tempfile
 import uuid
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import attrs
 import trio
+from playwright.sync_api import Locator, expect
 
 from condo.docker import DockerClient, open_docker
 from tests.browser.dashboard import (
+    UI_LIMIT,
     BrowserThread,
     Dashboard,
     free_port,
@@ -48,6 +51,7 @@ DIES_IN_PROBATION = """{:spec {:Image "condo-test/busybox:2" :Labels {"condo-tes
 class Shots:
     healthy: Path
     failing: Path
+    service: Path
 
 
 @contextlib.asynccontextmanager
@@ -70,65 +74,89 @@ async def demo_host(root: Path, docker: DockerClient, name: str) -> AsyncIterato
 
 
 async def take_screenshots(out: Path, thread: BrowserThread, work: Path) -> Shots:
-    """Play the scenario (files under `work`) and write the two PNGs into `out`."""
-    shots = Shots(healthy=out / "dashboard-healthy.png", failing=out / "dashboard-failing.png")
+    """Play the scenario (files under `work`) and write the three PNGs into `out`."""
+    shots = Shots(
+        healthy=out / "dashboard-healthy.png",
+        failing=out / "dashboard-failing.png",
+        service=out / "dashboard-service.png",
+    )
     with trio.fail_after(SCENE_LIMIT):
         async with (
             open_docker() as docker,
             consul_area() as area,
             demo_host(work, docker, "node-a") as a,
             demo_host(work, docker, "node-b") as b,
+            demo_host(work, docker, "node-c") as c,
             trio.open_nursery() as nursery,
         ):
             exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
-            a.write("web", spec("condo-test/http:1", ":deploy [:After 2]"))
-            b.write("web", spec("condo-test/http:1", ":deploy [:After 2]"))
+            for host in (a, b, c):
+                host.write("web", spec("condo-test/http:1", ":deploy [:After 2]"))
             url = await serve_condo(nursery, a, free_port(), *exposing)
             await serve_condo(nursery, b, free_port(), *exposing)
+            await serve_condo(nursery, c, free_port(), *exposing)
             page = await Dashboard.open(thread, url)
             try:
-                await _healthy(page, a, b)
+                await _healthy(page, a, b, c)
                 await page.screenshot(shots.healthy)
-                await _failing(page, a, b)
+                await _failing(page, a, b, c)
                 await page.screenshot(shots.failing)
+                await page.thread.call(page.row("api").locator("th.name button.link").click)
+                await page.expect_text(page.page.locator("#crumbs"), "service api")
+                await page.expect_state("api", "unreachable", c.host)
+                await page.screenshot(shots.service)
             finally:
                 with trio.move_on_after(10, shield=True):
                     await page.close()
             assert page.errors == [], page.errors
-            # Both condos end before the Consul area goes.
+            # Every condo ends before the Consul area goes.
             with trio.move_on_after(30, shield=True):
-                await stop_condo(a, graceful=True)
-                await stop_condo(b, graceful=True)
+                for host in (a, b, c):
+                    await stop_condo(host, graceful=True)
             nursery.cancel_scope.cancel()
     return shots
 
 
-async def _healthy(page: Dashboard, a: CondoUnderTest, b: CondoUnderTest) -> None:
-    await page.expect_state("web", "Stable", a.host)
-    await page.expect_state("web", "Stable", b.host)
+def web_odd_hosts(page: Dashboard) -> Locator:
+    return page.row("web").locator(".odd-host")
+
+
+async def expect_counts(page: Dashboard, service: str, text: str) -> None:
+    """The fleet row of `service` counts its states across hosts as `text` ("Stable 3")."""
+    await page.expect_text(page.row(service).locator(".fleet .counts"), text)
+
+
+async def _healthy(
+    page: Dashboard, a: CondoUnderTest, b: CondoUnderTest, c: CondoUnderTest
+) -> None:
+    await expect_counts(page, "web", "Stable 3")
     # Services added while the page watches, so that their timelines have something to say.
-    for host in (a, b):
+    for host in (a, b, c):
         host.write("api", spec("condo-test/healthy:1"))
-        host.write("cache", spec("condo-test/busybox:1"))
-    a.write("worker", spec("condo-test/busybox:2", ":stop-timeout 1"))
-    b.write("scheduler", spec("condo-test/healthy:2"))
-    for name, hosts in {
-        "api": (a, b),
-        "cache": (a, b),
-        "worker": (a,),
-        "scheduler": (b,),
-    }.items():
-        for host in hosts:
-            await page.expect_state(name, "Stable", host.host)
-    # A rolling update of `web`, one host after the other.
     for host in (a, b):
+        host.write("cache", spec("condo-test/busybox:1", ":stop-timeout 1 :on-failure :revert"))
+    a.write("worker", spec("condo-test/busybox:2", ":stop-timeout 1"))
+    for host in (b, c):
+        host.write("scheduler", spec("condo-test/healthy:2"))
+    await expect_counts(page, "api", "Stable 3")
+    await expect_counts(page, "cache", "Stable 2")
+    await expect_counts(page, "scheduler", "Stable 2")
+    await page.expect_state("worker", "Stable")
+    # A rolling update of `web`, one host after the other.
+    running = page.row("web").locator(".line.running")
+    for done, host in enumerate((a, b), start=1):
         host.write("web", spec("condo-test/http:2", ":deploy [:After 2]"))
-        await page.expect_text(page.cell("web", host.host), "condo-test/http:2")
-        await page.expect_state("web", "Stable", host.host)
+        await page.expect_text(running, f"condo-test/http:2 \u00d7{done}")
+    c.write("web", spec("condo-test/http:2", ":deploy [:After 2]"))
+    await page.expect_text(running, re.compile(r"^running condo-test/http:2$"))
+    await expect_counts(page, "web", "Stable 3")
+    await page.expect(lambda: expect(web_odd_hosts(page)).to_have_count(0, timeout=UI_LIMIT))
     await page.expect_conn("live")
 
 
-async def _failing(page: Dashboard, a: CondoUnderTest, b: CondoUnderTest) -> None:
+async def _failing(
+    page: Dashboard, a: CondoUnderTest, b: CondoUnderTest, c: CondoUnderTest
+) -> None:
     # An unhealthy image next to the stable one: TryAgainNext, the old container serves on.
     a.write("api", spec("condo-test/unhealthy:1", ":deploy [:After 0] :health-timeout 2"))
     # A container that exits at once: TryAgain with nothing running.
@@ -139,16 +167,19 @@ async def _failing(page: Dashboard, a: CondoUnderTest, b: CondoUnderTest) -> Non
         '{:spec {:Image "condo-test/busybox:2"\n        :Labels {"condo-test" 1}}}\n',
     )
     # A deploy that turns healthy and dies in its probation, under :on-failure :revert: back on
-    # the last good image, pinned, and the history says so.
-    b.write("cache", DIES_IN_PROBATION)
-    await page.expect_state("api", "TryAgainNext", a.host)
-    await page.expect_state("scheduler", "TryAgain", b.host)
-    await page.expect_text(page.cell("worker", a.host).locator(".spec-error"), "worker.edn:2")
-    await page.expect_text(page.cell("api", a.host).locator(".line.retry"), "retry in")
-    await page.expect_text(page.cell("cache", b.host).locator(".chip-reverted"), "reverted")
-    await page.expect_state("cache", "Stable", b.host)
-    # The history column is this condo's (a's): with two hosts it says whose.
-    await page.expect_text(page.row("cache").locator(".timeline .whose"), f"deploys on {a.host}")
+    # the last good image, pinned, and this condo's history says so.
+    a.write("cache", DIES_IN_PROBATION)
+    # A host goes away: its condo stops (its containers run on), its session ends.
+    await stop_condo(c, graceful=True)
+    await expect_counts(page, "api", "TryAgainNext 1")
+    await expect_counts(page, "api", "unreachable 1")
+    await expect_counts(page, "scheduler", "TryAgain 1")
+    await page.expect_text(page.cell("worker").locator(".spec-error"), "worker.edn:2")
+    cache = page.row("cache")
+    await page.expect_text(cache.locator(".odd-host"), "reverted from condo-test/busybox:2")
+    await page.expect_text(cache.locator(".timeline .deploy-entry").first, "stable")
+    await page.expect_text(page.page.locator("#problems"), "1 reverted")
+    await page.expect_text(page.page.locator("#problems"), "1 unreachable host")
 
 
 def main(argv: list[str]) -> int:
@@ -161,7 +192,7 @@ def main(argv: list[str]) -> int:
             shots = trio.run(take_screenshots, out, thread, Path(work))
     finally:
         thread.close()
-    print(f"wrote {shots.healthy} and {shots.failing}")
+    print(f"wrote {shots.healthy}, {shots.failing} and {shots.service}")
     return 0
 
 

@@ -6,8 +6,8 @@ broken spec shows its error with file:line while the service keeps running; the 
 failing deploy shows the error, the retry countdown and the stable container that still serves;
 a WaitNext candidate; kill -9 and restart of condo: "disconnected", then live again by itself;
 markup in a file name, a label, an env value and an image is shown as text and runs nothing;
-token mode: the page asks for the token (kept in memory only), refuses a wrong one, then works;
-with Consul, every host is a column.
+token mode: the page asks for the token (kept in memory only), refuses a wrong one, then works.
+Several hosts (Consul): tests/browser/test_dashboard_fleet.py.
 
 Each test is capped by `trio.fail_after(CAP)`, and each Playwright wait by UI_LIMIT.
 """
@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 import trio
 from playwright.sync_api import expect
 
-from condo.docker import DockerClient
 from tests.browser.dashboard import (
     UI_LIMIT,
     Dashboard,
-    css_string,
     free_port,
     serve_condo,
     spec,
     stop_condo,
 )
-from tests.integration.harness import CondoUnderTest, condo_files
-from tests.integration.test_consul_session import consul_area
+from tests.integration.harness import CondoUnderTest
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
@@ -138,7 +134,9 @@ async def test_a_failing_deploy_shows_the_error_and_the_retry_countdown(
         await page.expect_state("api", "TryAgainNext")
         cell = page.cell("api")
         await page.expect_text(cell.locator(".line.error"), "unhealthy")
-        await page.expect_text(cell.locator(".line.retry"), re.compile(r"retry in (\d+s|now)"))
+        await page.expect_text(
+            cell.locator(".line.retry"), re.compile(r"^(retry in \d+s|retrying)$")
+        )
         await page.expect_text(cell.locator(".line.image"), HEALTHY.format(2))
         await page.expect_text(cell.locator(".cell-head"), "attempt")
         await page.expect_text(
@@ -266,71 +264,3 @@ async def test_token_mode_asks_for_the_token_and_keeps_it_in_memory(
         )
         assert kept == {"local": 0, "session": 0, "cookie": "", "url": url + "/", "field": ""}
         assert await page.thread.call(page.context.cookies) == []
-
-
-async def test_with_consul_every_host_is_a_column(
-    condo: CondoUnderTest,
-    docker: DockerClient,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-    open_dashboard: OpenDashboard,
-) -> None:
-    (tmp_path / "other").mkdir()
-    async with consul_area() as area, condo_files(tmp_path / "other", docker) as other:
-        exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
-        try:
-            with trio.fail_after(CAP):
-                await _two_hosts(condo, other, exposing, nursery, open_dashboard)
-        finally:
-            # Both condos end before the area goes (else they would publish into it again).
-            with trio.move_on_after(15, shield=True):
-                await stop_condo(condo, graceful=True)
-                await stop_condo(other, graceful=True)
-
-
-async def _two_hosts(
-    condo: CondoUnderTest,
-    other: CondoUnderTest,
-    exposing: tuple[str, ...],
-    nursery: trio.Nursery,
-    open_dashboard: OpenDashboard,
-) -> None:
-    condo.write("web", spec(HEALTHY.format(1)))
-    condo.write("only-here", spec(BUSYBOX.format(1)))
-    other.write("web", spec(HEALTHY.format(2)))
-    url = await serve_condo(nursery, condo, free_port(), *exposing)
-    await serve_condo(nursery, other, free_port(), *exposing)
-    page = await open_dashboard(url)
-
-    heads = page.page.locator("thead th.col-host")
-    await page.expect(
-        lambda: expect(heads).to_have_text(
-            [re.compile(re.escape(condo.host) + r"\s*\(this condo\)"), other.host],
-            timeout=UI_LIMIT,
-        )
-    )
-    await page.expect_state("web", "Stable", host=condo.host)
-    await page.expect_state("web", "Stable", host=other.host)
-    await page.expect_text(page.cell("web", other.host), HEALTHY.format(2))
-    await page.expect_state("only-here", "Stable", host=condo.host)
-    await page.expect_text(page.cell("only-here", other.host), "not here")
-
-    # A change on the other host reaches this page through Consul.
-    other.write("web", spec(BUSYBOX.format(2)))
-    await page.expect_text(page.cell("web", other.host), BUSYBOX.format(2))
-    await page.expect_state("web", "Stable", host=other.host)
-    newest = page.row("web").locator(".timeline .event").first
-    await page.expect_text(newest.locator(".ev-host"), other.host)
-    await page.expect_text(page.page.locator("#summary"), "2 hosts")
-
-    # The other condo stops (its session ends, its containers run on): its column stays, every
-    # service it runs shown as unreachable, with its last image and when it was last seen.
-    await stop_condo(other, graceful=True)
-    await page.expect_state("web", "unreachable", host=other.host)
-    await page.expect_text(page.cell("web", other.host), BUSYBOX.format(2))
-    await page.expect_text(page.cell("web", other.host), re.compile(r"last seen \d+s ago"))
-    await page.expect_text(page.cell("only-here", other.host), "not here")
-    head = page.page.locator(f"thead th.col-host[data-host={css_string(other.host)}]")
-    await page.expect_text(head, "unreachable")
-    await page.expect_text(newest.locator(".why"), "host unreachable")
-    await page.expect_text(page.page.locator("#summary"), "1 unreachable")

@@ -1,7 +1,9 @@
 """The dashboard's safe-deploy bits in a real browser against a real `condo run` on the real
 engine: a container on probation shows its countdown; a bad deploy reverted under
 `:on-failure :revert` shows a `reverted` chip and line; the timeline column shows the service's
-deploy history from the feed, and a reload shows it again (it comes from condo, not the page).
+deploy history from the feed, and a reload shows it again (it comes from condo, not the page);
+the revert's problem chip filters by it; the service's own view (URL hash) shows the history
+again after a reload.
 
 Capped by `trio.fail_after(CAP)`, each Playwright wait by UI_LIMIT.
 """
@@ -106,3 +108,20 @@ async def test_a_reverted_deploy_and_the_history_show_and_survive_a_reload(
         # timeline shows came from condo.
         transitions = page.row("web").locator(".timeline .events")
         await page.expect(lambda: expect(transitions).to_have_count(0, timeout=UI_LIMIT))
+
+        # The revert is a problem: its chip counts it and filters by it.
+        chip = page.page.locator("#problems button[data-kind=reverted]")
+        await page.expect_text(chip, "1 reverted")
+        await page.thread.call(chip.click)
+        rows = page.page.locator("#rows tr")
+        await page.expect(lambda: expect(rows).to_have_count(1, timeout=UI_LIMIT))
+        await page.expect_text(page.row("web"), "reverted")
+
+        # The service's own view shows its whole history, and again after a reload.
+        await page.thread.call(page.row("web").locator("th.name button.link").click)
+        side = page.page.locator("#side .deploy-entry .outcome")
+        await page.expect(lambda: expect(side).to_have_text(OUTCOMES, timeout=UI_LIMIT))
+        await page.thread.call(page.page.reload)
+        await page.expect_conn("live")
+        await page.expect_text(page.page.locator("#crumbs"), "service web")
+        await page.expect(lambda: expect(side).to_have_text(OUTCOMES, timeout=UI_LIMIT))

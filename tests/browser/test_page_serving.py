@@ -189,7 +189,7 @@ async def test_the_feed_sends_every_host_after_the_first_snapshot() -> None:
     hosts = FakeHosts({HOST: {}, "h2": {"web": view_of(stable("img:1"))}})
     async with served(hosts=hosts) as (store, client):
         with trio.fail_after(CAP):
-            async with client.websocket("/v1/feed") as ws:
+            async with client.websocket("/v1/feed", query_string={"global": "delta"}) as ws:
                 first = json.loads(await ws.receive())
                 second = json.loads(await ws.receive())
                 hosts.set({HOST: {}, "h2": {"web": view_of(stable("img:2"))}})
@@ -201,13 +201,16 @@ async def test_the_feed_sends_every_host_after_the_first_snapshot() -> None:
         "type": "global",
         "token": 1,
         "stale": False,
+        "read_at": None,
         "hosts": {
             HOST: {"services": {}, "live": True, "last_seen": None},
             "h2": {"services": {"web": view_of(stable("img:1"))}, "live": True, "last_seen": None},
         },
     }
-    assert third["type"] == "global"
+    # Then (asked for with ?global=delta) only what changed: h2, not this host (the same body).
+    assert third["type"] == "global_delta"
     assert third["token"] == 2
+    assert list(third["hosts"]) == ["h2"] and third["gone"] == []
     assert third["hosts"]["h2"]["services"]["web"]["current"]["image"] == "img:2"
     assert fourth["type"] == "snapshot"
     assert fourth["state"]["services"]["db"]["state"] == "Stable"

@@ -1,5 +1,6 @@
 """The README's screenshot scenario (tests/browser/screenshots.py) still plays from start to end:
-two hosts all Stable, then a failing deploy; both pictures are real PNGs of the whole page."""
+three hosts all Stable, then a failing deploy and a host gone, then one service's view; every
+picture is a real PNG of the whole page."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ async def test_the_screenshot_scenario_plays(tmp_path: Path, browser_thread: Bro
     work.mkdir()
     # take_screenshots caps itself (SCENE_LIMIT) and checks each state it shows on the page.
     shots = await take_screenshots(out, browser_thread, work)
-    for shot in (shots.healthy, shots.failing):
+    for shot in (shots.healthy, shots.failing, shots.service):
         width, height = png_size(shot)
         assert width == VIEWPORT["width"]
         assert height >= 400
-    assert shots.healthy.read_bytes() != shots.failing.read_bytes()
+    assert len({shot.read_bytes() for shot in (shots.healthy, shots.failing, shots.service)}) == 3

@@ -7,7 +7,7 @@ so a `kill -9`, a SIGTERM, a restart or a self-deploy of condo never touches it 
 connections; a condo that starts finds it by its admin socket, and adopts it. Its files live in
 one directory beside the state file (`<state>.proxy/`): `haproxy.cfg`, `haproxy.pid` (the
 master), `master.sock`, `admin.sock`, `haproxy.log` (a host process's stderr; a container's is
-its log).
+its log), `haproxy.loaded` (the listeners the running worker loaded: written once it answers).
 
 Servers change over the admin socket with no reload (`add server`, `enable server`, `disable
 server`, `del server`). A listener cannot be added that way in HAProxy 2.6: a change of
@@ -26,6 +26,8 @@ Invariants:
   reload or ask is a `ProxyError` (never an OSError or a Trio error).
 - A config is checked by `haproxy -c` before it replaces the running one: a bad one never
   reaches the master.
+- One HAProxy per directory: a master of this config that lives but does not answer (stopped,
+  hung) is waited for, never doubled.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -121,6 +124,10 @@ def render_config(directory: Path, frontends: Sequence[Frontend]) -> str:
         "global",
         f"    stats socket {directory / 'admin.sock'} mode 600 level admin expose-fd listeners",
         "    stats timeout 1m",
+        # A port another process holds is refused, never shared: with SO_REUSEPORT a second
+        # HAProxy (another condo's, one left stopped) would take a share of its connections.
+        # A reload does not need it: the new worker takes the listening sockets over.
+        "    noreuseport",
         "defaults",
         "    timeout connect 2s",
         # Long-lived TCP and WebSocket connections: a connection ends when its peers end it,
@@ -169,6 +176,8 @@ class HAProxy:
         self.master_socket = self.directory / "master.sock"
         self.admin_socket = self.directory / "admin.sock"
         self.logfile = self.directory / "haproxy.log"
+        # The signature of the listeners the running worker loaded (written once it answers).
+        self.loaded = self.directory / "haproxy.loaded"
 
     def socket_problem(self) -> str | None:
         """Why HAProxy cannot make its sockets in this directory (a path too long), or None."""
@@ -177,29 +186,45 @@ class HAProxy:
     # --- the process ----------------------------------------------------------------------
 
     def master_pid(self) -> int | None:
-        """The master's pid from the pid file, if that process exists."""
+        """The master's pid from the pid file, if that process is this directory's HAProxy
+        and alive: not a zombie its parent has not reaped yet, not another process that got
+        the pid since (a reboot), not the pid of another pid namespace (a container's)."""
         try:
             pid = int(self.pidfile.read_text().split()[0])
-            os.kill(pid, 0)
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):  # no file, garbage in it, no such process
+            return None
+        state = stat.rpartition(")")[2].split()[:1]
+        if state in (["Z"], ["X"]) or os.fsencode(self.config) not in argv:
             return None
         return pid
 
+    def unanswering(self) -> str | None:
+        """Why no HAProxy may be started (when none answers on the admin socket): the master
+        of this directory runs, hung or stopped (SIGSTOP), not dead. A second one would leave
+        it holding its ports, and once it goes on, its connections with old routes."""
+        if (pid := self.master_pid()) is None:
+            return None
+        return (
+            f"haproxy (pid {pid}) runs but does not answer on {self.admin_socket}: condo waits"
+            f" for it (kill {pid} and condo starts another)"
+        )
+
     async def running_signature(self) -> str | None:
-        """The listeners' signature of the running HAProxy (its config file's), or None when
-        no HAProxy of this directory answers: one to adopt as it is, or to replace."""
+        """The listeners' signature of the running HAProxy (the one it loaded, as condo saw it
+        answer after a start or a reload), or None when no HAProxy of this directory answers:
+        one to adopt as it is, or to replace. The config file's own would lie: condo killed
+        between writing it and the reload, or a reload that did not take (a listen address
+        another process holds: the old worker runs on) leave a config the worker never read."""
         try:
             await self.command("show info")
         except ProxyError:
             return None
         try:
-            text = await trio.to_thread.run_sync(self.config.read_text)
-        except OSError:  # the config is gone: a reload puts the wanted one in place
+            return await trio.to_thread.run_sync(self.loaded.read_text)
+        except OSError:  # none recorded: a reload puts the wanted listeners in place
             return ""
-        for line in text.splitlines():
-            if line.startswith(SIGNATURE_PREFIX):
-                return line.removeprefix(SIGNATURE_PREFIX)
-        return ""
 
     async def start(self, frontends: Sequence[Frontend]) -> None:
         """Write the config and start a master-worker HAProxy (by the launcher: a detached host
@@ -207,11 +232,15 @@ class HAProxy:
         if (problem := self.socket_problem()) is not None:
             raise ProxyError(problem)
         await trio.to_thread.run_sync(lambda: self.directory.mkdir(mode=0o700, exist_ok=True))
+        if (problem := self.unanswering()) is not None:
+            raise ProxyError(problem)
         await self._write_checked(frontends)
+        await trio.to_thread.run_sync(lambda: self.loaded.unlink(missing_ok=True))
         for stale in (self.admin_socket, self.master_socket):
             stale.unlink(missing_ok=True)
         await self.launcher.launch(self)
         await self._wait_answering(None)
+        await self._record_loaded(frontends)
         log.info("proxy.started", launcher=self.launcher.kind, directory=str(self.directory))
 
     async def reload(self, frontends: Sequence[Frontend]) -> None:
@@ -223,8 +252,32 @@ class HAProxy:
             raise ProxyError("no HAProxy answers: nothing to reload")
         await self._write_checked(frontends)
         await self.command("reload", socket=self.master_socket)
-        await self._wait_answering(before)
+        try:
+            await self._wait_answering(before)
+        except ProxyError as exc:
+            # A master whose new config fails (a listen address another process holds) keeps
+            # its old worker, and that one keeps answering: the reload did not take.
+            raise ProxyError(
+                f"haproxy's reload did not take, its worker runs on with the listeners it had"
+                f" (a listen address another process holds?): {exc}"
+            ) from exc
+        await self._record_loaded(frontends)
         log.info("proxy.reloaded", listeners=len(frontends))
+
+    def left_out(
+        self, frontends: Sequence[Frontend], *, running: Collection[str]
+    ) -> dict[str, str]:
+        """The new listeners (not among the `running` frontends' names) whose address another
+        process holds: name → why. A reload into one fails, and on its way HAProxy 2.6 refuses
+        on every listener for seconds (measured: 2.5 s). Known for a host process only (a
+        condo in a container has a network namespace of its own): {} for a container."""
+        if self.launcher.kind != "process":
+            return {}
+        found = {}
+        for frontend in frontends:
+            if frontend.name not in running and (problem := bind_problem(frontend.bind)):
+                found[frontend.name] = problem
+        return found
 
     async def stop(self) -> None:
         """Stop the master and its workers (tests; condo itself never stops its proxy)."""
@@ -248,6 +301,11 @@ class HAProxy:
             alerts = [line for line in output if "ALERT" in line][:2] or output[-2:]
             raise ProxyError(f"haproxy refused its config: {' '.join(alerts)}")
         await trio.to_thread.run_sync(os.replace, candidate, self.config)
+
+    async def _record_loaded(self, frontends: Sequence[Frontend]) -> None:
+        temporary = self.directory / "haproxy.loaded.new"
+        await trio.to_thread.run_sync(temporary.write_text, signature(frontends))
+        await trio.to_thread.run_sync(os.replace, temporary, self.loaded)
 
     async def _worker_pid(self) -> str | None:
         try:
@@ -446,6 +504,21 @@ def socket_path_problem(directory: Path) -> str | None:
         f"the proxy's socket path {longest} is {size} bytes, HAProxy allows {SOCKET_PATH_LIMIT}:"
         " give condo a --state file in a shorter directory"
     )
+
+
+def bind_problem(bind: str) -> str | None:
+    """Why HAProxy could not listen at `bind` (a `bind_address`) now, or None: the same bind as
+    HAProxy's (SO_REUSEADDR; no SO_REUSEPORT: `noreuseport`), tried and let go."""
+    host, _, port = bind.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host or "0.0.0.0", int(port)))  # ":PORT": every interface
+        except OSError as exc:
+            return f"cannot bind socket [{bind}]: {exc.strerror} (another process holds it?)"
+    return None
 
 
 def bind_address(host: str, port: int) -> str:

@@ -17,8 +17,9 @@ runs already is adopted as it is.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -35,7 +36,12 @@ from condo.store import Store
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY = 1.0
+# A reload of HAProxy in a container that did not take (a listen address another process holds
+# is found only by the reload, which refuses on every listener for seconds on its way) is tried
+# again this much later, or as soon as the wanted listeners change.
+RELOAD_BACKOFF = 60.0
 STATS_DELAY = 5.0
+WATCH_DELAY = 0.2  # how often a host process's master is looked for between passes
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
 
 Plane = Literal["nat", "haproxy"]
@@ -85,6 +91,7 @@ class ProxyReconciler:
         self._nat_refused = nat_refused
         self._nat_why_not: str | None = None  # the last check's answer
         self._nat_checked = False
+        self._nat_failed = False  # a NAT step of the last pass failed
         self.planes: dict[str, Plane] = {}  # listen → its data plane, as of the last pass
         # counter name → (service, listen); the counters read last; what counters that went
         # back (a table deleted by hand) had counted before.
@@ -94,6 +101,9 @@ class ProxyReconciler:
         self._nat_open: dict[str, int] = {}
         self._nat_ports: dict[str, tuple[int, frozenset[int]]] = {}
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
+        self._master: int | None = None  # its master's pid, a host process's, once known
+        # The last reload that did not take: its listeners' signature, when, and why.
+        self._refused: tuple[str, float, ProxyError] | None = None
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
@@ -103,13 +113,24 @@ class ProxyReconciler:
         self._before: dict[tuple[str, str], int] = {}
         self._last: dict[tuple[str, str], int] = {}
 
+    def gone(self) -> bool:
+        """The master of the HAProxy this reconciler started or adopted is gone (known for a
+        host process only: a container's pid is of another namespace)."""
+        return self._master is not None and self.proxy.master_pid() != self._master
+
     def forget(self) -> None:
-        """Look for the running HAProxy again and write the NAT table whole at the next pass
-        (after a failure); check again whether the NAT can be used."""
+        """Look for the running HAProxy again at the next pass (after a failure); when the NAT
+        failed, check it again and read and write its table whole too."""
+        self._forget_haproxy()
+        if self._nat_failed:
+            self._nat_failed = False
+            self._nat_checked = False
+            if self.table is not None:
+                self.table.forget()
+
+    def _forget_haproxy(self) -> None:
         self._signature = None
-        self._nat_checked = False
-        if self.table is not None:
-            self.table.forget()
+        self._master = None
 
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
@@ -155,25 +176,60 @@ class ProxyReconciler:
         may_hold = self.table is not None and self.table.may_hold_rules()
         nat_usable = await self._nat_usable() if routes or may_hold else False
         nat_wanted = nat_usable and self.choice == "auto"
-        planes = {r.listener.listen: choose_plane(r.listener, nat_wanted) for r in routes}
+        carried: set[str] = set()
+        if nat_usable:
+            assert self.table is not None
+            with self._nat_step():
+                carried = await self.table.carried()
+        planes = {}
+        for route in routes:
+            plane = choose_plane(route.listener, nat_wanted)
+            # A rule would take the connections of a process that holds the address (condo's
+            # own API port, another program's): such a listener is HAProxy's, which leaves it
+            # out and says why. One the NAT or condo's HAProxy carries already is condo's own.
+            if plane == "nat" and self._held_elsewhere(route, carried):
+                plane = "haproxy"
+            planes[route.listener.listen] = plane
         on_nat = [r for r in routes if planes[r.listener.listen] == "nat"]
         on_haproxy = [r for r in routes if planes[r.listener.listen] == "haproxy"]
+        self.planes = planes
         # A listener changes planes without a refused connection: the one that takes it has it
         # before the other lets it go. The NAT is written first (it takes listeners over from
         # HAProxy); one that moves to HAProxy keeps its NAT rule until HAProxy listens.
+        looked: dict[str, Container | None] = {}  # one inspect per container and pass
         moving: list[Route] = []
         if nat_usable:
             assert self.table is not None
-            carried = await self.table.carried()
-            moving = [r for r in on_haproxy if _counter(r) in carried]
-            await self._reconcile_nat([*on_nat, *moving])
-        pending = await self._reconcile_haproxy(on_haproxy)
+            with self._nat_step():
+                moving = [r for r in on_haproxy if _counter(r) in carried]
+                await self._reconcile_nat([*on_nat, *moving], looked)
+        pending = await self._reconcile_haproxy(on_haproxy, looked)
         if moving:
-            await self._reconcile_nat(on_nat)
-        self.planes = planes
+            with self._nat_step():
+                await self._reconcile_nat(on_nat, looked)
         return pending
 
-    async def _reconcile_nat(self, routes: Sequence[Route]) -> None:
+    def _held_elsewhere(self, route: Route, carried: set[str]) -> bool:
+        listener = route.listener
+        if _counter(route) in carried:
+            return False
+        if haproxy.frontend_name(listener.host, listener.port) in self.stats:
+            return False  # condo's HAProxy holds it: the NAT takes it over from there
+        return haproxy.bind_problem(haproxy.bind_address(listener.host, listener.port)) is not None
+
+    @contextlib.contextmanager
+    def _nat_step(self) -> Iterator[None]:
+        """A NAT step that fails makes the next pass check and read the NAT afresh (a HAProxy
+        failure does not: the table is right, and is left alone)."""
+        try:
+            yield
+        except BaseException:
+            self._nat_failed = True
+            raise
+
+    async def _reconcile_nat(
+        self, routes: Sequence[Route], looked: dict[str, Container | None]
+    ) -> None:
         assert self.table is not None
         rules = []
         services: dict[str, tuple[str, str]] = {}
@@ -185,10 +241,11 @@ class ProxyReconciler:
             remote: tuple[str, int] | None = None
             replies: set[int] = set()
             for server in route.servers:
-                found = await self._where(server.container, server.target)
-                if found is None:
+                published = await self._published_port(server.container, server.target, looked)
+                if published is None:
                     continue
-                published, address = found
+                info = looked[server.container]
+                address = "" if info is None else info.ip_address
                 replies |= {published, server.target}
                 if server.state == "ready" and local is None:
                     local = published
@@ -215,39 +272,84 @@ class ProxyReconciler:
             text = ""
         self._nat_open = nat.open_connections(text, self._nat_ports)
 
-    async def _reconcile_haproxy(self, routes: Sequence[Route]) -> bool:
-        frontends = [await self._frontend(route) for route in routes]
+    async def _reconcile_haproxy(
+        self, routes: Sequence[Route], looked: dict[str, Container | None]
+    ) -> bool:
+        if self.gone():
+            self._forget_haproxy()  # start another at once
+        frontends = [await self._frontend(route, looked) for route in routes]
         wanted = haproxy.signature(frontends)
+        # Listeners whose address another process holds are left out (and said so at the end
+        # of the pass): HAProxy would not start with them, and a reload into one fails after
+        # refusing on every listener for seconds. The others run, and follow their services.
+        left_out: dict[str, str] = {}
         if self._signature is None:
             self._signature = await self.proxy.running_signature()
             if self._signature is None:
                 if not frontends:
                     return False  # nothing runs and nothing is wanted
-                await self.proxy.start(frontends)
+                if (problem := self.proxy.unanswering()) is not None:
+                    raise ProxyError(problem)  # its ports are its own: not "held elsewhere"
+                left_out = self.proxy.left_out(frontends, running=())
+                usable = [f for f in frontends if f.name not in left_out]
+                if not usable:
+                    raise ProxyError("; ".join(left_out.values()))
+                await self.proxy.start(usable)
                 self._fold()  # the HAProxy that died took its counts with it
-                self._signature = wanted
+                self._signature = haproxy.signature(usable)
             else:
                 log.info("proxy.adopted")
+            if self.proxy.launcher.kind == "process":
+                self._master = self.proxy.master_pid()
+        reload_failed: ProxyError | None = None
         if wanted != self._signature:
-            # The old worker's last counts, then the new worker's from 0.
-            await self._read_stats()
-            await self.proxy.reload(frontends)
-            self._fold()
-            self._signature = wanted
+            running = await self.proxy.frontend_stats()
+            left_out = self.proxy.left_out(frontends, running=running)
+            usable = [f for f in frontends if f.name not in left_out]
+            if haproxy.signature(usable) != self._signature:
+                # The listeners it has lead to the containers of the moment before the reload
+                # is tried, and whether or not it takes: a listener that cannot be had must
+                # not keep every other service's switch waiting.
+                await self._sync_servers(frontends)
+                # The old worker's last counts, then the new worker's from 0.
+                await self._read_stats()
+                target = haproxy.signature(usable)
+                refused = self._refused
+                if refused and refused[0] == target and trio.current_time() < refused[1]:
+                    reload_failed = refused[2]  # not again yet
+                else:
+                    try:
+                        await self.proxy.reload(usable)
+                    except ProxyError as exc:
+                        reload_failed = exc  # the old worker runs on: its listeners, counts
+                        # A host process's binds were tried first: its failure is worth
+                        # another try at the next pass.
+                        if self.proxy.launcher.kind != "process":
+                            self._refused = (target, trio.current_time() + RELOAD_BACKOFF, exc)
+                    else:
+                        self._fold()
+                        self._signature = target
+                        self._refused = None
         self._services = {
             f.name: (r.service, r.listener.listen) for f, r in zip(frontends, routes, strict=True)
         }
         pending = await self._sync_servers(frontends)
         await self._read_stats()
+        if reload_failed is not None:
+            raise reload_failed
+        if left_out:
+            raise ProxyError("; ".join(left_out.values()) + " (the other listeners run)")
         return pending
 
-    async def _frontend(self, route: Route) -> haproxy.Frontend:
+    async def _frontend(
+        self, route: Route, looked: dict[str, Container | None]
+    ) -> haproxy.Frontend:
         listener = route.listener
         servers = []
         for server in route.servers:
-            found = await self._where(server.container, server.target)
-            if found is not None:
-                servers.append(haproxy.ServerLine(server.key, found[0], server.state))
+            port = await self._published_port(server.container, server.target, looked)
+            if port is not None:
+                servers.append(haproxy.ServerLine(server.key, port, server.state))
         return haproxy.Frontend(
             name=haproxy.frontend_name(listener.host, listener.port),
             bind=haproxy.bind_address(listener.host, listener.port),
@@ -256,25 +358,32 @@ class ProxyReconciler:
             servers=tuple(servers),
         )
 
-    async def _where(self, container: str, target: int) -> tuple[int, str] | None:
-        """The container's port `target` as published on 127.0.0.1, and its own address (""
-        when it has none); None when it does not run or publish it."""
+    async def _published_port(
+        self, container: str, target: int, looked: dict[str, Container | None]
+    ) -> int | None:
         # Asked on every pass: an ephemeral host port changes when the engine restarts the
-        # container (its RestartPolicy), and a pass is one inspect per routed container.
-        try:
-            info = await self._engine.inspect(container)
-        except ContainerNotFound:
+        # container (its RestartPolicy), and a pass is one inspect per routed container (not
+        # per listener: a service may have many).
+        if container not in looked:
+            try:
+                looked[container] = await self._engine.inspect(container)
+            except ContainerNotFound:
+                looked[container] = None
+            except DockerError as exc:
+                raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
+        info = looked[container]
+        if info is None or not info.running:
             return None
-        except DockerError as exc:
-            raise ProxyError(f"cannot inspect {container[:12]}: {exc}") from exc
-        port = info.loopback_ports.get(f"{target}/tcp") if info.running else None
-        return None if port is None else (port, info.ip_address)
+        return info.loopback_ports.get(f"{target}/tcp")
 
     async def _sync_servers(self, frontends: Sequence[haproxy.Frontend]) -> bool:
         actual = await self.proxy.servers()
         pending = False
         for frontend in frontends:
-            have = actual.get(frontend.name, {})
+            if frontend.name not in actual:  # a listener a reload has yet to add
+                pending = True
+                continue
+            have = actual[frontend.name]
             backend = frontend.name
             for server in frontend.servers:
                 ref = f"{backend}/{server.name}"
@@ -360,7 +469,12 @@ async def run_proxy(
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
         with trio.move_on_after(delay):
-            await store.wait_changed(seen)
+            # A HAProxy that died refuses every listener until the next pass starts another:
+            # its master is watched meanwhile (a look at /proc), not only every STATS_DELAY.
+            while not reconciler.gone():
+                with trio.move_on_after(WATCH_DELAY):
+                    await store.wait_changed(seen)
+                    break
 
 
 def _report(store: Store, error: str | None, planes: Mapping[str, Plane], seen: int) -> int:

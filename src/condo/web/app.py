@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -289,6 +290,8 @@ def build_app(context: WebContext) -> QuartTrio:
             "version": condo.__version__,
             "engine": {"ok": engine.ok, "api_version": engine.api_version, "error": engine.error},
             "state_file": {"ok": file_error is None, "error": _text(file_error)},
+            # condo's clock: the dashboard counts ages and countdowns by it, not the browser's.
+            "time": time.time(),
         }
         if not engine.ok:
             body["status"] = "unavailable"
@@ -311,16 +314,20 @@ def build_app(context: WebContext) -> QuartTrio:
 
     @app.websocket("/v1/feed")
     async def feed() -> Any:
+        # Refused before the handshake completes, as the other refusals are.
+        shape = websocket.args.get("global", "whole")
+        if shape not in ("whole", "delta"):
+            return _error(400, f"global must be whole or delta, not {shape[:40]!r}")
         if not feeds.try_take():
             # Refused before the handshake completes: the client gets this as an HTTP answer.
             return _full("feeds", feeds.cap, "--max-feeds")
         try:
-            await _feed()
+            await _feed(deltas=shape == "delta")
         finally:
             feeds.release()
         return None
 
-    async def _feed() -> None:
+    async def _feed(*, deltas: bool) -> None:
         await websocket.accept()
         context.metrics.web_feeds.inc()
         try:
@@ -332,6 +339,7 @@ def build_app(context: WebContext) -> QuartTrio:
                     websocket.receive,
                     global_snapshots,
                     context.history,
+                    deltas=deltas,
                 )
         finally:
             context.metrics.web_feeds.dec()

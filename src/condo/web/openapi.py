@@ -323,6 +323,7 @@ _SCHEMAS: dict[str, Any] = {
             "version": {"type": "string", "description": "condo's version"},
             "engine": {"type": "object"},
             "state_file": {"type": "object"},
+            "time": {"type": "number", "description": "condo's clock (unix seconds)"},
             "error": {"type": "string"},
         },
     },
@@ -376,6 +377,7 @@ _SCHEMAS: dict[str, Any] = {
         "oneOf": [
             {"$ref": "#/components/schemas/FeedSnapshot"},
             {"$ref": "#/components/schemas/FeedGlobal"},
+            {"$ref": "#/components/schemas/FeedGlobalDelta"},
             {"$ref": "#/components/schemas/FeedHistory"},
         ],
         "discriminator": {"propertyName": "type"},
@@ -392,14 +394,32 @@ _SCHEMAS: dict[str, Any] = {
     },
     "FeedGlobal": {
         "type": "object",
-        "description": "every host's state (only with --expose consul): right after the first "
-        "snapshot, then one per new picture",
+        "description": "every host's state (only with --expose consul): once, right after the "
+        "first snapshot",
         "required": ["type", "token", "stale", "hosts"],
         "properties": {
             "type": {"const": "global"},
             "token": {"type": "integer", "description": "identifies the picture"},
             "stale": {"type": "boolean", "description": "Consul could not be read lately"},
+            "read_at": {
+                "type": ["number", "null"],
+                "description": "when Consul was last read (unix seconds)",
+            },
             "hosts": {"$ref": "#/components/schemas/GlobalState/properties/hosts"},
+        },
+    },
+    "FeedGlobalDelta": {
+        "type": "object",
+        "description": "then one per new picture: the hosts whose body changed since the last "
+        "message to this client, and the hosts gone; applied to what it has, the new picture",
+        "required": ["type", "token", "stale", "hosts", "gone"],
+        "properties": {
+            "type": {"const": "global_delta"},
+            "token": {"type": "integer", "description": "identifies the picture"},
+            "stale": {"type": "boolean", "description": "Consul could not be read lately"},
+            "read_at": {"type": ["number", "null"]},
+            "hosts": {"$ref": "#/components/schemas/GlobalState/properties/hosts"},
+            "gone": {"type": "array", "items": {"type": "string"}},
         },
     },
     "FeedHistory": {
@@ -560,6 +580,16 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
             "get": {
                 "summary": "Websocket: the state now, then after every change (latest value)",
                 "x-websocket": True,
+                "parameters": [
+                    {
+                        "name": "global",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["whole", "delta"], "default": "whole"},
+                        "description": "other hosts' pictures after the first: whole `global` "
+                        "messages, or `global_delta` messages with only the hosts that changed",
+                    }
+                ],
                 "responses": {
                     "101": {
                         "description": "upgraded; every message is a FeedMessage; closes with "
@@ -570,7 +600,9 @@ def openapi_document(*, token: bool, consul: bool) -> dict[str, Any]:
                             }
                         },
                     },
-                    "400": _error("not a websocket request"),
+                    "400": _error(
+                        "not a websocket request, or a `global` other than whole or delta"
+                    ),
                     "403": _error(
                         "a foreign Host, or an Origin that is not this API's own "
                         "(no Origin is fine)"
@@ -660,12 +692,12 @@ def _require_token(document: dict[str, Any]) -> None:
                 continue
             unauthorized = _PAGE_UNAUTHORIZED if path in ("/", "/ui") else _UNAUTHORIZED
             operation["responses"]["401"] = unauthorized
-    document["paths"]["/v1/feed"]["get"]["parameters"] = [
+    document["paths"]["/v1/feed"]["get"]["parameters"] += [
         {
             "name": "token",
             "in": "query",
             "required": False,
             "schema": {"type": "string"},
             "description": "the API token, for clients that cannot set headers",
-        }
+        },
     ]

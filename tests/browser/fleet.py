@@ -1,0 +1,73 @@
+"""Simulated hosts for the dashboard's fleet tests: as bench/multihost.py's simulated cell does,
+each host is a `Store` published into the real Consul by condo's own `Publisher` (one session
+per host, real Consul traffic, no containers), here in the test's own Trio loop.
+
+`simulated_hosts(prefix, stem, count, names, image)` yields the stores once every key is in
+Consul; setting a store's state (`sim_deploying`, `sim_stable`) publishes that host's change, as
+a real condo would. Leaving it cancels the publishers, which destroy their sessions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import trio
+
+from condo.consul import ConsulClient, KeyLayout, Publisher
+from condo.fsm import Box, Phase, ServiceState
+from condo.spec import ServiceSpec
+from condo.store import Store
+
+AGENT = "http://127.0.0.1:8500"
+BATCH = 10  # hosts started at a time, as a fleet comes up (bench/multihost.py SIM_BATCH)
+PUBLISH_LIMIT = 60.0  # s: every simulated key in Consul
+
+
+def _box(service: str, image: str, created_at: float) -> Box:
+    spec = ServiceSpec(container={"Image": image})
+    return Box(id=f"sim-{service}-{image}", name=f"{service}_sim", spec=spec,
+               created_at=created_at, healthcheck=False, stable_at=created_at)  # fmt: skip
+
+
+def sim_stable(service: str, image: str, created_at: float) -> ServiceState:
+    box = _box(service, image, created_at)
+    return ServiceState(phase=Phase.Stable, desired=box.spec, current=box)
+
+
+def sim_deploying(service: str, old: str, image: str, created_at: float) -> ServiceState:
+    current, candidate = _box(service, old, created_at), _box(service, image, created_at)
+    return ServiceState(phase=Phase.Wait, desired=candidate.spec, current=current, next=candidate)
+
+
+@contextlib.asynccontextmanager
+async def simulated_hosts(
+    prefix: str, stem: str, count: int, names: Sequence[str], image: str, created_at: float
+) -> AsyncIterator[list[Store]]:
+    """`count` hosts `<stem>001`... running every one of `names` Stable on `image`."""
+    layout = KeyLayout.of(prefix)
+    stores = [Store(f"{stem}{i:03d}") for i in range(1, count + 1)]
+    for store in stores:
+        for name in names:
+            store.set_state(name, sim_stable(name, image, created_at))
+        store.mark_settled()
+    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
+    async with (
+        httpx.AsyncClient(base_url=AGENT, limits=limits, trust_env=False, timeout=10) as http,
+        trio.open_nursery() as nursery,
+    ):
+        client = ConsulClient(http)
+        publishers = [Publisher(client, store, layout, store.host) for store in stores]
+        with trio.fail_after(PUBLISH_LIMIT):
+            for first in range(0, count, BATCH):
+                batch = publishers[first : first + BATCH]
+                for publisher in batch:
+                    await nursery.start(publisher.run)
+                # The publishers have no event for "confirmed"; a tenth of a second is nothing.
+                while not all(len(p.published) == len(names) for p in batch):
+                    await trio.sleep(0.1)
+        try:
+            yield stores
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,113 @@
+"""The dashboard's problem chips for what is not a service's own state, in a real browser against
+a real `condo run`: the proxy that cannot run (`/v1/state`'s top-level `proxy` error: a
+`:proxy` listener on a port something else holds) and a stale picture (condo's way to Consul
+cut: the other hosts' rows are as of the last read). Each gets its chip and its banner, and the
+chip filters the rows it concerns. (Spec errors, failed deploys and unreachable hosts:
+test_dashboard_fleet.py; reverted: test_dashboard_history.py.)
+
+Each test is capped by `trio.fail_after(CAP)`, each Playwright wait by UI_LIMIT.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+from playwright.sync_api import Locator, expect
+
+from bench.common.proxy import open_tcp_proxy
+from tests.browser.dashboard import (
+    UI_LIMIT,
+    Dashboard,
+    css_string,
+    free_port,
+    serve_condo,
+    spec,
+    stop_condo,
+)
+from tests.browser.fleet import simulated_hosts
+from tests.integration.harness import CondoUnderTest
+from tests.integration.test_consul_session import consul_area
+
+pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.consul]
+
+CAP = 90
+OpenDashboard = Callable[[str], Awaitable[Dashboard]]
+ONE = "condo-test/busybox:1"
+
+
+def chip(page: Dashboard, kind: str) -> Locator:
+    return page.page.locator(f"#problems button[data-kind={css_string(kind)}]")
+
+
+async def expect_only_rows(page: Dashboard, names: list[str]) -> None:
+    rows = page.page.locator("#rows tr")
+    await page.expect(lambda: expect(rows).to_have_count(len(names), timeout=UI_LIMIT))
+    for name in names:
+        await page.expect(functools.partial(_one_row, page.row(name)))
+
+
+def _one_row(row: Locator) -> None:
+    expect(row).to_have_count(1, timeout=UI_LIMIT)
+
+
+async def test_a_proxy_that_cannot_run_is_a_problem_chip_and_a_banner(
+    condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
+) -> None:
+    with socket.socket() as taken, trio.fail_after(CAP):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        condo.write("front", spec(ONE, f':proxy [{{:listen "127.0.0.1:{port}" :port 80}}]'))
+        condo.write("plain", spec(ONE))
+        url = await serve_condo(nursery, condo, free_port())
+        page = await open_dashboard(url)
+        await page.expect_state("plain", "Stable")
+        await page.expect_text(chip(page, "proxy"), "proxy error")
+        banner = page.page.locator("#proxy-banner")
+        await page.expect_text(banner, re.compile(r"The proxy cannot run: .*cannot bind socket"))
+        await page.thread.call(chip(page, "proxy").click)
+        await expect_only_rows(page, ["front"])
+        await page.expect(
+            lambda: expect(page.row("front")).to_have_class(re.compile("row-bad"), timeout=UI_LIMIT)
+        )
+
+
+async def test_a_stale_picture_is_a_problem_chip_and_dates_the_other_hosts(
+    condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
+) -> None:
+    async with consul_area() as area:
+        try:
+            with trio.fail_after(CAP):
+                async with simulated_hosts(
+                    area.prefix, f"sim-{condo.host[-6:]}-", 1, ["remote"], ONE, time.time()
+                ):
+                    condo.write("local", spec(ONE))
+                    async with open_tcp_proxy("127.0.0.1", 8500) as consul:
+                        exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+                        endpoint = ("--consul-endpoint", f"http://{consul.address}")
+                        url = await serve_condo(nursery, condo, free_port(), *exposing, *endpoint)
+                        page = await open_dashboard(url)
+                        await page.expect_state("remote", "Stable")
+                        await page.expect_state("local", "Stable")
+                        await page.expect(
+                            lambda: expect(chip(page, "stale")).to_have_count(0, timeout=UI_LIMIT)
+                        )
+                    # The way to Consul is cut: condo's picture goes stale.
+                    await page.expect_text(chip(page, "stale"), "stale picture")
+                    banner = page.page.locator("#stale-banner")
+                    await page.expect_text(banner, re.compile(r"Last read \d+s ago"))
+                    await page.thread.call(chip(page, "stale").click)
+                    await expect_only_rows(page, ["remote"])
+                    note = page.row("remote").locator(".stale-note")
+                    await page.expect_text(
+                        note, re.compile(r"as of \d+s ago \(Consul cannot be read\)")
+                    )
+        finally:
+            with trio.move_on_after(15, shield=True):
+                await stop_condo(condo, graceful=True)
