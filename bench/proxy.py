@@ -156,7 +156,7 @@ async def main(run: Run) -> Report:
                 "HTTP `/` p99 (ms)",
                 f"{p99_proxy:.2f}",
                 f"{p99_direct:.2f}",
-                f"+{p99_proxy - p99_direct:.2f} ms",
+                f"{p99_proxy - p99_direct:+.2f} ms",
             ),
             (
                 f"bulk TCP (`/big`, 1 connection), MB/s ({plane})",
