@@ -34,10 +34,11 @@ assert (pathlib.Path(edn_format.__file__).parent / "parsetab.py").is_file(), "no
 # --- stage 2: the runtime, only /opt/condo on top of the base --------------------------------
 FROM ${BASE}
 COPY --from=install /opt/condo /opt/condo
-# HAProxy for `:proxy` (the host's Debian binary and the libraries the base lacks, copied into
-# the context by scripts/build-image): condo in a container runs it as a container of this image.
+# HAProxy and nft for `:proxy` (the host's Debian binaries and the libraries the base lacks,
+# copied into the context by scripts/build-image): condo in a container runs HAProxy as a
+# container of this image, and with host networking and CAP_NET_ADMIN writes its NAT table.
 COPY haproxy/ /
-RUN haproxy -v | head -n1
+RUN haproxy -v | head -n1 && nft --version
 
 # PATH is spelled out rather than extended with $PATH: an imported base may have none set.
 #

@@ -1,15 +1,18 @@
-"""`:proxy` (issue 14): HAProxy in front of a fast backend, against the same container reached
-directly, and the proxy's promises under load.
+"""`:proxy` (issue 14): condo's data planes in front of a fast backend, against the same
+container reached directly, and the proxy's promises under load.
 
 The backend is nginx from Debian (`condo-bench/nginx:1`, built here on first use from the
 `nginx` package's binary, `apt-get download`, and the host's libraries; never pulled): `/`
 answers 3 bytes, `/big` is a 32 MiB file. Every figure is wrk's (`wrk` from Debian):
-- HTTP, small responses: requests/s and p99 through the proxy's listener and straight to the
-  port the container publishes on 127.0.0.1, alternating, ROUNDS rounds each (the medians);
-  bars: proxy ≥ 0.8x direct, p99 added ≤ 1 ms.
-- The kernel's NAT, the other candidate data plane, for the same HTTP figure: an nftables
-  DNAT rule (a table of the run's own, loopback only) from a free port to the published one.
-- Bulk TCP: one connection downloading `/big` over and over (wrk's transfer/s); bar ≥ 0.8x.
+- HTTP, small responses: requests/s and p99 through the proxy's listener (a `:tcp` listener:
+  condo's kernel NAT, condo's nftables table, where condo can use it) and straight to the port
+  the container publishes on 127.0.0.1, alternating, ROUNDS rounds each (the medians); bars:
+  proxy ≥ 0.8x direct, p99 added ≤ 1 ms.
+- HAProxy, condo's other data plane (`:http` listeners, `--proxy-plane haproxy`), for the same
+  HTTP and bulk figures: condo's own HAProxy config (condo.proxy.haproxy) on a free port, in
+  front of the same published port.
+- Bulk TCP: one connection downloading `/big` over and over (wrk's transfer/s), ROUNDS rounds
+  each (the medians); bar ≥ 0.8x.
 - DEPLOYS consecutive `[:After 1]` deploys under wrk load, each request on a new connection
   (`Connection: close`: an open connection stays with its container until the drain ends, so a
   keep-alive client is what the drain test below is about); bar: 0 failed requests.
@@ -44,6 +47,8 @@ from bench.common.report import Bar, Report
 from bench.common.run import Run
 from bench.common.specs import write_spec
 from bench.common.wait import BenchError, deadline
+from condo.proxy.haproxy import Frontend, HAProxy, ServerLine, bind_address, frontend_name
+from condo.proxy.nat import table_name
 
 IMAGE = "condo-bench/nginx:1"
 ROUNDS, QUICK_ROUNDS = 3, 1
@@ -97,13 +102,20 @@ async def main(run: Run) -> Report:
             direct = f"http://127.0.0.1:{direct_port}"
             await wait_answering(listen)
 
-            small_proxy, small_direct = [], []
-            for _ in range(rounds):
-                small_direct.append(await wrk(direct + "/", seconds, CONNECTIONS))
-                small_proxy.append(await wrk(proxied + "/", seconds, CONNECTIONS))
-            small_nat = await nat_rounds(run, direct_port, rounds, seconds)
-            bulk_direct = await wrk(direct + "/big", seconds, 1)
-            bulk_proxy = await wrk(proxied + "/big", seconds, 1)
+            plane = await listener_plane(condo)
+            # Direct, through the listener, through HAProxy: one after the other in each round
+            # (the load of a shared machine moves: each ratio compares neighbours).
+            small_direct, small_proxy, small_haproxy = [], [], []
+            bulk_direct, bulk_proxy, bulk_haproxy = [], [], []
+            async with condo_haproxy(run, direct_port) as haproxied:
+                for _ in range(rounds):
+                    small_direct.append(await wrk(direct + "/", seconds, CONNECTIONS))
+                    small_proxy.append(await wrk(proxied + "/", seconds, CONNECTIONS))
+                    small_haproxy.append(await wrk(haproxied + "/", seconds, CONNECTIONS))
+                for _ in range(rounds):
+                    bulk_direct.append(await wrk(direct + "/big", seconds, 1))
+                    bulk_proxy.append(await wrk(proxied + "/big", seconds, 1))
+                    bulk_haproxy.append(await wrk(haproxied + "/big", seconds, 1))
 
             deploys = QUICK_DEPLOYS if quick else DEPLOYS
             deployed = await deploys_under_load(run, condo, listen, deploys)
@@ -112,44 +124,51 @@ async def main(run: Run) -> Report:
             killed = await kill9_under_load(run, condo, spec, listen)
     finally:
         stop_haproxy(state)
+        await delete_nat_table(host)
 
     rps_proxy = statistics.median(r.rps for r in small_proxy)
     rps_direct = statistics.median(r.rps for r in small_direct)
     p99_proxy = statistics.median(r.p99_ms for r in small_proxy)
     p99_direct = statistics.median(r.p99_ms for r in small_direct)
     ratio = rps_proxy / rps_direct
-    rps_nat = statistics.median(r.rps for r in small_nat) if small_nat else None
-    nat_row = (
-        "kernel NAT candidate (nftables DNAT, loopback), requests/s",
-        "n/a (no nft)" if rps_nat is None else f"{rps_nat:,.0f}",
-        f"{rps_direct:,.0f}",
-        "" if rps_nat is None else f"{rps_nat / rps_direct:.2f}x",
-    )
-    bulk_ratio = bulk_proxy.bytes_per_s / bulk_direct.bytes_per_s
+    rps_haproxy = statistics.median(r.rps for r in small_haproxy)
+    bulk_ratio = transfer(bulk_proxy) / transfer(bulk_direct)
+    bulk_haproxy_ratio = transfer(bulk_haproxy) / transfer(bulk_direct)
     mb = 1 / 1e6
     return Report(
         bench="proxy",
-        title="`:proxy` (HAProxy) against the same nginx container reached directly",
+        title=f"`:proxy` ({PLANE_NAMES[plane]}) against the same nginx container reached directly",
         columns=("case", "through the proxy", "direct", "ratio / result"),
         rows=(
             (
-                f"HTTP `/` (3 bytes), {CONNECTIONS} connections, requests/s",
+                f"HTTP `/` (3 bytes), {CONNECTIONS} connections, requests/s ({plane})",
                 f"{rps_proxy:,.0f}",
                 f"{rps_direct:,.0f}",
                 f"{ratio:.2f}x",
             ),
-            nat_row,
+            (
+                "the same through condo's HAProxy (tcp mode), requests/s",
+                f"{rps_haproxy:,.0f}",
+                f"{rps_direct:,.0f}",
+                f"{rps_haproxy / rps_direct:.2f}x",
+            ),
             (
                 "HTTP `/` p99 (ms)",
                 f"{p99_proxy:.2f}",
                 f"{p99_direct:.2f}",
-                f"+{p99_proxy - p99_direct:.2f} ms",
+                f"{p99_proxy - p99_direct:+.2f} ms",
             ),
             (
-                "bulk TCP (`/big`, 1 connection), MB/s",
-                f"{bulk_proxy.bytes_per_s * mb:,.0f}",
-                f"{bulk_direct.bytes_per_s * mb:,.0f}",
+                f"bulk TCP (`/big`, 1 connection), MB/s ({plane})",
+                f"{transfer(bulk_proxy) * mb:,.0f}",
+                f"{transfer(bulk_direct) * mb:,.0f}",
                 f"{bulk_ratio:.2f}x",
+            ),
+            (
+                "the same through condo's HAProxy (tcp mode), MB/s",
+                f"{transfer(bulk_haproxy) * mb:,.0f}",
+                f"{transfer(bulk_direct) * mb:,.0f}",
+                f"{bulk_haproxy_ratio:.2f}x",
             ),
             (
                 f"{deploys} `[:After 1]` deploys under load (new connection per request)",
@@ -174,13 +193,16 @@ async def main(run: Run) -> Report:
             "rps_proxy": round(rps_proxy),
             "rps_direct": round(rps_direct),
             "rps_ratio": round(ratio, 3),
-            "rps_nat": None if rps_nat is None else round(rps_nat),
-            "nat_ratio": None if rps_nat is None else round(rps_nat / rps_direct, 3),
+            "plane": plane,
+            "rps_haproxy": round(rps_haproxy),
+            "haproxy_ratio": round(rps_haproxy / rps_direct, 3),
+            "bulk_haproxy_mb_s": round(transfer(bulk_haproxy) * mb),
+            "bulk_haproxy_ratio": round(bulk_haproxy_ratio, 3),
             "p99_proxy_ms": round(p99_proxy, 3),
             "p99_direct_ms": round(p99_direct, 3),
             "p99_added_ms": round(p99_proxy - p99_direct, 3),
-            "bulk_proxy_mb_s": round(bulk_proxy.bytes_per_s * mb),
-            "bulk_direct_mb_s": round(bulk_direct.bytes_per_s * mb),
+            "bulk_proxy_mb_s": round(transfer(bulk_proxy) * mb),
+            "bulk_direct_mb_s": round(transfer(bulk_direct) * mb),
             "bulk_ratio": round(bulk_ratio, 3),
             "deploys": deploys,
             "deploy_requests": deployed.requests,
@@ -209,7 +231,7 @@ async def main(run: Run) -> Report:
         notes=(
             *(f"an open connection during the drain: {e}" for e in drained.errors),
             "wrk from Debian, 2 threads; the backend is Debian's nginx in a locally built image;"
-            " the listener is in :tcp mode.",
+            f" the listener is in :tcp mode, carried by {PLANE_NAMES[plane]}.",
         ),
     )  # fmt: skip
 
@@ -311,32 +333,52 @@ def stop_haproxy(state: Path) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
-async def nat_rounds(run: Run, port: int, rounds: int, seconds: float) -> list[Wrk]:
-    """The kernel's NAT as the data plane (the other candidate): a table of the run's own with
-    one DNAT rule from a free loopback port to the published one, wrk through it; the table is
-    deleted after. Nothing is measured without `nft` (or the right to use it)."""
-    if shutil.which("nft") is None:
-        return []
-    table = f"condo_bench_{run.id}"
-    listen = free_port()
-    rule = f"ip daddr 127.0.0.1 tcp dport {listen} dnat to 127.0.0.1:{port}"
-    script = [
-        f"add table ip {table}",
-        f"add chain ip {table} out {{ type nat hook output priority -100 ; }}",
-        f"add rule ip {table} out {rule}",
-    ]
-    made = await trio.run_process(
-        ["nft", "-f", "-"], stdin="\n".join(script).encode(), check=False, capture_stderr=True
-    )
-    if made.returncode != 0:
-        return []
-    try:
-        return [
-            await wrk(f"http://127.0.0.1:{listen}/", seconds, CONNECTIONS) for _ in range(rounds)
-        ]
-    finally:
+PLANE_NAMES = {"nat": "the kernel's NAT", "haproxy": "HAProxy"}
+
+
+async def listener_plane(condo: Condo) -> str:
+    """The data plane that carries the listener, as condo's log says (the NAT table written, or
+    HAProxy started or adopted)."""
+    with deadline(LIMIT, "the listener's data plane"):
+        line = await condo.lines.next_after(
+            0, lambda line: line.event in ("proxy.nat_written", "proxy.started", "proxy.adopted")
+        )
+    return "nat" if line.event == "proxy.nat_written" else "haproxy"
+
+
+async def delete_nat_table(host: str) -> None:
+    """condo never deletes its table; the bench does, at its end."""
+    if shutil.which("nft") is not None:
         with trio.CancelScope(shield=True):
-            await trio.run_process(["nft", "delete", "table", "ip", table], check=False)
+            await trio.run_process(["nft", "delete", "table", "ip", table_name(host)],
+                                   check=False, capture_stderr=True)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def condo_haproxy(run: Run, port: int) -> AsyncIterator[str]:
+    """HAProxy, condo's other data plane, for the same figures: condo's own config (a `:tcp`
+    listener on a free port, the published port its server), started as condo starts it; its
+    URL."""
+    listen = free_port()
+    proxy = HAProxy(run.folder("haproxy") / "p")
+    frontend = Frontend(
+        name=frontend_name("127.0.0.1", listen),
+        bind=bind_address("127.0.0.1", listen),
+        mode="tcp",
+        hold_timeout=1,
+        servers=(ServerLine("direct", port, "ready"),),
+    )
+    await proxy.start([frontend])
+    try:
+        await wait_answering(listen)
+        yield f"http://127.0.0.1:{listen}"
+    finally:
+        await proxy.stop()
+
+
+def transfer(rounds: list[Wrk]) -> float:
+    """Bytes/s: the median of the rounds."""
+    return statistics.median(r.bytes_per_s for r in rounds)
 
 
 # --- wrk ------------------------------------------------------------------------------------------
@@ -448,7 +490,7 @@ def replaced(before: Transition) -> Callable[[Transition], bool]:
 
 async def kill9_under_load(run: Run, condo: Condo, spec: CondoSpec, listen: int) -> Wrk:
     """kill -9 of `condo` under load, then a new condo on its state file, which adopts the
-    containers and HAProxy."""
+    containers and the data plane."""
     async with under_load(listen) as load:
         await trio.sleep(1)
         assert condo.process is not None
@@ -458,7 +500,7 @@ async def kill9_under_load(run: Run, condo: Condo, spec: CondoSpec, listen: int)
         async with open_condo(run, spec) as again:
             # A condo that adopts a Stable service logs no transition: it is ready.
             await again.wait_ready()
-            await trio.sleep(2)  # its proxy task adopted HAProxy and reconciled
+            await trio.sleep(2)  # its proxy task adopted the data plane and reconciled
             # Before this condo's end removes the containers.
             return await load.stop()
     raise AssertionError("unreachable")
@@ -482,11 +524,15 @@ async def open_across_deploy(run: Run, condo: Condo, listen: int, count: int) ->
         streams.append(stream)
     mark = len(condo.lines.items)
     write_spec(condo.specs, "web", spec_text(run, listen, "drain", drain=DRAIN))
-    # The switch: HAProxy's server of the new container is enabled (the Stable transition is
-    # logged when the drain ends).
+    # The switch: the NAT rule rewritten, or HAProxy's server of the new container enabled
+    # (the Stable transition is logged when the drain ends).
     with deadline(LIMIT, "the switch to the new container"):
         await condo.lines.next_after(
-            mark, lambda line: line.event == "proxy.command" and "enable server" in line.text
+            mark,
+            lambda line: (
+                line.event == "proxy.nat_written"
+                or (line.event == "proxy.command" and "enable server" in line.text)
+            ),
         )
     await trio.sleep(DRAIN / 3)
     answered = 0

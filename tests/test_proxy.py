@@ -234,6 +234,9 @@ def test_the_config_holds_listeners_servers_and_the_hold() -> None:
     # The servers change over the socket: only listeners change the signature (a reload).
     moved = attrs.evolve(frontend, servers=())
     assert haproxy.signature([moved]) == haproxy.signature([frontend])
+    assert "splice" not in text  # HTTP mode reads every request
+    tcp = haproxy.render_config(Path("/run/p"), [attrs.evolve(frontend, mode="tcp")])
+    assert "    mode tcp\n    balance roundrobin\n    retries 13\n    option splice-auto\n" in tcp
     assert haproxy.bind_address("", 80) == ":80"
     assert haproxy.bind_address("::1", 80) == "[::1]:80"
 

@@ -97,13 +97,14 @@ FAMILIES = {
     "condo_proxy_connections": (
         "counter",
         {"service", "listen"},
-        "Connections each :proxy listener accepted (HAProxy's frontend counts, summed across its"
-        " reloads and restarts).",
+        "Connections each :proxy listener accepted (the NAT rule's counter, or HAProxy's frontend"
+        " counts; summed across reloads and restarts).",
     ),
     "condo_proxy_open_connections": (
         "gauge",
         {"service", "listen"},
-        "Connections open through each :proxy listener (in HAProxy's current worker).",
+        "Connections open through each :proxy listener (established in conntrack, or in HAProxy's"
+        " current worker).",
     ),
 }
 

@@ -125,6 +125,7 @@ async def run(
     max_feeds: int = DEFAULT_MAX_FEEDS,
     notify: Annotated[list[str] | None, Parameter(negative=(), env_var_split=_commas)] = None,
     stop_on_exit: bool = False,
+    proxy_plane: Literal["auto", "haproxy"] = "auto",
     log_format: Literal["auto", "console", "json"] = "auto",
 ) -> int:
     """Keep exactly the containers the spec files in PREFIX... describe running.
@@ -175,6 +176,9 @@ async def run(
         list).
     stop_on_exit
         Stop and remove every workload on SIGTERM/SIGINT (the original condo's behaviour).
+    proxy_plane
+        The data plane of :proxy's :tcp listeners: "auto" (the kernel's NAT when condo can use
+        nftables, else HAProxy) or "haproxy" (always; :http listeners always use HAProxy).
     log_format
         "json", "console", or "auto" (JSON unless stderr is a terminal).
     """
@@ -191,6 +195,7 @@ async def run(
             host=host or socket.gethostname(),
             server=parse_server(server, reuse_port=server_reuse_port),
             stop_on_exit=stop_on_exit,
+            proxy_plane=proxy_plane,
             expose=expose,
             consul_endpoint=consul_endpoint,
             consul_prefix=consul_prefix,

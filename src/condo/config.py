@@ -104,6 +104,8 @@ class Config:
     max_waits: int = DEFAULT_MAX_WAITS
     max_feeds: int = DEFAULT_MAX_FEEDS
     rescan_interval: float = 10.0  # seconds; README "Spec files" promises it
+    # `:tcp` listeners: the kernel's NAT when condo can use it ("auto"), or always HAProxy.
+    proxy_plane: Literal["auto", "haproxy"] = "auto"
     # Webhooks for deploy notices (parsed); not in the repr: a webhook URL may hold a secret.
     notify_urls: tuple[str, ...] = attrs.field(default=(), repr=False)
 

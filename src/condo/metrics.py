@@ -55,15 +55,16 @@ NOTIFY_COUNTERS = {
     ),
 }
 
-# `:proxy`: connections through each listener, read from HAProxy's frontends.
+# `:proxy`: connections through each listener, read from the NAT or HAProxy's frontends.
 PROXY_CONNECTIONS = (
     "condo_proxy_connections",
-    "Connections each :proxy listener accepted (HAProxy's frontend counts, summed across its"
-    " reloads and restarts).",
+    "Connections each :proxy listener accepted (the NAT rule's counter, or HAProxy's frontend"
+    " counts; summed across reloads and restarts).",
 )
 PROXY_OPEN = (
     "condo_proxy_open_connections",
-    "Connections open through each :proxy listener (in HAProxy's current worker).",
+    "Connections open through each :proxy listener (established in conntrack, or in HAProxy's"
+    " current worker).",
 )
 
 SERVICE_STATE = "condo_service_state"

@@ -9,7 +9,8 @@
     ├─ event router    the events to the services' mailboxes (condo.supervisor)
     ├─ services        one supervised driver per service (condo.supervisor, condo.service)
     ├─ history         the deploy history's file and its digest lookups (condo.history)
-    ├─ proxy           `:proxy`: HAProxy's listeners and servers follow the store (condo.proxy)
+    ├─ proxy           `:proxy`: the NAT table, HAProxy's listeners and servers follow the store
+    │                  (condo.proxy)
     ├─ spec watcher    full snapshots of the PREFIXes (condo.specdir): specs to the supervisor,
     │                  self.edn to the self-deployer
     ├─ self-deployer   self.edn: suspend, start the successor, exit or resume (condo.selfdeploy)
@@ -48,6 +49,7 @@ from condo.errors import ConfigError
 from condo.history import History, open_history
 from condo.notify import Notifier, run_notifier
 from condo.proxy.haproxy import HAProxy, ProxyContainer
+from condo.proxy.nat import NatTable
 from condo.proxy.reconcile import ProxyReconciler, proxy_directory, run_proxy
 from condo.selfdeploy import (
     SelfContext,
@@ -186,13 +188,21 @@ async def _run_root(
     async with open_engine(config.docker_url, auth) as docker:
         supervisor = Supervisor(config, docker, store, writer, restored.records)
         # condo in a container: HAProxy in a container of its own (a process would die with
-        # condo's container); else a detached host process.
+        # condo's container); else a detached host process. Its NAT rules would be those of
+        # its own network namespace: only with host networking are they the host's.
         own = await find_own_container(docker)
         launcher = None
+        nat_refused = None
         if own is not None:
             launcher = ProxyContainer(docker, own.image_id or own.image, own.binds, config.host)
+            if own.network_mode != "host":
+                nat_refused = "condo runs in a container without --network host"
         proxy = ProxyReconciler(
-            HAProxy(proxy_directory(config.state_path), launcher=launcher), docker
+            HAProxy(proxy_directory(config.state_path), launcher=launcher),
+            docker,
+            NatTable(config.host, proxy_directory(config.state_path) / "nat-table"),
+            choice=config.proxy_plane,
+            nat_refused=nat_refused,
         )
 
         def on_snapshot(snapshot: SpecSnapshot) -> None:

@@ -52,6 +52,7 @@ class Store:
         self._transition_observers: list[Transition] = []
         self._self_deploy: Mapping[str, Any] | None = None
         self._proxy_error: Mapping[str, Any] | None = None
+        self._proxy_planes: Mapping[str, str] = {}
         self._settled = False
         self._view = PerVersion(lambda: self._version, lambda _: self._build_view(now()))
         self._encoder = StateEncoder()
@@ -113,6 +114,12 @@ class Store:
         self._proxy_error = None if error is None else {"error": error, "at": time.time()}
         self._bump()
 
+    def set_proxy_planes(self, planes: Mapping[str, str]) -> None:
+        """Which data plane carries each listen address (`/v1/state`'s listeners' `plane`)."""
+        if planes != self._proxy_planes:
+            self._proxy_planes = dict(planes)
+            self._bump()
+
     @property
     def settled(self) -> bool:
         """True once every service this host runs has an entry: every spec directory was
@@ -159,6 +166,10 @@ class Store:
             name: to_view(e.state, moment, e.spec_error)
             for name, e in sorted(self._entries.items())
         }
+        for service in services.values():
+            for listener in service["proxy"]:
+                # Known once the proxy task routed it (condo.proxy.reconcile.choose_plane).
+                listener["plane"] = self._proxy_planes.get(listener["listen"])
         view: dict[str, Any] = {"host": self.host, "services": services}
         if self._self_deploy is not None:
             view["self"] = dict(self._self_deploy)

@@ -1,5 +1,7 @@
 """condo in a container with `:proxy`: HAProxy runs as a container of condo's own image (host
 networking), and a self-deploy of condo under load refuses and cuts no connection (issue 14).
+A condo container with host networking and CAP_NET_ADMIN carries the `:tcp` listener on its NAT
+table instead (no HAProxy container), across a self-deploy just as well.
 
 The first condo is started by hand as test_selfdeploy does (bridge network, the engine's socket
 and the spec folder bound, no API); the workload is test_proxy's busybox httpd behind a listener
@@ -26,7 +28,15 @@ from condo.errors import ContainerNotFound
 from condo.proxy.haproxy import PROXY_LABEL
 from tests.integration.conftest import DockerCli
 from tests.integration.harness import free_port
-from tests.integration.test_proxy import Poller, collapse, get, spec, wait_answer
+from tests.integration.test_proxy import (
+    Poller,
+    collapse,
+    delete_nat_table,
+    get,
+    nat_table,
+    spec,
+    wait_answer,
+)
 from tests.integration.test_selfdeploy import Site, open_site, start_first_condo
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -96,4 +106,70 @@ async def test_condo_in_a_container_self_deploys_under_load_through_its_proxy(
                 for cid in await proxy_containers(docker, site.host):
                     with contextlib.suppress(ContainerNotFound):
                         await docker.remove(cid)
+        await docker_cli("rmi", "--no-prune", second_tag)
+
+
+async def test_condo_in_a_host_network_container_self_deploys_on_its_nat(
+    condo_image: str,
+    docker: DockerClient,
+    docker_cli: DockerCli,
+    tmp_path: Path,
+    container_labels: Mapping[str, str],
+) -> None:
+    second_tag = f"{condo_image}-nat"
+    await docker_cli("tag", condo_image, second_tag)
+    site: Site | None = None
+    try:
+        async with open_site(tmp_path, docker) as site:
+            port = free_port()
+            label_args = [a for k, v in container_labels.items() for a in ("--label", f"{k}={v}")]
+            with trio.fail_after(180):
+                first = await docker_cli(
+                    "run", "-d", *label_args, "--network", "host", "--cap-add", "NET_ADMIN",
+                    "-v", "/var/run/docker.sock:/var/run/docker.sock",
+                    "-v", f"{site.specs}:/var/lib/condo",
+                    "-e", f"CONDO_HOST={site.host}", "-e", "CONDO_SERVER=off",
+                    condo_image,
+                )  # fmt: skip
+                (site.specs / "web.edn").write_text(spec("one", port))
+                await site.wait_stable("web", limit=90)
+                await wait_answer(port, "one", limit=60)
+                # The kernel's NAT carries the listener: condo's table, no HAProxy container.
+                assert "dnat to 127.0.0.1:" in await nat_table(site.host)
+                assert await proxy_containers(docker, site.host) == []
+
+                poller = Poller(port)
+                slow_answer: list[str] = []
+
+                async def slow_get() -> None:
+                    slow_answer.append(await get(port, "/cgi-bin/slow"))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(poller.run)
+                    nursery.start_soon(slow_get)
+                    await trio.sleep(0.3)  # the slow request is in
+                    (site.specs / "self.edn").write_text(
+                        f'{{:Image "{second_tag}" :Env ["CONDO_SERVER=off"]\n'
+                        ' :HostConfig {:NetworkMode "host" :CapAdd ["NET_ADMIN"]\n'
+                        '              :Binds ["/var/run/docker.sock:/var/run/docker.sock"\n'
+                        f'                      "{site.specs}:/var/lib/condo"]}}}}\n'
+                    )
+                    while (await docker.inspect(ContainerId(first.strip()))).running:
+                        await trio.sleep(0.2)
+                    # The successor rewrote the table from its store and routes: a deploy
+                    # switches.
+                    (site.specs / "web.edn").write_text(spec("two", port))
+                    await wait_answer(port, "two", limit=90)
+                    while not slow_answer:
+                        await trio.sleep(0.05)
+                    await trio.sleep(0.3)
+                    nursery.cancel_scope.cancel()
+
+                assert poller.failures == []
+                assert slow_answer == ["one"]
+                assert collapse(poller.answers) == ["one", "two"]
+                assert await proxy_containers(docker, site.host) == []
+    finally:
+        if site is not None:
+            await delete_nat_table(site.host)
         await docker_cli("rmi", "--no-prune", second_tag)

@@ -23,6 +23,7 @@ from condo import labels
 from condo.docker import ContainerId, DockerClient
 from condo.errors import ContainerNotFound
 from condo.proxy.haproxy import HAProxy
+from condo.proxy.nat import table_name
 from condo.proxy.reconcile import proxy_directory
 from tests.integration.harness import remove_host_containers
 
@@ -45,6 +46,10 @@ async def cleanup(docker: DockerClient) -> None:
             with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(proxy, ignore_errors=True)
+        # condo never deletes its NAT table (site.edn's :tcp listener is on it as root).
+        await trio.run_process(
+            ["nft", "delete", "table", "ip", table_name(HOST)], check=False, capture_stderr=True
+        )
 
 
 async def state() -> dict[str, Any] | None:

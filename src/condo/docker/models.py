@@ -71,6 +71,11 @@ class Container:
     loopback_ports: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_ports)
     """`NetworkSettings.Ports`' bindings on 127.0.0.1, as "PORT/PROTO" → the host port the engine
     chose (what condo's proxy connects to); empty while the container does not run."""
+    ip_address: str = ""
+    """Its IPv4 address on its (first) network ("" without one, e.g. host networking): where
+    condo's NAT sends other hosts' connections to a `:proxy` listener."""
+    network_mode: str = ""
+    """`HostConfig.NetworkMode` ("host": it shares the host's network, and its nftables)."""
     health_interval: float = DEFAULT_HEALTH_INTERVAL
     """Seconds between two healthchecks (`Config.Healthcheck.Interval`; the engine's 30 s when
     unset). Podman without systemd never runs the checks itself: condo runs them at this pace."""
@@ -186,6 +191,8 @@ def parse_container(data: Any) -> Container:
         binds=tuple(str(b) for b in host_config.get("Binds") or ()),
         auto_remove=bool(host_config.get("AutoRemove", False)),
         loopback_ports=loopback_ports(_mapping(data.get("NetworkSettings"), "NetworkSettings")),
+        ip_address=ip_address(_mapping(data.get("NetworkSettings"), "NetworkSettings")),
+        network_mode=str(host_config.get("NetworkMode") or ""),
         health_interval=interval / 1e9
         if isinstance(interval, int) and interval > 0
         else DEFAULT_HEALTH_INTERVAL,
@@ -232,6 +239,17 @@ def loopback_ports(network_settings: Mapping[str, Any]) -> dict[str, int]:
                 found[str(container_port)] = int(host_port)
                 break
     return found
+
+
+def ip_address(network_settings: Mapping[str, Any]) -> str:
+    """`NetworkSettings.IPAddress` (the default bridge's), else the first network's address."""
+    if address := network_settings.get("IPAddress"):
+        return str(address)
+    networks = network_settings.get("Networks")
+    for network in networks.values() if isinstance(networks, Mapping) else ():
+        if isinstance(network, Mapping) and network.get("IPAddress"):
+            return str(network["IPAddress"])
+    return ""
 
 
 def _primary_name(names: Any) -> str:

@@ -1,31 +1,36 @@
-"""The proxy task: keeps condo's HAProxy equal to the routes the services' states call for.
+"""The proxy task: keeps condo's data planes equal to the routes the services' states call for.
 
 Level-triggered: on every change of the store (and every `RETRY_DELAY` while something is left
 to do: a drained server with open connections, a failed command) it computes the wanted
-listeners and servers from scratch (condo.proxy.routes), looks each routed container's published
-127.0.0.1 port up on the engine, and brings HAProxy there: a reload when the listeners differ,
-admin commands for the servers. It waits until the store is settled first: before that, a
-service missing from the store may only not be restored yet, and closing its listener would
-refuse connections across a restart of condo.
+listeners and servers from scratch (condo.routes), chooses each listener's data plane
+(`choose_plane`: the kernel's NAT for a `:tcp` listener when condo can use nftables, else
+HAProxy), looks each routed container's published 127.0.0.1 port up on the engine, and brings
+both planes there: condo's nftables table rewritten whole (condo.proxy.nat), then HAProxy (a
+reload when its listeners differ, admin commands for the servers). The NAT goes first: a
+listener that moves to it is taken over before HAProxy lets it go. The task waits until the
+store is settled first: before that, a service missing from the store may only not be restored
+yet, and closing its listener would refuse connections across a restart of condo.
 
-Nothing here starts HAProxy until a listener is wanted; a HAProxy of this state file that runs
-already is adopted as it is.
+Nothing here starts HAProxy until a listener is wanted on it; a HAProxy of this state file that
+runs already is adopted as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 import trio
 
 from condo.docker.models import Container
 from condo.errors import ContainerNotFound, DockerError, ProxyError
-from condo.proxy import haproxy
+from condo.proxy import haproxy, nat
 from condo.routes import Route, desired_routes
+from condo.spec import ProxyListener
 from condo.store import Store
 
 log = structlog.get_logger(__name__)
@@ -38,6 +43,18 @@ RELOAD_BACKOFF = 60.0
 STATS_DELAY = 5.0
 WATCH_DELAY = 0.2  # how often a host process's master is looked for between passes
 _AGREED = ("New server registered", "no need to change", "IP changed", "port changed")
+
+Plane = Literal["nat", "haproxy"]
+PlaneChoice = Literal["auto", "haproxy"]  # `condo run --proxy-plane`
+
+
+def choose_plane(listener: ProxyListener, nat_usable: bool) -> Plane:
+    """The data plane of one listener: the kernel's NAT for `:tcp` (IPv4) when condo can use
+    nftables (it forwards in the kernel, with no copy); HAProxy for `:http` (a request at a
+    time), for IPv6, and when the NAT cannot be used or `--proxy-plane haproxy` says so."""
+    if nat_usable and listener.mode == "tcp" and nat.usable(listener.host):
+        return "nat"
+    return "haproxy"
 
 
 class ContainerLookup(Protocol):
@@ -52,11 +69,37 @@ def proxy_directory(state_path: Path) -> Path:
 
 
 class ProxyReconciler:
-    """One pass at a time: wanted routes → HAProxy. Remembers what it knows of HAProxy."""
+    """One pass at a time: wanted routes → the NAT table and HAProxy. Remembers what it knows
+    of both."""
 
-    def __init__(self, proxy: haproxy.HAProxy, engine: ContainerLookup) -> None:
+    def __init__(
+        self,
+        proxy: haproxy.HAProxy,
+        engine: ContainerLookup,
+        table: nat.NatTable | None = None,
+        *,
+        choice: PlaneChoice = "auto",
+        nat_refused: str | None = None,
+    ) -> None:
         self.proxy = proxy
         self._engine = engine
+        # The NAT: None without a table; `nat_refused` says why it cannot be used here (condo
+        # in a container without host networking); `--proxy-plane haproxy` uses it for
+        # nothing, but still empties a table a condo before wrote.
+        self.table = table
+        self.choice: PlaneChoice = choice
+        self._nat_refused = nat_refused
+        self._nat_why_not: str | None = None  # the last check's answer
+        self._nat_checked = False
+        self._nat_failed = False  # a NAT step of the last pass failed
+        self.planes: dict[str, Plane] = {}  # listen → its data plane, as of the last pass
+        # counter name → (service, listen); the counters read last; what counters that went
+        # back (a table deleted by hand) had counted before.
+        self._nat_services: dict[str, tuple[str, str]] = {}
+        self._nat_last: dict[str, int] = {}
+        self._nat_before: dict[str, int] = {}
+        self._nat_open: dict[str, int] = {}
+        self._nat_ports: dict[str, tuple[int, frozenset[int]]] = {}
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
         self._master: int | None = None  # its master's pid, a host process's, once known
         # The last reload that did not take: its listeners' signature, when, and why.
@@ -76,7 +119,16 @@ class ProxyReconciler:
         return self._master is not None and self.proxy.master_pid() != self._master
 
     def forget(self) -> None:
-        """Look for the running HAProxy again at the next pass (after a failure)."""
+        """Look for the running HAProxy again at the next pass (after a failure); when the NAT
+        failed, check it again and read and write its table whole too."""
+        self._forget_haproxy()
+        if self._nat_failed:
+            self._nat_failed = False
+            self._nat_checked = False
+            if self.table is not None:
+                self.table.forget()
+
+    def _forget_haproxy(self) -> None:
         self._signature = None
         self._master = None
 
@@ -87,7 +139,21 @@ class ProxyReconciler:
             stats = self.stats.get(name)
             if stats is not None:
                 found[key] = (stats.current, self._before.get(key, 0) + self._last.get(key, 0))
+        for name, key in self._nat_services.items():
+            accepted = self._nat_before.get(name, 0) + self._nat_last.get(name, 0)
+            found[key] = (self._nat_open.get(name, 0), accepted)
         return found
+
+    async def _nat_usable(self) -> bool:
+        """Whether the NAT carries `:tcp` listeners (checked once: `nft -c` of the table)."""
+        if self.table is None or self._nat_refused is not None:
+            return False
+        if not self._nat_checked:
+            self._nat_why_not = await self.table.check()
+            self._nat_checked = True
+            if self._nat_why_not is not None:
+                log.info("proxy.nat_unusable", reason=self._nat_why_not)
+        return self._nat_why_not is None
 
     async def _read_stats(self) -> None:
         self.stats = await self.proxy.frontend_stats()
@@ -106,9 +172,111 @@ class ProxyReconciler:
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
-        if self.gone():
-            self.forget()  # start another at once
+        # No listener, and no rule of condo's to remove: nftables is left alone (no `nft` run).
+        may_hold = self.table is not None and self.table.may_hold_rules()
+        nat_usable = await self._nat_usable() if routes or may_hold else False
+        nat_wanted = nat_usable and self.choice == "auto"
+        carried: set[str] = set()
+        if nat_usable:
+            assert self.table is not None
+            with self._nat_step():
+                carried = await self.table.carried()
+        planes = {}
+        for route in routes:
+            plane = choose_plane(route.listener, nat_wanted)
+            # A rule would take the connections of a process that holds the address (condo's
+            # own API port, another program's): such a listener is HAProxy's, which leaves it
+            # out and says why. One the NAT or condo's HAProxy carries already is condo's own.
+            if plane == "nat" and self._held_elsewhere(route, carried):
+                plane = "haproxy"
+            planes[route.listener.listen] = plane
+        on_nat = [r for r in routes if planes[r.listener.listen] == "nat"]
+        on_haproxy = [r for r in routes if planes[r.listener.listen] == "haproxy"]
+        self.planes = planes
+        # A listener changes planes without a refused connection: the one that takes it has it
+        # before the other lets it go. The NAT is written first (it takes listeners over from
+        # HAProxy); one that moves to HAProxy keeps its NAT rule until HAProxy listens.
         looked: dict[str, Container | None] = {}  # one inspect per container and pass
+        moving: list[Route] = []
+        if nat_usable:
+            assert self.table is not None
+            with self._nat_step():
+                moving = [r for r in on_haproxy if _counter(r) in carried]
+                await self._reconcile_nat([*on_nat, *moving], looked)
+        pending = await self._reconcile_haproxy(on_haproxy, looked)
+        if moving:
+            with self._nat_step():
+                await self._reconcile_nat(on_nat, looked)
+        return pending
+
+    def _held_elsewhere(self, route: Route, carried: set[str]) -> bool:
+        listener = route.listener
+        if _counter(route) in carried:
+            return False
+        if haproxy.frontend_name(listener.host, listener.port) in self.stats:
+            return False  # condo's HAProxy holds it: the NAT takes it over from there
+        return haproxy.bind_problem(haproxy.bind_address(listener.host, listener.port)) is not None
+
+    @contextlib.contextmanager
+    def _nat_step(self) -> Iterator[None]:
+        """A NAT step that fails makes the next pass check and read the NAT afresh (a HAProxy
+        failure does not: the table is right, and is left alone)."""
+        try:
+            yield
+        except BaseException:
+            self._nat_failed = True
+            raise
+
+    async def _reconcile_nat(
+        self, routes: Sequence[Route], looked: dict[str, Container | None]
+    ) -> None:
+        assert self.table is not None
+        rules = []
+        services: dict[str, tuple[str, str]] = {}
+        ports: dict[str, tuple[int, frozenset[int]]] = {}
+        for route in routes:
+            listener = route.listener
+            name = _counter(route)
+            local: int | None = None
+            remote: tuple[str, int] | None = None
+            replies: set[int] = set()
+            for server in route.servers:
+                published = await self._published_port(server.container, server.target, looked)
+                if published is None:
+                    continue
+                info = looked[server.container]
+                address = "" if info is None else info.ip_address
+                replies |= {published, server.target}
+                if server.state == "ready" and local is None:
+                    local = published
+                    remote = (address, server.target) if address else None
+            rules.append(nat.NatRule(name, listener.host, listener.port, local, remote))
+            services[name] = (route.service, listener.listen)
+            ports[name] = (listener.port, frozenset(replies))
+        await self.table.apply(rules)
+        self._nat_services, self._nat_ports = services, ports
+        await self._read_nat_counts()
+
+    async def _read_nat_counts(self) -> None:
+        if not self._nat_services:
+            return
+        counts = await self.table.counters() if self.table is not None else {}
+        for name in self._nat_services:
+            count = counts.get(name, 0)
+            if count < self._nat_last.get(name, 0):  # the table was deleted and written again
+                self._nat_before[name] = self._nat_before.get(name, 0) + self._nat_last[name]
+            self._nat_last[name] = count
+        try:
+            text = await trio.to_thread.run_sync(Path(nat.CONNTRACK).read_text)
+        except OSError:  # no conntrack in /proc (a kernel built without it): none open known
+            text = ""
+        self._nat_open = nat.open_connections(text, self._nat_ports)
+
+    async def _reconcile_haproxy(
+        self, routes: Sequence[Route], looked: dict[str, Container | None]
+    ) -> bool:
+        if self.gone():
+            self._forget_haproxy()  # start another at once
         frontends = [await self._frontend(route, looked) for route in routes]
         wanted = haproxy.signature(frontends)
         # Listeners whose address another process holds are left out (and said so at the end
@@ -258,6 +426,10 @@ class ProxyReconciler:
             raise ProxyError(f"{command}: {answer}")
 
 
+def _counter(route: Route) -> str:
+    return nat.counter_name(route.listener.host, route.listener.port)
+
+
 async def run_proxy(
     store: Store,
     engine: ContainerLookup,
@@ -265,7 +437,8 @@ async def run_proxy(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Keep HAProxy equal to the store's routes until cancelled (never stops HAProxy)."""
+    """Keep the data planes equal to the store's routes until cancelled (never stops HAProxy,
+    never deletes the NAT table)."""
     task_status.started()
     seen = -1
     while not store.settled:
@@ -291,7 +464,7 @@ async def run_proxy(
             error = f"the proxy task failed: {exc!r} (condo's log has more)"
             reconciler.forget()
             pending = True
-        seen = _report(store, error, seen)
+        seen = _report(store, error, reconciler.planes, seen)
         # Something left: try again soon. Listeners: look again now and then for the
         # connection counts (/metrics). Else: only a change of the store matters.
         delay = RETRY_DELAY if pending else STATS_DELAY if routes else math.inf
@@ -304,10 +477,12 @@ async def run_proxy(
                     break
 
 
-def _report(store: Store, error: str | None, seen: int) -> int:
-    """Show the pass's error in `/v1/state` (None: the data plane is fine). The report is a
-    change of the store the task itself made: when nothing else changed meanwhile, it is no
-    reason for another pass (the version the task has seen moves past it)."""
+def _report(store: Store, error: str | None, planes: Mapping[str, Plane], seen: int) -> int:
+    """Show the pass's error (None: the data planes are fine) and each listener's data plane in
+    `/v1/state`. The report is a change of the store the task itself made: when nothing else
+    changed meanwhile, it is no reason for another pass (the version the task has seen moves
+    past it)."""
     unchanged = store.version == seen
     store.set_proxy_error(error)
+    store.set_proxy_planes(planes)
     return store.version if unchanged else seen

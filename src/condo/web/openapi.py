@@ -164,6 +164,12 @@ _SCHEMAS: dict[str, Any] = {
                             "properties": {"id": {"type": "string"}, "name": {"type": "string"}},
                         },
                         "draining": {"type": "array", "items": {"type": "object"}},
+                        "plane": {
+                            "type": ["string", "null"],
+                            "enum": ["nat", "haproxy", None],
+                            "description": "the data plane that carries the listener (null "
+                            "until the proxy task first routed it)",
+                        },
                     },
                 },
             },
