@@ -96,6 +96,7 @@ class ProxyReconciler:
         # counter name → (service, listen); the counters read last; what counters that went
         # back (a table deleted by hand) had counted before.
         self._nat_services: dict[str, tuple[str, str]] = {}
+        self._nat_keys: dict[str, tuple[str, str]] = {}  # every counter's listener, ever
         self._nat_last: dict[str, int] = {}
         self._nat_before: dict[str, int] = {}
         self._nat_open: dict[str, int] = {}
@@ -134,14 +135,25 @@ class ProxyReconciler:
 
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
+        # A listener's count is what both planes ever counted for it: one that changes planes
+        # (--proxy-plane, a NAT that became unusable) keeps what the other counted, so the sum
+        # never goes backwards.
+        nat_counted: dict[tuple[str, str], int] = {}
+        for name, key in self._nat_keys.items():
+            counted = self._nat_before.get(name, 0) + self._nat_last.get(name, 0)
+            nat_counted[key] = nat_counted.get(key, 0) + counted
+
+        def accepted(key: tuple[str, str]) -> int:
+            haproxy_counted = self._before.get(key, 0) + self._last.get(key, 0)
+            return haproxy_counted + nat_counted.get(key, 0)
+
         found = {}
         for name, key in self._services.items():
             stats = self.stats.get(name)
             if stats is not None:
-                found[key] = (stats.current, self._before.get(key, 0) + self._last.get(key, 0))
+                found[key] = (stats.current, accepted(key))
         for name, key in self._nat_services.items():
-            accepted = self._nat_before.get(name, 0) + self._nat_last.get(name, 0)
-            found[key] = (self._nat_open.get(name, 0), accepted)
+            found[key] = (self._nat_open.get(name, 0), accepted(key))
         return found
 
     async def _nat_usable(self) -> bool:
@@ -255,6 +267,7 @@ class ProxyReconciler:
             ports[name] = (listener.port, frozenset(replies))
         await self.table.apply(rules)
         self._nat_services, self._nat_ports = services, ports
+        self._nat_keys.update(services)
         await self._read_nat_counts()
 
     async def _read_nat_counts(self) -> None:
