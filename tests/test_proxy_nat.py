@@ -4,6 +4,7 @@ tells nftables and `/v1/state`, and the connection counts it reads."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy, nat
 from condo.proxy.reconcile import ProxyReconciler, choose_plane, run_proxy
-from condo.routes import desired_routes
+from condo.routes import Route, desired_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.store import Store
 
@@ -79,7 +80,8 @@ async def test_the_table_is_written_whole_and_its_marker_follows_its_rules(
         assert not table.may_hold_rules()
         await table.apply([])  # nothing wanted, no table: none is made
         with pytest.raises(ProxyError, match="No such file or directory"):
-            await table.counters()
+            await nat.nft(None, "list", "table", "ip", table.table)
+        assert await table.counters() == {}
         rule = nat.NatRule("l_127_0_0_1_1", "127.0.0.1", 1, 2)
         await table.apply([rule])
         assert marker.exists() and await table.counters() == {"l_127_0_0_1_1": 0}
@@ -389,3 +391,126 @@ async def test_an_address_another_process_holds_is_haproxys_to_leave_out(
     nothing_holds_the_ports.append("127.0.0.1:8080")
     await reconciler.reconcile(routes)
     assert reconciler.planes == {"127.0.0.1:8080": "nat"}
+
+
+# --- two condos on one machine (real nftables, real connections) ---------------------------------
+
+
+class Published:
+    """Every container runs and publishes 80 on 127.0.0.1 at the port the test gives it."""
+
+    def __init__(self, ports: dict[str, int]) -> None:
+        self.ports = ports
+
+    async def inspect(self, cid_or_name: str) -> Container:
+        return parse_container(
+            {
+                "Id": cid_or_name,
+                "Created": "2026-01-01T00:00:00.000000000Z",
+                "Config": {},
+                "State": {"Running": True},
+                "HostConfig": {},
+                "NetworkSettings": {
+                    "IPAddress": "172.17.0.9",
+                    "Ports": {
+                        "80/tcp": [
+                            {"HostIp": "127.0.0.1", "HostPort": str(self.ports[cid_or_name])}
+                        ]
+                    },
+                },
+            }
+        )
+
+
+async def serve_mark(mark: bytes, *, task_status: trio.TaskStatus[int]) -> None:
+    """A backend on 127.0.0.1 that answers `mark` to each connection (its port, started)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(mark)
+
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, answer, listeners)
+        task_status.started(port)
+
+
+async def mark_at(port: int) -> bytes:
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            return await stream.receive_some(16)
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen(
+    tmp_path: Path,
+) -> None:
+    # Two --host on one machine, one listen address in both: the kernel applies one NAT per
+    # connection, so the second table's rule would silently take the first one's connections.
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    first, second = (nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}") for _ in range(2))
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a = await nursery.start(serve_mark, b"A")
+                b = await nursery.start(serve_mark, b"B")
+                engine = Published({"c1": a, "c2": b})
+                ra = ProxyReconciler(proxy, engine, first)
+                rb = ProxyReconciler(proxy, engine, second)
+                routes_a = routes_for(
+                    ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s))
+                )
+                routes_b = routes_for(
+                    ServiceState(phase=Phase.Stable, desired=s, current=box("c2", s))
+                )
+                await ra.reconcile(routes_a)
+                assert await mark_at(listen) == b"A"
+                claimed = (
+                    rf"127.0.0.1:{listen} is carried by another condo's NAT"
+                    rf" \(table ip {first.table}\)"
+                )
+                with pytest.raises(ProxyError, match=claimed):
+                    await rb.reconcile(routes_b)
+                assert rb.planes == {} and await second.counters() == {}
+                # Nor through HAProxy: the first condo's rule would take its local connections.
+                rb.choice = "haproxy"
+                with pytest.raises(ProxyError, match=claimed):
+                    await rb.reconcile(routes_b)
+                assert await mark_at(listen) == b"A"
+                await ra.reconcile(routes_a)  # the first one is left as it is
+                assert ra.planes == {f"127.0.0.1:{listen}": "nat"}
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for table in (first, second):
+                await trio.run_process(
+                    ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+                )
+
+
+def routes_for(state: ServiceState) -> list[Route]:
+    store = routes_of(state)
+    return desired_routes({n: e.state for n, e in store.entries.items()})[0]
+
+
+async def test_a_marker_without_rules_goes_at_the_first_pass(tmp_path: Path) -> None:
+    # The table was deleted by hand while condo was down: no rule to remove, no marker to keep
+    # (else every later start of a condo without listeners would run nft for nothing).
+    marker = tmp_path / "s.proxy" / "nat-table"
+    marker.parent.mkdir()
+    marker.touch()
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", marker)
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    assert await ProxyReconciler(proxy, Engine(), table).reconcile([]) is False
+    assert not marker.exists() and not table.may_hold_rules()
+    with pytest.raises(ProxyError, match="No such file or directory"):
+        await nat.nft(None, "list", "table", "ip", table.table)

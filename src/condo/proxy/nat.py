@@ -102,6 +102,25 @@ def counter_name(host: str, port: int) -> str:
     return "l_" + re.sub(r"[^A-Za-z0-9]", "_", host or "any") + f"_{port}"
 
 
+def _listen_of(counter: str) -> tuple[str, int] | None:
+    """The (host, port) of a listener's counter name (IPv4 or every interface: the NAT's), or
+    None for a name that is not one."""
+    found = re.fullmatch(r"l_(any|\d+_\d+_\d+_\d+)_(\d+)", counter)
+    if found is None:
+        return None
+    host = "" if found[1] == "any" else found[1].replace("_", ".")
+    return host, int(found[2])
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether two listeners' counters name addresses that meet: the same port on the same
+    host, or on every interface and any host."""
+    first, second = _listen_of(a), _listen_of(b)
+    if first is None or second is None or first[1] != second[1]:
+        return False
+    return first[0] == second[0] or not first[0] or not second[0]
+
+
 def usable(host: str) -> bool:
     """Whether the NAT can carry a listener on `host`: the table is IPv4 only."""
     return not host or ipaddress.ip_address(host).version == 4
@@ -157,6 +176,11 @@ class NatTable:
         self._written: str | None = None  # the script written last (None: not known)
         self._counters: set[str] | None = None  # the listeners' counters it holds (None: unread)
         self._exists = False
+        # The listeners other condos' tables carry (another `--host` on this machine), by
+        # counter name → their table, as of the last read of the counters: the kernel applies
+        # one NAT per connection, so two tables' rules for one address would split or steal
+        # its connections silently.
+        self.elsewhere: dict[str, str] = {}
 
     def may_hold_rules(self) -> bool:
         """Whether the table may hold rules: written by this condo, or its marker is there."""
@@ -190,6 +214,7 @@ class NatTable:
         no rules and no table of condo's, nothing is created."""
         carried = await self.carried()
         if not self._exists and not rules:
+            self._mark(False)  # a marker of rules that are gone (a table deleted by hand)
             return
         wanted = {rule.counter for rule in rules}
         script = render(self.table, rules, sorted(carried - wanted))
@@ -214,24 +239,40 @@ class NatTable:
             log.warning("proxy.nat_marker_failed", path=str(self.marker), error=str(exc))
 
     async def _existing_counters(self) -> set[str] | None:
-        """The counters of condo's table as it is (a condo before this one wrote it), or None
-        when there is no such table."""
-        try:
-            return set(await self.counters())
-        except ProxyError as exc:
-            if "No such file or directory" in str(exc):
-                return None
-            raise
+        """The listeners' counters of condo's table as it is (a condo before this one wrote
+        it), or None when it has none (no table, or one that holds no rule: nothing to
+        remove)."""
+        return set(await self.counters()) or None
 
     async def counters(self) -> dict[str, int]:
-        """Each named counter's packets: the connections its rule forwarded."""
-        text = await nft(None, "-j", "list", "counters", "table", FAMILY, self.table)
+        """Each named counter's packets: the connections its rule forwarded. The same read (of
+        every table's counters: one `nft` run) updates `elsewhere`."""
+        found, self.elsewhere = self._read(await nft(None, "-j", "list", "counters"))
+        return found
+
+    def _read(self, text: str) -> tuple[dict[str, int], dict[str, str]]:
         found: dict[str, int] = {}
+        elsewhere: dict[str, str] = {}
         for item in json.loads(text).get("nftables", []):
             counter = item.get("counter") if isinstance(item, Mapping) else None
-            if isinstance(counter, Mapping) and counter.get("table") == self.table:
-                found[str(counter["name"])] = int(counter.get("packets", 0))
-        return found
+            if not isinstance(counter, Mapping) or counter.get("family") != FAMILY:
+                continue
+            table, name = str(counter.get("table")), str(counter.get("name"))
+            if _listen_of(name) is None:
+                continue  # not a listener's: condo's never, and never deleted by condo
+            if table == self.table:
+                found[name] = int(counter.get("packets", 0))
+            elif table.startswith("condo-"):
+                elsewhere[name] = table
+        return found, elsewhere
+
+    def claimed_elsewhere(self, counter: str) -> str | None:
+        """The other condo's table that carries an address `counter`'s listener meets, or None
+        (as of the last read of the counters)."""
+        for name, table in sorted(self.elsewhere.items()):
+            if overlap(counter, name):
+                return table
+        return None
 
 
 def open_connections(

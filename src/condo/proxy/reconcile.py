@@ -193,7 +193,12 @@ class ProxyReconciler:
             assert self.table is not None
             with self._nat_step():
                 carried = await self.table.carried()
-        planes = {}
+        if nat_usable and any(self._taken_now(r, carried) for r in routes):
+            assert self.table is not None
+            with self._nat_step():
+                await self.table.counters()  # what other condos' tables carry, read afresh
+        planes: dict[str, Plane] = {}
+        claimed: list[str] = []  # addresses another condo's NAT carries
         for route in routes:
             plane = choose_plane(route.listener, nat_wanted)
             # A rule would take the connections of a process that holds the address (condo's
@@ -201,9 +206,21 @@ class ProxyReconciler:
             # out and says why. One the NAT or condo's HAProxy carries already is condo's own.
             if plane == "nat" and self._held_elsewhere(route, carried):
                 plane = "haproxy"
+            # Another condo's table (another --host) carries the address: its rule would take
+            # the connections of either plane of this condo. Left out, said so; one this condo
+            # carries already (both took it at once) is kept, and said so too.
+            other = None
+            if nat_usable and self.table is not None:
+                other = self.table.claimed_elsewhere(_counter(route))
+            if other is not None:
+                claimed.append(
+                    f"{route.listener.listen} is carried by another condo's NAT (table ip {other})"
+                )
+                if self._taken_now(route, carried):
+                    continue
             planes[route.listener.listen] = plane
-        on_nat = [r for r in routes if planes[r.listener.listen] == "nat"]
-        on_haproxy = [r for r in routes if planes[r.listener.listen] == "haproxy"]
+        on_nat = [r for r in routes if planes.get(r.listener.listen) == "nat"]
+        on_haproxy = [r for r in routes if planes.get(r.listener.listen) == "haproxy"]
         self.planes = planes
         # A listener changes planes without a refused connection: the one that takes it has it
         # before the other lets it go. The NAT is written first (it takes listeners over from
@@ -215,11 +232,24 @@ class ProxyReconciler:
             with self._nat_step():
                 moving = [r for r in on_haproxy if _counter(r) in carried]
                 await self._reconcile_nat([*on_nat, *moving], looked)
-        pending = await self._reconcile_haproxy(on_haproxy, looked)
+        try:
+            pending = await self._reconcile_haproxy(on_haproxy, looked)
+        except ProxyError as exc:
+            raise ProxyError("; ".join([str(exc), *claimed])) from exc
         if moving:
             with self._nat_step():
                 await self._reconcile_nat(on_nat, looked)
+        if claimed:
+            raise ProxyError("; ".join(claimed))
         return pending
+
+    def _taken_now(self, route: Route, carried: set[str]) -> bool:
+        """Whether this pass would make the listener condo's: neither its NAT nor its HAProxy
+        carries it yet."""
+        listener = route.listener
+        return _counter(route) not in carried and (
+            haproxy.frontend_name(listener.host, listener.port) not in self.stats
+        )
 
     def _held_elsewhere(self, route: Route, carried: set[str]) -> bool:
         listener = route.listener
