@@ -497,7 +497,7 @@ async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen
                 )
 
 
-def routes_for(state: ServiceState) -> list[Route]:
+def routes_for(state: ServiceState) -> Sequence[Route]:
     store = routes_of(state)
     return desired_routes({n: e.state for n, e in store.entries.items()})[0]
 
@@ -514,3 +514,37 @@ async def test_a_marker_without_rules_goes_at_the_first_pass(tmp_path: Path) -> 
     assert not marker.exists() and not table.may_hold_rules()
     with pytest.raises(ProxyError, match="No such file or directory"):
         await nat.nft(None, "list", "table", "ip", table.table)
+
+
+async def test_a_table_deleted_by_hand_is_written_again_and_its_count_goes_on(
+    tmp_path: Path,
+) -> None:
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}")
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    key = ("web", f"127.0.0.1:{listen}")
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a = await nursery.start(serve_mark, b"A")
+                reconciler = ProxyReconciler(proxy, Published({"c1": a}), table)
+                routes = routes_for(
+                    ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s))
+                )
+                await reconciler.reconcile(routes)
+                assert [await mark_at(listen) for _ in range(2)] == [b"A", b"A"]
+                await reconciler.reconcile(routes)
+                assert reconciler.connections()[key] == (0, 2)
+                await nat.nft(None, "delete", "table", "ip", table.table)
+                # The next pass (every few seconds while a listener is wanted) writes it again.
+                await reconciler.reconcile(routes)
+                assert await mark_at(listen) == b"A"
+                await reconciler.reconcile(routes)
+                assert reconciler.connections()[key] == (0, 3)
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.run_process(
+                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+            )

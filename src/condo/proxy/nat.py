@@ -181,6 +181,7 @@ class NatTable:
         # one NAT per connection, so two tables' rules for one address would split or steal
         # its connections silently.
         self.elsewhere: dict[str, str] = {}
+        self.lost = False  # the last read found the table's listeners gone (until rewritten)
 
     def may_hold_rules(self) -> bool:
         """Whether the table may hold rules: written by this condo, or its marker is there."""
@@ -221,6 +222,7 @@ class NatTable:
         if script == self._written:
             return
         await nft(script)
+        self.lost = False
         log.info("proxy.nat_written", table=self.table, rules=len(rules))
         self._written = render(self.table, rules)  # its stale counters are gone now
         self._counters, self._exists = wanted, True
@@ -248,6 +250,12 @@ class NatTable:
         """Each named counter's packets: the connections its rule forwarded. The same read (of
         every table's counters: one `nft` run) updates `elsewhere`."""
         found, self.elsewhere = self._read(await nft(None, "-j", "list", "counters"))
+        if self._counters is not None and not self._counters <= found.keys():
+            # The table (or a counter of it) was deleted by hand while condo runs: what was
+            # written last is not there any more, and the next `apply` writes it whole again.
+            log.warning("proxy.nat_table_lost", table=self.table, missing=len(self._counters))
+            self.forget()
+            self.lost = True
         return found
 
     def _read(self, text: str) -> tuple[dict[str, int], dict[str, str]]:

@@ -299,6 +299,9 @@ class ProxyReconciler:
         self._nat_services, self._nat_ports = services, ports
         self._nat_keys.update(services)
         await self._read_nat_counts()
+        if self.table.lost:  # deleted by hand since the write: written again at once
+            await self.table.apply(rules)
+            await self._read_nat_counts()
 
     async def _read_nat_counts(self) -> None:
         if not self._nat_services:
