@@ -548,3 +548,24 @@ async def test_a_table_deleted_by_hand_is_written_again_and_its_count_goes_on(
             await trio.run_process(
                 ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
             )
+
+
+async def test_the_marker_is_there_before_the_rules_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # condo killed (or nft timed out) after the kernel took the rules: a condo that starts with
+    # no listener wanted (the spec removed meanwhile) must still find the marker and empty it.
+    marker = tmp_path / "s.proxy" / "nat-table"
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", marker)
+    seen: list[bool] = []
+
+    async def taken_but_not_answered(script: str | None, *args: str) -> str:
+        if script is None:
+            return '{"nftables": []}'
+        seen.append(marker.exists())
+        raise ProxyError("nft did not answer in 10 s")  # and condo is killed next
+
+    monkeypatch.setattr(nat, "nft", taken_but_not_answered)
+    with pytest.raises(ProxyError):
+        await table.apply([nat.NatRule("l_127_0_0_1_1", "127.0.0.1", 1, 2)])
+    assert seen == [True] and nat.NatTable("h", marker).may_hold_rules()

@@ -221,12 +221,17 @@ class NatTable:
         script = render(self.table, rules, sorted(carried - wanted))
         if script == self._written:
             return
+        # The marker goes first: a condo killed during the write (or an `nft` that timed out
+        # after the kernel took the table) must not leave rules that no marker speaks of.
+        if rules:
+            self._mark(True)
         await nft(script)
         self.lost = False
         log.info("proxy.nat_written", table=self.table, rules=len(rules))
         self._written = render(self.table, rules)  # its stale counters are gone now
         self._counters, self._exists = wanted, True
-        self._mark(bool(rules))
+        if not rules:
+            self._mark(False)
 
     def _mark(self, holds_rules: bool) -> None:
         if self.marker is None:
