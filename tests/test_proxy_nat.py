@@ -569,3 +569,60 @@ async def test_the_marker_is_there_before_the_rules_are(
     with pytest.raises(ProxyError):
         await table.apply([nat.NatRule("l_127_0_0_1_1", "127.0.0.1", 1, 2)])
     assert seen == [True] and nat.NatTable("h", marker).may_hold_rules()
+
+
+async def test_rules_nft_can_no_longer_change_are_not_passed_off_as_haproxys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nft gone mid-run (PATH, an upgrade): the kernel keeps the rules, which take the local
+    # connections before any HAProxy listener would see them. Handing the listener to HAProxy
+    # would say `haproxy` and a new container in /v1/state while the connections go elsewhere.
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", tmp_path / "s.proxy" / "nat-table")
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a = await nursery.start(serve_mark, b"A")
+                b = await nursery.start(serve_mark, b"B")
+                reconciler = ProxyReconciler(proxy, Published({"c1": a, "c2": b}), table)
+                old, new = box("c1", s), box("c2", s)
+                await reconciler.reconcile(
+                    routes_for(ServiceState(phase=Phase.Stable, desired=s, current=old))
+                )
+                monkeypatch.setenv("PATH", str(tmp_path))  # no nft there
+                deployed = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=new))
+                for _ in range(3):  # the pass that fails, then the ones that check again
+                    with pytest.raises(ProxyError, match="cannot run nft") as raised:
+                        await reconciler.reconcile(deployed)
+                    reconciler.forget()
+                    assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
+                    assert "haproxy" not in str(raised.value).lower()
+                assert await mark_at(listen) == b"A"  # what the kernel still does, as said
+                monkeypatch.undo()  # nft back: the rule follows the deploy
+                await reconciler.reconcile(deployed)
+                assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
+                assert await mark_at(listen) == b"B"
+                nursery.cancel_scope.cancel()
+    finally:
+        monkeypatch.undo()  # the table is deleted by the nft of the PATH
+        with trio.CancelScope(shield=True):
+            await trio.run_process(
+                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+            )
+
+
+async def test_a_marker_nft_cannot_look_at_is_said(tmp_path: Path) -> None:
+    # Rules a condo before this one wrote, and no usable nft now: HAProxy carries the listener
+    # (the fallback), and /v1/state says the kernel may still take its connections.
+    s = spec(TCP)
+    routes = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
+    table = FakeTable(refuse="cannot run nft (No such file or directory)")
+    table.marker = tmp_path / "nat-table"
+    table.marker.touch()
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    reconciler = ProxyReconciler(proxy, Engine(), table)
+    with pytest.raises(ProxyError, match=r"cannot read or change the NAT \(cannot run nft"):
+        await reconciler.reconcile(routes)
+    assert reconciler.planes == {"127.0.0.1:8080": "haproxy"} and table.writes == []

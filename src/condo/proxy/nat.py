@@ -185,7 +185,11 @@ class NatTable:
 
     def may_hold_rules(self) -> bool:
         """Whether the table may hold rules: written by this condo, or its marker is there."""
-        return self._exists or (self.marker is not None and self.marker.exists())
+        return self._exists or self.marked()
+
+    def marked(self) -> bool:
+        """Whether the marker is there (a condo wrote rules, and has not emptied the table)."""
+        return self.marker is not None and self.marker.exists()
 
     def forget(self) -> None:
         """Read and write the table again at the next pass (after a failure)."""

@@ -96,6 +96,7 @@ class ProxyReconciler:
         # counter name → (service, listen); the counters read last; what counters that went
         # back (a table deleted by hand) had counted before.
         self._nat_services: dict[str, tuple[str, str]] = {}
+        self._nat_carried: set[str] = set()  # the listeners the table held, as last read
         self._nat_keys: dict[str, tuple[str, str]] = {}  # every counter's listener, ever
         self._nat_last: dict[str, int] = {}
         self._nat_before: dict[str, int] = {}
@@ -193,6 +194,14 @@ class ProxyReconciler:
             assert self.table is not None
             with self._nat_step():
                 carried = await self.table.carried()
+            self._nat_carried = carried
+        # nftables became unusable (nft gone, CAP_NET_ADMIN lost) while the table holds rules:
+        # the kernel keeps applying them, before any HAProxy listener sees a local connection.
+        # Those listeners stay the NAT's (as they are, said so); HAProxy takes only the others.
+        stuck = set() if nat_usable or self._nat_why_not is None else self._nat_carried
+        if stuck:
+            self._nat_failed = True  # checked again at the next pass
+            routes = [r for r in routes if _counter(r) not in stuck]
         if nat_usable and any(self._taken_now(r, carried) for r in routes):
             assert self.table is not None
             with self._nat_step():
@@ -221,6 +230,23 @@ class ProxyReconciler:
             planes[route.listener.listen] = plane
         on_nat = [r for r in routes if planes.get(r.listener.listen) == "nat"]
         on_haproxy = [r for r in routes if planes.get(r.listener.listen) == "haproxy"]
+        if stuck:
+            stuck_listens = sorted(
+                listen for name, (_, listen) in self._nat_keys.items() if name in stuck
+            )
+            planes.update(dict.fromkeys(stuck_listens, "nat"))
+            claimed.append(
+                f"cannot change the NAT ({self._nat_why_not}): its rules for"
+                f" {', '.join(stuck_listens)} stay as they were"
+            )
+        elif self._nat_why_not is not None and self.table and self.table.marked():
+            # Rules a condo before this one wrote (its marker), which nothing can read or
+            # change now: HAProxy carries the listeners, the kernel may still take some.
+            self._nat_failed = True
+            claimed.append(
+                f"cannot read or change the NAT ({self._nat_why_not}) that a condo before this"
+                f" one wrote (<state>.proxy/nat-table): its rules may take listeners' connections"
+            )
         self.planes = planes
         # A listener changes planes without a refused connection: the one that takes it has it
         # before the other lets it go. The NAT is written first (it takes listeners over from
@@ -296,6 +322,7 @@ class ProxyReconciler:
             services[name] = (route.service, listener.listen)
             ports[name] = (listener.port, frozenset(replies))
         await self.table.apply(rules)
+        self._nat_carried = {rule.counter for rule in rules}
         self._nat_services, self._nat_ports = services, ports
         self._nat_keys.update(services)
         await self._read_nat_counts()
