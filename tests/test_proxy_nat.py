@@ -4,6 +4,7 @@ tells nftables and `/v1/state`, and the connection counts it reads."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Sequence
@@ -135,9 +136,10 @@ src=127.0.0.1 dst=127.0.0.1 sport=32768 dport=5353 mark=0 zone=0 use=2
 def test_open_connections_are_the_established_ones_the_nat_sent_on() -> None:
     # 50001 to the ready container, 50002 to the draining one; 50003 is closed, 50004 reached
     # a process listening on 8080 itself, the UDP one is no TCP.
-    found = nat.open_connections(CONNTRACK, {"l": (8080, frozenset({32768, 32760, 80}))})
+    replies = frozenset({("127.0.0.1", 32768), ("127.0.0.1", 32760), ("172.17.0.3", 80)})
+    found = nat.open_connections(CONNTRACK, {"l": ("127.0.0.1", 8080, replies)})
     assert found == {"l": 2}
-    assert nat.open_connections(CONNTRACK, {"m": (9090, frozenset({32768}))}) == {"m": 0}
+    assert nat.open_connections(CONNTRACK, {"m": ("", 9090, replies)}) == {"m": 0}
 
 
 def test_inspect_gives_the_address_and_network_mode() -> None:
@@ -399,8 +401,8 @@ async def test_an_address_another_process_holds_is_haproxys_to_leave_out(
 class Published:
     """Every container runs and publishes 80 on 127.0.0.1 at the port the test gives it."""
 
-    def __init__(self, ports: dict[str, int]) -> None:
-        self.ports = ports
+    def __init__(self, ports: dict[str, int], target: int = 80) -> None:
+        self.ports, self.target = ports, target
 
     async def inspect(self, cid_or_name: str) -> Container:
         return parse_container(
@@ -413,7 +415,7 @@ class Published:
                 "NetworkSettings": {
                     "IPAddress": "172.17.0.9",
                     "Ports": {
-                        "80/tcp": [
+                        f"{self.target}/tcp": [
                             {"HostIp": "127.0.0.1", "HostPort": str(self.ports[cid_or_name])}
                         ]
                     },
@@ -626,3 +628,37 @@ async def test_a_marker_nft_cannot_look_at_is_said(tmp_path: Path) -> None:
     with pytest.raises(ProxyError, match=r"cannot read or change the NAT \(cannot run nft"):
         await reconciler.reconcile(routes)
     assert reconciler.planes == {"127.0.0.1:8080": "haproxy"} and table.writes == []
+
+
+async def test_open_connections_are_the_nats_not_the_machines_on_the_same_port(
+    tmp_path: Path,
+) -> None:
+    # `:listen "127.0.0.1:L" :port L`: a connection of this machine's to another server on port
+    # L (here 127.0.0.2, which the rule does not match) is answered from port L too, but it is
+    # not one of the listener's.
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port {listen}}}]')
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}")
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    with contextlib.ExitStack() as sockets:
+        # Listening sockets complete the handshake on their own: established without accept.
+        container, other = (sockets.enter_context(socket.socket()) for _ in range(2))
+        container.bind(("127.0.0.1", 0))
+        other.bind(("127.0.0.2", listen))
+        for server in (container, other):
+            server.listen(8)
+        engine = Published({"c1": container.getsockname()[1]}, target=listen)
+        reconciler = ProxyReconciler(proxy, engine, table)
+        routes = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
+        try:
+            with trio.fail_after(10):
+                await reconciler.reconcile(routes)
+                sockets.enter_context(socket.create_connection(("127.0.0.1", listen)))
+                sockets.enter_context(socket.create_connection(("127.0.0.2", listen)))
+                await reconciler.reconcile(routes)
+                assert reconciler.connections()[("web", f"127.0.0.1:{listen}")] == (1, 1)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.run_process(
+                    ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+                )

@@ -292,22 +292,30 @@ class NatTable:
         return None
 
 
+Replies = frozenset[tuple[str, int]]  # (address, port) a listener's connections are answered from
+
+
 def open_connections(
-    text: str, listeners: Mapping[str, tuple[int, frozenset[int]]]
+    text: str, listeners: Mapping[str, tuple[str, int, Replies]]
 ) -> dict[str, int]:
     """From `/proc/net/nf_conntrack`'s text: per counter name, the established TCP connections
-    its listener's NAT sent on (the original destination port is the listen port, the reply
-    comes from one of the listener's containers' published or own ports)."""
+    its listener's NAT sent on: to the listen address (its port; its host, when it has one),
+    answered from one of the listener's containers (127.0.0.1 and a published port, or the
+    container's own address and port). The address matters: a connection of this machine's
+    to another server on the listen port is not the NAT's, even when the port numbers agree
+    (`:listen "80" :port 80`)."""
     found = dict.fromkeys(listeners, 0)
     for line in text.splitlines():
         if " tcp " not in line or " ESTABLISHED " not in line:
             continue
+        dsts = re.findall(r"\bdst=(\S+)", line)
+        srcs = re.findall(r"\bsrc=(\S+)", line)
         dports = re.findall(r"\bdport=(\d+)", line)
         sports = re.findall(r"\bsport=(\d+)", line)
-        if len(dports) < 2 or len(sports) < 2:
+        if min(len(dsts), len(srcs), len(dports), len(sports)) < 2:
             continue
-        listen, reply_from = int(dports[0]), int(sports[1])
-        for name, (port, replies) in listeners.items():
-            if listen == port and reply_from in replies:
+        reply_from = (srcs[1], int(sports[1]))
+        for name, (host, port, replies) in listeners.items():
+            if int(dports[0]) == port and host in ("", dsts[0]) and reply_from in replies:
                 found[name] += 1
     return found

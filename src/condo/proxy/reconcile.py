@@ -101,7 +101,7 @@ class ProxyReconciler:
         self._nat_last: dict[str, int] = {}
         self._nat_before: dict[str, int] = {}
         self._nat_open: dict[str, int] = {}
-        self._nat_ports: dict[str, tuple[int, frozenset[int]]] = {}
+        self._nat_ports: dict[str, tuple[str, int, nat.Replies]] = {}
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
         self._master: int | None = None  # its master's pid, a host process's, once known
         # The last reload that did not take: its listeners' signature, when, and why.
@@ -301,26 +301,28 @@ class ProxyReconciler:
         assert self.table is not None
         rules = []
         services: dict[str, tuple[str, str]] = {}
-        ports: dict[str, tuple[int, frozenset[int]]] = {}
+        ports: dict[str, tuple[str, int, nat.Replies]] = {}
         for route in routes:
             listener = route.listener
             name = _counter(route)
             local: int | None = None
             remote: tuple[str, int] | None = None
-            replies: set[int] = set()
+            replies: set[tuple[str, int]] = set()
             for server in route.servers:
                 published = await self._published_port(server.container, server.target, looked)
                 if published is None:
                     continue
                 info = looked[server.container]
                 address = "" if info is None else info.ip_address
-                replies |= {published, server.target}
+                replies.add(("127.0.0.1", published))
+                if address:
+                    replies.add((address, server.target))
                 if server.state == "ready" and local is None:
                     local = published
                     remote = (address, server.target) if address else None
             rules.append(nat.NatRule(name, listener.host, listener.port, local, remote))
             services[name] = (route.service, listener.listen)
-            ports[name] = (listener.port, frozenset(replies))
+            ports[name] = (listener.host, listener.port, frozenset(replies))
         await self.table.apply(rules)
         self._nat_carried = {rule.counter for rule in rules}
         self._nat_services, self._nat_ports = services, ports
