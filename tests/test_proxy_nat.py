@@ -4,6 +4,8 @@ tells nftables and `/v1/state`, and the connection counts it reads."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,7 @@ from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy, nat
 from condo.proxy.reconcile import ProxyReconciler, choose_plane, run_proxy
-from condo.routes import desired_routes
+from condo.routes import Route, desired_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.store import Store
 
@@ -79,7 +81,8 @@ async def test_the_table_is_written_whole_and_its_marker_follows_its_rules(
         assert not table.may_hold_rules()
         await table.apply([])  # nothing wanted, no table: none is made
         with pytest.raises(ProxyError, match="No such file or directory"):
-            await table.counters()
+            await nat.nft(None, "list", "table", "ip", table.table)
+        assert await table.counters() == {}
         rule = nat.NatRule("l_127_0_0_1_1", "127.0.0.1", 1, 2)
         await table.apply([rule])
         assert marker.exists() and await table.counters() == {"l_127_0_0_1_1": 0}
@@ -133,9 +136,10 @@ src=127.0.0.1 dst=127.0.0.1 sport=32768 dport=5353 mark=0 zone=0 use=2
 def test_open_connections_are_the_established_ones_the_nat_sent_on() -> None:
     # 50001 to the ready container, 50002 to the draining one; 50003 is closed, 50004 reached
     # a process listening on 8080 itself, the UDP one is no TCP.
-    found = nat.open_connections(CONNTRACK, {"l": (8080, frozenset({32768, 32760, 80}))})
+    replies = frozenset({("127.0.0.1", 32768), ("127.0.0.1", 32760), ("172.17.0.3", 80)})
+    found = nat.open_connections(CONNTRACK, {"l": ("127.0.0.1", 8080, replies)})
     assert found == {"l": 2}
-    assert nat.open_connections(CONNTRACK, {"m": (9090, frozenset({32768}))}) == {"m": 0}
+    assert nat.open_connections(CONNTRACK, {"m": ("", 9090, replies)}) == {"m": 0}
 
 
 def test_inspect_gives_the_address_and_network_mode() -> None:
@@ -389,3 +393,272 @@ async def test_an_address_another_process_holds_is_haproxys_to_leave_out(
     nothing_holds_the_ports.append("127.0.0.1:8080")
     await reconciler.reconcile(routes)
     assert reconciler.planes == {"127.0.0.1:8080": "nat"}
+
+
+# --- two condos on one machine (real nftables, real connections) ---------------------------------
+
+
+class Published:
+    """Every container runs and publishes 80 on 127.0.0.1 at the port the test gives it."""
+
+    def __init__(self, ports: dict[str, int], target: int = 80) -> None:
+        self.ports, self.target = ports, target
+
+    async def inspect(self, cid_or_name: str) -> Container:
+        return parse_container(
+            {
+                "Id": cid_or_name,
+                "Created": "2026-01-01T00:00:00.000000000Z",
+                "Config": {},
+                "State": {"Running": True},
+                "HostConfig": {},
+                "NetworkSettings": {
+                    "IPAddress": "172.17.0.9",
+                    "Ports": {
+                        f"{self.target}/tcp": [
+                            {"HostIp": "127.0.0.1", "HostPort": str(self.ports[cid_or_name])}
+                        ]
+                    },
+                },
+            }
+        )
+
+
+async def serve_mark(mark: bytes, *, task_status: trio.TaskStatus[int]) -> None:
+    """A backend on 127.0.0.1 that answers `mark` to each connection (its port, started)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(mark)
+
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, answer, listeners)
+        task_status.started(port)
+
+
+async def mark_at(port: int) -> bytes:
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            return await stream.receive_some(16)
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen(
+    tmp_path: Path,
+) -> None:
+    # Two --host on one machine, one listen address in both: the kernel applies one NAT per
+    # connection, so the second table's rule would silently take the first one's connections.
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    first, second = (nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}") for _ in range(2))
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a = await nursery.start(serve_mark, b"A")
+                b = await nursery.start(serve_mark, b"B")
+                engine = Published({"c1": a, "c2": b})
+                ra = ProxyReconciler(proxy, engine, first)
+                rb = ProxyReconciler(proxy, engine, second)
+                routes_a = routes_for(
+                    ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s))
+                )
+                routes_b = routes_for(
+                    ServiceState(phase=Phase.Stable, desired=s, current=box("c2", s))
+                )
+                await ra.reconcile(routes_a)
+                assert await mark_at(listen) == b"A"
+                claimed = (
+                    rf"127.0.0.1:{listen} is carried by another condo's NAT"
+                    rf" \(table ip {first.table}\)"
+                )
+                with pytest.raises(ProxyError, match=claimed):
+                    await rb.reconcile(routes_b)
+                assert rb.planes == {} and await second.counters() == {}
+                # Nor through HAProxy: the first condo's rule would take its local connections.
+                rb.choice = "haproxy"
+                with pytest.raises(ProxyError, match=claimed):
+                    await rb.reconcile(routes_b)
+                assert await mark_at(listen) == b"A"
+                await ra.reconcile(routes_a)  # the first one is left as it is
+                assert ra.planes == {f"127.0.0.1:{listen}": "nat"}
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for table in (first, second):
+                await trio.run_process(
+                    ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+                )
+
+
+def routes_for(state: ServiceState) -> Sequence[Route]:
+    store = routes_of(state)
+    return desired_routes({n: e.state for n, e in store.entries.items()})[0]
+
+
+async def test_a_marker_without_rules_goes_at_the_first_pass(tmp_path: Path) -> None:
+    # The table was deleted by hand while condo was down: no rule to remove, no marker to keep
+    # (else every later start of a condo without listeners would run nft for nothing).
+    marker = tmp_path / "s.proxy" / "nat-table"
+    marker.parent.mkdir()
+    marker.touch()
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", marker)
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    assert await ProxyReconciler(proxy, Engine(), table).reconcile([]) is False
+    assert not marker.exists() and not table.may_hold_rules()
+    with pytest.raises(ProxyError, match="No such file or directory"):
+        await nat.nft(None, "list", "table", "ip", table.table)
+
+
+async def test_a_table_deleted_by_hand_is_written_again_and_its_count_goes_on(
+    tmp_path: Path,
+) -> None:
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}")
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    key = ("web", f"127.0.0.1:{listen}")
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a = await nursery.start(serve_mark, b"A")
+                reconciler = ProxyReconciler(proxy, Published({"c1": a}), table)
+                routes = routes_for(
+                    ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s))
+                )
+                await reconciler.reconcile(routes)
+                assert [await mark_at(listen) for _ in range(2)] == [b"A", b"A"]
+                await reconciler.reconcile(routes)
+                assert reconciler.connections()[key] == (0, 2)
+                await nat.nft(None, "delete", "table", "ip", table.table)
+                # The next pass (every few seconds while a listener is wanted) writes it again.
+                await reconciler.reconcile(routes)
+                assert await mark_at(listen) == b"A"
+                await reconciler.reconcile(routes)
+                assert reconciler.connections()[key] == (0, 3)
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.run_process(
+                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+            )
+
+
+async def test_the_marker_is_there_before_the_rules_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # condo killed (or nft timed out) after the kernel took the rules: a condo that starts with
+    # no listener wanted (the spec removed meanwhile) must still find the marker and empty it.
+    marker = tmp_path / "s.proxy" / "nat-table"
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", marker)
+    seen: list[bool] = []
+
+    async def taken_but_not_answered(script: str | None, *args: str) -> str:
+        if script is None:
+            return '{"nftables": []}'
+        seen.append(marker.exists())
+        raise ProxyError("nft did not answer in 10 s")  # and condo is killed next
+
+    monkeypatch.setattr(nat, "nft", taken_but_not_answered)
+    with pytest.raises(ProxyError):
+        await table.apply([nat.NatRule("l_127_0_0_1_1", "127.0.0.1", 1, 2)])
+    assert seen == [True] and nat.NatTable("h", marker).may_hold_rules()
+
+
+async def test_rules_nft_can_no_longer_change_are_not_passed_off_as_haproxys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nft gone mid-run (PATH, an upgrade): the kernel keeps the rules, which take the local
+    # connections before any HAProxy listener would see them. Handing the listener to HAProxy
+    # would say `haproxy` and a new container in /v1/state while the connections go elsewhere.
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", tmp_path / "s.proxy" / "nat-table")
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a = await nursery.start(serve_mark, b"A")
+                b = await nursery.start(serve_mark, b"B")
+                reconciler = ProxyReconciler(proxy, Published({"c1": a, "c2": b}), table)
+                old, new = box("c1", s), box("c2", s)
+                await reconciler.reconcile(
+                    routes_for(ServiceState(phase=Phase.Stable, desired=s, current=old))
+                )
+                monkeypatch.setenv("PATH", str(tmp_path))  # no nft there
+                deployed = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=new))
+                for _ in range(3):  # the pass that fails, then the ones that check again
+                    with pytest.raises(ProxyError, match="cannot run nft") as raised:
+                        await reconciler.reconcile(deployed)
+                    reconciler.forget()
+                    assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
+                    assert "haproxy" not in str(raised.value).lower()
+                assert await mark_at(listen) == b"A"  # what the kernel still does, as said
+                monkeypatch.undo()  # nft back: the rule follows the deploy
+                await reconciler.reconcile(deployed)
+                assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
+                assert await mark_at(listen) == b"B"
+                nursery.cancel_scope.cancel()
+    finally:
+        monkeypatch.undo()  # the table is deleted by the nft of the PATH
+        with trio.CancelScope(shield=True):
+            await trio.run_process(
+                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+            )
+
+
+async def test_a_marker_nft_cannot_look_at_is_said(tmp_path: Path) -> None:
+    # Rules a condo before this one wrote, and no usable nft now: HAProxy carries the listener
+    # (the fallback), and /v1/state says the kernel may still take its connections.
+    s = spec(TCP)
+    routes = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
+    table = FakeTable(refuse="cannot run nft (No such file or directory)")
+    table.marker = tmp_path / "nat-table"
+    table.marker.touch()
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    reconciler = ProxyReconciler(proxy, Engine(), table)
+    with pytest.raises(ProxyError, match=r"cannot read or change the NAT \(cannot run nft"):
+        await reconciler.reconcile(routes)
+    assert reconciler.planes == {"127.0.0.1:8080": "haproxy"} and table.writes == []
+
+
+async def test_open_connections_are_the_nats_not_the_machines_on_the_same_port(
+    tmp_path: Path,
+) -> None:
+    # `:listen "127.0.0.1:L" :port L`: a connection of this machine's to another server on port
+    # L (here 127.0.0.2, which the rule does not match) is answered from port L too, but it is
+    # not one of the listener's.
+    listen = unused_port()
+    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port {listen}}}]')
+    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}")
+    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    with contextlib.ExitStack() as sockets:
+        # Listening sockets complete the handshake on their own: established without accept.
+        container, other = (sockets.enter_context(socket.socket()) for _ in range(2))
+        container.bind(("127.0.0.1", 0))
+        other.bind(("127.0.0.2", listen))
+        for server in (container, other):
+            server.listen(8)
+        engine = Published({"c1": container.getsockname()[1]}, target=listen)
+        reconciler = ProxyReconciler(proxy, engine, table)
+        routes = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
+        try:
+            with trio.fail_after(10):
+                await reconciler.reconcile(routes)
+                sockets.enter_context(socket.create_connection(("127.0.0.1", listen)))
+                sockets.enter_context(socket.create_connection(("127.0.0.2", listen)))
+                await reconciler.reconcile(routes)
+                assert reconciler.connections()[("web", f"127.0.0.1:{listen}")] == (1, 1)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.run_process(
+                    ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+                )

@@ -102,6 +102,25 @@ def counter_name(host: str, port: int) -> str:
     return "l_" + re.sub(r"[^A-Za-z0-9]", "_", host or "any") + f"_{port}"
 
 
+def _listen_of(counter: str) -> tuple[str, int] | None:
+    """The (host, port) of a listener's counter name (IPv4 or every interface: the NAT's), or
+    None for a name that is not one."""
+    found = re.fullmatch(r"l_(any|\d+_\d+_\d+_\d+)_(\d+)", counter)
+    if found is None:
+        return None
+    host = "" if found[1] == "any" else found[1].replace("_", ".")
+    return host, int(found[2])
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether two listeners' counters name addresses that meet: the same port on the same
+    host, or on every interface and any host."""
+    first, second = _listen_of(a), _listen_of(b)
+    if first is None or second is None or first[1] != second[1]:
+        return False
+    return first[0] == second[0] or not first[0] or not second[0]
+
+
 def usable(host: str) -> bool:
     """Whether the NAT can carry a listener on `host`: the table is IPv4 only."""
     return not host or ipaddress.ip_address(host).version == 4
@@ -157,10 +176,20 @@ class NatTable:
         self._written: str | None = None  # the script written last (None: not known)
         self._counters: set[str] | None = None  # the listeners' counters it holds (None: unread)
         self._exists = False
+        # The listeners other condos' tables carry (another `--host` on this machine), by
+        # counter name → their table, as of the last read of the counters: the kernel applies
+        # one NAT per connection, so two tables' rules for one address would split or steal
+        # its connections silently.
+        self.elsewhere: dict[str, str] = {}
+        self.lost = False  # the last read found the table's listeners gone (until rewritten)
 
     def may_hold_rules(self) -> bool:
         """Whether the table may hold rules: written by this condo, or its marker is there."""
-        return self._exists or (self.marker is not None and self.marker.exists())
+        return self._exists or self.marked()
+
+    def marked(self) -> bool:
+        """Whether the marker is there (a condo wrote rules, and has not emptied the table)."""
+        return self.marker is not None and self.marker.exists()
 
     def forget(self) -> None:
         """Read and write the table again at the next pass (after a failure)."""
@@ -190,16 +219,23 @@ class NatTable:
         no rules and no table of condo's, nothing is created."""
         carried = await self.carried()
         if not self._exists and not rules:
+            self._mark(False)  # a marker of rules that are gone (a table deleted by hand)
             return
         wanted = {rule.counter for rule in rules}
         script = render(self.table, rules, sorted(carried - wanted))
         if script == self._written:
             return
+        # The marker goes first: a condo killed during the write (or an `nft` that timed out
+        # after the kernel took the table) must not leave rules that no marker speaks of.
+        if rules:
+            self._mark(True)
         await nft(script)
+        self.lost = False
         log.info("proxy.nat_written", table=self.table, rules=len(rules))
         self._written = render(self.table, rules)  # its stale counters are gone now
         self._counters, self._exists = wanted, True
-        self._mark(bool(rules))
+        if not rules:
+            self._mark(False)
 
     def _mark(self, holds_rules: bool) -> None:
         if self.marker is None:
@@ -214,42 +250,72 @@ class NatTable:
             log.warning("proxy.nat_marker_failed", path=str(self.marker), error=str(exc))
 
     async def _existing_counters(self) -> set[str] | None:
-        """The counters of condo's table as it is (a condo before this one wrote it), or None
-        when there is no such table."""
-        try:
-            return set(await self.counters())
-        except ProxyError as exc:
-            if "No such file or directory" in str(exc):
-                return None
-            raise
+        """The listeners' counters of condo's table as it is (a condo before this one wrote
+        it), or None when it has none (no table, or one that holds no rule: nothing to
+        remove)."""
+        return set(await self.counters()) or None
 
     async def counters(self) -> dict[str, int]:
-        """Each named counter's packets: the connections its rule forwarded."""
-        text = await nft(None, "-j", "list", "counters", "table", FAMILY, self.table)
+        """Each named counter's packets: the connections its rule forwarded. The same read (of
+        every table's counters: one `nft` run) updates `elsewhere`."""
+        found, self.elsewhere = self._read(await nft(None, "-j", "list", "counters"))
+        if self._counters is not None and not self._counters <= found.keys():
+            # The table (or a counter of it) was deleted by hand while condo runs: what was
+            # written last is not there any more, and the next `apply` writes it whole again.
+            log.warning("proxy.nat_table_lost", table=self.table, missing=len(self._counters))
+            self.forget()
+            self.lost = True
+        return found
+
+    def _read(self, text: str) -> tuple[dict[str, int], dict[str, str]]:
         found: dict[str, int] = {}
+        elsewhere: dict[str, str] = {}
         for item in json.loads(text).get("nftables", []):
             counter = item.get("counter") if isinstance(item, Mapping) else None
-            if isinstance(counter, Mapping) and counter.get("table") == self.table:
-                found[str(counter["name"])] = int(counter.get("packets", 0))
-        return found
+            if not isinstance(counter, Mapping) or counter.get("family") != FAMILY:
+                continue
+            table, name = str(counter.get("table")), str(counter.get("name"))
+            if _listen_of(name) is None:
+                continue  # not a listener's: condo's never, and never deleted by condo
+            if table == self.table:
+                found[name] = int(counter.get("packets", 0))
+            elif table.startswith("condo-"):
+                elsewhere[name] = table
+        return found, elsewhere
+
+    def claimed_elsewhere(self, counter: str) -> str | None:
+        """The other condo's table that carries an address `counter`'s listener meets, or None
+        (as of the last read of the counters)."""
+        for name, table in sorted(self.elsewhere.items()):
+            if overlap(counter, name):
+                return table
+        return None
+
+
+Replies = frozenset[tuple[str, int]]  # (address, port) a listener's connections are answered from
 
 
 def open_connections(
-    text: str, listeners: Mapping[str, tuple[int, frozenset[int]]]
+    text: str, listeners: Mapping[str, tuple[str, int, Replies]]
 ) -> dict[str, int]:
     """From `/proc/net/nf_conntrack`'s text: per counter name, the established TCP connections
-    its listener's NAT sent on (the original destination port is the listen port, the reply
-    comes from one of the listener's containers' published or own ports)."""
+    its listener's NAT sent on: to the listen address (its port; its host, when it has one),
+    answered from one of the listener's containers (127.0.0.1 and a published port, or the
+    container's own address and port). The address matters: a connection of this machine's
+    to another server on the listen port is not the NAT's, even when the port numbers agree
+    (`:listen "80" :port 80`)."""
     found = dict.fromkeys(listeners, 0)
     for line in text.splitlines():
         if " tcp " not in line or " ESTABLISHED " not in line:
             continue
+        dsts = re.findall(r"\bdst=(\S+)", line)
+        srcs = re.findall(r"\bsrc=(\S+)", line)
         dports = re.findall(r"\bdport=(\d+)", line)
         sports = re.findall(r"\bsport=(\d+)", line)
-        if len(dports) < 2 or len(sports) < 2:
+        if min(len(dsts), len(srcs), len(dports), len(sports)) < 2:
             continue
-        listen, reply_from = int(dports[0]), int(sports[1])
-        for name, (port, replies) in listeners.items():
-            if listen == port and reply_from in replies:
+        reply_from = (srcs[1], int(sports[1]))
+        for name, (host, port, replies) in listeners.items():
+            if int(dports[0]) == port and host in ("", dsts[0]) and reply_from in replies:
                 found[name] += 1
     return found

@@ -96,11 +96,12 @@ class ProxyReconciler:
         # counter name → (service, listen); the counters read last; what counters that went
         # back (a table deleted by hand) had counted before.
         self._nat_services: dict[str, tuple[str, str]] = {}
+        self._nat_carried: set[str] = set()  # the listeners the table held, as last read
         self._nat_keys: dict[str, tuple[str, str]] = {}  # every counter's listener, ever
         self._nat_last: dict[str, int] = {}
         self._nat_before: dict[str, int] = {}
         self._nat_open: dict[str, int] = {}
-        self._nat_ports: dict[str, tuple[int, frozenset[int]]] = {}
+        self._nat_ports: dict[str, tuple[str, int, nat.Replies]] = {}
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
         self._master: int | None = None  # its master's pid, a host process's, once known
         # The last reload that did not take: its listeners' signature, when, and why.
@@ -193,7 +194,20 @@ class ProxyReconciler:
             assert self.table is not None
             with self._nat_step():
                 carried = await self.table.carried()
-        planes = {}
+            self._nat_carried = carried
+        # nftables became unusable (nft gone, CAP_NET_ADMIN lost) while the table holds rules:
+        # the kernel keeps applying them, before any HAProxy listener sees a local connection.
+        # Those listeners stay the NAT's (as they are, said so); HAProxy takes only the others.
+        stuck = set() if nat_usable or self._nat_why_not is None else self._nat_carried
+        if stuck:
+            self._nat_failed = True  # checked again at the next pass
+            routes = [r for r in routes if _counter(r) not in stuck]
+        if nat_usable and any(self._taken_now(r, carried) for r in routes):
+            assert self.table is not None
+            with self._nat_step():
+                await self.table.counters()  # what other condos' tables carry, read afresh
+        planes: dict[str, Plane] = {}
+        claimed: list[str] = []  # addresses another condo's NAT carries
         for route in routes:
             plane = choose_plane(route.listener, nat_wanted)
             # A rule would take the connections of a process that holds the address (condo's
@@ -201,9 +215,38 @@ class ProxyReconciler:
             # out and says why. One the NAT or condo's HAProxy carries already is condo's own.
             if plane == "nat" and self._held_elsewhere(route, carried):
                 plane = "haproxy"
+            # Another condo's table (another --host) carries the address: its rule would take
+            # the connections of either plane of this condo. Left out, said so; one this condo
+            # carries already (both took it at once) is kept, and said so too.
+            other = None
+            if nat_usable and self.table is not None:
+                other = self.table.claimed_elsewhere(_counter(route))
+            if other is not None:
+                claimed.append(
+                    f"{route.listener.listen} is carried by another condo's NAT (table ip {other})"
+                )
+                if self._taken_now(route, carried):
+                    continue
             planes[route.listener.listen] = plane
-        on_nat = [r for r in routes if planes[r.listener.listen] == "nat"]
-        on_haproxy = [r for r in routes if planes[r.listener.listen] == "haproxy"]
+        on_nat = [r for r in routes if planes.get(r.listener.listen) == "nat"]
+        on_haproxy = [r for r in routes if planes.get(r.listener.listen) == "haproxy"]
+        if stuck:
+            stuck_listens = sorted(
+                listen for name, (_, listen) in self._nat_keys.items() if name in stuck
+            )
+            planes.update(dict.fromkeys(stuck_listens, "nat"))
+            claimed.append(
+                f"cannot change the NAT ({self._nat_why_not}): its rules for"
+                f" {', '.join(stuck_listens)} stay as they were"
+            )
+        elif self._nat_why_not is not None and self.table and self.table.marked():
+            # Rules a condo before this one wrote (its marker), which nothing can read or
+            # change now: HAProxy carries the listeners, the kernel may still take some.
+            self._nat_failed = True
+            claimed.append(
+                f"cannot read or change the NAT ({self._nat_why_not}) that a condo before this"
+                f" one wrote (<state>.proxy/nat-table): its rules may take listeners' connections"
+            )
         self.planes = planes
         # A listener changes planes without a refused connection: the one that takes it has it
         # before the other lets it go. The NAT is written first (it takes listeners over from
@@ -215,11 +258,24 @@ class ProxyReconciler:
             with self._nat_step():
                 moving = [r for r in on_haproxy if _counter(r) in carried]
                 await self._reconcile_nat([*on_nat, *moving], looked)
-        pending = await self._reconcile_haproxy(on_haproxy, looked)
+        try:
+            pending = await self._reconcile_haproxy(on_haproxy, looked)
+        except ProxyError as exc:
+            raise ProxyError("; ".join([str(exc), *claimed])) from exc
         if moving:
             with self._nat_step():
                 await self._reconcile_nat(on_nat, looked)
+        if claimed:
+            raise ProxyError("; ".join(claimed))
         return pending
+
+    def _taken_now(self, route: Route, carried: set[str]) -> bool:
+        """Whether this pass would make the listener condo's: neither its NAT nor its HAProxy
+        carries it yet."""
+        listener = route.listener
+        return _counter(route) not in carried and (
+            haproxy.frontend_name(listener.host, listener.port) not in self.stats
+        )
 
     def _held_elsewhere(self, route: Route, carried: set[str]) -> bool:
         listener = route.listener
@@ -245,30 +301,36 @@ class ProxyReconciler:
         assert self.table is not None
         rules = []
         services: dict[str, tuple[str, str]] = {}
-        ports: dict[str, tuple[int, frozenset[int]]] = {}
+        ports: dict[str, tuple[str, int, nat.Replies]] = {}
         for route in routes:
             listener = route.listener
             name = _counter(route)
             local: int | None = None
             remote: tuple[str, int] | None = None
-            replies: set[int] = set()
+            replies: set[tuple[str, int]] = set()
             for server in route.servers:
                 published = await self._published_port(server.container, server.target, looked)
                 if published is None:
                     continue
                 info = looked[server.container]
                 address = "" if info is None else info.ip_address
-                replies |= {published, server.target}
+                replies.add(("127.0.0.1", published))
+                if address:
+                    replies.add((address, server.target))
                 if server.state == "ready" and local is None:
                     local = published
                     remote = (address, server.target) if address else None
             rules.append(nat.NatRule(name, listener.host, listener.port, local, remote))
             services[name] = (route.service, listener.listen)
-            ports[name] = (listener.port, frozenset(replies))
+            ports[name] = (listener.host, listener.port, frozenset(replies))
         await self.table.apply(rules)
+        self._nat_carried = {rule.counter for rule in rules}
         self._nat_services, self._nat_ports = services, ports
         self._nat_keys.update(services)
         await self._read_nat_counts()
+        if self.table.lost:  # deleted by hand since the write: written again at once
+            await self.table.apply(rules)
+            await self._read_nat_counts()
 
     async def _read_nat_counts(self) -> None:
         if not self._nat_services:
