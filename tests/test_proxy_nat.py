@@ -291,24 +291,6 @@ async def test_the_nat_count_never_goes_backwards(tmp_path: Path) -> None:
     assert reconciler.connections()[key][1] == 9
 
 
-async def test_a_listener_changing_planes_keeps_its_count(tmp_path: Path) -> None:
-    s = spec(TCP)
-    store = routes_of(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
-    routes, _ = desired_routes({n: e.state for n, e in store.entries.items()})
-    table = FakeTable()
-    reconciler = ProxyReconciler(haproxy.HAProxy(tmp_path / "p"), Engine(), table)
-    key = ("web", "127.0.0.1:8080")
-    table.counts = {"l_127_0_0_1_8080": 7}
-    await reconciler.reconcile(routes)  # on the NAT: 7 counted
-    # Then HAProxy carries it (--proxy-plane haproxy after a restart, say) and has counted 3:
-    # as a pass over HAProxy leaves it (its frontend's stats, no NAT listener any more).
-    reconciler._nat_services = {}
-    reconciler._services = {"f_web": key}
-    reconciler.stats = {"f_web": haproxy.FrontendStats(current=1, total=3)}
-    reconciler._last[key] = 3
-    assert reconciler.connections()[key] == (1, 10)  # never back to 3
-
-
 @pytest.mark.parametrize(
     ("mode", "choice", "refuse", "refused"),
     [

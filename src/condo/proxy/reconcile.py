@@ -29,6 +29,7 @@ import trio
 from condo.docker.models import Container
 from condo.errors import ContainerNotFound, DockerError, ProxyError
 from condo.proxy import haproxy, nat
+from condo.proxy.counts import ConnectionCounts
 from condo.routes import Route, desired_routes
 from condo.spec import ProxyListener
 from condo.store import Store
@@ -93,13 +94,10 @@ class ProxyReconciler:
         self._nat_checked = False
         self._nat_failed = False  # a NAT step of the last pass failed
         self.planes: dict[str, Plane] = {}  # listen → its data plane, as of the last pass
-        # counter name → (service, listen); the counters read last; what counters that went
-        # back (a table deleted by hand) had counted before.
+        # counter name → (service, listen): the listeners the NAT carries, as of the last pass
         self._nat_services: dict[str, tuple[str, str]] = {}
         self._nat_carried: set[str] = set()  # the listeners the table held, as last read
-        self._nat_keys: dict[str, tuple[str, str]] = {}  # every counter's listener, ever
-        self._nat_last: dict[str, int] = {}
-        self._nat_before: dict[str, int] = {}
+        self._nat_keys: dict[str, tuple[str, str]] = {}  # every NAT counter's listener, ever
         self._nat_open: dict[str, int] = {}
         self._nat_ports: dict[str, tuple[str, int, nat.Replies]] = {}
         self._signature: str | None = None  # of the running HAProxy's listeners, once known
@@ -109,11 +107,7 @@ class ProxyReconciler:
         # frontend name → (service, listen), for the metrics
         self._services: dict[str, tuple[str, str]] = {}
         self.stats: dict[str, haproxy.FrontendStats] = {}
-        # A worker's accepted count starts at 0 (a reload, a HAProxy started again): what the
-        # workers before it accepted, per (service, listen), and the last count read. Their sum
-        # is a Prometheus counter, which must never go backwards.
-        self._before: dict[tuple[str, str], int] = {}
-        self._last: dict[tuple[str, str], int] = {}
+        self.counts = ConnectionCounts()  # accepted, per listener, never backwards
 
     def gone(self) -> bool:
         """The master of the HAProxy this reconciler started or adopted is gone (known for a
@@ -136,25 +130,13 @@ class ProxyReconciler:
 
     def connections(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(service, listen) → (open, accepted), as of the last pass (condo.metrics' port)."""
-        # A listener's count is what both planes ever counted for it: one that changes planes
-        # (--proxy-plane, a NAT that became unusable) keeps what the other counted, so the sum
-        # never goes backwards.
-        nat_counted: dict[tuple[str, str], int] = {}
-        for name, key in self._nat_keys.items():
-            counted = self._nat_before.get(name, 0) + self._nat_last.get(name, 0)
-            nat_counted[key] = nat_counted.get(key, 0) + counted
-
-        def accepted(key: tuple[str, str]) -> int:
-            haproxy_counted = self._before.get(key, 0) + self._last.get(key, 0)
-            return haproxy_counted + nat_counted.get(key, 0)
-
         found = {}
         for name, key in self._services.items():
             stats = self.stats.get(name)
             if stats is not None:
-                found[key] = (stats.current, accepted(key))
+                found[key] = (stats.current, self.counts.accepted(key))
         for name, key in self._nat_services.items():
-            found[key] = (self._nat_open.get(name, 0), accepted(key))
+            found[key] = (self._nat_open.get(name, 0), self.counts.accepted(key))
         return found
 
     async def _nat_usable(self) -> bool:
@@ -174,14 +156,8 @@ class ProxyReconciler:
             stats = self.stats.get(name)
             if stats is None:
                 continue
-            if stats.total < self._last.get(key, 0):  # a new worker condo did not start
-                self._fold(key)
-            self._last[key] = stats.total
-
-    def _fold(self, key: tuple[str, str] | None = None) -> None:
-        """A new worker counts from 0: keep what the old ones counted (every key's, or one)."""
-        for k in [key] if key is not None else list(self._last):
-            self._before[k] = self._before.get(k, 0) + self._last.pop(k, 0)
+            # (A count lower than the last: a new worker condo did not start, counted anew.)
+            self.counts.read("haproxy", name, key, stats.total)
 
     async def reconcile(self, routes: Sequence[Route]) -> bool:
         """One pass; True when something is left for a later pass."""
@@ -336,11 +312,9 @@ class ProxyReconciler:
         if not self._nat_services:
             return
         counts = await self.table.counters() if self.table is not None else {}
-        for name in self._nat_services:
-            count = counts.get(name, 0)
-            if count < self._nat_last.get(name, 0):  # the table was deleted and written again
-                self._nat_before[name] = self._nat_before.get(name, 0) + self._nat_last[name]
-            self._nat_last[name] = count
+        for name, key in self._nat_services.items():
+            # (A count lower than the last: the table was deleted and written again.)
+            self.counts.read("nat", name, key, counts.get(name, 0))
         try:
             text = await trio.to_thread.run_sync(Path(nat.CONNTRACK).read_text)
         except OSError:  # no conntrack in /proc (a kernel built without it): none open known
@@ -370,7 +344,7 @@ class ProxyReconciler:
                 if not usable:
                     raise ProxyError("; ".join(left_out.values()))
                 await self.proxy.start(usable)
-                self._fold()  # the HAProxy that died took its counts with it
+                self.counts.restarted("haproxy")  # the HAProxy that died took its counts
                 self._signature = haproxy.signature(usable)
             else:
                 log.info("proxy.adopted")
@@ -402,7 +376,7 @@ class ProxyReconciler:
                         if self.proxy.launcher.kind != "process":
                             self._refused = (target, trio.current_time() + RELOAD_BACKOFF, exc)
                     else:
-                        self._fold()
+                        self.counts.restarted("haproxy")
                         self._signature = target
                         self._refused = None
         self._services = {
