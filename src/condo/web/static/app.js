@@ -157,8 +157,10 @@
         if (Array.isArray(deploys)) model.history.set(name, deploys);
       }
     } else if (message.type === "global") {
-      model.global = {hosts: message.hosts || {}, stale: Boolean(message.stale),
-        read_at: message.read_at || null};
+      // Without a prototype: a host may be named `__proto__` or `constructor` (any name
+      // without a slash), and a delta's `hosts[host] = body` must make it a host like any other.
+      model.global = {hosts: Object.assign(Object.create(null), message.hosts || {}),
+        stale: Boolean(message.stale), read_at: message.read_at || null};
       for (const host of Object.keys(model.global.hosts)) {
         // The local host's row comes from the snapshots, which are fresher than Consul.
         if (host !== localHost()) observe(host, servicesOf(host), at);
