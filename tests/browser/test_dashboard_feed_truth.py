@@ -5,7 +5,8 @@ a real `condo run` on the real Consul, other hosts simulated by condo's own Publ
 Covered: host names any condo accepts (`__proto__`, markup, 200 characters without a space)
 arriving in a `global_delta` count as hosts like any other, and no view grows beyond the 1400 px
 window; a page that applied many deltas (hosts deploying, going unreachable, coming back, gone,
-and a reconnect in the middle) shows what a page loaded afresh shows.
+and a reconnect in the middle) shows what a page loaded afresh shows; a condo that comes back
+without Consul leaves no other host on the page.
 
 Each test is capped by `trio.fail_after(CAP)`, and each Playwright wait by UI_LIMIT.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -207,3 +209,30 @@ async def _settled(fleet: SimFleet, stores: dict[str, Store]) -> None:
                 if [service.get(k) for k in wanted] == [view.get(k) for k in wanted]:
                     break
                 await trio.sleep(0.05)
+
+
+async def test_a_condo_back_without_consul_leaves_no_other_host_on_the_page(
+    condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
+) -> None:
+    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
+        try:
+            with trio.fail_after(CAP):
+                condo.write("web", spec(ONE))
+                await fleet.start(sim_store(f"sim-{condo.host[-6:]}-1", {"remote": ONE}, 0))
+                port = free_port()
+                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+                await serve_condo(nursery, condo, port, *exposing)
+                page = await open_dashboard(f"http://127.0.0.1:{port}")
+                await page.expect_state("remote", "Stable")
+                await page.expect_text(page.page.locator("#summary"), "2 services · 2 hosts")
+                await stop_condo(condo, graceful=True)
+                await serve_condo(nursery, condo, port)  # without --expose consul
+                await page.expect_conn("live")
+                alone = re.compile(r"^1 service\b")  # no "· 2 hosts"
+                summary = page.page.locator("#summary")
+                await page.expect(lambda: expect(summary).to_have_text(alone, timeout=UI_LIMIT))
+                remote = page.row("remote")
+                await page.expect(lambda: expect(remote).to_have_count(0, timeout=UI_LIMIT))
+        finally:
+            with trio.move_on_after(15, shield=True):
+                await stop_condo(condo, graceful=True)

@@ -165,6 +165,10 @@
         // The local host's row comes from the snapshots, which are fresher than Consul.
         if (host !== localHost()) observe(host, servicesOf(host), at);
       }
+      for (const host of model.seen.keys()) {
+        // Gone while the page was away: nothing to compare with any more.
+        if (host !== localHost() && !(host in model.global.hosts)) model.seen.delete(host);
+      }
     } else if (message.type === "global_delta") {
       if (!model.global) return; // never before a "global" on one connection
       model.global.stale = Boolean(message.stale);
@@ -1039,6 +1043,10 @@
       if (!live) {
         live = true;
         conn.attempt = 0;
+        // The other hosts as this connection says: a condo that came back without Consul
+        // sends none, and the picture from before the gap is nobody's any more. (`seen` stays:
+        // a host that is still there is compared with its last view before the gap.)
+        model.global = null;
         setConn("live");
         checkHealth(); // condo may have come back on another machine, with another clock
       }
