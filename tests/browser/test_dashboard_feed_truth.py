@@ -6,7 +6,8 @@ Covered: host names any condo accepts (`__proto__`, markup, 200 characters witho
 arriving in a `global_delta` count as hosts like any other, and no view grows beyond the 1400 px
 window; a page that applied many deltas (hosts deploying, going unreachable, coming back, gone,
 and a reconnect in the middle) shows what a page loaded afresh shows; a condo that comes back
-without Consul leaves no other host on the page.
+without Consul leaves no other host on the page; a burst of messages is drawn once, not once per
+message.
 
 Each test is capped by `trio.fail_after(CAP)`, and each Playwright wait by UI_LIMIT.
 """
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from playwright.sync_api import expect
+from playwright.sync_api import WebSocket, expect
 
 from condo.store import Store
 from tests.browser.dashboard import (
@@ -63,6 +64,10 @@ SHOWN = r"""() => {
     return ["summary", "problems", "crumbs", "head-row", "rows", "pager", "empty", "stale-banner"]
         .map((id) => id + ": " + text(id)).join("\n");
 }"""
+
+
+# A long task: the page's thread does nothing else for 2.5 s.
+BUSY = "() => { const end = performance.now() + 2500; while (performance.now() < end); }"
 
 
 def sim_store(host: str, services: dict[str, str], born: float) -> Store:
@@ -233,6 +238,56 @@ async def test_a_condo_back_without_consul_leaves_no_other_host_on_the_page(
                 await page.expect(lambda: expect(summary).to_have_text(alone, timeout=UI_LIMIT))
                 remote = page.row("remote")
                 await page.expect(lambda: expect(remote).to_have_count(0, timeout=UI_LIMIT))
+        finally:
+            with trio.move_on_after(15, shield=True):
+                await stop_condo(condo, graceful=True)
+
+
+async def test_a_burst_of_messages_is_drawn_once_not_once_per_message(
+    condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
+) -> None:
+    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
+        try:
+            with trio.fail_after(CAP):
+                condo.write("web", spec(ONE))
+                stores = [
+                    sim_store(f"sim-{condo.host[-6:]}-{i}", {"web": ONE}, time.time())
+                    for i in range(8)
+                ]
+                for store in stores:
+                    await fleet.start(store)
+                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+                url = await serve_condo(nursery, condo, free_port(), *exposing)
+                deltas: list[int] = []  # the size of every global_delta the page got
+
+                def count(payload: str | bytes) -> None:
+                    if '"type":"global_delta"' in str(payload):
+                        deltas.append(len(payload))
+
+                def record(ws: WebSocket) -> None:
+                    ws.on("framereceived", count)
+
+                page = await open_dashboard("about:blank")
+                await page.thread.call(lambda: page.page.on("websocket", record))
+                await page.thread.call(page.page.goto, url)
+                counts = page.row("web").locator(".fleet .counts")
+                await page.expect_text(counts, "Stable 9")
+                renders = "() => performance.getEntriesByName('condo:render').length"
+                before, sent = await page.evaluate(renders), len(deltas)
+                # The page's thread is busy (a long task) while the fleet changes host by host:
+                # the messages wait for it, then come in a burst.
+                async with trio.open_nursery() as busy:
+                    busy.start_soon(page.evaluate, BUSY)
+                    await trio.sleep(0.3)
+                    for store in stores:
+                        store.set_state("web", sim_deploying("web", ONE, TWO, time.time()))
+                        await trio.sleep(0.2)
+                await page.expect_text(counts, "Stable 1 Wait 8")
+                drawn = await page.evaluate(renders) - before
+                burst = len(deltas) - sent
+                print(f"\n{burst} global_delta messages in the burst, drawn in {drawn} renders")
+                assert burst >= 4, burst
+                assert drawn * 2 <= burst, (drawn, burst)
         finally:
             with trio.move_on_after(15, shield=True):
                 await stop_condo(condo, graceful=True)
