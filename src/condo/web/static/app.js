@@ -853,6 +853,7 @@
     }
     empty.hidden = view.rows.length > 0;
     byId("services").hidden = view.rows.length === 0;
+    renderIdleHosts(where);
 
     renderSummary(byService, names);
     const banner = byId("stale-banner");
@@ -865,6 +866,24 @@
     setText(proxy, proxyError ? `The proxy cannot run: ${proxyError.error}` : "");
     proxy.hidden = !proxyError;
     if (local !== null) setText(byId("host"), local);
+  }
+
+  // An unreachable host that ran nothing has no row in any service: the fleet names it (its
+  // chip counts it, and a chip must lead somewhere), so that it is found, and forgotten.
+  function renderIdleHosts(where) {
+    const node = byId("idle-hosts");
+    const idle = where.view !== "fleet" || (where.problems && !["any", "unreachable"].includes(where.problems))
+      ? []
+      : hosts().filter((host) => unreachable(host) && !Object.keys(servicesOf(host)).length);
+    node.hidden = !idle.length;
+    if (!idle.length) return node.replaceChildren();
+    node.replaceChildren(el("span", {class: "chip chip-bad"}, "unreachable"), " running nothing: ",
+      ...idle.map((host, i) => {
+        const seen = model.global.hosts[host].last_seen;
+        return el("span", {class: "idle-host", "data-host": host}, i ? ", " : null,
+          link("host", host, el("span", {class: "mono"}, host)),
+          el("span", {class: "muted"}, " last seen ", seen ? since(seen, " ago") : "never, from here"));
+      }));
   }
 
   function renderPager(page, pages, total) {
