@@ -353,8 +353,11 @@
   function problemsOf(host, view) {
     const kinds = [];
     if (!view) return kinds;
+    // Every other host is as of the last read of Consul, an unreachable one too.
+    const stale = host !== localHost() && model.global && model.global.stale;
     if (view.state === UNREACHABLE) {
       kinds.push("unreachable");
+      if (stale) kinds.push("stale");
       return kinds; // what it last said is all there is: no error of its own
     }
     if (view.spec_error) kinds.push("spec");
@@ -362,7 +365,7 @@
     if (view.reverted) kinds.push("reverted");
     if (host === localHost() && model.local && model.local.proxy && Array.isArray(view.proxy) &&
       view.proxy.length) kinds.push("proxy");
-    if (host !== localHost() && model.global && model.global.stale) kinds.push("stale");
+    if (stale) kinds.push("stale");
     return kinds;
   }
 
@@ -467,6 +470,13 @@
     return el("div", {class: `line ${cls}`}, ...children);
   }
 
+  // "as of 12s ago" under another host's cell while Consul cannot be read.
+  function staleNote(host) {
+    if (host === localHost() || !model.global || !model.global.stale) return null;
+    return line("stale-note", "as of ", model.global.read_at ? since(model.global.read_at, " ago") : "an unknown time",
+      " (Consul cannot be read)");
+  }
+
   function cell(host, view, span) {
     if (!view) {
       return el("td", {class: "cell absent", "data-host": host}, el("span", {class: "muted"}, "not here"));
@@ -487,6 +497,8 @@
       td.appendChild(line("unreachable", el("span", {class: "label"}, "last seen"), " ",
         view.last_seen ? since(view.last_seen, " ago") : el("span", {class: "muted"}, "never, from here"),
         view.last_state ? el("span", {class: "muted"}, ` (${view.last_state})`) : null));
+      const note = staleNote(host);
+      if (note) td.appendChild(note);
       return td;
     }
     const current = view.current;
@@ -536,10 +548,8 @@
       td.appendChild(line("failed", el("span", {class: "label"}, "failed container"), " ",
         mono(view.failed.name, "cname")));
     }
-    if (host !== localHost() && model.global && model.global.stale) {
-      td.appendChild(line("stale-note", "as of ", model.global.read_at ? since(model.global.read_at, " ago") : "an unknown time",
-        " (Consul cannot be read)"));
-    }
+    const note = staleNote(host);
+    if (note) td.appendChild(note);
     if (view.spec_error) {
       td.appendChild(line("spec-error", el("span", {class: "label"}, "spec error"), " ",
         el("code", {class: "where", title: String(view.spec_error.file || "")}, where(view.spec_error)),
