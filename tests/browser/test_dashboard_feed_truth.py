@@ -3,11 +3,11 @@ a real `condo run` on the real Consul, other hosts simulated by condo's own Publ
 (tests/browser/fleet.py).
 
 Covered: host names any condo accepts (`__proto__`, markup, 200 characters without a space)
-arriving in a `global_delta` count as hosts like any other, and no view grows beyond the 1400 px
-window; a page that applied many deltas (hosts deploying, going unreachable, coming back, gone,
-and a reconnect in the middle) shows what a page loaded afresh shows; a condo that comes back
-without Consul leaves no other host on the page; a burst of messages is drawn once, not once per
-message.
+arriving in a `global_delta` count as hosts like any other, no view grows beyond the 1400 px
+window, and a tampered address shows text or the fleet; a page that applied many deltas (hosts
+deploying, going unreachable, coming back, gone, and a reconnect in the middle) shows what a
+page loaded afresh shows; a condo that comes back without Consul leaves no other host on the
+page; a burst of messages is drawn once, not once per message.
 
 Each test is capped by `trio.fail_after(CAP)`, and each Playwright wait by UI_LIMIT.
 """
@@ -127,6 +127,18 @@ async def test_hostile_host_names_are_hosts_like_any_other_within_the_window(
                     assert beyond == {"scroll": 0, "wide": []}, (hash_, beyond)
                 await go(page, f"#/host/{markup}")
                 await page.expect_state("web", "Stable", markup)
+                # Addresses typed or tampered with: text, or the fleet, never an error.
+                empty, rows = page.page.locator("#empty"), page.page.locator("#rows tr")
+                for hash_, says in [
+                    ("#/host/<script>window.pwned=2</script>", "No host <script>"),
+                    ("#/service/nope", "No host runs nope."),
+                ]:
+                    await go(page, hash_)
+                    await page.expect_text(empty, says)
+                for hash_ in ["#/?page=-1", "#/?page=1e9", "#/service/%E0%A4%A", "#/host/"]:
+                    await go(page, hash_)
+                    await page.expect(lambda: expect(rows).to_have_count(2, timeout=UI_LIMIT))
+                    await page.expect_text(web, "Stable 4 Wait 1")
                 assert await page.evaluate("() => window.pwned === undefined")
         finally:
             with trio.move_on_after(15, shield=True):
