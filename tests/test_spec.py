@@ -321,6 +321,41 @@ def test_bad_specs(text: str | bytes, message: str, line: int | None) -> None:
     assert str(error) == f"{expected_prefix}: {error.message}"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{:spec {:Image "a" :Env {"TOKEN" "hunter2"}}}',
+            ':Env must be a vector of "KEY=value" strings, found a map',
+        ),
+        (
+            '{:spec {:Image "a" :Env "TOKEN=hunter2"}}',
+            ':Env must be a vector of "KEY=value" strings, found a string',
+        ),
+        (
+            '{:spec {:Image "a" :Env [["TOKEN=hunter2"]]}}',
+            ':Env must hold "KEY=value" strings, found a vector',
+        ),
+        (
+            '{:spec {:Image "a" :Labels ["token=hunter2"]}}',
+            ":Labels must be a map of strings to strings, found a vector",
+        ),
+        (
+            '{:spec {:Image "a" :Labels {"token" ["hunter2"]}}}',
+            ":Labels :token must have a string value, found a vector",
+        ),
+    ],
+)
+def test_an_env_or_label_error_names_the_kind_of_value_never_the_value(
+    text: str, message: str
+) -> None:
+    # A spec error goes to the API, the feed, Consul and the dashboard; Env values and labels
+    # never do (README, Security).
+    error = error_of(text)
+    assert message in error.message
+    assert "hunter2" not in str(error)
+
+
 def test_metadata_chain_in_a_set_is_a_spec_error() -> None:
     # MetadataValue hashes recursively: a long ^ chain inside a set is a RecursionError inside
     # edn_format, which must come out as a SpecError.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -1653,6 +1654,84 @@ async def test_feed_sends_every_host_first_then_only_the_hosts_that_changed(
                 whole = json.loads(await ws.receive())
                 assert whole["type"] == "global"
                 assert whole["hosts"] == hosts_document(hosts.picture())
+
+
+def apply_delta(hosts: dict[str, Any], message: Mapping[str, Any]) -> None:
+    """What the dashboard does with a `global` or `global_delta` message."""
+    if message["type"] == "global":
+        hosts.clear()
+    for host in message.get("gone", []):
+        del hosts[host]
+    hosts.update(message["hosts"])
+
+
+async def test_feed_deltas_applied_make_every_picture_for_a_fast_and_a_slow_client(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    chance = random.Random(17)
+    names = [f"h{i}" for i in range(8)]
+    views = {image: service_view({"web": stable(image)}) for image in ("img:1", "img:2")}
+    busy = service_view({"web": waiting("img:2")})
+    hosts: dict[str, Any] = {"h0": views["img:1"]}
+    records: dict[str, HostRecord] = {}
+    source = FakeHosts(dict(hosts))
+    pictures: dict[tuple[int, bool], dict[str, Any]] = {}  # (token, stale) -> the whole picture
+
+    def remember() -> None:
+        pictures[(source.picture().token, source.stale)] = hosts_document(source.picture())
+
+    remember()
+    async with make_web(global_source=source) as web:
+        with trio.fail_after(CAP):
+            async with (
+                web.client.websocket("/v1/feed?global=delta") as fast,
+                web.client.websocket("/v1/feed?global=delta") as slow,
+            ):
+                seen: dict[str, Any] = {}
+                slow_seen: dict[str, Any] = {}
+                for client in (fast, slow):
+                    assert json.loads(await client.receive())["type"] == "snapshot"
+                apply_delta(slow_seen, json.loads(await slow.receive()))
+                for step in range(200):
+                    host = chance.choice(names)
+                    move = chance.choice(["deploy", "settle", "lapse", "back", "forget", "stale"])
+                    if move == "stale":
+                        source.set_stale(not source.stale)
+                    else:
+                        if move == "deploy":
+                            hosts[host] = busy
+                        elif move == "settle":
+                            hosts[host] = views[chance.choice(["img:1", "img:2"])]
+                        elif move == "lapse" and host in hosts:  # unreachable: its record stays
+                            del hosts[host]
+                            records[host] = lapsed(float(step))
+                        elif move == "back":
+                            hosts[host] = views["img:1"]
+                            records[host] = HostRecord(services=RAN_WEB_1, live=True)
+                        elif move == "forget" and host not in hosts:
+                            records.pop(host, None)
+                        # Unchanged hosts keep their mappings, as ConsulSource's pictures do.
+                        source.set(dict(hosts), dict(records))
+                    remember()
+                    # The fast client reads every message it is sent (each one a picture);
+                    # the slow one only now and then: it skips pictures, never builds a backlog.
+                    while True:
+                        with trio.move_on_after(0.05):
+                            message = json.loads(await fast.receive())
+                            apply_delta(seen, message)
+                            key = (message["token"], message["stale"])
+                            assert seen == pictures[key], (step, move, host)
+                            continue
+                        break
+                    if step % 25 == 24:
+                        message = json.loads(await slow.receive())
+                        assert message["type"] == "global_delta"
+                        apply_delta(slow_seen, message)
+                        assert slow_seen == pictures[(message["token"], message["stale"])]
+                with trio.move_on_after(0.05):
+                    while True:
+                        apply_delta(slow_seen, json.loads(await slow.receive()))
+                assert seen == slow_seen == hosts_document(source.picture())
 
 
 async def test_feed_refuses_an_unknown_global_shape(

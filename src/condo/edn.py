@@ -511,6 +511,22 @@ def _dumps(value: Any) -> str:
 def describe(value: Any) -> str:
     """What kind of EDN value `value` is, and a short rendering: `a keyword :x`, `nil`."""
     value = unwrap(value)
+    words = _kind_words(value)
+    if words is None:
+        return kind(value)
+    return f"{words} {show(value)}"
+
+
+def kind(value: Any) -> str:
+    """What kind of EDN value `value` is, without the value (`a map`, `nil`): for the values
+    that must never be shown (a spec's Env and labels)."""
+    value = unwrap(value)
+    if value is None:
+        return "nil"
+    return _kind_words(value) or type(value).__name__
+
+
+def _kind_words(value: Any) -> str | None:
     kinds: list[tuple[type | tuple[type, ...], str]] = [
         (bool, "a boolean"),
         (str, "a string"),
@@ -522,12 +538,10 @@ def describe(value: Any) -> str:
         (tuple, "a list"),
         (Sequence, "a vector"),
     ]
-    if value is None:
-        return "nil"
-    for kind, words in kinds:
-        if isinstance(value, kind):
-            return f"{words} {show(value)}"
-    return type(value).__name__
+    for type_, words in kinds:
+        if isinstance(value, type_):
+            return words
+    return None
 
 
 def _short(exc: BaseException) -> str:

@@ -454,11 +454,13 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
                 (*at, "Name"),
             )
 
+    # Labels and Env values may be secrets (never shown by the API, the feed or Consul): their
+    # errors say what kind of value was found, never the value, since a spec error goes there.
     labels = container.get("Labels")
     if labels is not None:
         if not isinstance(labels, dict):
             raise fail(
-                f"{where}:Labels must be a map of strings to strings, found {edn.describe(labels)}",
+                f"{where}:Labels must be a map of strings to strings, found {edn.kind(labels)}",
                 (*at, "Labels"),
             )
         for label, value in labels.items():
@@ -472,7 +474,7 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
             if not isinstance(value, str):
                 raise fail(
                     f"{where}:Labels {_show_key(label)} must have a string value, found"
-                    f" {edn.describe(value)}",
+                    f" {edn.kind(value)}",
                     (*at, "Labels", label),
                 )
 
@@ -480,13 +482,13 @@ def _check_container(body: JsonObject, at: KeyPath, fail: Fail) -> tuple[str | N
     if env is not None:
         if not isinstance(env, list):
             raise fail(
-                f'{where}:Env must be a vector of "KEY=value" strings, found {edn.describe(env)}',
+                f'{where}:Env must be a vector of "KEY=value" strings, found {edn.kind(env)}',
                 (*at, "Env"),
             )
         for index, item in enumerate(env):
             if not isinstance(item, str):
                 raise fail(
-                    f'{where}:Env must hold "KEY=value" strings, found {edn.describe(item)}',
+                    f'{where}:Env must hold "KEY=value" strings, found {edn.kind(item)}',
                     (*at, "Env", index),
                 )
     return name, container

@@ -5,6 +5,10 @@ per host, real Consul traffic, no containers), here in the test's own Trio loop.
 `simulated_hosts(prefix, stem, count, names, image)` yields the stores once every key is in
 Consul; setting a store's state (`sim_deploying`, `sim_stable`) publishes that host's change, as
 a real condo would. Leaving it cancels the publishers, which destroy their sessions.
+
+`SimFleet` does the same host by host, for tests that make hosts come and go: `start` (a new
+session: the host is live again), `stop` (its session destroyed, its record kept: unreachable),
+`forget` (its record deleted too: gone, as `condo hosts forget` does).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+import attrs
 import httpx
 import trio
 
@@ -69,5 +74,56 @@ async def simulated_hosts(
                     await trio.sleep(0.1)
         try:
             yield stores
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class SimFleet:
+    """Simulated hosts on `layout`'s prefix, each with a publisher of its own (see the module)."""
+
+    client: ConsulClient
+    layout: KeyLayout
+    nursery: trio.Nursery
+    running: dict[str, trio.CancelScope] = attrs.Factory(dict)
+
+    async def start(self, store: Store) -> None:
+        """Publish `store` (a new session) until `stop`; returns once Consul has every key."""
+        assert store.host not in self.running, store.host
+        publisher = Publisher(self.client, store, self.layout, store.host)
+        scope = trio.CancelScope()
+        self.running[store.host] = scope
+
+        async def publish() -> None:
+            with scope:
+                await publisher.run()
+
+        self.nursery.start_soon(publish)
+        with trio.fail_after(PUBLISH_LIMIT):
+            while len(publisher.published) < len(store.view()["services"]):
+                await trio.sleep(0.05)
+
+    async def stop(self, host: str) -> None:
+        """End the host's session, as a killed condo's lapses: its record stays (unreachable)."""
+        self.running.pop(host).cancel()
+        with trio.fail_after(PUBLISH_LIMIT):
+            while await self.client.read_key(self.layout.live_key(host)) is not None:
+                await trio.sleep(0.05)
+
+    async def forget(self, host: str) -> None:
+        """Delete a stopped host's record: the host is gone."""
+        assert host not in self.running, host
+        await self.client.delete(self.layout.record_key(host))
+
+
+@contextlib.asynccontextmanager
+async def sim_fleet(prefix: str) -> AsyncIterator[SimFleet]:
+    """A `SimFleet` on `prefix`; leaving it stops every host still running."""
+    async with (
+        httpx.AsyncClient(base_url=AGENT, trust_env=False, timeout=10) as http,
+        trio.open_nursery() as nursery,
+    ):
+        try:
+            yield SimFleet(client=ConsulClient(http), layout=KeyLayout.of(prefix), nursery=nursery)
         finally:
             nursery.cancel_scope.cancel()

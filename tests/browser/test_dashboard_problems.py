@@ -1,9 +1,11 @@
 """The dashboard's problem chips for what is not a service's own state, in a real browser against
 a real `condo run`: the proxy that cannot run (`/v1/state`'s top-level `proxy` error: a
 `:proxy` listener on a port something else holds) and a stale picture (condo's way to Consul
-cut: the other hosts' rows are as of the last read). Each gets its chip and its banner, and the
-chip filters the rows it concerns. (Spec errors, failed deploys and unreachable hosts:
-test_dashboard_fleet.py; reverted: test_dashboard_history.py.)
+cut: the other hosts' rows are as of the last read, an unreachable host's too). Each gets its
+chip and its banner, and the chip filters the rows it concerns. An unreachable host that ran
+nothing (no row of any service) is named under the fleet, so that its chip leads somewhere.
+(Spec errors, failed deploys and unreachable hosts: test_dashboard_fleet.py; reverted:
+test_dashboard_history.py.)
 
 Each test is capped by `trio.fail_after(CAP)`, each Playwright wait by UI_LIMIT.
 """
@@ -21,6 +23,7 @@ import trio
 from playwright.sync_api import Locator, expect
 
 from bench.common.proxy import open_tcp_proxy
+from condo.store import Store
 from tests.browser.dashboard import (
     UI_LIMIT,
     Dashboard,
@@ -30,7 +33,7 @@ from tests.browser.dashboard import (
     spec,
     stop_condo,
 )
-from tests.browser.fleet import simulated_hosts
+from tests.browser.fleet import sim_fleet, sim_stable, simulated_hosts
 from tests.integration.harness import CondoUnderTest
 from tests.integration.test_consul_session import consul_area
 
@@ -81,12 +84,18 @@ async def test_a_proxy_that_cannot_run_is_a_problem_chip_and_a_banner(
 async def test_a_stale_picture_is_a_problem_chip_and_dates_the_other_hosts(
     condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
 ) -> None:
-    async with consul_area() as area:
+    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
         try:
             with trio.fail_after(CAP):
                 async with simulated_hosts(
                     area.prefix, f"sim-{condo.host[-6:]}-", 1, ["remote"], ONE, time.time()
                 ):
+                    # A host that went before: unreachable, as of the last read too.
+                    lost = Store(f"sim-{condo.host[-6:]}-lost")
+                    lost.set_state("lost", sim_stable("lost", ONE, time.time()))
+                    lost.mark_settled()
+                    await fleet.start(lost)
+                    await fleet.stop(lost.host)
                     condo.write("local", spec(ONE))
                     async with open_tcp_proxy("127.0.0.1", 8500) as consul:
                         exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
@@ -95,6 +104,7 @@ async def test_a_stale_picture_is_a_problem_chip_and_dates_the_other_hosts(
                         page = await open_dashboard(url)
                         await page.expect_state("remote", "Stable")
                         await page.expect_state("local", "Stable")
+                        await page.expect_state("lost", "unreachable")
                         await page.expect(
                             lambda: expect(chip(page, "stale")).to_have_count(0, timeout=UI_LIMIT)
                         )
@@ -103,11 +113,48 @@ async def test_a_stale_picture_is_a_problem_chip_and_dates_the_other_hosts(
                     banner = page.page.locator("#stale-banner")
                     await page.expect_text(banner, re.compile(r"Last read \d+s ago"))
                     await page.thread.call(chip(page, "stale").click)
-                    await expect_only_rows(page, ["remote"])
-                    note = page.row("remote").locator(".stale-note")
-                    await page.expect_text(
-                        note, re.compile(r"as of \d+s ago \(Consul cannot be read\)")
-                    )
+                    await expect_only_rows(page, ["lost", "remote"])
+                    for row in ("lost", "remote"):
+                        note = page.row(row).locator(".stale-note")
+                        await page.expect_text(
+                            note, re.compile(r"as of \d+s ago \(Consul cannot be read\)")
+                        )
+        finally:
+            with trio.move_on_after(15, shield=True):
+                await stop_condo(condo, graceful=True)
+
+
+async def test_an_unreachable_host_that_ran_nothing_is_named_under_the_fleet(
+    condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
+) -> None:
+    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
+        try:
+            with trio.fail_after(CAP):
+                condo.write("local", spec(ONE))
+                host = f"sim-{condo.host[-6:]}-idle"
+                store = Store(host)
+                store.set_state("old", sim_stable("old", ONE, time.time()))
+                store.mark_settled()
+                await fleet.start(store)
+                store.drop("old")  # it runs nothing now; its record says so
+                record = fleet.layout.record_key(host)
+                while True:
+                    entry = await fleet.client.read_key(record)
+                    said = entry.value if entry is not None else None
+                    if said is not None and b'"old"' not in said:
+                        break
+                    await trio.sleep(0.05)
+                await fleet.stop(host)
+                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+                url = await serve_condo(nursery, condo, free_port(), *exposing)
+                page = await open_dashboard(url)
+                await page.expect_state("local", "Stable")
+                await page.expect_text(chip(page, "unreachable"), "1 unreachable host")
+                await page.thread.call(chip(page, "unreachable").click)
+                idle = page.page.locator(f"#idle-hosts .idle-host[data-host={css_string(host)}]")
+                await page.expect_text(idle, re.compile(rf"{host} last seen \d+s ago"))
+                await page.thread.call(idle.locator("button.link").click)
+                await page.expect_text(page.page.locator("#crumbs"), f"host {host}")
         finally:
             with trio.move_on_after(15, shield=True):
                 await stop_condo(condo, graceful=True)

@@ -23,8 +23,9 @@
 //   reconnect compares with the last view before the gap).
 // - The first snapshot comes from the feed; /v1/state is only read to learn why a websocket was
 //   refused (browsers hide the HTTP status of a failed handshake), and /healthz for the header.
-// - Every render is measured (`performance.measure("condo:render")`), and the first with every
-//   host marked (`condo:first-fleet`): the browser tests report them.
+// - Messages are applied as they come, drawn at most once per frame (a burst, once). Every
+//   render is measured from the first message it draws (`performance.measure("condo:render")`),
+//   and the first with every host marked (`condo:first-fleet`): the browser tests report them.
 "use strict";
 
 (() => {
@@ -157,11 +158,17 @@
         if (Array.isArray(deploys)) model.history.set(name, deploys);
       }
     } else if (message.type === "global") {
-      model.global = {hosts: message.hosts || {}, stale: Boolean(message.stale),
-        read_at: message.read_at || null};
+      // Without a prototype: a host may be named `__proto__` or `constructor` (any name
+      // without a slash), and a delta's `hosts[host] = body` must make it a host like any other.
+      model.global = {hosts: Object.assign(Object.create(null), message.hosts || {}),
+        stale: Boolean(message.stale), read_at: message.read_at || null};
       for (const host of Object.keys(model.global.hosts)) {
         // The local host's row comes from the snapshots, which are fresher than Consul.
         if (host !== localHost()) observe(host, servicesOf(host), at);
+      }
+      for (const host of model.seen.keys()) {
+        // Gone while the page was away: nothing to compare with any more.
+        if (host !== localHost() && !(host in model.global.hosts)) model.seen.delete(host);
       }
     } else if (message.type === "global_delta") {
       if (!model.global) return; // never before a "global" on one connection
@@ -178,16 +185,30 @@
     } else {
       return; // a message type this page does not know: newer condo, older page
     }
-    render();
-    // Measures pile up in the page's timeline for as long as it is open: keep the newest.
-    if (performance.getEntriesByName("condo:render").length >= MEASURES_KEEP) {
-      performance.clearMeasures("condo:render");
-    }
-    performance.measure("condo:render", {start: started});
-    if (!model.rendered && model.local && model.global) {
-      model.rendered = true; // the first render with every host (with Consul)
-      performance.mark("condo:first-fleet");
-    }
+    renderSoon(started);
+  }
+
+  // At most a render per frame: every message is applied to the model as it comes (cheap), and
+  // a burst of them (a busy fleet) is drawn once, so the page never falls behind the feed.
+  // A render's measure runs from the first message it draws, so it is the update's latency.
+  let drawFrom = null; // performance.now() of the first message not drawn yet
+  function renderSoon(started) {
+    if (drawFrom !== null) return;
+    drawFrom = started;
+    requestAnimationFrame(() => {
+      const from = drawFrom;
+      drawFrom = null;
+      render();
+      // Measures pile up in the page's timeline for as long as it is open: keep the newest.
+      if (performance.getEntriesByName("condo:render").length >= MEASURES_KEEP) {
+        performance.clearMeasures("condo:render");
+      }
+      performance.measure("condo:render", {start: from});
+      if (!model.rendered && model.local && model.global) {
+        model.rendered = true; // the first render with every host (with Consul)
+        performance.mark("condo:first-fleet");
+      }
+    });
   }
 
   function localHost() {
@@ -332,8 +353,11 @@
   function problemsOf(host, view) {
     const kinds = [];
     if (!view) return kinds;
+    // Every other host is as of the last read of Consul, an unreachable one too.
+    const stale = host !== localHost() && model.global && model.global.stale;
     if (view.state === UNREACHABLE) {
       kinds.push("unreachable");
+      if (stale) kinds.push("stale");
       return kinds; // what it last said is all there is: no error of its own
     }
     if (view.spec_error) kinds.push("spec");
@@ -341,7 +365,7 @@
     if (view.reverted) kinds.push("reverted");
     if (host === localHost() && model.local && model.local.proxy && Array.isArray(view.proxy) &&
       view.proxy.length) kinds.push("proxy");
-    if (host !== localHost() && model.global && model.global.stale) kinds.push("stale");
+    if (stale) kinds.push("stale");
     return kinds;
   }
 
@@ -446,6 +470,13 @@
     return el("div", {class: `line ${cls}`}, ...children);
   }
 
+  // "as of 12s ago" under another host's cell while Consul cannot be read.
+  function staleNote(host) {
+    if (host === localHost() || !model.global || !model.global.stale) return null;
+    return line("stale-note", "as of ", model.global.read_at ? since(model.global.read_at, " ago") : "an unknown time",
+      " (Consul cannot be read)");
+  }
+
   function cell(host, view, span) {
     if (!view) {
       return el("td", {class: "cell absent", "data-host": host}, el("span", {class: "muted"}, "not here"));
@@ -466,6 +497,8 @@
       td.appendChild(line("unreachable", el("span", {class: "label"}, "last seen"), " ",
         view.last_seen ? since(view.last_seen, " ago") : el("span", {class: "muted"}, "never, from here"),
         view.last_state ? el("span", {class: "muted"}, ` (${view.last_state})`) : null));
+      const note = staleNote(host);
+      if (note) td.appendChild(note);
       return td;
     }
     const current = view.current;
@@ -515,10 +548,8 @@
       td.appendChild(line("failed", el("span", {class: "label"}, "failed container"), " ",
         mono(view.failed.name, "cname")));
     }
-    if (host !== localHost() && model.global && model.global.stale) {
-      td.appendChild(line("stale-note", "as of ", model.global.read_at ? since(model.global.read_at, " ago") : "an unknown time",
-        " (Consul cannot be read)"));
-    }
+    const note = staleNote(host);
+    if (note) td.appendChild(note);
     if (view.spec_error) {
       td.appendChild(line("spec-error", el("span", {class: "label"}, "spec error"), " ",
         el("code", {class: "where", title: String(view.spec_error.file || "")}, where(view.spec_error)),
@@ -832,6 +863,7 @@
     }
     empty.hidden = view.rows.length > 0;
     byId("services").hidden = view.rows.length === 0;
+    renderIdleHosts(where);
 
     renderSummary(byService, names);
     const banner = byId("stale-banner");
@@ -844,6 +876,24 @@
     setText(proxy, proxyError ? `The proxy cannot run: ${proxyError.error}` : "");
     proxy.hidden = !proxyError;
     if (local !== null) setText(byId("host"), local);
+  }
+
+  // An unreachable host that ran nothing has no row in any service: the fleet names it (its
+  // chip counts it, and a chip must lead somewhere), so that it is found, and forgotten.
+  function renderIdleHosts(where) {
+    const node = byId("idle-hosts");
+    const idle = where.view !== "fleet" || (where.problems && !["any", "unreachable"].includes(where.problems))
+      ? []
+      : hosts().filter((host) => unreachable(host) && !Object.keys(servicesOf(host)).length);
+    node.hidden = !idle.length;
+    if (!idle.length) return node.replaceChildren();
+    node.replaceChildren(el("span", {class: "chip chip-bad"}, "unreachable"), " running nothing: ",
+      ...idle.map((host, i) => {
+        const seen = model.global.hosts[host].last_seen;
+        return el("span", {class: "idle-host", "data-host": host}, i ? ", " : null,
+          link("host", host, el("span", {class: "mono"}, host)),
+          el("span", {class: "muted"}, " last seen ", seen ? since(seen, " ago") : "never, from here"));
+      }));
   }
 
   function renderPager(page, pages, total) {
@@ -1037,6 +1087,10 @@
       if (!live) {
         live = true;
         conn.attempt = 0;
+        // The other hosts as this connection says: a condo that came back without Consul
+        // sends none, and the picture from before the gap is nobody's any more. (`seen` stays:
+        // a host that is still there is compared with its last view before the gap.)
+        model.global = null;
         setConn("live");
         checkHealth(); // condo may have come back on another machine, with another clock
       }
