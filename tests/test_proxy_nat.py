@@ -14,7 +14,7 @@ import attrs
 import pytest
 import trio
 
-from condo.docker.models import Container, parse_container
+from condo.docker.models import Container
 from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy, nat
@@ -22,6 +22,7 @@ from condo.proxy.reconcile import ProxyReconciler, choose_plane, run_proxy
 from condo.routes import Route, desired_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.store import Store
+from tests.proxy_support import inspected, published_on_loopback
 
 LOCAL = nat.NatRule("l_127_0_0_1_8080", "127.0.0.1", 8080, 32768, ("172.17.0.3", 80))
 ANY = nat.NatRule("l_any_8081", "", 8081, 32769, ("172.17.0.4", 80))
@@ -144,16 +145,7 @@ def test_open_connections_are_the_established_ones_the_nat_sent_on() -> None:
 
 def test_inspect_gives_the_address_and_network_mode() -> None:
     def parsed(network: dict[str, object], mode: str) -> Container:
-        return parse_container(
-            {
-                "Id": "abc",
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {"NetworkMode": mode},
-                "NetworkSettings": network,
-            }
-        )
+        return inspected("abc", network, {"NetworkMode": mode})
 
     bridge = parsed({"IPAddress": "172.17.0.3"}, "bridge")
     assert (bridge.ip_address, bridge.network_mode) == ("172.17.0.3", "bridge")
@@ -197,19 +189,8 @@ class Engine:
 
     async def inspect(self, cid_or_name: str) -> Container:
         number = int(cid_or_name.removeprefix("c"))
-        return parse_container(
-            {
-                "Id": cid_or_name,
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {},
-                "NetworkSettings": {
-                    "IPAddress": f"172.17.0.{number}",
-                    "Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(32000 + number)}]},
-                },
-            }
-        )
+        network = published_on_loopback(32000 + number, address=f"172.17.0.{number}")
+        return inspected(cid_or_name, network)
 
 
 def spec(proxy: str) -> ServiceSpec:
@@ -387,22 +368,9 @@ class Published:
         self.ports, self.target = ports, target
 
     async def inspect(self, cid_or_name: str) -> Container:
-        return parse_container(
-            {
-                "Id": cid_or_name,
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {},
-                "NetworkSettings": {
-                    "IPAddress": "172.17.0.9",
-                    "Ports": {
-                        f"{self.target}/tcp": [
-                            {"HostIp": "127.0.0.1", "HostPort": str(self.ports[cid_or_name])}
-                        ]
-                    },
-                },
-            }
+        port = self.ports[cid_or_name]
+        return inspected(
+            cid_or_name, published_on_loopback(port, target=self.target, address="172.17.0.9")
         )
 
 
