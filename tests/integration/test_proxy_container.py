@@ -46,6 +46,23 @@ async def proxy_containers(docker: DockerClient, host: str) -> list[ContainerId]
     return [row.id for row in await docker.list_containers(labels={PROXY_LABEL: host})]
 
 
+async def first_condo_serving_one(
+    docker_cli: DockerCli,
+    image: str,
+    site: Site,
+    container_labels: Mapping[str, str],
+    port: int,
+    *run_args: str,
+) -> ContainerId:
+    """condo's first container (started by hand, more `docker run` arguments if given), its
+    workload "one" answering through the listener on `port`."""
+    first = await start_first_condo(docker_cli, image, site, container_labels, *run_args)
+    (site.specs / "web.edn").write_text(spec("one", port))
+    await site.wait_stable("web", limit=90)
+    await wait_answer(port, "one", limit=60)
+    return first
+
+
 async def self_deploy_under_load(
     docker: DockerClient, site: Site, port: int, first: ContainerId, successor: str
 ) -> None:
@@ -93,10 +110,9 @@ async def test_condo_in_a_container_self_deploys_under_load_through_its_proxy(
         async with open_site(tmp_path, docker) as site:
             port = free_port()
             with trio.fail_after(180):
-                first = await start_first_condo(docker_cli, condo_image, site, container_labels)
-                (site.specs / "web.edn").write_text(spec("one", port))
-                await site.wait_stable("web", limit=90)
-                await wait_answer(port, "one", limit=60)
+                first = await first_condo_serving_one(
+                    docker_cli, condo_image, site, container_labels, port
+                )
 
                 # HAProxy is a container of condo's image, with host networking.
                 [proxy_id] = await proxy_containers(docker, site.host)
@@ -134,13 +150,10 @@ async def test_condo_in_a_host_network_container_self_deploys_on_its_nat(
         async with open_site(tmp_path, docker) as site:
             port = free_port()
             with trio.fail_after(180):
-                first = await start_first_condo(
-                    docker_cli, condo_image, site, container_labels,
+                first = await first_condo_serving_one(
+                    docker_cli, condo_image, site, container_labels, port,
                     "--network", "host", "--cap-add", "NET_ADMIN",
                 )  # fmt: skip
-                (site.specs / "web.edn").write_text(spec("one", port))
-                await site.wait_stable("web", limit=90)
-                await wait_answer(port, "one", limit=60)
                 # The kernel's NAT carries the listener: condo's table, no HAProxy container.
                 assert "dnat to 127.0.0.1:" in await nat_table(site.host)
                 assert await proxy_containers(docker, site.host) == []
