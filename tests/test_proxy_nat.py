@@ -22,6 +22,7 @@ from condo.proxy.reconcile import ProxyReconciler, choose_plane, run_proxy
 from condo.routes import Route, desired_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.store import Store
+from tests.integration.harness import free_port
 from tests.proxy_support import inspected, published_on_loopback
 
 LOCAL = nat.NatRule("l_127_0_0_1_8080", "127.0.0.1", 8080, 32768, ("172.17.0.3", 80))
@@ -191,6 +192,11 @@ class Engine:
 
 def spec(proxy: str) -> ServiceSpec:
     return parse_spec(f'{{:spec {{:Image "web:1"}} :proxy {proxy}}}'.encode(), "web.edn")
+
+
+def on_loopback(listen: int, port: int = 80) -> ServiceSpec:
+    """web with one `:proxy` listener on 127.0.0.1:`listen` to the containers' `port`."""
+    return spec(f'[{{:listen "127.0.0.1:{listen}" :port {port}}}]')
 
 
 def box(cid: str, s: ServiceSpec) -> Box:
@@ -411,20 +417,13 @@ async def unit_table(
             )
 
 
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen(
     tmp_path: Path,
 ) -> None:
     # Two --host on one machine, one listen address in both: the kernel applies one NAT per
     # connection, so the second table's rule would silently take the first one's connections.
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    listen = free_port()
+    s = on_loopback(listen)
     proxy = no_haproxy(tmp_path)
     async with unit_table() as first, unit_table() as second:
         with trio.fail_after(20):
@@ -481,8 +480,8 @@ async def test_a_marker_without_rules_goes_at_the_first_pass(tmp_path: Path) -> 
 async def test_a_table_deleted_by_hand_is_written_again_and_its_count_goes_on(
     tmp_path: Path,
 ) -> None:
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    listen = free_port()
+    s = on_loopback(listen)
     proxy = no_haproxy(tmp_path)
     key = ("web", f"127.0.0.1:{listen}")
     async with unit_table() as table:
@@ -533,8 +532,8 @@ async def test_rules_nft_can_no_longer_change_are_not_passed_off_as_haproxys(
     # nft gone mid-run (PATH, an upgrade): the kernel keeps the rules, which take the local
     # connections before any HAProxy listener would see them. Handing the listener to HAProxy
     # would say `haproxy` and a new container in /v1/state while the connections go elsewhere.
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
+    listen = free_port()
+    s = on_loopback(listen)
     proxy = no_haproxy(tmp_path)
     async with unit_table(tmp_path / "s.proxy" / "nat-table") as table:
         try:
@@ -586,8 +585,8 @@ async def test_open_connections_are_the_nats_not_the_machines_on_the_same_port(
     # `:listen "127.0.0.1:L" :port L`: a connection of this machine's to another server on port
     # L (here 127.0.0.2, which the rule does not match) is answered from port L too, but it is
     # not one of the listener's.
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port {listen}}}]')
+    listen = free_port()
+    s = on_loopback(listen, port=listen)
     proxy = no_haproxy(tmp_path)
     async with unit_table() as table:
         with contextlib.ExitStack() as sockets:
