@@ -9,7 +9,8 @@ cancelled test still ends.
 
 `Dashboard` is one page (in a fresh browser context: no cookies or storage from other tests)
 with the selectors the page promises: `tr[data-service=NAME]`, `td[data-host=HOST]`, the state
-badge `.badge.state`, `#conn` (live / connecting / disconnected / token needed), `#token-form`.
+badge `.badge.state`, `#conn` (live / connecting / disconnected / token needed), `#token-form`,
+the problem chips `#problems button[data-kind=KIND]`.
 
 `serve_condo` runs `condo run` as a child process (tests/integration/harness.py) with its API on
 a fixed loopback port, so that a restarted condo comes back at the same address; with
