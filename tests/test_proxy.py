@@ -11,7 +11,7 @@ import attrs
 import pytest
 import trio
 
-from condo.docker.models import Container, parse_container
+from condo.docker.models import Container
 from condo.errors import ProxyError, SpecError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy
@@ -20,6 +20,7 @@ from condo.routes import Server, desired_routes, listener_views, service_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.specdir import SpecScanner
 from condo.store import Store
+from tests.proxy_support import inspected, published_on_loopback
 
 FILE = "web.edn"
 
@@ -242,24 +243,18 @@ def test_the_config_holds_listeners_servers_and_the_hold() -> None:
 
 
 def test_inspect_gives_the_ports_published_on_loopback() -> None:
-    info = parse_container(
+    info = inspected(
+        "abc",
         {
-            "Id": "abc",
-            "Created": "2026-01-01T00:00:00.000000000Z",
-            "Config": {},
-            "State": {"Running": True},
-            "HostConfig": {},
-            "NetworkSettings": {
-                "Ports": {
-                    "80/tcp": [
-                        {"HostIp": "0.0.0.0", "HostPort": "8000"},
-                        {"HostIp": "127.0.0.1", "HostPort": "32768"},
-                    ],
-                    "81/tcp": None,
-                    "82/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}],
-                }
-            },
-        }
+            "Ports": {
+                "80/tcp": [
+                    {"HostIp": "0.0.0.0", "HostPort": "8000"},
+                    {"HostIp": "127.0.0.1", "HostPort": "32768"},
+                ],
+                "81/tcp": None,
+                "82/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}],
+            }
+        },
     )
     assert dict(info.loopback_ports) == {"80/tcp": 32768}
 
@@ -292,18 +287,7 @@ class OneContainer:
     127.0.0.1:32768."""
 
     async def inspect(self, cid_or_name: str) -> Container:
-        return parse_container(
-            {
-                "Id": cid_or_name,
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {},
-                "NetworkSettings": {
-                    "Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "32768"}]}
-                },
-            }
-        )
+        return inspected(cid_or_name, published_on_loopback(32768))
 
 
 def stable_store() -> Store:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
 
-from condo.docker.models import Container, parse_container
+from condo.docker.models import Container
 from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy, nat
@@ -22,6 +22,8 @@ from condo.proxy.reconcile import ProxyReconciler, choose_plane, run_proxy
 from condo.routes import Route, desired_routes
 from condo.spec import ProxyListener, ServiceSpec, parse_spec
 from condo.store import Store
+from tests.integration.harness import free_port
+from tests.proxy_support import inspected, published_on_loopback
 
 LOCAL = nat.NatRule("l_127_0_0_1_8080", "127.0.0.1", 8080, 32768, ("172.17.0.3", 80))
 ANY = nat.NatRule("l_any_8081", "", 8081, 32769, ("172.17.0.4", 80))
@@ -76,8 +78,7 @@ async def test_the_table_is_written_whole_and_its_marker_follows_its_rules(
 ) -> None:
     host = f"unit-{uuid.uuid4().hex[:10]}"
     marker = tmp_path / "s.proxy" / "nat-table"
-    table = nat.NatTable(host, marker)
-    try:
+    async with unit_table(marker, host) as table:
         assert not table.may_hold_rules()
         await table.apply([])  # nothing wanted, no table: none is made
         with pytest.raises(ProxyError, match="No such file or directory"):
@@ -94,9 +95,6 @@ async def test_the_table_is_written_whole_and_its_marker_follows_its_rules(
         listed = await nat.nft(None, "list", "table", "ip", table.table)
         assert "tcp dport" not in listed and "counter" not in listed
         assert not marker.exists() and not nat.NatTable(host, marker).may_hold_rules()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.run_process(["nft", "delete", "table", "ip", table.table], check=False)
 
 
 def test_each_host_has_its_own_table() -> None:
@@ -144,16 +142,7 @@ def test_open_connections_are_the_established_ones_the_nat_sent_on() -> None:
 
 def test_inspect_gives_the_address_and_network_mode() -> None:
     def parsed(network: dict[str, object], mode: str) -> Container:
-        return parse_container(
-            {
-                "Id": "abc",
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {"NetworkMode": mode},
-                "NetworkSettings": network,
-            }
-        )
+        return inspected("abc", network, {"NetworkMode": mode})
 
     bridge = parsed({"IPAddress": "172.17.0.3"}, "bridge")
     assert (bridge.ip_address, bridge.network_mode) == ("172.17.0.3", "bridge")
@@ -197,23 +186,17 @@ class Engine:
 
     async def inspect(self, cid_or_name: str) -> Container:
         number = int(cid_or_name.removeprefix("c"))
-        return parse_container(
-            {
-                "Id": cid_or_name,
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {},
-                "NetworkSettings": {
-                    "IPAddress": f"172.17.0.{number}",
-                    "Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(32000 + number)}]},
-                },
-            }
-        )
+        network = published_on_loopback(32000 + number, address=f"172.17.0.{number}")
+        return inspected(cid_or_name, network)
 
 
 def spec(proxy: str) -> ServiceSpec:
     return parse_spec(f'{{:spec {{:Image "web:1"}} :proxy {proxy}}}'.encode(), "web.edn")
+
+
+def on_loopback(listen: int, port: int = 80) -> ServiceSpec:
+    """web with one `:proxy` listener on 127.0.0.1:`listen` to the containers' `port`."""
+    return spec(f'[{{:listen "127.0.0.1:{listen}" :port {port}}}]')
 
 
 def box(cid: str, s: ServiceSpec) -> Box:
@@ -257,7 +240,7 @@ async def test_a_tcp_listener_goes_through_the_nat_and_the_view_says_so(tmp_path
     old, new = box("c1", s), box("c2", s)
     table = FakeTable()
     # No HAProxy binary: a pass that wanted HAProxy would fail.
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     reconciler = ProxyReconciler(proxy, Engine(), table)
     draining = ServiceState(phase=Phase.WaitNext, desired=s, current=old, next=new, draining=True)
     store = routes_of(draining)
@@ -307,7 +290,7 @@ async def test_haproxy_carries_what_the_nat_cannot_or_must_not(
     store = routes_of(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
     routes, _ = desired_routes({n: e.state for n, e in store.entries.items()})
     table = FakeTable(refuse)
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     reconciler = ProxyReconciler(
         proxy,
         Engine(),
@@ -331,7 +314,7 @@ async def test_a_listener_moving_to_haproxy_keeps_its_nat_rule_until_haproxy_lis
     routes, _ = desired_routes({n: e.state for n, e in store.entries.items()})
     # A condo before this one carried the listener on the NAT; this one is told HAProxy.
     table = FakeTable(carries=frozenset({"l_127_0_0_1_8080"}))
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     reconciler = ProxyReconciler(proxy, Engine(), table, choice="haproxy")
     with pytest.raises(ProxyError, match="cannot run"):  # HAProxy cannot listen (yet)
         await reconciler.reconcile(routes)
@@ -342,7 +325,7 @@ async def test_a_listener_moving_to_haproxy_keeps_its_nat_rule_until_haproxy_lis
 
 
 async def test_no_listener_and_no_rule_leaves_nftables_alone(tmp_path: Path) -> None:
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     untouched = FakeTable()
     assert await ProxyReconciler(proxy, Engine(), untouched).reconcile([]) is False
     assert (untouched.checks, untouched.writes) == (0, [])
@@ -362,7 +345,7 @@ async def test_an_address_another_process_holds_is_haproxys_to_leave_out(
     routes, _ = desired_routes({n: e.state for n, e in store.entries.items()})
     nothing_holds_the_ports.append("127.0.0.1:8080")
     table = FakeTable()
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     reconciler = ProxyReconciler(proxy, Engine(), table)
     # A rule would take that process's connections: HAProxy has it, and leaves it out.
     with pytest.raises(ProxyError, match=r"cannot bind socket \[127.0.0.1:8080\]"):
@@ -387,22 +370,9 @@ class Published:
         self.ports, self.target = ports, target
 
     async def inspect(self, cid_or_name: str) -> Container:
-        return parse_container(
-            {
-                "Id": cid_or_name,
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {},
-                "NetworkSettings": {
-                    "IPAddress": "172.17.0.9",
-                    "Ports": {
-                        f"{self.target}/tcp": [
-                            {"HostIp": "127.0.0.1", "HostPort": str(self.ports[cid_or_name])}
-                        ]
-                    },
-                },
-            }
+        port = self.ports[cid_or_name]
+        return inspected(
+            cid_or_name, published_on_loopback(port, target=self.target, address="172.17.0.9")
         )
 
 
@@ -426,11 +396,25 @@ async def mark_at(port: int) -> bytes:
             return await stream.receive_some(16)
 
 
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def no_haproxy(tmp_path: Path) -> haproxy.HAProxy:
+    """A HAProxy whose binary is missing: what the NAT carries here needs none."""
+    return haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+
+
+@contextlib.asynccontextmanager
+async def unit_table(
+    marker: Path | None = None, host: str | None = None
+) -> AsyncIterator[nat.NatTable]:
+    """A table of the test's own in the real nftables (a host name no condo has unless one is
+    given), deleted after."""
+    table = nat.NatTable(host or f"unit-{uuid.uuid4().hex[:10]}", marker)
+    try:
+        yield table
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.run_process(
+                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
+            )
 
 
 async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen(
@@ -438,11 +422,10 @@ async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen
 ) -> None:
     # Two --host on one machine, one listen address in both: the kernel applies one NAT per
     # connection, so the second table's rule would silently take the first one's connections.
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
-    first, second = (nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}") for _ in range(2))
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
-    try:
+    listen = free_port()
+    s = on_loopback(listen)
+    proxy = no_haproxy(tmp_path)
+    async with unit_table() as first, unit_table() as second:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 a = await nursery.start(serve_mark, b"A")
@@ -473,12 +456,6 @@ async def test_an_address_another_condos_nat_carries_is_neither_split_nor_stolen
                 await ra.reconcile(routes_a)  # the first one is left as it is
                 assert ra.planes == {f"127.0.0.1:{listen}": "nat"}
                 nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            for table in (first, second):
-                await trio.run_process(
-                    ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
-                )
 
 
 def routes_for(state: ServiceState) -> Sequence[Route]:
@@ -493,7 +470,7 @@ async def test_a_marker_without_rules_goes_at_the_first_pass(tmp_path: Path) -> 
     marker.parent.mkdir()
     marker.touch()
     table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", marker)
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     assert await ProxyReconciler(proxy, Engine(), table).reconcile([]) is False
     assert not marker.exists() and not table.may_hold_rules()
     with pytest.raises(ProxyError, match="No such file or directory"):
@@ -503,12 +480,11 @@ async def test_a_marker_without_rules_goes_at_the_first_pass(tmp_path: Path) -> 
 async def test_a_table_deleted_by_hand_is_written_again_and_its_count_goes_on(
     tmp_path: Path,
 ) -> None:
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
-    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}")
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    listen = free_port()
+    s = on_loopback(listen)
+    proxy = no_haproxy(tmp_path)
     key = ("web", f"127.0.0.1:{listen}")
-    try:
+    async with unit_table() as table:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 a = await nursery.start(serve_mark, b"A")
@@ -527,11 +503,6 @@ async def test_a_table_deleted_by_hand_is_written_again_and_its_count_goes_on(
                 await reconciler.reconcile(routes)
                 assert reconciler.connections()[key] == (0, 3)
                 nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.run_process(
-                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
-            )
 
 
 async def test_the_marker_is_there_before_the_rules_are(
@@ -561,40 +532,36 @@ async def test_rules_nft_can_no_longer_change_are_not_passed_off_as_haproxys(
     # nft gone mid-run (PATH, an upgrade): the kernel keeps the rules, which take the local
     # connections before any HAProxy listener would see them. Handing the listener to HAProxy
     # would say `haproxy` and a new container in /v1/state while the connections go elsewhere.
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port 80}}]')
-    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}", tmp_path / "s.proxy" / "nat-table")
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
-    try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                a = await nursery.start(serve_mark, b"A")
-                b = await nursery.start(serve_mark, b"B")
-                reconciler = ProxyReconciler(proxy, Published({"c1": a, "c2": b}), table)
-                old, new = box("c1", s), box("c2", s)
-                await reconciler.reconcile(
-                    routes_for(ServiceState(phase=Phase.Stable, desired=s, current=old))
-                )
-                monkeypatch.setenv("PATH", str(tmp_path))  # no nft there
-                deployed = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=new))
-                for _ in range(3):  # the pass that fails, then the ones that check again
-                    with pytest.raises(ProxyError, match="cannot run nft") as raised:
-                        await reconciler.reconcile(deployed)
-                    reconciler.forget()
+    listen = free_port()
+    s = on_loopback(listen)
+    proxy = no_haproxy(tmp_path)
+    async with unit_table(tmp_path / "s.proxy" / "nat-table") as table:
+        try:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    a = await nursery.start(serve_mark, b"A")
+                    b = await nursery.start(serve_mark, b"B")
+                    reconciler = ProxyReconciler(proxy, Published({"c1": a, "c2": b}), table)
+                    old, new = box("c1", s), box("c2", s)
+                    await reconciler.reconcile(
+                        routes_for(ServiceState(phase=Phase.Stable, desired=s, current=old))
+                    )
+                    monkeypatch.setenv("PATH", str(tmp_path))  # no nft there
+                    deployed = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=new))
+                    for _ in range(3):  # the pass that fails, then the ones that check again
+                        with pytest.raises(ProxyError, match="cannot run nft") as raised:
+                            await reconciler.reconcile(deployed)
+                        reconciler.forget()
+                        assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
+                        assert "haproxy" not in str(raised.value).lower()
+                    assert await mark_at(listen) == b"A"  # what the kernel still does, as said
+                    monkeypatch.undo()  # nft back: the rule follows the deploy
+                    await reconciler.reconcile(deployed)
                     assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
-                    assert "haproxy" not in str(raised.value).lower()
-                assert await mark_at(listen) == b"A"  # what the kernel still does, as said
-                monkeypatch.undo()  # nft back: the rule follows the deploy
-                await reconciler.reconcile(deployed)
-                assert reconciler.planes == {f"127.0.0.1:{listen}": "nat"}
-                assert await mark_at(listen) == b"B"
-                nursery.cancel_scope.cancel()
-    finally:
-        monkeypatch.undo()  # the table is deleted by the nft of the PATH
-        with trio.CancelScope(shield=True):
-            await trio.run_process(
-                ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
-            )
+                    assert await mark_at(listen) == b"B"
+                    nursery.cancel_scope.cancel()
+        finally:
+            monkeypatch.undo()  # the table is deleted by the nft of the PATH
 
 
 async def test_a_marker_nft_cannot_look_at_is_said(tmp_path: Path) -> None:
@@ -605,7 +572,7 @@ async def test_a_marker_nft_cannot_look_at_is_said(tmp_path: Path) -> None:
     table = FakeTable(refuse="cannot run nft (No such file or directory)")
     table.marker = tmp_path / "nat-table"
     table.marker.touch()
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
+    proxy = no_haproxy(tmp_path)
     reconciler = ProxyReconciler(proxy, Engine(), table)
     with pytest.raises(ProxyError, match=r"cannot read or change the NAT \(cannot run nft"):
         await reconciler.reconcile(routes)
@@ -618,29 +585,23 @@ async def test_open_connections_are_the_nats_not_the_machines_on_the_same_port(
     # `:listen "127.0.0.1:L" :port L`: a connection of this machine's to another server on port
     # L (here 127.0.0.2, which the rule does not match) is answered from port L too, but it is
     # not one of the listener's.
-    listen = unused_port()
-    s = spec(f'[{{:listen "127.0.0.1:{listen}" :port {listen}}}]')
-    table = nat.NatTable(f"unit-{uuid.uuid4().hex[:10]}")
-    proxy = haproxy.HAProxy(tmp_path / "p", binary=str(tmp_path / "none"))
-    with contextlib.ExitStack() as sockets:
-        # Listening sockets complete the handshake on their own: established without accept.
-        container, other = (sockets.enter_context(socket.socket()) for _ in range(2))
-        container.bind(("127.0.0.1", 0))
-        other.bind(("127.0.0.2", listen))
-        for server in (container, other):
-            server.listen(8)
-        engine = Published({"c1": container.getsockname()[1]}, target=listen)
-        reconciler = ProxyReconciler(proxy, engine, table)
-        routes = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
-        try:
+    listen = free_port()
+    s = on_loopback(listen, port=listen)
+    proxy = no_haproxy(tmp_path)
+    async with unit_table() as table:
+        with contextlib.ExitStack() as sockets:
+            # Listening sockets complete the handshake on their own: established without accept.
+            container, other = (sockets.enter_context(socket.socket()) for _ in range(2))
+            container.bind(("127.0.0.1", 0))
+            other.bind(("127.0.0.2", listen))
+            for server in (container, other):
+                server.listen(8)
+            engine = Published({"c1": container.getsockname()[1]}, target=listen)
+            reconciler = ProxyReconciler(proxy, engine, table)
+            routes = routes_for(ServiceState(phase=Phase.Stable, desired=s, current=box("c1", s)))
             with trio.fail_after(10):
                 await reconciler.reconcile(routes)
                 sockets.enter_context(socket.create_connection(("127.0.0.1", listen)))
                 sockets.enter_context(socket.create_connection(("127.0.0.2", listen)))
                 await reconciler.reconcile(routes)
                 assert reconciler.connections()[("web", f"127.0.0.1:{listen}")] == (1, 1)
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.run_process(
-                    ["nft", "delete", "table", "ip", table.table], check=False, capture_stderr=True
-                )

@@ -8,14 +8,14 @@ is missing the tests fail, never skip.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from condo.docker import DockerClient, open_docker
-from tests.browser.dashboard import CHROMIUM, BrowserThread, Dashboard
+from tests.browser.dashboard import CHROMIUM, BrowserThread, Dashboard, OpenDashboard
 from tests.integration.harness import CondoUnderTest, condo_files
 
 
@@ -45,7 +45,7 @@ async def condo(tmp_path: Path, docker: DockerClient) -> AsyncIterator[CondoUnde
 @pytest.fixture
 async def open_dashboard(
     browser_thread: BrowserThread,
-) -> AsyncIterator[Callable[[str], Awaitable[Dashboard]]]:
+) -> AsyncIterator[OpenDashboard]:
     """`await open_dashboard(url)` → a Dashboard; every page is closed after the test, and none
     may have thrown an uncaught error or broken its Content-Security-Policy."""
     pages: list[Dashboard] = []

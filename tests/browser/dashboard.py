@@ -9,10 +9,12 @@ cancelled test still ends.
 
 `Dashboard` is one page (in a fresh browser context: no cookies or storage from other tests)
 with the selectors the page promises: `tr[data-service=NAME]`, `td[data-host=HOST]`, the state
-badge `.badge.state`, `#conn` (live / connecting / disconnected / token needed), `#token-form`.
+badge `.badge.state`, `#conn` (live / connecting / disconnected / token needed), `#token-form`,
+the problem chips `#problems button[data-kind=KIND]`.
 
 `serve_condo` runs `condo run` as a child process (tests/integration/harness.py) with its API on
-a fixed loopback port, so that a restarted condo comes back at the same address.
+a fixed loopback port, so that a restarted condo comes back at the same address; with
+`expose_consul(prefix)` among its arguments, it joins the fleet on that Consul prefix.
 
 Chromium starts with the flags that keep it off the network (ENVIRONMENT.md "Browser") and, as
 Playwright does for every launch, with a fresh temporary --user-data-dir.
@@ -24,7 +26,7 @@ import concurrent.futures
 import re
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +59,9 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1400, "height": 800}
 UI_LIMIT = 30_000  # ms: the longest a single Playwright wait may take
 SERVE_LIMIT = 30.0  # s: from spawning condo to its API answering
+
+ONE = "condo-test/busybox:1"  # the test images' (scripts/test-env): one image, then another
+TWO = "condo-test/busybox:2"
 
 
 class BrowserThread:
@@ -148,6 +153,10 @@ class Dashboard:
     def state(self, service: str, host: str | None = None) -> Locator:
         return self.cell(service, host).locator(".badge.state")
 
+    def chip(self, kind: str) -> Locator:
+        """The problem chip of `kind` (`#problems button[data-kind=KIND]`)."""
+        return self.page.locator(f"#problems button[data-kind={css_string(kind)}]")
+
     # --- waiting for what the page shows -------------------------------------------------------
 
     async def expect(self, check: Callable[[], None]) -> None:
@@ -157,6 +166,9 @@ class Dashboard:
     async def expect_state(self, service: str, state: str, host: str | None = None) -> None:
         locator = self.state(service, host)
         await self.expect(lambda: expect(locator).to_have_text(state, timeout=UI_LIMIT))
+
+    async def expect_count(self, locator: Locator, count: int) -> None:
+        await self.expect(lambda: expect(locator).to_have_count(count, timeout=UI_LIMIT))
 
     async def expect_text(self, locator: Locator, pattern: str | re.Pattern[str]) -> None:
         await self.expect(lambda: expect(locator).to_contain_text(pattern, timeout=UI_LIMIT))
@@ -181,6 +193,10 @@ class Dashboard:
 
     def csp_violations(self) -> list[str]:
         return [line for line in self.console if "Content Security Policy" in line]
+
+
+# What the `open_dashboard` fixture (conftest.py) gives a test: `await open_dashboard(url)`.
+OpenDashboard = Callable[[str], Awaitable[Dashboard]]
 
 
 # --- condo as a child process with its API on a fixed port -----------------------------------
@@ -231,6 +247,11 @@ def log_tail(condo: CondoUnderTest, lines: int = 30) -> str:
     if not log.exists():
         return "(no log)"
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def expose_consul(prefix: str) -> tuple[str, ...]:
+    """`serve_condo`'s arguments for a condo that publishes to, and shows, the fleet on `prefix`."""
+    return ("--expose", "consul", "--consul-prefix", prefix)
 
 
 def spec(image: str, *extra: str) -> str:

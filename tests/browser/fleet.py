@@ -8,7 +8,9 @@ a real condo would. Leaving it cancels the publishers, which destroy their sessi
 
 `SimFleet` does the same host by host, for tests that make hosts come and go: `start` (a new
 session: the host is live again), `stop` (its session destroyed, its record kept: unreachable),
-`forget` (its record deleted too: gone, as `condo hosts forget` does).
+`forget` (its record deleted too: gone, as `condo hosts forget` does). `sim_store` is such a
+host's store; `fleet_beside(condo)` a `SimFleet` on a fresh Consul prefix that the test's real
+condo joins (`expose_consul(fleet.layout.prefix)`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from condo.consul import ConsulClient, KeyLayout, Publisher
 from condo.fsm import Box, Phase, ServiceState
 from condo.spec import ServiceSpec
 from condo.store import Store
+from tests.browser.dashboard import stop_condo
+from tests.integration.harness import CondoUnderTest
+from tests.integration.test_consul_session import consul_area
 
 AGENT = "http://127.0.0.1:8500"
 BATCH = 10  # hosts started at a time, as a fleet comes up (bench/multihost.py SIM_BATCH)
@@ -46,17 +51,23 @@ def sim_deploying(service: str, old: str, image: str, created_at: float) -> Serv
     return ServiceState(phase=Phase.Wait, desired=candidate.spec, current=current, next=candidate)
 
 
+def sim_store(host: str, services: dict[str, str], created_at: float) -> Store:
+    """The store of a host running each of `services` (name → image) Stable, settled."""
+    store = Store(host)
+    for name, image in services.items():
+        store.set_state(name, sim_stable(name, image, created_at))
+    store.mark_settled()
+    return store
+
+
 @contextlib.asynccontextmanager
 async def simulated_hosts(
     prefix: str, stem: str, count: int, names: Sequence[str], image: str, created_at: float
 ) -> AsyncIterator[list[Store]]:
     """`count` hosts `<stem>001`... running every one of `names` Stable on `image`."""
     layout = KeyLayout.of(prefix)
-    stores = [Store(f"{stem}{i:03d}") for i in range(1, count + 1)]
-    for store in stores:
-        for name in names:
-            store.set_state(name, sim_stable(name, image, created_at))
-        store.mark_settled()
+    running = dict.fromkeys(names, image)
+    stores = [sim_store(f"{stem}{i:03d}", running, created_at) for i in range(1, count + 1)]
     limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
     async with (
         httpx.AsyncClient(base_url=AGENT, limits=limits, trust_env=False, timeout=10) as http,
@@ -127,3 +138,15 @@ async def sim_fleet(prefix: str) -> AsyncIterator[SimFleet]:
             yield SimFleet(client=ConsulClient(http), layout=KeyLayout.of(prefix), nursery=nursery)
         finally:
             nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def fleet_beside(condo: CondoUnderTest) -> AsyncIterator[SimFleet]:
+    """A `SimFleet` on a fresh Consul prefix, for `condo` to join; leaving it stops `condo`
+    (SIGTERM) first: a condo still running would publish into the prefix as it is deleted."""
+    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
+        try:
+            yield fleet
+        finally:
+            with trio.move_on_after(15, shield=True):
+                await stop_condo(condo, graceful=True)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import attrs
 import trio
-from playwright.sync_api import Locator, expect
+from playwright.sync_api import Locator
 
 from condo.docker import DockerClient, open_docker
 from tests.browser.dashboard import (
-    UI_LIMIT,
     BrowserThread,
     Dashboard,
+    expose_consul,
     free_port,
     serve_condo,
     spec,
@@ -89,7 +89,7 @@ async def take_screenshots(out: Path, thread: BrowserThread, work: Path) -> Shot
             demo_host(work, docker, "node-c") as c,
             trio.open_nursery() as nursery,
         ):
-            exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+            exposing = expose_consul(area.prefix)
             for host in (a, b, c):
                 host.write("web", spec("condo-test/http:1", ":deploy [:After 2]"))
             url = await serve_condo(nursery, a, free_port(), *exposing)
@@ -150,7 +150,7 @@ async def _healthy(
     c.write("web", spec("condo-test/http:2", ":deploy [:After 2]"))
     await page.expect_text(running, re.compile(r"^running condo-test/http:2$"))
     await expect_counts(page, "web", "Stable 3")
-    await page.expect(lambda: expect(web_odd_hosts(page)).to_have_count(0, timeout=UI_LIMIT))
+    await page.expect_count(web_odd_hosts(page), 0)
     await page.expect_conn("live")
 
 

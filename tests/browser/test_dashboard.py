@@ -15,7 +15,6 @@ Each test is capped by `trio.fail_after(CAP)`, and each Playwright wait by UI_LI
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -23,7 +22,7 @@ from playwright.sync_api import expect
 
 from tests.browser.dashboard import (
     UI_LIMIT,
-    Dashboard,
+    OpenDashboard,
     free_port,
     serve_condo,
     spec,
@@ -34,7 +33,6 @@ from tests.integration.harness import CondoUnderTest
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
 CAP = 120
-OpenDashboard = Callable[[str], Awaitable[Dashboard]]
 
 HEALTHY = "condo-test/healthy:{}"
 BUSYBOX = "condo-test/busybox:{}"
@@ -95,18 +93,18 @@ async def test_a_broken_spec_shows_its_error_with_file_and_line(
         # The filter box: by name, by image, by state; nothing matching says so.
         rows = page.page.locator("tr[data-service]")
         await page.fill("#filter", "work")
-        await page.expect(lambda: expect(rows).to_have_count(1, timeout=UI_LIMIT))
+        await page.expect_count(rows, 1)
         await page.expect_text(rows, "worker")
         await page.fill("#filter", "healthy:1")
         await page.expect_text(rows, "web")
         await page.fill("#filter", "no-such-thing")
-        await page.expect(lambda: expect(rows).to_have_count(0, timeout=UI_LIMIT))
+        await page.expect_count(rows, 0)
         await page.expect_text(page.page.locator("#empty"), "No service matches the filter")
         await page.fill("#filter", "")
-        await page.expect(lambda: expect(rows).to_have_count(2, timeout=UI_LIMIT))
+        await page.expect_count(rows, 2)
 
         condo.write("web", spec(HEALTHY.format(1)))
-        await page.expect(lambda: expect(error).to_have_count(0, timeout=UI_LIMIT))
+        await page.expect_count(error, 0)
         await page.expect_text(page.row("web").locator(".timeline"), "spec fixed")
 
 
@@ -167,7 +165,7 @@ async def test_a_restarted_condo_is_shown_disconnected_then_live_again(
         assert await page.evaluate("() => document.body.dataset.conn") == "disconnected"
         # The last picture stays on screen (dimmed) while condo is away.
         rows = page.page.locator("tr[data-service]")
-        await page.expect(lambda: expect(rows).to_have_count(2, timeout=UI_LIMIT))
+        await page.expect_count(rows, 2)
         await page.expect_text(page.page.locator("#engine"), "condo does not answer")
 
         condo.write("cache", spec(BUSYBOX.format(2)))  # appears while the page is away
@@ -176,7 +174,7 @@ async def test_a_restarted_condo_is_shown_disconnected_then_live_again(
         await page.expect_state("web", "Stable")
         await page.expect_state("worker", "Stable")
         await page.expect_state("cache", "Stable")
-        await page.expect(lambda: expect(rows).to_have_count(3, timeout=UI_LIMIT))
+        await page.expect_count(rows, 3)
         await page.expect_text(page.page.locator("#engine"), "ok")
         assert await page.evaluate("() => window.__sameDocument") is True
 

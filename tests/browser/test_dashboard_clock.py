@@ -11,19 +11,17 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 from playwright.sync_api import expect
 
-from tests.browser.dashboard import UI_LIMIT, Dashboard, free_port, serve_condo, spec
+from tests.browser.dashboard import UI_LIMIT, OpenDashboard, free_port, serve_condo, spec
 from tests.integration.harness import CondoUnderTest
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
 CAP = 90
-OpenDashboard = Callable[[str], Awaitable[Dashboard]]
 AHEAD = 3 * 3600  # s: the browser's clock is three hours ahead of condo's
 
 

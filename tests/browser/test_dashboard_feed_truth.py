@@ -18,7 +18,6 @@ import json
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -26,23 +25,23 @@ from playwright.sync_api import WebSocket, expect
 
 from condo.store import Store
 from tests.browser.dashboard import (
+    ONE,
+    TWO,
     UI_LIMIT,
     Dashboard,
+    OpenDashboard,
+    expose_consul,
     free_port,
     serve_condo,
     spec,
     stop_condo,
 )
-from tests.browser.fleet import SimFleet, sim_deploying, sim_fleet, sim_stable
+from tests.browser.fleet import SimFleet, fleet_beside, sim_deploying, sim_stable, sim_store
 from tests.integration.harness import CondoUnderTest
-from tests.integration.test_consul_session import consul_area
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.consul]
 
 CAP = 120
-OpenDashboard = Callable[[str], Awaitable[Dashboard]]
-ONE = "condo-test/busybox:1"
-TWO = "condo-test/busybox:2"
 
 # How far the page reaches beyond the window, and which elements do.
 BEYOND = """() => {
@@ -70,14 +69,6 @@ SHOWN = r"""() => {
 BUSY = "() => { const end = performance.now() + 2500; while (performance.now() < end); }"
 
 
-def sim_store(host: str, services: dict[str, str], born: float) -> Store:
-    store = Store(host)
-    for name, image in services.items():
-        store.set_state(name, sim_stable(name, image, born))
-    store.mark_settled()
-    return store
-
-
 async def go(page: Dashboard, hash_: str) -> None:
     await page.evaluate(f"() => {{ location.hash = {hash_!r}; }}")
 
@@ -88,61 +79,57 @@ async def test_hostile_host_names_are_hosts_like_any_other_within_the_window(
     long_service = "s" + "x" * 120
     long_host = "h" + "y" * 200
     markup = '<img src=x onerror="window.pwned=1">'
-    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
-        try:
-            with trio.fail_after(CAP):
-                born = time.time() - 60
-                condo.write("web", spec(ONE))
-                condo.write(long_service, spec(ONE))
-                first = f"sim-{condo.host[-6:]}-1"
-                await fleet.start(sim_store(first, {"web": ONE}, born))
-                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
-                url = await serve_condo(nursery, condo, free_port(), *exposing)
-                page = await open_dashboard(url)
-                web = page.row("web").locator(".fleet .counts")
-                await page.expect_text(web, "Stable 2")
-                # These come after the page's first picture: in global_delta messages.
-                proto = sim_store("__proto__", {"web": ONE}, born)
-                proto.set_state("web", sim_deploying("web", ONE, TWO, time.time()))
-                for store in [
-                    proto,
-                    sim_store(long_host, {"web": ONE, long_service: ONE}, born),
-                    sim_store(markup, {"web": TWO}, born),
-                ]:
-                    await fleet.start(store)
-                await page.expect_text(web, "Stable 4 Wait 1")
-                await page.expect_text(page.page.locator("#summary"), "5 hosts")
-                odd = page.row("web").locator(".odd-host[data-host='__proto__']")
-                await page.expect_text(odd, f"deploying {TWO}")
-                await go(page, "#/host/__proto__")
-                await page.expect_state("web", "Wait", "__proto__")
-                for hash_ in [f"#/service/{long_service}", f"#/host/{long_host}", "#/"]:
-                    await go(page, hash_)
-                    await page.expect(
-                        lambda: expect(page.page.locator("#rows tr").first).to_be_visible(
-                            timeout=UI_LIMIT
-                        )
+    async with fleet_beside(condo) as fleet:
+        with trio.fail_after(CAP):
+            born = time.time() - 60
+            condo.write("web", spec(ONE))
+            condo.write(long_service, spec(ONE))
+            first = f"sim-{condo.host[-6:]}-1"
+            await fleet.start(sim_store(first, {"web": ONE}, born))
+            exposing = expose_consul(fleet.layout.prefix)
+            url = await serve_condo(nursery, condo, free_port(), *exposing)
+            page = await open_dashboard(url)
+            web = page.row("web").locator(".fleet .counts")
+            await page.expect_text(web, "Stable 2")
+            # These come after the page's first picture: in global_delta messages.
+            proto = sim_store("__proto__", {"web": ONE}, born)
+            proto.set_state("web", sim_deploying("web", ONE, TWO, time.time()))
+            for store in [
+                proto,
+                sim_store(long_host, {"web": ONE, long_service: ONE}, born),
+                sim_store(markup, {"web": TWO}, born),
+            ]:
+                await fleet.start(store)
+            await page.expect_text(web, "Stable 4 Wait 1")
+            await page.expect_text(page.page.locator("#summary"), "5 hosts")
+            odd = page.row("web").locator(".odd-host[data-host='__proto__']")
+            await page.expect_text(odd, f"deploying {TWO}")
+            await go(page, "#/host/__proto__")
+            await page.expect_state("web", "Wait", "__proto__")
+            for hash_ in [f"#/service/{long_service}", f"#/host/{long_host}", "#/"]:
+                await go(page, hash_)
+                await page.expect(
+                    lambda: expect(page.page.locator("#rows tr").first).to_be_visible(
+                        timeout=UI_LIMIT
                     )
-                    beyond = await page.evaluate(BEYOND)
-                    assert beyond == {"scroll": 0, "wide": []}, (hash_, beyond)
-                await go(page, f"#/host/{markup}")
-                await page.expect_state("web", "Stable", markup)
-                # Addresses typed or tampered with: text, or the fleet, never an error.
-                empty, rows = page.page.locator("#empty"), page.page.locator("#rows tr")
-                for hash_, says in [
-                    ("#/host/<script>window.pwned=2</script>", "No host <script>"),
-                    ("#/service/nope", "No host runs nope."),
-                ]:
-                    await go(page, hash_)
-                    await page.expect_text(empty, says)
-                for hash_ in ["#/?page=-1", "#/?page=1e9", "#/service/%E0%A4%A", "#/host/"]:
-                    await go(page, hash_)
-                    await page.expect(lambda: expect(rows).to_have_count(2, timeout=UI_LIMIT))
-                    await page.expect_text(web, "Stable 4 Wait 1")
-                assert await page.evaluate("() => window.pwned === undefined")
-        finally:
-            with trio.move_on_after(15, shield=True):
-                await stop_condo(condo, graceful=True)
+                )
+                beyond = await page.evaluate(BEYOND)
+                assert beyond == {"scroll": 0, "wide": []}, (hash_, beyond)
+            await go(page, f"#/host/{markup}")
+            await page.expect_state("web", "Stable", markup)
+            # Addresses typed or tampered with: text, or the fleet, never an error.
+            empty, rows = page.page.locator("#empty"), page.page.locator("#rows tr")
+            for hash_, says in [
+                ("#/host/<script>window.pwned=2</script>", "No host <script>"),
+                ("#/service/nope", "No host runs nope."),
+            ]:
+                await go(page, hash_)
+                await page.expect_text(empty, says)
+            for hash_ in ["#/?page=-1", "#/?page=1e9", "#/service/%E0%A4%A", "#/host/"]:
+                await go(page, hash_)
+                await page.expect_count(rows, 2)
+                await page.expect_text(web, "Stable 4 Wait 1")
+            assert await page.evaluate("() => window.pwned === undefined")
 
 
 async def test_a_page_that_applied_every_change_shows_what_a_fresh_page_shows(
@@ -150,43 +137,39 @@ async def test_a_page_that_applied_every_change_shows_what_a_fresh_page_shows(
 ) -> None:
     chance = random.Random(17)
     names = ["api", "db", "web"]
-    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
-        try:
-            with trio.fail_after(CAP):
-                condo.write("web", spec(ONE))
-                port = free_port()
-                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
-                url = await serve_condo(nursery, condo, port, *exposing)
-                stem = f"sim-{condo.host[-6:]}-"
-                stores = {
-                    f"{stem}{i}": sim_store(f"{stem}{i}", dict.fromkeys(names, ONE), time.time())
-                    for i in range(6)
-                }
-                for store in list(stores.values())[:3]:
-                    await fleet.start(store)
-                page = await open_dashboard(url)
-                await page.expect_text(page.row("web").locator(".fleet .counts"), "Stable 4")
-                for step in range(30):
-                    if step == 15:  # condo restarts in the middle: the page reconnects
-                        await stop_condo(condo)
-                        await serve_condo(nursery, condo, port, *exposing)
-                    await _change(chance, fleet, stores, names)
-                await _settled(fleet, stores)
-                fresh = await open_dashboard(url)
-                views = ["#/", "#/?problems=any", "#/?problems=unreachable"]
-                views += [f"#/service/{name}" for name in names]
-                views += [f"#/host/{host}" for host in sorted(stores)]
-                for view in views:
-                    await go(page, view)
-                    await go(fresh, view)
-                    # Either page may be a read of Consul behind: they must agree soon after.
-                    with trio.move_on_after(UI_LIMIT / 1000):
-                        while (shown := await page.evaluate(SHOWN)) != await fresh.evaluate(SHOWN):
-                            await trio.sleep(0.2)
-                    assert shown == await fresh.evaluate(SHOWN), view
-        finally:
-            with trio.move_on_after(15, shield=True):
-                await stop_condo(condo, graceful=True)
+    async with fleet_beside(condo) as fleet:
+        with trio.fail_after(CAP):
+            condo.write("web", spec(ONE))
+            port = free_port()
+            exposing = expose_consul(fleet.layout.prefix)
+            url = await serve_condo(nursery, condo, port, *exposing)
+            stem = f"sim-{condo.host[-6:]}-"
+            stores = {
+                f"{stem}{i}": sim_store(f"{stem}{i}", dict.fromkeys(names, ONE), time.time())
+                for i in range(6)
+            }
+            for store in list(stores.values())[:3]:
+                await fleet.start(store)
+            page = await open_dashboard(url)
+            await page.expect_text(page.row("web").locator(".fleet .counts"), "Stable 4")
+            for step in range(30):
+                if step == 15:  # condo restarts in the middle: the page reconnects
+                    await stop_condo(condo)
+                    await serve_condo(nursery, condo, port, *exposing)
+                await _change(chance, fleet, stores, names)
+            await _settled(fleet, stores)
+            fresh = await open_dashboard(url)
+            views = ["#/", "#/?problems=any", "#/?problems=unreachable"]
+            views += [f"#/service/{name}" for name in names]
+            views += [f"#/host/{host}" for host in sorted(stores)]
+            for view in views:
+                await go(page, view)
+                await go(fresh, view)
+                # Either page may be a read of Consul behind: they must agree soon after.
+                with trio.move_on_after(UI_LIMIT / 1000):
+                    while (shown := await page.evaluate(SHOWN)) != await fresh.evaluate(SHOWN):
+                        await trio.sleep(0.2)
+                assert shown == await fresh.evaluate(SHOWN), view
 
 
 async def _change(
@@ -231,75 +214,65 @@ async def _settled(fleet: SimFleet, stores: dict[str, Store]) -> None:
 async def test_a_condo_back_without_consul_leaves_no_other_host_on_the_page(
     condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
 ) -> None:
-    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
-        try:
-            with trio.fail_after(CAP):
-                condo.write("web", spec(ONE))
-                await fleet.start(sim_store(f"sim-{condo.host[-6:]}-1", {"remote": ONE}, 0))
-                port = free_port()
-                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
-                await serve_condo(nursery, condo, port, *exposing)
-                page = await open_dashboard(f"http://127.0.0.1:{port}")
-                await page.expect_state("remote", "Stable")
-                await page.expect_text(page.page.locator("#summary"), "2 services · 2 hosts")
-                await stop_condo(condo, graceful=True)
-                await serve_condo(nursery, condo, port)  # without --expose consul
-                await page.expect_conn("live")
-                alone = re.compile(r"^1 service\b")  # no "· 2 hosts"
-                summary = page.page.locator("#summary")
-                await page.expect(lambda: expect(summary).to_have_text(alone, timeout=UI_LIMIT))
-                remote = page.row("remote")
-                await page.expect(lambda: expect(remote).to_have_count(0, timeout=UI_LIMIT))
-        finally:
-            with trio.move_on_after(15, shield=True):
-                await stop_condo(condo, graceful=True)
+    async with fleet_beside(condo) as fleet:
+        with trio.fail_after(CAP):
+            condo.write("web", spec(ONE))
+            await fleet.start(sim_store(f"sim-{condo.host[-6:]}-1", {"remote": ONE}, 0))
+            port = free_port()
+            exposing = expose_consul(fleet.layout.prefix)
+            await serve_condo(nursery, condo, port, *exposing)
+            page = await open_dashboard(f"http://127.0.0.1:{port}")
+            await page.expect_state("remote", "Stable")
+            await page.expect_text(page.page.locator("#summary"), "2 services · 2 hosts")
+            await stop_condo(condo, graceful=True)
+            await serve_condo(nursery, condo, port)  # without --expose consul
+            await page.expect_conn("live")
+            alone = re.compile(r"^1 service\b")  # no "· 2 hosts"
+            summary = page.page.locator("#summary")
+            await page.expect(lambda: expect(summary).to_have_text(alone, timeout=UI_LIMIT))
+            await page.expect_count(page.row("remote"), 0)
 
 
 async def test_a_burst_of_messages_is_drawn_once_not_once_per_message(
     condo: CondoUnderTest, nursery: trio.Nursery, open_dashboard: OpenDashboard
 ) -> None:
-    async with consul_area() as area, sim_fleet(area.prefix) as fleet:
-        try:
-            with trio.fail_after(CAP):
-                condo.write("web", spec(ONE))
-                stores = [
-                    sim_store(f"sim-{condo.host[-6:]}-{i}", {"web": ONE}, time.time())
-                    for i in range(8)
-                ]
+    async with fleet_beside(condo) as fleet:
+        with trio.fail_after(CAP):
+            condo.write("web", spec(ONE))
+            stores = [
+                sim_store(f"sim-{condo.host[-6:]}-{i}", {"web": ONE}, time.time()) for i in range(8)
+            ]
+            for store in stores:
+                await fleet.start(store)
+            exposing = expose_consul(fleet.layout.prefix)
+            url = await serve_condo(nursery, condo, free_port(), *exposing)
+            deltas: list[int] = []  # the size of every global_delta the page got
+
+            def count(payload: str | bytes) -> None:
+                if '"type":"global_delta"' in str(payload):
+                    deltas.append(len(payload))
+
+            def record(ws: WebSocket) -> None:
+                ws.on("framereceived", count)
+
+            page = await open_dashboard("about:blank")
+            await page.thread.call(lambda: page.page.on("websocket", record))
+            await page.thread.call(page.page.goto, url)
+            counts = page.row("web").locator(".fleet .counts")
+            await page.expect_text(counts, "Stable 9")
+            renders = "() => performance.getEntriesByName('condo:render').length"
+            before, sent = await page.evaluate(renders), len(deltas)
+            # The page's thread is busy (a long task) while the fleet changes host by host:
+            # the messages wait for it, then come in a burst.
+            async with trio.open_nursery() as busy:
+                busy.start_soon(page.evaluate, BUSY)
+                await trio.sleep(0.3)
                 for store in stores:
-                    await fleet.start(store)
-                exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
-                url = await serve_condo(nursery, condo, free_port(), *exposing)
-                deltas: list[int] = []  # the size of every global_delta the page got
-
-                def count(payload: str | bytes) -> None:
-                    if '"type":"global_delta"' in str(payload):
-                        deltas.append(len(payload))
-
-                def record(ws: WebSocket) -> None:
-                    ws.on("framereceived", count)
-
-                page = await open_dashboard("about:blank")
-                await page.thread.call(lambda: page.page.on("websocket", record))
-                await page.thread.call(page.page.goto, url)
-                counts = page.row("web").locator(".fleet .counts")
-                await page.expect_text(counts, "Stable 9")
-                renders = "() => performance.getEntriesByName('condo:render').length"
-                before, sent = await page.evaluate(renders), len(deltas)
-                # The page's thread is busy (a long task) while the fleet changes host by host:
-                # the messages wait for it, then come in a burst.
-                async with trio.open_nursery() as busy:
-                    busy.start_soon(page.evaluate, BUSY)
-                    await trio.sleep(0.3)
-                    for store in stores:
-                        store.set_state("web", sim_deploying("web", ONE, TWO, time.time()))
-                        await trio.sleep(0.2)
-                await page.expect_text(counts, "Stable 1 Wait 8")
-                drawn = await page.evaluate(renders) - before
-                burst = len(deltas) - sent
-                print(f"\n{burst} global_delta messages in the burst, drawn in {drawn} renders")
-                assert burst >= 4, burst
-                assert drawn * 2 <= burst, (drawn, burst)
-        finally:
-            with trio.move_on_after(15, shield=True):
-                await stop_condo(condo, graceful=True)
+                    store.set_state("web", sim_deploying("web", ONE, TWO, time.time()))
+                    await trio.sleep(0.2)
+            await page.expect_text(counts, "Stable 1 Wait 8")
+            drawn = await page.evaluate(renders) - before
+            burst = len(deltas) - sent
+            print(f"\n{burst} global_delta messages in the burst, drawn in {drawn} renders")
+            assert burst >= 4, burst
+            assert drawn * 2 <= burst, (drawn, burst)

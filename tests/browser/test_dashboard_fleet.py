@@ -18,7 +18,6 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,13 @@ from playwright.sync_api import Locator, WebSocket, expect
 
 from condo.docker import DockerClient
 from tests.browser.dashboard import (
+    ONE,
+    TWO,
     UI_LIMIT,
     Dashboard,
+    OpenDashboard,
     css_string,
+    expose_consul,
     free_port,
     serve_condo,
     spec,
@@ -42,10 +45,7 @@ from tests.integration.test_consul_session import consul_area
 pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.consul]
 
 CAP = 120
-OpenDashboard = Callable[[str], Awaitable[Dashboard]]
 
-ONE = "condo-test/busybox:1"
-TWO = "condo-test/busybox:2"
 BROKEN = '{:spec {:Image "condo-test/busybox:1"\n        :Labels {"condo.mine" "x"}}}\n'
 UNHEALTHY = spec("condo-test/unhealthy:1", ":health-timeout 2")
 
@@ -60,10 +60,6 @@ OUTSIDE = f"""() => {{
 }}"""
 
 
-def chip(page: Dashboard, kind: str) -> Locator:
-    return page.page.locator(f"#problems button[data-kind={css_string(kind)}]")
-
-
 async def click(page: Dashboard, locator: Locator) -> None:
     await page.thread.call(locator.click)
 
@@ -71,7 +67,7 @@ async def click(page: Dashboard, locator: Locator) -> None:
 async def expect_rows(page: Dashboard, names: list[str]) -> None:
     """The view shows exactly the rows of `names`, in that order."""
     rows = page.page.locator("#rows tr")
-    await page.expect(lambda: expect(rows).to_have_count(len(names), timeout=UI_LIMIT))
+    await page.expect_count(rows, len(names))
     for i, name in enumerate(names):
         await page.expect(functools.partial(_row_is, rows.nth(i), name))
 
@@ -103,7 +99,7 @@ async def test_a_fleet_of_real_hosts_problems_first_drill_down_and_back(
             others.append(
                 await stack.enter_async_context(condo_files(tmp_path / f"other{i}", docker))
             )
-        exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+        exposing = expose_consul(area.prefix)
         try:
             with trio.fail_after(CAP):
                 await _fleet(condo, others, exposing, nursery, open_dashboard)
@@ -148,10 +144,10 @@ async def _fleet(
     )
     await page.expect_text(page.page.locator("#summary"), "4 hosts")
     # The chips count every problem; "problems only" keeps the rows with one.
-    await page.expect_text(chip(page, "spec"), "1 spec error")
-    await page.expect_text(chip(page, "failed"), "1 failed deploy")
+    await page.expect_text(page.chip("spec"), "1 spec error")
+    await page.expect_text(page.chip("failed"), "1 failed deploy")
     await assert_nothing_beyond_the_window(page)
-    await click(page, chip(page, "any"))
+    await click(page, page.chip("any"))
     await expect_hash(page, r"#/\?problems=any$")
     await expect_rows(page, ["api", "worker"])
 
@@ -160,22 +156,22 @@ async def _fleet(
     await page.expect_text(web.locator(".fleet .counts"), "Stable 3 unreachable 1")
     gone = web.locator(f".odd-host[data-host={css_string(leaving.host)}]")
     await page.expect_text(gone, re.compile(r"unreachable last seen \d+s ago"))
-    await page.expect_text(chip(page, "unreachable"), "1 unreachable host")
+    await page.expect_text(page.chip("unreachable"), "1 unreachable host")
     newest = web.locator(".timeline .event").first
     await page.expect_text(newest.locator(".ev-host"), leaving.host)
     await page.expect_text(newest.locator(".why"), "host unreachable")
     await expect_rows(page, ["api", "web", "worker"])
-    await click(page, chip(page, "unreachable"))  # one kind alone
+    await click(page, page.chip("unreachable"))  # one kind alone
     await expect_rows(page, ["web"])
     await assert_nothing_beyond_the_window(page)
 
     # Drill down: the service, a row per host (problems first), then one host's services.
-    await click(page, chip(page, "unreachable"))  # off again
+    await click(page, page.chip("unreachable"))  # off again
     await expect_hash(page, r"#/$")
     await click(page, web.locator("th.name button.link"))
     await expect_hash(page, r"#/service/web$")
     hosts = page.page.locator("#rows tr")
-    await page.expect(lambda: expect(hosts).to_have_count(4, timeout=UI_LIMIT))
+    await page.expect_count(hosts, 4)
     assert await page.thread.call(hosts.first.get_attribute, "data-host") == leaving.host
     await page.expect_state("web", "unreachable", host=leaving.host)
     await page.expect_text(page.cell("web", drifting.host), TWO)
@@ -191,11 +187,11 @@ async def _fleet(
     # Back, back: the service, then the fleet; a reload keeps the view it is on.
     await page.thread.call(page.page.go_back)
     await expect_hash(page, r"#/service/web$")
-    await page.expect(lambda: expect(hosts).to_have_count(4, timeout=UI_LIMIT))
+    await page.expect_count(hosts, 4)
     await page.thread.call(page.page.reload)
     await page.expect_conn("live")
     await page.expect_text(page.page.locator("#crumbs"), "service web")
-    await page.expect(lambda: expect(hosts).to_have_count(4, timeout=UI_LIMIT))
+    await page.expect_count(hosts, 4)
     await page.thread.call(page.page.go_back)
     await expect_hash(page, r"#/$")
     await page.expect_text(web.locator(".fleet .counts"), "Stable 3 unreachable 1")
@@ -225,9 +221,7 @@ async def _hundred(
     born = time.time() - 60
     stem = f"sim-{condo.host[-6:]}-"
     async with simulated_hosts(prefix, stem, SIM_HOSTS, SIM_SERVICES, ONE, born) as stores:
-        url = await serve_condo(
-            nursery, condo, free_port(), "--expose", "consul", "--consul-prefix", prefix
-        )
+        url = await serve_condo(nursery, condo, free_port(), *expose_consul(prefix))
         # Every frame the page gets, and its size (Playwright's websocket events).
         frames: list[str] = []
 
@@ -240,7 +234,7 @@ async def _hundred(
         m00 = page.row("m00")
         await page.expect_text(m00.locator(".fleet .counts"), f"Stable {SIM_HOSTS + 1}")
         rows = page.page.locator("#rows tr")
-        await page.expect(lambda: expect(rows).to_have_count(len(SIM_SERVICES), timeout=UI_LIMIT))
+        await page.expect_count(rows, len(SIM_SERVICES))
         await page.expect_text(page.page.locator("#summary"), f"{SIM_HOSTS + 1} hosts")
         first_fleet = await page.evaluate(
             "() => performance.getEntriesByName('condo:first-fleet')[0].startTime"
@@ -278,7 +272,7 @@ async def _hundred(
         await click(page, page.row("m07").locator("th.name button.link"))
         await page.expect_text(page.page.locator("#pager"), f"rows 1\u201325 of {SIM_HOSTS}")
         shown = page.page.locator("#rows tr")
-        await page.expect(lambda: expect(shown).to_have_count(25, timeout=UI_LIMIT))
+        await page.expect_count(shown, 25)
         assert await page.thread.call(shown.first.get_attribute, "data-host") == moving.host
         await click(page, page.page.locator("#pager button", has_text="next"))
         await expect_hash(page, r"#/service/m07\?page=2$")

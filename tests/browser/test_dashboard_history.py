@@ -11,19 +11,17 @@ Capped by `trio.fail_after(CAP)`, each Playwright wait by UI_LIMIT.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 from playwright.sync_api import Locator, expect
 
-from tests.browser.dashboard import UI_LIMIT, Dashboard, free_port, serve_condo
+from tests.browser.dashboard import UI_LIMIT, Dashboard, OpenDashboard, free_port, serve_condo
 from tests.integration.harness import CondoUnderTest
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker]
 
 CAP = 90
-OpenDashboard = Callable[[str], Awaitable[Dashboard]]
 
 # The registry's copy (pulled when a test removed the local one): it has a digest, which the
 # revert pins.
@@ -79,7 +77,7 @@ async def test_a_reverted_deploy_and_the_history_show_and_survive_a_reload(
         countdown = probation.locator(".countdown")
         before = await page.text(countdown)
         await page.expect(lambda: expect(countdown).not_to_have_text(before, timeout=UI_LIMIT))
-        await page.expect(lambda: expect(probation).to_have_count(0, timeout=UI_LIMIT))
+        await page.expect_count(probation, 0)
 
         condo.write("web", DIES_SOON)
         cell = page.cell("web")
@@ -107,14 +105,14 @@ async def test_a_reverted_deploy_and_the_history_show_and_survive_a_reload(
         # The page-built transitions start over with the new page (none seen yet): what the
         # timeline shows came from condo.
         transitions = page.row("web").locator(".timeline .events")
-        await page.expect(lambda: expect(transitions).to_have_count(0, timeout=UI_LIMIT))
+        await page.expect_count(transitions, 0)
 
         # The revert is a problem: its chip counts it and filters by it.
         chip = page.page.locator("#problems button[data-kind=reverted]")
         await page.expect_text(chip, "1 reverted")
         await page.thread.call(chip.click)
         rows = page.page.locator("#rows tr")
-        await page.expect(lambda: expect(rows).to_have_count(1, timeout=UI_LIMIT))
+        await page.expect_count(rows, 1)
         await page.expect_text(page.row("web"), "reverted")
 
         # The service's own view shows its whole history, and again after a reload.

@@ -13,18 +13,17 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
-from playwright.sync_api import expect
 
 from condo.docker import DockerClient
 from tests.browser.dashboard import (
-    UI_LIMIT,
-    Dashboard,
+    ONE,
+    OpenDashboard,
     css_string,
+    expose_consul,
     free_port,
     serve_condo,
     spec,
@@ -37,8 +36,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.consul, pytes
 
 CAP = 240
 HOSTS = 20
-OpenDashboard = Callable[[str], Awaitable[Dashboard]]
-ONE = "condo-test/busybox:1"
 
 BEYOND = """() => document.documentElement.scrollWidth - document.documentElement.clientWidth"""
 
@@ -58,7 +55,7 @@ async def test_the_fleet_view_with_twenty_real_hosts(
             others.append(
                 await stack.enter_async_context(condo_files(tmp_path / f"other{i}", docker))
             )
-        exposing = ("--expose", "consul", "--consul-prefix", area.prefix)
+        exposing = expose_consul(area.prefix)
         try:
             with trio.fail_after(CAP):
                 for one in (condo, *others):
@@ -86,7 +83,7 @@ async def test_the_fleet_view_with_twenty_real_hosts(
 
                 await page.thread.call(web.locator("th.name button.link").click)
                 rows = page.page.locator("#rows tr")
-                await page.expect(lambda: expect(rows).to_have_count(HOSTS, timeout=UI_LIMIT))
+                await page.expect_count(rows, HOSTS)
                 assert await page.thread.call(rows.first.get_attribute, "data-host") == leaving.host
                 assert await page.evaluate(BEYOND) == 0
         finally:

@@ -46,6 +46,56 @@ async def proxy_containers(docker: DockerClient, host: str) -> list[ContainerId]
     return [row.id for row in await docker.list_containers(labels={PROXY_LABEL: host})]
 
 
+async def first_condo_serving_one(
+    docker_cli: DockerCli,
+    image: str,
+    site: Site,
+    container_labels: Mapping[str, str],
+    port: int,
+    *run_args: str,
+) -> ContainerId:
+    """condo's first container (started by hand, more `docker run` arguments if given), its
+    workload "one" answering through the listener on `port`."""
+    first = await start_first_condo(docker_cli, image, site, container_labels, *run_args)
+    (site.specs / "web.edn").write_text(spec("one", port))
+    await site.wait_stable("web", limit=90)
+    await wait_answer(port, "one", limit=60)
+    return first
+
+
+async def self_deploy_under_load(
+    docker: DockerClient, site: Site, port: int, first: ContainerId, successor: str
+) -> None:
+    """condo (`first`) self-deploys to the `successor` self spec while a poller GETs through
+    the listener on `port` and one slow request is open; then a deploy through the successor
+    switches "one" to "two". No request may fail; the slow one is answered by "one", the
+    container it reached."""
+    poller = Poller(port)
+    slow_answer: list[str] = []
+
+    async def slow_get() -> None:
+        slow_answer.append(await get(port, "/cgi-bin/slow"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poller.run)
+        nursery.start_soon(slow_get)
+        await trio.sleep(0.3)  # the slow request is in
+        (site.specs / "self.edn").write_text(successor)
+        while (await docker.inspect(first)).running:
+            await trio.sleep(0.2)
+        # The successor routes: a deploy switches.
+        (site.specs / "web.edn").write_text(spec("two", port))
+        await wait_answer(port, "two", limit=90)
+        while not slow_answer:
+            await trio.sleep(0.05)
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+
+    assert poller.failures == []
+    assert slow_answer == ["one"]
+    assert collapse(poller.answers) == ["one", "two"]
+
+
 async def test_condo_in_a_container_self_deploys_under_load_through_its_proxy(
     condo_image: str,
     docker: DockerClient,
@@ -60,10 +110,9 @@ async def test_condo_in_a_container_self_deploys_under_load_through_its_proxy(
         async with open_site(tmp_path, docker) as site:
             port = free_port()
             with trio.fail_after(180):
-                first = await start_first_condo(docker_cli, condo_image, site, container_labels)
-                (site.specs / "web.edn").write_text(spec("one", port))
-                await site.wait_stable("web", limit=90)
-                await wait_answer(port, "one", limit=60)
+                first = await first_condo_serving_one(
+                    docker_cli, condo_image, site, container_labels, port
+                )
 
                 # HAProxy is a container of condo's image, with host networking.
                 [proxy_id] = await proxy_containers(docker, site.host)
@@ -71,30 +120,8 @@ async def test_condo_in_a_container_self_deploys_under_load_through_its_proxy(
                 assert proxy.running and proxy.image_id == (await docker.inspect(first)).image_id
                 started = await docker_cli("inspect", "-f", "{{.State.StartedAt}}", proxy_id)
 
-                poller = Poller(port)
-                slow_answer: list[str] = []
-
-                async def slow_get() -> None:
-                    slow_answer.append(await get(port, "/cgi-bin/slow"))
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(poller.run)
-                    nursery.start_soon(slow_get)
-                    await trio.sleep(0.3)  # the slow request is in
-                    (site.specs / "self.edn").write_text(site.self_spec(second_tag))
-                    while (await docker.inspect(first)).running:
-                        await trio.sleep(0.2)
-                    # The successor adopted HAProxy and routes: a deploy switches.
-                    (site.specs / "web.edn").write_text(spec("two", port))
-                    await wait_answer(port, "two", limit=90)
-                    while not slow_answer:
-                        await trio.sleep(0.05)
-                    await trio.sleep(0.3)
-                    nursery.cancel_scope.cancel()
-
-                assert poller.failures == []
-                assert slow_answer == ["one"]
-                assert collapse(poller.answers) == ["one", "two"]
+                # The successor adopts HAProxy and routes.
+                await self_deploy_under_load(docker, site, port, first, site.self_spec(second_tag))
                 assert await proxy_containers(docker, site.host) == [proxy_id]
                 # Never restarted: the same process served throughout.
                 assert (
@@ -122,52 +149,23 @@ async def test_condo_in_a_host_network_container_self_deploys_on_its_nat(
     try:
         async with open_site(tmp_path, docker) as site:
             port = free_port()
-            label_args = [a for k, v in container_labels.items() for a in ("--label", f"{k}={v}")]
             with trio.fail_after(180):
-                first = await docker_cli(
-                    "run", "-d", *label_args, "--network", "host", "--cap-add", "NET_ADMIN",
-                    "-v", "/var/run/docker.sock:/var/run/docker.sock",
-                    "-v", f"{site.specs}:/var/lib/condo",
-                    "-e", f"CONDO_HOST={site.host}", "-e", "CONDO_SERVER=off",
-                    condo_image,
+                first = await first_condo_serving_one(
+                    docker_cli, condo_image, site, container_labels, port,
+                    "--network", "host", "--cap-add", "NET_ADMIN",
                 )  # fmt: skip
-                (site.specs / "web.edn").write_text(spec("one", port))
-                await site.wait_stable("web", limit=90)
-                await wait_answer(port, "one", limit=60)
                 # The kernel's NAT carries the listener: condo's table, no HAProxy container.
                 assert "dnat to 127.0.0.1:" in await nat_table(site.host)
                 assert await proxy_containers(docker, site.host) == []
 
-                poller = Poller(port)
-                slow_answer: list[str] = []
-
-                async def slow_get() -> None:
-                    slow_answer.append(await get(port, "/cgi-bin/slow"))
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(poller.run)
-                    nursery.start_soon(slow_get)
-                    await trio.sleep(0.3)  # the slow request is in
-                    (site.specs / "self.edn").write_text(
-                        f'{{:Image "{second_tag}" :Env ["CONDO_SERVER=off"]\n'
-                        ' :HostConfig {:NetworkMode "host" :CapAdd ["NET_ADMIN"]\n'
-                        '              :Binds ["/var/run/docker.sock:/var/run/docker.sock"\n'
-                        f'                      "{site.specs}:/var/lib/condo"]}}}}\n'
-                    )
-                    while (await docker.inspect(ContainerId(first.strip()))).running:
-                        await trio.sleep(0.2)
-                    # The successor rewrote the table from its store and routes: a deploy
-                    # switches.
-                    (site.specs / "web.edn").write_text(spec("two", port))
-                    await wait_answer(port, "two", limit=90)
-                    while not slow_answer:
-                        await trio.sleep(0.05)
-                    await trio.sleep(0.3)
-                    nursery.cancel_scope.cancel()
-
-                assert poller.failures == []
-                assert slow_answer == ["one"]
-                assert collapse(poller.answers) == ["one", "two"]
+                # The successor rewrites the table from its store and routes.
+                successor = (
+                    f'{{:Image "{second_tag}" :Env ["CONDO_SERVER=off"]\n'
+                    ' :HostConfig {:NetworkMode "host" :CapAdd ["NET_ADMIN"]\n'
+                    '              :Binds ["/var/run/docker.sock:/var/run/docker.sock"\n'
+                    f'                      "{site.specs}:/var/lib/condo"]}}}}\n'
+                )
+                await self_deploy_under_load(docker, site, port, first, successor)
                 assert await proxy_containers(docker, site.host) == []
     finally:
         if site is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from condo.docker.models import Container, parse_container
+from condo.docker.models import Container
 from condo.errors import ProxyError
 from condo.fsm import Box, Phase, ServiceState
 from condo.proxy import haproxy, reconcile
@@ -27,6 +27,7 @@ from condo.routes import Route, desired_routes
 from condo.spec import ServiceSpec, parse_spec
 from condo.store import Store
 from tests.integration.harness import free_port
+from tests.proxy_support import inspected, published_on_loopback
 
 pytestmark = pytest.mark.docker  # the provisioned test environment: its haproxy
 
@@ -38,19 +39,7 @@ class Backends:
         self.ports: dict[str, int] = {}
 
     async def inspect(self, cid_or_name: str) -> Container:
-        port = self.ports[cid_or_name]
-        return parse_container(
-            {
-                "Id": cid_or_name,
-                "Created": "2026-01-01T00:00:00.000000000Z",
-                "Config": {},
-                "State": {"Running": True},
-                "HostConfig": {},
-                "NetworkSettings": {
-                    "Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
-                },
-            }
-        )
+        return inspected(cid_or_name, published_on_loopback(self.ports[cid_or_name]))
 
     async def serve(self, nursery: trio.Nursery, cid: str) -> None:
         """A container `cid`: answers its id on every connection."""

@@ -115,11 +115,16 @@ async def site(tmp_path: Path, docker: DockerClient) -> AsyncIterator[Site]:
 
 
 async def start_first_condo(
-    docker_cli: DockerCli, image: str, site: Site, container_labels: Mapping[str, str]
+    docker_cli: DockerCli,
+    image: str,
+    site: Site,
+    container_labels: Mapping[str, str],
+    *run_args: str,
 ) -> ContainerId:
+    """condo's first container, started by hand (`docker run`, more `run_args` if given)."""
     label_args = [a for k, v in container_labels.items() for a in ("--label", f"{k}={v}")]
     out = await docker_cli(
-        "run", "-d", *label_args,
+        "run", "-d", *label_args, *run_args,
         "-v", "/var/run/docker.sock:/var/run/docker.sock",
         "-v", f"{site.specs}:/var/lib/condo",
         "-e", f"CONDO_HOST={site.host}", "-e", "CONDO_SERVER=off",
