@@ -22,7 +22,7 @@ import condo
 from condo.config import Config
 from condo.consul import Acquire, ConsulClient, KeyLayout, decode_value, encode_value
 from condo.consul.client import SessionId, open_consul_client, parse_endpoint
-from condo.consul.layout import ForeignValue, check_name
+from condo.consul.layout import OBJECT_FIELDS, ForeignValue, check_name
 from condo.errors import ConfigError, ConsulError
 from condo.run import run_condo
 
@@ -80,7 +80,11 @@ json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
 @given(
     service=segment,
     host=segment,
-    extra=st.dictionaries(st.text(max_size=10), json_leaf, max_size=5),
+    # Not a field readers read into (`reverted`...): a leaf there is a foreign value, refused on
+    # purpose (tests/test_redteam_red12.py). Hypothesis draws the code's own string literals.
+    extra=st.dictionaries(
+        st.text(max_size=10).filter(lambda k: k not in OBJECT_FIELDS), json_leaf, max_size=5
+    ),
     at=st.floats(min_value=0, max_value=4e9),
 )
 def test_values_round_trip(service: str, host: str, extra: dict[str, Any], at: float) -> None:
