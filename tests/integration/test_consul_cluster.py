@@ -35,8 +35,10 @@ pytestmark = pytest.mark.consul
 TTL = "10s"  # Consul's minimum session TTL
 KEY_GONE_LIMIT = 30.0  # partition -> the session's key deleted, seen through another client
 # heal -> the cut-off client an alive member again, by Serf alone: measured from 0.2 s to ~29 s
-# (at worst Serf's next reconnect attempt, a fixed 30 s interval).
-HEAL_LIMIT = 40.0
+# (Serf's next reconnect attempt, a fixed 30 s interval), once over 40 s in CI: an attempt can
+# land just before the heal or go to a peer that is slow to answer, and the next is 30 s later.
+# Two intervals and a margin: the limit says "comes back by itself", not how fast.
+HEAL_LIMIT = 75.0
 REJOIN_LIMIT = 5.0  # heal + `consul join` -> alive
 ELECTION_LIMIT = 20.0  # leader killed -> a new leader
 RENEW_DELAY = 2.0  # how often the holder renews its session (well inside the TTL)
