@@ -140,6 +140,19 @@ def test_open_connections_are_the_established_ones_the_nat_sent_on() -> None:
     assert nat.open_connections(CONNTRACK, {"m": ("", 9090, replies)}) == {"m": 0}
 
 
+def test_the_kernel_table_is_read_and_parsed_in_one_blocking_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (The proxy pass runs it in a worker thread: the file can be megabytes on a busy host.)
+    replies = frozenset({("127.0.0.1", 32768), ("127.0.0.1", 32760)})
+    table = tmp_path / "nf_conntrack"
+    table.write_text(CONNTRACK)
+    monkeypatch.setattr(nat, "CONNTRACK", str(table))
+    assert nat.read_open_connections({"l": ("127.0.0.1", 8080, replies)}) == {"l": 2}
+    monkeypatch.setattr(nat, "CONNTRACK", str(tmp_path / "absent"))  # a kernel without it
+    assert nat.read_open_connections({"l": ("127.0.0.1", 8080, replies)}) == {"l": 0}
+
+
 def test_inspect_gives_the_address_and_network_mode() -> None:
     def parsed(network: dict[str, object], mode: str) -> Container:
         return inspected("abc", network, {"NetworkMode": mode})

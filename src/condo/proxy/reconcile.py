@@ -315,11 +315,8 @@ class ProxyReconciler:
         for name, key in self._nat_services.items():
             # (A count lower than the last: the table was deleted and written again.)
             self.counts.read("nat", name, key, counts.get(name, 0))
-        try:
-            text = await trio.to_thread.run_sync(Path(nat.CONNTRACK).read_text)
-        except OSError:  # no conntrack in /proc (a kernel built without it): none open known
-            text = ""
-        self._nat_open = nat.open_connections(text, self._nat_ports)
+        # Read and parsed in a worker thread: this pass runs at every store change.
+        self._nat_open = await trio.to_thread.run_sync(nat.read_open_connections, self._nat_ports)
 
     async def _reconcile_haproxy(
         self, routes: Sequence[Route], looked: dict[str, Container | None]
