@@ -9,6 +9,7 @@ evidence that condo works with Consul: tests/integration/test_consul_*.py are.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -47,7 +48,7 @@ from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.waiting import UNREACHABLE, Picture, evaluate
-from tests.consul_support import open_crowd, stable, until_pictured
+from tests.consul_support import asking, open_crowd, stable, until_pictured
 
 HOST = "h1"
 LAYOUT = KeyLayout.of("condo")
@@ -186,7 +187,30 @@ class FakeConsul:
                 return httpx.Response(200, text="true")
             case "GET", ["kv", *parts]:
                 return await self._read("/".join(parts), request.url.params)
+            case "PUT", ["txn"]:
+                return self._txn(json.loads(request.content))
         raise AssertionError(f"unexpected call {request.method} {path}")
+
+    def _txn(self, ops: list[dict[str, Any]]) -> httpx.Response:
+        """`PUT /v1/txn` of KV `get`s, as Consul answers it: 409 naming every missing key."""
+        assert all(op["KV"]["Verb"] == "get" for op in ops)
+        keys = [op["KV"]["Key"] for op in ops]
+        missing = [i for i, key in enumerate(keys) if key not in self.kv or key in self.hidden]
+        if missing:
+            errors = [{"OpIndex": i, "What": f"key {keys[i]!r} doesn't exist"} for i in missing]
+            return httpx.Response(409, json={"Results": None, "Errors": errors})
+        results = [
+            {
+                "KV": {
+                    "Key": key,
+                    "Value": base64.b64encode(self.kv[key][0]).decode(),
+                    "Session": self.kv[key][1],
+                    "ModifyIndex": self.modified.get(key, 1),
+                }
+            }
+            for key in keys
+        ]
+        return httpx.Response(200, json={"Results": results, "Errors": None})
 
     def prefix_index(self, prefix: str) -> int:
         """Consul's index of a prefix: its newest write or delete (the agent's when none)."""
@@ -255,9 +279,10 @@ class Consul:
 
 @asynccontextmanager
 async def running(
-    fake: FakeConsul, store: Store, *, max_value_size: int = MAX_VALUE_SIZE
+    fake: FakeConsul, store: Store, *, max_value_size: int = MAX_VALUE_SIZE, asked: bool = True
 ) -> AsyncIterator[Consul]:
-    """The publisher and the watcher, wired as run_consul wires them, on the fake."""
+    """The publisher and the watcher, wired as run_consul wires them, on the fake; with `asked`,
+    somebody asks for the fleet throughout (the watcher follows, as under an open wait)."""
     http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://consul")
     client = ConsulClient(http)
     source = ConsulSource(client, LAYOUT)
@@ -265,7 +290,8 @@ async def running(
     async with http, trio.open_nursery() as nursery:
         await nursery.start(source.run)
         await nursery.start(publisher.run, source)
-        yield Consul(fake, client, source, publisher)
+        with source.demand() if asked else contextlib.nullcontext():
+            yield Consul(fake, client, source, publisher)
         nursery.cancel_scope.cancel()
 
 
@@ -1201,6 +1227,7 @@ async def test_a_quiet_folder_whose_wait_runs_out_costs_no_whole_read(
     with trio.fail_after(300):
         async with http, trio.open_nursery() as nursery:
             await nursery.start(source.run)
+            nursery.start_soon(asking, source)  # followed throughout (beyond the linger)
             await until_pictured(source, lambda p: len(p.hosts.get("h", {})) == 3)
             whole = fake.reads.count(None)
             await trio.sleep(3 * BLOCKING_WAIT + 5)  # three waits run out
