@@ -465,6 +465,45 @@ async def test_session_lost_behind_our_back_comes_back_before_the_next_renewal(
     ]
 
 
+async def test_while_nobody_asks_the_renewals_check_this_hosts_keys_alone(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Idle (nobody asks for the fleet), the watcher reads nothing, however the others write;
+    each renewal (TTL/2) reads this host's keys in one transaction, and what was deleted behind
+    the publisher's back (a service key, `.live`, the record) is written again in that round."""
+    other = LAYOUT.key("web", "h2")
+    with trio.fail_after(60):
+        async with running(fake, store, asked=False) as consul:
+            await fake.until(lambda: len(fake.services) == 2 and fake.record() is not None)
+            await trio.sleep(1)  # (the first round's calls, at t=0, are behind)
+            start = trio.current_time()
+            for n in range(20):  # another host deploys, again and again
+                view = {"state": "Stable", "current": {"image": f"web:{n}"}}
+                fake.kv[other] = (encode_value("h2", "web", view, 1.0), None)
+                fake.bump()
+                await trio.sleep(0.5)
+            # Two renewals (t=5, t=10), each with one transaction of 4 gets (web, db, .live,
+            # the record); not one read of the prefix.
+            assert fake.count("GET /v1/kv/", since=start) == 0
+            assert consul.source.requests == 0 and not consul.source.following
+            assert fake.count("PUT /v1/txn", since=start) == 2 == consul.publisher.own_checks
+            deleted = trio.current_time()
+            for key in (LAYOUT.key("web", HOST), LAYOUT.live_key(HOST), LAYOUT.record_key(HOST)):
+                del fake.kv[key]
+            fake.bump()
+            await fake.until(
+                lambda: (
+                    fake.holder("web") == "session-1"
+                    and LAYOUT.live_key(HOST) in fake.kv
+                    and fake.record() is not None
+                )
+            )
+            # At the next renewal (t=15): within TTL/2, in the renewal's own round.
+            assert trio.current_time() - deleted <= 5.0
+            assert fake.count("PUT /v1/session/create") == 1  # the same session throughout
+            assert fake.count("PUT /v1/txn", since=deleted) == 2  # one 409 naming the missing
+
+
 async def test_renewal_404_replaces_the_session(
     fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
