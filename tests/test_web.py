@@ -885,12 +885,12 @@ async def test_the_fleet_is_asked_for_only_while_a_wait_or_a_feed_is_open(
     demand for each open wait and each feed, and none otherwise (the waits' task included)."""
     hosts = FakeHosts({"a": service_view({"web": waiting("img:2")})})
     answers: list[int] = []
-
-    async def wait() -> None:
-        response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
-        answers.append(response.status_code)
-
     async with make_web(global_source=hosts) as web:
+
+        async def wait() -> None:
+            response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
+            answers.append(response.status_code)
+
         with trio.fail_after(CAP):
             await trio.sleep(1)
             assert hosts.demand_held == 0
