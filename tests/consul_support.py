@@ -1,8 +1,9 @@
 """What the Consul tests share, against the fake (test_consul_tasks) and a real agent (integration).
 
-A stable state to publish, waiting for a picture of a StateSource without polling, and a crowd of
-tasks parked beyond one picture (the "thousands of waiters cost one query" checks). Nothing here
-talks to Consul itself: each test brings its own source.
+A stable state to publish, somebody asking for the fleet (so that the source follows), waiting
+for a picture of a StateSource without polling, and a crowd of tasks parked beyond one picture
+(the "thousands of waiters cost one query" checks). Nothing here talks to Consul itself: each
+test brings its own source.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def stable(image: str) -> ServiceState:
     spec = ServiceSpec(container={"Image": image})
     box = Box(id="c-" + image, name="web_x", spec=spec, created_at=1.0, healthcheck=True)
     return ServiceState(phase=Phase.Stable, desired=spec, current=box)
+
+
+async def asking(source: StateSource) -> None:
+    """Somebody asks for the fleet until cancelled: the source follows (an open wait, a feed)."""
+    with source.demand():
+        await trio.sleep_forever()
 
 
 async def until_pictured(source: StateSource, predicate: Callable[[Picture], bool]) -> Picture:

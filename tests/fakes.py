@@ -7,7 +7,8 @@ time run fast.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -172,6 +173,8 @@ class FakeHosts:
         self.stale = False  # a test may set it (`set_stale`), as if the source could not be read
         self.read_at: float | None = None
         self.forgotten: list[str] = []
+        self.demand_held = 0  # holders of `demand()` now (ConsulSource follows while any)
+        self.following = True
 
     def set(self, hosts: HostsView, records: Mapping[str, HostRecord] | None = None) -> None:
         self._picture = Picture(token=self._picture.token + 1, hosts=hosts, records=records or {})
@@ -202,7 +205,19 @@ class FakeHosts:
 
     async def wait_beyond(self, token: int) -> None:
         if self._picture.token <= token:
-            await self._changed.wait()  # a new picture, or a change of staleness
+            with self.demand():
+                await self._changed.wait()  # a new picture, or a change of staleness
+
+    @contextmanager
+    def demand(self) -> Iterator[None]:
+        self.demand_held += 1
+        try:
+            yield
+        finally:
+            self.demand_held -= 1
+
+    async def fresh(self) -> None:
+        await trio.lowlevel.checkpoint()
 
 
 def _typecheck(engine: FakeEngine) -> ContainerEngine:

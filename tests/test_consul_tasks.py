@@ -9,6 +9,7 @@ evidence that condo works with Consul: tests/integration/test_consul_*.py are.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -47,7 +48,7 @@ from condo.metrics import Metrics
 from condo.spec import ServiceSpec
 from condo.store import Store
 from condo.waiting import UNREACHABLE, Picture, evaluate
-from tests.consul_support import open_crowd, stable, until_pictured
+from tests.consul_support import asking, open_crowd, stable, until_pictured
 
 HOST = "h1"
 LAYOUT = KeyLayout.of("condo")
@@ -186,7 +187,30 @@ class FakeConsul:
                 return httpx.Response(200, text="true")
             case "GET", ["kv", *parts]:
                 return await self._read("/".join(parts), request.url.params)
+            case "PUT", ["txn"]:
+                return self._txn(json.loads(request.content))
         raise AssertionError(f"unexpected call {request.method} {path}")
+
+    def _txn(self, ops: list[dict[str, Any]]) -> httpx.Response:
+        """`PUT /v1/txn` of KV `get`s, as Consul answers it: 409 naming every missing key."""
+        assert all(op["KV"]["Verb"] == "get" for op in ops)
+        keys = [op["KV"]["Key"] for op in ops]
+        missing = [i for i, key in enumerate(keys) if key not in self.kv or key in self.hidden]
+        if missing:
+            errors = [{"OpIndex": i, "What": f"key {keys[i]!r} doesn't exist"} for i in missing]
+            return httpx.Response(409, json={"Results": None, "Errors": errors})
+        results = [
+            {
+                "KV": {
+                    "Key": key,
+                    "Value": base64.b64encode(self.kv[key][0]).decode(),
+                    "Session": self.kv[key][1],
+                    "ModifyIndex": self.modified.get(key, 1),
+                }
+            }
+            for key in keys
+        ]
+        return httpx.Response(200, json={"Results": results, "Errors": None})
 
     def prefix_index(self, prefix: str) -> int:
         """Consul's index of a prefix: its newest write or delete (the agent's when none)."""
@@ -255,9 +279,10 @@ class Consul:
 
 @asynccontextmanager
 async def running(
-    fake: FakeConsul, store: Store, *, max_value_size: int = MAX_VALUE_SIZE
+    fake: FakeConsul, store: Store, *, max_value_size: int = MAX_VALUE_SIZE, asked: bool = True
 ) -> AsyncIterator[Consul]:
-    """The publisher and the watcher, wired as run_consul wires them, on the fake."""
+    """The publisher and the watcher, wired as run_consul wires them, on the fake; with `asked`,
+    somebody asks for the fleet throughout (the watcher follows, as under an open wait)."""
     http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://consul")
     client = ConsulClient(http)
     source = ConsulSource(client, LAYOUT)
@@ -265,7 +290,8 @@ async def running(
     async with http, trio.open_nursery() as nursery:
         await nursery.start(source.run)
         await nursery.start(publisher.run, source)
-        yield Consul(fake, client, source, publisher)
+        with source.demand() if asked else contextlib.nullcontext():
+            yield Consul(fake, client, source, publisher)
         nursery.cancel_scope.cancel()
 
 
@@ -437,6 +463,45 @@ async def test_session_lost_behind_our_back_comes_back_before_the_next_renewal(
     assert [e["reason"] for e in logs if e["event"] == "consul.session_lost"] == [
         "a write answered that the session is invalid"
     ]
+
+
+async def test_while_nobody_asks_the_renewals_check_this_hosts_keys_alone(
+    fake: FakeConsul, store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Idle (nobody asks for the fleet), the watcher reads nothing, however the others write;
+    each renewal (TTL/2) reads this host's keys in one transaction, and what was deleted behind
+    the publisher's back (a service key, `.live`, the record) is written again in that round."""
+    other = LAYOUT.key("web", "h2")
+    with trio.fail_after(60):
+        async with running(fake, store, asked=False) as consul:
+            await fake.until(lambda: len(fake.services) == 2 and fake.record() is not None)
+            await trio.sleep(1)  # (the first round's calls, at t=0, are behind)
+            start = trio.current_time()
+            for n in range(20):  # another host deploys, again and again
+                view = {"state": "Stable", "current": {"image": f"web:{n}"}}
+                fake.kv[other] = (encode_value("h2", "web", view, 1.0), None)
+                fake.bump()
+                await trio.sleep(0.5)
+            # Two renewals (t=5, t=10), each with one transaction of 4 gets (web, db, .live,
+            # the record); not one read of the prefix.
+            assert fake.count("GET /v1/kv/", since=start) == 0
+            assert consul.source.requests == 0 and not consul.source.following
+            assert fake.count("PUT /v1/txn", since=start) == 2 == consul.publisher.own_checks
+            deleted = trio.current_time()
+            for key in (LAYOUT.key("web", HOST), LAYOUT.live_key(HOST), LAYOUT.record_key(HOST)):
+                del fake.kv[key]
+            fake.bump()
+            await fake.until(
+                lambda: (
+                    fake.holder("web") == "session-1"
+                    and LAYOUT.live_key(HOST) in fake.kv
+                    and fake.record() is not None
+                )
+            )
+            # At the next renewal (t=15): within TTL/2, in the renewal's own round.
+            assert trio.current_time() - deleted <= 5.0
+            assert fake.count("PUT /v1/session/create") == 1  # the same session throughout
+            assert fake.count("PUT /v1/txn", since=deleted) == 2  # one 409 naming the missing
 
 
 async def test_renewal_404_replaces_the_session(
@@ -1201,6 +1266,7 @@ async def test_a_quiet_folder_whose_wait_runs_out_costs_no_whole_read(
     with trio.fail_after(300):
         async with http, trio.open_nursery() as nursery:
             await nursery.start(source.run)
+            nursery.start_soon(asking, source)  # followed throughout (beyond the linger)
             await until_pictured(source, lambda p: len(p.hosts.get("h", {})) == 3)
             whole = fake.reads.count(None)
             await trio.sleep(3 * BLOCKING_WAIT + 5)  # three waits run out

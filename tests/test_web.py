@@ -878,6 +878,39 @@ async def test_wait_for_timeout_names_the_pending_remote_hosts(
         assert data["pending"]["b"]["state"] == "Wait"
 
 
+async def test_the_fleet_is_asked_for_only_while_a_wait_or_a_feed_is_open(
+    autojump_clock: trio.testing.MockClock, make_web: MakeWeb
+) -> None:
+    """Consul's source reads only while somebody asks (condo.consul.source): the app holds its
+    demand for each open wait and each feed, and none otherwise (the waits' task included)."""
+    hosts = FakeHosts({"a": service_view({"web": waiting("img:2")})})
+    answers: list[int] = []
+    async with make_web(global_source=hosts) as web:
+
+        async def wait() -> None:
+            response = await web.client.get("/v1/wait_for?name=web&image=img:2&timeout=600")
+            answers.append(response.status_code)
+
+        with trio.fail_after(CAP):
+            await trio.sleep(1)
+            assert hosts.demand_held == 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.sleep(1)
+                assert hosts.demand_held > 0
+                hosts.set({"a": service_view({"web": stable("img:2")})})
+            assert answers == [200]
+            await trio.sleep(1)
+            assert hosts.demand_held == 0
+            async with web.client.websocket("/v1/feed") as ws:
+                assert json.loads(await ws.receive())["type"] == "snapshot"
+                assert json.loads(await ws.receive())["type"] == "global"
+                await trio.sleep(1)
+                assert hosts.demand_held > 0
+            await trio.sleep(1)
+            assert hosts.demand_held == 0
+
+
 # --- shutdown ----------------------------------------------------------------------------------
 
 

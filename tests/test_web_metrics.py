@@ -80,6 +80,12 @@ FAMILIES = {
         {"service"},
         "1 while a service's Consul key is not as this host says (see consul.publish_failed).",
     ),
+    "condo_consul_following": (
+        "gauge",
+        set(),
+        "1 while this condo follows Consul's picture of every host (a wait, a feed, or a read of"
+        " it within the linger), 0 while it reads nothing of it.",
+    ),
     "condo_web_open_waits": ("gauge", set(), "Open /v1/wait_for long-polls."),
     "condo_web_open_feeds": ("gauge", set(), "Open /v1/feed websockets."),
     "condo_notify_sent": ("counter", {"receiver"}, "Notices a --notify receiver accepted (2xx)."),
@@ -123,6 +129,13 @@ class Listeners:
         return {("web", "127.0.0.1:8080"): (2, 17)}
 
 
+@attrs.define
+class Watcher:
+    """condo.consul.ConsulSource as /metrics reads it."""
+
+    following: bool
+
+
 class Receivers:
     def __init__(self, counts: dict[str, Deliveries]) -> None:
         self._counts = counts
@@ -160,6 +173,10 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
     metrics.web_waiters.inc()
     metrics.notify.source = Receivers({"https://hooks.example": Deliveries(3, 2, 1)})
     metrics.proxy.source = Listeners()
+    watcher = Watcher(following=False)
+    metrics.consul_following.source = watcher
+    assert metrics.value("condo_consul_following") == 0
+    watcher.following = True
 
     text = metrics.render()
     assert text.endswith("\n")
@@ -180,6 +197,7 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
         "condo_service_retries_total",
         "condo_consul_publish_errors_total",
         "condo_consul_publish_failing",
+        "condo_consul_following",
         "condo_web_open_waits",
         "condo_web_open_feeds",
         "condo_notify_sent_total",
@@ -223,6 +241,7 @@ async def test_the_exposition_is_the_contract(autojump_clock: trio.testing.MockC
     assert value(docker, f"{docker}_sum", **call) == 0.003
     errors = ("condo_consul_publish_errors", "condo_consul_publish_errors_total")
     assert value(*errors, service='a"b\\c\nd') == 1
+    assert value("condo_consul_following", "condo_consul_following") == 1  # read at scrape time
     assert (
         value("condo_consul_publish_failing", "condo_consul_publish_failing", service='a"b\\c\nd')
         == 1

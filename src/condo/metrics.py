@@ -1,6 +1,7 @@
 """condo's Prometheus metrics, on `prometheus_client`: the service metrics derived from the Store,
 the Docker call latency fed by the engine client's call observer, the Consul publisher's
-per-service failures fed by its failure observer, the `--notify` receivers' deliveries read
+per-service failures fed by its failure observer, whether its watcher follows (read at scrape
+time), the `--notify` receivers' deliveries read
 from the notifier's counts at scrape time, and the `:proxy` listeners' connections read from the
 proxy task's last look at HAProxy.
 
@@ -105,6 +106,13 @@ class NotifyReceivers(Protocol):
     def counts(self) -> Mapping[str, DeliveryCounts]: ...
 
 
+class Following(Protocol):
+    """condo.consul.ConsulSource, as far as /metrics cares."""
+
+    @property
+    def following(self) -> bool: ...
+
+
 class ProxyListeners(Protocol):
     """The proxy's connection counts (condo.proxy.reconcile.ProxyReconciler has this method)."""
 
@@ -173,6 +181,8 @@ class Metrics:
         registry.register(self.notify)
         self.proxy = ProxyConnections()
         registry.register(self.proxy)
+        self.consul_following = ConsulFollowing()
+        registry.register(self.consul_following)
 
     def observe_docker_call(self, call: DockerCall) -> None:
         """A call observer for the Docker client (`add_call_observer`)."""
@@ -239,6 +249,27 @@ class ProxyConnections:
             current.add_metric([service, listen], float(open_now))
         yield total
         yield current
+
+
+class ConsulFollowing:
+    """`condo_consul_following`: 1 while the Consul watcher follows the fleet (somebody asks), 0
+    while it idles and reads nothing; read at scrape time. Without Consul the family is empty."""
+
+    def __init__(self) -> None:
+        self.source: Following | None = None
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return self.collect()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "condo_consul_following",
+            "1 while this condo follows Consul's picture of every host (a wait, a feed, or a"
+            " read of it within the linger), 0 while it reads nothing of it.",
+        )
+        if self.source is not None:
+            family.add_metric([], 1.0 if self.source.following else 0.0)
+        yield family
 
 
 class ServiceStates:

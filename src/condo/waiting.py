@@ -15,12 +15,15 @@ waiting longer cannot help. Pure: no I/O.
 
 `StateSource` is the port the web app reads through: the local store (no Consul) or Consul's view
 of every host (condo.consul). Both wait without polling: the local one on the store's change
-event, Consul's on one blocking-query watcher shared by every waiter.
+event, Consul's on one blocking-query watcher shared by every waiter. Consul's reads only while
+somebody asks: a waiter (`wait_beyond`) or a holder of `demand()` (an open wait, a feed), and a
+one-shot reader first awaits `fresh()`; the local one is always fresh (both are no-ops there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import attrs
@@ -158,8 +161,23 @@ class StateSource(Protocol):
         local store)."""
         ...
 
+    @property
+    def following(self) -> bool:
+        """True while the source follows its origin (Consul's: only while somebody asks)."""
+        ...
+
     async def wait_beyond(self, token: int) -> None:
-        """Return once a picture newer than `token` is available (spurious wake-ups allowed)."""
+        """Return once a picture newer than `token` is available (spurious wake-ups allowed);
+        waiting is demand (see `demand`)."""
+        ...
+
+    def demand(self) -> AbstractContextManager[None]:
+        """Keep the picture followed while this is held (synchronous, free: a count)."""
+        ...
+
+    async def fresh(self) -> None:
+        """Return once the picture is fresh, or says it is stale (bounded: a one-shot reader's
+        first await)."""
         ...
 
 

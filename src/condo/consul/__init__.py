@@ -4,13 +4,16 @@ Modules, each owning one thing:
     layout     the key layout `<prefix>/<service>/<host>` and the value's JSON (pure)
     client     `open_consul_client`, `ConsulClient`: endpoint, token, calls, the error mapping
     publisher  `Publisher`: this process's session and this host's keys, kept true
-    source     `ConsulSource`: every host's services from blocking queries (a StateSource)
+    source     `ConsulSource`: every host's services from blocking queries, while asked (a
+               StateSource)
 
 `run_consul` is the "consul" branch of condo's task tree::
 
     consul (run_consul; one httpx client)
-    ├─ watcher     ConsulSource.run: blocking queries on <prefix>/, the latest Picture
-    └─ publisher   Publisher.run: session keeper + writes, re-checked after every read
+    ├─ watcher     ConsulSource.run: blocking queries on <prefix>/ while somebody asks (its
+    │              demand), the latest Picture; idle otherwise
+    └─ publisher   Publisher.run: session keeper + writes, re-checked after every read (or by
+                   reading its own keys at each renewal while the watcher idles)
 
 Everything here raises `condo.errors.ConsulError` (or ConfigError for a bad endpoint, prefix or
 host name); nothing outside this package sees httpx or Consul's JSON.

@@ -2,8 +2,8 @@
 
 Owns: `open_consul_client` (endpoint URL and token → one httpx.AsyncClient), `ConsulClient` (one
 method per Consul call condo needs: sessions, acquire/delete of a key, blocking reads of a
-prefix), and the mapping of every httpx error and Consul status into `condo.errors.ConsulError`
-(`_translated` and `_error_for`, nowhere else).
+prefix, a few keys read in one transaction), and the mapping of every httpx error and Consul
+status into `condo.errors.ConsulError` (`_translated` and `_error_for`, nowhere else).
 
 Invariants:
 - Every call leaves a value or a `ConsulError`; no httpx exception or JSON shape escapes. What
@@ -27,7 +27,7 @@ import base64
 import binascii
 import enum
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NewType
 
@@ -54,6 +54,8 @@ BLOCKING_TIMEOUT = httpx.Timeout(5.0, read=BLOCKING_WAIT * (1 + 1 / 16) + 5.0)
 # calls (a renewal is the session's life) must never wait behind them for a connection (httpx's
 # default is 100 in all, 20 kept idle). Consul's agent takes 200 at once from one address.
 MAX_CONNECTIONS = 128
+# Consul's limit of operations in one transaction (`PUT /v1/txn`).
+MAX_TXN_OPS = 64
 
 
 class Acquire(enum.Enum):
@@ -288,6 +290,51 @@ class ConsulClient:
         """One key (None when it does not exist), read at once."""
         listing = await self.read_prefix(key)
         return next((entry for entry in listing.entries if entry.key == key), None)
+
+    async def read_keys(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """The keys of `keys` that exist (key -> its entry), read at once: one transaction of
+        `get`s (`PUT /v1/txn`) per MAX_TXN_OPS keys, whatever else is under their prefix.
+
+        A `get` of a missing key fails its transaction (409, naming every missing one): it is
+        sent again without them, so a missing key costs one more request, never a wrong answer."""
+        found: dict[str, Entry] = {}
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            batch = list(keys[start : start + MAX_TXN_OPS])
+            while batch:
+                missing = await self._read_batch(batch, found)
+                if not missing:
+                    break
+                batch = [key for key in batch if key not in missing]
+        return found
+
+    async def _read_batch(self, keys: list[str], found: dict[str, Entry]) -> set[str]:
+        """One transaction of `get`s: the entries into `found`, or the keys that are missing."""
+        path = "/v1/txn"
+        ops = [{"KV": {"Verb": "get", "Key": key}} for key in keys]
+        response = await self._call("PUT", path, json=ops)
+        if response.status_code not in (200, 409):
+            raise _error_for("PUT", path, response)
+        data = self._json("PUT", path, response)
+        if not isinstance(data, dict):
+            raise ConsulError(f"PUT {path}: an answer that is not an object", status=200)
+        if response.status_code == 409:
+            missing: set[str] = set()
+            for error in data.get("Errors") or ():
+                where = error.get("OpIndex") if isinstance(error, dict) else None
+                what = str(error.get("What", "")) if isinstance(error, dict) else ""
+                if not isinstance(where, int) or not 0 <= where < len(keys):
+                    raise _error_for("PUT", path, response)
+                if "doesn't exist" not in what:
+                    raise _error_for("PUT", path, response)
+                missing.add(keys[where])
+            if not missing:
+                raise _error_for("PUT", path, response)
+            return missing
+        results = data.get("Results") or []
+        kvs = [r["KV"] for r in results if isinstance(r, dict) and isinstance(r.get("KV"), dict)]
+        for entry in _entries(kvs):
+            found[entry.key] = entry
+        return set()
 
     async def delete(self, key: str) -> None:
         """Delete one key (a key that is already gone is fine)."""

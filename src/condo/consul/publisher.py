@@ -18,6 +18,16 @@ blocked and changes coalesce into the latest value, never a backlog), when the r
 published (keys deleted behind its back, a session invalidated while its renewal was in flight):
 the publisher is level-triggered against Consul itself.
 
+The watcher reads only while somebody asks for the fleet (condo.consul.source): idle, it reads
+nothing, so the publisher checks its own keys itself. At each renewal (every TTL/2) that finds
+the watcher not following with a good read, it reads this host's keys alone (`.live/<host>`, its
+record, every key it published) in one transaction of `get`s per 64 keys (`PUT /v1/txn`,
+ConsulClient.read_keys; a missing key costs one more), and checks them as it checks the
+watcher's reads: one request per TTL/2 beside the renewal, growing with this host's keys, never
+with the fleet. A key deleted by hand while the watcher idles is thus back within TTL/2 (5 s) and
+a round; a session invalidated behind its back shows at that same renewal (404: a new session,
+everything again).
+
 Invariants:
 - A service is published only after its first reconciliation (not while `Init`, unless it has
   a spec error to show): a restarting condo never shows a Stable service as `Init`.
@@ -139,6 +149,9 @@ class Publisher:
         self._record_failed: dict[str, dict[str, Any]] | None = None  # the last refused value
         self._record_lost = False  # the record is gone from Consul: write it even if unchanged
         self._known: set[str] = set()  # every service the store had while this process ran
+        self._source: ConsulSource | None = None  # the watcher whose reads check this host's keys
+        self._check_refused = False  # a transaction refused (ACL): logged once
+        self.own_checks = 0  # reads of this host's own keys while the watcher idled (tests)
 
     def __repr__(self) -> str:
         return f"Publisher(host={self._host!r}, prefix={self._layout.prefix!r})"
@@ -180,6 +193,7 @@ class Publisher:
         """Publish until cancelled, then destroy the session. Reports started at once: Consul
         may be away, condo supervises regardless."""
         self._store.subscribe(self._changed)
+        self._source = source
         if source is not None:
             source.add_read_observer(lambda: self._check(source))
         task_status.started()
@@ -220,8 +234,13 @@ class Publisher:
         session = self._session
         if session is None:
             session = await self._open_session()
-        elif not await self._renewed(session):
-            return
+        else:
+            due = trio.current_time() >= self._renew_at
+            if not await self._renewed(session):
+                return
+            source = self._source
+            if due and source is not None and (not source.following or source.stale):
+                await self._check_own(session)
         await self._sync(session)
 
     async def _renewed(self, session: SessionId) -> bool:
@@ -510,11 +529,44 @@ class Publisher:
         session = self._session
         if session is None:
             return
-        holders = source.holders(self._host)
+        recorded = self._host in source.picture().records
+        self._compare(session, source.holders(self._host), recorded=recorded)
+
+    async def _check_own(self, session: SessionId) -> None:
+        """This host's keys alone, read at once (the watcher idles: see the module's docstring),
+        compared as the watcher's reads are."""
+        keys = {self._layout.key(name, self._host): name for name in self._published}
+        if self._live:
+            keys[self._layout.live_key(self._host)] = LIVE
+        record = self._layout.record_key(self._host)
+        if self._record:
+            keys[record] = RECORDS
+        if not keys:
+            return
+        try:
+            found = await self._client.read_keys(list(keys))
+        except ConsulError as exc:
+            if exc.transient:
+                raise  # Consul is away: the round ends (and is retried as a whole)
+            if not self._check_refused:  # an ACL without `txn`: publishing goes on unchecked
+                self._check_refused = True
+                log.warning("consul.own_check_refused", error=str(exc))
+            return
+        self.own_checks += 1
+        holders = {keys[key]: entry.session for key, entry in found.items() if key != record}
+        if self._session is session:  # (not lost meanwhile: that round republishes anyway)
+            self._compare(session, holders, recorded=record in found)
+
+    def _compare(
+        self, session: SessionId, holders: Mapping[str, SessionId | None], *, recorded: bool
+    ) -> None:
+        """Re-publish what Consul lost of ours, by what a read says: `holders` (service, or LIVE,
+        -> the session holding its key; absent: the key is gone) and whether the record is
+        there."""
         if self._live and holders.get(LIVE) != session:
             self._live = False  # deleted, or its session invalidated, behind our back
             self._wake.set()
-        if self._record and self._host not in source.picture().records:
+        if self._record and not recorded:
             # Forgotten (or deleted) while this host is live: written again, whole. What it
             # carries over (services not reconciled yet) stays in it: they still run here.
             self._record_lost = True

@@ -17,6 +17,14 @@ folder's watch (Consul's index of a prefix is its newest write or delete) and th
 answers, the bytes of one folder.
 `requests`, `reads`, `read_bytes` and `decodes` count what it did.
 
+It follows Consul only while somebody asks (issue 12: 1,000 hosts on one Consul, each change
+would otherwise wake every condo of the fleet): `demand()` (held by every `wait_beyond`, by
+condo.web's open waits and feeds) starts it, and it stops `linger` seconds (LINGER: CI's
+consecutive `condo wait`s and a dashboard reload stay warm) after the last demand ended. One-shot
+readers (`/v1/global_state`, a feed's first picture) `await fresh()`: demand, and the first read
+that ends after it (bounded: FRESH_LIMIT). `following` says which it is (`/metrics`:
+`condo_consul_following`).
+
 Invariants:
 - Blocking-query index rules (Consul's HTTP API docs, "Blocking Queries"): start at 0 (no
   blocking), then pass the last `X-Consul-Index`; an index that goes backwards (a restarted
@@ -41,6 +49,18 @@ Invariants:
 - While Consul cannot be read the picture keeps its last value and `stale` is true; the first
   good read clears it. Both changes of `stale` wake waiters (with the token unchanged), so a
   reader can wait for the first read even when the prefix is empty.
+- Idle (no demand, the linger over) it sends no query at all: other hosts' writes cost this
+  process nothing. The picture keeps its last value, `read_at` the wall time of the last good
+  read (it grows old), and `stale` is true: nobody follows, the picture may be out of date (so
+  that nothing decides from it: `SharedWaits` evaluates no stale picture). The publisher checks
+  its own keys by itself meanwhile (condo.consul.publisher).
+- Demand is a count, no task: taking it is synchronous and free. Demand after idle starts a
+  whole read from index 0 (the decode cache makes it cost the bytes, not the decodes), then
+  follows with the rules above; `stale` stays true until that read is good, and its end (good
+  or failed) ends every `fresh()` waiting on it. Demand during the linger keeps following
+  (no read is lost, none is repeated).
+- `forget` reads on its own (a whole read and the sessions), idle or not, and applies that read;
+  idle, the picture stays `stale` after it (nobody follows beyond it).
 - Any call of this process that Consul did not answer (the publisher's too: a timeout, a 5xx
   such as "No cluster leader") makes the picture stale until a read answered after it, and the
   blocking read in flight is abandoned for a new one at once: it may hang on a connection that
@@ -52,7 +72,8 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -76,6 +97,13 @@ from condo.waiting import HostRecord, Picture
 log = structlog.get_logger(__name__)
 
 MIN_READ_INTERVAL = 0.02
+# How long the source keeps following after the last demand ended: CI's consecutive `condo
+# wait`s, a dashboard reloaded, `condo wait`'s progress reads a second apart stay warm (one whole
+# read each time otherwise).
+LINGER = 30.0
+# How long a one-shot reader (`fresh`) waits for the read its demand started: a local agent
+# answers a whole read in milliseconds; beyond this, it answers from the stale picture, saying so.
+FRESH_LIMIT = 2.0
 FIRST_RETRY_DELAY = 0.1
 # Capped so that a read after Consul comes back happens within ~1 s (catch-up within 2 s).
 MAX_RETRY_DELAY = 1.0
@@ -118,11 +146,22 @@ class ConsulSource:
     """The global picture from Consul; `run` (one task) keeps it fresh."""
 
     def __init__(
-        self, client: ConsulClient, layout: KeyLayout, *, watch_worth: int = WATCH_WORTH
+        self,
+        client: ConsulClient,
+        layout: KeyLayout,
+        *,
+        watch_worth: int = WATCH_WORTH,
+        linger: float = LINGER,
     ) -> None:
         self._client = client
         self._layout = layout
         self._watch_worth = watch_worth
+        self._linger = linger
+        self._demand = 0  # holders of `demand()`
+        self._demand_changed = trio.Event()  # set (and swapped) when `_demand` turns 0 or 1
+        self._following = False  # `run` follows Consul (demand, or its linger)
+        self._failing = False  # the last read of this following failed
+        self._attempted = trio.Event()  # set (and swapped) when a read ends, good or failed
         self._picture = Picture(token=0, hosts={})
         # (service, host) -> the session that holds its key: what the publisher checks itself by
         self._holders: dict[tuple[str, str], SessionId | None] = {}
@@ -160,19 +199,49 @@ class ConsulSource:
     async def wait_beyond(self, token: int) -> None:
         if self._picture.token != token:
             return
-        await self._changed.wait()
+        with self.demand():  # a waiter is demand: an idle source starts following for it
+            await self._changed.wait()
 
     @property
     def read_at(self) -> float | None:
         return self._read_at
 
+    @property
+    def following(self) -> bool:
+        """True while `run` follows Consul (somebody asks, or did within the linger)."""
+        return self._following
+
+    @contextmanager
+    def demand(self) -> Iterator[None]:
+        """Follow Consul while this is held (and `linger` seconds beyond the last holder)."""
+        self._demand += 1
+        if self._demand == 1:
+            self._demand_moved()
+        try:
+            yield
+        finally:
+            self._demand -= 1
+            if self._demand == 0:
+                self._demand_moved()
+
+    async def fresh(self, limit: float = FRESH_LIMIT) -> None:
+        """Return once the picture is fresh: at once while following with a good last read (or a
+        failed one: Consul is away, the picture says stale); else after the first read that ends
+        after this call (at most `limit` seconds: then it stays stale)."""
+        with self.demand():
+            if self._following and (not self.stale or self._failing):
+                return
+            attempted = self._attempted
+            with trio.move_on_after(limit):
+                await attempted.wait()
+
     # --- extras -----------------------------------------------------------------------------
 
     @property
     def stale(self) -> bool:
-        """True until the first good read, and from any call Consul did not answer until the
-        next good read."""
-        if not self._read_ok or self._fresh_at is None:
+        """True until the first good read, while idle (nobody follows), and from any call Consul
+        did not answer until the next good read."""
+        if not self._following or not self._read_ok or self._fresh_at is None:
             return True
         failed = self._client.failed_at
         # Another task of this process (the publisher) found Consul silent since this read.
@@ -190,10 +259,48 @@ class ConsulSource:
     # --- the watcher ------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read and follow the prefix until cancelled; reports started at once (Consul may be
-        away: the picture is then empty and stale)."""
+        """Follow the prefix while there is demand (and its linger), until cancelled; reports
+        started at once (idle, or Consul away: the picture is then empty and stale)."""
         self._client.add_failure_observer(self._unanswered)
         task_status.started()
+        while True:
+            while not self._demand:
+                await self._demand_changed.wait()
+            self._following, self._read_ok, self._failing = True, False, False
+            log.debug("consul.following", prefix=self._layout.prefix)
+            async with trio.open_nursery() as following:
+                following.start_soon(self._follow)
+                await self._until_unwanted()
+                following.cancel_scope.cancel()
+            self._following, self._read_ok = False, False
+            self._reading, self._failure = None, None
+            log.debug("consul.idle", prefix=self._layout.prefix)
+            self._wake()  # `stale` changed
+
+    async def _until_unwanted(self) -> None:
+        """Return once nobody has held `demand()` for `linger` seconds."""
+        while True:
+            changed = self._demand_changed
+            if self._demand:
+                await changed.wait()
+                continue
+            with trio.move_on_after(self._linger) as lingering:
+                await changed.wait()
+            if lingering.cancelled_caught:
+                return
+
+    def _demand_moved(self) -> None:
+        changed, self._demand_changed = self._demand_changed, trio.Event()
+        changed.set()
+
+    def _attempt_ended(self, *, failed: bool) -> None:
+        self._failing = failed
+        attempted, self._attempted = self._attempted, trio.Event()
+        attempted.set()
+
+    async def _follow(self) -> None:
+        """Read the prefix whole (index 0), then follow it with blocking queries, until
+        cancelled (see the invariants: whole or by folder)."""
         index = 0
         delay = FIRST_RETRY_DELAY
         failing_since: float | None = None
@@ -221,6 +328,7 @@ class ConsulSource:
                     continue
             except ConsulError as exc:
                 self._reading = None
+                self._attempt_ended(failed=True)
                 if self._read_ok:
                     self._read_ok = False
                     self._wake()  # `stale` changed: a (spurious) wake-up lets readers see it
@@ -388,6 +496,7 @@ class ConsulSource:
         self.read_bytes += size
         self._fresh_at = trio.current_time()
         self._read_at = time.time()
+        self._attempt_ended(failed=False)
         for observer in self._read_observers:
             observer()
 
@@ -462,6 +571,7 @@ class ConsulSource:
         elif was_stale:
             self._wake()  # the same picture, but no longer stale (or no longer unknown)
         # else: a wake-up with nothing new for waiters (another key, a mere index bump)
+        self._attempt_ended(failed=False)
         for observer in self._read_observers:
             observer()
 

@@ -214,6 +214,7 @@ def build_app(context: WebContext) -> QuartTrio:
             name = request.args["name"].strip()
             if not name or len(name) > MAX_NAME:
                 return _error(400, f"name must be 1 to {MAX_NAME} characters, not blank")
+        await source.fresh()  # an idle source (nobody asked lately) reads first
         return jsonify(
             {
                 "hosts": hosts_document(source.picture(), name),
@@ -268,6 +269,10 @@ def build_app(context: WebContext) -> QuartTrio:
             return _full("waits", waits.cap, "--max-waits")
         context.metrics.web_waiters.inc()
         try:
+            # An idle source (nobody asked lately) reads first: the timeout counts from a fresh
+            # picture, and a timeout of 0 still answers from one.
+            with context.closing.guard():
+                await source.fresh()
             key = shared.join(params.name, params.image)
             with (
                 context.closing.guard() as guard,

@@ -22,7 +22,8 @@ built once per store version and second (the body is the app's own, `encoded_sta
 What the door takes: a request read whole in one peek that is exactly `GET /v1/wait_for?...`
 or `GET /v1/state` over HTTP/1.1, with one Host that is allowed, the token when one is
 required, no body, no `Connection` other than keep-alive, and for a long-poll good parameters
-and a free slot. Anything else (a bad parameter too: its 400 is quart's) is left untouched in
+and a free slot, while the source is fresh (Consul's idles until asked: the route reads first).
+Anything else (a bad parameter too: its 400 is quart's) is left untouched in
 the socket and hypercorn serves it, and the connection from then on. The answers are byte for
 byte what hypercorn and quart would send (tests/test_web_serve.py compares them): the same
 body, headers in the same order, h11's own encoding (`wire`), hypercorn's `date` header,
@@ -306,7 +307,9 @@ class Door:
         if target == b"/v1/state":
             return (STATE, end + 4) if self._state is not None else None
         params = self._wait_params(target)
-        if params is None or not self.slots.try_take():
+        # A stale source (Consul's idle: nobody asked lately; or away) leaves the long-poll to
+        # the route, which awaits a fresh picture first (a parked one has no task to await it).
+        if params is None or self.shared.source.stale or not self.slots.try_take():
             return None
         return params, end + 4
 

@@ -12,8 +12,9 @@ Messages (JSON objects, told apart by `type`):
 - `{"type": "global", "token": T, "stale": bool, "read_at": T|null, "hosts": {H: {"services",
   "live", "last_seen", "runs"?}}}`: every host's services (the `/v1/global_state` hosts, plus the
   picture's token, whether Consul could not be read lately and when it last was). Only when
-  condo exposes to Consul: right after the first snapshot, then one per new picture (or change of
-  `stale`). Same latest-value rule, independently of the snapshots.
+  condo exposes to Consul: right after the first snapshot (a fresh picture: an idle source reads
+  first), then one per new picture (or change of `stale`); the connection is demand (Consul is
+  followed while it lasts). Same latest-value rule, independently of the snapshots.
 - `{"type": "global_delta", "token", "stale", "read_at", "hosts": {H: BODY}, "gone": [H...]}`:
   for a client that asked for them (`?global=delta`: the dashboard), in place of every `global`
   after the first: only the hosts whose body differs from what this client was last sent, and the
@@ -171,15 +172,20 @@ async def _send_pictures(
 ) -> NoReturn:
     sent_key: tuple[int, bool] | None = None
     sent: Mapping[str, str] | None = None  # the bodies this client has: None before the first
-    while True:
-        key, picture = global_snapshots.latest()
-        if key != sent_key:
-            await send(picture.full() if sent is None or not deltas else picture.delta(sent))
-            sent_key, sent = key, picture.bodies
-            # Read again before waiting: a change of staleness alone during the send keeps the
-            # token, and waiting beyond that token would miss it.
-            continue
-        await global_snapshots.source.wait_beyond(key[0])
+    source = global_snapshots.source
+    # The client follows the fleet for as long as it is connected (sends included): Consul's
+    # source reads only while somebody asks, and the first picture is a fresh one.
+    with source.demand():
+        await source.fresh()
+        while True:
+            key, picture = global_snapshots.latest()
+            if key != sent_key:
+                await send(picture.full() if sent is None or not deltas else picture.delta(sent))
+                sent_key, sent = key, picture.bodies
+                # Read again before waiting: a change of staleness alone during the send keeps
+                # the token, and waiting beyond that token would miss it.
+                continue
+            await source.wait_beyond(key[0])
 
 
 async def _send_history(history: History, send: Callable[[str], Awaitable[None]]) -> NoReturn:

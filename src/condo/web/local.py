@@ -2,12 +2,14 @@
 
 The picture is `{store.host: services}` with the `/v1/state` SERVICE objects; its token is the
 Store's version. A picture is built at most once per version, however many waiters read it, and
-waiting is the Store's own change event (no polling).
+waiting is the Store's own change event (no polling). Always followed and fresh: `demand` and
+`fresh` cost nothing.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 from condo.memo import PerVersion
 from condo.store import Store
@@ -35,5 +37,15 @@ class LocalSource:
     def read_at(self) -> float | None:
         return time.time()
 
+    @property
+    def following(self) -> bool:
+        return True
+
     async def wait_beyond(self, token: int) -> None:
         await self._store.wait_changed(token)
+
+    def demand(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    async def fresh(self) -> None:
+        return

@@ -219,6 +219,7 @@ class ApiServer:
         )
         metrics.notify.source = running.notifier
         metrics.proxy.source = running.proxy
+        metrics.consul_following.source = running.global_source
         writer = running.writer
         config = running.config
         limit = fd_limit()

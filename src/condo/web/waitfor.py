@@ -7,7 +7,8 @@ service Stable on the image on every host running it, or the image failed for go
 them all at once: quart's route through cancel scopes, condo.web.door's parked waiters through
 `on_final`. A key is evaluated as it is joined, so a timeout of 0 still answers "done" when it
 is. A stale picture answers nothing: the wait goes on (and its timeout says why). The caller owns
-the deadline and the shutdown guard.
+the deadline and the shutdown guard. `run` follows the source only while some key has waiters
+(its `demand()`): condo.consul's source reads Consul only while somebody asks.
 """
 
 from __future__ import annotations
@@ -96,12 +97,15 @@ class SharedWaits:
         self.evaluations = 0
         # Called with each key whose verdict turns final (condo.web.door answers its waiters).
         self.on_final: Callable[[SharedVerdict], None] | None = None
+        self._joined = trio.Event()  # set when a key comes while `run` waits for one
+        self._following: trio.CancelScope | None = None  # `run` following the source, if it is
 
     def join(self, name: str, image: str) -> SharedVerdict:
         """The shared verdict of (name, image), evaluated on the current picture."""
         key = self.keys.get((name, image))
         if key is None:
             key = self.keys[(name, image)] = SharedVerdict(name=name, image=image)
+            self._joined.set()
         self._evaluate(key, self.source.picture())
         return key
 
@@ -124,14 +128,23 @@ class SharedWaits:
         """Forget `key` if nobody waits on it any more (its waiters call this as they go)."""
         if not key.scopes and not key.parked and self.keys.get((key.name, key.image)) is key:
             del self.keys[(key.name, key.image)]
+            if not self.keys and self._following is not None:
+                self._following.cancel()  # nobody waits: stop asking the source
 
     async def run(self) -> None:
-        """Follow the source until cancelled."""
+        """Follow the source while any key has waiters, until cancelled."""
         while True:
-            picture = self.source.picture()
-            for key in list(self.keys.values()):
-                self._evaluate(key, picture)
-            await self.source.wait_beyond(picture.token)
+            while not self.keys:
+                self._joined = trio.Event()
+                await self._joined.wait()
+            with self.source.demand(), trio.CancelScope() as following:
+                self._following = following
+                while self.keys:
+                    picture = self.source.picture()
+                    for key in list(self.keys.values()):
+                        self._evaluate(key, picture)
+                    await self.source.wait_beyond(picture.token)
+            self._following = None
 
     def _evaluate(self, key: SharedVerdict, picture: Picture) -> None:
         stale = self.source.stale
