@@ -5,12 +5,15 @@ watcher idles) does with an answer that does not match the transaction it sent.
 A 200 to a transaction of `get`s means every `get` succeeded: its Results hold each key asked,
 and only those. An answer that says otherwise (a proxy's, a broken agent's) says nothing of this
 host's keys: it neither crashes the publisher nor makes it rewrite everything at each renewal.
+And a Consul that never answers keeps no route of an idle condo waiting beyond the fresh-read
+bound.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -19,7 +22,16 @@ import structlog
 import trio
 import trio.testing
 
+from condo.consul import ConsulClient, ConsulSource
+from condo.consul.source import FRESH_LIMIT
+from condo.metrics import Metrics
 from condo.store import Store
+from condo.web.app import WebContext, build_app
+from condo.web.assets import StaticFiles
+from condo.web.health import EngineHealth
+from condo.web.hosts import AllowedHosts
+from condo.web.lifecycle import Closing
+from condo.web.local import LocalSource
 from tests.consul_support import stable
 from tests.test_consul_tasks import HOST, LAYOUT, FakeConsul, running
 
@@ -36,6 +48,10 @@ class LyingTxn(FakeConsul):
         if self.lie is None:
             return super()._txn(ops)
         return self.lie([op["KV"]["Key"] for op in ops])
+
+
+async def ping() -> str:
+    return "1.41"  # no engine here
 
 
 def kv(key: str) -> dict[str, Any]:
@@ -119,3 +135,62 @@ async def test_a_txn_that_alone_fails_keeps_no_change_from_being_published(
         writes, created, logs = await lied_to(LyingTxn(), lie)
         assert (writes, created) == (0, 0)
         assert not any(e["event"] == "consul.unreachable" for e in logs)
+
+
+async def test_every_route_on_an_idle_condo_is_bounded_when_consul_does_not_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Consul accepts and never answers (a paused agent): `/v1/global_state`, a wait of
+    timeout 0 and a feed's first `global` on an idle condo each answer, stale, within the
+    fresh-read bound; none hangs on the read."""
+    fake = FakeConsul(hung=True)
+    store = Store(HOST)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle), base_url="http://c")
+    metrics = Metrics()
+    async with http, trio.open_nursery() as nursery:
+        source = ConsulSource(ConsulClient(http), LAYOUT)
+        await nursery.start(source.run)
+        context = WebContext(
+            store=store,
+            local=LocalSource(store),
+            global_source=source,
+            host_directory=source,
+            health=EngineHealth(ping),
+            state_file_error=lambda: None,
+            metrics=metrics,
+            closing=Closing(),
+            static=StaticFiles.scan(),
+            allowed_hosts=AllowedHosts.of(),
+        )
+        app = build_app(context)
+        app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
+        async with app.test_app() as test_app:
+            client = test_app.test_client()
+            took: dict[str, tuple[float, Any]] = {}
+
+            async def timed(name: str, ask: Callable[[], Awaitable[Any]]) -> None:
+                start = trio.current_time()
+                body = await ask()
+                took[name] = (trio.current_time() - start, body)
+
+            async def get(path: str) -> Any:
+                response = await client.get(path)
+                return json.loads(await response.get_data())
+
+            async def feed() -> Any:
+                async with client.websocket("/v1/feed") as ws:
+                    assert json.loads(await ws.receive())["type"] == "snapshot"
+                    return json.loads(await ws.receive())
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as asking:
+                    asking.start_soon(timed, "global_state", lambda: get("/v1/global_state"))
+                    asking.start_soon(
+                        timed, "wait", lambda: get("/v1/wait_for?name=web&image=i&timeout=0")
+                    )
+                    asking.start_soon(timed, "feed", feed)
+        nursery.cancel_scope.cancel()
+    assert set(took) == {"global_state", "wait", "feed"}
+    for name, (seconds, body) in took.items():
+        assert seconds <= FRESH_LIMIT + 0.1, name
+        assert body["stale"] is True, name
