@@ -330,10 +330,23 @@ class ConsulClient:
             if not missing:
                 raise _error_for("PUT", path, response)
             return missing
-        results = data.get("Results") or []
-        kvs = [r["KV"] for r in results if isinstance(r, dict) and isinstance(r.get("KV"), dict)]
-        for entry in _entries(kvs):
-            found[entry.key] = entry
+        # A 200 means every `get` succeeded: one result per key asked, those keys alone. Any
+        # other answer (a proxy's, a broken agent's) says nothing of these keys: an error, not
+        # "the missing ones are gone" (which would rewrite them all) nor a stranger to report.
+        results = data.get("Results")
+        kvs = [
+            r["KV"]
+            for r in (results if isinstance(results, list) else ())
+            if isinstance(r, dict) and isinstance(r.get("KV"), dict)
+        ]
+        entries = {entry.key: entry for entry in _entries(kvs)}
+        if len(kvs) != len(keys) or entries.keys() != set(keys):
+            raise ConsulError(
+                f"PUT {path}: an answer that is not the {len(keys)} keys asked",
+                status=200,
+                transient=False,
+            )
+        found.update(entries)
         return set()
 
     async def delete(self, key: str) -> None:

@@ -26,7 +26,8 @@ ConsulClient.read_keys; a missing key costs one more), and checks them as it che
 watcher's reads: one request per TTL/2 beside the renewal, growing with this host's keys, never
 with the fleet. A key deleted by hand while the watcher idles is thus back within TTL/2 (5 s) and
 a round; a session invalidated behind its back shows at that same renewal (404: a new session,
-everything again).
+everything again). A check that fails (an ACL, a 5xx or garbage from `/v1/txn` alone) is skipped
+until the next renewal: it never ends the round before its writes.
 
 Invariants:
 - A service is published only after its first reconciliation (not while `Init`, unless it has
@@ -546,9 +547,14 @@ class Publisher:
         try:
             found = await self._client.read_keys(list(keys))
         except ConsulError as exc:
+            # Never the round's end: a transaction that alone fails (refused by an ACL, a 5xx or
+            # garbage from whatever answers `/v1/txn`) would otherwise end every round before
+            # its writes, retried at once (renewal due again), forever. Checked again at the
+            # next renewal; a Consul that is away fails this round's writes (or the next
+            # renewal) by itself.
             if exc.transient:
-                raise  # Consul is away: the round ends (and is retried as a whole)
-            if not self._check_refused:  # an ACL without `txn`: publishing goes on unchecked
+                log.debug("consul.own_check_failed", error=str(exc))
+            elif not self._check_refused:  # publishing goes on unchecked
                 self._check_refused = True
                 log.warning("consul.own_check_refused", error=str(exc))
             return
