@@ -66,6 +66,7 @@ class FakeConsul:
     hung: bool = False  # accept and never answer (a SIGSTOPped agent)
     calls: list[tuple[float, str]] = attrs.Factory(list)
     reads: list[int | None] = attrs.Factory(list)  # the index of every KV read (None: no index)
+    key_reads: list[int | None] = attrs.Factory(list)  # likewise, of one key alone (`.live`)
     modified: dict[str, int] = attrs.Factory(dict)  # key -> ModifyIndex
     serial: int = 0
     changed: trio.Event = attrs.Factory(trio.Event)
@@ -220,6 +221,8 @@ class FakeConsul:
     async def _read(self, prefix: str, params: httpx.QueryParams) -> httpx.Response:
         if params.get("keys") == "true":
             return await self._keys(prefix, params)
+        if "recurse" not in params:
+            return await self._read_key(prefix, params)
         assert params["recurse"] == "true"
         self.reads.append(int(params["index"]) if "index" in params else None)
         if "index" in params:
@@ -243,6 +246,34 @@ class FakeConsul:
         ]
         if not body:
             return httpx.Response(404, headers=headers)
+        return httpx.Response(200, json=body, headers=headers)
+
+    async def _read_key(self, key: str, params: httpx.QueryParams) -> httpx.Response:
+        """One key (the publisher's watch of `.live/<host>`): blocking on that key's own index
+        while it exists, on the whole store's while it does not, as Consul does."""
+        self.key_reads.append(int(params["index"]) if "index" in params else None)
+
+        def index() -> int:
+            return self.modified.get(key, 1) if key in self.kv else self.index
+
+        if "index" in params:
+            with trio.move_on_after(float(params["wait"].rstrip("s"))):
+                while index() <= int(params["index"]) and not self.down:
+                    await self.changed.wait()
+            if self.down:
+                raise httpx.ReadError("connection reset")
+        headers = {"X-Consul-Index": str(index())}
+        if key not in self.kv or key in self.hidden:
+            return httpx.Response(404, headers=headers)
+        value, session = self.kv[key]
+        body = [
+            {
+                "Key": key,
+                "Value": base64.b64encode(value).decode(),
+                "Session": session,
+                "ModifyIndex": self.modified.get(key, 1),
+            }
+        ]
         return httpx.Response(200, json=body, headers=headers)
 
     async def _keys(self, prefix: str, params: httpx.QueryParams) -> httpx.Response:

@@ -105,11 +105,6 @@ async def test_waits_on_an_idle_condo_answer_from_a_fresh_picture(area: Area) ->
             assert "stale" not in body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: an idle host rewrites its deleted record only at its next renewal (5 s);"
-    " meanwhile nothing in Consul says it runs the service",
-)
 async def test_a_prefix_deleted_by_hand_never_makes_a_wait_done_without_an_idle_host(
     area: Area,
 ) -> None:

@@ -291,6 +291,14 @@ class ConsulClient:
         listing = await self.read_prefix(key)
         return next((entry for entry in listing.entries if entry.key == key), None)
 
+    async def watch_key(self, key: str, *, index: int = 0) -> tuple[Entry | None, int]:
+        """One key alone (None: it does not exist) and the index to block on next; with `index`
+        > 0 a blocking query. Consul's index of one key that exists is the key's own, so only a
+        change of that key answers it (or BLOCKING_WAIT): the other keys' writes never do. (A
+        missing key's index is the whole store's: any write answers.)"""
+        new_index, data, _ = await self._list(key, {}, index)
+        return next((entry for entry in _entries(data) if entry.key == key), None), new_index
+
     async def read_keys(self, keys: Sequence[str]) -> dict[str, Entry]:
         """The keys of `keys` that exist (key -> its entry), read at once: one transaction of
         `get`s (`PUT /v1/txn`) per MAX_TXN_OPS keys, whatever else is under their prefix.

@@ -28,6 +28,11 @@ with the fleet. A key deleted by hand while the watcher idles is thus back withi
 a round; a session invalidated behind its back shows at that same renewal (404: a new session,
 everything again). A check that fails (an ACL, a 5xx or garbage from `/v1/txn` alone) is skipped
 until the next renewal: it never ends the round before its writes.
+Between renewals one blocking query on `.live/<host>` alone (`_watch_live`; Consul answers it
+only when that key changes, so the fleet's writes never wake it) runs the check at once when the
+key goes: a prefix deleted by hand, or the session invalidated, is written back within
+milliseconds, not at the next renewal (5 s in which a wait asked of another condo would count
+without this host, its record gone).
 
 Invariants:
 - A service is published only after its first reconciliation (not while `Init`, unless it has
@@ -92,6 +97,7 @@ log = structlog.get_logger(__name__)
 SESSION_TTL = 10.0  # Consul's minimum; the keys of a killed condo vanish within 2 x TTL
 FIRST_RETRY_DELAY = 0.1
 MAX_RETRY_DELAY = 1.0  # catch up within ~1 s of Consul's return
+MIN_WATCH_INTERVAL = 0.02  # between two blocking reads of `.live/<host>`
 PERMANENT_RETRY_DELAY = 10.0  # an ACL refusal waits for an operator; no need to hammer Consul
 REFUSED_RETRY_DELAY = 2.0  # a key held by another session: try again (it may expire)
 DESTROY_LIMIT = 2.0  # how long shutdown waits for Consul to destroy the session
@@ -153,6 +159,8 @@ class Publisher:
         self._source: ConsulSource | None = None  # the watcher whose reads check this host's keys
         self._check_refused = False  # a transaction refused (ACL): logged once
         self.own_checks = 0  # reads of this host's own keys while the watcher idled (tests)
+        self._check_soon = False  # `.live/<host>` changed behind our back: check in this round
+        self._live_held = trio.Event()  # set (and swapped) each time `.live/<host>` is acquired
 
     def __repr__(self) -> str:
         return f"Publisher(host={self._host!r}, prefix={self._layout.prefix!r})"
@@ -199,7 +207,10 @@ class Publisher:
             source.add_read_observer(lambda: self._check(source))
         task_status.started()
         try:
-            await self._run_rounds()
+            async with trio.open_nursery() as nursery:
+                if source is not None:
+                    nursery.start_soon(self._watch_live)
+                await self._run_rounds()
         finally:
             await self._destroy()
 
@@ -240,7 +251,9 @@ class Publisher:
             if not await self._renewed(session):
                 return
             source = self._source
-            if due and source is not None and (not source.following or source.stale):
+            idle = source is not None and (not source.following or source.stale)
+            if self._check_soon or (due and idle):
+                self._check_soon = False
                 await self._check_own(session)
         await self._sync(session)
 
@@ -352,6 +365,8 @@ class Publisher:
         outcome = await self._client.acquire(key, encode_live(self._host, at), session)
         if outcome is Acquire.DONE:
             self._live = True
+            held, self._live_held = self._live_held, trio.Event()
+            held.set()
             self._refused.discard(LIVE)
             return True
         if outcome is Acquire.REFUSED and await self._client.renew_session(session):
@@ -532,6 +547,33 @@ class Publisher:
             return
         recorded = self._host in source.picture().records
         self._compare(session, source.holders(self._host), recorded=recorded)
+
+    async def _watch_live(self) -> None:
+        """Follow `.live/<host>` alone while it is held (see the module's docstring): a change
+        that leaves it not ours (deleted, another session) wakes a round that checks every key
+        of this host at once."""
+        key = self._layout.live_key(self._host)
+        index = 0
+        while True:
+            if not self._live:
+                await self._live_held.wait()
+                index = 0
+                continue
+            started = trio.current_time()
+            try:
+                entry, found = await self._client.watch_key(key, index=index)
+            except ConsulError:
+                index = 0  # the rounds say why (and back off); look again a little later
+                await trio.sleep(MAX_RETRY_DELAY)
+                continue
+            # An index that goes backwards (a restarted agent) starts again from a plain read.
+            index = found if found >= index else 0
+            # (If the check has run meanwhile, one more costs a transaction, nothing else.)
+            if entry is None or entry.session != self._session:
+                self._check_soon = True
+                self._wake.set()
+            # Consul may answer at once, again and again (the key missing: any write answers).
+            await trio.sleep_until(started + MIN_WATCH_INTERVAL)
 
     async def _check_own(self, session: SessionId) -> None:
         """This host's keys alone, read at once (the watcher idles: see the module's docstring),
