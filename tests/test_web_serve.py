@@ -27,7 +27,7 @@ from condo.metrics import Metrics
 from condo.store import Store
 from condo.web import LocalSource, WebContext, build_app
 from condo.web.assets import StaticFiles
-from condo.web.door import Door
+from condo.web.door import SHARE_AT, Door
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.serve import closing_connections, hypercorn_config, serve_app
@@ -258,13 +258,15 @@ async def test_the_door_answers_byte_for_byte_like_hypercorn_and_the_route(
     assert (b"connection: close" in by_door) == close
 
 
-async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hypercorn_object() -> (
-    None
-):
+@pytest.mark.parametrize("share_at", [SHARE_AT, 10], ids=["one-thread", "worker-shares"])
+async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hypercorn_object(
+    share_at: int,
+) -> None:
     waiters = 50
     async with served() as server:
         server.store.set_state("web", waiting("img:2"))
         door = door_of(server)
+        door.share_at = share_at  # from 10 waiters a worker thread writes half of the answers
         streams: list[trio.SocketStream] = []
         with trio.fail_after(CAP):
             for _ in range(waiters):
@@ -282,8 +284,14 @@ async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hype
             bodies = [(await read_answer(stream))[1] for stream in streams]
             assert door.encodes == encodes + 1  # one answer for all
             assert door.writes == waiters
+            assert door.thread_writes == (0 if share_at > waiters else waiters // 2)
             assert bodies == [b'{"hosts":["h1"],"status":"ok"}\n'] * waiters
             assert server.context.metrics.value("condo_web_open_waits") == 0
+            # Each connection goes on (kept alive) whichever thread wrote its answer.
+            for stream in streams:
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+                assert (await read_answer(stream))[1] == bodies[0]
+            assert door.handed == 0
             for stream in streams:
                 await stream.aclose()
             # Their hang-ups are closed by the door itself: no server built to find EOF.
