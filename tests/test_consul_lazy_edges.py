@@ -26,13 +26,7 @@ from condo.consul import ConsulClient, ConsulSource
 from condo.consul.source import FRESH_LIMIT
 from condo.metrics import Metrics
 from condo.store import Store
-from condo.web.app import WebContext, build_app
-from condo.web.assets import StaticFiles
-from condo.web.health import EngineHealth
-from condo.web.hosts import AllowedHosts
-from condo.web.lifecycle import Closing
-from condo.web.local import LocalSource
-from tests.consul_support import stable
+from tests.consul_support import stable, web_app_over
 from tests.test_consul_tasks import HOST, LAYOUT, FakeConsul, running
 
 Answer = Callable[[list[str]], httpx.Response]
@@ -48,10 +42,6 @@ class LyingTxn(FakeConsul):
         if self.lie is None:
             return super()._txn(ops)
         return self.lie([op["KV"]["Key"] for op in ops])
-
-
-async def ping() -> str:
-    return "1.41"  # no engine here
 
 
 def kv(key: str) -> dict[str, Any]:
@@ -150,20 +140,7 @@ async def test_every_route_on_an_idle_condo_is_bounded_when_consul_does_not_answ
     async with http, trio.open_nursery() as nursery:
         source = ConsulSource(ConsulClient(http), LAYOUT)
         await nursery.start(source.run)
-        context = WebContext(
-            store=store,
-            local=LocalSource(store),
-            global_source=source,
-            host_directory=source,
-            health=EngineHealth(ping),
-            state_file_error=lambda: None,
-            metrics=metrics,
-            closing=Closing(),
-            static=StaticFiles.scan(),
-            allowed_hosts=AllowedHosts.of(),
-        )
-        app = build_app(context)
-        app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
+        app = web_app_over(source, store, metrics)
         async with app.test_app() as test_app:
             client = test_app.test_client()
             took: dict[str, tuple[float, Any]] = {}

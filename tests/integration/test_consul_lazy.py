@@ -25,13 +25,7 @@ from condo.consul import SESSION_TTL, ConsulClient, ConsulSource, KeyLayout, Pub
 from condo.consul.layout import encode_value
 from condo.metrics import Metrics
 from condo.store import Store
-from condo.web.app import WebContext, build_app
-from condo.web.assets import StaticFiles
-from condo.web.health import EngineHealth
-from condo.web.hosts import AllowedHosts
-from condo.web.lifecycle import Closing
-from condo.web.local import LocalSource
-from tests.consul_support import stable
+from tests.consul_support import stable, web_app_over
 from tests.integration.test_consul_session import AGENT, Area, consul_area
 
 pytestmark = pytest.mark.consul
@@ -64,10 +58,6 @@ async def until(predicate: Callable[[], bool]) -> None:
         await trio.sleep(0.01)
 
 
-async def ping() -> str:
-    return "1.41"  # no engine here: /healthz is not what these tests ask
-
-
 @attrs.frozen
 class Lazy:
     source: ConsulSource
@@ -87,22 +77,7 @@ async def lazy_web(area: Area) -> AsyncIterator[Lazy]:
         source = ConsulSource(ConsulClient(http), KeyLayout.of(area.prefix), linger=LINGER)
         await nursery.start(source.run)
         metrics.consul_following.source = source
-        context = WebContext(
-            store=store,
-            local=LocalSource(store),
-            global_source=source,
-            host_directory=source,
-            health=EngineHealth(ping),
-            state_file_error=lambda: None,
-            metrics=metrics,
-            closing=Closing(),
-            static=StaticFiles.scan(),
-            allowed_hosts=AllowedHosts.of(),
-        )
-        app = build_app(context)
-        # Its one background task (the waits' follower) is cancelled at once on leaving, not
-        # given quart's 5 s.
-        app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
+        app = web_app_over(source, store, metrics)
         async with app.test_app() as test_app:
             yield Lazy(source, test_app.test_client(), metrics)
         nursery.cancel_scope.cancel()
