@@ -171,3 +171,58 @@ async def test_every_route_on_an_idle_condo_is_bounded_when_consul_does_not_answ
     for name, (seconds, body) in took.items():
         assert seconds <= FRESH_LIMIT + 0.1, name
         assert body["stale"] is True, name
+
+
+@attrs.define
+class RefusedLiveReads(FakeConsul):
+    """The fake, refusing (403) every read of one key alone: a token that may write this host's
+    keys but not read them back by name."""
+
+    def _read_key(self, key: str, params: httpx.QueryParams) -> Any:
+        self.key_reads.append(None)
+        return _refused()
+
+
+async def _refused() -> httpx.Response:
+    return httpx.Response(403, text="Permission denied")
+
+
+async def test_the_live_key_deleted_behind_an_idle_hosts_back_is_back_before_the_renewal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its one blocking query on `.live/<host>` wakes a check of every key of this host: all of
+    them are written again at once, not at the next renewal (5 s)."""
+    fake = FakeConsul()
+    store = Store(HOST)
+    store.set_state("web", stable("web:1"))
+    with trio.fail_after(60):
+        async with running(fake, store, asked=False) as consul:
+            await fake.until(lambda: len(fake.services) == 1 and fake.record() is not None)
+            await trio.sleep(1)  # the next renewal is 4 s away
+            reads = len(fake.reads)  # (the publisher's own read of its record at the start)
+            for key in list(fake.kv):  # the prefix deleted by hand
+                del fake.kv[key]
+            fake.bump()
+            deleted = trio.current_time()
+            await fake.until(lambda: len(fake.services) == 1 and fake.record() is not None)
+            assert trio.current_time() - deleted < 0.5
+            assert LAYOUT.live_key(HOST) in fake.kv
+            assert not consul.source.following
+            assert len(fake.reads) == reads  # no prefix read: the watcher idles throughout
+
+
+async def test_a_refused_watch_of_the_live_key_is_said_once_and_publishing_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = RefusedLiveReads()
+    store = Store(HOST)
+    store.set_state("web", stable("web:1"))
+    with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+        async with running(fake, store, asked=False):
+            await fake.until(lambda: len(fake.services) == 1)
+            await trio.sleep(30)
+            store.set_state("web", stable("web:2"))
+            await fake.until(lambda: image("web", fake) == "web:2")
+    refusals = [e for e in logs if e["event"] == "consul.live_watch_refused"]
+    assert len(refusals) == 1
+    assert len(fake.key_reads) <= 4  # asked again every 10 s, not every second

@@ -160,6 +160,7 @@ class Publisher:
         self._check_refused = False  # a transaction refused (ACL): logged once
         self.own_checks = 0  # reads of this host's own keys while the watcher idled (tests)
         self._check_soon = False  # `.live/<host>` changed behind our back: check in this round
+        self._watch_refused = False  # the watch of `.live/<host>` refused (ACL): logged once
         self._live_held = trio.Event()  # set (and swapped) each time `.live/<host>` is acquired
 
     def __repr__(self) -> str:
@@ -562,9 +563,14 @@ class Publisher:
             started = trio.current_time()
             try:
                 entry, found = await self._client.watch_key(key, index=index)
-            except ConsulError:
-                index = 0  # the rounds say why (and back off); look again a little later
-                await trio.sleep(MAX_RETRY_DELAY)
+            except ConsulError as exc:
+                # The rounds say why Consul is away; a refusal (an ACL that does not let this
+                # token read its own key) is said once and asked again rarely.
+                if not exc.transient and not self._watch_refused:
+                    self._watch_refused = True
+                    log.warning("consul.live_watch_refused", key=key, error=str(exc))
+                index = 0
+                await trio.sleep(MAX_RETRY_DELAY if exc.transient else PERMANENT_RETRY_DELAY)
                 continue
             # An index that goes backwards (a restarted agent) starts again from a plain read.
             index = found if found >= index else 0

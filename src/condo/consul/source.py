@@ -17,8 +17,8 @@ folder's watch (Consul's index of a prefix is its newest write or delete) and th
 answers, the bytes of one folder.
 `requests`, `reads`, `read_bytes` and `decodes` count what it did.
 
-It follows Consul only while somebody asks (issue 12: 1,000 hosts on one Consul, each change
-would otherwise wake every condo of the fleet): `demand()` (held by every `wait_beyond`, by
+It follows Consul only while somebody asks (many hosts on one Consul: each change would
+otherwise wake every condo of the fleet): `demand()` (held by every `wait_beyond`, by
 condo.web's open waits and feeds) starts it, and it stops `linger` seconds (LINGER: CI's
 consecutive `condo wait`s and a dashboard reload stay warm) after the last demand ended. One-shot
 readers (`/v1/global_state`, a feed's first picture) `await fresh()`: demand, and the first read
