@@ -83,6 +83,24 @@ async def lazy_web(area: Area) -> AsyncIterator[Lazy]:
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def publishing(area: Area, store: Store) -> AsyncIterator[tuple[ConsulSource, Publisher]]:
+    """The watcher (linger LINGER) and the publisher of `store`'s host on the real agent, wired
+    as condo wires them; nobody asks for the fleet."""
+    layout = KeyLayout.of(area.prefix)
+    async with (
+        httpx.AsyncClient(base_url=AGENT, timeout=10) as http,
+        trio.open_nursery() as nursery,
+    ):
+        client = ConsulClient(http)
+        source = ConsulSource(client, layout, linger=LINGER)
+        publisher = Publisher(client, store, layout, store.host)
+        await nursery.start(source.run)
+        await nursery.start(publisher.run, source)
+        yield source, publisher
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_idle_condo_reads_nothing_while_other_hosts_write(area: Area) -> None:
     with trio.fail_after(CAP):
         async with lazy_web(area) as lazy:
@@ -180,15 +198,7 @@ async def test_the_publisher_checks_its_own_keys_while_the_watcher_idles(area: A
     web, live, record = layout.key("web", HOST), layout.live_key(HOST), layout.record_key(HOST)
     bound = SESSION_TTL / 2 + 2.0
     with trio.fail_after(CAP):
-        async with (
-            httpx.AsyncClient(base_url=AGENT, timeout=10) as http,
-            trio.open_nursery() as nursery,
-        ):
-            client = ConsulClient(http)
-            source = ConsulSource(client, layout, linger=LINGER)
-            publisher = Publisher(client, store, layout, HOST)
-            await nursery.start(source.run)
-            await nursery.start(publisher.run, source)
+        async with publishing(area, store) as (source, publisher):
             every = await until_all(area, lambda k: {web, live, record} <= k.keys())
             session = every[web]["Session"]
             for key in (web, live, record):
@@ -199,7 +209,6 @@ async def test_the_publisher_checks_its_own_keys_while_the_watcher_idles(area: A
             assert every[web]["Session"] == every[live]["Session"] == session  # not a new one
             assert publisher.own_checks >= 1
             assert source.requests == 0 and not source.following
-            nursery.cancel_scope.cancel()
 
 
 async def until_all(

@@ -22,7 +22,13 @@ from condo.consul import SESSION_TTL, ConsulClient, ConsulSource, KeyLayout, Pub
 from condo.store import Store
 from condo.waiting import Picture, evaluate
 from tests.consul_support import stable, until_pictured
-from tests.integration.test_consul_lazy import LINGER, lazy_web, put_service, until
+from tests.integration.test_consul_lazy import (
+    LINGER,
+    lazy_web,
+    publishing,
+    put_service,
+    until,
+)
 from tests.integration.test_consul_session import AGENT, Area, consul_area
 
 pytestmark = pytest.mark.consul
@@ -157,15 +163,7 @@ async def test_the_own_key_check_of_a_host_of_many_services_and_odd_names(area: 
         store.set_state(name, stable("condo-test/busybox:1"))
     gone = [layout.key(name, "many") for name in ("svc68", "we b%?#&é")]
     with trio.fail_after(CAP):
-        async with (
-            httpx.AsyncClient(base_url=AGENT, timeout=10) as http,
-            trio.open_nursery() as nursery,
-        ):
-            client = ConsulClient(http)
-            source = ConsulSource(client, layout, linger=LINGER)
-            publisher = Publisher(client, store, layout, "many")
-            await nursery.start(source.run)
-            await nursery.start(publisher.run, source)
+        async with publishing(area, store) as (source, publisher):
             every = {layout.key(name, "many") for name in names}
             while not every <= (await area.all_keys()).keys():
                 await trio.sleep(0.05)
@@ -178,4 +176,3 @@ async def test_the_own_key_check_of_a_host_of_many_services_and_odd_names(area: 
             assert trio.current_time() - deleted_at < SESSION_TTL / 2 + 2.0
             assert publisher.own_checks == checks + 1
             assert source.requests == 0
-            nursery.cancel_scope.cancel()
