@@ -362,3 +362,36 @@ async def test_the_door_keeps_hypercorns_keep_alive_limit_byte_for_byte() -> Non
     by_door, by_hypercorn = results
     assert by_door == by_hypercorn
     assert [b"connection: close" in answer for answer in by_door] == [False, True]
+
+
+async def test_a_shutdown_as_a_shared_bulk_answer_begins_leaves_no_waiter_without_one() -> None:
+    # The verdict turns final and condo stops at once (no checkpoint between): the answering
+    # loop unparks the worker's half before the shutdown's cancel reaches it. Each waiter still
+    # gets one whole answer (the verdict's, or the shutdown's 503), never a bare close.
+    for _ in range(6):  # which of the two tasks runs first is the scheduler's pick
+        await stop_during_a_shared_answer(waiters=24)
+
+
+async def stop_during_a_shared_answer(waiters: int) -> None:
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        metrics = server.context.metrics
+        streams: list[trio.SocketStream] = []
+        with trio.fail_after(CAP):
+            for _ in range(waiters):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                streams.append(stream)
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == waiters)
+            server.store.set_state("web", stable("img:2", "c3"))
+            server.context.closing.close()
+            for stream in streams:
+                head, _ = await read_answer(stream)
+                assert head.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 503 "))
+                assert await stream.receive_some(100) == b""  # then closed
+                await stream.aclose()
+            await wait_until(lambda: door.conns == {})
+            assert metrics.value("condo_web_open_waits") == 0
+            assert door.slots.taken == 0
