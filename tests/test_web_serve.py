@@ -395,3 +395,38 @@ async def stop_during_a_shared_answer(waiters: int) -> None:
             await wait_until(lambda: door.conns == {})
             assert metrics.value("condo_web_open_waits") == 0
             assert door.slots.taken == 0
+
+
+async def test_a_bulk_answer_with_no_worker_thread_to_be_had_is_written_whole_all_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker thread may not start (a pids limit: "can't start new thread"). The half meant for
+    # it is unparked already: the Trio thread writes it, and the door (and the API) go on.
+    def no_thread(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("can't start new thread")
+
+    waiters = 12
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        metrics = server.context.metrics
+        monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+        streams: list[trio.SocketStream] = []
+        with trio.fail_after(CAP):
+            for _ in range(waiters):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                streams.append(stream)
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == waiters)
+            server.store.set_state("web", stable("img:2", "c3"))
+            bodies = [(await read_answer(stream))[1] for stream in streams]
+            assert bodies == [b'{"hosts":["h1"],"status":"ok"}\n'] * waiters
+            assert (door.writes, door.thread_writes) == (waiters, 0)
+            assert metrics.value("condo_web_open_waits") == 0
+            assert door.slots.taken == 0
+            for stream in streams:  # kept alive, as ever
+                await stream.send_all(get("/v1/state", server.port))
+                assert (await read_answer(stream))[0].startswith(b"HTTP/1.1 200 ")
+                await stream.aclose()
+            await wait_until(lambda: door.conns == {})
