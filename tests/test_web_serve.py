@@ -430,3 +430,70 @@ async def test_a_bulk_answer_with_no_worker_thread_to_be_had_is_written_whole_al
                 assert (await read_answer(stream))[0].startswith(b"HTTP/1.1 200 ")
                 await stream.aclose()
             await wait_until(lambda: door.conns == {})
+
+
+async def read_answers(stream: trio.SocketStream, count: int) -> list[tuple[bytes, bytes]]:
+    """`count` whole answers in a row (pipelined ones may come in one read): [(head, body)]."""
+    data = b""
+    answers: list[tuple[bytes, bytes]] = []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end]
+            found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert found is not None, head
+            length = int(found[1])
+            if len(data) >= end + 4 + length:
+                answers.append((head, data[end + 4 : end + 4 + length]))
+                data = data[end + 4 + length :]
+                continue
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"the server hung up after {len(answers)} answers: {data!r}"
+        data += chunk
+    assert data == b"", "more than the answers asked for"
+    return answers
+
+
+async def test_a_shared_bulk_answer_keeps_pipelined_requests_and_the_keep_alive_limit() -> None:
+    # Whichever thread writes a waiter's answer: a request pipelined behind the long-poll is
+    # served right after it, and hypercorn's keep-alive limit (3 here) closes where it would.
+    wait = "/v1/wait_for?name=web&image=img:2"
+    async with served(keep_alive_max_requests=3) as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        metrics = server.context.metrics
+        # (requests before the long-poll, a /v1/state pipelined behind it)
+        plans = [(0, True), (1, True), (2, False)] * 8
+        streams: list[trio.SocketStream] = []
+        with trio.fail_after(CAP):
+            for before, pipelined in plans:
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                streams.append(stream)
+                for _ in range(before):
+                    await stream.send_all(get("/v1/state", server.port))
+                    await read_answers(stream, 1)
+                extra = get("/v1/state", server.port) if pipelined else b""
+                await stream.send_all(get(wait, server.port) + extra)
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == len(plans))
+            server.store.set_state("web", stable("img:2", "c3"))
+            for stream, (before, pipelined) in zip(streams, plans, strict=True):
+                answers = await read_answers(stream, 2 if pipelined else 1)
+                head, body = answers[0]
+                assert body == b'{"hosts":["h1"],"status":"ok"}\n'
+                assert (b"connection: close" in head) == (before == 2)
+                if pipelined:
+                    head, body = answers[1]
+                    assert head.startswith(b"HTTP/1.1 200 ") and body.startswith(b"{")
+                    assert (b"connection: close" in head) == (before == 1)
+                if before >= 1:
+                    assert await stream.receive_some(100) == b""  # closed at the limit
+                else:  # still kept alive
+                    await stream.send_all(get("/v1/state", server.port))
+                    await read_answers(stream, 1)
+            assert 0 < door.thread_writes < len(plans)
+            assert door.handed == 0
+            assert (metrics.value("condo_web_open_waits"), door.slots.taken) == (0, 0)
+            for stream in streams:
+                await stream.aclose()
+            await wait_until(lambda: door.conns == {})
