@@ -13,6 +13,8 @@ import gc
 import logging
 import re
 import socket
+import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -31,7 +33,7 @@ from condo.web.door import SHARE_AT, Door
 from condo.web.health import EngineHealth
 from condo.web.lifecycle import Closing
 from condo.web.serve import closing_connections, hypercorn_config, serve_app
-from condo.web.waitfor import SharedWaits
+from condo.web.waitfor import SharedVerdict, SharedWaits
 from tests.test_web import TOKEN, MakeWeb, make_web, stable, waiting
 
 __all__ = ["make_web"]  # the fixture, shared with test_web
@@ -497,3 +499,66 @@ async def test_a_shared_bulk_answer_keeps_pipelined_requests_and_the_keep_alive_
             for stream in streams:
                 await stream.aclose()
             await wait_until(lambda: door.conns == {})
+
+
+async def test_hang_ups_wait_while_the_worker_thread_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hang-ups and a final verdict at the same moment (the clients reset from within the
+    # verdict's hook): the door must not close a socket of the worker's half while the worker
+    # holds it (its descriptor may be a new client's by then). Hang-ups wait for the bulk answer.
+    # The worker is slowed down (a busy kernel) to see it.
+    closed_under_it: list[int] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def slow_worker(
+        send_each: Callable[[list[socket.socket], bytes], list[int]],
+        socks: list[socket.socket],
+        data: bytes,
+    ) -> list[int]:
+        held = [sock.fileno() for sock in socks]  # handed to the worker
+
+        def slowly(socks: list[socket.socket], data: bytes) -> list[int]:
+            time.sleep(0.02)
+            return send_each(socks, data)
+
+        sent = await run_sync(slowly, socks, data)
+        closed_under_it.extend(
+            fd for fd, sock in zip(held, socks, strict=True) if fd != -1 and sock.fileno() != fd
+        )
+        return sent
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", slow_worker)
+    for _ in range(12):  # which task runs first is the scheduler's pick
+        await hang_ups_with_a_final_verdict(waiters=16)
+    assert closed_under_it == []
+
+
+async def hang_ups_with_a_final_verdict(waiters: int) -> None:
+    async with served() as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        metrics = server.context.metrics
+        clients: list[socket.socket] = []
+        with trio.fail_after(CAP):
+            for _ in range(waiters):
+                client = socket.create_connection(("127.0.0.1", server.port))
+                client.sendall(get("/v1/wait_for?name=web&image=img:2", server.port))
+                clients.append(client)
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == waiters)
+            on_final = door.shared.on_final
+            assert on_final is not None
+
+            def hang_ups_and_final(key: SharedVerdict) -> None:
+                for client in clients[::2]:  # half of them hang up (reset) as the verdict comes
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    client.close()
+                on_final(key)
+
+            door.shared.on_final = hang_ups_and_final
+            server.store.set_state("web", stable("img:2", "c3"))
+            for client in clients[1::2]:
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(client))
+                assert (await read_answer(stream))[1] == b'{"hosts":["h1"],"status":"ok"}\n'
+                await stream.aclose()
+            await wait_until(lambda: door.conns == {})
+            assert (metrics.value("condo_web_open_waits"), door.slots.taken) == (0, 0)

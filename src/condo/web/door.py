@@ -622,7 +622,10 @@ class Door:
         """Hang-ups of the door's connections, and the next requests of idle ones."""
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            await self._quiet.wait()
+            # Again after each wake: a set event's `wait` is still a checkpoint, where a bulk
+            # answer may begin (and its worker thread send to sockets a hang-up here would close).
+            while not self._quiet.is_set():
+                await self._quiet.wait()
             for fd, events in self._epoll.poll(0, 1024):
                 conn = self.conns.get(fd)
                 if conn is None:
