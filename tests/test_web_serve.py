@@ -285,7 +285,8 @@ async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hype
             server.store.set_state("web", stable("img:2", "c3"))
             bodies = [(await read_answer(stream))[1] for stream in streams]
             assert door.encodes == encodes + 1  # one answer for all
-            assert door.writes == waiters
+            # (the worker's writes count once its results are back: its clients may read first)
+            await wait_until(lambda: door.writes == waiters)
             assert door.thread_writes == (0 if share_at > waiters else waiters // 2)
             assert bodies == [b'{"hosts":["h1"],"status":"ok"}\n'] * waiters
             assert server.context.metrics.value("condo_web_open_waits") == 0
@@ -562,3 +563,53 @@ async def hang_ups_with_a_final_verdict(waiters: int) -> None:
                 await stream.aclose()
             await wait_until(lambda: door.conns == {})
             assert (metrics.value("condo_web_open_waits"), door.slots.taken) == (0, 0)
+
+
+async def test_crowds_of_two_and_three_services_shared_with_the_worker_get_one_answer_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two services final in one picture, then a third while the worker still writes the first
+    # (slowed down: a busy kernel): every waiter gets one whole answer, once, and goes on.
+    run_sync = trio.to_thread.run_sync
+
+    async def slow_worker(send_each: Callable[..., list[int]], *args: Any) -> list[int]:
+        def slowly(*args: Any) -> list[int]:
+            time.sleep(0.02)
+            return send_each(*args)
+
+        return await run_sync(slowly, *args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", slow_worker)
+    names, crowd = ("web", "api", "db"), 10
+    async with served() as server:
+        for name in names:
+            server.store.set_state(name, waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        metrics = server.context.metrics
+        streams: dict[str, list[trio.SocketStream]] = {name: [] for name in names}
+        with trio.fail_after(CAP):
+            for name in names:
+                for _ in range(crowd):
+                    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                    await stream.send_all(get(f"/v1/wait_for?name={name}&image=img:2", server.port))
+                    streams[name].append(stream)
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == 3 * crowd)
+            server.store.set_state("web", stable("img:2", "c3"))
+            server.store.set_state("api", stable("img:2", "c3"))  # (the same picture)
+            await wait_until(lambda: metrics.value("condo_web_open_waits") != 3 * crowd)
+            server.store.set_state("db", stable("img:2", "c3"))  # (the worker may still send)
+            for name in names:
+                for stream in streams[name]:
+                    answers = await read_answers(stream, 1)  # one, whole, and nothing more
+                    assert answers[0][1] == b'{"hosts":["h1"],"status":"ok"}\n'
+            await wait_until(lambda: door.writes == 3 * crowd)  # (the worker's, once back)
+            assert door.thread_writes == 3 * crowd // 2
+            assert (metrics.value("condo_web_open_waits"), door.slots.taken) == (0, 0)
+            assert door.shared.keys == {}
+            for name in names:
+                for stream in streams[name]:  # kept alive, whichever thread wrote
+                    await stream.send_all(get("/v1/state", server.port))
+                    await read_answers(stream, 1)
+                    await stream.aclose()
+            await wait_until(lambda: door.conns == {})
