@@ -55,10 +55,14 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def served(
-    *, keep_alive_max_requests: int | None = None, with_door: bool = True, token: str | None = None
+    *,
+    keep_alive_max_requests: int | None = None,
+    with_door: bool = True,
+    token: str | None = None,
+    host: str = "h1",
 ) -> AsyncIterator[Served]:
-    """The app of a fresh Store, served by hypercorn on a free loopback port."""
-    store = Store("h1")
+    """The app of a fresh Store (of `host`), served by hypercorn on a free loopback port."""
+    store = Store(host)
     context = WebContext(
         store=store,
         local=LocalSource(store),
@@ -612,4 +616,43 @@ async def test_crowds_of_two_and_three_services_shared_with_the_worker_get_one_a
                     await stream.send_all(get("/v1/state", server.port))
                     await read_answers(stream, 1)
                     await stream.aclose()
+            await wait_until(lambda: door.conns == {})
+
+
+async def test_clients_that_do_not_read_get_the_rest_of_a_shared_answer_later() -> None:
+    # An answer larger than a slow client's socket takes at once (a long host name here): the
+    # worker sends what it takes, a task of the door the rest once the client reads, and a
+    # request pipelined behind the long-poll is served after it, never interleaved.
+    host = "h" * 200_000
+    body = b'{"hosts":["' + host.encode() + b'"],"status":"ok"}\n'
+    waiters = 12
+    async with served(host=host) as server:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        metrics = server.context.metrics
+        clients: list[trio.SocketStream] = []
+        with trio.fail_after(CAP):
+            for _ in range(waiters):
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await sock.connect(("127.0.0.1", server.port))
+                stream = trio.SocketStream(sock)
+                await stream.send_all(
+                    get("/v1/wait_for?name=web&image=img:2", server.port)
+                    + get("/v1/state", server.port)
+                )
+                clients.append(stream)
+            await wait_until(lambda: metrics.value("condo_web_open_waits") == waiters)
+            server.store.set_state("web", stable("img:2", "c3"))
+            await wait_until(lambda: door.writes == waiters)  # none read yet
+            assert door.thread_writes == waiters // 2
+            assert [c for c in door.conns.values() if c.sending is not None]  # rests pending
+            for stream in clients:
+                (_, first), (head, _) = await read_answers(stream, 2)
+                assert first == body
+                assert head.startswith(b"HTTP/1.1 200 ")
+            assert (metrics.value("condo_web_open_waits"), door.slots.taken) == (0, 0)
+            for stream in clients:
+                await stream.aclose()
             await wait_until(lambda: door.conns == {})
