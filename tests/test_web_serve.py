@@ -656,3 +656,50 @@ async def test_clients_that_do_not_read_get_the_rest_of_a_shared_answer_later() 
             for stream in clients:
                 await stream.aclose()
             await wait_until(lambda: door.conns == {})
+
+
+async def test_supervision_runs_while_the_worker_thread_sends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The Trio thread only awaits the worker: other tasks (supervision) run meanwhile. The worker
+    # is slowed down (a busy kernel) to measure it.
+    run_sync = trio.to_thread.run_sync
+    ticks: list[int] = []
+    during: list[int] = []
+
+    async def slow_worker(send_each: Callable[..., list[int]], *args: Any) -> list[int]:
+        def slowly(*args: Any) -> list[int]:
+            time.sleep(0.1)
+            return send_each(*args)
+
+        before = len(ticks)
+        sent = await run_sync(slowly, *args)
+        during.append(len(ticks) - before)
+        return sent
+
+    async def ticking() -> None:
+        while True:
+            await trio.sleep(0.005)
+            ticks.append(1)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", slow_worker)
+    waiters = 8
+    async with served() as server, trio.open_nursery() as nursery:
+        server.store.set_state("web", waiting("img:2"))
+        door = door_of(server)
+        door.share_at = 4
+        streams: list[trio.SocketStream] = []
+        with trio.fail_after(CAP):
+            for _ in range(waiters):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                streams.append(stream)
+                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+            await wait_until(lambda: len(door.shared.keys) == 1 and door.slots.taken == waiters)
+            nursery.start_soon(ticking)
+            server.store.set_state("web", stable("img:2", "c3"))
+            for stream in streams:
+                await read_answer(stream)
+                await stream.aclose()
+            await wait_until(lambda: door.writes == waiters)  # (the worker's, once back)
+            assert len(during) == 1 and during[0] >= 5  # ~20 ticks of 5 ms in the worker's 100
+            nursery.cancel_scope.cancel()
