@@ -594,10 +594,21 @@ class Door:
     async def _answer_in_thread(self, conns: list[_Conn], data: bytes) -> None:
         """Write `data` to `conns` (unparked) from a worker thread, then finish each here: the
         next request, a rest to write, a close at hypercorn's keep-alive limit, or a hang-up."""
-        sent = await trio.to_thread.run_sync(_send_each, [c.sock for c in conns], data)
+        socks = [c.sock for c in conns]
+        # Shielded: `conns` are unparked already, so a shutdown's cancel that came before the
+        # thread started would leave them with no answer at all (`_close_all` answers only the
+        # parked ones). The sends never block: the thread ends soon either way.
+        try:
+            with trio.CancelScope(shield=True):
+                sent = await trio.to_thread.run_sync(_send_each, socks, data)
+            self.thread_writes += len(conns)
+        except RuntimeError:
+            # No thread to be had ("can't start new thread": a pids limit): this thread sends
+            # them itself, as below SHARE_AT, rather than leave them unanswered and the door down.
+            log.warning("web.door.no_worker_thread", exc_info=True)
+            sent = _send_each(socks, data)
         for conn, count in zip(conns, sent, strict=True):
             self.writes += 1
-            self.thread_writes += 1
             if conn.state == DONE:
                 continue  # dropped meanwhile (closed by `_close_all` at shutdown)
             if count < 0:
@@ -611,7 +622,10 @@ class Door:
         """Hang-ups of the door's connections, and the next requests of idle ones."""
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            await self._quiet.wait()
+            # Again after each wake: a set event's `wait` is still a checkpoint, where a bulk
+            # answer may begin (and its worker thread send to sockets a hang-up here would close).
+            while not self._quiet.is_set():
+                await self._quiet.wait()
             for fd, events in self._epoll.poll(0, 1024):
                 conn = self.conns.get(fd)
                 if conn is None:
