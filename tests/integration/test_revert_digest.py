@@ -171,6 +171,13 @@ async def test_a_kill9_in_the_probation_of_the_next_spec_still_reverts_by_digest
                     and w["probation_until"] is not None
                 ),
             )
+        # The kill comes once the state file says so too: `/v1/state` is condo's memory, and
+        # the file is written just after (coalesced, fsynced). A kill -9 before that write
+        # restarts from the record before the probation (the container is then started again,
+        # not reverted): CI once killed it in that window.
+        with trio.fail_after(30):
+            while not condo.state_file()["services"]["web"].get("on_probation"):
+                await trio.sleep(0.05)
         condo.kill9()
         assert condo.process is not None
         await condo.process.wait()
