@@ -265,6 +265,18 @@ async def test_the_door_answers_byte_for_byte_like_hypercorn_and_the_route(
     assert (b"connection: close" in by_door) == close
 
 
+async def long_polls(server: Any, count: int) -> list[trio.SocketStream]:
+    """`count` connections, each holding `/v1/wait_for?name=web&image=img:2`, once condo's gauge
+    counts them all (parked)."""
+    streams: list[trio.SocketStream] = []
+    for _ in range(count):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        streams.append(stream)
+        await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
+    await wait_until(lambda: server.context.metrics.value("condo_web_open_waits") == count)
+    return streams
+
+
 @pytest.mark.parametrize("share_at", [SHARE_AT, 10], ids=["one-thread", "worker-shares"])
 async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hypercorn_object(
     share_at: int,
@@ -274,15 +286,8 @@ async def test_the_door_answers_parked_waiters_with_one_encode_and_holds_no_hype
         server.store.set_state("web", waiting("img:2"))
         door = door_of(server)
         door.share_at = share_at  # from 10 waiters a worker thread writes half of the answers
-        streams: list[trio.SocketStream] = []
         with trio.fail_after(CAP):
-            for _ in range(waiters):
-                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                streams.append(stream)
-                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
-            await wait_until(
-                lambda: server.context.metrics.value("condo_web_open_waits") == waiters
-            )
+            streams = await long_polls(server, waiters)
             assert len(door.conns) == waiters
             gc.collect()
             assert not [o for o in gc.get_objects() if isinstance(o, (TCPServer, H11Protocol))]
@@ -386,13 +391,8 @@ async def stop_during_a_shared_answer(waiters: int) -> None:
         door = door_of(server)
         door.share_at = 4
         metrics = server.context.metrics
-        streams: list[trio.SocketStream] = []
         with trio.fail_after(CAP):
-            for _ in range(waiters):
-                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                streams.append(stream)
-                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
-            await wait_until(lambda: metrics.value("condo_web_open_waits") == waiters)
+            streams = await long_polls(server, waiters)
             server.store.set_state("web", stable("img:2", "c3"))
             server.context.closing.close()
             for stream in streams:
@@ -424,13 +424,8 @@ async def test_a_bulk_answer_with_no_worker_thread_to_be_had_is_written_whole_al
         door.share_at = 4
         metrics = server.context.metrics
         monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
-        streams: list[trio.SocketStream] = []
         with trio.fail_after(CAP):
-            for _ in range(waiters):
-                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                streams.append(stream)
-                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
-            await wait_until(lambda: metrics.value("condo_web_open_waits") == waiters)
+            streams = await long_polls(server, waiters)
             server.store.set_state("web", stable("img:2", "c3"))
             bodies = [(await read_answer(stream))[1] for stream in streams]
             assert bodies == [b'{"hosts":["h1"],"status":"ok"}\n'] * waiters
@@ -685,13 +680,9 @@ async def test_supervision_runs_while_the_worker_thread_sends(
         server.store.set_state("web", waiting("img:2"))
         door = door_of(server)
         door.share_at = 4
-        streams: list[trio.SocketStream] = []
         with trio.fail_after(CAP):
-            for _ in range(waiters):
-                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                streams.append(stream)
-                await stream.send_all(get("/v1/wait_for?name=web&image=img:2", server.port))
-            await wait_until(lambda: len(door.shared.keys) == 1 and door.slots.taken == waiters)
+            streams = await long_polls(server, waiters)
+            assert len(door.shared.keys) == 1 and door.slots.taken == waiters
             nursery.start_soon(ticking)
             server.store.set_state("web", stable("img:2", "c3"))
             for stream in streams:
